@@ -1,0 +1,276 @@
+"""Every setting of every process, validated once at process start and passed down.
+
+Nothing here reads the environment at import time: call :func:`load_settings`
+(or build ``Settings()`` yourself in a test) in the process's entry point.
+The environment wins over the env file; the env file is ``.env`` unless
+``PROVISIONING_ENV_FILE`` names another (the sandbox writes one).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import (
+    AfterValidator,
+    AnyUrl,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_FILE_VARIABLE = "PROVISIONING_ENV_FILE"
+DEFAULT_ENV_FILE = ".env"
+
+REPLAY_PRESETS = {"LATEST": -1, "EARLIEST": -2}
+
+
+def _replay_start(value: str) -> str:
+    text = str(value).strip().upper()
+    if text in REPLAY_PRESETS:
+        return text
+    if text.lstrip("-").isdigit() and int(text) >= -2:
+        return str(int(text))
+    raise ValueError(
+        "expected LATEST, EARLIEST or a replayId (an integer; -1 = LATEST, -2 = EARLIEST)"
+    )
+
+
+def _replay_preset(value: str) -> str:
+    text = str(value).strip().upper()
+    if text in REPLAY_PRESETS:
+        return text
+    raise ValueError("expected LATEST or EARLIEST")
+
+
+ReplayStart = Annotated[str, AfterValidator(_replay_start)]
+ReplayPreset = Annotated[str, AfterValidator(_replay_preset)]
+HttpUrl = Annotated[AnyUrl, AfterValidator(lambda u: _require_scheme(u, ("http", "https")))]
+RedisUrl = Annotated[AnyUrl, AfterValidator(lambda u: _require_scheme(u, ("redis", "rediss", "unix")))]
+
+
+def _require_scheme(url: AnyUrl, schemes: tuple[str, ...]) -> AnyUrl:
+    if url.scheme not in schemes:
+        raise ValueError(f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
+    return url
+
+
+def redact_url(url: object) -> str:
+    """A URL fit for logs: any password replaced by ``***``."""
+    text = str(url)
+    parts = urlsplit(text)
+    if parts.password is None:
+        return text
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc = f"{netloc}:{parts.port}"
+    user = parts.username or ""
+    netloc = f"{user}:***@{netloc}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class Settings(BaseSettings):
+    """Configuration of the listener, the workers, the CLI and the sandbox clients."""
+
+    model_config = SettingsConfigDict(
+        env_file=DEFAULT_ENV_FILE,
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        validate_default=True,
+    )
+
+    # -- Redis, broker, results --------------------------------------------------------------
+    redis_url: RedisUrl = Field(
+        AnyUrl("redis://127.0.0.1:6379/0"),
+        description="Redis for the ledger, leases, checkpoints and the failed registry.",
+    )
+    celery_broker_url: str = Field(
+        "redis://127.0.0.1:6379/1",
+        description="Celery broker: redis://... or amqp://... (RabbitMQ).",
+    )
+    celery_result_backend: str | None = Field(
+        None,
+        description="Celery result backend; empty: results are not stored (the ledger is the record).",
+    )
+    celery_queue: str = Field("provisioning", description="Queue the tasks are sent to.")
+    celery_visibility_timeout_s: int = Field(
+        3600,
+        ge=10,
+        description="Redis broker: seconds before an unacked message is redelivered.",
+    )
+    ledger_prefix: str = Field(
+        "prov", pattern=r"^[A-Za-z0-9_.-]+$", description="Namespace of every ledger key."
+    )
+    run_retention_days: int = Field(
+        30, ge=1, description="Days a finished run stays in the ledger (failed runs stay)."
+    )
+    run_lease_ttl_s: int = Field(
+        60, ge=5, description="Seconds a run's lease lasts unless renewed."
+    )
+
+    # -- retries ---------------------------------------------------------------------------
+    task_max_retries: int = Field(8, ge=0, description="Retries of a step on transient errors.")
+    task_max_age_s: int = Field(
+        3600, ge=10, description="A step is not retried once its run is older than this."
+    )
+    task_retry_backoff_s: float = Field(
+        1.0, gt=0, description="First retry delay; doubles each retry, with full jitter."
+    )
+    task_retry_backoff_max_s: float = Field(
+        300.0, gt=0, description="Cap of one retry delay (kept below the visibility timeout)."
+    )
+
+    # -- Salesforce ------------------------------------------------------------------------
+    sf_login_url: HttpUrl | None = Field(
+        None, description="OAuth login host, e.g. https://login.salesforce.com."
+    )
+    sf_client_id: SecretStr | None = Field(None, description="Connected App consumer key.")
+    sf_username: str | None = Field(None, description="Integration user the JWT is issued for.")
+    sf_private_key_file: Path | None = Field(
+        None, description="PEM private key whose certificate is on the Connected App."
+    )
+    sf_api_version: str = Field("64.0", pattern=r"^\d{2,3}\.0$", description="REST and CometD API version.")
+    sf_events_enabled: bool = Field(True, description="Whether `provisioning listen` subscribes.")
+    sf_provision_event_channel: str = Field(
+        "/event/OrderProvisionRequested__e",
+        pattern=r"^/event/[A-Za-z0-9_]+__e$",
+        description="Platform Event channel.",
+    )
+    sf_events_replay: ReplayStart = Field(
+        "LATEST", description="Start position without a checkpoint: LATEST, EARLIEST or a replayId."
+    )
+    sf_events_replay_fallback: ReplayPreset = Field(
+        "EARLIEST", description="Where to start when the stored replayId is too old: LATEST or EARLIEST."
+    )
+
+    # Order field names (API names), in case an org named them differently.
+    sf_field_activation_status: str = "Activation_Status__c"
+    sf_field_whmcs_client_id: str = "WHMCS_Client_ID__c"
+    sf_field_sim_type: str = "SIM_Type__c"
+    sf_field_eid: str = "EID__c"
+    sf_field_whmcs_product_id: str = "WHMCS_Product_ID__c"
+    sf_field_whmcs_order_id: str = "WHMCS_Order_ID__c"
+    sf_field_esim_iccid: str = "ESIM_ICCID__c"
+    sf_field_activation_error: str = "Activation_Error__c"
+    sf_field_activated_at: str = "Activated_At__c"
+
+    # -- WHMCS -----------------------------------------------------------------------------
+    whmcs_url: HttpUrl | None = Field(None, description="WHMCS base URL (…/includes/api.php is appended).")
+    whmcs_identifier: SecretStr | None = Field(None, description="WHMCS API credential identifier.")
+    whmcs_secret: SecretStr | None = Field(None, description="WHMCS API credential secret.")
+    whmcs_payment_method: str = Field("stripe", description="Gateway system name for AddOrder.")
+
+    # -- SM-DP+ (ES2+) ----------------------------------------------------------------------
+    smdp_url: HttpUrl | None = Field(None, description="SM-DP+ ES2+ base URL.")
+    smdp_requester_id: str = Field("provisioning", description="functionRequesterIdentifier.")
+    smdp_address: str | None = Field(
+        None, description="SM-DP+ FQDN in activation codes; default: the host of SMDP_URL."
+    )
+    smdp_profile_type: str = Field("default", description="Profile type ordered for eSIMs.")
+    esim_stock_warn_threshold: int = Field(
+        20, ge=0, description="`provisioning esim stock` warns below this many free ICCIDs."
+    )
+
+    # -- e-mail ----------------------------------------------------------------------------
+    smtp_host: str | None = Field(None, description="SMTP server host.")
+    smtp_port: int = Field(25, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_starttls: bool = Field(False, description="Upgrade the SMTP connection with STARTTLS.")
+    email_sender: str = Field("Provisioning <provisioning@example.com>", description="From: header.")
+    email_message_id_domain: str = Field(
+        "provisioning.local", description="Right-hand side of our deterministic Message-IDs."
+    )
+    email_resend_policy: Literal["resend", "skip"] = Field(
+        "resend",
+        description="A send found in 'sending' after a crash: resend (same Message-ID) or skip.",
+    )
+
+    # -- TLS, logging, listener --------------------------------------------------------------
+    tls_ca_bundle: Path | None = Field(
+        None, description="CA bundle for every HTTPS client; wins over REQUESTS_CA_BUNDLE."
+    )
+    log_format: Literal["text", "json"] = Field("text", description="text or json lines.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    listener_health_host: str = "127.0.0.1"
+    listener_health_port: int = Field(9108, ge=0, le=65535, description="0 disables the endpoint.")
+    listener_lock_ttl_s: int = Field(15, ge=3, description="Leader lock expiry; renewed at a third.")
+    reconcile_interval_s: int = Field(30, ge=1, description="Seconds between reconciler sweeps.")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("celery_broker_url")
+    @classmethod
+    def _broker_scheme(cls, value: str) -> str:
+        if not value.split("://", 1)[0] in {"redis", "rediss", "amqp", "amqps", "pyamqp", "memory"}:
+            raise ValueError("expected a broker URL starting with redis://, amqp:// or memory://")
+        return value
+
+    @field_validator("sf_private_key_file", "tls_ca_bundle")
+    @classmethod
+    def _file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file not found: {value}")
+        return value
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def broker_is_rabbitmq(self) -> bool:
+        return self.celery_broker_url.startswith(("amqp", "pyamqp"))
+
+    @property
+    def replay_start(self) -> int:
+        if self.sf_events_replay in REPLAY_PRESETS:
+            return REPLAY_PRESETS[self.sf_events_replay]
+        return int(self.sf_events_replay)
+
+    @property
+    def replay_fallback(self) -> int:
+        return REPLAY_PRESETS[self.sf_events_replay_fallback]
+
+    def require(self, *names: str) -> None:
+        """Raise ConfigError naming every one of ``names`` that is not set."""
+        missing = [n for n in names if getattr(self, n) in (None, "")]
+        if missing:
+            raise ConfigError(
+                [(n.upper(), "is required here but not set") for n in missing]
+            )
+
+
+class ConfigError(Exception):
+    """Configuration that cannot be used; ``problems`` holds (VARIABLE, what is wrong)."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = ["Invalid configuration:"]
+        lines += [f"  {var}: {why}" for var, why in self.problems]
+        lines.append("Set these in the environment or in the env file (.env or $PROVISIONING_ENV_FILE).")
+        return "\n".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build Settings from the environment and the env file; ConfigError lists every problem."""
+    env_file = os.environ.get(ENV_FILE_VARIABLE, DEFAULT_ENV_FILE)
+    try:
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            var = ".".join(str(p) for p in err["loc"]).upper() or "?"
+            msg = err["msg"].removeprefix("Value error, ")
+            given = err.get("input")
+            if isinstance(given, str) and "secret" not in var.lower() and "password" not in var.lower():
+                msg = f"{msg} (got {given!r})"
+            problems.append((var, msg))
+        raise ConfigError(problems) from None
