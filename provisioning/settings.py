@@ -236,6 +236,20 @@ class Settings(BaseSettings):
     def replay_fallback(self) -> int:
         return REPLAY_PRESETS[self.sf_events_replay_fallback]
 
+    def to_env(self) -> dict[str, str]:
+        """Every set value as environment variables (secrets revealed): for child processes and env files."""
+        env: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            env[name.upper()] = str(value)
+        return env
+
     def require(self, *names: str) -> None:
         """Raise ConfigError naming every one of ``names`` that is not set."""
         missing = [n for n in names if getattr(self, n) in (None, "")]

@@ -1,0 +1,69 @@
+"""Celery settings, built from :class:`provisioning.settings.Settings`.
+
+Delivery settings follow ARCHITECTURE section 9: late acks with reject on a
+lost worker, so every task runs at least once (and every task is idempotent);
+prefetch 1; events on for Flower; JSON only; the Redis visibility timeout set
+above the longest retry delay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu import Queue
+
+from provisioning.settings import Settings
+
+# The result backend, when one is configured, keeps results this long.
+RESULT_EXPIRES_S = 24 * 3600
+# How long a broker publish waits for a connection before it fails.
+BROKER_CONNECT_TIMEOUT_S = 5.0
+# Broker socket timeout (Redis): a stuck connection fails instead of hanging a publish.
+BROKER_SOCKET_TIMEOUT_S = 30.0
+
+
+def build(settings: Settings) -> dict[str, Any]:
+    transport: dict[str, Any] = {}
+    if settings.broker_is_rabbitmq:
+        # Publisher confirms: a publish returns only once RabbitMQ has the message.
+        transport["confirm_publish"] = True
+    else:
+        transport.update(
+            visibility_timeout=settings.celery_visibility_timeout_s,
+            socket_timeout=BROKER_SOCKET_TIMEOUT_S,
+            socket_connect_timeout=BROKER_CONNECT_TIMEOUT_S,
+            retry_on_timeout=True,
+            health_check_interval=30,
+        )
+    config: dict[str, Any] = {
+        "broker_url": settings.celery_broker_url,
+        "broker_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": BROKER_CONNECT_TIMEOUT_S,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        "task_default_queue": settings.celery_queue,
+        "task_queues": (Queue(settings.celery_queue),),
+        "task_create_missing_queues": False,
+        "worker_hijack_root_logger": False,
+        "enable_utc": True,
+        "timezone": "UTC",
+    }
+    if settings.celery_result_backend:
+        config.update(
+            result_backend=settings.celery_result_backend,
+            result_expires=RESULT_EXPIRES_S,
+            result_backend_transport_options={"visibility_timeout": settings.celery_visibility_timeout_s},
+            task_ignore_result=False,
+        )
+    else:
+        config["task_ignore_result"] = True
+    return config

@@ -1,0 +1,34 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CLI = str(Path(sys.executable).with_name("provisioning"))
+
+
+def _run(tmp_path, **env):
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("SF_", "WHMCS_", "SMDP_", "SMTP_"))}
+    full.update(env)
+    return subprocess.run([CLI, "check"], env=full, capture_output=True, text=True, cwd=tmp_path, timeout=60, check=False)
+
+
+def test_check_passes_when_redis_and_the_broker_answer(tmp_path):
+    out = _run(tmp_path, REDIS_URL="redis://127.0.0.1:6379/0", CELERY_BROKER_URL="redis://127.0.0.1:6379/1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "OK    redis" in out.stdout
+
+
+def test_check_with_redis_down_names_redis_and_its_url_without_the_password(tmp_path):
+    out = _run(tmp_path, REDIS_URL="redis://:hunter2@127.0.0.1:1/0")
+    assert out.returncode == 1
+    line = next(line for line in out.stdout.splitlines() if "redis" in line and line.startswith("FAIL"))
+    assert "redis://:***@127.0.0.1:1/0" in line
+    assert "hunter2" not in out.stdout + out.stderr
+
+
+def test_an_invalid_replay_setting_exits_2_naming_the_variable_without_a_traceback(tmp_path):
+    out = _run(tmp_path, SF_EVENTS_REPLAY="sometimes")
+    assert out.returncode == 2
+    assert "SF_EVENTS_REPLAY" in out.stderr
+    assert "LATEST, EARLIEST" in out.stderr
+    assert "Traceback" not in out.stderr

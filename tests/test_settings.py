@@ -1,0 +1,96 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from provisioning.settings import ConfigError, Settings, load_settings, redact_url
+
+
+def _load(monkeypatch, tmp_path, **env):
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    for key in list(os.environ):
+        if key.startswith(("SF_", "WHMCS_", "SMDP_", "SMTP_", "CELERY_", "REDIS_", "LOG_")):
+            monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return load_settings()
+
+
+def test_defaults_are_valid_without_any_environment(monkeypatch, tmp_path):
+    settings = _load(monkeypatch, tmp_path)
+    assert settings.sf_provision_event_channel == "/event/OrderProvisionRequested__e"
+    assert settings.replay_start == -1
+    assert settings.replay_fallback == -2
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("SF_EVENTS_REPLAY", "sometimes", "LATEST, EARLIEST or a replayId"),
+        ("SF_EVENTS_REPLAY_FALLBACK", "42", "LATEST or EARLIEST"),
+        ("REDIS_URL", "http://localhost", "redis://"),
+        ("CELERY_BROKER_URL", "kafka://x", "redis://, amqp://"),
+        ("SF_LOGIN_URL", "login.salesforce.com", "URL"),
+        ("SF_PRIVATE_KEY_FILE", "/nonexistent/key.pem", "file not found"),
+        ("SMTP_PORT", "70000", "65535"),
+        ("LOG_FORMAT", "xml", "text"),
+        ("SF_PROVISION_EVENT_CHANNEL", "/topic/Orders", "/event/"),
+    ],
+)
+def test_each_bad_value_is_named_with_what_is_expected(monkeypatch, tmp_path, variable, value, expected):
+    with pytest.raises(ConfigError) as info:
+        _load(monkeypatch, tmp_path, **{variable: value})
+    text = info.value.render()
+    assert variable in text
+    assert expected in text
+
+
+def test_every_bad_variable_is_listed_in_one_message(monkeypatch, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        _load(monkeypatch, tmp_path, SF_EVENTS_REPLAY="x", SMTP_PORT="0", LOG_LEVEL="LOUD")
+    variables = [var for var, _ in info.value.problems]
+    assert sorted(variables) == ["LOG_LEVEL", "SF_EVENTS_REPLAY", "SMTP_PORT"]
+
+
+def test_a_secret_value_is_never_echoed_in_the_error(monkeypatch, tmp_path):
+    # A secret with an invalid type cannot happen for SecretStr, so check the repr of a valid one instead.
+    settings = _load(monkeypatch, tmp_path, WHMCS_SECRET="s3cr3t-value", SMTP_PASSWORD="pw-value")
+    assert "s3cr3t-value" not in repr(settings)
+    assert "pw-value" not in str(settings)
+    assert settings.to_env()["WHMCS_SECRET"] == "s3cr3t-value"
+
+
+def test_the_env_file_named_by_provisioning_env_file_is_read(monkeypatch, tmp_path):
+    env_file = tmp_path / "custom.env"
+    env_file.write_text("CELERY_QUEUE=from-file\n")
+    settings = _load(monkeypatch, tmp_path, PROVISIONING_ENV_FILE=str(env_file))
+    assert settings.celery_queue == "from-file"
+
+
+def test_the_environment_wins_over_the_env_file(monkeypatch, tmp_path):
+    (tmp_path / ".env").write_text("CELERY_QUEUE=from-file\n")
+    settings = _load(monkeypatch, tmp_path, CELERY_QUEUE="from-env")
+    assert settings.celery_queue == "from-env"
+
+
+def test_redact_url_hides_the_password_only():
+    assert redact_url("redis://:pw@host:6379/0") == "redis://:***@host:6379/0"
+    assert redact_url("amqp://guest:guest@127.0.0.1:5672//") == "amqp://guest:***@127.0.0.1:5672//"
+    assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_settings_are_not_read_when_the_package_is_imported(tmp_path):
+    # A broken environment must not break an import (only the process entry point reads it).
+    env = {**os.environ, "SF_EVENTS_REPLAY": "sometimes"}
+    code = "import provisioning.settings, provisioning.cli, tasks, celeryconfig; print('imported')"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "imported" in out.stdout
+
+
+def test_require_names_every_missing_variable():
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError) as info:
+        settings.require("whmcs_url", "smtp_host")
+    assert [v for v, _ in info.value.problems] == ["WHMCS_URL", "SMTP_HOST"]
