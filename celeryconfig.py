@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kombu import Queue
+from kombu.entity import Queue
 
 from provisioning.settings import Settings
 

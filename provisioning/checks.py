@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
-from kombu import Connection
+from kombu.connection import Connection
 
 from provisioning.settings import Settings, redact_url
 
@@ -57,7 +57,10 @@ def run_checks(settings: Settings) -> list[CheckResult]:
         try:
             detail = probe(settings)
         except Exception as exc:  # every failure becomes a FAIL line, never a traceback
-            where = {"redis": redact_url(settings.redis_url), "broker": redact_url(settings.celery_broker_url)}
+            where = {
+                "redis": redact_url(settings.redis_url),
+                "broker": redact_url(settings.celery_broker_url),
+            }
             prefix = f"{where[name]}: " if name in where else ""
             results.append(CheckResult(name, "FAIL", f"{prefix}{type(exc).__name__}: {_short(exc)}"))
         else:

@@ -3,35 +3,10 @@
 from __future__ import annotations
 
 import sys
+
 import click
 
-from provisioning.settings import ConfigError, Settings, load_settings
-
-# Exit code for configuration errors (as argparse/click use for usage errors).
-EXIT_CONFIG = 2
-
-
-class Context:
-    """Settings are built on first use, once, so ``--help`` works with any environment."""
-
-    def __init__(self) -> None:
-        self._settings: Settings | None = None
-
-    @property
-    def settings(self) -> Settings:
-        if self._settings is None:
-            try:
-                self._settings = load_settings()
-            except ConfigError as exc:
-                click.echo(exc.render(), err=True)
-                sys.exit(EXIT_CONFIG)
-            from provisioning.logs import configure_logging
-
-            configure_logging(self._settings)
-        return self._settings
-
-
-pass_ctx = click.make_pass_decorator(Context, ensure=True)
+from provisioning.clictx import Context, pass_ctx
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -56,3 +31,24 @@ def check(ctx: Context) -> None:
         click.echo(f"{r.status:<4}  {r.name:<{width}}  {r.detail}")
     if any(r.status == "FAIL" for r in results):
         sys.exit(1)
+
+
+def _add_commands() -> None:
+    from provisioning import operators
+    from provisioning.esim.cli import esim
+    from provisioning.listener import listen
+    from provisioning.sandbox.cli import sandbox
+
+    for command in (
+        operators.status,
+        operators.failed,
+        operators.requeue,
+        operators.quarantine,
+        sandbox,
+        listen,
+        esim,
+    ):
+        main.add_command(command)
+
+
+_add_commands()

@@ -7,6 +7,7 @@ say which errors it retries without knowing every client::
     ProvisioningError
     ├── TransientError   worth retrying later: connection errors, timeouts, 429/5xx, SMTP 4xx
     └── PermanentError   retrying cannot help: validation, unknown ids, auth, business rules
+        └── OrderRejected  the Order itself cannot be provisioned (raised by the steps)
 """
 
 from __future__ import annotations
@@ -22,3 +23,7 @@ class TransientError(ProvisioningError):
 
 class PermanentError(ProvisioningError):
     """A failure that the same call will meet again; never retried."""
+
+
+class OrderRejected(PermanentError):
+    """The Order cannot be provisioned as it is (missing data, no pay method, inactive client)."""

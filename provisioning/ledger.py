@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -178,10 +178,10 @@ class Ledger:
     # -- reading ---------------------------------------------------------------------------
     def get(self, run_id: str) -> RunRecord | None:
         raw = self.redis.hgetall(self.run_key(run_id))
-        return _decode_run(run_id, raw) if raw else None
+        return _decode_run(run_id, {_str(k): _str(v) for k, v in raw.items()}) if raw else None
 
     def runs_for_order(self, order_id: str) -> list[str]:
-        return sorted(m.decode() for m in self.redis.smembers(self.order_runs_key(order_id)))
+        return sorted(_str(m) for m in self.redis.smembers(self.order_runs_key(order_id)))
 
     def load_order(self, run_id: str) -> dict[str, Any]:
         raw = self.redis.get(self.order_snapshot_key(run_id))
@@ -192,7 +192,7 @@ class Ledger:
 
     def marker(self, run_id: str, name: str) -> str | None:
         raw = self.redis.hget(self.run_key(run_id), f"x:{name}")
-        return raw.decode() if raw is not None else None
+        return _str(raw) if raw is not None else None
 
     def step_result(self, run_id: str, step: str) -> dict[str, Any] | None:
         raw = self.redis.hget(self.run_key(run_id), f"s:{step}")
@@ -221,7 +221,14 @@ class Ledger:
         key = self.run_key(run_id)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hsetnx(key, "created_at", repr(now))
-        pipe.hset(key, mapping={"state": RunState.SKIPPED.value, "updated_at": repr(now), "error": reason[:ERROR_MAX_CHARS]})
+        pipe.hset(
+            key,
+            mapping={
+                "state": RunState.SKIPPED.value,
+                "updated_at": repr(now),
+                "error": reason[:ERROR_MAX_CHARS],
+            },
+        )
         pipe.sadd(self.order_runs_key(run_id.split(":", 1)[0]), run_id)
         pipe.expire(key, self.retention_s)
         pipe.execute()
@@ -256,7 +263,9 @@ class Ledger:
         now = time.time()
         key = self.run_key(run_id)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(key, mapping={"state": RunState.DONE.value, "updated_at": repr(now), "finished_at": repr(now)})
+        pipe.hset(
+            key, mapping={"state": RunState.DONE.value, "updated_at": repr(now), "finished_at": repr(now)}
+        )
         pipe.hdel(key, "failed_step", "error")
         pipe.delete(self.order_snapshot_key(run_id))
         pipe.zrem(self.active_key, run_id)
@@ -314,13 +323,15 @@ class Ledger:
     # -- registries ------------------------------------------------------------------------
     def failed_runs(self, since: float | None = None) -> list[RunRecord]:
         ids = self.redis.zrangebyscore(self.failed_key, since if since is not None else "-inf", "+inf")
-        runs = [self.get(i.decode()) for i in ids]
+        runs = [self.get(_str(i)) for i in ids]
         return [r for r in runs if r is not None]
 
     def stale_runs(self, idle_s: float, limit: int = 500) -> list[str]:
         """Unfinished runs not updated for ``idle_s`` and not leased: candidates to resume."""
         cutoff = time.time() - idle_s
-        ids = [i.decode() for i in self.redis.zrangebyscore(self.active_key, "-inf", cutoff, start=0, num=limit)]
+        ids = [
+            _str(i) for i in self.redis.zrangebyscore(self.active_key, "-inf", cutoff, start=0, num=limit)
+        ]
         if not ids:
             return []
         pipe = self.redis.pipeline(transaction=False)
@@ -341,7 +352,10 @@ class Ledger:
     # -- leases ----------------------------------------------------------------------------
     def lease(self, run_id: str) -> Lock:
         """The run's lease (SET NX with expiry): one worker at a time acts on a run."""
-        return self.redis.lock(self.lease_key(run_id), timeout=self.lease_ttl_s, blocking=False, thread_local=False)
+        lock: Lock = self.redis.lock(
+            self.lease_key(run_id), timeout=self.lease_ttl_s, blocking=False, thread_local=False
+        )
+        return lock
 
     @contextmanager
     def holding(self, run_id: str) -> Iterator[Lock | None]:
@@ -353,15 +367,16 @@ class Ledger:
         try:
             yield lock
         finally:
-            try:
+            # It may have expired while we worked; then someone else may hold it, and it is theirs.
+            with suppress(redis.exceptions.LockError):
                 lock.release()
-            except redis.exceptions.LockError:
-                # It expired while we worked; someone may hold it now, and it is theirs.
-                pass
 
 
-def _decode_run(run_id: str, raw: dict[bytes, bytes]) -> RunRecord:
-    data = {k.decode(): v.decode() for k, v in raw.items()}
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _decode_run(run_id: str, data: dict[str, str]) -> RunRecord:
     steps: dict[str, StepRecord] = {}
     markers: dict[str, str] = {}
     for key, value in data.items():

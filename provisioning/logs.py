@@ -17,7 +17,9 @@ import structlog
 
 from provisioning.settings import Settings
 
-_SECRET_KEYS = frozenset({"password", "secret", "token", "access_token", "authorization", "assertion", "private_key"})
+_SECRET_KEYS = frozenset(
+    {"password", "secret", "token", "access_token", "authorization", "assertion", "private_key"}
+)
 
 
 def _drop_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +65,8 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
-    return structlog.stdlib.get_logger(name)  # type: ignore[no-any-return]
+    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name)
+    return logger
 
 
 def bind_run(run_id: str) -> None:

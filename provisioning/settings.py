@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
@@ -35,9 +35,7 @@ def _replay_start(value: str) -> str:
         return text
     if text.lstrip("-").isdigit() and int(text) >= -2:
         return str(int(text))
-    raise ValueError(
-        "expected LATEST, EARLIEST or a replayId (an integer; -1 = LATEST, -2 = EARLIEST)"
-    )
+    raise ValueError("expected LATEST, EARLIEST or a replayId (an integer; -1 = LATEST, -2 = EARLIEST)")
 
 
 def _replay_preset(value: str) -> str:
@@ -109,9 +107,7 @@ class Settings(BaseSettings):
     run_retention_days: int = Field(
         30, ge=1, description="Days a finished run stays in the ledger (failed runs stay)."
     )
-    run_lease_ttl_s: int = Field(
-        60, ge=5, description="Seconds a run's lease lasts unless renewed."
-    )
+    run_lease_ttl_s: int = Field(60, ge=5, description="Seconds a run's lease lasts unless renewed.")
 
     # -- retries ---------------------------------------------------------------------------
     task_max_retries: int = Field(8, ge=0, description="Retries of a step on transient errors.")
@@ -201,6 +197,11 @@ class Settings(BaseSettings):
     listener_health_port: int = Field(9108, ge=0, le=65535, description="0 disables the endpoint.")
     listener_lock_ttl_s: int = Field(15, ge=3, description="Leader lock expiry; renewed at a third.")
     reconcile_interval_s: int = Field(30, ge=1, description="Seconds between reconciler sweeps.")
+    reconcile_idle_s: int = Field(
+        600,
+        ge=1,
+        description="The reconciler resumes an unfinished, unleased run not updated for this long.",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -210,7 +211,7 @@ class Settings(BaseSettings):
     @field_validator("celery_broker_url")
     @classmethod
     def _broker_scheme(cls, value: str) -> str:
-        if not value.split("://", 1)[0] in {"redis", "rediss", "amqp", "amqps", "pyamqp", "memory"}:
+        if value.split("://", 1)[0] not in {"redis", "rediss", "amqp", "amqps", "pyamqp", "memory"}:
             raise ValueError("expected a broker URL starting with redis://, amqp:// or memory://")
         return value
 
@@ -254,9 +255,7 @@ class Settings(BaseSettings):
         """Raise ConfigError naming every one of ``names`` that is not set."""
         missing = [n for n in names if getattr(self, n) in (None, "")]
         if missing:
-            raise ConfigError(
-                [(n.upper(), "is required here but not set") for n in missing]
-            )
+            raise ConfigError([(n.upper(), "is required here but not set") for n in missing])
 
 
 class ConfigError(Exception):
@@ -273,11 +272,11 @@ class ConfigError(Exception):
         return "\n".join(lines)
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Build Settings from the environment and the env file; ConfigError lists every problem."""
     env_file = os.environ.get(ENV_FILE_VARIABLE, DEFAULT_ENV_FILE)
     try:
-        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+        return Settings(_env_file=env_file, **overrides)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

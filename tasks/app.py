@@ -17,6 +17,11 @@ from provisioning.logs import bind_run, configure_logging, unbind_run
 from provisioning.settings import Settings, load_settings
 
 TASK_MODULES: tuple[str, ...] = (
+    "tasks.orders",
+    "tasks.whmcs",
+    "tasks.esim",
+    "tasks.salesforce",
+    "tasks.email",
 )
 
 
@@ -56,7 +61,7 @@ class ProvisioningCelery(Celery):
             self._services = None
 
 
-class ProvisioningTask(Task):  # type: ignore[misc]
+class ProvisioningTask(Task):
     """Base task: every provisioning task takes a run id first and logs under it."""
 
     app: ProvisioningCelery

@@ -9,7 +9,9 @@ CLI = str(Path(sys.executable).with_name("provisioning"))
 def _run(tmp_path, **env):
     full = {k: v for k, v in os.environ.items() if not k.startswith(("SF_", "WHMCS_", "SMDP_", "SMTP_"))}
     full.update(env)
-    return subprocess.run([CLI, "check"], env=full, capture_output=True, text=True, cwd=tmp_path, timeout=60, check=False)
+    return subprocess.run(
+        [CLI, "check"], env=full, capture_output=True, text=True, cwd=tmp_path, timeout=60, check=False
+    )
 
 
 def test_check_passes_when_redis_and_the_broker_answer(tmp_path):

@@ -84,7 +84,9 @@ def test_settings_are_not_read_when_the_package_is_imported(tmp_path):
     # A broken environment must not break an import (only the process entry point reads it).
     env = {**os.environ, "SF_EVENTS_REPLAY": "sometimes"}
     code = "import provisioning.settings, provisioning.cli, tasks, celeryconfig; print('imported')"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path, check=False
+    )
     assert out.returncode == 0, out.stderr
     assert "imported" in out.stdout
 

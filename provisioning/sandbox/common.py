@@ -86,7 +86,7 @@ class FaultInjector:
     def configure(self, data: dict[str, Any]) -> None:
         force = data.get("force") or {}
         faults = Faults.from_json(data)
-        for operation, kinds in force.items():
+        for kinds in force.values():
             for kind in kinds:
                 if kind not in FAULT_KINDS:
                     raise ValueError(f"unknown forced fault {kind!r}; known: {FAULT_KINDS}")
@@ -114,6 +114,14 @@ class FaultInjector:
                 return kind
             r -= rate
         return None
+
+    def next_fault(self, operation: str) -> str | None:
+        """Count a call of ``operation`` and draw its fault; for simulators that are not HTTP (SMTP)."""
+        self.calls[operation] += 1
+        kind = self._roll(operation)
+        if kind:
+            self.injected[f"{operation}:{kind}"] += 1
+        return kind
 
     async def delay(self, operation: str) -> None:
         f = self.faults
@@ -145,7 +153,9 @@ class FaultInjector:
 
     def admin_routes(self) -> list[web.RouteDef]:
         async def get_faults(_: web.Request) -> web.Response:
-            return web.json_response({**asdict(self.faults), "force": {k: list(v) for k, v in self.forced.items() if v}})
+            return web.json_response(
+                {**asdict(self.faults), "force": {k: list(v) for k, v in self.forced.items() if v}}
+            )
 
         async def set_faults(request: web.Request) -> web.Response:
             try:
@@ -155,7 +165,13 @@ class FaultInjector:
             return await get_faults(request)
 
         async def get_calls(_: web.Request) -> web.Response:
-            return web.json_response({"calls": dict(self.calls), "total": sum(self.calls.values()), "injected": dict(self.injected)})
+            return web.json_response(
+                {
+                    "calls": dict(self.calls),
+                    "total": sum(self.calls.values()),
+                    "injected": dict(self.injected),
+                }
+            )
 
         async def reset_calls(_: web.Request) -> web.Response:
             self.calls.clear()
@@ -267,8 +283,9 @@ class ServerThread:
             await site.start()
             self._runners.append(runner)
             server = site._server
-            assert server is not None and server.sockets
-            self.ports[name] = server.sockets[0].getsockname()[1]
+            sockets = getattr(server, "sockets", None)
+            assert sockets, f"{name} is not listening"
+            self.ports[name] = sockets[0].getsockname()[1]
         for name, starter in self._starters.items():
             server, port = await starter(self._loop)
             self._servers.append(server)

@@ -36,7 +36,9 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         env = {**os.environ, **self.env}
-        self.proc = subprocess.Popen(self.argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
         return self
 
@@ -57,9 +59,13 @@ class ManagedProcess:
             if needle in self.log_text()[after:]:
                 return
             if not self.alive():
-                raise RuntimeError(f"{self.name} exited ({self.proc and self.proc.returncode}); log:\n{self.log_text()[-3000:]}")
+                raise RuntimeError(
+                    f"{self.name} exited ({self.proc and self.proc.returncode}); log:\n{self.log_text()[-3000:]}"
+                )
             time.sleep(READY_POLL_S)
-        raise TimeoutError(f"{self.name} did not log {needle!r} within {timeout_s}s; log:\n{self.log_text()[-3000:]}")
+        raise TimeoutError(
+            f"{self.name} did not log {needle!r} within {timeout_s}s; log:\n{self.log_text()[-3000:]}"
+        )
 
     def kill(self) -> None:
         """SIGKILL the whole process group (a prefork worker's children too)."""
@@ -92,9 +98,20 @@ def worker(
 ) -> ManagedProcess:
     """A real ``celery -A tasks worker`` process (not yet started)."""
     argv = [
-        _bin("celery"), "-A", "tasks", "worker",
-        "--pool", pool, "--concurrency", str(concurrency),
-        "--hostname", f"{name}@%h", "--loglevel", "INFO", "--without-mingle", "--without-gossip",
+        _bin("celery"),
+        "-A",
+        "tasks",
+        "worker",
+        "--pool",
+        pool,
+        "--concurrency",
+        str(concurrency),
+        "--hostname",
+        f"{name}@%h",
+        "--loglevel",
+        "INFO",
+        "--without-mingle",
+        "--without-gossip",
         *(extra or []),
     ]
     return ManagedProcess(name, argv, env, log_dir / f"{name}.log")
@@ -106,6 +123,8 @@ def start_worker(env: dict[str, str], log_dir: Path, **kwargs: object) -> Manage
     return proc
 
 
-def listener(env: dict[str, str], log_dir: Path, *, name: str = "listener", extra: list[str] | None = None) -> ManagedProcess:
+def listener(
+    env: dict[str, str], log_dir: Path, *, name: str = "listener", extra: list[str] | None = None
+) -> ManagedProcess:
     argv = [_bin("provisioning"), "listen", *(extra or [])]
     return ManagedProcess(name, argv, env, log_dir / f"{name}.log")

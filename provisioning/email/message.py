@@ -1,0 +1,156 @@
+"""The activation e-mail: text and HTML from the templates, the eSIM QR code, a deterministic Message-ID.
+
+Structure (no remote content, no tracking)::
+
+    multipart/alternative
+    ├── text/plain
+    └── multipart/related          (text/html alone for a physical SIM)
+        ├── text/html              <img src="cid:...">
+        └── image/png              the activation code as a QR code, inline
+
+The Message-ID derives from the run id only, so a resend after a crash carries
+the same one and duplicates can be traced (SMTP itself has no idempotency).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import html
+import io
+import re
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import formatdate
+from importlib import resources
+from string import Template
+
+import qrcode
+from qrcode.constants import ERROR_CORRECT_M
+
+# 7bit transfer encodings (quoted-printable, base64): safe with servers that lack 8BITMIME.
+POLICY = SMTP.clone(cte_type="7bit")
+SUBJECT = "Your order {order_number} is active"
+# QR code geometry: pixels per module, quiet zone in modules (the standard asks for 4).
+QR_BOX_PX = 6
+QR_BORDER_MODULES = 4
+# Shown size of the QR image in the HTML part.
+QR_DISPLAY_PX = 220
+
+_ORDER_ID = re.compile(r"^[A-Za-z0-9]{15,18}$")
+_DOMAIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+# 96 bits of the run id's hash: unique enough, and the header stays on one line.
+_DIGEST_HEX_CHARS = 24
+
+
+def _id_left(run_id: str) -> str:
+    """The left part of our ids: the Order id (when it is one) and a hash of the whole run id.
+
+    The idempotency key is arbitrary text, so only its hash goes in; the Order
+    id keeps the header readable for operators.
+    """
+    if not run_id:
+        raise ValueError("run_id is empty")
+    digest = hashlib.sha256(f"activation:{run_id}".encode()).hexdigest()[:_DIGEST_HEX_CHARS]
+    order_id = run_id.split(":", 1)[0]
+    return f"{order_id}.{digest}" if _ORDER_ID.match(order_id) else f"run.{digest}"
+
+
+def _check_domain(domain: str) -> str:
+    if not _DOMAIN.match(domain):
+        raise ValueError("message id domain must be a host name such as provisioning.example.com")
+    return domain
+
+
+def message_id_for(run_id: str, domain: str) -> str:
+    """The activation e-mail's Message-ID for ``run_id``: ``<{order id}.{hash}@{domain}>``."""
+    return f"<{_id_left(run_id)}@{_check_domain(domain)}>"
+
+
+def _qr_content_id(run_id: str, domain: str) -> str:
+    return f"qr.{_id_left(run_id)}@{_check_domain(domain)}"
+
+
+def qr_png(data: str) -> bytes:
+    """``data`` as a QR code, in PNG."""
+    qr = qrcode.QRCode(error_correction=ERROR_CORRECT_M, box_size=QR_BOX_PX, border=QR_BORDER_MODULES)
+    qr.add_data(data)
+    qr.make(fit=True)
+    buffer = io.BytesIO()
+    qr.make_image().save(buffer)
+    return buffer.getvalue()
+
+
+@functools.cache
+def _template(name: str) -> Template:
+    text = resources.files("provisioning.email").joinpath("templates", name).read_text(encoding="utf-8")
+    return Template(text)
+
+
+def _render(name: str, values: dict[str, str], *, as_html: bool, sections: dict[str, str] | None = None) -> str:
+    """Fill template ``name``; in HTML every value is escaped, ``sections`` (already rendered) are not."""
+    if as_html:
+        values = {k: html.escape(v, quote=True) for k, v in values.items()}
+    return _template(name).substitute({**values, **(sections or {})})
+
+
+def build_activation_email(
+    *,
+    run_id: str,
+    to_address: str,
+    first_name: str | None,
+    order_number: str,
+    whmcs_order_id: str,
+    iccid: str | None,
+    activation_code: str | None,
+    sender: str,
+    message_id_domain: str,
+) -> EmailMessage:
+    """The e-mail telling the customer the order is active.
+
+    With an ``activation_code`` it is the eSIM e-mail (code in the text, QR code
+    inline in the HTML; ``iccid`` required); without, the physical SIM one.
+    """
+    esim = activation_code is not None
+    if esim and not iccid:
+        raise ValueError("an eSIM e-mail needs the ICCID")
+    values = {
+        "greeting_name": f" {first_name.strip()}" if first_name and first_name.strip() else "",
+        "order_number": order_number,
+        "whmcs_order_id": whmcs_order_id,
+        "iccid": iccid or "",
+        "activation_code": activation_code or "",
+        "qr_cid": _qr_content_id(run_id, message_id_domain),
+        "qr_size": str(QR_DISPLAY_PX),
+    }
+    section = "esim" if esim else "physical"
+    text = _render(
+        "activation.txt", values, as_html=False, sections={"sim_section": _render(f"{section}.txt", values, as_html=False)}
+    )
+    body_html = _render(
+        "activation.html", values, as_html=True, sections={"sim_section": _render(f"{section}.html", values, as_html=True)}
+    )
+
+    msg = EmailMessage(policy=POLICY)
+    msg["Message-ID"] = message_id_for(run_id, message_id_domain)
+    msg["Date"] = formatdate(usegmt=True)
+    msg["From"] = sender
+    msg["To"] = to_address
+    if len(msg["To"].addresses) != 1 or msg["To"].defects:
+        # The address itself stays out of the message: it is personal data.
+        raise ValueError("to_address must be exactly one valid e-mail address")
+    msg["Subject"] = SUBJECT.format(order_number=order_number)
+    msg.set_content(text)
+    msg.add_alternative(body_html, subtype="html")
+    if esim:
+        assert activation_code is not None
+        html_part = msg.get_body(preferencelist=("html",))
+        assert html_part is not None
+        html_part.add_related(
+            qr_png(activation_code),
+            maintype="image",
+            subtype="png",
+            cid=f"<{values['qr_cid']}>",
+            disposition="inline",
+        )
+    return msg

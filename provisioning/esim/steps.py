@@ -1,0 +1,66 @@
+"""The eSIM step: claim an ICCID from our inventory, then downloadOrder and confirmOrder, each once.
+
+``downloadOrder`` with only a profile type reserves a new ICCID on every call and
+ES2+ cannot look a lost one up, so the run first claims an ICCID from the
+operator's inventory (atomically, in Redis) and orders exactly that one: a
+repeat then answers 8.2.1/3.3, which for our own claimed ICCID means done. The
+matchingId derives from the run id, so a repeated ``confirmOrder`` answering
+8.2.1/3.5 is ours too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from provisioning.esim.client import activation_code, matching_id_for_run, smdp_address_from_settings
+from provisioning.esim.errors import Es2PlusFunctionFailed
+from provisioning.logs import get_logger
+from provisioning.runs import StepContext
+
+log = get_logger(__name__)
+
+
+def is_esim(sim_type: str | None) -> bool:
+    return (sim_type or "").strip().lower() == "esim"
+
+
+def activate_esim(ctx: StepContext) -> dict[str, Any]:
+    order = ctx.order()
+    if not is_esim(order.sim_type):
+        return {"sim": "physical"}
+    inventory = ctx.services.inventory
+    iccid = inventory.claim(ctx.run_id)
+    threshold = ctx.settings.esim_stock_warn_threshold
+    if inventory.is_low(threshold):
+        log.warning("esim_stock_low", free=inventory.stock().free, threshold=threshold)
+    es2 = ctx.services.es2plus
+
+    if ctx.marker("esim_downloaded") is None:
+        ctx.renew()
+        try:
+            es2.download_order(iccid=iccid, eid=order.eid or None)
+        except Es2PlusFunctionFailed as exc:
+            if not exc.is_iccid_in_use:
+                raise
+            log.info("esim_download_repeat", iccid=iccid)
+        ctx.set_marker("esim_downloaded", iccid)
+
+    matching_id = matching_id_for_run(ctx.run_id)
+    smdp_address = None
+    ctx.renew()
+    try:
+        confirmed = es2.confirm_order(
+            iccid=iccid, matching_id=matching_id, eid=order.eid or None, release=True
+        )
+        smdp_address = confirmed.smdp_address
+    except Es2PlusFunctionFailed as exc:
+        if not exc.is_invalid_transition:
+            raise
+        log.info("esim_confirm_repeat", iccid=iccid)
+    inventory.mark_used(ctx.run_id)
+    address = smdp_address or smdp_address_from_settings(ctx.settings)
+    return {
+        "iccid": iccid,
+        "matching_id": matching_id,
+        "activation_code": activation_code(address, matching_id),
+    }

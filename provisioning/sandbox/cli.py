@@ -1,0 +1,88 @@
+"""``provisioning sandbox``: run the simulators until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+import click
+
+
+@click.command()
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".sandbox"),
+    show_default=True,
+    help="Where the CA, the JWT key and logs go.",
+)
+@click.option(
+    "--env-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("sandbox.env"),
+    show_default=True,
+    help="Env file to write; use it with PROVISIONING_ENV_FILE.",
+)
+@click.option("--seed", type=int, default=None, help="Seed of the simulators' randomness (faults, ids).")
+@click.option(
+    "--salesforce-port", type=int, default=0, help="Port of the Salesforce simulator (0: any free port)."
+)
+@click.option("--whmcs-port", type=int, default=0, help="Port of the WHMCS simulator (0: any free port).")
+@click.option("--smdp-port", type=int, default=0, help="Port of the SM-DP+ simulator (0: any free port).")
+@click.option("--smtp-port", type=int, default=0, help="Port of the SMTP simulator (0: any free port).")
+@click.option("--smtp-admin-port", type=int, default=0, help="Port of the SMTP simulator's admin API.")
+@click.option(
+    "--long-poll",
+    "long_poll_s",
+    type=float,
+    default=110.0,
+    show_default=True,
+    help="Seconds the CometD connect is held open without events.",
+)
+def sandbox(
+    workdir: Path,
+    env_file: Path,
+    seed: int | None,
+    salesforce_port: int,
+    whmcs_port: int,
+    smdp_port: int,
+    smtp_port: int,
+    smtp_admin_port: int,
+    long_poll_s: float,
+) -> None:
+    """Start local simulators of Salesforce, WHMCS, SM-DP+ and SMTP (HTTPS with a local CA).
+
+    Prints their URLs and writes an env file that points `provisioning listen`
+    and `celery -A tasks worker` at them:
+
+        PROVISIONING_ENV_FILE=sandbox.env celery -A tasks worker
+    """
+    from provisioning.sandbox.runner import Sandbox
+
+    started = time.perf_counter()
+    ports = {
+        "salesforce": salesforce_port,
+        "whmcs": whmcs_port,
+        "smdp": smdp_port,
+        "smtp": smtp_port,
+        "smtp_admin": smtp_admin_port,
+    }
+    box = Sandbox(workdir, seed=seed, ports=ports, long_poll_s=long_poll_s).start()
+    box.write_env_file(env_file)
+    for name, url in box.urls.items():
+        click.echo(f"{name:<11} {url}")
+    click.echo(f"env file    {env_file}  (ready in {time.perf_counter() - started:.2f}s; Ctrl-C stops)")
+
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    stop.wait()
+    box.stop()
+    click.echo("sandbox stopped")

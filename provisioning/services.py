@@ -1,0 +1,103 @@
+"""One process's connections and clients, built once from Settings and shared by its threads."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import redis
+
+from provisioning.http import make_session
+from provisioning.ledger import Ledger
+from provisioning.settings import Settings
+
+if TYPE_CHECKING:
+    from provisioning.email.sender import SmtpSender
+    from provisioning.esim.client import Es2PlusClient
+    from provisioning.esim.inventory import EsimInventory
+    from provisioning.salesforce.client import SalesforceClient
+    from provisioning.whmcs.client import WhmcsClient
+
+# Redis calls fail instead of hanging when Redis stops answering.
+REDIS_SOCKET_TIMEOUT_S = 10.0
+REDIS_CONNECT_TIMEOUT_S = 5.0
+REDIS_HEALTH_CHECK_INTERVAL_S = 30
+# Enough pooled Redis connections for a worker with 100 threads.
+REDIS_MAX_CONNECTIONS = 200
+
+T = TypeVar("T")
+
+
+def redis_from_settings(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(
+        str(settings.redis_url),
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        health_check_interval=REDIS_HEALTH_CHECK_INTERVAL_S,
+        max_connections=REDIS_MAX_CONNECTIONS,
+        retry_on_timeout=True,
+    )
+
+
+class Services:
+    """Lazily built clients: a worker builds only what its steps use, once, after any fork."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = redis_from_settings(settings)
+        self.ledger = Ledger(
+            redis=self.redis,
+            prefix=settings.ledger_prefix,
+            retention_s=settings.run_retention_days * 86400,
+            lease_ttl_s=settings.run_lease_ttl_s,
+        )
+        self._built: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def _once(self, name: str, build: Any) -> Any:
+        if name not in self._built:
+            with self._lock:
+                if name not in self._built:
+                    self._built[name] = build()
+        return self._built[name]
+
+    @property
+    def salesforce(self) -> SalesforceClient:
+        from provisioning.salesforce.client import SalesforceClient
+
+        s = self.settings
+        return self._once(  # type: ignore[no-any-return]
+            "salesforce", lambda: SalesforceClient.from_settings(s, session=make_session(s.tls_ca_bundle))
+        )
+
+    @property
+    def whmcs(self) -> WhmcsClient:
+        from provisioning.whmcs.client import WhmcsClient
+
+        s = self.settings
+        return self._once(  # type: ignore[no-any-return]
+            "whmcs", lambda: WhmcsClient.from_settings(s, session=make_session(s.tls_ca_bundle))
+        )
+
+    @property
+    def es2plus(self) -> Es2PlusClient:
+        from provisioning.esim.client import Es2PlusClient
+
+        s = self.settings
+        return self._once(  # type: ignore[no-any-return]
+            "es2plus", lambda: Es2PlusClient.from_settings(s, session=make_session(s.tls_ca_bundle))
+        )
+
+    @property
+    def inventory(self) -> EsimInventory:
+        from provisioning.esim.inventory import EsimInventory
+
+        return self._once(  # type: ignore[no-any-return]
+            "inventory", lambda: EsimInventory(redis=self.redis, prefix=self.settings.ledger_prefix)
+        )
+
+    @property
+    def email(self) -> SmtpSender:
+        from provisioning.email.sender import SmtpSender
+
+        return self._once("email", lambda: SmtpSender.from_settings(self.settings))  # type: ignore[no-any-return]

@@ -1,0 +1,112 @@
+"""The WHMCS steps: validate payment, then create and accept the order, each effect once."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from provisioning.errors import OrderRejected
+from provisioning.logs import get_logger
+from provisioning.runs import StepContext
+from provisioning.salesforce.client import Order
+from provisioning.whmcs.errors import WhmcsOrderNotPending, WhmcsPermanentError
+
+log = get_logger(__name__)
+
+NOTE_PREFIX = "provisioning run "
+
+
+def order_note(run_id: str) -> str:
+    """The text put in the WHMCS order's notes: how a lost AddOrder answer is found again."""
+    return f"{NOTE_PREFIX}{run_id}"
+
+
+def _client_id(order: Order) -> int:
+    raw = (order.whmcs_client_id or "").strip()
+    if not raw:
+        raise OrderRejected("the Order's Account has no WHMCS client id (Account.WHMCS_Client_ID__c)")
+    try:
+        return int(float(raw))
+    except ValueError:
+        raise OrderRejected(f"the Account's WHMCS client id {raw!r} is not a number") from None
+
+
+def _items(order: Order) -> list[tuple[int, int]]:
+    items = []
+    for item in order.items:
+        raw = (item.whmcs_product_id or "").strip()
+        if not raw:
+            raise OrderRejected(
+                "an Order item's product has no WHMCS product id (Product2.WHMCS_Product_ID__c)"
+            )
+        try:
+            items.append((int(float(raw)), int(item.quantity)))
+        except ValueError:
+            raise OrderRejected(f"the WHMCS product id {raw!r} is not a number") from None
+    if not items:
+        raise OrderRejected("the Order has no items")
+    return items
+
+
+def validate_payment(ctx: StepContext) -> dict[str, Any]:
+    """Read-only: the Order is complete, the WHMCS client is Active and has a usable pay method."""
+    order = ctx.order()
+    client_id = _client_id(order)
+    _items(order)
+    if not order.email:
+        raise OrderRejected("the Order's bill-to contact has no e-mail address (BillToContact.Email)")
+    whmcs = ctx.services.whmcs
+    client = whmcs.get_client(client_id)
+    if client.status != "Active":
+        raise OrderRejected(f"WHMCS client {client_id} is {client.status}, not Active")
+    methods = whmcs.get_pay_methods(client_id)
+    if not methods:
+        raise OrderRejected(f"no valid payment method: WHMCS client {client_id} has none")
+    return {"whmcs_client_id": client_id, "pay_methods": len(methods)}
+
+
+def create_whmcs_order(ctx: StepContext) -> dict[str, Any]:
+    """AddOrder once (intent record + run id in notes + lookup), then AcceptOrder once."""
+    order = ctx.order()
+    client_id = _client_id(order)
+    whmcs = ctx.services.whmcs
+    note = order_note(ctx.run_id)
+
+    order_id_text = ctx.marker("whmcs_order_id")
+    if order_id_text is None:
+        found = None
+        if ctx.marker("whmcs_intent") is not None:
+            # An earlier attempt may have created the order and lost the answer: adopt it.
+            found = whmcs.find_order_by_note(client_id, note)
+            if found is not None:
+                log.warning("whmcs_order_adopted", whmcs_order_id=found.id)
+        if found is not None:
+            whmcs_order_id = found.id
+        else:
+            ctx.set_marker("whmcs_intent", repr(time.time()))
+            ctx.renew()
+            created = whmcs.add_order(
+                client_id=client_id,
+                payment_method=ctx.settings.whmcs_payment_method,
+                items=_items(order),
+                notes=note,
+            )
+            whmcs_order_id = created.order_id
+        ctx.set_marker("whmcs_order_id", str(whmcs_order_id))
+    else:
+        whmcs_order_id = int(order_id_text)
+
+    if ctx.marker("whmcs_accepted") is None:
+        ctx.renew()
+        try:
+            whmcs.accept_order(whmcs_order_id)
+        except WhmcsOrderNotPending:
+            # A repeat after a lost answer: fine if the order is Active now.
+            orders = whmcs.get_orders(order_id=whmcs_order_id)
+            if not orders or orders[0].status != "Active":
+                status = orders[0].status if orders else "missing"
+                raise WhmcsPermanentError(
+                    f"WHMCS order {whmcs_order_id} cannot be accepted: it is {status}"
+                ) from None
+        ctx.set_marker("whmcs_accepted", "1")
+    return {"whmcs_order_id": whmcs_order_id}
