@@ -54,3 +54,58 @@ def settings(namespace: str, tmp_path: Path) -> Settings:
         celery_queue=f"q-{namespace}",
         log_format="json",
     )
+
+
+# -- the whole stack: sandbox, settings pointing at it, worker processes ------------------------
+
+from collections.abc import Callable  # noqa: E402
+
+from provisioning.sandbox.processes import ManagedProcess, start_worker  # noqa: E402
+from provisioning.sandbox.runner import Sandbox  # noqa: E402
+from provisioning.services import Services  # noqa: E402
+
+# End-to-end waits: generous, since CI machines are shared; a pass is usually seconds.
+E2E_TIMEOUT_S = 120.0
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
+    box = Sandbox(tmp_path / "sandbox", seed=1234, long_poll_s=5.0).start()
+    yield box
+    box.stop()
+
+
+@pytest.fixture
+def stack_settings(settings: Settings, sandbox: Sandbox) -> Settings:
+    values = {k.lower(): v for k, v in sandbox.env().items()}
+    fast = {
+        "task_retry_backoff_s": 0.2,
+        "task_retry_backoff_max_s": 2.0,
+        "run_lease_ttl_s": 10,
+        "celery_visibility_timeout_s": 30,
+    }
+    return Settings(_env_file=None, **{**settings.model_dump(), **values, **fast})  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def services(stack_settings: Settings) -> Iterator[Services]:
+    svc = Services(stack_settings)
+    yield svc
+    svc.redis.close()
+
+
+@pytest.fixture
+def workers(stack_settings: Settings, tmp_path: Path) -> Iterator[Callable[..., ManagedProcess]]:
+    """Start real ``celery -A tasks worker`` processes: ``workers(name="w1", concurrency=4)``."""
+    started: list[ManagedProcess] = []
+
+    def start(settings: Settings | None = None, **kwargs: object) -> ManagedProcess:
+        env = (settings or stack_settings).to_env()
+        kwargs.setdefault("name", f"w{len(started) + 1}")
+        proc = start_worker(env, tmp_path / "logs", **kwargs)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

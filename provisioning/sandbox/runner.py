@@ -40,6 +40,11 @@ class AdminClient:
         response.raise_for_status()
         return response.json()
 
+    def patch(self, path: str, body: Any) -> Any:
+        response = self.session.patch(self.base_url + path, json=body, timeout=ADMIN_TIMEOUT_S)
+        response.raise_for_status()
+        return response.json() if response.content else None
+
     def post(self, path: str, body: Any = None) -> Any:
         response = self.session.post(
             self.base_url + path, json=body if body is not None else {}, timeout=ADMIN_TIMEOUT_S

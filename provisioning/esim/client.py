@@ -1,0 +1,303 @@
+"""ES2+ client (GSMA SGP.22): the operator side of downloadOrder, confirmOrder, cancelOrder, releaseProfile.
+
+Every function is an HTTPS POST of JSON to ``{url}/gsma/rsp2/es2plus/<function>``
+with ``X-Admin-Protocol``; the SM-DP+ answers HTTP 200 even when the function
+failed, and ``header.functionExecutionStatus`` says which. Errors are mapped in
+one place (:meth:`Es2PlusClient._call`) to :mod:`provisioning.esim.errors`.
+
+Retry safety is the caller's business (see ARCHITECTURE section 4): order an
+explicit ``iccid`` claimed from the inventory and confirm with
+:func:`matching_id_for_run`, so that a repeat is recognisable
+(8.2.1/3.3 and 8.2.1/3.5). This client repeats nothing but a connection that
+could not be opened (the request was never sent).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import requests
+from urllib3.exceptions import MaxRetryError, NewConnectionError
+
+from provisioning.esim.errors import (
+    TRANSIENT_REASON_CODES,
+    Es2PlusConnectionError,
+    Es2PlusFunctionFailed,
+    Es2PlusFunctionUnavailable,
+    Es2PlusProtocolError,
+    Es2PlusServerError,
+    Es2PlusTimeout,
+    Es2PlusTlsError,
+    FunctionStatus,
+)
+from provisioning.esim.iccid import normalize_iccid
+from provisioning.http import make_session
+from provisioning.logs import get_logger
+from provisioning.settings import Settings
+
+log = get_logger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0
+# An SM-DP+ answers ES2+ synchronously; generous, since a timed-out call is ambiguous.
+READ_TIMEOUT_S = 30.0
+# Attempts to open a connection; a request that was sent is never repeated here.
+CONNECT_ATTEMPTS = 2
+# How deep to look into wrapped exceptions (requests → urllib3 → ssl/OSError).
+MAX_CAUSE_DEPTH = 10
+
+ADMIN_PROTOCOL = "gsma/rsp/v2.5.0"
+ADMIN_PROTOCOL_PREFIX = "gsma/rsp/v2."
+API_PATH = "/gsma/rsp2/es2plus/"
+SUCCESS_STATUSES = frozenset({"Executed-Success", "Executed-WithWarning"})
+
+FinalStatus = Literal["Available", "Unavailable"]
+
+
+@dataclass(frozen=True)
+class ConfirmResult:
+    matching_id: str
+    # Optional in the answer: fall back to the configured SM-DP+ address.
+    smdp_address: str | None
+
+
+def matching_id_for_run(run_id: str) -> str:
+    """A matchingId derived from the run id: the same run always confirms with the same one.
+
+    Activation codes allow upper-case letters, digits and ``-`` in the matchingId,
+    and the run id has ``:`` and lower case, hence a digest (grouped like vendor codes).
+    """
+    digest = hashlib.sha256(run_id.encode()).hexdigest().upper()[:20]
+    return "-".join(digest[i : i + 5] for i in range(0, 20, 5))
+
+
+def activation_code(smdp_address: str, matching_id: str) -> str:
+    """The activation code for the QR code: ``LPA:1$<SM-DP+ address>$<matchingId>``."""
+    return f"LPA:1${smdp_address}${matching_id}"
+
+
+def smdp_address_from_settings(settings: Settings) -> str:
+    """``SMDP_ADDRESS``, else the host of ``SMDP_URL``."""
+    if settings.smdp_address:
+        return settings.smdp_address
+    settings.require("smdp_url")
+    return urlsplit(str(settings.smdp_url)).hostname or ""
+
+
+class Es2PlusClient:
+    """One operator's ES2+ connection to one SM-DP+."""
+
+    def __init__(self, *, session: requests.Session, url: str, requester_id: str) -> None:
+        self._session = session
+        self._base = url.rstrip("/") + API_PATH
+        self._requester_id = requester_id
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, session: requests.Session | None = None) -> Es2PlusClient:
+        settings.require("smdp_url")
+        return cls(
+            session=session or make_session(settings.tls_ca_bundle),
+            url=str(settings.smdp_url),
+            requester_id=settings.smdp_requester_id,
+        )
+
+    def __repr__(self) -> str:
+        return f"Es2PlusClient(url={self._base!r}, requester_id={self._requester_id!r})"
+
+    # -- functions --------------------------------------------------------------------------
+
+    def download_order(
+        self, *, iccid: str | None = None, eid: str | None = None, profile_type: str | None = None
+    ) -> str:
+        """Reserve a profile (this ``iccid``, or the next of ``profile_type``); returns its ICCID."""
+        if iccid is None and profile_type is None:
+            raise ValueError("download_order needs an iccid or a profile_type")
+        body = _drop_none({"iccid": iccid, "eid": eid, "profileType": profile_type})
+        answer = self._call("downloadOrder", body)
+        value = answer.get("iccid")
+        if not isinstance(value, str):
+            raise Es2PlusProtocolError("downloadOrder: the answer has no iccid")
+        try:
+            return normalize_iccid(value)
+        except ValueError as exc:
+            raise Es2PlusProtocolError(f"downloadOrder: the answer's iccid is malformed ({exc})") from None
+
+    def confirm_order(
+        self, *, iccid: str, matching_id: str | None, eid: str | None = None, release: bool = True
+    ) -> ConfirmResult:
+        """Confirm the reserved profile; with ``release`` it can be downloaded at once."""
+        body = _drop_none({"iccid": iccid, "eid": eid, "matchingId": matching_id})
+        body["releaseFlag"] = release
+        answer = self._call("confirmOrder", body)
+        returned = answer.get("matchingId")
+        if not isinstance(returned, str) or not returned:
+            raise Es2PlusProtocolError("confirmOrder: the answer has no matchingId")
+        address = answer.get("smdpAddress")
+        return ConfirmResult(matching_id=returned, smdp_address=address if isinstance(address, str) else None)
+
+    def cancel_order(
+        self,
+        *,
+        iccid: str,
+        eid: str | None = None,
+        matching_id: str | None = None,
+        final_status: FinalStatus = "Available",
+    ) -> None:
+        """Undo an order; the profile becomes ``final_status`` (Available: reusable)."""
+        body = _drop_none({"iccid": iccid, "eid": eid, "matchingId": matching_id})
+        body["finalProfileStatusIndicator"] = final_status
+        self._call("cancelOrder", body)
+
+    def release_profile(self, iccid: str) -> None:
+        """Release a confirmed profile (confirmed with ``release=False``) for download."""
+        self._call("releaseProfile", {"iccid": iccid})
+
+    # -- transport ----------------------------------------------------------------------------
+
+    def _call(self, function: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST one function and return the answer's body; every answer that is not a success is classified here."""
+        call_id = str(uuid.uuid4())
+        payload = {
+            "header": {"functionRequesterIdentifier": self._requester_id, "functionCallIdentifier": call_id},
+            **body,
+        }
+        started = time.monotonic()
+        response = self._post(function, payload)
+        elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+        status = response.status_code
+        if status == 429 or status >= 500:
+            log.warning("es2plus_http_error", function=function, call_id=call_id, http_status=status)
+            raise Es2PlusServerError(f"{function}: HTTP {status}", status_code=status)
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        if status != 200:
+            detail = _status_of(function, answer)
+            why = f": {detail.describe()}" if detail else ""
+            raise Es2PlusProtocolError(f"{function}: HTTP {status}{why}", status_code=status)
+        if not isinstance(answer, dict):
+            # A gateway's HTML page in front of the SM-DP+, typically: worth another try.
+            raise Es2PlusServerError(f"{function}: the answer is not a JSON object", status_code=status)
+        protocol = response.headers.get("X-Admin-Protocol", "")
+        if not protocol.startswith(ADMIN_PROTOCOL_PREFIX):
+            raise Es2PlusProtocolError(
+                f"{function}: X-Admin-Protocol {protocol!r} is not {ADMIN_PROTOCOL_PREFIX}*"
+            )
+        outcome = _status_of(function, answer)
+        if outcome is None:
+            raise Es2PlusProtocolError(f"{function}: the answer has no header.functionExecutionStatus.status")
+        log.info(
+            "es2plus_call",
+            function=function,
+            call_id=call_id,
+            status=outcome.status,
+            subject_code=outcome.subject_code,
+            reason_code=outcome.reason_code,
+            elapsed_ms=elapsed_ms,
+        )
+        if outcome.status in SUCCESS_STATUSES:
+            return answer
+        if outcome.status == "Expired" or outcome.reason_code in TRANSIENT_REASON_CODES:
+            raise Es2PlusFunctionUnavailable(outcome)
+        if outcome.status == "Failed":
+            raise Es2PlusFunctionFailed(outcome)
+        raise Es2PlusProtocolError(f"{function}: unknown status {outcome.status!r}")
+
+    def _post(self, function: str, payload: dict[str, Any]) -> requests.Response:
+        """The one place where requests' exceptions become ours."""
+        url = self._base + function
+        headers = {"X-Admin-Protocol": ADMIN_PROTOCOL, "Accept": "application/json"}
+        for attempt in range(1, CONNECT_ATTEMPTS + 1):
+            try:
+                return self._session.post(
+                    url, json=payload, headers=headers, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+                )
+            except requests.exceptions.SSLError as exc:
+                if _is_verification_failure(exc):
+                    raise Es2PlusTlsError(f"{function}: the SM-DP+ certificate does not verify") from exc
+                # A handshake or record cut short: the connection dropped, possibly after the request.
+                raise Es2PlusConnectionError(f"{function}: TLS connection lost") from exc
+            except requests.exceptions.Timeout as exc:
+                connecting = isinstance(exc, requests.exceptions.ConnectTimeout)
+                if connecting and attempt < CONNECT_ATTEMPTS:
+                    continue
+                phase = "connecting" if connecting else "waiting for the answer"
+                raise Es2PlusTimeout(f"{function}: timed out {phase}") from exc
+            except requests.exceptions.ConnectionError as exc:
+                if _never_sent(exc) and attempt < CONNECT_ATTEMPTS:
+                    log.info("es2plus_reconnect", function=function)
+                    continue
+                raise Es2PlusConnectionError(
+                    f"{function}: connection failed ({type(_root(exc)).__name__})"
+                ) from exc
+            except requests.exceptions.ChunkedEncodingError as exc:
+                raise Es2PlusConnectionError(f"{function}: connection lost during the answer") from exc
+            except requests.exceptions.RequestException as exc:
+                raise Es2PlusProtocolError(f"{function}: request failed ({type(exc).__name__})") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _status_of(function: str, answer: object) -> FunctionStatus | None:
+    if not isinstance(answer, dict):
+        return None
+    header = answer.get("header")
+    execution = header.get("functionExecutionStatus") if isinstance(header, dict) else None
+    if not isinstance(execution, dict) or not isinstance(execution.get("status"), str):
+        return None
+    codes = execution.get("statusCodeData")
+    codes = codes if isinstance(codes, dict) else {}
+
+    def text(key: str) -> str | None:
+        value = codes.get(key)
+        return str(value) if value is not None else None
+
+    return FunctionStatus(
+        function=function,
+        status=execution["status"],
+        subject_code=text("subjectCode"),
+        reason_code=text("reasonCode"),
+        subject_identifier=text("subjectIdentifier"),
+        message=text("message"),
+    )
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it wraps, outermost first (requests wraps urllib3, which wraps OSError)."""
+    node: BaseException | None = exc
+    for _ in range(MAX_CAUSE_DEPTH):
+        if node is None:
+            return
+        yield node
+        inner = next((a for a in node.args if isinstance(a, BaseException)), None)
+        if inner is None and isinstance(node, MaxRetryError):
+            inner = node.reason
+        node = inner or node.__cause__
+
+
+def _root(exc: BaseException) -> BaseException:
+    *_, innermost = _causes(exc)
+    return innermost
+
+
+def _never_sent(exc: requests.exceptions.ConnectionError) -> bool:
+    """True when the connection could not be opened, so the request cannot have reached the server."""
+    inner = exc.args[0] if exc.args else None
+    return isinstance(inner, MaxRetryError) and isinstance(inner.reason, NewConnectionError)
+
+
+def _is_verification_failure(exc: BaseException) -> bool:
+    return any(
+        isinstance(e, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(e)
+        for e in _causes(exc)
+    )

@@ -1,0 +1,351 @@
+"""The REST client the workers use: one SOQL query to read an Order, one PATCH to write it.
+
+simple-salesforce does the HTTP, built per call from our token (``instance_url`` +
+``session_id``) and our ``requests.Session``, so the CA bundle of the settings
+applies and a renewed token or instance is picked up at once. Every library
+error is translated in :func:`_translate`; a 401 ``INVALID_SESSION_ID`` renews
+the token once (through :class:`JWTBearerAuth`, shared by all threads) and
+repeats the call.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, NamedTuple, TypeVar
+
+import requests
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from simple_salesforce import exceptions as sf_exceptions
+from simple_salesforce.api import Salesforce
+from simple_salesforce.format import format_soql
+
+from provisioning.http import make_session
+from provisioning.logs import get_logger
+from provisioning.salesforce.auth import AccessToken, JWTBearerAuth
+from provisioning.salesforce.errors import (
+    OrderNotFound,
+    SalesforceAuthError,
+    SalesforceConnectionError,
+    SalesforceError,
+    SalesforceRequestError,
+    SalesforceUnavailable,
+)
+from provisioning.salesforce.ids import normalize_id
+from provisioning.settings import Settings
+
+log = get_logger(__name__)
+
+REST_CONNECT_TIMEOUT_S = 10.0
+REST_READ_TIMEOUT_S = 30.0
+DEFAULT_API_VERSION = "64.0"
+DEFAULT_EVENT_OBJECT = "OrderProvisionRequested__e"
+
+# errorCodes worth retrying later whatever the HTTP status says.
+TRANSIENT_ERROR_CODES = frozenset(
+    {"REQUEST_LIMIT_EXCEEDED", "UNABLE_TO_LOCK_ROW", "SERVER_UNAVAILABLE", "QUERY_TIMEOUT"}
+)
+_API_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+# Activation_Error__c is a Text(255) by default.
+ACTIVATION_ERROR_MAX_CHARS = 255
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class OrderFieldNames:
+    """API names of the Order fields we read and write (an org may name them differently)."""
+
+    activation_status: str = "Activation_Status__c"
+    whmcs_client_id: str = "WHMCS_Client_ID__c"
+    sim_type: str = "SIM_Type__c"
+    eid: str = "EID__c"
+    whmcs_product_id: str = "WHMCS_Product_ID__c"
+    whmcs_order_id: str = "WHMCS_Order_ID__c"
+    esim_iccid: str = "ESIM_ICCID__c"
+    activation_error: str = "Activation_Error__c"
+    activated_at: str = "Activated_At__c"
+
+    def __post_init__(self) -> None:
+        # They are pasted into SOQL, so they must be plain API names.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, str) or not _API_NAME.fullmatch(value):
+                raise ValueError(f"Order field name {f.name}={value!r} is not a Salesforce API name")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> OrderFieldNames:
+        return cls(**{f.name: getattr(settings, f"sf_field_{f.name}") for f in fields(cls)})
+
+    def patch(self, **values: object) -> dict[str, object]:
+        """A PATCH body from logical names: ``patch(activation_status="Activated", whmcs_order_id="7")``.
+
+        ``activation_error`` is cut to 255 characters; None clears a field.
+        """
+        body: dict[str, object] = {}
+        known = {f.name for f in fields(self)}
+        for name, value in values.items():
+            if name not in known:
+                raise ValueError(f"unknown Order field {name!r}; known: {sorted(known)}")
+            if name == "activation_error" and isinstance(value, str):
+                value = value[:ACTIVATION_ERROR_MAX_CHARS]
+            body[getattr(self, name)] = value
+        return body
+
+
+class OrderItem(BaseModel):
+    """One line of an Order."""
+
+    model_config = ConfigDict(frozen=True)
+
+    quantity: int
+    whmcs_product_id: str | None
+
+
+class Order(BaseModel):
+    """The Order fields provisioning needs (names and e-mail kept out of reprs and logs)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    order_number: str | None
+    activation_status: str | None
+    whmcs_client_id: str | None
+    email: str | None = Field(repr=False)
+    first_name: str | None = Field(repr=False)
+    sim_type: str | None
+    eid: str | None
+    items: tuple[OrderItem, ...]
+
+
+class ApiUsage(NamedTuple):
+    """The org's API usage from the last ``Sforce-Limit-Info`` header."""
+
+    used: int
+    total: int
+
+
+class SalesforceClient:
+    """Reads and writes Orders and publishes the provisioning event over REST."""
+
+    def __init__(
+        self,
+        *,
+        auth: JWTBearerAuth,
+        session: requests.Session,
+        api_version: str = DEFAULT_API_VERSION,
+        field_names: OrderFieldNames | None = None,
+        event_object: str = DEFAULT_EVENT_OBJECT,
+    ) -> None:
+        self._auth = auth
+        self._session = session
+        self.api_version = api_version
+        self.field_names = field_names or OrderFieldNames()
+        self.event_object = event_object
+        self._lock = threading.Lock()
+        self.api_calls = 0
+        self.api_usage: ApiUsage | None = None
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        session: requests.Session | None = None,
+        *,
+        auth: JWTBearerAuth | None = None,
+    ) -> SalesforceClient:
+        session = session if session is not None else make_session(settings.tls_ca_bundle)
+        return cls(
+            auth=auth if auth is not None else JWTBearerAuth.from_settings(settings, session),
+            session=session,
+            api_version=settings.sf_api_version,
+            field_names=OrderFieldNames.from_settings(settings),
+            event_object=settings.sf_provision_event_channel.removeprefix("/event/"),
+        )
+
+    def __repr__(self) -> str:
+        return f"SalesforceClient(api_version={self.api_version!r}, api_calls={self.api_calls})"
+
+    # -- the operations ---------------------------------------------------------------------
+
+    def order_query(self, order_id: str) -> str:
+        """The one SOQL query :meth:`fetch_order` sends."""
+        n = self.field_names
+        # Field names are checked API names (OrderFieldNames), hence :literal; the Id is quoted.
+        items = format_soql("(SELECT Quantity, Product2.{:literal} FROM OrderItems)", n.whmcs_product_id)
+        columns = (
+            f"Id, OrderNumber, {n.activation_status}, Account.{n.whmcs_client_id}, "
+            f"BillToContact.Email, BillToContact.FirstName, {n.sim_type}, {n.eid}, {items}"
+        )
+        return format_soql("SELECT {:literal} FROM Order WHERE Id = {}", columns, normalize_id(order_id))
+
+    def fetch_order(self, order_id: str) -> Order:
+        """The Order and its items, from ONE SOQL query; OrderNotFound if there is none."""
+        order_id = normalize_id(order_id)
+        soql = self.order_query(order_id)
+        result = self._call(
+            "query Order",
+            lambda sf: sf.query(soql, timeout=(REST_CONNECT_TIMEOUT_S, REST_READ_TIMEOUT_S)),
+            order_id=order_id,
+        )
+        records = (result.get("records") or []) if isinstance(result, dict) else []
+        if not records:
+            raise OrderNotFound(f"no Order {order_id} (or the integration user cannot see it)",
+                                error_code="NOT_FOUND")
+        return self._order_from_record(order_id, records[0])
+
+    def update_order(self, order_id: str, fields: Mapping[str, object]) -> None:
+        """ONE PATCH of ``fields`` (API name -> value; datetimes become ISO 8601 UTC)."""
+        order_id = normalize_id(order_id)
+        body = {name: _json_value(value) for name, value in fields.items()}
+        if not body:
+            return
+        self._call(
+            "update Order",
+            lambda sf: sf.restful(
+                f"sobjects/Order/{order_id}",
+                method="PATCH",
+                json=body,
+                timeout=(REST_CONNECT_TIMEOUT_S, REST_READ_TIMEOUT_S),
+            ),
+            order_id=order_id,
+        )
+
+    def publish_event(self, order_id: str, idem_key: str | None = None) -> str:
+        """Publish the provisioning Platform Event as an org does (REST POST); returns its id.
+
+        ``order_id`` is sent as given (not validated), so tests can publish bad events.
+        """
+        payload: dict[str, object] = {"OrderId__c": order_id}
+        if idem_key is not None:
+            payload["IdemKey__c"] = idem_key
+        result = self._call(
+            f"publish {self.event_object}",
+            lambda sf: sf.restful(
+                f"sobjects/{self.event_object}/",
+                method="POST",
+                json=payload,
+                timeout=(REST_CONNECT_TIMEOUT_S, REST_READ_TIMEOUT_S),
+            ),
+        )
+        if not isinstance(result, dict) or not result.get("success", True) or not result.get("id"):
+            raise SalesforceRequestError(f"publishing {self.event_object} failed: {result!r}")
+        return str(result["id"])
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _call(self, operation: str, fn: Callable[[Salesforce], T], *, order_id: str | None = None) -> T:
+        token = self._auth.token()
+        renewed = False
+        while True:
+            sf = self._salesforce(token)
+            with self._lock:
+                self.api_calls += 1
+            try:
+                result = fn(sf)
+            except sf_exceptions.SalesforceExpiredSession as exc:
+                code, message = _first_error(exc.content)
+                if not renewed and code == "INVALID_SESSION_ID":
+                    log.info("salesforce_session_expired", operation=operation)
+                    token = self._auth.renew(token)
+                    renewed = True
+                    continue
+                raise SalesforceAuthError(
+                    f"Salesforce {operation}: HTTP 401 {code}: {message}"
+                    + (" (again, right after a fresh login)" if renewed else ""),
+                    status=401,
+                    error_code=code,
+                ) from exc
+            except (sf_exceptions.SalesforceError, requests.RequestException) as exc:
+                raise _translate(operation, exc, order_id=order_id) from exc
+            usage = sf.api_usage.get("api-usage")
+            if usage is not None:
+                self.api_usage = ApiUsage(used=usage.used, total=usage.total)
+            return result
+
+    def _salesforce(self, token: AccessToken) -> Salesforce:
+        return Salesforce(
+            instance_url=token.instance_url,
+            session_id=token.bearer(),
+            session=self._session,
+            version=self.api_version,
+        )
+
+    def _order_from_record(self, order_id: str, record: Mapping[str, Any]) -> Order:
+        n = self.field_names
+        account = record.get("Account") or {}
+        contact = record.get("BillToContact") or {}
+        item_records = (record.get("OrderItems") or {}).get("records") or []
+        try:
+            return Order(
+                id=record.get("Id") or order_id,
+                order_number=_text(record.get("OrderNumber")),
+                activation_status=_text(record.get(n.activation_status)),
+                whmcs_client_id=_text(account.get(n.whmcs_client_id)),
+                email=_text(contact.get("Email")),
+                first_name=_text(contact.get("FirstName")),
+                sim_type=_text(record.get(n.sim_type)),
+                eid=_text(record.get(n.eid)),
+                items=tuple(
+                    OrderItem(
+                        quantity=item.get("Quantity"),
+                        whmcs_product_id=_text((item.get("Product2") or {}).get(n.whmcs_product_id)),
+                    )
+                    for item in item_records
+                ),
+            )
+        except ValidationError as exc:
+            where = ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors())
+            raise SalesforceRequestError(f"Order {order_id}: unexpected field values ({where})") from None
+
+
+def _translate(operation: str, exc: Exception, *, order_id: str | None = None) -> SalesforceError:
+    """THE place where requests and simple-salesforce errors become ours."""
+    if isinstance(exc, requests.Timeout):
+        return SalesforceConnectionError(f"Salesforce {operation}: timed out")
+    if isinstance(exc, requests.RequestException):
+        return SalesforceConnectionError(f"Salesforce {operation}: {type(exc).__name__}: {exc}")
+    assert isinstance(exc, sf_exceptions.SalesforceError)
+    status = exc.status
+    code, message = _first_error(exc.content)
+    text = f"Salesforce {operation}: HTTP {status} {code or ''}: {message}".replace("  ", " ")
+    if code in TRANSIENT_ERROR_CODES or status >= 500 or status == 429:
+        return SalesforceUnavailable(text, status=status, error_code=code)
+    if order_id is not None and status == 404:
+        return OrderNotFound(f"no Order {order_id} ({text})", status=status, error_code=code)
+    return SalesforceRequestError(text, status=status, error_code=code)
+
+
+def _first_error(content: object) -> tuple[str | None, str]:
+    """errorCode and message of a Salesforce error body (a JSON array of errors, usually)."""
+    first = content[0] if isinstance(content, list) and content else content
+    if isinstance(first, dict):
+        code = first.get("errorCode") or first.get("error")
+        message = first.get("message") or first.get("error_description") or ""
+        return (str(code) if code else None), str(message)
+    if isinstance(content, bytes):
+        content = content.decode("utf-8", "replace")
+    return None, str(content)[:200]
+
+
+def _text(value: object) -> str | None:
+    """Ids and numbers as text: a Number(18,0) field arrives as 42.0, which means "42"."""
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    text = str(value).strip()
+    return text or None
+
+
+def _json_value(value: object) -> object:
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    return value

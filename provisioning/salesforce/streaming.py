@@ -1,0 +1,515 @@
+"""Streaming API (CometD/Bayeux long polling) subscriber for one Platform Event channel, on requests.
+
+::
+
+    stream = StreamingClient(auth=auth, session=session, api_version="64.0",
+                             channel="/event/OrderProvisionRequested__e", replay_fallback=REPLAY_EARLIEST)
+    for event in stream.events(replay_from=checkpoint):
+        handle(event)                 # e.g. publish the task, write the checkpoint
+        stream.ack(event.replay_id)   # processed: never delivered again
+
+Delivery is pull-based: the next ``/meta/connect`` is sent only once the caller
+asks for the next event, so nothing is fetched ahead of what the caller holds.
+Every (re)subscription replays from the last acknowledged replay id (or the
+``replay_from`` given when nothing was acknowledged yet), so events received but
+not acknowledged before a re-handshake are fetched again, and an acknowledged
+event is never delivered again. Any failed or lost ``/meta/connect`` leads to a
+new handshake and a resubscription from that point: a lost response cannot lose
+events, and a re-handshake is never left without its subscription.
+
+Handled: ``403::Unknown client`` / ``advice.reconnect=handshake`` (handshake,
+resubscribe), ``401::Authentication invalid`` and HTTP 401 (renew the token
+once through the auth, handshake, resubscribe), an invalid or too-old replay id
+on subscribe (resubscribe with ``replay_fallback``: one error line, counted),
+``403::Organization total events daily limit exceeded`` (stay disconnected for
+``daily_limit_backoff_s``), network errors and timeouts (capped exponential
+backoff with jitter). Cookies (``BAYEUX_BROWSER``, load-balancer cookies) live
+in the session's cookie jar.
+
+Stopping: each Bayeux request runs in a short-lived daemon thread while the
+iterating thread waits for it in steps of ``STOP_POLL_INTERVAL_S``, checking
+:meth:`StreamingClient.stop`. A stopped iterator therefore ends within about
+that interval even while a long poll is held open; the abandoned request is
+released by a ``/meta/disconnect`` sent in the background (and, failing that,
+by its read timeout). We chose this over shutting down the socket because
+requests/urllib3 give no handle on the socket before the response headers
+arrive, and over a short read timeout because the server decides the long poll.
+
+Replay ids are opaque: they are only stored and compared, never computed with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import requests
+
+from provisioning.http import make_session
+from provisioning.logs import get_logger
+from provisioning.salesforce.auth import AccessToken, JWTBearerAuth
+from provisioning.salesforce.errors import (
+    SalesforceAuthError,
+    SalesforceStreamingError,
+    SalesforceTransientError,
+)
+from provisioning.settings import Settings
+
+log = get_logger(__name__)
+
+REPLAY_LATEST = -1
+REPLAY_EARLIEST = -2
+REPLAY_PRESET_NAMES = {REPLAY_LATEST: "LATEST", REPLAY_EARLIEST: "EARLIEST"}
+
+CONNECT_TIMEOUT_S = 10.0
+# Read timeout of handshake, subscribe and disconnect (answered at once by the server).
+HANDSHAKE_READ_TIMEOUT_S = 30.0
+# Long poll assumed until the server's advice.timeout says otherwise (Salesforce: 110 s).
+DEFAULT_LONG_POLL_S = 110.0
+# A connect's read timeout is the long poll plus this, so a held poll is never cut short.
+LONG_POLL_MARGIN_S = 15.0
+DISCONNECT_TIMEOUT_S = 2.0
+# How often a waiting iterator looks at stop(): bounds how long stopping takes.
+STOP_POLL_INTERVAL_S = 0.1
+RECONNECT_BACKOFF_BASE_S = 0.5
+RECONNECT_BACKOFF_MAX_S = 60.0
+# Events stay retained for 72 h, so waiting out a daily-limit error loses nothing.
+DAILY_LIMIT_BACKOFF_S = 900.0
+
+_INVALID_REPLAY_MARKER = "you provided was invalid"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One delivered event. ``replay_id`` is opaque: store it, compare it, never compute with it."""
+
+    replay_id: int
+    uuid: str | None
+    channel: str
+    payload: dict[str, Any]
+    raw: dict[str, Any] = field(repr=False)
+
+
+@dataclass
+class StreamCounters:
+    """Counts for the listener's metrics (monotonic over the client's life)."""
+
+    events: int = 0
+    handshakes: int = 0
+    subscribes: int = 0
+    reconnects: int = 0
+    replay_fallbacks: int = 0
+    auth_renewals: int = 0
+    daily_limit_backoffs: int = 0
+    network_errors: int = 0
+    malformed_events: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class _Stopped(Exception):
+    """stop() was called while waiting."""
+
+
+@dataclass
+class _Reply:
+    """The meta reply to one request, and the token the request carried."""
+
+    message: dict[str, Any]
+    token: AccessToken
+    http_status: int
+
+    @property
+    def successful(self) -> bool:
+        return self.message.get("successful") is True and self.http_status == 200
+
+    @property
+    def error(self) -> str:
+        error = str(self.message.get("error") or "")
+        sfdc = (self.message.get("ext") or {}).get("sfdc") or {}
+        reason = str(sfdc.get("failureReason") or "") if isinstance(sfdc, dict) else ""
+        if reason:
+            error = f"{error} ({reason})" if error else reason
+        return error or f"HTTP {self.http_status}"
+
+    @property
+    def advice(self) -> dict[str, Any]:
+        advice = self.message.get("advice")
+        return advice if isinstance(advice, dict) else {}
+
+    def kind(self) -> str:
+        """auth, daily_limit, rehandshake, invalid_replay or other."""
+        text = self.error.lower()
+        if self.http_status == 401 or text.startswith("401") or "(401" in text:
+            return "auth"
+        if "daily limit" in text:
+            return "daily_limit"
+        if _INVALID_REPLAY_MARKER in text:
+            return "invalid_replay"
+        if "unknown client" in text or self.advice.get("reconnect") == "handshake":
+            return "rehandshake"
+        return "other"
+
+
+class StreamingClient:
+    """A CometD long-polling subscriber to one channel, with replay and recovery."""
+
+    def __init__(
+        self,
+        *,
+        auth: JWTBearerAuth,
+        session: requests.Session,
+        api_version: str,
+        channel: str,
+        replay_fallback: int = REPLAY_EARLIEST,
+        backoff_base_s: float = RECONNECT_BACKOFF_BASE_S,
+        backoff_max_s: float = RECONNECT_BACKOFF_MAX_S,
+        daily_limit_backoff_s: float = DAILY_LIMIT_BACKOFF_S,
+    ) -> None:
+        if replay_fallback not in REPLAY_PRESET_NAMES:
+            raise ValueError("replay_fallback must be -1 (LATEST) or -2 (EARLIEST)")
+        self._auth = auth
+        self._session = session
+        self.api_version = api_version
+        self.channel = channel
+        self.replay_fallback = replay_fallback
+        self._backoff_base_s = backoff_base_s
+        self._backoff_max_s = backoff_max_s
+        self._daily_limit_backoff_s = daily_limit_backoff_s
+        self.counters = StreamCounters()
+        self._stop = threading.Event()
+        self._running = threading.Lock()
+        self._ids = itertools.count(1)
+        self._rng = random.Random()
+        self._pending: deque[Event] = deque()
+        self._client_id: str | None = None
+        self._last_token: AccessToken | None = None
+        self._failures = 0
+        self._long_poll_s = DEFAULT_LONG_POLL_S
+        self._interval_s = 0.0
+        self._position: int = REPLAY_LATEST
+        self._last_acked: int | None = None
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        session: requests.Session | None = None,
+        *,
+        auth: JWTBearerAuth | None = None,
+    ) -> StreamingClient:
+        session = session if session is not None else make_session(settings.tls_ca_bundle)
+        return cls(
+            auth=auth if auth is not None else JWTBearerAuth.from_settings(settings, session),
+            session=session,
+            api_version=settings.sf_api_version,
+            channel=settings.sf_provision_event_channel,
+            replay_fallback=settings.replay_fallback,
+        )
+
+    def __repr__(self) -> str:
+        return f"StreamingClient(channel={self.channel!r}, position={self._position!r})"
+
+    # -- public -----------------------------------------------------------------------------
+
+    @property
+    def last_acked(self) -> int | None:
+        """The replay id of the last event the caller acknowledged in this client's life."""
+        return self._last_acked
+
+    @property
+    def position(self) -> int:
+        """Where the next (re)subscription replays from: the last ack, a preset, or replay_from."""
+        return self._position
+
+    @property
+    def connected(self) -> bool:
+        return self._client_id is not None
+
+    def ack(self, replay_id: int) -> None:
+        """Mark the event processed: every later subscription starts after it."""
+        self._position = replay_id
+        self._last_acked = replay_id
+
+    def stop(self) -> None:
+        """End the iteration in progress (or the next one) within about STOP_POLL_INTERVAL_S; never blocks."""
+        self._stop.set()
+
+    def events(self, replay_from: int) -> Iterator[Event]:
+        """Events after ``replay_from`` (a replay id, -1 LATEST or -2 EARLIEST) until stop().
+
+        Raises SalesforceAuthError when a login is refused and SalesforceStreamingError
+        when the subscription is refused for good; everything else is retried.
+        """
+        if not self._running.acquire(blocking=False):
+            raise RuntimeError("this StreamingClient is already iterating")
+        self._position = replay_from
+        self._pending.clear()
+        self._client_id = None
+        self._failures = 0
+        try:
+            while True:
+                while self._pending and not self._stop.is_set():
+                    event = self._pending.popleft()
+                    self.counters.events += 1
+                    yield event
+                if self._stop.is_set():
+                    return
+                if self._client_id is None:
+                    self._establish()
+                else:
+                    self._connect()
+        except _Stopped:
+            return
+        finally:
+            log.info("streaming_stopped", channel=self.channel, position=self._position)
+            self._disconnect_in_background()
+            self._pending.clear()
+            self._stop.clear()
+            self._running.release()
+
+    # -- the Bayeux exchanges -----------------------------------------------------------------
+
+    def _establish(self) -> None:
+        """Handshake, then subscribe from the current position (falling back once if it is too old)."""
+        reply = self._request(
+            {
+                "channel": "/meta/handshake",
+                "version": "1.0",
+                "minimumVersion": "1.0",
+                "supportedConnectionTypes": ["long-polling"],
+                "ext": {"replay": True},
+            },
+            read_timeout_s=HANDSHAKE_READ_TIMEOUT_S,
+        )
+        if reply is None:
+            return
+        client_id = reply.message.get("clientId")
+        if not reply.successful or not client_id:
+            self._recover(reply.kind(), reply, "handshake")
+            return
+        self._client_id = str(client_id)
+        self.counters.handshakes += 1
+        while self._client_id is not None:
+            position = self._position
+            reply = self._request(
+                {
+                    "channel": "/meta/subscribe",
+                    "clientId": self._client_id,
+                    "subscription": self.channel,
+                    "ext": {"replay": {self.channel: position}},
+                },
+                read_timeout_s=HANDSHAKE_READ_TIMEOUT_S,
+            )
+            if reply is None:
+                return
+            if reply.successful:
+                self.counters.subscribes += 1
+                log.info("streaming_subscribed", channel=self.channel, replay_from=position)
+                return
+            kind = reply.kind()
+            if kind == "invalid_replay" and position != self.replay_fallback:
+                self.counters.replay_fallbacks += 1
+                # The one error line an operator needs: events between the stored id and the fallback
+                # are replayed again (EARLIEST) or skipped (LATEST).
+                log.error(
+                    "streaming_replay_id_invalid",
+                    channel=self.channel,
+                    replay_id=position,
+                    fallback=self.replay_fallback,
+                    fallback_name=REPLAY_PRESET_NAMES[self.replay_fallback],
+                    error=reply.error,
+                )
+                self._position = self.replay_fallback
+                continue
+            if kind in ("other", "invalid_replay"):
+                raise SalesforceStreamingError(
+                    f"subscribing to {self.channel} (replay from {position}) was refused: {reply.error}"
+                )
+            self._recover(kind, reply, "subscribe")
+
+    def _connect(self) -> None:
+        reply = self._request(
+            {"channel": "/meta/connect", "clientId": self._client_id, "connectionType": "long-polling"},
+            read_timeout_s=self._long_poll_s + LONG_POLL_MARGIN_S,
+        )
+        if reply is None:
+            return
+        advice = reply.advice
+        if isinstance(advice.get("timeout"), int | float) and advice["timeout"] > 0:
+            self._long_poll_s = advice["timeout"] / 1000.0
+        if isinstance(advice.get("interval"), int | float) and advice["interval"] >= 0:
+            self._interval_s = advice["interval"] / 1000.0
+        if not reply.successful:
+            self._recover(reply.kind(), reply, "connect")
+            return
+        self._failures = 0
+        if advice.get("reconnect") == "handshake":
+            self._client_id = None
+            return
+        if self._interval_s > 0:
+            self._stop.wait(self._interval_s)
+
+    def _request(self, message: dict[str, Any], *, read_timeout_s: float) -> _Reply | None:
+        """Send one message; its meta reply, or None after a failure already handled (backoff done).
+
+        Events found in the answer are queued for the iterator.
+        """
+        meta_channel = message["channel"]
+        message = {**message, "id": str(next(self._ids))}
+        try:
+            token = self._auth.token()
+        except SalesforceAuthError:
+            raise
+        except SalesforceTransientError as exc:
+            self._recover("network", None, f"login: {exc}")
+            return None
+        self._last_token = token
+        try:
+            response = self._post(token, [message], read_timeout_s)
+        except requests.RequestException as exc:
+            self._recover("network", None, f"{meta_channel}: {type(exc).__name__}")
+            return None
+        messages = _json_array(response)
+        if response.status_code == 401:
+            return _Reply({"error": "401::Authentication invalid", "successful": False}, token, 401)
+        reply: dict[str, Any] | None = None
+        for item in messages:
+            channel = item.get("channel")
+            if channel == meta_channel and reply is None:
+                reply = item
+            elif channel == self.channel and "data" in item:
+                self._queue_event(item)
+        if reply is None:
+            self._recover("network", None, f"{meta_channel}: HTTP {response.status_code} without a reply")
+            return None
+        return _Reply(reply, token, response.status_code)
+
+    def _post(self, token: AccessToken, messages: list[dict[str, Any]], read_timeout_s: float) -> requests.Response:
+        """POST in a helper thread and wait for it, giving up at once when stop() is called."""
+        if self._stop.is_set():
+            raise _Stopped()
+        url = f"{token.instance_url}/cometd/{self.api_version}"
+        done = threading.Event()
+        outcome: list[requests.Response | BaseException] = []
+
+        def send() -> None:
+            try:
+                outcome.append(
+                    self._session.post(
+                        url,
+                        json=messages,
+                        headers={"Authorization": f"Bearer {token.bearer()}"},
+                        timeout=(CONNECT_TIMEOUT_S, read_timeout_s),
+                    )
+                )
+            except BaseException as exc:  # handed to the waiting thread
+                outcome.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=send, name="cometd-request", daemon=True).start()
+        while not done.wait(STOP_POLL_INTERVAL_S):
+            if self._stop.is_set():
+                raise _Stopped()
+        result = outcome[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _queue_event(self, message: dict[str, Any]) -> None:
+        data = message.get("data")
+        meta = data.get("event") if isinstance(data, dict) else None
+        replay_id = meta.get("replayId") if isinstance(meta, dict) else None
+        if replay_id is None or isinstance(replay_id, bool):
+            self.counters.malformed_events += 1
+            log.warning("streaming_event_without_replay_id", channel=self.channel)
+            return
+        assert isinstance(data, dict)
+        assert isinstance(meta, dict)
+        payload = data.get("payload")
+        self._pending.append(
+            Event(
+                replay_id=replay_id,
+                uuid=meta.get("EventUuid"),
+                channel=self.channel,
+                payload=payload if isinstance(payload, dict) else {},
+                raw=message,
+            )
+        )
+
+    # -- recovery ---------------------------------------------------------------------------
+
+    def _recover(self, kind: str, reply: _Reply | None, step: str) -> None:
+        """Drop the Bayeux session, do what ``kind`` needs, wait; the loop then handshakes again."""
+        self._client_id = None
+        self._failures += 1
+        self.counters.reconnects += 1
+        error = reply.error if reply is not None else step
+        # A first unknown-client or auth failure is routine: handshake again at once.
+        delay = 0.0 if self._failures == 1 else self._backoff()
+        if kind == "auth":
+            self.counters.auth_renewals += 1
+            log.warning("streaming_auth_invalid", channel=self.channel, step=step, error=error)
+            if reply is not None:
+                try:
+                    self._auth.renew(reply.token)
+                except SalesforceTransientError as exc:
+                    log.warning("streaming_login_failed", channel=self.channel, error=str(exc))
+                    delay = self._backoff()
+        elif kind == "daily_limit":
+            self.counters.daily_limit_backoffs += 1
+            delay = self._daily_limit_backoff_s
+            log.warning("streaming_daily_limit", channel=self.channel, step=step, error=error, retry_in_s=delay)
+        elif kind == "rehandshake":
+            log.warning("streaming_rehandshake", channel=self.channel, step=step, error=error,
+                        resubscribe_from=self._position)
+        else:
+            self.counters.network_errors += 1
+            delay = self._backoff()
+            log.warning("streaming_reconnect", channel=self.channel, step=step, error=error,
+                        retry_in_s=round(delay, 3))
+        if delay > 0:
+            self._stop.wait(delay)
+
+    def _backoff(self) -> float:
+        ceiling = min(self._backoff_max_s, self._backoff_base_s * 2 ** max(self._failures - 1, 0))
+        return self._rng.uniform(ceiling / 2, ceiling)
+
+    def _disconnect_in_background(self) -> None:
+        """Tell the server we are gone (it then releases a held long poll); never waits for it."""
+        client_id, token = self._client_id, self._last_token
+        self._client_id = None
+        if client_id is None or token is None:
+            return
+        message = [{"channel": "/meta/disconnect", "clientId": client_id, "id": str(next(self._ids))}]
+        url = f"{token.instance_url}/cometd/{self.api_version}"
+
+        def send() -> None:
+            # Best effort: the server forgets the client after 40 s anyway.
+            with contextlib.suppress(requests.RequestException):
+                self._session.post(
+                    url,
+                    json=message,
+                    headers={"Authorization": f"Bearer {token.bearer()}"},
+                    timeout=(CONNECT_TIMEOUT_S, DISCONNECT_TIMEOUT_S),
+                )
+
+        threading.Thread(target=send, name="cometd-disconnect", daemon=True).start()
+
+
+def _json_array(response: requests.Response) -> list[dict[str, Any]]:
+    try:
+        body = response.json()
+    except ValueError:
+        return []
+    if isinstance(body, dict):
+        body = [body]
+    return [m for m in body if isinstance(m, dict)] if isinstance(body, list) else []

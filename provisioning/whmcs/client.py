@@ -1,0 +1,445 @@
+"""WHMCS External API client (``POST <WHMCS_URL>/includes/api.php``), on a ``requests.Session``.
+
+Always asks for ``responsetype=json`` and reads the body, never the status alone (WHMCS answers
+its errors at HTTP 200). Numbers arrive as strings and are coerced by the models here. Errors
+are those of :mod:`provisioning.whmcs.errors`, translated in :meth:`WhmcsClient._call` only.
+
+Retries: one, and only when resending cannot apply anything twice: a read action whose
+connection failed, or any action whose connection could not even be opened. Nothing else is
+retried here (the Celery tasks own the retry policy); an auth error never is.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping, Sequence
+from datetime import date
+from decimal import Decimal
+from typing import Any
+
+import requests
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from tenacity import Retrying, retry_if_exception, stop_after_attempt
+from urllib3.exceptions import NewConnectionError
+
+from provisioning.logs import get_logger
+from provisioning.settings import Settings
+from provisioning.whmcs.errors import (
+    WhmcsAuthError,
+    WhmcsClientNotFound,
+    WhmcsError,
+    WhmcsOrderNotPending,
+    WhmcsPermanentError,
+    WhmcsTransientError,
+)
+
+log = get_logger(__name__)
+
+API_PATH = "includes/api.php"
+# Opening a TCP+TLS connection to WHMCS.
+CONNECT_TIMEOUT_S = 5.0
+# Waiting for an answer: AddOrder runs hooks and creates invoices, so it can take seconds.
+READ_TIMEOUT_S = 30.0
+# Attempts of one call when resending is safe (see the module docstring).
+CONNECTION_ATTEMPTS = 2
+# GetOrders page size while looking for an order by its note.
+ORDERS_PAGE_SIZE = 100
+
+READ_ACTIONS = frozenset({"GetClientsDetails", "GetPayMethods", "GetOrders", "GetInvoice"})
+# Error messages of WHMCS's access control, authentication and authorisation layers.
+AUTH_MESSAGE_PREFIXES = (
+    "Authentication Failed",
+    "Invalid IP",
+    "IP Banned",
+    "Invalid or missing credentials",
+    "Invalid Access Key",
+    "Invalid administrative identifier",
+    "Invalid password provided",
+    "Administrator Account Disabled",
+    "Access Denied",
+    "Invalid Permissions",
+)
+CLIENT_NOT_FOUND_MESSAGES = frozenset({"Client Not Found", "Client ID Not Found"})
+ORDER_NOT_PENDING_MESSAGE = "Order ID not found or Status not Pending"
+# A PDO error from WHMCS's database (deadlock, lost connection): worth another try later.
+TRANSIENT_MESSAGE_PREFIXES = ("SQLSTATE[",)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True, coerce_numbers_to_str=True)
+
+
+def _optional_id(value: object) -> int | None:
+    """WHMCS writes "no id" as "", "0" or nothing."""
+    if value in (None, "", "0", 0):
+        return None
+    return int(str(value))
+
+
+def _id_list(value: object) -> list[int]:
+    """A comma-separated id list such as AddOrder's ``serviceids``."""
+    return [int(part) for part in str(value or "").split(",") if part.strip()]
+
+
+class WhmcsClientDetails(_Model):
+    """What GetClientsDetails says about a client that provisioning needs (no personal data)."""
+
+    id: int
+    status: str
+    currency_code: str | None = None
+    default_gateway: str | None = Field(None, alias="defaultgateway")
+
+    @property
+    def is_active(self) -> bool:
+        return self.status == "Active"
+
+
+class PayMethod(_Model):
+    """One stored pay method of a client (GetPayMethods); tokens are not kept."""
+
+    id: int
+    type: str
+    description: str = ""
+    gateway_name: str = ""
+    card_last_four: str | None = None
+    card_type: str | None = None
+    expiry_date: str | None = None
+    bank_name: str | None = None
+
+    @property
+    def is_card(self) -> bool:
+        return self.type in ("CreditCard", "RemoteCreditCard", "PayToken")
+
+    def is_expired(self, today: date) -> bool:
+        """A card whose ``MM/YY`` expiry month is over; pay methods without an expiry never are."""
+        match = re.fullmatch(r"\s*(\d{1,2})\s*/\s*(\d{2}|\d{4})\s*", self.expiry_date or "")
+        if not match:
+            return False
+        month, year = int(match.group(1)), int(match.group(2))
+        year += 2000 if year < 100 else 0
+        return (year, month) < (today.year, today.month)
+
+
+class AddOrderResult(_Model):
+    order_id: int
+    service_ids: list[int]
+    invoice_id: int | None
+
+
+class WhmcsOrder(_Model):
+    """One order of GetOrders."""
+
+    id: int
+    order_num: str = Field("", alias="ordernum")
+    user_id: int = Field(alias="userid")
+    date: str = ""
+    amount: Decimal = Decimal("0")
+    payment_method: str = Field("", alias="paymentmethod")
+    invoice_id: int | None = Field(None, alias="invoiceid")
+    status: str
+    payment_status: str | None = Field(None, alias="paymentstatus")
+    notes: str = ""
+    service_ids: list[int] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_api(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "lineitems" in data:
+            items = data["lineitems"].get("lineitem", []) if isinstance(data["lineitems"], dict) else []
+            ids = [int(i["relid"]) for i in items if isinstance(i, dict) and i.get("type") == "product"]
+            data = {**data, "service_ids": ids}
+        return data
+
+    @field_validator("invoice_id", mode="before")
+    @classmethod
+    def _invoice(cls, value: object) -> int | None:
+        return _optional_id(value)
+
+
+class WhmcsInvoice(_Model):
+    """GetInvoice's totals and status."""
+
+    id: int = Field(alias="invoiceid")
+    user_id: int = Field(alias="userid")
+    status: str
+    total: Decimal
+    balance: Decimal
+    date_paid: str | None = Field(None, alias="datepaid")
+    payment_method: str = Field("", alias="paymentmethod")
+
+    @field_validator("date_paid", mode="before")
+    @classmethod
+    def _unpaid(cls, value: object) -> object:
+        return None if value in (None, "", "0000-00-00 00:00:00") else value
+
+    @property
+    def is_paid(self) -> bool:
+        return self.status == "Paid" and self.balance == 0
+
+
+def note_matches(notes: str, note: str) -> bool:
+    """Whether ``note`` appears in ``notes`` as a whole (bounded by whitespace or the ends).
+
+    A plain substring test would let run ``X:a`` adopt the order of run ``X:ab``.
+    """
+    return re.search(rf"(?<!\S){re.escape(note)}(?!\S)", notes) is not None
+
+
+def _cert_failure(exc: requests.RequestException) -> bool:
+    return isinstance(exc, requests.exceptions.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc)
+
+
+def _connection_never_opened(exc: requests.RequestException) -> bool:
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(reason, NewConnectionError)
+
+
+class WhmcsClient:
+    """The WHMCS API calls provisioning makes. Thread-safe as far as its session is."""
+
+    def __init__(
+        self,
+        *,
+        session: requests.Session,
+        url: str,
+        identifier: SecretStr,
+        secret: SecretStr,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        read_timeout_s: float = READ_TIMEOUT_S,
+    ) -> None:
+        base = str(url).rstrip("/")
+        self.endpoint = base if base.endswith(".php") else f"{base}/{API_PATH}"
+        self._session = session
+        self._identifier = identifier
+        self._secret = secret
+        self._timeout = (connect_timeout_s, read_timeout_s)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, session: requests.Session) -> WhmcsClient:
+        settings.require("whmcs_url", "whmcs_identifier", "whmcs_secret")
+        assert settings.whmcs_identifier is not None
+        assert settings.whmcs_secret is not None
+        return cls(
+            session=session,
+            url=str(settings.whmcs_url),
+            identifier=settings.whmcs_identifier,
+            secret=settings.whmcs_secret,
+        )
+
+    def __repr__(self) -> str:
+        return f"WhmcsClient(endpoint={self.endpoint!r})"
+
+    # -- actions ----------------------------------------------------------------------------
+
+    def get_client(self, client_id: int) -> WhmcsClientDetails:
+        """GetClientsDetails; raises WhmcsClientNotFound."""
+        return WhmcsClientDetails.model_validate(self._call("GetClientsDetails", {"clientid": str(client_id)}))
+
+    def get_pay_methods(self, client_id: int, *, kind: str | None = None) -> list[PayMethod]:
+        """GetPayMethods (``kind``: ``CreditCard`` or ``BankAccount``); raises WhmcsClientNotFound."""
+        params = {"clientid": str(client_id)}
+        if kind:
+            params["type"] = kind
+        body = self._call("GetPayMethods", params)
+        return [PayMethod.model_validate(pm) for pm in body.get("paymethods") or []]
+
+    def add_order(
+        self, *, client_id: int, payment_method: str, items: Sequence[tuple[int, int]], notes: str
+    ) -> AddOrderResult:
+        """AddOrder of ``items`` ((pid, qty) pairs) without WHMCS's e-mails; the order stays Pending.
+
+        Not idempotent: after a WhmcsTransientError the order may exist; find it with
+        :meth:`find_order_by_note` before calling this again.
+        """
+        if not items or any(qty < 1 for _, qty in items):
+            raise ValueError("add_order needs at least one (pid, qty) item with qty >= 1")
+        params = {
+            "clientid": str(client_id),
+            "paymentmethod": payment_method,
+            "notes": notes,
+            "noinvoiceemail": "1",
+            "noemail": "1",
+        }
+        for i, (pid, qty) in enumerate(items):
+            params[f"pid[{i}]"] = str(pid)
+            params[f"qty[{i}]"] = str(qty)
+        body = self._call("AddOrder", params)
+        return AddOrderResult(
+            order_id=int(body["orderid"]),
+            service_ids=_id_list(body.get("serviceids")),
+            invoice_id=_optional_id(body.get("invoiceid")),
+        )
+
+    def accept_order(self, order_id: int, *, autosetup: bool = True, send_email: bool = False) -> None:
+        """AcceptOrder; on a repeat WHMCS answers WhmcsOrderNotPending (confirm with get_order)."""
+        # "0" is false in PHP; leaving a flag out would fall back to the product's setting.
+        params = {"orderid": str(order_id), "autosetup": str(int(autosetup)), "sendemail": str(int(send_email))}
+        self._call("AcceptOrder", params)
+
+    def get_orders(
+        self,
+        *,
+        client_id: int | None = None,
+        order_id: int | None = None,
+        status: str | None = None,
+        limit: int = 25,
+        offset: int = 0,
+    ) -> list[WhmcsOrder]:
+        """One page of GetOrders, newest first."""
+        return self._orders_page(client_id=client_id, order_id=order_id, status=status, limit=limit, offset=offset)[1]
+
+    def get_order(self, order_id: int) -> WhmcsOrder | None:
+        orders = self.get_orders(order_id=order_id, limit=1)
+        return orders[0] if orders else None
+
+    def find_order_by_note(
+        self, client_id: int, note: str, *, page_size: int = ORDERS_PAGE_SIZE
+    ) -> WhmcsOrder | None:
+        """The newest order of the client whose notes contain ``note`` (see :func:`note_matches`).
+
+        Pages through GetOrders newest first; orders added meanwhile only push older ones to later
+        pages, so none is skipped.
+        """
+        if not note.strip():
+            raise ValueError("note must not be blank")
+        offset = 0
+        while True:
+            total, orders = self._orders_page(client_id=client_id, limit=page_size, offset=offset)
+            for order in orders:
+                if note_matches(order.notes, note):
+                    return order
+            offset += len(orders)
+            if not orders or offset >= total:
+                return None
+
+    def get_invoice(self, invoice_id: int) -> WhmcsInvoice:
+        return WhmcsInvoice.model_validate(self._call("GetInvoice", {"invoiceid": str(invoice_id)}))
+
+    def _orders_page(
+        self,
+        *,
+        client_id: int | None = None,
+        order_id: int | None = None,
+        status: str | None = None,
+        limit: int,
+        offset: int,
+    ) -> tuple[int, list[WhmcsOrder]]:
+        params = {"limitstart": str(offset), "limitnum": str(limit)}
+        if client_id is not None:
+            params["userid"] = str(client_id)
+        if order_id is not None:
+            params["id"] = str(order_id)
+        if status:
+            params["status"] = status
+        body = self._call("GetOrders", params)
+        # No match: WHMCS leaves the "orders" key out altogether.
+        raw = (body.get("orders") or {}).get("order") or []
+        orders = [WhmcsOrder.model_validate(o) for o in (raw if isinstance(raw, list) else [raw])]
+        return int(body.get("totalresults") or 0), orders
+
+    # -- transport ----------------------------------------------------------------------------
+
+    def _call(self, action: str, params: Mapping[str, str]) -> dict[str, Any]:
+        """POST one action; the single place where transport and API errors become WhmcsErrors."""
+        data = {
+            **params,
+            "action": action,
+            "identifier": self._identifier.get_secret_value(),
+            "secret": self._secret.get_secret_value(),
+            "responsetype": "json",
+        }
+        retrying = Retrying(
+            stop=stop_after_attempt(CONNECTION_ATTEMPTS),
+            retry=retry_if_exception(lambda exc: self._may_resend(action, exc)),
+            reraise=True,
+        )
+        started = time.monotonic()
+        try:
+            response = retrying(
+                self._session.post, self.endpoint, data=data, timeout=self._timeout, allow_redirects=False
+            )
+            body = self._read(action, response)
+        except requests.RequestException as exc:
+            error = self._transport_error(action, exc)
+            log.warning("whmcs_call_failed", action=action, error=type(error).__name__, reason=str(error))
+            raise error from exc
+        except WhmcsError as error:
+            log.warning("whmcs_call_failed", action=action, error=type(error).__name__, status=error.status, reason=str(error))
+            raise
+        log.debug("whmcs_call", action=action, elapsed_ms=round((time.monotonic() - started) * 1000, 1))
+        return body
+
+    @staticmethod
+    def _may_resend(action: str, exc: BaseException) -> bool:
+        if not isinstance(exc, requests.ConnectionError) or _cert_failure(exc):
+            return False
+        return action in READ_ACTIONS or _connection_never_opened(exc)
+
+    def _scrub(self, text: str) -> str:
+        for value in (self._secret.get_secret_value(), self._identifier.get_secret_value()):
+            if value:
+                text = text.replace(value, "***")
+        return text
+
+    def _transport_error(self, action: str, exc: requests.RequestException) -> WhmcsError:
+        if _cert_failure(exc):
+            return WhmcsPermanentError(
+                f"WHMCS {action}: TLS certificate verification failed (check TLS_CA_BUNDLE)", action=action
+            )
+        detail = self._scrub(f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, requests.Timeout):
+            return WhmcsTransientError(f"WHMCS {action}: timed out ({detail})", action=action)
+        if isinstance(exc, requests.ConnectionError):
+            return WhmcsTransientError(f"WHMCS {action}: connection failed ({detail})", action=action)
+        return WhmcsPermanentError(f"WHMCS {action}: request failed ({detail})", action=action)
+
+    def _read(self, action: str, response: requests.Response) -> dict[str, Any]:
+        status = response.status_code
+        if 300 <= status < 400:
+            raise WhmcsPermanentError(
+                f"WHMCS {action}: unexpected redirect (HTTP {status}) to {response.headers.get('Location')!r}; "
+                "check WHMCS_URL",
+                action=action,
+                status=status,
+            )
+        if status == 429 or status >= 500:
+            raise WhmcsTransientError(f"WHMCS {action}: HTTP {status}", action=action, status=status)
+        if status in (401, 403):
+            raise WhmcsAuthError(f"WHMCS {action}: HTTP {status} (access refused)", action=action, status=status)
+        if status >= 400:
+            raise WhmcsPermanentError(f"WHMCS {action}: HTTP {status}", action=action, status=status)
+        try:
+            body = response.json()
+        except ValueError:
+            kind = response.headers.get("Content-Type", "no content type")
+            raise WhmcsTransientError(
+                f"WHMCS {action}: answer is not JSON ({kind}, {len(response.content)} bytes)",
+                action=action,
+                status=status,
+            ) from None
+        if not isinstance(body, dict):
+            raise WhmcsTransientError(f"WHMCS {action}: answer is not a JSON object", action=action, status=status)
+        result = body.get("result")
+        if result is None and body.get("status") == "error":
+            result = "error"  # GetInvoice's not-found answer says "status" instead of "result"
+        if result == "success":
+            return body
+        if result == "error":
+            raise self._api_error(action, self._scrub(str(body.get("message") or "")), status)
+        raise WhmcsTransientError(f"WHMCS {action}: answer without a result", action=action, status=status)
+
+    @staticmethod
+    def _api_error(action: str, message: str, status: int) -> WhmcsError:
+        cls: type[WhmcsError] = WhmcsPermanentError
+        if message.startswith(TRANSIENT_MESSAGE_PREFIXES):
+            cls = WhmcsTransientError
+        elif message.startswith(AUTH_MESSAGE_PREFIXES):
+            cls = WhmcsAuthError
+        elif message in CLIENT_NOT_FOUND_MESSAGES:
+            cls = WhmcsClientNotFound
+        elif message == ORDER_NOT_PENDING_MESSAGE:
+            cls = WhmcsOrderNotPending
+        return cls(f"WHMCS {action}: {message or 'error without a message'}", action=action, status=status, api_message=message)

@@ -1,0 +1,156 @@
+"""Fixtures of the Salesforce package's tests: an RSA key pair, the transport fake, log capture."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from provisioning.logs import configure_logging
+from provisioning.salesforce.auth import JWTBearerAuth
+from provisioning.salesforce.streaming import Event, StreamingClient
+from provisioning.settings import Settings
+from .fake import API_VERSION, CHANNEL, CLIENT_ID, LOGIN_URL, USERNAME, FakeSalesforce
+
+
+@pytest.fixture(scope="session")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="session")
+def key_file(rsa_key: rsa.RSAPrivateKey, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sf-key") / "server.key"
+    path.write_bytes(
+        rsa_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return path
+
+
+@pytest.fixture
+def fake(rsa_key: rsa.RSAPrivateKey) -> Iterator[FakeSalesforce]:
+    adapter = FakeSalesforce(rsa_key.public_key())
+    yield adapter
+    if adapter.hold is not None:
+        adapter.hold.set()
+
+
+@pytest.fixture
+def session(fake: FakeSalesforce) -> requests.Session:
+    s = requests.Session()
+    s.mount("https://", fake)
+    return s
+
+
+@pytest.fixture
+def auth(session: requests.Session, key_file: Path) -> JWTBearerAuth:
+    return JWTBearerAuth(
+        login_url=LOGIN_URL, client_id=CLIENT_ID, username=USERNAME, private_key_file=key_file, session=session
+    )
+
+
+@pytest.fixture
+def stream(auth: JWTBearerAuth, session: requests.Session) -> StreamingClient:
+    return StreamingClient(
+        auth=auth,
+        session=session,
+        api_version=API_VERSION,
+        channel=CHANNEL,
+        replay_fallback=-2,
+        backoff_base_s=0.01,
+        backoff_max_s=0.05,
+        daily_limit_backoff_s=0.05,
+    )
+
+
+class Consumer:
+    """Iterates a StreamingClient in a thread, acking each event unless told otherwise."""
+
+    def __init__(self, stream: StreamingClient, replay_from: int, *, ack: bool = True) -> None:
+        self.stream = stream
+        self.replay_from = replay_from
+        self.ack = ack
+        self.events: list[Event] = []
+        self.error: BaseException | None = None
+        self.arrived = threading.Condition()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for event in self.stream.events(self.replay_from):
+                with self.arrived:
+                    self.events.append(event)
+                    self.arrived.notify_all()
+                if self.ack:
+                    self.stream.ack(event.replay_id)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+            with self.arrived:
+                self.arrived.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Event]:
+        with self.arrived:
+            ok = self.arrived.wait_for(lambda: len(self.events) >= count or self.error is not None, timeout)
+        if self.error is not None:
+            raise self.error
+        assert ok, f"got {len(self.events)} events, expected {count}"
+        return list(self.events)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stream.stop()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the iterator did not end after stop()"
+
+
+@pytest.fixture
+def consume() -> Iterator[Any]:
+    started: list[Consumer] = []
+
+    def start(stream: StreamingClient, replay_from: int, *, ack: bool = True) -> Consumer:
+        consumer = Consumer(stream, replay_from, ack=ack)
+        started.append(consumer)
+        return consumer
+
+    yield start
+    for consumer in started:
+        consumer.stream.stop()
+        consumer.thread.join(5)
+
+
+class LogLines:
+    """JSON log lines written while the fixture is active."""
+
+    def __init__(self, buffer: io.StringIO) -> None:
+        self.buffer = buffer
+
+    def all(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.buffer.getvalue().splitlines() if line.strip()]
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [line for line in self.all() if line.get("event") == event]
+
+    def at(self, level: str) -> list[dict[str, Any]]:
+        return [line for line in self.all() if line.get("level") == level]
+
+
+@pytest.fixture
+def log_lines() -> Iterator[LogLines]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    buffer = io.StringIO()
+    configure_logging(Settings(_env_file=None, log_format="json"), stream=buffer)  # type: ignore[call-arg]
+    yield LogLines(buffer)
+    root.handlers[:] = handlers
+    root.setLevel(level)

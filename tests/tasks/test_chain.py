@@ -1,0 +1,110 @@
+"""The provisioning chain end to end: real Redis, real worker processes, the sandbox simulators."""
+
+from __future__ import annotations
+
+import threading
+
+from provisioning.ledger import RunState
+from provisioning.runs import make_publisher, publish_run
+from provisioning.sandbox.scenario import count_effects, seed_orders, wait_until as wait_for
+
+
+def _order(sandbox, order_id):
+    return sandbox.admin("salesforce").get(f"/__admin/orders/{order_id}")
+
+
+def _finished(sandbox, order_ids):
+    def check():
+        states = [_order(sandbox, oid)["Activation_Status__c"] for oid in order_ids]
+        return all(s in ("Activated", "Failed") for s in states)
+
+    return check
+
+
+def test_esim_and_physical_orders_end_activated_with_one_effect_each(sandbox, stack_settings, services, workers):
+    orders = seed_orders(sandbox, services.inventory, count=4, esim_share=0.5, seed=3)
+    assert {o.esim for o in orders} == {True, False}
+    workers(concurrency=4)
+    app = make_publisher(stack_settings)
+    for o in orders:
+        publish_run(app, o.run_id)
+    wait_for(_finished(sandbox, [o.order_id for o in orders]))
+
+    for o in orders:
+        record = _order(sandbox, o.order_id)
+        assert record["Activation_Status__c"] == "Activated", record
+        assert record["WHMCS_Order_ID__c"]
+        assert bool(record["ESIM_ICCID__c"]) == o.esim
+        run = services.ledger.get(o.run_id)
+        assert run is not None
+        assert run.state is RunState.DONE
+    effects = count_effects(sandbox)
+    assert effects.whmcs_orders == effects.whmcs_accepted == 4
+    assert set(effects.whmcs_orders_per_run) == {o.run_id for o in orders}
+    assert effects.duplicate_whmcs_orders == 0
+    assert effects.emails == effects.distinct_message_ids == 4
+    assert effects.esim_confirmed == sum(o.esim for o in orders)
+    assert effects.esim_reserved_unconfirmed == 0
+
+
+def test_a_successful_run_costs_exactly_two_salesforce_api_calls(sandbox, stack_settings, services, workers):
+    (order,) = seed_orders(sandbox, services.inventory, count=1, esim_share=1.0)
+    sandbox.admin("salesforce").post("/__admin/calls/reset")
+    workers(concurrency=2)
+    publish_run(make_publisher(stack_settings), order.run_id)
+    wait_for(_finished(sandbox, [order.order_id]))
+    calls = sandbox.admin("salesforce").get("/__admin/calls")["calls"]
+    api_calls = {k: v for k, v in calls.items() if k != "token"}
+    assert sum(api_calls.values()) == 2, calls
+
+
+def test_the_same_run_submitted_three_times_at_once_has_each_effect_once(sandbox, stack_settings, services, workers):
+    (order,) = seed_orders(sandbox, services.inventory, count=1, esim_share=1.0)
+    workers(concurrency=8)
+    app = make_publisher(stack_settings)
+    threads = [threading.Thread(target=publish_run, args=(app, order.run_id)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wait_for(_finished(sandbox, [order.order_id]))
+    wait_for(lambda: services.ledger.get(order.run_id).state is RunState.DONE)
+    effects = count_effects(sandbox)
+    assert effects.whmcs_orders == 1
+    assert effects.esim_confirmed == 1
+    assert effects.emails == 1
+
+
+def test_a_client_without_a_pay_method_fails_the_order_with_a_reason_and_nothing_after_runs(
+    sandbox, stack_settings, services, workers
+):
+    (order,) = seed_orders(sandbox, services.inventory, count=1, esim_share=1.0, without_pay_method=1)
+    workers(concurrency=2)
+    publish_run(make_publisher(stack_settings), order.run_id)
+    wait_for(_finished(sandbox, [order.order_id]))
+    record = _order(sandbox, order.order_id)
+    assert record["Activation_Status__c"] == "Failed"
+    assert "no valid payment method" in record["Activation_Error__c"]
+    run = services.ledger.get(order.run_id)
+    assert run.state is RunState.FAILED
+    assert run.failed_step == "validate_payment"
+    assert [r.run_id for r in services.ledger.failed_runs()] == [order.run_id]
+    effects = count_effects(sandbox)
+    assert effects.whmcs_orders == 0
+    assert effects.esim_confirmed == 0
+    assert effects.emails == 0
+
+
+def test_an_order_that_is_not_activating_is_left_alone_and_the_log_says_why(
+    sandbox, stack_settings, services, workers
+):
+    (order,) = seed_orders(sandbox, services.inventory, count=1)
+    sandbox.admin("salesforce").patch(f"/__admin/orders/{order.order_id}", {"activation_status": "Activated"})
+    worker = workers(concurrency=2)
+    publish_run(make_publisher(stack_settings), order.run_id)
+    wait_for(lambda: services.ledger.get(order.run_id) is not None)
+    run = services.ledger.get(order.run_id)
+    assert run.state is RunState.SKIPPED
+    assert "not 'Activating'" in run.error
+    wait_for(lambda: "order_not_activating" in worker.log_text())
+    assert count_effects(sandbox).whmcs_orders == 0
