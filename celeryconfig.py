@@ -18,6 +18,8 @@ from provisioning.settings import Settings
 RESULT_EXPIRES_S = 24 * 3600
 # How long a broker publish waits for a connection before it fails.
 BROKER_CONNECT_TIMEOUT_S = 5.0
+# Upper bound of the period of the Redis broker's sweep for unacked messages of dead workers.
+UNACKED_RESTORE_INTERVAL_MAX_S = 10
 # Broker socket timeout (Redis): a stuck connection fails instead of hanging a publish.
 BROKER_SOCKET_TIMEOUT_S = 30.0
 
@@ -30,6 +32,10 @@ def build(settings: Settings) -> dict[str, Any]:
     else:
         transport.update(
             visibility_timeout=settings.celery_visibility_timeout_s,
+            # Look for messages of dead workers every few seconds (kombu's default: about every
+            # 100 s), so a redelivery comes soon after the visibility timeout, not minutes later.
+            unacked_restore_interval=max(1, min(UNACKED_RESTORE_INTERVAL_MAX_S, settings.celery_visibility_timeout_s // 3)),
+            unacked_restore_throttle=1,
             socket_timeout=BROKER_SOCKET_TIMEOUT_S,
             socket_connect_timeout=BROKER_CONNECT_TIMEOUT_S,
             retry_on_timeout=True,

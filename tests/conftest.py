@@ -82,7 +82,7 @@ def stack_settings(settings: Settings, sandbox: Sandbox) -> Settings:
         "task_retry_backoff_s": 0.2,
         "task_retry_backoff_max_s": 2.0,
         "run_lease_ttl_s": 10,
-        "celery_visibility_timeout_s": 30,
+        "celery_visibility_timeout_s": 10,
     }
     return Settings(_env_file=None, **{**settings.model_dump(), **values, **fast})  # type: ignore[call-arg]
 

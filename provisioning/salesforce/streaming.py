@@ -45,7 +45,7 @@ import itertools
 import random
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -143,6 +143,18 @@ class _Reply:
     def advice(self) -> dict[str, Any]:
         advice = self.message.get("advice")
         return advice if isinstance(advice, dict) else {}
+
+    @property
+    def code(self) -> int | None:
+        """The Bayeux error code ("403::Unknown client" -> 403), if any."""
+        head = str(self.message.get("error") or "").split(":", 1)[0]
+        return int(head) if head.isdigit() else None
+
+    @property
+    def refused(self) -> bool:
+        """A 4xx refusal that asking again will not change (as opposed to 5xx or transport trouble)."""
+        code = self.code
+        return code is not None and 400 <= code < 500 and self.http_status < 500
 
     def kind(self) -> str:
         """auth, daily_limit, rehandshake, invalid_replay or other."""
@@ -242,7 +254,7 @@ class StreamingClient:
         """End the iteration in progress (or the next one) within about STOP_POLL_INTERVAL_S; never blocks."""
         self._stop.set()
 
-    def events(self, replay_from: int) -> Iterator[Event]:
+    def events(self, replay_from: int) -> Generator[Event, None, None]:
         """Events after ``replay_from`` (a replay id, -1 LATEST or -2 EARLIEST) until stop().
 
         Raises SalesforceAuthError when a login is refused and SalesforceStreamingError
@@ -329,7 +341,7 @@ class StreamingClient:
                 )
                 self._position = self.replay_fallback
                 continue
-            if kind in ("other", "invalid_replay"):
+            if kind == "invalid_replay" or (kind == "other" and reply.refused):
                 raise SalesforceStreamingError(
                     f"subscribing to {self.channel} (replay from {position}) was refused: {reply.error}"
                 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from provisioning.errors import OrderRejected
@@ -59,9 +60,10 @@ def validate_payment(ctx: StepContext) -> dict[str, Any]:
     client = whmcs.get_client(client_id)
     if client.status != "Active":
         raise OrderRejected(f"WHMCS client {client_id} is {client.status}, not Active")
-    methods = whmcs.get_pay_methods(client_id)
+    today = datetime.now(UTC).date()
+    methods = [m for m in whmcs.get_pay_methods(client_id) if not m.is_expired(today)]
     if not methods:
-        raise OrderRejected(f"no valid payment method: WHMCS client {client_id} has none")
+        raise OrderRejected(f"no valid payment method: WHMCS client {client_id} has none that is not expired")
     return {"whmcs_client_id": client_id, "pay_methods": len(methods)}
 
 

@@ -19,6 +19,7 @@ from provisioning.logs import configure_logging
 from provisioning.salesforce.auth import JWTBearerAuth
 from provisioning.salesforce.streaming import Event, StreamingClient
 from provisioning.settings import Settings
+
 from .fake import API_VERSION, CHANNEL, CLIENT_ID, LOGIN_URL, USERNAME, FakeSalesforce
 
 
@@ -72,6 +73,16 @@ def stream(auth: JWTBearerAuth, session: requests.Session) -> StreamingClient:
         backoff_max_s=0.05,
         daily_limit_backoff_s=0.05,
     )
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    """Poll ``predicate`` until it holds; fail the test after ``timeout`` seconds."""
+    pause = threading.Event()
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        pause.wait(0.01)
+    raise AssertionError("condition not met in time")
 
 
 class Consumer:
@@ -141,8 +152,12 @@ class LogLines:
     def named(self, event: str) -> list[dict[str, Any]]:
         return [line for line in self.all() if line.get("event") == event]
 
-    def at(self, level: str) -> list[dict[str, Any]]:
-        return [line for line in self.all() if line.get("level") == level]
+    def at(self, level: str, logger_prefix: str = "provisioning.") -> list[dict[str, Any]]:
+        """Our lines at ``level`` (other libraries' lines, e.g. asyncio's, are left out)."""
+        return [
+            line for line in self.all()
+            if line.get("level") == level and str(line.get("logger", "")).startswith(logger_prefix)
+        ]
 
 
 @pytest.fixture
@@ -150,7 +165,7 @@ def log_lines() -> Iterator[LogLines]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     buffer = io.StringIO()
-    configure_logging(Settings(_env_file=None, log_format="json"), stream=buffer)  # type: ignore[call-arg]
+    configure_logging(Settings(_env_file=None, log_format="json"), stream=buffer)
     yield LogLines(buffer)
     root.handlers[:] = handlers
     root.setLevel(level)

@@ -229,7 +229,7 @@ class FakeSalesforce(HTTPAdapter):
                 replies.extend(self._connect(request, message))
             elif channel == "/meta/disconnect":
                 with self.lock:
-                    self.clients.pop(message.get("clientId"), None)
+                    self.clients.pop(str(message.get("clientId")), None)
                     self.changed.notify_all()
                 replies.append(_reply(message, successful=True))
         return 200, replies, headers
@@ -259,6 +259,9 @@ class FakeSalesforce(HTTPAdapter):
             return _reply(message, **base, successful=False,
                           error=f"400::Client {client_id} has established a session, but no BAYEUX_BROWSER cookie present")
         fault = self._fault("subscribe")
+        if fault == "unavailable":
+            return _reply(message, **base, successful=False, error="503::Server unavailable",
+                          advice={"reconnect": "retry", "interval": 1000})
         if fault == "denied":
             return _reply(message, **base, successful=False, error="403::Unknown channel")
         if fault == "unknown_client":
@@ -286,7 +289,7 @@ class FakeSalesforce(HTTPAdapter):
         return _reply(message, **base, successful=True)
 
     def _connect(self, request: requests.PreparedRequest, message: dict[str, Any]) -> list[dict[str, Any]]:
-        client_id = message.get("clientId")
+        client_id = str(message.get("clientId"))
         fault = self._fault("connect")
         if fault == "reset":
             raise requests.ConnectionError("connection reset by peer")

@@ -11,7 +11,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from provisioning.errors import PermanentError, TransientError
 from provisioning.salesforce.auth import JWTBearerAuth
-from provisioning.salesforce.errors import SalesforceAuthError, SalesforceConnectionError, SalesforceUnavailable
+from provisioning.salesforce.errors import (
+    SalesforceAuthError,
+    SalesforceConnectionError,
+    SalesforceUnavailable,
+)
 
 from .fake import CLIENT_ID, INSTANCE_URL, LOGIN_URL, USERNAME, FakeSalesforce
 
@@ -104,7 +108,7 @@ def test_a_key_that_does_not_match_the_certificate_is_explained(
                                          serialization.NoEncryption()))
     auth = JWTBearerAuth(login_url=LOGIN_URL, client_id=CLIENT_ID, username=USERNAME, private_key_file=path,
                          session=session)
-    with pytest.raises(SalesforceAuthError, match="does not match the\\s+certificate uploaded"):
+    with pytest.raises(SalesforceAuthError, match=r"does not match the\s+certificate uploaded"):
         auth.token()
 
 

@@ -14,6 +14,7 @@ from provisioning.salesforce.errors import (
     OrderNotFound,
     SalesforceAuthError,
     SalesforceConnectionError,
+    SalesforceError,
     SalesforceRequestError,
     SalesforceUnavailable,
 )
@@ -94,7 +95,7 @@ def test_field_names_must_be_api_names() -> None:
 
 
 def test_field_names_come_from_the_settings() -> None:
-    settings = Settings(_env_file=None, sf_field_eid="Chip_EID__c")  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, sf_field_eid="Chip_EID__c")
     assert OrderFieldNames.from_settings(settings).eid == "Chip_EID__c"
 
 
@@ -204,7 +205,8 @@ def test_a_second_401_after_a_fresh_login_is_an_auth_error(client: SalesforceCli
     ],
 )
 def test_salesforce_errors_become_transient_or_permanent_errors_with_their_code(
-    client: SalesforceClient, fake: FakeSalesforce, status: int, body: object, error: type, kind: type
+    client: SalesforceClient, fake: FakeSalesforce, status: int, body: object, error: type[SalesforceError],
+    kind: type,
 ) -> None:
     client.fetch_order(ORDER_ID)
     fake.rest_script.append((status, body))
@@ -236,7 +238,7 @@ def test_every_call_carries_a_timeout(client: SalesforceClient, fake: FakeSalesf
 
 
 def test_from_settings_builds_auth_and_client(key_file: object, tmp_path: object) -> None:
-    settings = Settings(  # type: ignore[call-arg]
+    settings = Settings(
         _env_file=None, sf_login_url="https://login.fake.test", sf_client_id="cid", sf_username="u",
         sf_private_key_file=key_file, sf_provision_event_channel="/event/Other__e", sf_api_version="61.0",
     )

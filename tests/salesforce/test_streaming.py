@@ -15,20 +15,12 @@ from provisioning.salesforce.streaming import (
     StreamingClient,
 )
 
+from .conftest import wait_until
 from .fake import CHANNEL, COMETD_PATH, FakeSalesforce
 
 
 def replay_maps(fake: FakeSalesforce) -> list[Any]:
     return [m["ext"]["replay"] for m in fake.bayeux("/meta/subscribe")]
-
-
-def wait_until(predicate: Any, timeout: float = 5.0) -> None:
-    done = threading.Event()
-    for _ in range(int(timeout / 0.01)):
-        if predicate():
-            return
-        done.wait(0.01)
-    raise AssertionError("condition not met in time")
 
 
 def test_handshake_asks_for_replay_and_subscribe_keys_the_replay_map_by_the_channel(
@@ -146,6 +138,7 @@ def test_authentication_invalid_gets_a_new_token_then_handshakes_and_resubscribe
     consumer.wait_for(3)
     fake.revoke_tokens()
     fake.faults["connect"].append("auth")
+    wait_until(lambda: len(fake.bayeux("/meta/handshake")) == 2)
     second = fake.publish(3)
     events = consumer.wait_for(6)
     assert [e.replay_id for e in events] == first + second
@@ -196,6 +189,16 @@ def test_a_subscription_refused_for_good_raises(stream: StreamingClient, fake: F
     fake.faults["subscribe"].append("denied")
     with pytest.raises(SalesforceStreamingError, match="403::Unknown channel"):
         next(stream.events(-1))
+
+
+def test_a_subscription_failing_with_a_server_error_is_retried(
+    stream: StreamingClient, fake: FakeSalesforce, consume: Any
+) -> None:
+    ids = fake.publish(1)
+    fake.faults["subscribe"].append("unavailable")
+    assert [e.replay_id for e in consume(stream, -2).wait_for(1)] == ids
+    assert stream.counters.handshakes == 2
+    assert replay_maps(fake) == [{CHANNEL: -2}, {CHANNEL: -2}]
 
 
 def test_the_daily_limit_keeps_the_client_down_then_it_resumes(

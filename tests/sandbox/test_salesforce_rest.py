@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import requests
-from simple_salesforce import Salesforce
+from simple_salesforce.api import Salesforce, SFType
 from simple_salesforce.exceptions import (
     SalesforceExpiredSession,
     SalesforceMalformedRequest,
@@ -16,6 +16,7 @@ from simple_salesforce.exceptions import (
 )
 
 from provisioning.sandbox.salesforce import ids
+from provisioning.sandbox.salesforce.driver import SalesforceDriver
 
 # The worker's one query (ARCHITECTURE section 3).
 ORDER_QUERY = (
@@ -26,12 +27,21 @@ ORDER_QUERY = (
 UNKNOWN_ORDER_ID = ids.IdFactory(random.Random(99)).new(ids.PREFIX_ORDER)
 
 
+def sobject(api: Salesforce, name: str) -> SFType:
+    return cast(SFType, getattr(api, name))
+
+
+def errors(exc: pytest.ExceptionInfo[Any]) -> list[dict[str, Any]]:
+    """The Salesforce error array simple-salesforce parsed into the exception."""
+    return cast(list[dict[str, Any]], exc.value.content)
+
+
 @pytest.fixture
-def api(sf) -> Salesforce:
+def api(sf: SalesforceDriver) -> Salesforce:
     return Salesforce(instance_url=sf.url, session_id=sf.login(), session=sf.session, version=sf.version)
 
 
-def seed_full(sf) -> str:
+def seed_full(sf: SalesforceDriver) -> str:
     return sf.seed(
         whmcs_client_id="42",
         email="ann@example.com",
@@ -42,10 +52,13 @@ def seed_full(sf) -> str:
     )
 
 
-def test_the_order_query_returns_salesforces_nested_record_shape(sf, api: Salesforce) -> None:
+def test_the_order_query_returns_salesforces_nested_record_shape(
+    sf: SalesforceDriver, api: Salesforce
+) -> None:
     order_id = seed_full(sf)
     result = api.query(ORDER_QUERY.format(id=order_id))
-    assert result["totalSize"] == 1 and result["done"] is True
+    assert result["totalSize"] == 1
+    assert result["done"] is True
     record = result["records"][0]
     assert record["attributes"] == {"type": "Order", "url": f"/services/data/v64.0/sobjects/Order/{order_id}"}
     assert record["Id"] == order_id
@@ -58,18 +71,26 @@ def test_the_order_query_returns_salesforces_nested_record_shape(sf, api: Salesf
     assert record["BillToContact"]["Email"] == "ann@example.com"
     assert record["BillToContact"]["FirstName"] == "Ann"
     items = record["OrderItems"]
-    assert items["totalSize"] == 2 and items["done"] is True
-    assert [(i["Quantity"], i["Product2"]["WHMCS_Product_ID__c"]) for i in items["records"]] == [(2.0, "7"), (1.0, "8")]
+    assert items["totalSize"] == 2
+    assert items["done"] is True
+    assert [(i["Quantity"], i["Product2"]["WHMCS_Product_ID__c"]) for i in items["records"]] == [
+        (2.0, "7"),
+        (1.0, "8"),
+    ]
     assert items["records"][0]["attributes"]["type"] == "OrderItem"
 
 
-def test_a_15_character_id_finds_the_order_and_the_answer_carries_the_18_character_one(sf, api: Salesforce) -> None:
+def test_a_15_character_id_finds_the_order_and_the_answer_carries_the_18_character_one(
+    sf: SalesforceDriver, api: Salesforce
+) -> None:
     order_id = seed_full(sf)
     result = api.query(ORDER_QUERY.format(id=order_id[:15]))
     assert result["records"][0]["Id"] == order_id
 
 
-def test_an_order_without_items_account_or_contact_has_null_relationships(sf, api: Salesforce) -> None:
+def test_an_order_without_items_account_or_contact_has_null_relationships(
+    sf: SalesforceDriver, api: Salesforce
+) -> None:
     order_id = sf.seed(items=[], account=None, contact=None)
     record = api.query(ORDER_QUERY.format(id=order_id))["records"][0]
     assert record["OrderItems"] is None
@@ -77,15 +98,15 @@ def test_an_order_without_items_account_or_contact_has_null_relationships(sf, ap
     assert record["BillToContact"] is None
 
 
-def test_an_unknown_order_id_gives_no_records(sf, api: Salesforce) -> None:
+def test_an_unknown_order_id_gives_no_records(sf: SalesforceDriver, api: Salesforce) -> None:
     assert api.query(ORDER_QUERY.format(id=UNKNOWN_ORDER_ID)) == {"totalSize": 0, "done": True, "records": []}
 
 
 def test_an_id_that_is_not_an_id_is_an_invalid_query_filter(api: Salesforce) -> None:
     with pytest.raises(SalesforceMalformedRequest) as caught:
         api.query(ORDER_QUERY.format(id="801-not-an-id"))
-    assert caught.value.content[0]["errorCode"] == "INVALID_QUERY_FILTER_OPERATOR"
-    assert "invalid ID field: 801-not-an-id" in caught.value.content[0]["message"]
+    assert errors(caught)[0]["errorCode"] == "INVALID_QUERY_FILTER_OPERATOR"
+    assert "invalid ID field: 801-not-an-id" in errors(caught)[0]["message"]
 
 
 @pytest.mark.parametrize(
@@ -99,31 +120,36 @@ def test_an_id_that_is_not_an_id_is_an_invalid_query_filter(api: Salesforce) -> 
         ("SELECT Id, (SELECT Id FROM Lines) FROM Order", "INVALID_TYPE"),
     ],
 )
-def test_queries_outside_the_subset_are_refused_with_salesforce_error_codes(api: Salesforce, query: str, code: str) -> None:
+def test_queries_outside_the_subset_are_refused_with_salesforce_error_codes(
+    api: Salesforce, query: str, code: str
+) -> None:
     with pytest.raises(SalesforceMalformedRequest) as caught:
         api.query(query)
-    assert caught.value.content[0]["errorCode"] == code
+    assert errors(caught)[0]["errorCode"] == code
 
 
-def test_field_names_are_case_insensitive_and_answered_in_api_case(sf, api: Salesforce) -> None:
+def test_field_names_are_case_insensitive_and_answered_in_api_case(
+    sf: SalesforceDriver, api: Salesforce
+) -> None:
     order_id = seed_full(sf)
-    record = api.query(f"select id, account.whmcs_client_id__c from order where ID = '{order_id}' limit 1")["records"][0]
+    query = "select id, account.whmcs_client_id__c from order where ID = '{}' limit 1"
+    record = api.query(query.format(order_id))["records"][0]
     assert record["Id"] == order_id
     assert record["Account"]["WHMCS_Client_ID__c"] == "42"
 
 
-def test_get_returns_the_order_record(sf, api: Salesforce) -> None:
+def test_get_returns_the_order_record(sf: SalesforceDriver, api: Salesforce) -> None:
     order_id = seed_full(sf)
-    record = api.Order.get(order_id)
+    record = sobject(api, "Order").get(order_id)
     assert record["attributes"]["type"] == "Order"
     assert record["Id"] == order_id
     assert record["Activation_Status__c"] == "Activating"
     assert record["AccountId"].startswith("001")
 
 
-def test_update_answers_204_and_writes_each_field_once(sf, api: Salesforce) -> None:
+def test_update_answers_204_and_writes_each_field_once(sf: SalesforceDriver, api: Salesforce) -> None:
     order_id = seed_full(sf)
-    status = api.Order.update(
+    status = sobject(api, "Order").update(
         order_id,
         {
             "Activation_Status__c": "Activated",
@@ -140,7 +166,7 @@ def test_update_answers_204_and_writes_each_field_once(sf, api: Salesforce) -> N
     assert order["ESIM_ICCID__c"] == "8988303000000000017"
     assert order["Activated_At__c"] == "2024-05-01T10:00:00.000+0000"
     assert len(order["patches"]) == 1
-    assert api.Order.get(order_id)["Activated_At__c"] == "2024-05-01T10:00:00.000+0000"
+    assert sobject(api, "Order").get(order_id)["Activated_At__c"] == "2024-05-01T10:00:00.000+0000"
 
 
 @pytest.mark.parametrize(
@@ -153,62 +179,78 @@ def test_update_answers_204_and_writes_each_field_once(sf, api: Salesforce) -> N
         ({"Activated_At__c": "yesterday"}, "JSON_PARSER_ERROR"),
     ],
 )
-def test_a_bad_update_is_refused_and_changes_nothing(sf, api: Salesforce, body: dict[str, Any], code: str) -> None:
+def test_a_bad_update_is_refused_and_changes_nothing(
+    sf: SalesforceDriver, api: Salesforce, body: dict[str, Any], code: str
+) -> None:
     order_id = seed_full(sf)
     with pytest.raises(SalesforceMalformedRequest) as caught:
-        api.Order.update(order_id, {"Activation_Status__c": "Failed", **body})
-    assert caught.value.content[0]["errorCode"] == code
+        sobject(api, "Order").update(order_id, {"Activation_Status__c": "Failed", **body})
+    assert errors(caught)[0]["errorCode"] == code
     order = sf.order(order_id)
     assert order["Activation_Status__c"] == "Activating"
     assert order["patches"] == []
 
 
-def test_record_ids_in_the_path_are_checked_like_salesforce(sf, api: Salesforce) -> None:
+def test_record_ids_in_the_path_are_checked_like_salesforce(sf: SalesforceDriver, api: Salesforce) -> None:
     order_id = seed_full(sf)
     with pytest.raises(SalesforceResourceNotFound) as not_an_id:
-        api.Order.get("not-an-id")
-    assert not_an_id.value.content[0]["message"] == "Provided external ID field does not exist or is not accessible: not-an-id"
+        sobject(api, "Order").get("not-an-id")
+    assert (
+        errors(not_an_id)[0]["message"]
+        == "Provided external ID field does not exist or is not accessible: not-an-id"
+    )
     with pytest.raises(SalesforceMalformedRequest) as bad_checksum:
-        api.Order.update(order_id[:15] + "AAA", {"Activation_Status__c": "Failed"})
-    assert bad_checksum.value.content[0]["errorCode"] == "MALFORMED_ID"
+        sobject(api, "Order").update(order_id[:15] + "AAA", {"Activation_Status__c": "Failed"})
+    assert errors(bad_checksum)[0]["errorCode"] == "MALFORMED_ID"
     account_id = sf.order(order_id)["AccountId"]
     with pytest.raises(SalesforceMalformedRequest) as other_object:
-        api.Order.get(account_id)
-    assert other_object.value.content[0]["errorCode"] == "MALFORMED_ID"
+        sobject(api, "Order").get(account_id)
+    assert errors(other_object)[0]["errorCode"] == "MALFORMED_ID"
     with pytest.raises(SalesforceResourceNotFound) as unknown_order:
-        api.Order.get(UNKNOWN_ORDER_ID)
-    assert unknown_order.value.content == [{"message": "The requested resource does not exist", "errorCode": "NOT_FOUND"}]
+        sobject(api, "Order").get(UNKNOWN_ORDER_ID)
+    assert errors(unknown_order) == [
+        {"message": "The requested resource does not exist", "errorCode": "NOT_FOUND"}
+    ]
 
 
-def test_creating_the_platform_event_publishes_it_on_the_channel(sf, api: Salesforce) -> None:
+def test_creating_the_platform_event_publishes_it_on_the_channel(
+    sf: SalesforceDriver, api: Salesforce
+) -> None:
     order_id = seed_full(sf)
-    result = api.OrderProvisionRequested__e.create({"OrderId__c": order_id, "IdemKey__c": "attempt-1"})
-    assert result["success"] is True and result["errors"] == []
+    result = sobject(api, "OrderProvisionRequested__e").create(
+        {"OrderId__c": order_id, "IdemKey__c": "attempt-1"}
+    )
+    assert result["success"] is True
+    assert result["errors"] == []
     assert result["id"].startswith("e00")
     bus = sf.ok("GET", "events")
     [event] = bus["events"]
     assert event["channel"] == "/event/OrderProvisionRequested__e"
     payload = event["data"]["payload"]
-    assert payload["OrderId__c"] == order_id and payload["IdemKey__c"] == "attempt-1"
-    assert payload["CreatedById"].startswith("005") and payload["CreatedDate"].endswith("Z")
+    assert payload["OrderId__c"] == order_id
+    assert payload["IdemKey__c"] == "attempt-1"
+    assert payload["CreatedById"].startswith("005")
+    assert payload["CreatedDate"].endswith("Z")
     assert isinstance(event["data"]["event"]["replayId"], int)
     assert bus["channels"]["/event/OrderProvisionRequested__e"]["retained"] == 1
 
 
 def test_an_event_without_its_required_order_id_is_refused(api: Salesforce) -> None:
     with pytest.raises(SalesforceMalformedRequest) as caught:
-        api.OrderProvisionRequested__e.create({"IdemKey__c": "k"})
-    assert caught.value.content[0]["errorCode"] == "REQUIRED_FIELD_MISSING"
+        sobject(api, "OrderProvisionRequested__e").create({"IdemKey__c": "k"})
+    assert errors(caught)[0]["errorCode"] == "REQUIRED_FIELD_MISSING"
 
 
-def test_every_answer_carries_the_api_usage_and_calls_are_counted(sf, api: Salesforce) -> None:
+def test_every_answer_carries_the_api_usage_and_calls_are_counted(
+    sf: SalesforceDriver, api: Salesforce
+) -> None:
     order_id = seed_full(sf)
     api.query(ORDER_QUERY.format(id=order_id))
     usage = api.api_usage["api-usage"]
     assert (usage.used, usage.total) == (1, 100_000)
-    api.Order.get(order_id)
-    api.Order.update(order_id, {"Activation_Status__c": "Activated"})
-    api.OrderProvisionRequested__e.create({"OrderId__c": order_id})
+    sobject(api, "Order").get(order_id)
+    sobject(api, "Order").update(order_id, {"Activation_Status__c": "Activated"})
+    sobject(api, "OrderProvisionRequested__e").create({"OrderId__c": order_id})
     missing = sf.rest("GET", "sobjects/Order/not-an-id", sf.login())
     assert missing.headers["Sforce-Limit-Info"] == "api-usage=5/100000"
     calls = sf.calls()
@@ -220,27 +262,31 @@ def test_every_answer_carries_the_api_usage_and_calls_are_counted(sf, api: Sales
     }
 
 
-def test_the_daily_request_limit_refuses_calls_with_request_limit_exceeded(sf, api: Salesforce) -> None:
+def test_the_daily_request_limit_refuses_calls_with_request_limit_exceeded(
+    sf: SalesforceDriver, api: Salesforce
+) -> None:
     order_id = seed_full(sf)
     sf.ok("POST", "limits", {"api_used": 10, "api_limit": 10})
     with pytest.raises(SalesforceRefusedRequest) as caught:
-        api.Order.get(order_id)
-    assert caught.value.content == [{"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}]
+        sobject(api, "Order").get(order_id)
+    assert errors(caught) == [
+        {"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}
+    ]
 
 
-def test_an_expired_session_raises_for_a_direct_session_client(sf, api: Salesforce) -> None:
+def test_an_expired_session_raises_for_a_direct_session_client(sf: SalesforceDriver, api: Salesforce) -> None:
     order_id = seed_full(sf)
     sf.ok("POST", "tokens/revoke")
     with pytest.raises(SalesforceExpiredSession):
-        api.Order.get(order_id)
+        sobject(api, "Order").get(order_id)
 
 
-def test_injected_errors_use_salesforce_error_arrays(sf, api: Salesforce) -> None:
+def test_injected_errors_use_salesforce_error_arrays(sf: SalesforceDriver, api: Salesforce) -> None:
     order_id = seed_full(sf)
     sf.ok("POST", "faults", {"error_rate": 1.0, "error_status": 200, "operations": ["order_patch"]})
     with pytest.raises(SalesforceMalformedRequest) as locked:
-        api.Order.update(order_id, {"Activation_Status__c": "Activated"})
-    assert locked.value.content[0]["errorCode"] == "UNABLE_TO_LOCK_ROW"
+        sobject(api, "Order").update(order_id, {"Activation_Status__c": "Activated"})
+    assert errors(locked)[0]["errorCode"] == "UNABLE_TO_LOCK_ROW"
     sf.ok("POST", "faults", {"error_rate": 1.0, "error_status": 503, "operations": ["query"]})
     response = sf.rest("GET", "query", sf.login(), params={"q": ORDER_QUERY.format(id=order_id)})
     assert response.status_code == 503
@@ -248,20 +294,28 @@ def test_injected_errors_use_salesforce_error_arrays(sf, api: Salesforce) -> Non
     assert sf.order(order_id)["patches"] == []
 
 
-def test_an_ambiguous_patch_failure_applies_the_update_exactly_once(sf, api: Salesforce) -> None:
+def test_an_ambiguous_patch_failure_applies_the_update_exactly_once(
+    sf: SalesforceDriver, api: Salesforce
+) -> None:
     order_id = seed_full(sf)
     sf.ok("POST", "faults", {"force": {"order_patch": ["ambiguous"]}})
     with pytest.raises(requests.ConnectionError):
-        api.Order.update(order_id, {"Activation_Status__c": "Activated", "WHMCS_Order_ID__c": "77"})
+        sobject(api, "Order").update(
+            order_id, {"Activation_Status__c": "Activated", "WHMCS_Order_ID__c": "77"}
+        )
     order = sf.order(order_id)
     assert order["Activation_Status__c"] == "Activated"
-    assert [p["fields"] for p in order["patches"]] == [{"Activation_Status__c": "Activated", "WHMCS_Order_ID__c": "77"}]
+    assert [p["fields"] for p in order["patches"]] == [
+        {"Activation_Status__c": "Activated", "WHMCS_Order_ID__c": "77"}
+    ]
     assert sf.ok("GET", "calls")["injected"] == {"order_patch:ambiguous": 1}
 
 
-def test_admin_can_set_fields_without_counting_an_api_call(sf) -> None:
+def test_admin_can_set_fields_without_counting_an_api_call(sf: SalesforceDriver) -> None:
     order_id = seed_full(sf)
-    view = sf.ok("PATCH", f"orders/{order_id}", {"activation_status": "Failed", "Activation_Error__c": "card declined"})
+    view = sf.ok(
+        "PATCH", f"orders/{order_id}", {"activation_status": "Failed", "Activation_Error__c": "card declined"}
+    )
     assert view["Activation_Status__c"] == "Failed"
     assert view["Activation_Error__c"] == "card declined"
     assert view["patches"][0]["source"] == "admin"

@@ -12,6 +12,9 @@ One :class:`SalesforceSimulator` serves both the login URL and the instance URL
     server.start()
     env = sim.env(server.url("salesforce"))   # SF_LOGIN_URL, SF_CLIENT_ID, SF_USERNAME, ...
 
+:class:`.driver.SalesforceDriver` drives a running simulator from outside (admin calls, signed
+assertions, raw REST and CometD requests) for tests, the demo and benchmarks.
+
 API (what real Salesforce does; field names are the project defaults)
 ----------------------------------------------------------------------
 - ``POST /services/oauth2/token`` form ``grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer&assertion=<RS256 JWT>``
@@ -97,8 +100,9 @@ Admin routes (JSON, no auth, never faulted)
   "events_published", "events_delivered", "events_expired", "clients": [{"clientId", "replay",
   "subscriptions": {channel: last delivered replayId}, "holding", "delivered"}], "tokens_issued",
   "tokens_active", "orders", "api_used", "api_limit"}``.
-- ``POST /__admin/reset`` → ``{"reset": true}``: drops orders, events, clients, streaming knobs, stats,
-  API usage, call counts and forced faults (replay ids keep growing; tokens stay valid).
+- ``POST /__admin/reset`` → ``{"reset": true, "at"}``: drops orders, events, clients, streaming knobs,
+  stats, API usage, fault settings, call counts and forced faults (replay ids keep growing; tokens stay
+  valid).
 - ``GET/POST /__admin/faults``, ``GET /__admin/calls``, ``POST /__admin/calls/reset``: see
   :mod:`provisioning.sandbox.common`.
 """

@@ -120,7 +120,9 @@ class CometD:
         except ValueError:
             return web.Response(status=400, text="Bad Request: the body is not JSON")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            return web.Response(status=400, text="Bad Request: the body must be a JSON array of Bayeux messages")
+            return web.Response(
+                status=400, text="Bad Request: the body must be a JSON array of Bayeux messages"
+            )
         token = bearer_token(request.headers.get("Authorization"))
         if token is None:
             return web.json_response(
@@ -135,7 +137,12 @@ class CometD:
         def injected(status: int) -> web.StreamResponse:
             code = 503 if status == 200 else status
             replies = [
-                _reply(m, successful=False, error=f"{code}::Server unavailable", advice={"reconnect": "retry", "interval": 1000})
+                _reply(
+                    m,
+                    successful=False,
+                    error=f"{code}::Server unavailable",
+                    advice={"reconnect": "retry", "interval": 1000},
+                )
                 for m in messages
             ]
             return web.json_response(replies, status=status)
@@ -147,7 +154,9 @@ class CometD:
         await self.injector.delay(operation)
         return await action()
 
-    async def _process(self, messages: list[dict[str, Any]], token: str, browser: str | None) -> web.StreamResponse:
+    async def _process(
+        self, messages: list[dict[str, Any]], token: str, browser: str | None
+    ) -> web.StreamResponse:
         replies: list[dict[str, Any]] = []
         connect: tuple[dict[str, Any], CometClient] | None = None
         new_browser: str | None = None
@@ -173,7 +182,9 @@ class CometD:
                 self.forget(client)
                 replies.append(_reply(message, client_id=client.client_id))
             else:
-                replies.append(_reply(message, client_id=client.client_id, successful=False, error="403::Publish denied"))
+                replies.append(
+                    _reply(message, client_id=client.client_id, successful=False, error="403::Publish denied")
+                )
         if connect is not None:
             replies.extend(await self._connect(*connect, token))
         response = web.json_response(replies)
@@ -183,18 +194,24 @@ class CometD:
 
     # -- meta channels ------------------------------------------------------------------------
 
-    def _handshake(self, message: dict[str, Any], token: str, browser: str | None) -> tuple[dict[str, Any], str | None]:
+    def _handshake(
+        self, message: dict[str, Any], token: str, browser: str | None
+    ) -> tuple[dict[str, Any], str | None]:
         self.stats["handshakes"] += 1
         if not self.tokens.valid(token):
             self.stats["handshakes_denied"] += 1
-            reply = _reply(message, successful=False, error="403::Handshake denied", advice={"reconnect": "none"})
+            reply = _reply(
+                message, successful=False, error="403::Handshake denied", advice={"reconnect": "none"}
+            )
             reply["ext"] = {"sfdc": {"failureReason": AUTH_INVALID}}
             return reply, None
         self._sweep()
         client_id = "".join(self._rng.choice(string.ascii_lowercase + string.digits) for _ in range(27))
         issued = None
         if browser is None or browser not in self._browsers:
-            issued = browser = "".join(self._rng.choice(string.ascii_letters + string.digits) for _ in range(22))
+            issued = browser = "".join(
+                self._rng.choice(string.ascii_letters + string.digits) for _ in range(22)
+            )
             self._browsers.add(browser)
         replay = (message.get("ext") or {}).get("replay") is True
         self.clients[client_id] = CometClient(client_id=client_id, browser=browser, replay=replay)
@@ -221,7 +238,9 @@ class CometD:
         if browser != client.browser:
             self.stats["missing_cookie"] += 1
             error = NO_COOKIE.format(client_id=client.client_id)
-            return None, _reply(message, client_id=client.client_id, successful=False, error=error, advice=ADVICE_HANDSHAKE)
+            return None, _reply(
+                message, client_id=client.client_id, successful=False, error=error, advice=ADVICE_HANDSHAKE
+            )
         if not self.tokens.valid(token):
             return None, self._auth_invalid(message, client)
         client.last_seen = time.monotonic()
@@ -233,7 +252,13 @@ class CometD:
         client_id = client.client_id
         if not isinstance(channel, str) or not CHANNEL_PATTERN.match(channel):
             self.stats["subscribe_failures"] += 1
-            return _reply(message, client_id=client_id, subscription=channel, successful=False, error="403::Unknown channel")
+            return _reply(
+                message,
+                client_id=client_id,
+                subscription=channel,
+                successful=False,
+                error="403::Unknown channel",
+            )
         replay: Any = REPLAY_NEW
         ext = message.get("ext") or {}
         if client.replay and isinstance(ext, dict) and "replay" in ext:
@@ -241,7 +266,9 @@ class CometD:
             if not isinstance(mapping, dict) or channel not in mapping:
                 self.stats["subscribe_failures"] += 1
                 error = REPLAY_MAP_MISMATCH.format(channel=channel, mapping=_java_map(mapping))
-                return _reply(message, client_id=client_id, subscription=channel, successful=False, error=error)
+                return _reply(
+                    message, client_id=client_id, subscription=channel, successful=False, error=error
+                )
             replay = mapping[channel]
         try:
             if isinstance(replay, bool) or not isinstance(replay, int | str):
@@ -249,7 +276,13 @@ class CometD:
             after = self.bus.start_position(channel, int(replay))
         except (InvalidReplayId, ValueError):
             self.stats["subscribe_failures"] += 1
-            return _reply(message, client_id=client_id, subscription=channel, successful=False, error=INVALID_REPLAY.format(value=replay))
+            return _reply(
+                message,
+                client_id=client_id,
+                subscription=channel,
+                successful=False,
+                error=INVALID_REPLAY.format(value=replay),
+            )
         client.subscriptions[channel] = after
         # A held connect of this client may now have events to deliver.
         self.bus.notify()
@@ -261,7 +294,9 @@ class CometD:
             client.subscriptions.pop(channel, None)
         return _reply(message, client_id=client.client_id, subscription=channel)
 
-    async def _connect(self, message: dict[str, Any], client: CometClient, token: str) -> list[dict[str, Any]]:
+    async def _connect(
+        self, message: dict[str, Any], client: CometClient, token: str
+    ) -> list[dict[str, Any]]:
         self.stats["connects"] += 1
         first = client.first_connect
         client.first_connect = False
@@ -281,7 +316,10 @@ class CometD:
                 failure = self._connect_failure(message, client, token)
                 if failure is not None:
                     return [failure]
-                if self.clients.get(client.client_id) is not client or generation != client.connect_generation:
+                if (
+                    self.clients.get(client.client_id) is not client
+                    or generation != client.connect_generation
+                ):
                     break  # disconnected, or replaced by a newer connect of the same client
                 events = self.bus.pending(client.subscriptions, MAX_EVENTS_PER_CONNECT)
                 remaining = deadline - time.monotonic()
@@ -303,7 +341,9 @@ class CometD:
             reply["advice"] = {"interval": 0, "timeout": int(self.long_poll_s * 1000), "reconnect": "retry"}
         return [*(e.message for e in events), reply]
 
-    def _connect_failure(self, message: dict[str, Any], client: CometClient, token: str) -> dict[str, Any] | None:
+    def _connect_failure(
+        self, message: dict[str, Any], client: CometClient, token: str
+    ) -> dict[str, Any] | None:
         faults = self.faults
         if faults.auth_invalid > 0:
             faults.auth_invalid -= 1
@@ -320,13 +360,17 @@ class CometD:
             if not faults.daily_limit_sticky:
                 faults.daily_limit -= 1
             self.stats["daily_limit"] += 1
-            return _reply(message, client_id=client.client_id, successful=False, error=DAILY_LIMIT, advice=ADVICE_NONE)
+            return _reply(
+                message, client_id=client.client_id, successful=False, error=DAILY_LIMIT, advice=ADVICE_NONE
+            )
         return None
 
     def _auth_invalid(self, message: dict[str, Any], client: CometClient) -> dict[str, Any]:
         self.stats["auth_invalid"] += 1
         self.forget(client)
-        return _reply(message, client_id=client.client_id, successful=False, error=AUTH_INVALID, advice=ADVICE_NONE)
+        return _reply(
+            message, client_id=client.client_id, successful=False, error=AUTH_INVALID, advice=ADVICE_NONE
+        )
 
     # -- state --------------------------------------------------------------------------------
 

@@ -87,7 +87,16 @@ FRIENDLY_ORDER_KEYS = {
     "activation_error": "Activation_Error__c",
     "activated_at": "Activated_At__c",
 }
-SEED_EXTRA_KEYS = ("whmcs_client_id", "account_name", "account", "email", "first_name", "last_name", "contact", "items")
+SEED_EXTRA_KEYS = (
+    "whmcs_client_id",
+    "account_name",
+    "account",
+    "email",
+    "first_name",
+    "last_name",
+    "contact",
+    "items",
+)
 ITEM_KEYS = ("quantity", "whmcs_product_id", "product_name", "unit_price")
 
 
@@ -297,7 +306,9 @@ class OrderStore:
             price = float(data.get("unit_price", 10.0))
         except (TypeError, ValueError):
             raise ValueError("quantity and unit_price are numbers") from None
-        return OrderItem(Id=self._ids.new(ids.PREFIX_ORDER_ITEM), Quantity=quantity, UnitPrice=price, product=product)
+        return OrderItem(
+            Id=self._ids.new(ids.PREFIX_ORDER_ITEM), Quantity=quantity, UnitPrice=price, product=product
+        )
 
     def _eid(self) -> str:
         # 32 digits whose ISO 7064 mod 97-10 check holds (int(eid) % 97 == 1).

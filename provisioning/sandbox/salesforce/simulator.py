@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from provisioning.sandbox.common import ADMIN_PREFIX, FaultInjector, new_app
+from provisioning.sandbox.common import ADMIN_PREFIX, FaultInjector, Faults, new_app
 from provisioning.sandbox.salesforce import ids, soql
 from provisioning.sandbox.salesforce.auth import (
     GRANT_TYPE_JWT,
@@ -130,7 +130,10 @@ class SalesforceSimulator:
                 web.get(data + "/query{slash:/?}", self._rest("query", self._query)),
                 web.get(data + "/sobjects/Order/{id}", self._rest("order_get", self._order_get)),
                 web.patch(data + "/sobjects/Order/{id}", self._rest("order_patch", self._order_patch)),
-                web.post(data + "/sobjects/" + EVENT_SOBJECT + "{slash:/?}", self._rest("event_publish", self._publish)),
+                web.post(
+                    data + "/sobjects/" + EVENT_SOBJECT + "{slash:/?}",
+                    self._rest("event_publish", self._publish),
+                ),
                 web.route("*", "/services/data/{tail:.*}", self._rest("other", self._not_found)),
                 web.post(r"/cometd/{version:\d+\.\d}", self._cometd),
             ],
@@ -193,7 +196,9 @@ class SalesforceSimulator:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             async def action() -> web.StreamResponse:
                 version = request.match_info.get("version")
-                if version is not None and not LOWEST_API_VERSION <= float(version) <= float(self.api_version):
+                if version is not None and not LOWEST_API_VERSION <= float(version) <= float(
+                    self.api_version
+                ):
                     return api_error(404, *NOT_FOUND)
                 if not self.tokens.valid(bearer_token(request.headers.get("Authorization"))):
                     return api_error(401, "INVALID_SESSION_ID", "Session expired or invalid")
@@ -215,7 +220,8 @@ class SalesforceSimulator:
             return api_error(
                 400,
                 "UNABLE_TO_LOCK_ROW",
-                "unable to obtain exclusive access to this record or 1 records: " + self.ids.new15(ids.PREFIX_ORDER),
+                "unable to obtain exclusive access to this record or 1 records: "
+                + self.ids.new15(ids.PREFIX_ORDER),
             )
         if status == 429:
             return api_error(403, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded.")
@@ -226,7 +232,9 @@ class SalesforceSimulator:
                 "An unexpected error occurred. Please include this ErrorId if you contact support: "
                 f"{self._rng.randint(10**8, 10**9)}-{self._rng.randint(10**4, 10**5)} ({self._rng.randint(-(10**9), 0)})",
             )
-        return api_error(status, "SERVER_UNAVAILABLE", "Server temporarily unavailable. Please try again later.")
+        return api_error(
+            status, "SERVER_UNAVAILABLE", "Server temporarily unavailable. Please try again later."
+        )
 
     async def _not_found(self, _: web.Request) -> web.StreamResponse:
         return api_error(404, *NOT_FOUND)
@@ -239,7 +247,11 @@ class SalesforceSimulator:
         if not ids.is_valid_id(record_id):
             if len(record_id) in (15, 18) and record_id.isalnum():
                 raise ApiError(400, "MALFORMED_ID", f"malformed id {record_id}")
-            raise ApiError(404, "NOT_FOUND", f"Provided external ID field does not exist or is not accessible: {record_id}")
+            raise ApiError(
+                404,
+                "NOT_FOUND",
+                f"Provided external ID field does not exist or is not accessible: {record_id}",
+            )
         if not record_id.startswith(ids.PREFIX_ORDER):
             raise ApiError(400, "MALFORMED_ID", f"Order ID: id value of incorrect type: {record_id}", ["Id"])
         order = self.orders.get(record_id)
@@ -256,7 +268,9 @@ class SalesforceSimulator:
             for raw in request.query["fields"].split(","):
                 name = lowered.get(raw.strip().lower())
                 if name is None:
-                    raise ApiError(400, "INVALID_FIELD", f"No such column '{raw.strip()}' on sobject of type Order")
+                    raise ApiError(
+                        400, "INVALID_FIELD", f"No such column '{raw.strip()}' on sobject of type Order"
+                    )
                 names.append(name)
         return web.json_response(order_record(order, request.match_info["version"], names))
 
@@ -281,10 +295,14 @@ class SalesforceSimulator:
                 continue
             spec = EVENT_FIELDS.get(key)
             if spec is None:
-                raise ApiError(400, "INVALID_FIELD", f"No such column '{key}' on sobject of type {EVENT_SOBJECT}")
+                raise ApiError(
+                    400, "INVALID_FIELD", f"No such column '{key}' on sobject of type {EVENT_SOBJECT}"
+                )
             fields[key] = coerce(spec, value)
         if not fields.get("OrderId__c"):
-            raise ApiError(400, "REQUIRED_FIELD_MISSING", "Required fields are missing: [OrderId__c]", ["OrderId__c"])
+            raise ApiError(
+                400, "REQUIRED_FIELD_MISSING", "Required fields are missing: [OrderId__c]", ["OrderId__c"]
+            )
         self.bus.publish(EVENT_CHANNEL, {name: fields.get(name) for name in EVENT_FIELDS})
         return web.json_response({"id": self._event_id(), "success": True, "errors": []}, status=201)
 
@@ -365,7 +383,9 @@ class SalesforceSimulator:
             after_id = int(after) if after is not None else None
         except ValueError:
             return _admin_error(400, "after is a replay id")
-        return web.json_response({"channels": self.bus.channels(), "events": self.bus.events(channel, after_id)})
+        return web.json_response(
+            {"channels": self.bus.channels(), "events": self.bus.events(channel, after_id)}
+        )
 
     async def _admin_publish(self, request: web.Request) -> web.Response:
         body = await _admin_json(request)
@@ -378,7 +398,11 @@ class SalesforceSimulator:
         return web.json_response(
             {
                 "events": [
-                    {"channel": e.channel, "replayId": e.replay_id, "EventUuid": e.message["data"]["event"]["EventUuid"]}
+                    {
+                        "channel": e.channel,
+                        "replayId": e.replay_id,
+                        "EventUuid": e.message["data"]["event"]["EventUuid"],
+                    }
                     for e in events
                 ]
             }
@@ -408,7 +432,7 @@ class SalesforceSimulator:
     async def _admin_set_limits(self, request: web.Request) -> web.Response:
         body = await _admin_json(request)
         if not isinstance(body, dict) or set(body) - {"api_used", "api_limit"}:
-            return _admin_error(400, "expected {\"api_used\"?: int, \"api_limit\"?: int}")
+            return _admin_error(400, 'expected {"api_used"?: int, "api_limit"?: int}')
         for name in ("api_used", "api_limit"):
             if name in body:
                 value = body[name]
@@ -450,6 +474,7 @@ class SalesforceSimulator:
         self.cometd.faults = StreamingFaults()
         self.cometd.stats.clear()
         self.api_used = 0
+        self.injector.faults = Faults()
         self.injector.calls.clear()
         self.injector.injected.clear()
         self.injector.forced.clear()

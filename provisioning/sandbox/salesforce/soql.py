@@ -43,7 +43,10 @@ _NO_RELATIONSHIP = (
 )
 # relationship name -> (sobject, its fields), per parent object.
 _Relationships = dict[str, tuple[str, tuple[str, ...]]]
-_ORDER_RELATIONSHIPS: _Relationships = {"Account": ("Account", ACCOUNT_FIELDS), "BillToContact": ("Contact", CONTACT_FIELDS)}
+_ORDER_RELATIONSHIPS: _Relationships = {
+    "Account": ("Account", ACCOUNT_FIELDS),
+    "BillToContact": ("Contact", CONTACT_FIELDS),
+}
 _ITEM_RELATIONSHIPS: _Relationships = {"Product2": ("Product2", PRODUCT_FIELDS)}
 
 
@@ -156,9 +159,7 @@ def parse(text: str) -> Query:
         operator = p.next()
         literal = p.next()
         if column.text.lower() != "id" or operator.text != "=" or literal.kind != "str":
-            raise _error(
-                "MALFORMED_QUERY", "the sandbox only supports WHERE Id = '<id>'", text, column.pos
-            )
+            raise _error("MALFORMED_QUERY", "the sandbox only supports WHERE Id = '<id>'", text, column.pos)
         where_id = re.sub(r"\\(.)", r"\1", literal.text[1:-1])
         if not ids.is_valid_id(where_id):
             raise _error("INVALID_QUERY_FILTER_OPERATOR", f"invalid ID field: {where_id}", text, literal.pos)
@@ -202,7 +203,9 @@ def _resolve(
         return FieldRef((name,))
     relationship = _match(parts[0], tuple(relationships))
     if relationship is None or len(parts) > 2:
-        detail = _NO_RELATIONSHIP.format(name=parts[0] if relationship is None else parts[1], where="field path")
+        detail = _NO_RELATIONSHIP.format(
+            name=parts[0] if relationship is None else parts[1], where="field path"
+        )
         raise _error("INVALID_FIELD", detail, text, token.pos)
     target, target_fields = relationships[relationship]
     name = _match(parts[1], target_fields)
@@ -243,7 +246,14 @@ def _order_row(order: Order, query: Query, version: str) -> dict[str, Any]:
         else:
             relationship, name = ref.path
             related = order.related(relationship)
-            _put_related(row, relationship, "Account" if relationship == "Account" else "Contact", related, name, version)
+            _put_related(
+                row,
+                relationship,
+                "Account" if relationship == "Account" else "Contact",
+                related,
+                name,
+                version,
+            )
     return row
 
 
@@ -271,7 +281,12 @@ def _item_row(item: OrderItem, sub: SubQuery, order: Order, version: str) -> dic
 
 
 def _put_related(
-    row: dict[str, Any], relationship: str, sobject: str, related: dict[str, Any] | None, name: str, version: str
+    row: dict[str, Any],
+    relationship: str,
+    sobject: str,
+    related: dict[str, Any] | None,
+    name: str,
+    version: str,
 ) -> None:
     if related is None:
         row[relationship] = None

@@ -1,0 +1,67 @@
+"""The same chain with RabbitMQ as the broker: the broker URL decides, nothing else changes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from kombu.connection import Connection
+
+from provisioning.ledger import RunState
+from provisioning.runs import make_publisher, publish_run
+from provisioning.sandbox.scenario import count_effects, seed_orders
+from provisioning.sandbox.scenario import wait_until as wait_for
+from provisioning.settings import Settings
+
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+pytestmark = pytest.mark.rabbitmq
+
+
+@pytest.fixture
+def rabbit_settings(stack_settings: Settings) -> Iterator[Settings]:
+    try:
+        with Connection(RABBITMQ_URL, connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:
+        pytest.fail(f"RabbitMQ is required at {RABBITMQ_URL} and is not answering: {exc}")
+    settings = stack_settings.model_copy(update={"celery_broker_url": RABBITMQ_URL})
+    yield settings
+    with Connection(RABBITMQ_URL) as conn:
+        channel = conn.channel()
+        channel.queue_delete(settings.celery_queue)
+
+
+def _done(services, run_id):
+    run = services.ledger.get(run_id)
+    return run is not None and run.state is RunState.DONE
+
+
+def test_the_happy_path_runs_on_rabbitmq(sandbox, rabbit_settings, services, workers):
+    orders = seed_orders(sandbox, services.inventory, count=3, esim_share=0.5, seed=5)
+    workers(rabbit_settings, concurrency=4)
+    app = make_publisher(rabbit_settings)
+    assert app.conf.broker_transport_options["confirm_publish"] is True
+    for o in orders:
+        publish_run(app, o.run_id)
+    wait_for(lambda: all(_done(services, o.run_id) for o in orders))
+    effects = count_effects(sandbox)
+    assert effects.activated == effects.whmcs_orders == effects.emails == 3
+
+
+def test_a_worker_killed_mid_step_on_rabbitmq_is_redelivered_and_completes_once(
+    sandbox, rabbit_settings, services, workers
+):
+    (order,) = seed_orders(sandbox, services.inventory, count=1, esim_share=1.0)
+    sandbox.admin("whmcs").post("/__admin/faults", {"latency_ms": 1500, "operations": ["AddOrder"]})
+    victim = workers(rabbit_settings, name="victim", concurrency=2)
+    publish_run(make_publisher(rabbit_settings), order.run_id)
+    wait_for(lambda: sandbox.admin("whmcs").get("/__admin/calls")["calls"].get("AddOrder", 0) >= 1, timeout_s=60)
+    victim.kill()
+    sandbox.admin("whmcs").post("/__admin/faults", {})
+    workers(rabbit_settings, name="rescuer", concurrency=2)
+    wait_for(lambda: _done(services, order.run_id), timeout_s=120)
+    effects = count_effects(sandbox)
+    assert effects.whmcs_orders == 1
+    assert effects.esim_confirmed == 1
+    assert effects.emails == 1
