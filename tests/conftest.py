@@ -109,3 +109,47 @@ def workers(stack_settings: Settings, tmp_path: Path) -> Iterator[Callable[..., 
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def listeners(stack_settings: Settings, tmp_path: Path) -> Iterator[Callable[..., ManagedProcess]]:
+    """Start real ``provisioning listen`` processes, each with its health endpoint on a free port.
+
+    ``wait="healthy"`` (default) returns once /healthz answers 200 (leader, subscribed,
+    able to publish); ``wait="standby"`` once it logs that it waits as a standby.
+    """
+    import socket
+
+    import requests
+
+    from provisioning.sandbox.processes import listener
+    from provisioning.sandbox.scenario import wait_until
+
+    started: list[ManagedProcess] = []
+
+    def healthy(port: int) -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def start(settings: Settings | None = None, *, name: str | None = None, extra: list[str] | None = None,
+              wait: str | None = "healthy") -> ManagedProcess:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        env = (settings or stack_settings).to_env()
+        argv = ["--health-port", str(port), *(extra or [])]
+        proc = listener(env, tmp_path / "logs", name=name or f"listener{len(started) + 1}", extra=argv).start()
+        proc.health_port = port  # type: ignore[attr-defined]
+        started.append(proc)
+        if wait == "healthy":
+            wait_until(lambda: healthy(port) or not proc.alive(), timeout_s=60)
+            assert proc.alive(), proc.log_text()[-3000:]
+        elif wait == "standby":
+            proc.wait_for_log("listener_standby", 60)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

@@ -44,6 +44,7 @@ import contextlib
 import itertools
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
@@ -202,12 +203,15 @@ class StreamingClient:
         self._rng = random.Random()
         self._pending: deque[Event] = deque()
         self._client_id: str | None = None
+        self._subscribed_client: str | None = None
         self._last_token: AccessToken | None = None
         self._failures = 0
         self._long_poll_s = DEFAULT_LONG_POLL_S
         self._interval_s = 0.0
         self._position: int = REPLAY_LATEST
         self._last_acked: int | None = None
+        # Wall-clock time of the last successful /meta/connect: the listener's liveness signal.
+        self.last_connected_at: float | None = None
 
     @classmethod
     def from_settings(
@@ -243,7 +247,8 @@ class StreamingClient:
 
     @property
     def connected(self) -> bool:
-        return self._client_id is not None
+        """Handshaken and subscribed (a health signal; it says nothing of the next connect)."""
+        return self._client_id is not None and self._client_id == self._subscribed_client
 
     def ack(self, replay_id: int) -> None:
         """Mark the event processed: every later subscription starts after it."""
@@ -323,6 +328,7 @@ class StreamingClient:
             if reply is None:
                 return
             if reply.successful:
+                self._subscribed_client = self._client_id
                 self.counters.subscribes += 1
                 log.info("streaming_subscribed", channel=self.channel, replay_from=position)
                 return
@@ -363,6 +369,7 @@ class StreamingClient:
             self._recover(reply.kind(), reply, "connect")
             return
         self._failures = 0
+        self.last_connected_at = time.time()
         if advice.get("reconnect") == "handshake":
             self._client_id = None
             return

@@ -50,6 +50,17 @@ def test_events_arrive_in_order_across_many_connects(
     assert [e.replay_id for e in events] == ids
     assert len(fake.bayeux("/meta/connect")) >= 4
     assert stream.counters.events == 35
+    assert stream.last_connected_at is not None
+
+
+def test_connected_means_subscribed(stream: StreamingClient, fake: FakeSalesforce) -> None:
+    fake.publish(1)
+    assert not stream.connected
+    iterator = stream.events(-2)
+    next(iterator)
+    assert stream.connected
+    iterator.close()
+    assert not stream.connected
 
 
 def test_latest_delivers_only_events_published_after_subscribing(

@@ -1,0 +1,191 @@
+"""The listener process: events in, tasks out, none lost, with standby, stop and outages."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from provisioning.ledger import RunState
+from provisioning.sandbox.scenario import count_effects, event_payload, publish_events_admin, seed_orders
+from provisioning.sandbox.scenario import wait_until as wait_for
+from provisioning.services import Services
+
+
+def _done(services, run_id):
+    run = services.ledger.get(run_id)
+    return run is not None and run.state is RunState.DONE
+
+
+def _checkpoint(services, settings):
+    raw = services.redis.get(services.ledger.listener_key(settings.sf_provision_event_channel, "checkpoint"))
+    return int(raw) if raw is not None else None
+
+
+def _lock_holder(services, settings):
+    return services.redis.get(services.ledger.listener_key(settings.sf_provision_event_channel, "lock"))
+
+
+@pytest.fixture
+def listen_settings(stack_settings):
+    return stack_settings.model_copy(update={"listener_health_port": 0, "listener_lock_ttl_s": 3})
+
+
+def test_malformed_events_are_quarantined_with_reasons_and_every_good_one_is_processed(
+    sandbox, listen_settings, services, workers, listeners
+):
+    orders = seed_orders(sandbox, services.inventory, count=4, esim_share=0.5)
+    workers(concurrency=4)
+    listeners(listen_settings)
+    bad = [
+        {"IdemKey__c": "no-order-id"},
+        {"OrderId__c": "801Dn0000HeJ6rrIQX", "IdemKey__c": "bad-checksum"},
+        {"OrderId__c": "not-an-id"},
+        {"OrderId__c": orders[0].order_id, "IdemKey__c": "x" * 81},
+    ]
+    payloads = [event_payload(orders[0]), *bad[:2], event_payload(orders[1]), *bad[2:],
+                event_payload(orders[2]), event_payload(orders[3])]
+    publish_events_admin(sandbox, payloads)
+    wait_for(lambda: all(_done(services, o.run_id) for o in orders))
+    wait_for(lambda: len(services.ledger.quarantined()) == 4)
+    reasons = sorted(e["reason"] for e in services.ledger.quarantined())
+    assert any("OrderId__c is missing" in r for r in reasons)
+    assert sum("not a valid Salesforce Id" in r for r in reasons) == 2
+    assert any("IdemKey__c is longer than 80" in r for r in reasons)
+    assert all(isinstance(e["replay_id"], int) for e in services.ledger.quarantined())
+    assert count_effects(sandbox).whmcs_orders == 4
+
+
+def test_sigterm_exits_0_within_5_seconds_with_the_checkpoint_written_and_the_lock_released(
+    sandbox, listen_settings, services, workers, listeners
+):
+    orders = seed_orders(sandbox, services.inventory, count=3, esim_share=0.0)
+    listener = listeners(listen_settings)
+    replay_ids = publish_events_admin(sandbox, [event_payload(o) for o in orders])
+    wait_for(lambda: _checkpoint(services, listen_settings) == replay_ids[-1])
+    assert _lock_holder(services, listen_settings) is not None
+    started = time.monotonic()
+    listener.proc.send_signal(signal.SIGTERM)
+    assert listener.proc.wait(10) == 0
+    assert time.monotonic() - started < 5
+    assert _checkpoint(services, listen_settings) == replay_ids[-1]
+    assert _lock_holder(services, listen_settings) is None
+
+
+def test_a_standby_takes_over_within_the_lock_expiry_and_resumes_from_the_checkpoint(
+    sandbox, listen_settings, services, workers, listeners
+):
+    orders = seed_orders(sandbox, services.inventory, count=6, esim_share=0.0)
+    workers(concurrency=4)
+    first = listeners(listen_settings, name="first")
+    second = listeners(listen_settings, name="second", wait="standby")
+    publish_events_admin(sandbox, [event_payload(o) for o in orders[:3]])
+    wait_for(lambda: all(_done(services, o.run_id) for o in orders[:3]))
+    assert "event_published" not in second.log_text()
+    first.kill()
+    killed_at = time.monotonic()
+    second.wait_for_log("listener_leader", listen_settings.listener_lock_ttl_s + 5)
+    assert time.monotonic() - killed_at <= listen_settings.listener_lock_ttl_s + 5
+    publish_events_admin(sandbox, [event_payload(o) for o in orders[3:]])
+    wait_for(lambda: all(_done(services, o.run_id) for o in orders))
+    # It resumed after the checkpoint: none of the first three was published again.
+    assert second.log_text().count("event_published") == 3
+    assert count_effects(sandbox).whmcs_orders == 6
+
+
+def test_a_thousand_events_survive_three_listener_kills_with_one_whmcs_order_each(
+    sandbox, listen_settings, services, workers, listeners
+):
+    orders = seed_orders(sandbox, services.inventory, count=1000, esim_share=0.5, seed=99)
+    workers(concurrency=16, name="w1")
+    workers(concurrency=16, name="w2")
+    listener = listeners(listen_settings)
+    for chunk in range(4):
+        publish_events_admin(sandbox, [event_payload(o) for o in orders[chunk * 250 : (chunk + 1) * 250]])
+        if chunk < 3:
+            wait_for(lambda: services.redis.exists(services.ledger.listener_key(listen_settings.sf_provision_event_channel, "checkpoint")))
+            time.sleep(0.5)
+            listener.kill()
+            listener = listeners(listen_settings)
+    wait_for(lambda: all(_done(services, o.run_id) for o in orders), timeout_s=600, poll_s=2)
+    effects = count_effects(sandbox)
+    assert effects.activated == 1000
+    assert effects.whmcs_orders == 1000
+    assert effects.duplicate_whmcs_orders == 0
+
+
+def test_the_reconciler_finishes_a_run_whose_worker_died_and_whose_message_never_came_back(
+    sandbox, listen_settings, services, workers, listeners
+):
+    # A visibility timeout far beyond the test: the broker will not redeliver the lost message.
+    settings = listen_settings.model_copy(
+        update={"celery_visibility_timeout_s": 3600, "reconcile_interval_s": 1, "reconcile_idle_s": 3}
+    )
+    (order,) = seed_orders(sandbox, services.inventory, count=1, esim_share=1.0)
+    sandbox.admin("whmcs").post("/__admin/faults", {"latency_ms": 1500, "operations": ["AddOrder"]})
+    victim = workers(settings, name="victim", concurrency=2)
+    listeners(settings)
+    publish_events_admin(sandbox, [event_payload(order)])
+    wait_for(lambda: sandbox.admin("whmcs").get("/__admin/calls")["calls"].get("AddOrder", 0) >= 1, timeout_s=60)
+    victim.kill()
+    sandbox.admin("whmcs").post("/__admin/faults", {})
+    workers(settings, name="rescuer", concurrency=2)
+    wait_for(lambda: _done(services, order.run_id), timeout_s=90)
+    effects = count_effects(sandbox)
+    assert effects.whmcs_orders == 1
+    assert effects.emails == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_redis_stopped_for_30_seconds_mid_stream_loses_no_event(sandbox, listen_settings, workers, listeners, tmp_path: Path):
+    port = _free_port()
+    data = tmp_path / "redis"
+    data.mkdir()
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+            "--dir", str(data)]
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        wait_for(lambda: _pings(url), timeout_s=10)
+        settings = listen_settings.model_copy(
+            update={"redis_url": url, "celery_broker_url": f"redis://127.0.0.1:{port}/1"}
+        )
+        services = Services(settings)
+        orders = seed_orders(sandbox, services.inventory, count=60, esim_share=0.0)
+        workers(settings, concurrency=8)
+        listeners(settings)
+        publish_events_admin(sandbox, [event_payload(o) for o in orders[:20]])
+        wait_for(lambda: sum(_done(services, o.run_id) for o in orders[:20]) >= 5)
+        server.send_signal(signal.SIGTERM)
+        server.wait(10)
+        publish_events_admin(sandbox, [event_payload(o) for o in orders[20:]])
+        time.sleep(30)
+        server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _pings(url), timeout_s=10)
+        wait_for(lambda: all(_done(services, o.run_id) for o in orders), timeout_s=240, poll_s=1)
+        assert count_effects(sandbox).whmcs_orders == 60
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(10)
+
+
+def _pings(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.exceptions.ConnectionError:
+        return False
+    finally:
+        client.close()
+
+
