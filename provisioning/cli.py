@@ -35,6 +35,7 @@ def check(ctx: Context) -> None:
 
 def _add_commands() -> None:
     from provisioning import operators
+    from provisioning.demo import demo
     from provisioning.esim.cli import esim
     from provisioning.listener import listen
     from provisioning.sandbox.cli import sandbox
@@ -47,6 +48,7 @@ def _add_commands() -> None:
         sandbox,
         listen,
         esim,
+        demo,
     ):
         main.add_command(command)
 

@@ -1,0 +1,331 @@
+"""``provisioning demo``: the whole flow on this machine, against the simulators, in a couple of minutes.
+
+What runs: the sandbox (Salesforce, WHMCS, SM-DP+, SMTP) in this process; the
+listener and two Celery workers as real processes on the local Redis. What
+happens: Orders are seeded (eSIM and physical SIM, two whose WHMCS client has no
+pay method), 10% of the external calls fail transiently, events are published
+through the Salesforce REST API (a few twice), every Order is provisioned, the
+two that fail are fixed in WHMCS and requeued with ``provisioning requeue``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from provisioning.clictx import Context, pass_ctx
+from provisioning.http import make_session
+from provisioning.ledger import RunState
+from provisioning.salesforce.client import SalesforceClient
+from provisioning.sandbox import processes
+from provisioning.sandbox.runner import Sandbox
+from provisioning.sandbox.scenario import SeededOrder, count_effects, seed_orders, wait_until
+from provisioning.services import Services
+from provisioning.settings import Settings
+
+# How long the demo waits for every Order to finish before it gives up.
+SETTLE_TIMEOUT_S = 240.0
+PROGRESS_POLL_S = 0.5
+WORKERS = 2
+WORKER_CONCURRENCY = 8
+TRANSIENT_ERROR_RATE = 0.10
+DUPLICATE_EVENTS = 3
+WITHOUT_PAY_METHOD = 2
+# Faults go to the business calls only, so the demo's own logins stay quiet.
+FAULTY_OPERATIONS = {
+    "salesforce": ["query", "order_patch"],
+    "whmcs": [],
+    "smdp": [],
+    "smtp": [],
+}
+FAULT_STATUS = {"salesforce": 503, "whmcs": 200, "smdp": 503, "smtp": 503}
+
+
+@dataclass
+class DemoResult:
+    orders: int
+    activated: int
+    failed: int
+    requeued: int
+    duplicates_published: int
+    whmcs_orders: int
+    esim_profiles_confirmed: int
+    emails: int
+    sf_api_calls: int
+    elapsed_s: float
+    latency_p50_s: float
+    latency_p95_s: float
+
+    def ok(self) -> bool:
+        return self.activated == self.orders
+
+
+def _sf_time(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+
+
+def _activated_at(view: dict[str, Any]) -> float | None:
+    for patch in view.get("patches", []):
+        if patch["fields"].get("Activation_Status__c") == "Activated":
+            return _sf_time(patch["at"])
+    return None
+
+
+def _check_redis(settings: Settings) -> None:
+    client = redis.Redis.from_url(str(settings.redis_url), socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError as exc:
+        raise click.ClickException(
+            f"the demo needs Redis at {settings.redis_url} ({exc}); start it, or set REDIS_URL"
+        ) from None
+    finally:
+        client.close()
+
+
+def run_demo(settings: Settings, *, orders: int, workdir: Path, console: Console, quiet: bool) -> DemoResult:
+    started = time.monotonic()
+    _check_redis(settings)
+    run_tag = uuid.uuid4().hex[:8]
+    box = Sandbox(workdir / "sandbox", seed=42, long_poll_s=20.0).start()
+    procs: list[processes.ManagedProcess] = []
+    demo_settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        **{
+            **settings.model_dump(),
+            **{k.lower(): v for k, v in box.env().items()},
+            "ledger_prefix": f"demo-{run_tag}",
+            "celery_queue": f"demo-{run_tag}",
+            "sf_events_replay": "EARLIEST",
+            "listener_health_port": 0,
+            "task_retry_backoff_s": 0.5,
+            "task_retry_backoff_max_s": 5.0,
+            "log_format": "json",
+        },
+    )
+    services = Services(demo_settings)
+    try:
+        env = demo_settings.to_env()
+        logs = workdir / "logs"
+        say = (lambda *a: None) if quiet else console.print
+        say(f"[bold]Sandbox[/bold] up: Salesforce {box.url('salesforce')}, WHMCS {box.url('whmcs')}, "
+            f"SM-DP+ {box.url('smdp')}, SMTP {box.urls['smtp']}  (logs in {logs})")
+        seeded = seed_orders(box, services.inventory, count=orders, esim_share=0.6,
+                             without_pay_method=min(WITHOUT_PAY_METHOD, orders), seed=42)
+        say(f"Seeded {len(seeded)} Orders ({sum(o.esim for o in seeded)} eSIM, "
+            f"{sum(not o.esim for o in seeded)} physical SIM; "
+            f"{sum(not o.has_pay_method for o in seeded)} whose WHMCS client has no pay method)")
+        for name, ops in FAULTY_OPERATIONS.items():
+            box.admin(name).post("/__admin/faults", {"error_rate": TRANSIENT_ERROR_RATE,
+                                                      "error_status": FAULT_STATUS[name], "operations": ops})
+        say(f"{int(TRANSIENT_ERROR_RATE * 100)}% of WHMCS, SM-DP+, SMTP and Salesforce REST calls fail transiently")
+
+        procs.append(processes.listener(env, logs).start())
+        for n in range(WORKERS):
+            procs.append(processes.start_worker(env, logs, name=f"demo-worker{n + 1}", concurrency=WORKER_CONCURRENCY))
+        procs[0].wait_for_log("listener_subscribing", 60)
+        say(f"Listener and {WORKERS} workers running (celery -A tasks worker, {WORKER_CONCURRENCY} threads each)")
+
+        published_at, duplicates = _publish(box, demo_settings, seeded)
+        say(f"Published {len(seeded)} OrderProvisionRequested__e events through the Salesforce REST API "
+            f"({duplicates} of them twice)")
+        _follow(box, seeded, console, quiet)
+        first_pass = _views(box, seeded)
+        failed_ids = [o for o in seeded if first_pass[o.order_id]["Activation_Status__c"] == "Failed"]
+        if not quiet:
+            _summary(console, seeded, first_pass, services)
+        requeued = 0
+        if failed_ids:
+            say(f"\n[bold]{len(failed_ids)} Orders failed[/bold]: their clients get a pay method in WHMCS, "
+                "then the operator requeues them:")
+            for o in failed_ids:
+                box.admin("whmcs").post(f"/__admin/clients/{o.whmcs_client_id}/paymethods",
+                                        {"type": "CreditCard", "card_last_four": "1111", "expiry_date": "12/30"})
+            requeued = _requeue_all(env, console, quiet)
+            _follow(box, failed_ids, console, quiet, label="Requeued")
+        final = _views(box, seeded)
+        wait_until(lambda: all(_run_state(services, o) is RunState.DONE for o in seeded), timeout_s=60)
+        effects = count_effects(box)
+        latencies = sorted(
+            at - published_at[o.order_id]
+            for o in seeded
+            if o.has_pay_method and (at := _activated_at(final[o.order_id])) is not None
+        )
+        result = DemoResult(
+            orders=len(seeded),
+            activated=sum(1 for v in final.values() if v["Activation_Status__c"] == "Activated"),
+            failed=len(failed_ids),
+            requeued=requeued,
+            duplicates_published=duplicates,
+            whmcs_orders=effects.whmcs_orders,
+            esim_profiles_confirmed=effects.esim_confirmed,
+            emails=effects.emails,
+            # What the listener and the workers spent of the org's allowance (the events' own
+            # publication stands in for the org's Flow, and logins and CometD are not API calls).
+            sf_api_calls=sum(
+                n for op, n in effects.sf_api_calls.items()
+                if op not in ("token", "event_publish") and not op.startswith("cometd")
+            ),
+            elapsed_s=round(time.monotonic() - started, 2),
+            latency_p50_s=round(_percentile(latencies, 0.50), 3),
+            latency_p95_s=round(_percentile(latencies, 0.95), 3),
+        )
+        if not quiet and failed_ids:
+            _summary(console, failed_ids, final, services, title="After the requeue")
+        return result
+    finally:
+        for proc in procs:
+            proc.stop()
+        box.stop()
+        _cleanup(services, demo_settings)
+
+
+def _publish(box: Sandbox, settings: Settings, seeded: list[SeededOrder]) -> tuple[dict[str, float], int]:
+    client = SalesforceClient.from_settings(settings, session=make_session(settings.tls_ca_bundle))
+    rng = random.Random(7)
+    twice = set(rng.sample(range(len(seeded)), min(DUPLICATE_EVENTS, len(seeded))))
+    published_at: dict[str, float] = {}
+    for n, order in enumerate(seeded):
+        _publish_one(client, order)
+        published_at[order.order_id] = time.time()
+        if n in twice:
+            _publish_one(client, order)
+    return published_at, len(twice)
+
+
+def _publish_one(client: SalesforceClient, order: SeededOrder) -> None:
+    from provisioning.errors import TransientError
+
+    # The org's REST API has the same 10% transient faults; publishing is retried like any client would.
+    for attempt in range(10):
+        try:
+            client.publish_event(order.order_id, order.idem_key)
+            return
+        except TransientError:
+            time.sleep(0.1 * (attempt + 1))
+    client.publish_event(order.order_id, order.idem_key)
+
+
+def _views(box: Sandbox, seeded: list[SeededOrder]) -> dict[str, dict[str, Any]]:
+    wanted = {o.order_id for o in seeded}
+    return {v["Id"]: v for v in box.admin("salesforce").get("/__admin/orders")["orders"] if v["Id"] in wanted}
+
+
+def _follow(box: Sandbox, seeded: list[SeededOrder], console: Console, quiet: bool, label: str = "Provisioning") -> None:
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    columns = [TextColumn(f"{label} "), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
+        task = progress.add_task(label, total=len(seeded), detail="")
+        while True:
+            views = _views(box, seeded)
+            states = [views[o.order_id]["Activation_Status__c"] for o in seeded]
+            done = sum(s in ("Activated", "Failed") for s in states)
+            progress.update(task, completed=done,
+                            detail=f"activated {states.count('Activated')}, failed {states.count('Failed')}")
+            if done == len(seeded):
+                return
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"not every Order finished within {SETTLE_TIMEOUT_S:.0f}s; see the logs")
+            time.sleep(PROGRESS_POLL_S)
+
+
+def _run_state(services: Services, order: SeededOrder) -> RunState | None:
+    run = services.ledger.get(order.run_id)
+    return run.state if run else None
+
+
+def _summary(console: Console, seeded: list[SeededOrder], views: dict[str, dict[str, Any]], services: Services,
+             title: str = "Orders") -> None:
+    table = Table(title=title)
+    for col in ("Order", "SIM", "status", "WHMCS order", "ICCID", "attempts", "error"):
+        table.add_column(col)
+    for o in seeded:
+        v = views[o.order_id]
+        run = services.ledger.get(o.run_id)
+        attempts = sum(r.attempts for r in run.steps.values()) if run else 0
+        table.add_row(o.order_id, "eSIM" if o.esim else "physical", v["Activation_Status__c"] or "",
+                      str(v.get("WHMCS_Order_ID__c") or ""), str(v.get("ESIM_ICCID__c") or ""), str(attempts),
+                      (v.get("Activation_Error__c") or "")[:70])
+    console.print(table)
+
+
+def _requeue_all(env: dict[str, str], console: Console, quiet: bool) -> int:
+    argv = [str(Path(sys.executable).with_name("provisioning")), "requeue", "--all", "--json"]
+    if not quiet:
+        console.print("  $ provisioning requeue --all")
+    out = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, timeout=120, check=False)
+    if out.returncode != 0:
+        raise click.ClickException(f"provisioning requeue failed: {out.stderr.strip()[-500:]}")
+    outcomes = json.loads(out.stdout)
+    if not quiet:
+        for o in outcomes:
+            console.print(f"    {o['run_id']}: {o['action']} at {o['step']}")
+    return sum(1 for o in outcomes if o["action"] == "requeued")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1]
+
+
+def _cleanup(services: Services, settings: Settings) -> None:
+    """The demo's namespace goes away with it: ledger keys and its queue."""
+    for client in (services.redis, redis.Redis.from_url(settings.celery_broker_url)):
+        try:
+            keys = list(client.scan_iter(f"*{settings.ledger_prefix}*", count=1000))
+            if keys:
+                client.delete(*keys)
+        except redis.exceptions.RedisError:
+            pass
+
+
+@click.command()
+@click.option("--orders", default=50, show_default=True, type=click.IntRange(1, 2000), help="How many Orders to seed.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the counts instead of tables.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path(".sandbox/demo"),
+              show_default=True, help="Where the sandbox's CA, keys and the process logs go.")
+@pass_ctx
+def demo(ctx: Context, orders: int, as_json: bool, workdir: Path) -> None:
+    """Run the whole flow end to end against the simulators, on the local Redis.
+
+    Starts the sandbox, the listener and two workers; seeds Orders (two of them
+    fail for want of a pay method, 10% of calls fail transiently, a few events
+    arrive twice); then fixes and requeues the failed ones. Exit 0 when every
+    Order ends Activated.
+    """
+    console = Console(stderr=as_json)
+    if not console.is_terminal:
+        console = Console(stderr=as_json, width=140)
+    result = run_demo(ctx.settings, orders=orders, workdir=workdir, console=console, quiet=as_json)
+    if as_json:
+        click.echo(json.dumps(result.__dict__))
+    else:
+        table = Table(title="Demo result")
+        table.add_column("measure")
+        table.add_column("value", justify="right")
+        for key, value in result.__dict__.items():
+            table.add_row(key, str(value))
+        console.print(table)
+        verdict = "[green]every Order Activated[/green]" if result.ok() else "[red]not every Order Activated[/red]"
+        console.print(f"{verdict} in {result.elapsed_s:.1f}s")
+    sys.exit(0 if result.ok() else 1)

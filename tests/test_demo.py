@@ -1,0 +1,26 @@
+"""The newcomer's demo: one command, every Order Activated, the counts in JSON."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CLI = str(Path(sys.executable).with_name("provisioning"))
+
+
+def test_the_demo_activates_every_order_and_reports_matching_counts_in_json(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SF_", "WHMCS_", "SMDP_", "SMTP_"))}
+    out = subprocess.run(
+        [CLI, "demo", "--orders", "12", "--json", "--workdir", str(tmp_path / "demo")],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["orders"] == 12
+    assert result["whmcs_orders"] == result["emails"] == result["activated"] == 12
+    assert result["failed"] == result["requeued"] == 2
+    assert result["duplicates_published"] == 3
+    assert 0 < result["latency_p50_s"] <= result["latency_p95_s"]
+    for key in ("esim_profiles_confirmed", "sf_api_calls", "elapsed_s"):
+        assert key in result
