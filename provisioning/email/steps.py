@@ -15,6 +15,7 @@ from typing import Any
 
 from provisioning.email.errors import EmailDeliveryUnknownError, EmailError
 from provisioning.email.message import build_activation_email, message_id_for
+from provisioning.esim.steps import activation_code_for
 from provisioning.logs import get_logger
 from provisioning.runs import StepContext
 
@@ -47,7 +48,7 @@ def send_email(ctx: StepContext) -> dict[str, Any]:
         order_number=order.order_number or order.id,
         whmcs_order_id=str(whmcs.get("whmcs_order_id", "")),
         iccid=esim.get("iccid"),
-        activation_code=esim.get("activation_code"),
+        activation_code=activation_code_for(ctx) if esim.get("iccid") else None,
         sender=settings.email_sender,
         message_id_domain=settings.email_message_id_domain,
     )

@@ -57,10 +57,15 @@ def activate_esim(ctx: StepContext) -> dict[str, Any]:
         if not exc.is_invalid_transition:
             raise
         log.info("esim_confirm_repeat", iccid=iccid)
+    if smdp_address:
+        ctx.set_marker("smdp_address", smdp_address)
     inventory.mark_used(ctx.run_id)
-    address = smdp_address or smdp_address_from_settings(ctx.settings)
-    return {
-        "iccid": iccid,
-        "matching_id": matching_id,
-        "activation_code": activation_code(address, matching_id),
-    }
+    # Only the ICCID goes on: the activation code lets anyone download the profile, so it is
+    # rebuilt where it is needed (the e-mail) and never shown in Flower or task results.
+    return {"iccid": iccid}
+
+
+def activation_code_for(ctx: StepContext) -> str:
+    """The run's activation code: ``LPA:1$<SM-DP+ address>$<matchingId derived from the run id>``."""
+    address = ctx.marker("smdp_address") or smdp_address_from_settings(ctx.settings)
+    return activation_code(address, matching_id_for_run(ctx.run_id))

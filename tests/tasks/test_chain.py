@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+from provisioning.esim.client import matching_id_for_run
 from provisioning.ledger import RunState
 from provisioning.runs import make_publisher, publish_run
 from provisioning.sandbox.scenario import count_effects, seed_orders, wait_until as wait_for
@@ -45,6 +46,13 @@ def test_esim_and_physical_orders_end_activated_with_one_effect_each(sandbox, st
     assert effects.emails == effects.distinct_message_ids == 4
     assert effects.esim_confirmed == sum(o.esim for o in orders)
     assert effects.esim_reserved_unconfirmed == 0
+    # Each eSIM customer's e-mail carries the activation code of the profile confirmed for the run.
+    smtp = sandbox.admin("smtp")
+    raw = [smtp.session.get(f"{smtp.base_url}/__admin/messages/{m['id']}", timeout=10).text
+           for m in smtp.get("/__admin/messages")["messages"]]
+    for o in orders:
+        code = f"LPA:1$smdp.sandbox.local${matching_id_for_run(o.run_id)}"
+        assert sum(code in text for text in raw) == (1 if o.esim else 0)
 
 
 def test_a_successful_run_costs_exactly_two_salesforce_api_calls(sandbox, stack_settings, services, workers):
