@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import redis
 from kombu.connection import Connection
 
+from provisioning.service_checks import NotRunning, external_probes
 from provisioning.settings import Settings, redact_url
 
 # Each probe gives up after this long, so `check` answers quickly when something is down.
@@ -17,7 +18,7 @@ PROBE_TIMEOUT_S = 3.0
 @dataclass
 class CheckResult:
     name: str
-    status: str  # OK, FAIL or SKIP
+    status: str  # OK, FAIL, WARN or SKIP
     detail: str
 
 
@@ -43,7 +44,6 @@ Probe = Callable[[Settings], str]
 
 def probes(settings: Settings) -> list[tuple[str, Probe | None]]:
     """(name, probe) for every dependency; probe None when it is not configured."""
-    from provisioning.service_checks import external_probes
 
     return [("redis", _redis), ("broker", _broker), *external_probes(settings)]
 
@@ -56,6 +56,8 @@ def run_checks(settings: Settings) -> list[CheckResult]:
             continue
         try:
             detail = probe(settings)
+        except NotRunning as exc:
+            results.append(CheckResult(name, "WARN", str(exc)))
         except Exception as exc:  # every failure becomes a FAIL line, never a traceback
             where = {
                 "redis": redact_url(settings.redis_url),
