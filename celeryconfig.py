@@ -34,7 +34,9 @@ def build(settings: Settings) -> dict[str, Any]:
             visibility_timeout=settings.celery_visibility_timeout_s,
             # Look for messages of dead workers every few seconds (kombu's default: about every
             # 100 s), so a redelivery comes soon after the visibility timeout, not minutes later.
-            unacked_restore_interval=max(1, min(UNACKED_RESTORE_INTERVAL_MAX_S, settings.celery_visibility_timeout_s // 3)),
+            unacked_restore_interval=max(
+                1, min(UNACKED_RESTORE_INTERVAL_MAX_S, settings.celery_visibility_timeout_s // 3)
+            ),
             unacked_restore_throttle=1,
             socket_timeout=BROKER_SOCKET_TIMEOUT_S,
             socket_connect_timeout=BROKER_CONNECT_TIMEOUT_S,

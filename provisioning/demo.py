@@ -106,7 +106,7 @@ def run_demo(settings: Settings, *, orders: int, workdir: Path, console: Console
     box = Sandbox(workdir / "sandbox", seed=42, long_poll_s=20.0).start()
     procs: list[processes.ManagedProcess] = []
     demo_settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         **{
             **settings.model_dump(),
             **{k.lower(): v for k, v in box.env().items()},
@@ -123,28 +123,51 @@ def run_demo(settings: Settings, *, orders: int, workdir: Path, console: Console
     try:
         env = demo_settings.to_env()
         logs = workdir / "logs"
-        say = (lambda *a: None) if quiet else console.print
-        say(f"[bold]Sandbox[/bold] up: Salesforce {box.url('salesforce')}, WHMCS {box.url('whmcs')}, "
-            f"SM-DP+ {box.url('smdp')}, SMTP {box.urls['smtp']}  (logs in {logs})")
-        seeded = seed_orders(box, services.inventory, count=orders, esim_share=0.6,
-                             without_pay_method=min(WITHOUT_PAY_METHOD, orders), seed=42)
-        say(f"Seeded {len(seeded)} Orders ({sum(o.esim for o in seeded)} eSIM, "
+        def say(text: str) -> None:
+            if not quiet:
+                console.print(text)
+
+        say(
+            f"[bold]Sandbox[/bold] up: Salesforce {box.url('salesforce')}, WHMCS {box.url('whmcs')}, "
+            f"SM-DP+ {box.url('smdp')}, SMTP {box.urls['smtp']}  (logs in {logs})"
+        )
+        seeded = seed_orders(
+            box,
+            services.inventory,
+            count=orders,
+            esim_share=0.6,
+            without_pay_method=min(WITHOUT_PAY_METHOD, orders),
+            seed=42,
+        )
+        say(
+            f"Seeded {len(seeded)} Orders ({sum(o.esim for o in seeded)} eSIM, "
             f"{sum(not o.esim for o in seeded)} physical SIM; "
-            f"{sum(not o.has_pay_method for o in seeded)} whose WHMCS client has no pay method)")
+            f"{sum(not o.has_pay_method for o in seeded)} whose WHMCS client has no pay method)"
+        )
         for name, ops in FAULTY_OPERATIONS.items():
-            box.admin(name).post("/__admin/faults", {"error_rate": TRANSIENT_ERROR_RATE,
-                                                      "error_status": FAULT_STATUS[name], "operations": ops})
-        say(f"{int(TRANSIENT_ERROR_RATE * 100)}% of WHMCS, SM-DP+, SMTP and Salesforce REST calls fail transiently")
+            box.admin(name).post(
+                "/__admin/faults",
+                {"error_rate": TRANSIENT_ERROR_RATE, "error_status": FAULT_STATUS[name], "operations": ops},
+            )
+        say(
+            f"{int(TRANSIENT_ERROR_RATE * 100)}% of WHMCS, SM-DP+, SMTP and Salesforce REST calls fail transiently"
+        )
 
         procs.append(processes.listener(env, logs).start())
         for n in range(WORKERS):
-            procs.append(processes.start_worker(env, logs, name=f"demo-worker{n + 1}", concurrency=WORKER_CONCURRENCY))
+            procs.append(
+                processes.start_worker(env, logs, name=f"demo-worker{n + 1}", concurrency=WORKER_CONCURRENCY)
+            )
         procs[0].wait_for_log("listener_subscribing", 60)
-        say(f"Listener and {WORKERS} workers running (celery -A tasks worker, {WORKER_CONCURRENCY} threads each)")
+        say(
+            f"Listener and {WORKERS} workers running (celery -A tasks worker, {WORKER_CONCURRENCY} threads each)"
+        )
 
         published_at, duplicates = _publish(box, demo_settings, seeded)
-        say(f"Published {len(seeded)} OrderProvisionRequested__e events through the Salesforce REST API "
-            f"({duplicates} of them twice)")
+        say(
+            f"Published {len(seeded)} OrderProvisionRequested__e events through the Salesforce REST API "
+            f"({duplicates} of them twice)"
+        )
         _follow(box, seeded, console, quiet)
         first_pass = _views(box, seeded)
         failed_ids = [o for o in seeded if first_pass[o.order_id]["Activation_Status__c"] == "Failed"]
@@ -152,11 +175,15 @@ def run_demo(settings: Settings, *, orders: int, workdir: Path, console: Console
             _summary(console, seeded, first_pass, services)
         requeued = 0
         if failed_ids:
-            say(f"\n[bold]{len(failed_ids)} Orders failed[/bold]: their clients get a pay method in WHMCS, "
-                "then the operator requeues them:")
+            say(
+                f"\n[bold]{len(failed_ids)} Orders failed[/bold]: their clients get a pay method in WHMCS, "
+                "then the operator requeues them:"
+            )
             for o in failed_ids:
-                box.admin("whmcs").post(f"/__admin/clients/{o.whmcs_client_id}/paymethods",
-                                        {"type": "CreditCard", "card_last_four": "1111", "expiry_date": "12/30"})
+                box.admin("whmcs").post(
+                    f"/__admin/clients/{o.whmcs_client_id}/paymethods",
+                    {"type": "CreditCard", "card_last_four": "1111", "expiry_date": "12/30"},
+                )
             requeued = _requeue_all(env, console, quiet)
             _follow(box, failed_ids, console, quiet, label="Requeued")
         final = _views(box, seeded)
@@ -179,7 +206,8 @@ def run_demo(settings: Settings, *, orders: int, workdir: Path, console: Console
             # What the listener and the workers spent of the org's allowance (the events' own
             # publication stands in for the org's Flow, and logins and CometD are not API calls).
             sf_api_calls=sum(
-                n for op, n in effects.sf_api_calls.items()
+                n
+                for op, n in effects.sf_api_calls.items()
                 if op not in ("token", "event_publish") and not op.startswith("cometd")
             ),
             elapsed_s=round(time.monotonic() - started, 2),
@@ -227,22 +255,34 @@ def _views(box: Sandbox, seeded: list[SeededOrder]) -> dict[str, dict[str, Any]]
     return {v["Id"]: v for v in box.admin("salesforce").get("/__admin/orders")["orders"] if v["Id"] in wanted}
 
 
-def _follow(box: Sandbox, seeded: list[SeededOrder], console: Console, quiet: bool, label: str = "Provisioning") -> None:
+def _follow(
+    box: Sandbox, seeded: list[SeededOrder], console: Console, quiet: bool, label: str = "Provisioning"
+) -> None:
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
-    columns = [TextColumn(f"{label} "), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
-               TimeElapsedColumn()]
+    columns = [
+        TextColumn(f"{label} "),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
         task = progress.add_task(label, total=len(seeded), detail="")
         while True:
             views = _views(box, seeded)
             states = [views[o.order_id]["Activation_Status__c"] for o in seeded]
             done = sum(s in ("Activated", "Failed") for s in states)
-            progress.update(task, completed=done,
-                            detail=f"activated {states.count('Activated')}, failed {states.count('Failed')}")
+            progress.update(
+                task,
+                completed=done,
+                detail=f"activated {states.count('Activated')}, failed {states.count('Failed')}",
+            )
             if done == len(seeded):
                 return
             if time.monotonic() > deadline:
-                raise click.ClickException(f"not every Order finished within {SETTLE_TIMEOUT_S:.0f}s; see the logs")
+                raise click.ClickException(
+                    f"not every Order finished within {SETTLE_TIMEOUT_S:.0f}s; see the logs"
+                )
             time.sleep(PROGRESS_POLL_S)
 
 
@@ -251,8 +291,13 @@ def _run_state(services: Services, order: SeededOrder) -> RunState | None:
     return run.state if run else None
 
 
-def _summary(console: Console, seeded: list[SeededOrder], views: dict[str, dict[str, Any]], services: Services,
-             title: str = "Orders") -> None:
+def _summary(
+    console: Console,
+    seeded: list[SeededOrder],
+    views: dict[str, dict[str, Any]],
+    services: Services,
+    title: str = "Orders",
+) -> None:
     table = Table(title=title)
     for col in ("Order", "SIM", "status", "WHMCS order", "ICCID", "attempts", "error"):
         table.add_column(col)
@@ -260,9 +305,15 @@ def _summary(console: Console, seeded: list[SeededOrder], views: dict[str, dict[
         v = views[o.order_id]
         run = services.ledger.get(o.run_id)
         attempts = sum(r.attempts for r in run.steps.values()) if run else 0
-        table.add_row(o.order_id, "eSIM" if o.esim else "physical", v["Activation_Status__c"] or "",
-                      str(v.get("WHMCS_Order_ID__c") or ""), str(v.get("ESIM_ICCID__c") or ""), str(attempts),
-                      (v.get("Activation_Error__c") or "")[:70])
+        table.add_row(
+            o.order_id,
+            "eSIM" if o.esim else "physical",
+            v["Activation_Status__c"] or "",
+            str(v.get("WHMCS_Order_ID__c") or ""),
+            str(v.get("ESIM_ICCID__c") or ""),
+            str(attempts),
+            (v.get("Activation_Error__c") or "")[:70],
+        )
     console.print(table)
 
 
@@ -270,7 +321,9 @@ def _requeue_all(env: dict[str, str], console: Console, quiet: bool) -> int:
     argv = [str(Path(sys.executable).with_name("provisioning")), "requeue", "--all", "--json"]
     if not quiet:
         console.print("  $ provisioning requeue --all")
-    out = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, timeout=120, check=False)
+    out = subprocess.run(
+        argv, env={**os.environ, **env}, capture_output=True, text=True, timeout=120, check=False
+    )
     if out.returncode != 0:
         raise click.ClickException(f"provisioning requeue failed: {out.stderr.strip()[-500:]}")
     outcomes = json.loads(out.stdout)
@@ -300,10 +353,19 @@ def _cleanup(services: Services, settings: Settings) -> None:
 
 
 @click.command()
-@click.option("--orders", default=50, show_default=True, type=click.IntRange(1, 2000), help="How many Orders to seed.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the counts instead of tables.")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path(".sandbox/demo"),
-              show_default=True, help="Where the sandbox's CA, keys and the process logs go.")
+@click.option(
+    "--orders", default=50, show_default=True, type=click.IntRange(1, 2000), help="How many Orders to seed."
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object with the counts instead of tables."
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".sandbox/demo"),
+    show_default=True,
+    help="Where the sandbox's CA, keys and the process logs go.",
+)
 @pass_ctx
 def demo(ctx: Context, orders: int, as_json: bool, workdir: Path) -> None:
     """Run the whole flow end to end against the simulators, on the local Redis.
@@ -326,6 +388,8 @@ def demo(ctx: Context, orders: int, as_json: bool, workdir: Path) -> None:
         for key, value in result.__dict__.items():
             table.add_row(key, str(value))
         console.print(table)
-        verdict = "[green]every Order Activated[/green]" if result.ok() else "[red]not every Order Activated[/red]"
+        verdict = (
+            "[green]every Order Activated[/green]" if result.ok() else "[red]not every Order Activated[/red]"
+        )
         console.print(f"{verdict} in {result.elapsed_s:.1f}s")
     sys.exit(0 if result.ok() else 1)

@@ -329,9 +329,7 @@ class Ledger:
     def stale_runs(self, idle_s: float, limit: int = 500) -> list[str]:
         """Unfinished runs not updated for ``idle_s`` and not leased: candidates to resume."""
         cutoff = time.time() - idle_s
-        ids = [
-            _str(i) for i in self.redis.zrangebyscore(self.active_key, "-inf", cutoff, start=0, num=limit)
-        ]
+        ids = [_str(i) for i in self.redis.zrangebyscore(self.active_key, "-inf", cutoff, start=0, num=limit)]
         if not ids:
             return []
         pipe = self.redis.pipeline(transaction=False)

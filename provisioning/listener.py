@@ -24,8 +24,8 @@ import random
 import signal
 import threading
 import time
-from contextlib import suppress
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -454,6 +454,7 @@ def listen(ctx: Context, replay_from: str | None, health_port: int | None) -> No
     # The handler only sets a flag: stopping the stream takes locks the main thread may hold.
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+
     def _stopper() -> None:
         stop_requested.wait()
         listener.stop()

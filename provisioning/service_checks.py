@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import smtplib
 from collections.abc import Callable
 
@@ -31,11 +32,9 @@ def _whmcs(settings: Settings) -> str:
     from provisioning.whmcs.errors import WhmcsClientNotFound
 
     client = WhmcsClient.from_settings(settings, make_session(settings.tls_ca_bundle))
-    try:
+    # "Client Not Found" is the answer we expect for client 0: the API took our credentials.
+    with contextlib.suppress(WhmcsClientNotFound):
         client.get_client(0)
-    except WhmcsClientNotFound:
-        # The answer we expect for client 0: the API took our credentials.
-        pass
     return f"{settings.whmcs_url} API credentials accepted"
 
 
@@ -66,7 +65,12 @@ def _workers(settings: Settings) -> str:
 def external_probes(settings: Settings) -> list[tuple[str, Probe | None]]:
     s = settings
     return [
-        ("salesforce", _salesforce if s.sf_login_url and s.sf_client_id and s.sf_username and s.sf_private_key_file else None),
+        (
+            "salesforce",
+            _salesforce
+            if s.sf_login_url and s.sf_client_id and s.sf_username and s.sf_private_key_file
+            else None,
+        ),
         ("whmcs", _whmcs if s.whmcs_url and s.whmcs_identifier and s.whmcs_secret else None),
         ("smdp", _smdp if s.smdp_url else None),
         ("smtp", _smtp if s.smtp_host else None),

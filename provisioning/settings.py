@@ -145,15 +145,27 @@ class Settings(BaseSettings):
     )
 
     # Order field names (API names), in case an org named them differently.
-    sf_field_activation_status: str = "Activation_Status__c"
-    sf_field_whmcs_client_id: str = "WHMCS_Client_ID__c"
-    sf_field_sim_type: str = "SIM_Type__c"
-    sf_field_eid: str = "EID__c"
-    sf_field_whmcs_product_id: str = "WHMCS_Product_ID__c"
-    sf_field_whmcs_order_id: str = "WHMCS_Order_ID__c"
-    sf_field_esim_iccid: str = "ESIM_ICCID__c"
-    sf_field_activation_error: str = "Activation_Error__c"
-    sf_field_activated_at: str = "Activated_At__c"
+    sf_field_activation_status: str = Field(
+        "Activation_Status__c", description="Order field: Activating / Activated / Failed."
+    )
+    sf_field_whmcs_client_id: str = Field(
+        "WHMCS_Client_ID__c", description="Account field: the WHMCS client id."
+    )
+    sf_field_sim_type: str = Field("SIM_Type__c", description="Order field: eSIM or Physical.")
+    sf_field_eid: str = Field("EID__c", description="Order field: the device's EID (eSIM).")
+    sf_field_whmcs_product_id: str = Field(
+        "WHMCS_Product_ID__c", description="Product2 field: the WHMCS product id."
+    )
+    sf_field_whmcs_order_id: str = Field(
+        "WHMCS_Order_ID__c", description="Order field written: the WHMCS order id."
+    )
+    sf_field_esim_iccid: str = Field("ESIM_ICCID__c", description="Order field written: the eSIM's ICCID.")
+    sf_field_activation_error: str = Field(
+        "Activation_Error__c", description="Order field written: why it failed."
+    )
+    sf_field_activated_at: str = Field(
+        "Activated_At__c", description="Order field written: when it was activated."
+    )
 
     # -- WHMCS -----------------------------------------------------------------------------
     whmcs_url: HttpUrl | None = Field(None, description="WHMCS base URL (…/includes/api.php is appended).")
@@ -167,16 +179,15 @@ class Settings(BaseSettings):
     smdp_address: str | None = Field(
         None, description="SM-DP+ FQDN in activation codes; default: the host of SMDP_URL."
     )
-    smdp_profile_type: str = Field("default", description="Profile type ordered for eSIMs.")
     esim_stock_warn_threshold: int = Field(
         20, ge=0, description="`provisioning esim stock` warns below this many free ICCIDs."
     )
 
     # -- e-mail ----------------------------------------------------------------------------
     smtp_host: str | None = Field(None, description="SMTP server host.")
-    smtp_port: int = Field(25, ge=1, le=65535)
-    smtp_username: str | None = None
-    smtp_password: SecretStr | None = None
+    smtp_port: int = Field(25, ge=1, le=65535, description="SMTP server port.")
+    smtp_username: str | None = Field(None, description="SMTP login (with SMTP_PASSWORD); empty: no login.")
+    smtp_password: SecretStr | None = Field(None, description="SMTP password.")
     smtp_starttls: bool = Field(False, description="Upgrade the SMTP connection with STARTTLS.")
     email_sender: str = Field("Provisioning <provisioning@example.com>", description="From: header.")
     email_message_id_domain: str = Field(
@@ -192,9 +203,15 @@ class Settings(BaseSettings):
         None, description="CA bundle for every HTTPS client; wins over REQUESTS_CA_BUNDLE."
     )
     log_format: Literal["text", "json"] = Field("text", description="text or json lines.")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    listener_health_host: str = "127.0.0.1"
-    listener_health_port: int = Field(9108, ge=0, le=65535, description="0 disables the endpoint.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="DEBUG, INFO, WARNING or ERROR."
+    )
+    listener_health_host: str = Field(
+        "127.0.0.1", description="Address of the listener's /healthz and /metrics."
+    )
+    listener_health_port: int = Field(
+        9108, ge=0, le=65535, description="Port of /healthz, /livez, /metrics; 0 turns it off."
+    )
     listener_lock_ttl_s: int = Field(15, ge=3, description="Leader lock expiry; renewed at a third.")
     reconcile_interval_s: int = Field(30, ge=1, description="Seconds between reconciler sweeps.")
     reconcile_idle_s: int = Field(

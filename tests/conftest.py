@@ -133,14 +133,21 @@ def listeners(stack_settings: Settings, tmp_path: Path) -> Iterator[Callable[...
         except requests.RequestException:
             return False
 
-    def start(settings: Settings | None = None, *, name: str | None = None, extra: list[str] | None = None,
-              wait: str | None = "healthy") -> ManagedProcess:
+    def start(
+        settings: Settings | None = None,
+        *,
+        name: str | None = None,
+        extra: list[str] | None = None,
+        wait: str | None = "healthy",
+    ) -> ManagedProcess:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
         env = (settings or stack_settings).to_env()
         argv = ["--health-port", str(port), *(extra or [])]
-        proc = listener(env, tmp_path / "logs", name=name or f"listener{len(started) + 1}", extra=argv).start()
+        proc = listener(
+            env, tmp_path / "logs", name=name or f"listener{len(started) + 1}", extra=argv
+        ).start()
         proc.health_port = port  # type: ignore[attr-defined]
         started.append(proc)
         if wait == "healthy":

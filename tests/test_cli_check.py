@@ -36,12 +36,20 @@ def test_an_invalid_replay_setting_exits_2_naming_the_variable_without_a_traceba
     assert "Traceback" not in out.stderr
 
 
-def test_check_reaches_every_external_service_of_the_sandbox_and_fails_a_wrong_whmcs_secret(tmp_path, sandbox):
-    env = {**sandbox.env(), "REDIS_URL": "redis://127.0.0.1:6379/0", "CELERY_BROKER_URL": "redis://127.0.0.1:6379/1"}
+def test_check_reaches_every_external_service_of_the_sandbox_and_fails_a_wrong_whmcs_secret(
+    tmp_path, sandbox
+):
+    env = {
+        **sandbox.env(),
+        "REDIS_URL": "redis://127.0.0.1:6379/0",
+        "CELERY_BROKER_URL": "redis://127.0.0.1:6379/1",
+    }
     out = _run(tmp_path, **env)
     assert out.returncode == 0, out.stdout + out.stderr
     for name in ("salesforce", "whmcs", "smdp", "smtp"):
-        assert any(line.startswith("OK") and f"  {name} " in line for line in out.stdout.splitlines()), out.stdout
+        assert any(line.startswith("OK") and f"  {name} " in line for line in out.stdout.splitlines()), (
+            out.stdout
+        )
     bad = _run(tmp_path, **{**env, "WHMCS_SECRET": "wrong-secret-value"})
     assert bad.returncode == 1
     assert any(line.startswith("FAIL") and "whmcs" in line for line in bad.stdout.splitlines())

@@ -13,7 +13,12 @@ def test_the_demo_activates_every_order_and_reports_matching_counts_in_json(tmp_
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SF_", "WHMCS_", "SMDP_", "SMTP_"))}
     out = subprocess.run(
         [CLI, "demo", "--orders", "12", "--json", "--workdir", str(tmp_path / "demo")],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)

@@ -26,7 +26,9 @@ def test_flower_shows_the_tasks_of_a_run_with_ids_only(sandbox, stack_settings, 
     log = (tmp_path / "flower.log").open("wb")
     flower = subprocess.Popen(
         [CELERY, "-A", "tasks", "flower", f"--port={port}", "--address=127.0.0.1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         base = f"http://127.0.0.1:{port}"
@@ -44,8 +46,12 @@ def test_flower_shows_the_tasks_of_a_run_with_ids_only(sandbox, stack_settings, 
         mine = wait_until(run_tasks, timeout_s=90)
         names = {t["name"] for t in mine}
         assert names == {
-            "provisioning.provision_order", "provisioning.validate_payment", "provisioning.activate_esim",
-            "provisioning.create_whmcs_order", "provisioning.update_salesforce", "provisioning.send_email",
+            "provisioning.provision_order",
+            "provisioning.validate_payment",
+            "provisioning.activate_esim",
+            "provisioning.create_whmcs_order",
+            "provisioning.update_salesforce",
+            "provisioning.send_email",
         }
         personal = ["@example.test", "Customer0", "customer0", "LPA:"]
         for task in mine:

@@ -48,8 +48,14 @@ def test_malformed_events_are_quarantined_with_reasons_and_every_good_one_is_pro
         {"OrderId__c": "not-an-id"},
         {"OrderId__c": orders[0].order_id, "IdemKey__c": "x" * 81},
     ]
-    payloads = [event_payload(orders[0]), *bad[:2], event_payload(orders[1]), *bad[2:],
-                event_payload(orders[2]), event_payload(orders[3])]
+    payloads = [
+        event_payload(orders[0]),
+        *bad[:2],
+        event_payload(orders[1]),
+        *bad[2:],
+        event_payload(orders[2]),
+        event_payload(orders[3]),
+    ]
     publish_events_admin(sandbox, payloads)
     wait_for(lambda: all(_done(services, o.run_id) for o in orders))
     wait_for(lambda: len(services.ledger.quarantined()) == 4)
@@ -108,7 +114,11 @@ def test_a_thousand_events_survive_three_listener_kills_with_one_whmcs_order_eac
     for chunk in range(4):
         publish_events_admin(sandbox, [event_payload(o) for o in orders[chunk * 250 : (chunk + 1) * 250]])
         if chunk < 3:
-            wait_for(lambda: services.redis.exists(services.ledger.listener_key(listen_settings.sf_provision_event_channel, "checkpoint")))
+            wait_for(
+                lambda: services.redis.exists(
+                    services.ledger.listener_key(listen_settings.sf_provision_event_channel, "checkpoint")
+                )
+            )
             time.sleep(0.5)
             listener.kill()
             listener = listeners(listen_settings)
@@ -131,7 +141,9 @@ def test_the_reconciler_finishes_a_run_whose_worker_died_and_whose_message_never
     victim = workers(settings, name="victim", concurrency=2)
     listeners(settings)
     publish_events_admin(sandbox, [event_payload(order)])
-    wait_for(lambda: sandbox.admin("whmcs").get("/__admin/calls")["calls"].get("AddOrder", 0) >= 1, timeout_s=60)
+    wait_for(
+        lambda: sandbox.admin("whmcs").get("/__admin/calls")["calls"].get("AddOrder", 0) >= 1, timeout_s=60
+    )
     victim.kill()
     sandbox.admin("whmcs").post("/__admin/faults", {})
     workers(settings, name="rescuer", concurrency=2)
@@ -147,12 +159,25 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_redis_stopped_for_30_seconds_mid_stream_loses_no_event(sandbox, listen_settings, workers, listeners, tmp_path: Path):
+def test_redis_stopped_for_30_seconds_mid_stream_loses_no_event(
+    sandbox, listen_settings, workers, listeners, tmp_path: Path
+):
     port = _free_port()
     data = tmp_path / "redis"
     data.mkdir()
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-            "--dir", str(data)]
+    argv = [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--dir",
+        str(data),
+    ]
     server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"redis://127.0.0.1:{port}/0"
@@ -196,5 +221,3 @@ def _pings(url: str) -> bool:
         return False
     finally:
         client.close()
-
-

@@ -38,7 +38,9 @@ QR_BORDER_MODULES = 4
 QR_DISPLAY_PX = 220
 
 _ORDER_ID = re.compile(r"^[A-Za-z0-9]{15,18}$")
-_DOMAIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_DOMAIN = re.compile(
+    r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 # 96 bits of the run id's hash: unique enough, and the header stays on one line.
 _DIGEST_HEX_CHARS = 24
 
@@ -87,7 +89,9 @@ def _template(name: str) -> Template:
     return Template(text)
 
 
-def _render(name: str, values: dict[str, str], *, as_html: bool, sections: dict[str, str] | None = None) -> str:
+def _render(
+    name: str, values: dict[str, str], *, as_html: bool, sections: dict[str, str] | None = None
+) -> str:
     """Fill template ``name``; in HTML every value is escaped, ``sections`` (already rendered) are not."""
     if as_html:
         values = {k: html.escape(v, quote=True) for k, v in values.items()}
@@ -125,10 +129,16 @@ def build_activation_email(
     }
     section = "esim" if esim else "physical"
     text = _render(
-        "activation.txt", values, as_html=False, sections={"sim_section": _render(f"{section}.txt", values, as_html=False)}
+        "activation.txt",
+        values,
+        as_html=False,
+        sections={"sim_section": _render(f"{section}.txt", values, as_html=False)},
     )
     body_html = _render(
-        "activation.html", values, as_html=True, sections={"sim_section": _render(f"{section}.html", values, as_html=True)}
+        "activation.html",
+        values,
+        as_html=True,
+        sections={"sim_section": _render(f"{section}.html", values, as_html=True)},
     )
 
     msg = EmailMessage(policy=POLICY)

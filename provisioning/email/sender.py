@@ -145,7 +145,9 @@ def _translate() -> Iterator[dict[str, Any]]:
         codes = sorted({code for code, _ in exc.recipients.values()})
         temporary = any(_is_temporary(c) for c in codes)
         kind = EmailTransientError if temporary else EmailPermanentError
-        raise kind(f"SMTP refused every recipient ({', '.join(map(str, codes))})", code=codes[0] if codes else None) from None
+        raise kind(
+            f"SMTP refused every recipient ({', '.join(map(str, codes))})", code=codes[0] if codes else None
+        ) from None
     except smtplib.SMTPResponseException as exc:
         # Sender refused, DATA refused, HELO, AUTH, connect greeting: the stage is in the type.
         stage = {
@@ -156,7 +158,9 @@ def _translate() -> Iterator[dict[str, Any]]:
             smtplib.SMTPConnectError: "connect",
         }.get(type(exc), "command")
         kind = EmailTransientError if _is_temporary(exc.smtp_code) else EmailPermanentError
-        raise kind(f"SMTP {stage} answered {_reply_summary(exc.smtp_code, exc.smtp_error)}", code=exc.smtp_code) from None
+        raise kind(
+            f"SMTP {stage} answered {_reply_summary(exc.smtp_code, exc.smtp_error)}", code=exc.smtp_code
+        ) from None
     except smtplib.SMTPNotSupportedError as exc:
         # Asked for STARTTLS or AUTH and the server does not offer it: configuration, not luck.
         raise EmailPermanentError(f"SMTP server lacks a required extension: {exc}") from exc

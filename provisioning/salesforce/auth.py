@@ -193,8 +193,13 @@ class JWTBearerAuth:
             )
         error = str(body.get("error") or f"HTTP {status}")
         description = str(body.get("error_description") or "").strip()
-        log.error("salesforce_login_refused", login_url=self.login_url, status=status, error=error,
-                  error_description=description)
+        log.error(
+            "salesforce_login_refused",
+            login_url=self.login_url,
+            status=status,
+            error=error,
+            error_description=description,
+        )
         raise SalesforceAuthError(
             f"Salesforce login refused at {self.token_url}: {error}"
             + (f" ({description})" if description else "")
@@ -235,5 +240,7 @@ def _load_private_key(path: Path) -> RSAPrivateKey:
             "or -----BEGIN RSA PRIVATE KEY-----)"
         ) from None
     if not isinstance(key, RSAPrivateKey):
-        raise SalesforceAuthError(f"{path} holds a {type(key).__name__}; the JWT bearer flow needs an RSA key")
+        raise SalesforceAuthError(
+            f"{path} holds a {type(key).__name__}; the JWT bearer flow needs an RSA key"
+        )
     return key

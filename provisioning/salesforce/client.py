@@ -193,8 +193,9 @@ class SalesforceClient:
         )
         records = (result.get("records") or []) if isinstance(result, dict) else []
         if not records:
-            raise OrderNotFound(f"no Order {order_id} (or the integration user cannot see it)",
-                                error_code="NOT_FOUND")
+            raise OrderNotFound(
+                f"no Order {order_id} (or the integration user cannot see it)", error_code="NOT_FOUND"
+            )
         return self._order_from_record(order_id, records[0])
 
     def update_order(self, order_id: str, fields: Mapping[str, object]) -> None:

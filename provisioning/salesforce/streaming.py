@@ -411,7 +411,9 @@ class StreamingClient:
             return None
         return _Reply(reply, token, response.status_code)
 
-    def _post(self, token: AccessToken, messages: list[dict[str, Any]], read_timeout_s: float) -> requests.Response:
+    def _post(
+        self, token: AccessToken, messages: list[dict[str, Any]], read_timeout_s: float
+    ) -> requests.Response:
         """POST in a helper thread and wait for it, giving up at once when stop() is called."""
         if self._stop.is_set():
             raise _Stopped()
@@ -486,15 +488,27 @@ class StreamingClient:
         elif kind == "daily_limit":
             self.counters.daily_limit_backoffs += 1
             delay = self._daily_limit_backoff_s
-            log.warning("streaming_daily_limit", channel=self.channel, step=step, error=error, retry_in_s=delay)
+            log.warning(
+                "streaming_daily_limit", channel=self.channel, step=step, error=error, retry_in_s=delay
+            )
         elif kind == "rehandshake":
-            log.warning("streaming_rehandshake", channel=self.channel, step=step, error=error,
-                        resubscribe_from=self._position)
+            log.warning(
+                "streaming_rehandshake",
+                channel=self.channel,
+                step=step,
+                error=error,
+                resubscribe_from=self._position,
+            )
         else:
             self.counters.network_errors += 1
             delay = self._backoff()
-            log.warning("streaming_reconnect", channel=self.channel, step=step, error=error,
-                        retry_in_s=round(delay, 3))
+            log.warning(
+                "streaming_reconnect",
+                channel=self.channel,
+                step=step,
+                error=error,
+                retry_in_s=round(delay, 3),
+            )
         if delay > 0:
             self._stop.wait(delay)
 

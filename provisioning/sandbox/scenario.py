@@ -76,7 +76,9 @@ def seed_orders(
 
     n_esim = sum(1 for p in plans if p["esim"])
     if n_esim:
-        seeded = sandbox.admin("smdp").post("/__admin/profiles", {"count": n_esim + SPARE_PROFILES, "profile_type": "default"})
+        seeded = sandbox.admin("smdp").post(
+            "/__admin/profiles", {"count": n_esim + SPARE_PROFILES, "profile_type": "default"}
+        )
         inventory.load(seeded["iccids"])
 
     orders = []
@@ -95,7 +97,7 @@ def seed_orders(
         orders.append(order)
     ids = sandbox.admin("salesforce").post("/__admin/orders", orders)["ids"]
     return [
-        SeededOrder(order_id=i, esim=p["esim"], whmcs_client_id=c, has_pay_method=p["pay"])
+        SeededOrder(order_id=i, esim=bool(p["esim"]), whmcs_client_id=c, has_pay_method=bool(p["pay"]))
         for i, p, c in zip(ids, plans, client_ids, strict=True)
     ]
 
@@ -104,7 +106,9 @@ def seed_orders(
 WAIT_POLL_S = 0.25
 
 
-def wait_until(predicate: Callable[[], object], timeout_s: float = 120.0, poll_s: float = WAIT_POLL_S) -> object:
+def wait_until(
+    predicate: Callable[[], object], timeout_s: float = 120.0, poll_s: float = WAIT_POLL_S
+) -> object:
     """Poll ``predicate`` until it is truthy; TimeoutError after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:

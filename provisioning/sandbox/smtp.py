@@ -129,7 +129,11 @@ class SmtpSimulator:
 
     def env(self, host: str, port: int) -> dict[str, str]:
         """Settings (environment variables) that point our sender at this server."""
-        values = {"SMTP_HOST": host, "SMTP_PORT": str(port), "SMTP_STARTTLS": str(self.tls_context is not None).lower()}
+        values = {
+            "SMTP_HOST": host,
+            "SMTP_PORT": str(port),
+            "SMTP_STARTTLS": str(self.tls_context is not None).lower(),
+        }
         if self._credentials is not None:
             values["SMTP_USERNAME"], values["SMTP_PASSWORD"] = self._credentials
         return values
@@ -201,7 +205,11 @@ class SmtpSimulator:
 
     def find(self, message_id: str) -> list[StoredMessage]:
         wanted = _normalise_message_id(message_id)
-        return [m for m in self.messages if m.message_id is not None and _normalise_message_id(m.message_id) == wanted]
+        return [
+            m
+            for m in self.messages
+            if m.message_id is not None and _normalise_message_id(m.message_id) == wanted
+        ]
 
     def summary(self) -> dict[str, Any]:
         copies: dict[str, int] = {}

@@ -267,7 +267,9 @@ def render(data: Mapping[str, Any], fmt: str, action: str) -> web.Response:
         _xml_fill(root, {"action": action, **data})
         body = ET.tostring(root, encoding="unicode", xml_declaration=True)
         return web.Response(text=body, content_type="text/xml")
-    return web.Response(text=";".join(f"{k}={_nvp_value(v)}" for k, v in data.items()), content_type="text/plain")
+    return web.Response(
+        text=";".join(f"{k}={_nvp_value(v)}" for k, v in data.items()), content_type="text/plain"
+    )
 
 
 def html_error(status: int) -> web.Response:
@@ -342,7 +344,9 @@ class WhmcsSimulator:
 
     async def _api(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
-        params = parse_php_form([*request.query.items(), *((k, v) for k, v in form.items() if isinstance(v, str))])
+        params = parse_php_form(
+            [*request.query.items(), *((k, v) for k, v in form.items() if isinstance(v, str))]
+        )
         raw_action = str(params.get("action", ""))
         action = re.sub(r"[^0-9a-z]", "", raw_action.lower())
         action = ACTION_ALIASES.get(action, action)
@@ -479,7 +483,9 @@ class WhmcsSimulator:
             "lastlogin": "No Login Logged",
             "currency_code": "USD",
         }
-        details["users"] = {"user": [{"id": client.id, "name": details["fullname"], "email": client.email, "is_owner": True}]}
+        details["users"] = {
+            "user": [{"id": client.id, "name": details["fullname"], "email": client.email, "is_owner": True}]
+        }
         if caller.fmt in ("json", "xml"):
             # The nested copy is only given to structured formats.
             return {**details, "client": {k: v for k, v in details.items() if k != "users"}}
@@ -500,7 +506,10 @@ class WhmcsSimulator:
         elif wanted:
             types = CARD_TYPES if wanted == "creditcard" else BANK_TYPES
             methods = [pm for pm in methods if pm["type"] in types]
-        return {"clientid": params["clientid"], "paymethods": [self._pay_method_view(client, pm) for pm in methods]}
+        return {
+            "clientid": params["clientid"],
+            "paymethods": [self._pay_method_view(client, pm) for pm in methods],
+        }
 
     @staticmethod
     def _pay_method_view(client: Client, pm: dict[str, Any]) -> dict[str, Any]:
@@ -544,7 +553,9 @@ class WhmcsSimulator:
         if not wanted:
             raise ApiError("No items added to cart so order cannot proceed")
         # The cart silently drops products that do not exist.
-        cart = [(self.products[php_int(p)], max(1, php_int(q))) for p, q in wanted if php_int(p) in self.products]
+        cart = [
+            (self.products[php_int(p)], max(1, php_int(q))) for p, q in wanted if php_int(p) in self.products
+        ]
         if not cart:
             raise ApiError("No items remain in the cart. Order cannot proceed.")
 
@@ -791,7 +802,12 @@ class WhmcsSimulator:
                 for item in items:
                     client_id = int(item["id"]) if item.get("id") is not None else self._new_id("client")
                     self._next["client"] = max(self._next["client"], client_id + 1)
-                    client = Client(client_id, str(item.get("firstname", "")), str(item.get("lastname", "")), str(item.get("email", "")))
+                    client = Client(
+                        client_id,
+                        str(item.get("firstname", "")),
+                        str(item.get("lastname", "")),
+                        str(item.get("email", "")),
+                    )
                     self._apply_client_fields(client, {k: v for k, v in item.items() if k != "id"})
                     self.clients[client_id] = client
                     ids.append(client_id)
@@ -828,7 +844,14 @@ class WhmcsSimulator:
         async def add_products(request: web.Request) -> web.Response:
             try:
                 items = await body_list(request)
-                new = [Product(int(i["pid"]), str(i.get("name", f"Product {i['pid']}")), Decimal(str(i.get("price", "0")))) for i in items]
+                new = [
+                    Product(
+                        int(i["pid"]),
+                        str(i.get("name", f"Product {i['pid']}")),
+                        Decimal(str(i.get("price", "0"))),
+                    )
+                    for i in items
+                ]
             except (ValueError, TypeError, KeyError, InvalidOperation) as exc:
                 return bad_request(exc)
             for product in new:
@@ -836,7 +859,9 @@ class WhmcsSimulator:
             return web.json_response({"pids": [product.pid for product in new]})
 
         async def list_products(_: web.Request) -> web.Response:
-            products = [{"pid": p.pid, "name": p.name, "price": _money(p.price)} for p in self.products.values()]
+            products = [
+                {"pid": p.pid, "name": p.name, "price": _money(p.price)} for p in self.products.values()
+            ]
             return web.json_response({"products": products})
 
         async def list_orders(request: web.Request) -> web.Response:

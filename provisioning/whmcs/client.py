@@ -236,7 +236,9 @@ class WhmcsClient:
 
     def get_client(self, client_id: int) -> WhmcsClientDetails:
         """GetClientsDetails; raises WhmcsClientNotFound."""
-        return WhmcsClientDetails.model_validate(self._call("GetClientsDetails", {"clientid": str(client_id)}))
+        return WhmcsClientDetails.model_validate(
+            self._call("GetClientsDetails", {"clientid": str(client_id)})
+        )
 
     def get_pay_methods(self, client_id: int, *, kind: str | None = None) -> list[PayMethod]:
         """GetPayMethods (``kind``: ``CreditCard`` or ``BankAccount``); raises WhmcsClientNotFound."""
@@ -276,7 +278,11 @@ class WhmcsClient:
     def accept_order(self, order_id: int, *, autosetup: bool = True, send_email: bool = False) -> None:
         """AcceptOrder; on a repeat WHMCS answers WhmcsOrderNotPending (confirm with get_order)."""
         # "0" is false in PHP; leaving a flag out would fall back to the product's setting.
-        params = {"orderid": str(order_id), "autosetup": str(int(autosetup)), "sendemail": str(int(send_email))}
+        params = {
+            "orderid": str(order_id),
+            "autosetup": str(int(autosetup)),
+            "sendemail": str(int(send_email)),
+        }
         self._call("AcceptOrder", params)
 
     def get_orders(
@@ -289,7 +295,9 @@ class WhmcsClient:
         offset: int = 0,
     ) -> list[WhmcsOrder]:
         """One page of GetOrders, newest first."""
-        return self._orders_page(client_id=client_id, order_id=order_id, status=status, limit=limit, offset=offset)[1]
+        return self._orders_page(
+            client_id=client_id, order_id=order_id, status=status, limit=limit, offset=offset
+        )[1]
 
     def get_order(self, order_id: int) -> WhmcsOrder | None:
         orders = self.get_orders(order_id=order_id, limit=1)
@@ -367,7 +375,13 @@ class WhmcsClient:
             log.warning("whmcs_call_failed", action=action, error=type(error).__name__, reason=str(error))
             raise error from exc
         except WhmcsError as error:
-            log.warning("whmcs_call_failed", action=action, error=type(error).__name__, status=error.status, reason=str(error))
+            log.warning(
+                "whmcs_call_failed",
+                action=action,
+                error=type(error).__name__,
+                status=error.status,
+                reason=str(error),
+            )
             raise
         log.debug("whmcs_call", action=action, elapsed_ms=round((time.monotonic() - started) * 1000, 1))
         return body
@@ -408,7 +422,9 @@ class WhmcsClient:
         if status == 429 or status >= 500:
             raise WhmcsTransientError(f"WHMCS {action}: HTTP {status}", action=action, status=status)
         if status in (401, 403):
-            raise WhmcsAuthError(f"WHMCS {action}: HTTP {status} (access refused)", action=action, status=status)
+            raise WhmcsAuthError(
+                f"WHMCS {action}: HTTP {status} (access refused)", action=action, status=status
+            )
         if status >= 400:
             raise WhmcsPermanentError(f"WHMCS {action}: HTTP {status}", action=action, status=status)
         try:
@@ -421,7 +437,9 @@ class WhmcsClient:
                 status=status,
             ) from None
         if not isinstance(body, dict):
-            raise WhmcsTransientError(f"WHMCS {action}: answer is not a JSON object", action=action, status=status)
+            raise WhmcsTransientError(
+                f"WHMCS {action}: answer is not a JSON object", action=action, status=status
+            )
         result = body.get("result")
         if result is None and body.get("status") == "error":
             result = "error"  # GetInvoice's not-found answer says "status" instead of "result"
@@ -442,4 +460,9 @@ class WhmcsClient:
             cls = WhmcsClientNotFound
         elif message == ORDER_NOT_PENDING_MESSAGE:
             cls = WhmcsOrderNotPending
-        return cls(f"WHMCS {action}: {message or 'error without a message'}", action=action, status=status, api_message=message)
+        return cls(
+            f"WHMCS {action}: {message or 'error without a message'}",
+            action=action,
+            status=status,
+            api_message=message,
+        )

@@ -143,7 +143,9 @@ def test_the_email_has_no_remote_content() -> None:
 
     assert "http://" not in html
     assert "https://" not in html
-    assert re.findall(r'src="([^"]*)"', html) == [f"cid:{parts(reparsed(build()))['image/png']['Content-ID'].strip()[1:-1]}"]
+    assert re.findall(r'src="([^"]*)"', html) == [
+        f"cid:{parts(reparsed(build()))['image/png']['Content-ID'].strip()[1:-1]}"
+    ]
 
 
 def test_non_ascii_text_is_sent_7bit_safe() -> None:

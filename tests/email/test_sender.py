@@ -157,7 +157,11 @@ def test_a_message_over_the_size_limit_is_permanent(smtp_sandbox_factory: Any) -
 
 def test_starttls_and_login_deliver_the_message(secured: Any) -> None:
     sender = sender_for(
-        secured, username="robot", password=SecretStr(PASSWORD), starttls=True, ca_bundle=secured.tls.ca_bundle
+        secured,
+        username="robot",
+        password=SecretStr(PASSWORD),
+        starttls=True,
+        ca_bundle=secured.tls.ca_bundle,
     )
 
     assert sender.send(activation_email()) == message_id_for(RUN_ID, DOMAIN)
@@ -166,7 +170,9 @@ def test_starttls_and_login_deliver_the_message(secured: Any) -> None:
 
 def test_a_wrong_password_is_permanent_and_never_shown(secured: Any) -> None:
     wrong = "wrong-" + PASSWORD
-    sender = sender_for(secured, username="robot", password=SecretStr(wrong), starttls=True, ca_bundle=secured.tls.ca_bundle)
+    sender = sender_for(
+        secured, username="robot", password=SecretStr(wrong), starttls=True, ca_bundle=secured.tls.ca_bundle
+    )
 
     with pytest.raises(EmailPermanentError) as caught:
         sender.send(activation_email())

@@ -57,7 +57,11 @@ def session(fake: FakeSalesforce) -> requests.Session:
 @pytest.fixture
 def auth(session: requests.Session, key_file: Path) -> JWTBearerAuth:
     return JWTBearerAuth(
-        login_url=LOGIN_URL, client_id=CLIENT_ID, username=USERNAME, private_key_file=key_file, session=session
+        login_url=LOGIN_URL,
+        client_id=CLIENT_ID,
+        username=USERNAME,
+        private_key_file=key_file,
+        session=session,
     )
 
 
@@ -155,7 +159,8 @@ class LogLines:
     def at(self, level: str, logger_prefix: str = "provisioning.") -> list[dict[str, Any]]:
         """Our lines at ``level`` (other libraries' lines, e.g. asyncio's, are left out)."""
         return [
-            line for line in self.all()
+            line
+            for line in self.all()
             if line.get("level") == level and str(line.get("logger", "")).startswith(logger_prefix)
         ]
 

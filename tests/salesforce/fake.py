@@ -105,8 +105,15 @@ class FakeSalesforce(HTTPAdapter):
 
     # -- transport --------------------------------------------------------------------------
 
-    def send(self, request: requests.PreparedRequest, stream: bool = False, timeout: Any = None,
-             verify: Any = True, cert: Any = None, proxies: Any = None) -> requests.Response:
+    def send(
+        self,
+        request: requests.PreparedRequest,
+        stream: bool = False,
+        timeout: Any = None,
+        verify: Any = True,
+        cert: Any = None,
+        proxies: Any = None,
+    ) -> requests.Response:
         parts = urlsplit(request.url or "")
         body: Any = request.body
         if isinstance(body, bytes):
@@ -114,19 +121,24 @@ class FakeSalesforce(HTTPAdapter):
         if request.headers.get("Content-Type", "").startswith("application/json") and body:
             body = json.loads(body)
         with self.lock:
-            self.seen.append(Seen(request.method or "", parts.path, body, dict(request.headers), timeout, parts.query))
+            self.seen.append(
+                Seen(request.method or "", parts.path, body, dict(request.headers), timeout, parts.query)
+            )
         if parts.path == "/services/oauth2/token":
             status, answer, headers = self._token(body)
         elif parts.path == COMETD_PATH:
             status, answer, headers = self._cometd(request, body)
         elif parts.path.startswith(REST_PREFIX):
-            status, answer, headers = self._rest(request, parts.path.removeprefix(REST_PREFIX), parts.query, body)
+            status, answer, headers = self._rest(
+                request, parts.path.removeprefix(REST_PREFIX), parts.query, body
+            )
         else:
             status, answer, headers = 404, [{"errorCode": "NOT_FOUND", "message": "no such path"}], []
         return self._response(request, status, answer, headers)
 
-    def _response(self, request: requests.PreparedRequest, status: int, answer: Any,
-                  headers: list[tuple[str, str]]) -> requests.Response:
+    def _response(
+        self, request: requests.PreparedRequest, status: int, answer: Any, headers: list[tuple[str, str]]
+    ) -> requests.Response:
         data = b"" if answer is None else json.dumps(answer).encode()
         msg = http.client.HTTPMessage()
         all_headers = [("Content-Type", "application/json;charset=UTF-8"), *headers]
@@ -151,10 +163,19 @@ class FakeSalesforce(HTTPAdapter):
                 status, answer = self.login_error
                 return status, answer, []
         if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:jwt-bearer":
-            return 400, {"error": "unsupported_grant_type", "error_description": "grant type not supported"}, []
+            return (
+                400,
+                {"error": "unsupported_grant_type", "error_description": "grant type not supported"},
+                [],
+            )
         try:
-            claims = jwt.decode(form["assertion"], self.public_key, algorithms=["RS256"], audience=LOGIN_URL,
-                                options={"require": ["exp", "iss", "sub", "aud"]})
+            claims = jwt.decode(
+                form["assertion"],
+                self.public_key,
+                algorithms=["RS256"],
+                audience=LOGIN_URL,
+                options={"require": ["exp", "iss", "sub", "aud"]},
+            )
         except jwt.InvalidAudienceError:
             return 400, {"error": "invalid_grant", "error_description": "audience is invalid"}, []
         except jwt.PyJWTError:
@@ -162,18 +183,26 @@ class FakeSalesforce(HTTPAdapter):
         if claims["iss"] != CLIENT_ID:
             return 400, {"error": "invalid_client_id", "error_description": "client identifier invalid"}, []
         if claims["sub"] != USERNAME:
-            return 400, {"error": "invalid_grant", "error_description": "user hasn't approved this consumer"}, []
+            return (
+                400,
+                {"error": "invalid_grant", "error_description": "user hasn't approved this consumer"},
+                [],
+            )
         with self.lock:
             self.claims.append(claims)
             token = f"00Dfake!token-{self.logins}"
             self.valid_tokens.add(token)
-        return 200, {
-            "access_token": token,
-            "instance_url": INSTANCE_URL,
-            "id": f"{LOGIN_URL}/id/00Dfake/005fake",
-            "token_type": "Bearer",
-            "scope": "api",
-        }, []
+        return (
+            200,
+            {
+                "access_token": token,
+                "instance_url": INSTANCE_URL,
+                "id": f"{LOGIN_URL}/id/00Dfake/005fake",
+                "token_type": "Bearer",
+                "scope": "api",
+            },
+            [],
+        )
 
     def _authorized(self, request: requests.PreparedRequest) -> bool:
         header = request.headers.get("Authorization", "")
@@ -182,8 +211,9 @@ class FakeSalesforce(HTTPAdapter):
 
     # -- REST ---------------------------------------------------------------------------------
 
-    def _rest(self, request: requests.PreparedRequest, path: str, query: str,
-              body: Any) -> tuple[int, Any, list[tuple[str, str]]]:
+    def _rest(
+        self, request: requests.PreparedRequest, path: str, query: str, body: Any
+    ) -> tuple[int, Any, list[tuple[str, str]]]:
         usage = [("Sforce-Limit-Info", f"api-usage={len(self.seen)}/15000")]
         if not self._authorized(request):
             return 401, [{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}], []
@@ -200,7 +230,11 @@ class FakeSalesforce(HTTPAdapter):
         if path.startswith("sobjects/Order/") and request.method == "PATCH":
             order_id = path.removeprefix("sobjects/Order/")
             if order_id not in self.records:
-                return 404, [{"errorCode": "NOT_FOUND", "message": "The requested resource does not exist"}], usage
+                return (
+                    404,
+                    [{"errorCode": "NOT_FOUND", "message": "The requested resource does not exist"}],
+                    usage,
+                )
             with self.lock:
                 self.patches.append((order_id, body))
             return 204, None, usage
@@ -244,37 +278,70 @@ class FakeSalesforce(HTTPAdapter):
         if fault == "reset":
             raise requests.ConnectionError("connection reset by peer")
         if not self._authorized(request):
-            return _reply(message, successful=False, error="403::Handshake denied", advice={"reconnect": "none"},
-                          ext={"sfdc": {"failureReason": "401::Authentication invalid"}})
+            return _reply(
+                message,
+                successful=False,
+                error="403::Handshake denied",
+                advice={"reconnect": "none"},
+                ext={"sfdc": {"failureReason": "401::Authentication invalid"}},
+            )
         with self.lock:
             client_id = f"client{next(self._client_ids)}"
             self.clients[client_id] = -1
-        return _reply(message, successful=True, clientId=client_id, version="1.0", minimumVersion="1.0",
-                      supportedConnectionTypes=["long-polling"], ext={"replay": True, "payload.format": True})
+        return _reply(
+            message,
+            successful=True,
+            clientId=client_id,
+            version="1.0",
+            minimumVersion="1.0",
+            supportedConnectionTypes=["long-polling"],
+            ext={"replay": True, "payload.format": True},
+        )
 
     def _subscribe(self, request: requests.PreparedRequest, message: dict[str, Any]) -> dict[str, Any]:
         client_id = message.get("clientId")
         base = {"clientId": client_id, "subscription": message.get("subscription")}
         if "BAYEUX_BROWSER=b1" not in request.headers.get("Cookie", ""):
-            return _reply(message, **base, successful=False,
-                          error=f"400::Client {client_id} has established a session, but no BAYEUX_BROWSER cookie present")
+            return _reply(
+                message,
+                **base,
+                successful=False,
+                error=f"400::Client {client_id} has established a session, but no BAYEUX_BROWSER cookie present",
+            )
         fault = self._fault("subscribe")
         if fault == "unavailable":
-            return _reply(message, **base, successful=False, error="503::Server unavailable",
-                          advice={"reconnect": "retry", "interval": 1000})
+            return _reply(
+                message,
+                **base,
+                successful=False,
+                error="503::Server unavailable",
+                advice={"reconnect": "retry", "interval": 1000},
+            )
         if fault == "denied":
             return _reply(message, **base, successful=False, error="403::Unknown channel")
         if fault == "unknown_client":
-            return _reply(message, successful=False, error="403::Unknown client",
-                          advice={"reconnect": "handshake", "interval": 0})
+            return _reply(
+                message,
+                successful=False,
+                error="403::Unknown client",
+                advice={"reconnect": "handshake", "interval": 0},
+            )
         with self.lock:
             if client_id not in self.clients:
-                return _reply(message, successful=False, error="403::Unknown client",
-                              advice={"reconnect": "handshake", "interval": 0})
+                return _reply(
+                    message,
+                    successful=False,
+                    error="403::Unknown client",
+                    advice={"reconnect": "handshake", "interval": 0},
+                )
             replay = (message.get("ext") or {}).get("replay") or {}
             if set(replay) != {message.get("subscription")}:
-                return _reply(message, **base, successful=False,
-                              error=f"400::The replayId for channel {{{message.get('subscription')}}} wasn't found")
+                return _reply(
+                    message,
+                    **base,
+                    successful=False,
+                    error=f"400::The replayId for channel {{{message.get('subscription')}}} wasn't found",
+                )
             value = replay[message["subscription"]]
             if value == -1:
                 start = len(self.events)
@@ -296,22 +363,47 @@ class FakeSalesforce(HTTPAdapter):
         if fault == "unknown_client":
             with self.lock:
                 self.clients.pop(client_id, None)
-            return [_reply(message, successful=False, error="403::Unknown client",
-                           advice={"reconnect": "handshake", "interval": 0})]
+            return [
+                _reply(
+                    message,
+                    successful=False,
+                    error="403::Unknown client",
+                    advice={"reconnect": "handshake", "interval": 0},
+                )
+            ]
         if fault == "auth" or not self._authorized(request):
-            return [_reply(message, clientId=client_id, successful=False, error="401::Authentication invalid",
-                           advice={"reconnect": "none", "interval": 0})]
+            return [
+                _reply(
+                    message,
+                    clientId=client_id,
+                    successful=False,
+                    error="401::Authentication invalid",
+                    advice={"reconnect": "none", "interval": 0},
+                )
+            ]
         if fault == "daily_limit":
-            return [_reply(message, clientId=client_id, successful=False,
-                           error="403::Organization total events daily limit exceeded",
-                           advice={"reconnect": "none", "interval": 0})]
+            return [
+                _reply(
+                    message,
+                    clientId=client_id,
+                    successful=False,
+                    error="403::Organization total events daily limit exceeded",
+                    advice={"reconnect": "none", "interval": 0},
+                )
+            ]
         if self.hold is not None:
             self.holding.set()
             self.hold.wait(30)
         with self.changed:
             if client_id not in self.clients or self.clients[client_id] < 0:
-                return [_reply(message, successful=False, error="403::Unknown client",
-                               advice={"reconnect": "handshake", "interval": 0})]
+                return [
+                    _reply(
+                        message,
+                        successful=False,
+                        error="403::Unknown client",
+                        advice={"reconnect": "handshake", "interval": 0},
+                    )
+                ]
             self.changed.wait_for(
                 lambda: client_id not in self.clients or self.clients[client_id] < len(self.events),
                 timeout=self.long_poll_s,
@@ -323,12 +415,24 @@ class FakeSalesforce(HTTPAdapter):
         if fault == "lost":
             raise requests.ConnectionError("connection reset after the answer was produced")
         out = [
-            {"channel": CHANNEL, "data": {"schema": "s1", "payload": e["payload"],
-                                          "event": {"replayId": e["replayId"], "EventUuid": e["EventUuid"]}}}
+            {
+                "channel": CHANNEL,
+                "data": {
+                    "schema": "s1",
+                    "payload": e["payload"],
+                    "event": {"replayId": e["replayId"], "EventUuid": e["EventUuid"]},
+                },
+            }
             for e in batch
         ]
-        out.append(_reply(message, clientId=client_id, successful=True,
-                          advice={"interval": 0, "timeout": int(self.long_poll_s * 1000), "reconnect": "retry"}))
+        out.append(
+            _reply(
+                message,
+                clientId=client_id,
+                successful=True,
+                advice={"interval": 0, "timeout": int(self.long_poll_s * 1000), "reconnect": "retry"},
+            )
+        )
         return out
 
 

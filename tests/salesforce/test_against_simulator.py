@@ -131,17 +131,33 @@ def test_jwt_login_against_the_simulator(org: Org, auth: JWTBearerAuth) -> None:
 
 
 def test_fetch_then_update_is_exactly_two_api_calls(org: Org, client: SalesforceClient) -> None:
-    order_id = org.seed_order(sim_type="eSIM", whmcs_client_id="12", email="ann@example.com", first_name="Ann",
-                              items=[{"quantity": 2, "whmcs_product_id": "5"}])
+    order_id = org.seed_order(
+        sim_type="eSIM",
+        whmcs_client_id="12",
+        email="ann@example.com",
+        first_name="Ann",
+        items=[{"quantity": 2, "whmcs_product_id": "5"}],
+    )
     order = client.fetch_order(order_id)
     assert (order.id, order.activation_status, order.whmcs_client_id, order.sim_type) == (
-        order_id, "Activating", "12", "eSIM")
+        order_id,
+        "Activating",
+        "12",
+        "eSIM",
+    )
     assert order.email == "ann@example.com"
     assert [(i.quantity, i.whmcs_product_id) for i in order.items] == [(2, "5")]
     assert order.eid is not None
-    client.update_order(order_id, client.field_names.patch(
-        activation_status="Activated", whmcs_order_id="901", esim_iccid="8944000000000000001",
-        activation_error=None, activated_at="2025-01-02T03:04:05.000Z"))
+    client.update_order(
+        order_id,
+        client.field_names.patch(
+            activation_status="Activated",
+            whmcs_order_id="901",
+            esim_iccid="8944000000000000001",
+            activation_error=None,
+            activated_at="2025-01-02T03:04:05.000Z",
+        ),
+    )
     calls = org.calls()
     assert calls.pop("token") == 1
     assert calls == {"query": 1, "order_patch": 1}
@@ -212,7 +228,9 @@ def test_an_id_with_a_bad_checksum_is_refused_before_any_call(org: Org, client: 
     assert org.calls() == {}
 
 
-def test_a_bad_value_is_a_permanent_error_naming_the_salesforce_code(org: Org, client: SalesforceClient) -> None:
+def test_a_bad_value_is_a_permanent_error_naming_the_salesforce_code(
+    org: Org, client: SalesforceClient
+) -> None:
     order_id = org.seed_order()
     with pytest.raises(SalesforceRequestError) as caught:
         client.update_order(order_id, {"Activation_Status__c": "Sleeping"})
@@ -222,7 +240,12 @@ def test_a_bad_value_is_a_permanent_error_naming_the_salesforce_code(org: Org, c
 
 @pytest.mark.parametrize(
     ("error_status", "code"),
-    [(503, "SERVER_UNAVAILABLE"), (429, "REQUEST_LIMIT_EXCEEDED"), (200, "UNABLE_TO_LOCK_ROW"), (500, "UNKNOWN_EXCEPTION")],
+    [
+        (503, "SERVER_UNAVAILABLE"),
+        (429, "REQUEST_LIMIT_EXCEEDED"),
+        (200, "UNABLE_TO_LOCK_ROW"),
+        (500, "UNKNOWN_EXCEPTION"),
+    ],
 )
 def test_injected_salesforce_failures_are_transient(
     org: Org, client: SalesforceClient, error_status: int, code: str
@@ -324,11 +347,16 @@ def test_injected_streaming_faults_lose_and_duplicate_nothing(
 ) -> None:
     stream = streaming_client(org, auth)
     org.publish([f"a{i}" for i in range(50)])
-    org.post("/__admin/faults", {"force": {
-        "cometd_handshake": ["reset", "error"],
-        "cometd_subscribe": ["error", "reset"],
-        "cometd_connect": ["ambiguous", "reset", "error", "ambiguous"],
-    }})
+    org.post(
+        "/__admin/faults",
+        {
+            "force": {
+                "cometd_handshake": ["reset", "error"],
+                "cometd_subscribe": ["error", "reset"],
+                "cometd_connect": ["ambiguous", "reset", "error", "ambiguous"],
+            }
+        },
+    )
     consumer = consume(stream, REPLAY_EARLIEST)
     consumer.wait_for(50)
     org.publish([f"b{i}" for i in range(50)])

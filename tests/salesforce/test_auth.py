@@ -40,8 +40,13 @@ def test_login_sends_a_signed_jwt_with_issuer_subject_audience_and_expiry(
 def test_a_trailing_slash_on_the_login_url_does_not_change_the_audience(
     session: requests.Session, key_file: Path, fake: FakeSalesforce
 ) -> None:
-    auth = JWTBearerAuth(login_url=LOGIN_URL + "/", client_id=CLIENT_ID, username=USERNAME,
-                         private_key_file=key_file, session=session)
+    auth = JWTBearerAuth(
+        login_url=LOGIN_URL + "/",
+        client_id=CLIENT_ID,
+        username=USERNAME,
+        private_key_file=key_file,
+        session=session,
+    )
     auth.token()
     assert fake.claims[0]["aud"] == LOGIN_URL
 
@@ -83,7 +88,10 @@ def test_renewing_a_token_that_is_not_current_any_more_returns_the_current_one(
 
 
 def test_a_user_not_pre_authorized_is_explained(auth: JWTBearerAuth, fake: FakeSalesforce) -> None:
-    fake.login_error = (400, {"error": "invalid_grant", "error_description": "user hasn't approved this consumer"})
+    fake.login_error = (
+        400,
+        {"error": "invalid_grant", "error_description": "user hasn't approved this consumer"},
+    )
     with pytest.raises(SalesforceAuthError, match="not pre-authorized for the connected app") as caught:
         auth.token()
     assert isinstance(caught.value, PermanentError)
@@ -93,8 +101,13 @@ def test_a_user_not_pre_authorized_is_explained(auth: JWTBearerAuth, fake: FakeS
 def test_an_audience_that_does_not_match_the_login_url_is_explained(
     session: requests.Session, key_file: Path
 ) -> None:
-    auth = JWTBearerAuth(login_url="https://test.salesforce.com", client_id=CLIENT_ID, username=USERNAME,
-                         private_key_file=key_file, session=session)
+    auth = JWTBearerAuth(
+        login_url="https://test.salesforce.com",
+        client_id=CLIENT_ID,
+        username=USERNAME,
+        private_key_file=key_file,
+        session=session,
+    )
     with pytest.raises(SalesforceAuthError, match="audience does not match the login URL"):
         auth.token()
 
@@ -104,17 +117,26 @@ def test_a_key_that_does_not_match_the_certificate_is_explained(
 ) -> None:
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     path = tmp_path / "other.key"
-    path.write_bytes(other.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                         serialization.NoEncryption()))
-    auth = JWTBearerAuth(login_url=LOGIN_URL, client_id=CLIENT_ID, username=USERNAME, private_key_file=path,
-                         session=session)
+    path.write_bytes(
+        other.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    auth = JWTBearerAuth(
+        login_url=LOGIN_URL, client_id=CLIENT_ID, username=USERNAME, private_key_file=path, session=session
+    )
     with pytest.raises(SalesforceAuthError, match=r"does not match the\s+certificate uploaded"):
         auth.token()
 
 
 def test_an_unknown_consumer_key_is_explained(session: requests.Session, key_file: Path) -> None:
-    auth = JWTBearerAuth(login_url=LOGIN_URL, client_id="someone-else", username=USERNAME,
-                         private_key_file=key_file, session=session)
+    auth = JWTBearerAuth(
+        login_url=LOGIN_URL,
+        client_id="someone-else",
+        username=USERNAME,
+        private_key_file=key_file,
+        session=session,
+    )
     with pytest.raises(SalesforceAuthError, match="SF_CLIENT_ID is not the consumer key"):
         auth.token()
 
@@ -145,8 +167,13 @@ def test_a_login_answered_with_503_is_transient(auth: JWTBearerAuth, fake: FakeS
 
 def test_a_login_that_cannot_connect_is_transient(key_file: Path) -> None:
     session = requests.Session()
-    auth = JWTBearerAuth(login_url="https://127.0.0.1:9", client_id=CLIENT_ID, username=USERNAME,
-                         private_key_file=key_file, session=session)
+    auth = JWTBearerAuth(
+        login_url="https://127.0.0.1:9",
+        client_id=CLIENT_ID,
+        username=USERNAME,
+        private_key_file=key_file,
+        session=session,
+    )
     with pytest.raises(SalesforceConnectionError) as caught:
         auth.token()
     assert isinstance(caught.value, TransientError)
@@ -154,23 +181,41 @@ def test_a_login_that_cannot_connect_is_transient(key_file: Path) -> None:
 
 def test_a_missing_key_file_is_reported_at_construction(session: requests.Session, tmp_path: Path) -> None:
     with pytest.raises(SalesforceAuthError, match="cannot read the private key file"):
-        JWTBearerAuth(login_url=LOGIN_URL, client_id=CLIENT_ID, username=USERNAME,
-                      private_key_file=tmp_path / "nope.key", session=session)
+        JWTBearerAuth(
+            login_url=LOGIN_URL,
+            client_id=CLIENT_ID,
+            username=USERNAME,
+            private_key_file=tmp_path / "nope.key",
+            session=session,
+        )
 
 
 def test_a_file_that_is_not_a_pem_key_is_reported(session: requests.Session, tmp_path: Path) -> None:
     path = tmp_path / "cert.pem"
     path.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
     with pytest.raises(SalesforceAuthError, match="not an unencrypted PEM private key"):
-        JWTBearerAuth(login_url=LOGIN_URL, client_id=CLIENT_ID, username=USERNAME, private_key_file=path,
-                      session=session)
+        JWTBearerAuth(
+            login_url=LOGIN_URL,
+            client_id=CLIENT_ID,
+            username=USERNAME,
+            private_key_file=path,
+            session=session,
+        )
 
 
 def test_a_non_rsa_key_is_reported(session: requests.Session, tmp_path: Path) -> None:
     path = tmp_path / "ec.key"
     key = ec.generate_private_key(ec.SECP256R1())
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     with pytest.raises(SalesforceAuthError, match="needs an RSA key"):
-        JWTBearerAuth(login_url=LOGIN_URL, client_id=CLIENT_ID, username=USERNAME, private_key_file=path,
-                      session=session)
+        JWTBearerAuth(
+            login_url=LOGIN_URL,
+            client_id=CLIENT_ID,
+            username=USERNAME,
+            private_key_file=path,
+            session=session,
+        )

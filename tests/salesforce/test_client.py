@@ -125,19 +125,26 @@ def test_the_order_repr_shows_no_email_or_name(client: SalesforceClient) -> None
     assert "Ann" not in text
 
 
-def test_update_order_is_one_patch_of_the_given_fields(client: SalesforceClient, fake: FakeSalesforce) -> None:
+def test_update_order_is_one_patch_of_the_given_fields(
+    client: SalesforceClient, fake: FakeSalesforce
+) -> None:
     when = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
     fields = OrderFieldNames().patch(
         activation_status="Activated", whmcs_order_id="77", activation_error=None, activated_at=when
     )
     client.update_order(ORDER_ID, fields)
     assert rest_calls(fake) == [f"PATCH /services/data/v{API_VERSION}/sobjects/Order/{ORDER_ID}"]
-    assert fake.patches == [(ORDER_ID, {
-        "Activation_Status__c": "Activated",
-        "WHMCS_Order_ID__c": "77",
-        "Activation_Error__c": None,
-        "Activated_At__c": "2025-01-02T03:04:05.000Z",
-    })]
+    assert fake.patches == [
+        (
+            ORDER_ID,
+            {
+                "Activation_Status__c": "Activated",
+                "WHMCS_Order_ID__c": "77",
+                "Activation_Error__c": None,
+                "Activated_At__c": "2025-01-02T03:04:05.000Z",
+            },
+        )
+    ]
 
 
 def test_patch_cuts_a_long_activation_error_and_refuses_unknown_fields() -> None:
@@ -175,10 +182,14 @@ def test_an_expired_session_logs_in_again_once_and_repeats_the_call(
     assert client.api_calls == 3
 
 
-def test_a_second_401_after_a_fresh_login_is_an_auth_error(client: SalesforceClient, fake: FakeSalesforce) -> None:
+def test_a_second_401_after_a_fresh_login_is_an_auth_error(
+    client: SalesforceClient, fake: FakeSalesforce
+) -> None:
     client.fetch_order(ORDER_ID)
     fake.revoke_tokens()
-    fake.rest_script.append((401, [{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}]))
+    fake.rest_script.append(
+        (401, [{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}])
+    )
     with pytest.raises(SalesforceAuthError, match="INVALID_SESSION_ID") as caught:
         client.fetch_order(ORDER_ID)
     assert isinstance(caught.value, PermanentError)
@@ -188,24 +199,57 @@ def test_a_second_401_after_a_fresh_login_is_an_auth_error(client: SalesforceCli
 @pytest.mark.parametrize(
     ("status", "body", "error", "kind"),
     [
-        (403, [{"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}],
-         SalesforceUnavailable, TransientError),
-        (400, [{"message": "unable to obtain exclusive access", "errorCode": "UNABLE_TO_LOCK_ROW"}],
-         SalesforceUnavailable, TransientError),
-        (503, [{"message": "Server unavailable", "errorCode": "SERVER_UNAVAILABLE"}],
-         SalesforceUnavailable, TransientError),
+        (
+            403,
+            [{"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}],
+            SalesforceUnavailable,
+            TransientError,
+        ),
+        (
+            400,
+            [{"message": "unable to obtain exclusive access", "errorCode": "UNABLE_TO_LOCK_ROW"}],
+            SalesforceUnavailable,
+            TransientError,
+        ),
+        (
+            503,
+            [{"message": "Server unavailable", "errorCode": "SERVER_UNAVAILABLE"}],
+            SalesforceUnavailable,
+            TransientError,
+        ),
         (500, "<html>oops</html>", SalesforceUnavailable, TransientError),
-        (400, [{"message": "invalid id", "errorCode": "MALFORMED_ID", "fields": ["Id"]}],
-         SalesforceRequestError, PermanentError),
-        (400, [{"message": "No such column 'Nope__c'", "errorCode": "INVALID_FIELD"}],
-         SalesforceRequestError, PermanentError),
-        (400, [{"message": "EID required", "errorCode": "FIELD_CUSTOM_VALIDATION_EXCEPTION", "fields": []}],
-         SalesforceRequestError, PermanentError),
-        (403, [{"message": "no access", "errorCode": "INSUFFICIENT_ACCESS"}], SalesforceRequestError, PermanentError),
+        (
+            400,
+            [{"message": "invalid id", "errorCode": "MALFORMED_ID", "fields": ["Id"]}],
+            SalesforceRequestError,
+            PermanentError,
+        ),
+        (
+            400,
+            [{"message": "No such column 'Nope__c'", "errorCode": "INVALID_FIELD"}],
+            SalesforceRequestError,
+            PermanentError,
+        ),
+        (
+            400,
+            [{"message": "EID required", "errorCode": "FIELD_CUSTOM_VALIDATION_EXCEPTION", "fields": []}],
+            SalesforceRequestError,
+            PermanentError,
+        ),
+        (
+            403,
+            [{"message": "no access", "errorCode": "INSUFFICIENT_ACCESS"}],
+            SalesforceRequestError,
+            PermanentError,
+        ),
     ],
 )
 def test_salesforce_errors_become_transient_or_permanent_errors_with_their_code(
-    client: SalesforceClient, fake: FakeSalesforce, status: int, body: object, error: type[SalesforceError],
+    client: SalesforceClient,
+    fake: FakeSalesforce,
+    status: int,
+    body: object,
+    error: type[SalesforceError],
     kind: type,
 ) -> None:
     client.fetch_order(ORDER_ID)
@@ -239,8 +283,13 @@ def test_every_call_carries_a_timeout(client: SalesforceClient, fake: FakeSalesf
 
 def test_from_settings_builds_auth_and_client(key_file: object, tmp_path: object) -> None:
     settings = Settings(
-        _env_file=None, sf_login_url="https://login.fake.test", sf_client_id="cid", sf_username="u",
-        sf_private_key_file=key_file, sf_provision_event_channel="/event/Other__e", sf_api_version="61.0",
+        _env_file=None,
+        sf_login_url="https://login.fake.test",
+        sf_client_id="cid",
+        sf_username="u",
+        sf_private_key_file=key_file,
+        sf_provision_event_channel="/event/Other__e",
+        sf_api_version="61.0",
     )
     client = SalesforceClient.from_settings(settings)
     assert client.event_object == "Other__e"

@@ -73,7 +73,9 @@ def test_latest_delivers_only_events_published_after_subscribing(
     assert [e.replay_id for e in consumer.wait_for(2)] == new
 
 
-def test_the_bayeux_browser_cookie_is_sent_back(stream: StreamingClient, fake: FakeSalesforce, consume: Any) -> None:
+def test_the_bayeux_browser_cookie_is_sent_back(
+    stream: StreamingClient, fake: FakeSalesforce, consume: Any
+) -> None:
     fake.publish(1)
     consume(stream, -2).wait_for(1)
     later = fake.cometd_requests()[1:]
@@ -124,7 +126,9 @@ def test_events_received_but_not_acked_are_fetched_again_after_a_rehandshake(
     assert replay_maps(fake) == [{CHANNEL: -2}, {CHANNEL: first.replay_id}]
 
 
-def test_a_lost_connect_response_loses_no_event(stream: StreamingClient, fake: FakeSalesforce, consume: Any) -> None:
+def test_a_lost_connect_response_loses_no_event(
+    stream: StreamingClient, fake: FakeSalesforce, consume: Any
+) -> None:
     ids = fake.publish(4)
     fake.faults["connect"].extend(["lost", "reset"])
     events = consume(stream, -2).wait_for(4)
@@ -155,25 +159,43 @@ def test_authentication_invalid_gets_a_new_token_then_handshakes_and_resubscribe
     assert [e.replay_id for e in events] == first + second
     assert fake.logins == 2
     assert stream.counters.auth_renewals == 1
-    tokens = [r.headers["Authorization"] for r in fake.cometd_requests() if r.body[0]["channel"] == "/meta/handshake"]
+    tokens = [
+        r.headers["Authorization"]
+        for r in fake.cometd_requests()
+        if r.body[0]["channel"] == "/meta/handshake"
+    ]
     assert len(set(tokens)) == 2
 
 
 def test_a_refused_login_ends_the_iteration_with_an_auth_error(
     stream: StreamingClient, fake: FakeSalesforce
 ) -> None:
-    fake.login_error = (400, {"error": "invalid_grant", "error_description": "user hasn't approved this consumer"})
+    fake.login_error = (
+        400,
+        {"error": "invalid_grant", "error_description": "user hasn't approved this consumer"},
+    )
     with pytest.raises(SalesforceAuthError, match="pre-authorized"):
         next(stream.events(-1))
 
 
 @pytest.mark.parametrize(("fallback", "expected"), [(-2, [3, 4]), (-1, [5])])
 def test_a_replay_id_too_old_falls_back_and_logs_one_error_line(
-    auth: Any, session: Any, fake: FakeSalesforce, consume: Any, log_lines: Any,
-    fallback: int, expected: list[int],
+    auth: Any,
+    session: Any,
+    fake: FakeSalesforce,
+    consume: Any,
+    log_lines: Any,
+    fallback: int,
+    expected: list[int],
 ) -> None:
-    stream = StreamingClient(auth=auth, session=session, api_version="64.0", channel=CHANNEL,
-                             replay_fallback=fallback, backoff_base_s=0.01)
+    stream = StreamingClient(
+        auth=auth,
+        session=session,
+        api_version="64.0",
+        channel=CHANNEL,
+        replay_fallback=fallback,
+        backoff_base_s=0.01,
+    )
     ids = fake.publish(5)
     fake.retained_from = 3
     consumer = consume(stream, ids[0])
@@ -222,7 +244,9 @@ def test_the_daily_limit_keeps_the_client_down_then_it_resumes(
     assert stream.counters.daily_limit_backoffs == 2
     channels = [r.body[0]["channel"] for r in fake.cometd_requests()]
     assert channels[:8] == ["/meta/handshake", "/meta/subscribe", "/meta/connect"] * 2 + [
-        "/meta/handshake", "/meta/subscribe"]
+        "/meta/handshake",
+        "/meta/subscribe",
+    ]
 
 
 def test_an_event_without_a_replay_id_is_counted_and_skipped(
@@ -294,8 +318,13 @@ def test_one_client_iterates_once_at_a_time(stream: StreamingClient, fake: FakeS
 
 def test_the_fallback_must_be_a_preset(stream: StreamingClient) -> None:
     with pytest.raises(ValueError, match="LATEST"):
-        StreamingClient(auth=stream._auth, session=stream._session, api_version="64.0", channel=CHANNEL,
-                        replay_fallback=1234)
+        StreamingClient(
+            auth=stream._auth,
+            session=stream._session,
+            api_version="64.0",
+            channel=CHANNEL,
+            replay_fallback=1234,
+        )
 
 
 def test_no_request_goes_anywhere_but_the_cometd_endpoint_and_the_login(

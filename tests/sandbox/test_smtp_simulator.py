@@ -70,7 +70,9 @@ def server(start: Callable[..., Running]) -> Running:
     return start()
 
 
-def message(message_id: str = "<one.abc@test.local>", subject: str = "Your order 42 is active") -> EmailMessage:
+def message(
+    message_id: str = "<one.abc@test.local>", subject: str = "Your order 42 is active"
+) -> EmailMessage:
     msg = EmailMessage()
     msg["Message-ID"] = message_id
     msg["From"] = SENDER
@@ -160,7 +162,9 @@ def test_a_forced_reset_drops_the_connection_and_keeps_nothing(server: Running) 
     assert server.get("messages")["count"] == 0
 
 
-def test_an_ambiguous_failure_keeps_exactly_one_message_and_the_client_sees_a_disconnect(server: Running) -> None:
+def test_an_ambiguous_failure_keeps_exactly_one_message_and_the_client_sees_a_disconnect(
+    server: Running,
+) -> None:
     server.post("faults", {"force": {"DATA": ["ambiguous"]}})
 
     smtp = server.smtp()
@@ -220,7 +224,9 @@ def test_a_message_over_the_size_limit_is_refused_with_552(start: Callable[..., 
     assert caught.value.smtp_code == 552
 
 
-def test_with_credentials_starttls_and_auth_come_before_mail(start: Callable[..., Running], tls: SandboxTLS) -> None:
+def test_with_credentials_starttls_and_auth_come_before_mail(
+    start: Callable[..., Running], tls: SandboxTLS
+) -> None:
     server = start(tls_context=tls.server_context, credentials=("robot", "s3cret"))
     client_tls = ssl.create_default_context(cafile=str(tls.ca_bundle))
 
@@ -249,7 +255,11 @@ def test_env_points_our_settings_at_the_server(start: Callable[..., Running], tl
     plain = SmtpSimulator()
     secured = SmtpSimulator(tls_context=tls.server_context, credentials=("robot", "s3cret"))
 
-    assert plain.env("127.0.0.1", 2525) == {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": "2525", "SMTP_STARTTLS": "false"}
+    assert plain.env("127.0.0.1", 2525) == {
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": "2525",
+        "SMTP_STARTTLS": "false",
+    }
     assert secured.env("127.0.0.1", 2525) == {
         "SMTP_HOST": "127.0.0.1",
         "SMTP_PORT": "2525",

@@ -31,7 +31,9 @@ class Whmcs:
         return response.json()  # type: ignore[no-any-return]
 
     def admin(self, method: str, path: str, body: Any = None, **params: str) -> requests.Response:
-        return self.session.request(method, f"{self.base}/__admin/{path}", json=body, params=params, timeout=5)
+        return self.session.request(
+            method, f"{self.base}/__admin/{path}", json=body, params=params, timeout=5
+        )
 
     def ok(self, method: str, path: str, body: Any = None, **params: str) -> Any:
         response = self.admin(method, path, body, **params)
@@ -39,7 +41,13 @@ class Whmcs:
         return response.json()
 
     def add_order(self, client_id: int | str = 1, notes: str = "", **fields: str) -> dict[str, Any]:
-        base = {"clientid": str(client_id), "paymentmethod": "stripe", "pid[0]": "10", "qty[0]": "1", "notes": notes}
+        base = {
+            "clientid": str(client_id),
+            "paymentmethod": "stripe",
+            "pid[0]": "10",
+            "qty[0]": "1",
+            "notes": notes,
+        }
         return self.api("AddOrder", **(base | fields))
 
 
@@ -54,14 +62,31 @@ def start(tls: SandboxTLS, **options: Any) -> tuple[Whmcs, ServerThread]:
     thread.add_app("whmcs", sim.build_app())
     thread.start()
     whmcs = Whmcs(sim, thread, make_session(tls.ca_bundle))
-    whmcs.ok("POST", "products", [{"pid": 10, "name": "eSIM 10 GB", "price": "12.50"}, {"pid": 11, "name": "Free SIM", "price": 0}])
+    whmcs.ok(
+        "POST",
+        "products",
+        [{"pid": 10, "name": "eSIM 10 GB", "price": "12.50"}, {"pid": 11, "name": "Free SIM", "price": 0}],
+    )
     whmcs.ok(
         "POST",
         "clients",
         [
-            {"id": 1, "firstname": "Ada", "lastname": "L", "email": "ada@example.com", "paymethods": [{"type": "CreditCard", "expiry_date": "12/30"}]},
+            {
+                "id": 1,
+                "firstname": "Ada",
+                "lastname": "L",
+                "email": "ada@example.com",
+                "paymethods": [{"type": "CreditCard", "expiry_date": "12/30"}],
+            },
             {"id": 2, "firstname": "Bob", "lastname": "B", "email": "bob@example.com", "status": "Closed"},
-            {"id": 3, "firstname": "Cy", "lastname": "C", "email": "cy@example.com", "status": "Inactive", "paymethods": [{"type": "BankAccount"}]},
+            {
+                "id": 3,
+                "firstname": "Cy",
+                "lastname": "C",
+                "email": "cy@example.com",
+                "status": "Inactive",
+                "paymethods": [{"type": "BankAccount"}],
+            },
         ],
     )
     return whmcs, thread
@@ -126,7 +151,10 @@ def test_a_list_action_refuses_nvp_and_unknown_formats_are_named(whmcs: Whmcs) -
     nvp = whmcs.raw({"action": "GetOrders", "responsetype": "nvp"}).text
     assert nvp == "result=error;message=This API action only supports the XML or JSON response type formats"
     odd = whmcs.raw({"action": "GetOrders", "responsetype": "yaml"}).text
-    assert odd == 'result=error;message=Unsupported API response type format "yaml". Supported formats include: json, xml, nvp'
+    assert (
+        odd
+        == 'result=error;message=Unsupported API response type format "yaml". Supported formats include: json, xml, nvp'
+    )
 
 
 # -- authentication and bans --------------------------------------------------------------------
@@ -137,7 +165,9 @@ def test_missing_or_unknown_credentials_are_refused_without_counting_a_failure(w
         "Invalid or missing credentials"
     )
     for _ in range(4):
-        answer = whmcs.raw({"action": "GetOrders", "responsetype": "json", "identifier": "nobody", "secret": "x"}, auth=False)
+        answer = whmcs.raw(
+            {"action": "GetOrders", "responsetype": "json", "identifier": "nobody", "secret": "x"}, auth=False
+        )
         assert answer.json() == {"result": "error", "message": "Invalid or missing credentials"}
     assert whmcs.ok("GET", "access")["banned"] == {}
     assert whmcs.api("GetOrders")["result"] == "success"
@@ -195,7 +225,9 @@ def test_pay_methods_are_listed_and_filtered_by_type(whmcs: Whmcs) -> None:
     assert card["expiry_date"] == "12/30"
     assert {"id", "description", "gateway_name", "card_last_four", "card_type", "last_updated"} <= set(card)
     assert whmcs.api("GetPayMethods", clientid="1", type="BankAccount")["paymethods"] == []
-    assert whmcs.api("GetPayMethods", clientid="3", type="bankaccount")["paymethods"][0]["type"] == "BankAccount"
+    assert (
+        whmcs.api("GetPayMethods", clientid="3", type="bankaccount")["paymethods"][0]["type"] == "BankAccount"
+    )
     assert whmcs.api("GetPayMethods", clientid="2")["paymethods"] == []
 
 
@@ -233,7 +265,11 @@ def test_add_order_answers_ids_as_strings_and_creates_services_and_an_invoice(wh
     assert order["amount"] == "25.00"
     assert order["flags"] == {"noemail": False, "noinvoiceemail": False}
     [invoice] = whmcs.ok("GET", "invoices")["invoices"]
-    assert (invoice["id"], invoice["status"], invoice["total"]) == (int(answer["invoiceid"]), "Unpaid", "25.00")
+    assert (invoice["id"], invoice["status"], invoice["total"]) == (
+        int(answer["invoiceid"]),
+        "Unpaid",
+        "25.00",
+    )
 
 
 def test_add_order_flags_follow_php_truthiness(whmcs: Whmcs) -> None:
@@ -248,7 +284,10 @@ def test_add_order_flags_follow_php_truthiness(whmcs: Whmcs) -> None:
     [
         ({"clientid": "999"}, "Client ID Not Found"),
         ({"clientid": "2"}, "Unable to add order when client status is Closed"),
-        ({"paymentmethod": "cash"}, "Invalid Payment Method. Valid options include banktransfer,mailin,paypal,stripe"),
+        (
+            {"paymentmethod": "cash"},
+            "Invalid Payment Method. Valid options include banktransfer,mailin,paypal,stripe",
+        ),
         ({"pid[0]": ""}, "No items added to cart so order cannot proceed"),
         ({"pid[0]": "404"}, "No items remain in the cart. Order cannot proceed."),
     ],

@@ -7,7 +7,8 @@ import threading
 from provisioning.esim.client import matching_id_for_run
 from provisioning.ledger import RunState
 from provisioning.runs import make_publisher, publish_run
-from provisioning.sandbox.scenario import count_effects, seed_orders, wait_until as wait_for
+from provisioning.sandbox.scenario import count_effects, seed_orders
+from provisioning.sandbox.scenario import wait_until as wait_for
 
 
 def _order(sandbox, order_id):
@@ -22,7 +23,9 @@ def _finished(sandbox, order_ids):
     return check
 
 
-def test_esim_and_physical_orders_end_activated_with_one_effect_each(sandbox, stack_settings, services, workers):
+def test_esim_and_physical_orders_end_activated_with_one_effect_each(
+    sandbox, stack_settings, services, workers
+):
     orders = seed_orders(sandbox, services.inventory, count=4, esim_share=0.5, seed=3)
     assert {o.esim for o in orders} == {True, False}
     workers(concurrency=4)
@@ -48,8 +51,10 @@ def test_esim_and_physical_orders_end_activated_with_one_effect_each(sandbox, st
     assert effects.esim_reserved_unconfirmed == 0
     # Each eSIM customer's e-mail carries the activation code of the profile confirmed for the run.
     smtp = sandbox.admin("smtp")
-    raw = [smtp.session.get(f"{smtp.base_url}/__admin/messages/{m['id']}", timeout=10).text
-           for m in smtp.get("/__admin/messages")["messages"]]
+    raw = [
+        smtp.session.get(f"{smtp.base_url}/__admin/messages/{m['id']}", timeout=10).text
+        for m in smtp.get("/__admin/messages")["messages"]
+    ]
     for o in orders:
         code = f"LPA:1$smdp.sandbox.local${matching_id_for_run(o.run_id)}"
         assert sum(code in text for text in raw) == (1 if o.esim else 0)
@@ -66,7 +71,9 @@ def test_a_successful_run_costs_exactly_two_salesforce_api_calls(sandbox, stack_
     assert sum(api_calls.values()) == 2, calls
 
 
-def test_the_same_run_submitted_three_times_at_once_has_each_effect_once(sandbox, stack_settings, services, workers):
+def test_the_same_run_submitted_three_times_at_once_has_each_effect_once(
+    sandbox, stack_settings, services, workers
+):
     (order,) = seed_orders(sandbox, services.inventory, count=1, esim_share=1.0)
     workers(concurrency=8)
     app = make_publisher(stack_settings)

@@ -23,7 +23,9 @@ SLOW_CALL_MS = 1500
 
 
 def _activated(sandbox, order_id):
-    return sandbox.admin("salesforce").get(f"/__admin/orders/{order_id}")["Activation_Status__c"] == "Activated"
+    return (
+        sandbox.admin("salesforce").get(f"/__admin/orders/{order_id}")["Activation_Status__c"] == "Activated"
+    )
 
 
 def _done(services, run_id):
@@ -48,7 +50,9 @@ def _assert_each_effect_once(sandbox, services, order):
     assert 1 <= effects.emails <= 1 + resends
 
 
-@pytest.mark.parametrize(("step", "sim", "operation"), KILL_POINTS, ids=[f"{s}-{o}" for s, _, o in KILL_POINTS])
+@pytest.mark.parametrize(
+    ("step", "sim", "operation"), KILL_POINTS, ids=[f"{s}-{o}" for s, _, o in KILL_POINTS]
+)
 def test_a_worker_killed_inside_a_step_leaves_a_run_that_completes_with_each_effect_once(
     sandbox, stack_settings, services, workers, step, sim, operation
 ):
@@ -110,18 +114,31 @@ def test_thirty_percent_transient_errors_on_every_service_still_complete_every_r
     assert injected > 0
 
 
-def test_an_unknown_product_fails_the_order_with_a_readable_reason(sandbox, stack_settings, services, workers):
+def test_an_unknown_product_fails_the_order_with_a_readable_reason(
+    sandbox, stack_settings, services, workers
+):
     (order,) = seed_orders(sandbox, services.inventory, count=1, esim_share=0.0)
     # The Order asks for a product WHMCS does not have.
     sandbox.admin("whmcs").post("/__admin/reset")
     sandbox.admin("whmcs").post(
         "/__admin/clients",
-        [{"id": order.whmcs_client_id, "firstname": "A", "lastname": "B", "email": "a@example.test",
-          "paymethods": [{"type": "CreditCard", "expiry_date": "12/30"}]}],
+        [
+            {
+                "id": order.whmcs_client_id,
+                "firstname": "A",
+                "lastname": "B",
+                "email": "a@example.test",
+                "paymethods": [{"type": "CreditCard", "expiry_date": "12/30"}],
+            }
+        ],
     )
     workers(concurrency=2)
     publish_run(make_publisher(stack_settings), order.run_id)
-    wait_for(lambda: services.ledger.get(order.run_id) and services.ledger.get(order.run_id).state is RunState.FAILED)
+    wait_for(
+        lambda: (
+            services.ledger.get(order.run_id) and services.ledger.get(order.run_id).state is RunState.FAILED
+        )
+    )
     record = sandbox.admin("salesforce").get(f"/__admin/orders/{order.order_id}")
     assert record["Activation_Status__c"] == "Failed"
     assert record["Activation_Error__c"].startswith("create_whmcs_order: ")
@@ -129,7 +146,9 @@ def test_an_unknown_product_fails_the_order_with_a_readable_reason(sandbox, stac
     assert count_effects(sandbox).emails == 0
 
 
-def test_an_expired_salesforce_token_mid_run_means_a_new_login_not_a_failure(sandbox, stack_settings, services, workers):
+def test_an_expired_salesforce_token_mid_run_means_a_new_login_not_a_failure(
+    sandbox, stack_settings, services, workers
+):
     orders = seed_orders(sandbox, services.inventory, count=2, esim_share=0.0)
     workers(concurrency=2)
     app = make_publisher(stack_settings)

@@ -56,7 +56,9 @@ def test_a_worker_killed_mid_step_on_rabbitmq_is_redelivered_and_completes_once(
     sandbox.admin("whmcs").post("/__admin/faults", {"latency_ms": 1500, "operations": ["AddOrder"]})
     victim = workers(rabbit_settings, name="victim", concurrency=2)
     publish_run(make_publisher(rabbit_settings), order.run_id)
-    wait_for(lambda: sandbox.admin("whmcs").get("/__admin/calls")["calls"].get("AddOrder", 0) >= 1, timeout_s=60)
+    wait_for(
+        lambda: sandbox.admin("whmcs").get("/__admin/calls")["calls"].get("AddOrder", 0) >= 1, timeout_s=60
+    )
     victim.kill()
     sandbox.admin("whmcs").post("/__admin/faults", {})
     workers(rabbit_settings, name="rescuer", concurrency=2)

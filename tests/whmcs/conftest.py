@@ -23,7 +23,9 @@ class WhmcsSandbox:
     session: requests.Session
     url: str
 
-    def client(self, *, secret: str | None = None, identifier: str | None = None, **options: Any) -> WhmcsClient:
+    def client(
+        self, *, secret: str | None = None, identifier: str | None = None, **options: Any
+    ) -> WhmcsClient:
         return WhmcsClient(
             session=self.session,
             url=self.url,
@@ -67,4 +69,3 @@ def start_whmcs(whmcs_tls: SandboxTLS) -> Iterator[Callable[..., WhmcsSandbox]]:
     for box in started:
         box.session.close()
         box.thread.stop()
-

@@ -52,7 +52,13 @@ def seeded(box: WhmcsSandbox) -> WhmcsSandbox:
                     {"type": "BankAccount", "bank_name": "Sandbox Bank"},
                 ],
             },
-            {"id": CLOSED_CLIENT, "firstname": "Bob", "lastname": "B", "email": "bob@example.com", "status": "Closed"},
+            {
+                "id": CLOSED_CLIENT,
+                "firstname": "Bob",
+                "lastname": "B",
+                "email": "bob@example.com",
+                "status": "Closed",
+            },
         ],
     )
     box.admin("POST", "calls/reset")
@@ -65,7 +71,9 @@ def whmcs(start_whmcs: Callable[..., WhmcsSandbox]) -> WhmcsSandbox:
 
 
 def place(client: WhmcsClient, note: str = "run-1", qty: int = 1) -> int:
-    return client.add_order(client_id=ACTIVE_CLIENT, payment_method="stripe", items=[(PRODUCT, qty)], notes=note).order_id
+    return client.add_order(
+        client_id=ACTIVE_CLIENT, payment_method="stripe", items=[(PRODUCT, qty)], notes=note
+    ).order_id
 
 
 # -- actions ------------------------------------------------------------------------------------
@@ -91,7 +99,11 @@ def test_an_unknown_client_is_client_not_found(whmcs: WhmcsSandbox) -> None:
 def test_pay_methods_come_typed_and_filtered(whmcs: WhmcsSandbox) -> None:
     client = whmcs.client()
     methods = client.get_pay_methods(ACTIVE_CLIENT)
-    assert [(m.type, m.is_card) for m in methods] == [("CreditCard", True), ("RemoteCreditCard", True), ("BankAccount", False)]
+    assert [(m.type, m.is_card) for m in methods] == [
+        ("CreditCard", True),
+        ("RemoteCreditCard", True),
+        ("BankAccount", False),
+    ]
     old, current, bank = methods
     assert old.is_expired(date(2025, 6, 1))
     assert not current.is_expired(date(2025, 6, 1))
@@ -118,8 +130,20 @@ def test_add_order_coerces_ids_and_turns_the_emails_off(whmcs: WhmcsSandbox) -> 
     ("client_id", "payment_method", "pid", "error", "message"),
     [
         (999, "stripe", PRODUCT, WhmcsClientNotFound, "Client ID Not Found"),
-        (CLOSED_CLIENT, "stripe", PRODUCT, WhmcsPermanentError, "Unable to add order when client status is Closed"),
-        (ACTIVE_CLIENT, "cash", PRODUCT, WhmcsPermanentError, "Invalid Payment Method. Valid options include"),
+        (
+            CLOSED_CLIENT,
+            "stripe",
+            PRODUCT,
+            WhmcsPermanentError,
+            "Unable to add order when client status is Closed",
+        ),
+        (
+            ACTIVE_CLIENT,
+            "cash",
+            PRODUCT,
+            WhmcsPermanentError,
+            "Invalid Payment Method. Valid options include",
+        ),
         (ACTIVE_CLIENT, "stripe", 404, WhmcsPermanentError, "No items remain in the cart"),
     ],
 )
@@ -127,7 +151,9 @@ def test_add_order_refusals_are_permanent(
     whmcs: WhmcsSandbox, client_id: int, payment_method: str, pid: int, error: type[WhmcsError], message: str
 ) -> None:
     with pytest.raises(error, match=message) as caught:
-        whmcs.client().add_order(client_id=client_id, payment_method=payment_method, items=[(pid, 1)], notes="n")
+        whmcs.client().add_order(
+            client_id=client_id, payment_method=payment_method, items=[(pid, 1)], notes="n"
+        )
     assert type(caught.value) is error
     assert caught.value.api_message is not None
     assert caught.value.api_message.startswith(message)
@@ -160,7 +186,12 @@ def test_get_orders_filters_pages_and_coerces(whmcs: WhmcsSandbox) -> None:
     orders = client.get_orders(client_id=ACTIVE_CLIENT)
     assert [o.id for o in orders] == ids[::-1]
     newest = orders[0]
-    assert (newest.user_id, newest.status, newest.payment_status, newest.notes) == (ACTIVE_CLIENT, "Pending", "Unpaid", "run-2")
+    assert (newest.user_id, newest.status, newest.payment_status, newest.notes) == (
+        ACTIVE_CLIENT,
+        "Pending",
+        "Unpaid",
+        "run-2",
+    )
     assert newest.amount == Decimal("12.50")
     assert newest.invoice_id is not None
     assert len(newest.service_ids) == 1
@@ -193,7 +224,9 @@ def test_note_matching_needs_the_whole_note() -> None:
 
 def test_get_invoice_reads_status_and_balance(whmcs: WhmcsSandbox) -> None:
     client = whmcs.client()
-    invoice_id = client.add_order(client_id=ACTIVE_CLIENT, payment_method="stripe", items=[(PRODUCT, 1)], notes="n").invoice_id
+    invoice_id = client.add_order(
+        client_id=ACTIVE_CLIENT, payment_method="stripe", items=[(PRODUCT, 1)], notes="n"
+    ).invoice_id
     assert invoice_id is not None
     unpaid = client.get_invoice(invoice_id)
     assert (unpaid.id, unpaid.status, unpaid.total, unpaid.balance, unpaid.date_paid, unpaid.is_paid) == (
@@ -228,7 +261,9 @@ def test_an_unknown_identifier_is_an_auth_error(whmcs: WhmcsSandbox) -> None:
         whmcs.client(identifier="someone-else").get_client(ACTIVE_CLIENT)
 
 
-def test_three_bad_logins_ban_the_ip_and_the_client_never_retries(start_whmcs: Callable[..., WhmcsSandbox]) -> None:
+def test_three_bad_logins_ban_the_ip_and_the_client_never_retries(
+    start_whmcs: Callable[..., WhmcsSandbox],
+) -> None:
     whmcs = seeded(start_whmcs(ban_s=60.0))
     bad = whmcs.client(secret="not-the-secret")
     messages = []
@@ -316,7 +351,10 @@ def test_a_closed_port_is_transient() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     client = WhmcsClient(
-        session=requests.Session(), url=f"https://127.0.0.1:{port}", identifier=SecretStr("i"), secret=SecretStr("s")
+        session=requests.Session(),
+        url=f"https://127.0.0.1:{port}",
+        identifier=SecretStr("i"),
+        secret=SecretStr("s"),
     )
     with pytest.raises(WhmcsTransientError, match="connection failed"):
         client.get_orders()
@@ -368,7 +406,12 @@ def test_errors_keep_their_attributes_through_pickling() -> None:
     error = WhmcsOrderNotPending("WHMCS AcceptOrder: x", action="AcceptOrder", status=200, api_message="x")
     copy = pickle.loads(pickle.dumps(error))  # noqa: S301 (our own object, round trip)
     assert type(copy) is WhmcsOrderNotPending
-    assert (str(copy), copy.action, copy.status, copy.api_message) == ("WHMCS AcceptOrder: x", "AcceptOrder", 200, "x")
+    assert (str(copy), copy.action, copy.status, copy.api_message) == (
+        "WHMCS AcceptOrder: x",
+        "AcceptOrder",
+        200,
+        "x",
+    )
 
 
 # -- transport-level cases the simulator does not produce ---------------------------------------
@@ -405,7 +448,10 @@ def canned_client(*answers: tuple[int, str, dict[str, str]] | Exception) -> tupl
     session = requests.Session()
     session.mount("https://", adapter)
     client = WhmcsClient(
-        session=session, url="https://whmcs.test/billing", identifier=SecretStr("ident-1"), secret=SecretStr("secret-1")
+        session=session,
+        url="https://whmcs.test/billing",
+        identifier=SecretStr("ident-1"),
+        secret=SecretStr("secret-1"),
     )
     return client, adapter
 
@@ -419,7 +465,13 @@ def test_every_call_asks_for_json_with_the_credentials() -> None:
     [sent] = adapter.sent
     assert sent.url == "https://whmcs.test/billing/includes/api.php"
     body = str(sent.body)
-    for field in ("action=GetOrders", "responsetype=json", "identifier=ident-1", "secret=secret-1", "userid=5"):
+    for field in (
+        "action=GetOrders",
+        "responsetype=json",
+        "identifier=ident-1",
+        "secret=secret-1",
+        "userid=5",
+    ):
         assert field in body
 
 
@@ -445,7 +497,9 @@ def test_odd_answers_are_classified(
 
 
 def test_a_read_timeout_is_transient_and_not_resent() -> None:
-    client, adapter = canned_client(requests.ReadTimeout("read timed out"), (200, '{"result":"success"}', JSON))
+    client, adapter = canned_client(
+        requests.ReadTimeout("read timed out"), (200, '{"result":"success"}', JSON)
+    )
     with pytest.raises(WhmcsTransientError, match="timed out"):
         client.get_orders()
     assert len(adapter.sent) == 1
@@ -456,7 +510,9 @@ def test_a_write_is_resent_only_when_no_connection_was_opened() -> None:
     client, adapter = canned_client(refused, (200, '{"result":"success"}', JSON))
     client.accept_order(1)
     assert len(adapter.sent) == 2
-    client, adapter = canned_client(requests.ConnectionError("reset by peer"), (200, '{"result":"success"}', JSON))
+    client, adapter = canned_client(
+        requests.ConnectionError("reset by peer"), (200, '{"result":"success"}', JSON)
+    )
     with pytest.raises(WhmcsTransientError):
         client.accept_order(1)
     assert len(adapter.sent) == 1
