@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import requests
 
 from provisioning.ledger import RunState
 from provisioning.sandbox.scenario import count_effects, event_payload, publish_events_admin, seed_orders
@@ -41,7 +42,7 @@ def test_malformed_events_are_quarantined_with_reasons_and_every_good_one_is_pro
 ):
     orders = seed_orders(sandbox, services.inventory, count=4, esim_share=0.5)
     workers(concurrency=4)
-    listeners(listen_settings)
+    listener = listeners(listen_settings)
     bad = [
         {"IdemKey__c": "no-order-id"},
         {"OrderId__c": "801Dn0000HeJ6rrIQX", "IdemKey__c": "bad-checksum"},
@@ -65,6 +66,16 @@ def test_malformed_events_are_quarantined_with_reasons_and_every_good_one_is_pro
     assert any("IdemKey__c is longer than 80" in r for r in reasons)
     assert all(isinstance(e["replay_id"], int) for e in services.ledger.quarantined())
     assert count_effects(sandbox).whmcs_orders == 4
+    base = f"http://127.0.0.1:{listener.health_port}"
+    assert requests.get(base + "/healthz", timeout=5).json() == {
+        "ok": True, "leader": True, "subscribed": True, "can_publish": True,
+    }
+    metrics = requests.get(base + "/metrics", timeout=5).text
+    assert "listener_events_received_total 8.0" in metrics
+    assert "listener_events_quarantined_total 4.0" in metrics
+    assert "listener_events_published_total 4.0" in metrics
+    assert "listener_is_leader 1.0" in metrics
+    assert "listener_stream_handshakes_total" in metrics
 
 
 def test_sigterm_exits_0_within_5_seconds_with_the_checkpoint_written_and_the_lock_released(
@@ -93,10 +104,13 @@ def test_a_standby_takes_over_within_the_lock_expiry_and_resumes_from_the_checkp
     publish_events_admin(sandbox, [event_payload(o) for o in orders[:3]])
     wait_for(lambda: all(_done(services, o.run_id) for o in orders[:3]))
     assert "event_published" not in second.log_text()
+    standby_health = f"http://127.0.0.1:{second.health_port}/healthz"
+    assert requests.get(standby_health, timeout=5).status_code == 503
     first.kill()
     killed_at = time.monotonic()
     second.wait_for_log("listener_leader", listen_settings.listener_lock_ttl_s + 5)
     assert time.monotonic() - killed_at <= listen_settings.listener_lock_ttl_s + 5
+    wait_for(lambda: requests.get(standby_health, timeout=5).status_code == 200, timeout_s=30)
     publish_events_admin(sandbox, [event_payload(o) for o in orders[3:]])
     wait_for(lambda: all(_done(services, o.run_id) for o in orders))
     # It resumed after the checkpoint: none of the first three was published again.

@@ -28,7 +28,7 @@ def test_esim_and_physical_orders_end_activated_with_one_effect_each(
 ):
     orders = seed_orders(sandbox, services.inventory, count=4, esim_share=0.5, seed=3)
     assert {o.esim for o in orders} == {True, False}
-    workers(concurrency=4)
+    worker = workers(concurrency=4)
     app = make_publisher(stack_settings)
     for o in orders:
         publish_run(app, o.run_id)
@@ -58,6 +58,12 @@ def test_esim_and_physical_orders_end_activated_with_one_effect_each(
     for o in orders:
         code = f"LPA:1$smdp.sandbox.local${matching_id_for_run(o.run_id)}"
         assert sum(code in text for text in raw) == (1 if o.esim else 0)
+    # The worker's log names runs and Orders, never the customer, a secret or an activation code.
+    log = worker.log_text()
+    assert all(o.run_id in log for o in orders)
+    secrets = [stack_settings.whmcs_secret.get_secret_value(), stack_settings.whmcs_identifier.get_secret_value()]
+    for forbidden in ["@example.test", "Customer0", "LPA:1$", *secrets]:
+        assert forbidden not in log
 
 
 def test_a_successful_run_costs_exactly_two_salesforce_api_calls(sandbox, stack_settings, services, workers):
