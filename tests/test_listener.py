@@ -68,7 +68,10 @@ def test_malformed_events_are_quarantined_with_reasons_and_every_good_one_is_pro
     assert count_effects(sandbox).whmcs_orders == 4
     base = f"http://127.0.0.1:{listener.health_port}"
     assert requests.get(base + "/healthz", timeout=5).json() == {
-        "ok": True, "leader": True, "subscribed": True, "can_publish": True,
+        "ok": True,
+        "leader": True,
+        "subscribed": True,
+        "can_publish": True,
     }
     metrics = requests.get(base + "/metrics", timeout=5).text
     assert "listener_events_received_total 8.0" in metrics

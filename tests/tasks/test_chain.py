@@ -61,7 +61,10 @@ def test_esim_and_physical_orders_end_activated_with_one_effect_each(
     # The worker's log names runs and Orders, never the customer, a secret or an activation code.
     log = worker.log_text()
     assert all(o.run_id in log for o in orders)
-    secrets = [stack_settings.whmcs_secret.get_secret_value(), stack_settings.whmcs_identifier.get_secret_value()]
+    secrets = [
+        stack_settings.whmcs_secret.get_secret_value(),
+        stack_settings.whmcs_identifier.get_secret_value(),
+    ]
     for forbidden in ["@example.test", "Customer0", "LPA:1$", *secrets]:
         assert forbidden not in log
 
