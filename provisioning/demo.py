@@ -123,6 +123,7 @@ def run_demo(settings: Settings, *, orders: int, workdir: Path, console: Console
     try:
         env = demo_settings.to_env()
         logs = workdir / "logs"
+
         def say(text: str) -> None:
             if not quiet:
                 console.print(text)
