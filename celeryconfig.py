@@ -53,7 +53,7 @@ def build(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        "task_send_sent_event": settings.celery_task_sent_events,
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],

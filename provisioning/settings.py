@@ -101,6 +101,10 @@ class Settings(BaseSettings):
         ge=10,
         description="Redis broker: seconds before an unacked message is redelivered.",
     )
+    celery_task_sent_events: bool = Field(
+        True,
+        description="Send a task-sent event per publish (Flower's 'sent' state); false halves publish cost.",
+    )
     ledger_prefix: str = Field(
         "prov", pattern=r"^[A-Za-z0-9_.-]+$", description="Namespace of every ledger key."
     )

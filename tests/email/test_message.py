@@ -86,7 +86,9 @@ def test_the_qr_code_holds_the_activation_code() -> None:
     image = parts(reparsed(build()))["image/png"]
     picture = Image.open(io.BytesIO(image.get_content())).convert("L")
 
-    expected = qrcode.QRCode(error_correction=qrcode.constants.ERROR_CORRECT_M, border=QR_BORDER_MODULES)
+    expected = qrcode.QRCode(
+        error_correction=qrcode.constants.ERROR_CORRECT_M, border=QR_BORDER_MODULES, mask_pattern=0
+    )
     expected.add_data(ACTIVATION_CODE)
     expected.make(fit=True)
     matrix = expected.get_matrix()
