@@ -1,0 +1,221 @@
+"""The pipeline with no injected latency: our full chain on real workers against the sandbox.
+
+    python -m bench.pipeline [--orders 200] [--concurrency 8] [--floor-json PATH] [--profile] [--json PATH]
+
+Orders/s and worker CPU per order, and both as a ratio to the Celery floor
+(``bench.floor``: give its JSON with --floor-json). Runs are published with
+``publish_run`` (what the listener does for each event) all at once.
+``--profile`` samples the worker with py-spy during the measured batch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    Cleanup,
+    CpuMeter,
+    RedisServer,
+    Table,
+    base_parser,
+    emit,
+    log,
+    machine_info,
+    median,
+    run_main,
+    spread,
+    workdir_for,
+)
+from bench.floor import FloorRunner
+from bench.profile import Profiler, summarise
+from bench.stack import Batch, Stack
+from provisioning.ledger import STEPS
+
+TASKS = ("provision_order", *STEPS)
+FLOOR_WARMUP = 20
+
+
+def floor_row(path: str | None, pool: str, concurrency: int) -> dict[str, Any] | None:
+    """The floor's result for the same worker options, from bench.floor's JSON."""
+    if not path or not Path(path).exists():
+        return None
+    configs = json.loads(Path(path).read_text())["data"]["configs"]
+    for row in configs:
+        if row["pool"] == pool and row["concurrency"] == concurrency:
+            return dict(row)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__.split("\n\n")[0] if __doc__ else "")
+    parser.add_argument("--orders", type=int, default=200, help="Orders measured per round.")
+    parser.add_argument("--rounds", type=int, default=3, help="Measured rounds (median).")
+    parser.add_argument("--warmup", type=int, default=10, help="Orders run before the clock starts.")
+    parser.add_argument("--pool", default="threads")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--floor-chains",
+        type=int,
+        default=200,
+        help="Floor chains measured in each round, interleaved with the pipeline (same worker options), "
+        "for the ratios; 0: take the floor from --floor-json instead.",
+    )
+    parser.add_argument("--floor-json", help="bench.floor's JSON, for the ratios when --floor-chains is 0.")
+    parser.add_argument(
+        "--profile", action="store_true", help="Sample the worker with py-spy (if installed)."
+    )
+    parser.add_argument(
+        "--profile-flags",
+        default="--gil",
+        help="py-spy record flags (default --gil: samples that hold the GIL, i.e. Python CPU; '' for all running).",
+    )
+    args = parser.parse_args(argv)
+
+    with Cleanup() as cleanup:
+        workdir = workdir_for(args, "pipeline", cleanup)
+        server = RedisServer(args.redis_url, workdir, cleanup)
+        info = machine_info(server.client)
+        stack = Stack(workdir, server, cleanup)
+        settings = stack.settings("pipe")
+        services = stack.services(settings)
+        orders = stack.seed(services, args.warmup + args.rounds * args.orders)
+        (worker,) = stack.start_workers(settings, pool=args.pool, concurrency=args.concurrency)
+        batch = Batch(stack, settings, services)
+        batch.warm_up(orders[: args.warmup])
+        floor_runner = None
+        if args.floor_chains:
+            floor_runner = FloorRunner(
+                server, cleanup, workdir / "logs", pool=args.pool, concurrency=args.concurrency
+            )
+            floor_runner.warm_up(FLOOR_WARMUP)
+        profiler = (
+            Profiler(worker.pid, workdir / "worker-profile.txt", extra=args.profile_flags.split())
+            if args.profile
+            else None
+        )
+        if profiler is not None:
+            profiler.start()
+        results = []
+        floor_rounds: list[tuple[float, dict[str, float]]] = []
+        for round_no in range(args.rounds):
+            if floor_runner is not None:
+                # The floor right before each round: the machine is in the same state for both.
+                floor_rounds.append(floor_runner.round(args.floor_chains))
+            first = args.warmup + round_no * args.orders
+            meter = CpuMeter({"worker": worker.pid}, server.client)
+            result = batch.run(orders[first : first + args.orders], meter=meter)
+            log(f"pipeline round {round_no + 1}: {result.orders_per_s:.1f} orders/s, states {result.states}")
+            results.append(result)
+        raw_profile = profiler.stop() if profiler is not None else None
+        if floor_runner is not None:
+            floor_runner.stop()
+
+        rates = [r.orders_per_s for r in results]
+        cpus = [r.cpu_per_order_ms("worker") for r in results]
+        rate, cpu_order = median(rates), median(cpus)
+        floor: dict[str, Any] | None
+        if floor_rounds:
+            n = args.floor_chains
+            floor_rates = [f for f, _ in floor_rounds]
+            floor_cpus = [c["worker"] * 1000 / n for _, c in floor_rounds]
+            floor = {
+                "source": "interleaved",
+                "chains_per_s": median(floor_rates),
+                "worker_cpu_ms_per_chain": median(floor_cpus),
+                "chains_per_s_rounds": floor_rates,
+                "worker_cpu_ms_per_chain_rounds": floor_cpus,
+            }
+            cpu_ratios = [c / f for c, f in zip(cpus, floor_cpus, strict=True)]
+            rate_ratios = [r / f for r, f in zip(rates, floor_rates, strict=True)]
+        else:
+            floor = floor_row(args.floor_json, args.pool, args.concurrency)
+            cpu_ratios = [c / floor["worker_cpu_ms_per_chain"] for c in cpus] if floor else []
+            rate_ratios = [r / floor["chains_per_s"] for r in rates] if floor else []
+        measured = orders[args.warmup :]
+        states: Counter[str] = Counter()
+        for res in results:
+            states.update(res.states)
+        table = Table(
+            "Pipeline, no injected latency",
+            [
+                "pool",
+                "concurrency",
+                "orders",
+                "orders/s",
+                "orders/s range",
+                "worker CPU ms/order",
+                "CPU range",
+                "worker CPU ms/task",
+                "floor chains/s",
+                "floor CPU ms/chain",
+                "orders/s ÷ floor chains/s",
+                "CPU/order ÷ floor CPU/chain",
+                "CPU ratio range",
+                "Redis CPU ms/order",
+                "sandbox + driver CPU ms/order",
+                "external calls/order",
+            ],
+            notes=[
+                f"One worker process; {sum(o.esim for o in measured)} of {len(measured)} Orders are eSIM "
+                "(9 external calls), the rest physical (7). Medians over the rounds, with their range.",
+                "A run is 6 tasks (provision_order + 5 steps); the floor's chain is 5 no-op tasks, measured "
+                "on a floor worker with the same options right before each round; ratios are per round, "
+                "then the median.",
+                "The sandbox (all four simulators) runs in the benchmark's own process, on the same machine.",
+                f"Final states: {dict(states)}.",
+            ],
+        )
+        if floor is None:
+            table.notes.append("No floor for these worker options (--floor-json): ratios are n/a.")
+        table.add(
+            args.pool,
+            args.concurrency,
+            f"{args.rounds} x {args.orders}",
+            rate,
+            spread(rates),
+            cpu_order,
+            spread(cpus),
+            cpu_order / len(TASKS),
+            floor["chains_per_s"] if floor else float("nan"),
+            floor["worker_cpu_ms_per_chain"] if floor else float("nan"),
+            median(rate_ratios),
+            median(cpu_ratios),
+            spread(cpu_ratios),
+            median([r.cpu_per_order_ms("redis") for r in results]),
+            median([r.cpu_per_order_ms("driver") for r in results]),
+            median([r.external_calls() / r.orders for r in results]),
+        )
+        tables = [table]
+        if raw_profile is not None:
+            tables += summarise(raw_profile, "Worker profile, no-latency pipeline", steps=TASKS)
+        data = {
+            "pool": args.pool,
+            "concurrency": args.concurrency,
+            "orders": args.orders,
+            "rounds": args.rounds,
+            "orders_per_s": rate,
+            "orders_per_s_rounds": rates,
+            "worker_cpu_ms_per_order": cpu_order,
+            "worker_cpu_ms_per_order_rounds": cpus,
+            "cpu_s_rounds": [r.cpu_s for r in results],
+            "states": dict(states),
+            "calls_rounds": [r.calls for r in results],
+            "floor": floor,
+            "cpu_ratio_to_floor": median(cpu_ratios),
+            "cpu_ratio_to_floor_rounds": cpu_ratios,
+            "rate_ratio_to_floor": median(rate_ratios),
+            "profile": str(raw_profile) if raw_profile else None,
+        }
+        emit("pipeline", args, info, tables, data)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

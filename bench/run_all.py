@@ -1,0 +1,222 @@
+"""Every benchmark with small defaults (``make bench``), then the goals side by side.
+
+    python bench/run_all.py [--only floor,pipeline,io_bound,listener,cost] [--orders N] [--events N]
+
+Each benchmark runs in its own process (``python -m bench.<name>``), prints
+its tables and writes its JSON under --out (default bench/results/); this
+script then prints the goals against the measured numbers and writes every
+table to ``summary.md`` there. Bigger runs: ``--orders``, ``--events``,
+``--chains``, or run one benchmark with its own flags (``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import REPO_ROOT, RESULTS_DIR, Table, machine_line, pythonpath_env
+
+BENCHMARKS = ("floor", "pipeline", "io_bound", "listener", "cost", "sandbox_throughput")
+MODULES = {"listener": "bench.listener_catchup"}
+# A load average above this at the start means something else is running: the numbers will say so.
+BUSY_LOAD = 0.5
+# How long a child gets to clean up after Ctrl-C before it is killed.
+CHILD_STOP_GRACE_S = 30.0
+
+GOALS = {
+    "cpu_ratio": 2.0,
+    "io_share": 0.8,
+    "latency_ratio": 1.3,
+    "listener_rate": 2000.0,
+    "sf_calls": 2.0,
+}
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt()
+
+
+def argv_for(name: str, args: argparse.Namespace, out: Path) -> list[str]:
+    module = MODULES.get(name, f"bench.{name}")
+    argv = [sys.executable, "-m", module, "--json", str(out / f"{name}.json")]
+    if name != "sandbox_throughput":
+        argv += ["--redis-url", args.redis_url]
+    if name == "floor" and args.chains:
+        argv += ["--chains", str(args.chains)]
+    if name in ("pipeline", "io_bound") and args.orders:
+        argv += ["--orders", str(args.orders)]
+    if name == "io_bound" and args.orders:
+        argv += ["--rate-orders", str(args.orders)]
+    if name == "cost" and args.orders:
+        argv += ["--orders", str(max(1, args.orders // 4))]
+    if name == "listener" and args.events:
+        argv += ["--events", str(args.events)]
+    return argv
+
+
+def run(name: str, argv: list[str]) -> tuple[int, float]:
+    print(f"\n===== {name}: {' '.join(argv[1:])}", flush=True)
+    start = time.monotonic()
+    proc = subprocess.Popen(argv, cwd=REPO_ROOT, env={**os.environ, **pythonpath_env()})
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        # The child got the Ctrl-C too and is cleaning up its processes: give it the time to.
+        try:
+            proc.wait(CHILD_STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    return code, time.monotonic() - start
+
+
+def load(out: Path, name: str) -> dict[str, Any] | None:
+    path = out / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def goals_table(out: Path) -> Table:
+    table = Table("Goals", ["goal", "measured", "target", "met"])
+
+    def add(goal: str, measured: float | None, target: str, ok: bool | None, unit: str = "") -> None:
+        value = "n/a" if measured is None else f"{measured:,.2f}{unit}"
+        table.add(goal, value, target, "n/a" if ok is None else ("yes" if ok else "NO"))
+
+    pipeline = load(out, "pipeline")
+    ratio = pipeline["data"].get("cpu_ratio_to_floor") if pipeline else None
+    add(
+        "worker CPU per order ÷ floor CPU per chain",
+        ratio,
+        f"≤ {GOALS['cpu_ratio']:g}x",
+        None if ratio is None else ratio <= GOALS["cpu_ratio"],
+        "x",
+    )
+
+    io = load(out, "io_bound")
+    share = None
+    latency_ratio = None
+    if io:
+        for row in io["data"]["configs"]:
+            if row["processes"] == 1 and row["pool"] == "threads" and row["concurrency"] == 20:
+                share = row["share_of_limit"]
+        if io["data"].get("open_loop"):
+            latency_ratio = io["data"]["open_loop"]["p50_ratio_to_injected_before_activated"]
+    add(
+        "I/O bound, concurrency 20: share of the limit",
+        None if share is None else 100 * share,
+        f"≥ {100 * GOALS['io_share']:.0f}%",
+        None if share is None else share >= GOALS["io_share"],
+        "%",
+    )
+    add(
+        "p50 latency at 10 orders/s ÷ injected latency",
+        latency_ratio,
+        f"≤ {GOALS['latency_ratio']:g}x",
+        None if latency_ratio is None else latency_ratio <= GOALS["latency_ratio"],
+        "x",
+    )
+
+    listener = load(out, "listener")
+    rate = listener["data"]["events_per_s_steady"] if listener else None
+    add(
+        "listener catch-up, events/s",
+        rate,
+        f"≥ {GOALS['listener_rate']:,.0f}",
+        None if rate is None else rate >= GOALS["listener_rate"],
+    )
+
+    cost = load(out, "cost")
+    calls = cost["data"]["salesforce_api_calls_per_run"] if cost else None
+    add(
+        "Salesforce API calls per successful run",
+        calls,
+        "exactly 2",
+        None if calls is None else calls == GOALS["sf_calls"],
+    )
+    table.notes.append(
+        "Latency ratio: p50 over Orders of (publication to Activated) ÷ (the injected latency of the calls "
+        "before the Activated write: 800 ms eSIM, 600 ms physical)."
+    )
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else "")
+    parser.add_argument("--only", default="", help=f"Comma-separated subset of {', '.join(BENCHMARKS)}.")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS_DIR, help="Where the JSON results and summary.md go."
+    )
+    parser.add_argument("--redis-url", default="private", help="Passed to each benchmark (see their --help).")
+    parser.add_argument(
+        "--orders", type=int, default=0, help="Orders per configuration (default: each script's)."
+    )
+    parser.add_argument("--events", type=int, default=0, help="Listener catch-up events (default 10,000).")
+    parser.add_argument("--chains", type=int, default=0, help="Floor chains (default 200).")
+    args = parser.parse_args(argv)
+    chosen = [b for b in BENCHMARKS if not args.only or b in args.only.split(",")]
+    if not (REPO_ROOT / "bench" / "sandbox_throughput.py").exists() and "sandbox_throughput" in chosen:
+        chosen.remove("sandbox_throughput")
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    for name in chosen:
+        (out / f"{name}.json").unlink(missing_ok=True)
+
+    load1, _, _ = os.getloadavg()
+    if load1 > BUSY_LOAD:
+        print(
+            f"note: the 1-minute load average is {load1:.1f}: other work on this machine will make the numbers noisy",
+            file=sys.stderr,
+        )
+    # Ctrl-C reaches the children too (same process group); each stops what it started.
+    signal.signal(signal.SIGTERM, _interrupt)
+    started = time.monotonic()
+    timings: list[tuple[str, int, float]] = []
+    try:
+        for name in chosen:
+            code, took = run(name, argv_for(name, args, out))
+            timings.append((name, code, took))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+    tables: list[str] = []
+    machine = None
+    for name in chosen:
+        result = load(out, name)
+        if result is None:
+            continue
+        machine = machine or result.get("machine")
+        for t in result.get("tables", []):
+            tables.append(Table(t["title"], t["columns"], t["rows"], t.get("notes", [])).render())
+    goals = goals_table(out)
+    runs = Table("Benchmark runs", ["benchmark", "exit code", "seconds"])
+    for name, code, took in timings:
+        runs.add(name, code, round(took, 1))
+    runs.add("total", "", round(time.monotonic() - started, 1))
+
+    print("\n===== summary")
+    if machine:
+        print(machine_line(machine))
+    print()
+    print(goals.render())
+    print()
+    print(runs.render())
+    summary = [machine_line(machine) if machine else "", *tables, goals.render(), runs.render()]
+    (out / "summary.md").write_text("\n\n".join(summary) + "\n")
+    print(f"\nall tables: {out / 'summary.md'}", flush=True)
+    return 0 if all(code == 0 for _, code, _ in timings) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
