@@ -144,6 +144,8 @@ class SmdpSimulator:
         self.address = address
         self.injector = FaultInjector(seed=seed)
         self.profiles: dict[str, Profile] = {}
+        # matchingId -> ICCID of the profile that took it; may be stale (checked on use), never missing.
+        self._matching_ids: dict[str, str] = {}
         self.requests: collections.deque[dict[str, Any]] = collections.deque(maxlen=REQUEST_LOG_SIZE)
         self._rng = random.Random(seed)
 
@@ -259,13 +261,14 @@ class SmdpSimulator:
         if matching_id is not None and (not isinstance(matching_id, str) or not matching_id):
             raise FunctionFailed("8.2.6", "2.1", "matchingId must be a non-empty string")
         if matching_id:
-            other = next((p for p in self.profiles.values() if p.matching_id == matching_id), None)
+            other = self._holder_of(matching_id)
             if other is not None and other is not profile:
                 raise FunctionFailed("8.2.6", "3.3", "matchingId already in use", matching_id)
         else:
             matching_id = self._new_matching_id()
         profile.eid = eid or profile.eid
         profile.matching_id = matching_id
+        self._matching_ids[matching_id] = profile.iccid
         self._touch(profile, "released" if release else "confirmed")
         answer: dict[str, Any] = {"matchingId": matching_id, "smdpAddress": self.address}
         if profile.eid:
@@ -308,10 +311,15 @@ class SmdpSimulator:
         self._touch(profile, "released")
         return {}
 
+    def _holder_of(self, matching_id: str) -> Profile | None:
+        """The profile carrying ``matching_id`` now (a dict lookup: a scan of the pool made confirmOrder O(n))."""
+        profile = self.profiles.get(self._matching_ids.get(matching_id, ""))
+        return profile if profile is not None and profile.matching_id == matching_id else None
+
     def _new_matching_id(self) -> str:
         while True:
             candidate = f"MID-{self._rng.getrandbits(48):012X}"
-            if all(p.matching_id != candidate for p in self.profiles.values()):
+            if self._holder_of(candidate) is None:
                 return candidate
 
     # -- HTTP ------------------------------------------------------------------------------------

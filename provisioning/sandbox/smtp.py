@@ -37,6 +37,7 @@ import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.parser import BytesParser
+from functools import cached_property
 from typing import Any
 
 from aiohttp import web
@@ -61,10 +62,26 @@ class StoredMessage:
     id: int
     mail_from: str
     rcpt_tos: tuple[str, ...]
-    message_id: str | None
-    subject: str | None
     received_at: datetime
     raw: bytes
+
+    # Parsed on first use, not in the DATA handler: parsing costs more than the rest of a delivery.
+    @cached_property
+    def _headers(self) -> tuple[str | None, str | None]:
+        headers = BytesParser(policy=email.policy.default).parsebytes(self.raw, headersonly=True)
+        message_id, subject = headers.get("Message-ID"), headers.get("Subject")
+        return (
+            str(message_id).strip() if message_id is not None else None,
+            str(subject) if subject is not None else None,
+        )
+
+    @property
+    def message_id(self) -> str | None:
+        return self._headers[0]
+
+    @property
+    def subject(self) -> str | None:
+        return self._headers[1]
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -184,18 +201,12 @@ class SmtpSimulator:
         raise asyncio.CancelledError()
 
     def _store(self, envelope: Envelope) -> StoredMessage:
-        raw = bytes(envelope.original_content or b"")
-        headers = BytesParser(policy=email.policy.default).parsebytes(raw, headersonly=True)
-        message_id = headers.get("Message-ID")
-        subject = headers.get("Subject")
         stored = StoredMessage(
             id=self._next_id,
             mail_from=envelope.mail_from or "",
             rcpt_tos=tuple(envelope.rcpt_tos),
-            message_id=str(message_id).strip() if message_id is not None else None,
-            subject=str(subject) if subject is not None else None,
             received_at=datetime.now(UTC),
-            raw=raw,
+            raw=bytes(envelope.original_content or b""),
         )
         self._next_id += 1
         self.messages.append(stored)
