@@ -13,11 +13,18 @@ key                             type    holds
 ``p:lease:{run_id}``            string  the lease holder's token, with expiry
 ``p:active``                    zset    unfinished runs, scored by last update (reconciler)
 ``p:failed``                    zset    failed runs, scored by failure time
+``p:writeback``                 zset    failed runs whose Order may not show Failed yet (the
+                                        reconciler writes it), scored by failure time
 ``p:order:{order_id}``          set     run ids of one Order (``provisioning status``)
 ``p:quarantine``                list    JSON of events the listener rejected (newest first)
 ``p:listener:{channel}:*``      —       the listener's checkpoint and leader lock
 ``p:esim:*``                    —       the eSIM inventory (``provisioning.esim.inventory``)
 ==============================  ======  =================================================
+
+The listener records a run as ``queued`` (and in ``p:active``) before it publishes
+the entry task, so that a task lost on its way (on a Redis broker, a worker killed
+between its BRPOP and its unacked record loses the message) is republished by the
+reconciler like any other stale run.
 
 A done or skipped run expires after the retention period (default 30 days, far
 beyond the 72 h replay window of the event bus, so a replayed event still finds
@@ -44,6 +51,18 @@ STEPS: tuple[str, ...] = (
     "update_salesforce",
     "send_email",
 )
+
+# KEYS: run, the Order's runs, active. ARGV: run id, now. A known run is left alone; 2: it is still queued.
+_ENQUEUE = """
+if redis.call('HSETNX', KEYS[1], 'state', 'queued') == 0 then
+  if redis.call('HGET', KEYS[1], 'state') == 'queued' then return 2 end
+  return 0
+end
+redis.call('HSET', KEYS[1], 'created_at', ARGV[2], 'updated_at', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+return 1
+"""
 
 # Quarantined events kept for operators.
 QUARANTINE_MAX = 10_000
@@ -169,6 +188,10 @@ class Ledger:
         return f"{self.prefix}:failed"
 
     @property
+    def writeback_key(self) -> str:
+        return f"{self.prefix}:writeback"
+
+    @property
     def quarantine_key(self) -> str:
         return f"{self.prefix}:quarantine"
 
@@ -202,6 +225,16 @@ class Ledger:
         return result
 
     # -- writing ---------------------------------------------------------------------------
+    def enqueue(self, run_id: str) -> bool:
+        """Record a new run as queued, before its entry task is published.
+
+        True: publish the entry task (a new run, or one still queued, whose task may never have
+        been sent); False: the run started already (or ended), so the event is a duplicate.
+        """
+        now = repr(time.time())
+        keys = [self.run_key(run_id), self.order_runs_key(run_id.split(":", 1)[0]), self.active_key]
+        return bool(self.redis.eval(_ENQUEUE, 3, *keys, run_id, now))
+
     def start(self, run_id: str, order_snapshot: dict[str, Any]) -> None:
         """Record a run as running with its Order snapshot (called once per run, under its lease)."""
         now = time.time()
@@ -230,6 +263,7 @@ class Ledger:
             },
         )
         pipe.sadd(self.order_runs_key(run_id.split(":", 1)[0]), run_id)
+        pipe.zrem(self.active_key, run_id)
         pipe.expire(key, self.retention_s)
         pipe.execute()
 
@@ -270,6 +304,7 @@ class Ledger:
         pipe.delete(self.order_snapshot_key(run_id))
         pipe.zrem(self.active_key, run_id)
         pipe.zrem(self.failed_key, run_id)
+        pipe.zrem(self.writeback_key, run_id)
         pipe.expire(key, self.retention_s)
         pipe.expire(self.order_runs_key(run_id.split(":", 1)[0]), self.retention_s)
         pipe.execute()
@@ -293,6 +328,8 @@ class Ledger:
         pipe.persist(self.order_snapshot_key(run_id))
         pipe.zrem(self.active_key, run_id)
         pipe.zadd(self.failed_key, {run_id: now})
+        # Until the Order shows Failed: the write-back can fail, or its worker die, after this.
+        pipe.zadd(self.writeback_key, {run_id: now})
         pipe.execute()
 
     def reopen(self, run_id: str) -> str:
@@ -309,9 +346,21 @@ class Ledger:
         pipe.hset(key, mapping={"state": RunState.RUNNING.value, "updated_at": repr(now)})
         pipe.hdel(key, "failed_step", "error", *(f"a:{s}" for s in STEPS))
         pipe.zrem(self.failed_key, run_id)
+        pipe.zrem(self.writeback_key, run_id)
         pipe.zadd(self.active_key, {run_id: now})
         pipe.execute()
         return step
+
+    def writeback_done(self, run_id: str) -> None:
+        """The Order shows the run's failure (or no longer needs to)."""
+        self.redis.zrem(self.writeback_key, run_id)
+
+    def pending_writebacks(self, older_than_s: float, limit: int = 100) -> list[str]:
+        """Failed runs whose Order may still not show Failed, failed at least ``older_than_s`` ago."""
+        cutoff = time.time() - older_than_s
+        return [
+            _str(i) for i in self.redis.zrangebyscore(self.writeback_key, "-inf", cutoff, start=0, num=limit)
+        ]
 
     def touch(self, run_id: str) -> None:
         now = time.time()

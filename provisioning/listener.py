@@ -6,7 +6,9 @@ this order:
 
 1. validate it (Id checksum, field types); a malformed one is quarantined for
    the operators and skipped,
-2. derive the run id; a run the ledger already knows is a duplicate (counted, not republished),
+2. derive the run id; a run the ledger knows as started or ended is a duplicate (counted, not
+   republished); a new one is recorded as queued first, so the reconciler republishes it should
+   the task be lost (a run still queued is published again),
 3. publish the task and wait until the broker accepted it (RabbitMQ publisher
    confirms; a Redis command that succeeded),
 4. only then store the replay id as the checkpoint, and acknowledge it to the stream.
@@ -42,7 +44,7 @@ from prometheus_client.registry import Collector
 from provisioning.clictx import Context, pass_ctx
 from provisioning.ledger import Ledger, make_run_id
 from provisioning.logs import get_logger
-from provisioning.runs import make_publisher, publish_run, resume_stale
+from provisioning.runs import make_publisher, publish_run, repair_failure_writebacks, resume_stale
 from provisioning.salesforce.ids import normalize_id
 from provisioning.salesforce.streaming import Event, StreamingClient
 from provisioning.services import Services
@@ -283,8 +285,11 @@ class Listener:
             log.error("event_quarantined", replay_id=event.replay_id, reason=checked.reason)
         else:
             order_id, run_id = checked
-            known = self._with_redis(lambda: self.services.redis.exists(self.ledger.run_key(run_id)))
-            if known:
+            # Queued in the ledger before the publish: a task lost after it (a worker killed between
+            # the broker's pop and its unacked record) leaves a stale queued run the reconciler resumes.
+            # A run still queued is published again (a listener may have died before publishing it).
+            publish = self._with_redis(lambda: self.ledger.enqueue(run_id))
+            if not publish:
                 self.metrics.duplicates.inc()
                 log.info("event_duplicate", replay_id=event.replay_id, run_id=run_id, order_id=order_id)
             else:
@@ -344,6 +349,7 @@ class Listener:
         while not self.lost_leadership.wait(self.settings.reconcile_interval_s):
             try:
                 resumed = resume_stale(self.services, self.publisher, self.reconcile_idle_s)
+                repair_failure_writebacks(self.services, self.reconcile_idle_s)
             except Exception as exc:
                 log.warning("reconciler_sweep_failed", error=f"{type(exc).__name__}: {exc}")
                 continue

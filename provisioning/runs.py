@@ -103,15 +103,22 @@ def backoff_s(settings: Settings, retries: int) -> float:
 
 
 def fail_run(services: Services, run_id: str, step: str, reason: str) -> None:
-    """Terminal failure: ledger first (the operators' record), then the Order shows Failed."""
+    """Terminal failure: ledger first (the operators' record), then the Order shows Failed.
+
+    Should the write-back not happen (Salesforce keeps refusing, or the worker dies first),
+    the run stays in the ledger's write-back set and the reconciler writes it later.
+    """
     services.ledger.fail(run_id, step, reason)
     log.error("run_failed", step=step, reason=reason)
-    s = services.settings
-    fields = {
-        s.sf_field_activation_status: "Failed",
-        s.sf_field_activation_error: f"{step}: {reason}"[:ORDER_ERROR_MAX_CHARS],
+    if write_order(services, run_id, _failure_fields(services.settings, step, reason), what="failure"):
+        services.ledger.writeback_done(run_id)
+
+
+def _failure_fields(settings: Settings, step: str, reason: str) -> dict[str, Any]:
+    return {
+        settings.sf_field_activation_status: "Failed",
+        settings.sf_field_activation_error: f"{step}: {reason}"[:ORDER_ERROR_MAX_CHARS],
     }
-    write_order(services, run_id, fields, what="failure")
 
 
 def write_order(services: Services, run_id: str, fields: dict[str, Any], *, what: str) -> bool:
@@ -189,7 +196,36 @@ def resume_stale(services: Services, app: Celery, idle_s: float) -> list[str]:
             services.ledger.finish(run_id)
             continue
         services.ledger.touch(run_id)
-        start_chain(app, run_id, step)
+        if "chain" not in run.markers and not any(run.step(s).done for s in STEPS):
+            # The entry task never started the chain (queued and lost, or requeued at the entry step).
+            step = ENTRY_STEP
+            publish_run(app, run_id)
+        else:
+            start_chain(app, run_id, step)
         resumed.append(run_id)
         log.warning("run_resumed_by_reconciler", run_id=run_id, step=step)
     return resumed
+
+
+def repair_failure_writebacks(services: Services, idle_s: float) -> list[str]:
+    """The reconciler's other sweep: failed runs whose Order does not show Failed yet; one PATCH each."""
+    repaired = []
+    for run_id in services.ledger.pending_writebacks(idle_s):
+        run = services.ledger.get(run_id)
+        if run is None or run.state is not RunState.FAILED:
+            services.ledger.writeback_done(run_id)
+            continue
+        fields = _failure_fields(services.settings, run.failed_step or ENTRY_STEP, run.error or "")
+        try:
+            services.salesforce.update_order(run.order_id, fields)
+        except TransientError as exc:
+            log.warning("failure_writeback_retry_later", run_id=run_id, error=str(exc))
+            continue
+        except Exception as exc:
+            log.error("failure_writeback_failed", run_id=run_id, error=str(exc))
+            services.ledger.writeback_done(run_id)
+            continue
+        services.ledger.writeback_done(run_id)
+        repaired.append(run_id)
+        log.warning("failure_writeback_repaired", run_id=run_id, step=run.failed_step)
+    return repaired
