@@ -39,7 +39,7 @@ from bench.common import (
 )
 from bench.floor_tasks import NOOP, NOOP_LAST, done_key, last_key
 from provisioning.runs import make_publisher
-from provisioning.sandbox.processes import WORKER_READY_TIMEOUT_S, ManagedProcess
+from provisioning.sandbox.processes import WORKER_READY_TIMEOUT_S, ManagedProcess, worker
 from provisioning.settings import Settings
 
 TASKS_PER_CHAIN = 5
@@ -51,23 +51,7 @@ def floor_worker(
     env: dict[str, str], log_dir: Path, *, name: str, pool: str, concurrency: int
 ) -> ManagedProcess:
     """``celery -A bench.floor_tasks worker`` with the options the pipeline's workers get."""
-    argv = [
-        str(Path(sys.executable).with_name("celery")),
-        "-A",
-        "bench.floor_tasks",
-        "worker",
-        "--pool",
-        pool,
-        "--concurrency",
-        str(concurrency),
-        "--hostname",
-        f"{name}@%h",
-        "--loglevel",
-        "INFO",
-        "--without-mingle",
-        "--without-gossip",
-    ]
-    return ManagedProcess(name, argv, env, log_dir / f"{name}.log")
+    return worker(env, log_dir, name=name, pool=pool, concurrency=concurrency, app="bench.floor_tasks")
 
 
 def publish_chains(app: Celery, count: int) -> None:

@@ -95,12 +95,13 @@ def worker(
     pool: str = "threads",
     concurrency: int = 8,
     extra: list[str] | None = None,
+    app: str = "tasks",
 ) -> ManagedProcess:
-    """A real ``celery -A tasks worker`` process (not yet started)."""
+    """A real ``celery -A <app> worker`` process (not yet started); ``tasks`` is ours."""
     argv = [
         _bin("celery"),
         "-A",
-        "tasks",
+        app,
         "worker",
         "--pool",
         pool,
