@@ -34,7 +34,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,7 @@ import requests
 from provisioning.email.message import message_id_for
 from provisioning.ledger import STEPS, RunState
 from provisioning.logs import configure_logging
-from provisioning.sandbox.processes import ManagedProcess, listener, start_worker, worker
+from provisioning.sandbox.processes import ManagedProcess, free_port, listener, start_worker, worker
 from provisioning.sandbox.runner import Sandbox
 from provisioning.sandbox.scenario import (
     Effects,
@@ -255,12 +254,6 @@ def parse_args(argv: list[str] | None) -> Config:
 
 
 # -- processes ------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:

@@ -9,7 +9,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from typing import Any
 
 import redis
 
-from provisioning.sandbox.processes import ManagedProcess
+from provisioning.sandbox.processes import ManagedProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -355,12 +354,6 @@ def workdir_for(args: argparse.Namespace, name: str, cleanup: Cleanup) -> Path:
 
 def unique(name: str) -> str:
     return f"b{name}{uuid.uuid4().hex[:8]}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- Redis ------------------------------------------------------------------------------------

@@ -118,11 +118,9 @@ def listeners(stack_settings: Settings, tmp_path: Path) -> Iterator[Callable[...
     ``wait="healthy"`` (default) returns once /healthz answers 200 (leader, subscribed,
     able to publish); ``wait="standby"`` once it logs that it waits as a standby.
     """
-    import socket
-
     import requests
 
-    from provisioning.sandbox.processes import listener
+    from provisioning.sandbox.processes import free_port, listener
     from provisioning.sandbox.scenario import wait_until
 
     started: list[ManagedProcess] = []
@@ -140,9 +138,7 @@ def listeners(stack_settings: Settings, tmp_path: Path) -> Iterator[Callable[...
         extra: list[str] | None = None,
         wait: str | None = "healthy",
     ) -> ManagedProcess:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
+        port = free_port()
         env = (settings or stack_settings).to_env()
         argv = ["--health-port", str(port), *(extra or [])]
         proc = listener(

@@ -1,7 +1,6 @@
 """Flower, against a real worker, shows our tasks with ids only: no e-mail address or name."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,19 +8,14 @@ from pathlib import Path
 import requests
 
 from provisioning.runs import make_publisher, publish_run
+from provisioning.sandbox.processes import free_port
 from provisioning.sandbox.scenario import seed_orders, wait_until
 
 CELERY = str(Path(sys.executable).with_name("celery"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_flower_shows_the_tasks_of_a_run_with_ids_only(sandbox, stack_settings, services, workers, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, **stack_settings.to_env(), "FLOWER_UNAUTHENTICATED_API": "true"}
     log = (tmp_path / "flower.log").open("wb")
     flower = subprocess.Popen(

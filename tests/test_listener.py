@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import redis
 import requests
 
 from provisioning.ledger import RunState
+from provisioning.sandbox.processes import free_port
 from provisioning.sandbox.scenario import count_effects, event_payload, publish_events_admin, seed_orders
 from provisioning.sandbox.scenario import wait_until as wait_for
 from provisioning.services import Services
@@ -170,16 +170,10 @@ def test_the_reconciler_finishes_a_run_whose_worker_died_and_whose_message_never
     assert effects.emails == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_redis_stopped_for_30_seconds_mid_stream_loses_no_event(
     sandbox, listen_settings, workers, listeners, tmp_path: Path
 ):
-    port = _free_port()
+    port = free_port()
     data = tmp_path / "redis"
     data.mkdir()
     argv = [

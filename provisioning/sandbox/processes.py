@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,13 @@ WORKER_READY_TIMEOUT_S = 60.0
 # How long a stopping process gets after SIGTERM before SIGKILL.
 STOP_GRACE_S = 10.0
 READY_POLL_S = 0.1
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (for a child process's server)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def _bin(name: str) -> str:
