@@ -5,15 +5,17 @@ no pay method), runs the real listener and three real workers on a Redis of its
 own (``appendonly yes``, a free port, a temp ``--dir``), publishes the events and
 meanwhile injects, on every external call, transient errors and ambiguous
 failures (applied, answer lost), publishes some events two or three times,
+approves some Orders twice (a second event with a new ``IdemKey__c``),
 SIGKILLs a random worker every few seconds, SIGKILLs the listener twice and
 restarts Redis once; dead processes are restarted as a supervisor would.
 
 Then the faults stop, the system settles, and the simulators' own records are
 checked: every Order Activated except the permanent cases (Failed, "no valid
-payment method", in the failed registry); one WHMCS order per activated run;
+payment method", in the failed registry); one WHMCS order per activated Order;
 one confirmed eSIM profile per activated eSIM Order and no ICCID left reserved;
 one e-mail per activated Order (extra copies only with the same Message-ID, after
-an unknown outcome); a run in the ledger for every published Order. Finally the
+an unknown outcome); a run in the ledger for every published Order, and per Order
+exactly one run that acted (the others joined, skipped or superseded). Finally the
 permanent cases get a pay method and ``provisioning requeue --all`` (the real
 CLI) must bring them to Activated with no duplicate effect.
 
@@ -47,8 +49,9 @@ from typing import Any
 import redis
 import requests
 
+from provisioning.chain import STEPS
 from provisioning.email.message import message_id_for
-from provisioning.ledger import STEPS, RunState
+from provisioning.ledger import RunState
 from provisioning.logs import configure_logging
 from provisioning.sandbox.processes import ManagedProcess, free_port, listener, start_worker, worker
 from provisioning.sandbox.runner import Sandbox
@@ -166,6 +169,7 @@ class Config:
     ambiguous_rate: float = 0.02
     duplicate_share: float = 0.10
     triplicate_share: float = 0.3
+    second_approval_share: float = 0.10
     publish_s: float = 0.0
     kill_every_min_s: float = 2.0
     kill_every_max_s: float = 5.0
@@ -215,6 +219,12 @@ def parse_args(argv: list[str] | None) -> Config:
         type=float,
         default=d.triplicate_share,
         help="share of the duplicated events published three times",
+    )
+    p.add_argument(
+        "--second-approval-share",
+        type=float,
+        default=d.second_approval_share,
+        help="share of Orders approved twice: a second event with a new IdemKey__c",
     )
     p.add_argument(
         "--publish-s", type=float, default=d.publish_s, help="spread the events over this long (0: N/10 s)"
@@ -406,18 +416,25 @@ class Fleet:
 # -- events ---------------------------------------------------------------------------------------
 
 
+SECOND_APPROVAL_KEY = "approval-2"
+
+
 @dataclass
 class EventPlan:
     payloads: list[dict[str, Any]]
     twice: int
     thrice: int
+    approved_twice: int
 
 
 def plan_events(orders: list[SeededOrder], cfg: Config, rng: random.Random) -> EventPlan:
-    """One event per Order in random order; some published twice or three times.
+    """One event per Order in random order; some published twice or three times, some approved twice.
 
     Half of the extra copies follow their original at once (both reach the broker before
     the run starts), the others come at a random later point (often after the run is done).
+    An Order approved twice gets a second event with a new ``IdemKey__c`` (a Flow firing
+    twice): still one provisioning. Orders without a pay method are not approved twice, so
+    that the failed registry holds exactly their first runs for the requeue.
     """
     shuffled = orders[:]
     rng.shuffle(shuffled)
@@ -431,9 +448,14 @@ def plan_events(orders: list[SeededOrder], cfg: Config, rng: random.Random) -> E
         for _ in range(2 if index in thrice else 1):
             at = index + 1 if k % 2 == 0 else rng.randint(index + 1, len(shuffled))
             inserts.append((at, event_payload(shuffled[index])))
+    paying = [i for i, o in enumerate(shuffled) if o.has_pay_method]
+    approved = rng.sample(paying, min(len(paying), round(len(orders) * cfg.second_approval_share)))
+    for k, index in enumerate(approved):
+        at = index + 1 if k % 2 == 0 else rng.randint(index + 1, len(shuffled))
+        inserts.append((at, {"OrderId__c": shuffled[index].order_id, "IdemKey__c": SECOND_APPROVAL_KEY}))
     for at, payload in sorted(inserts, key=lambda item: -item[0]):
         payloads.insert(at, payload)
-    return EventPlan(payloads=payloads, twice=n_dup - n_thrice, thrice=n_thrice)
+    return EventPlan(payloads=payloads, twice=n_dup - n_thrice, thrice=n_thrice, approved_twice=len(approved))
 
 
 # -- reading the system ---------------------------------------------------------------------------
@@ -547,7 +569,7 @@ def check_effects(
         and NO_PAY_METHOD_REASON in (records[o.order_id].get("Activation_Error__c") or "")
     ]
     check(f'Orders Failed with "{NO_PAY_METHOD_REASON}"', len(expect_failed), len(failed_right))
-    registry = {r.run_id: r for r in services.ledger.failed_runs()}
+    registry = {str(r.run_id): r for r in services.ledger.failed_runs()}
     at_payment = {r for r, rec in registry.items() if rec.failed_step == "validate_payment"}
     check(
         "failed registry: the permanent cases, at validate_payment",
@@ -556,19 +578,21 @@ def check_effects(
         ok=set(registry) == expect_failed == at_payment,
     )
 
-    # WHMCS: one order per activated run, carrying its run id, accepted; the Order points at it.
-    expected_runs = {o.run_id for o in expect_activated}
+    # WHMCS: one order per activated Order, carrying its Order id, accepted; the Order points at it.
+    expected_orders = {o.order_id for o in expect_activated}
     check("WHMCS orders", len(expect_activated), effects.whmcs_orders)
     check("WHMCS orders accepted (Active)", effects.whmcs_orders, effects.whmcs_accepted)
     check(
-        "WHMCS orders with a run id in notes",
+        "WHMCS orders with an Order id in notes",
         effects.whmcs_orders,
-        sum(effects.whmcs_orders_per_run.values()),
+        sum(effects.whmcs_orders_per_order.values()),
     )
     check(
-        "WHMCS runs with an order", len(expected_runs), len(set(effects.whmcs_orders_per_run) & expected_runs)
+        "Orders with a WHMCS order",
+        len(expected_orders),
+        len(set(effects.whmcs_orders_per_order) & expected_orders),
     )
-    check("WHMCS duplicate orders (same run id twice)", 0, effects.duplicate_whmcs_orders)
+    check("WHMCS duplicate orders (same Order twice)", 0, effects.duplicate_whmcs_orders)
     whmcs_by_note = {
         (o.get("notes") or "").split(NOTE_PREFIX, 1)[-1].strip(): str(o["id"])
         for o in sandbox.admin("whmcs").get("/__admin/orders")["orders"]
@@ -577,9 +601,9 @@ def check_effects(
         o.order_id
         for o in expect_activated
         if o.order_id in activated_ids
-        and str(records[o.order_id].get("WHMCS_Order_ID__c")) != whmcs_by_note.get(o.run_id)
+        and str(records[o.order_id].get("WHMCS_Order_ID__c")) != whmcs_by_note.get(o.order_id)
     ]
-    check("Orders whose WHMCS_Order_ID__c is not their run's order", 0, len(mismatched))
+    check("Orders whose WHMCS_Order_ID__c is not their own WHMCS order", 0, len(mismatched))
 
     # eSIM: one confirmed profile per activated eSIM Order; nothing reserved and left unused.
     esim_activated = [o for o in expect_activated if o.esim and o.order_id in activated_ids]
@@ -597,7 +621,7 @@ def check_effects(
     # and only for runs whose send ended with an unknown outcome (counted in the ledger).
     summary = sandbox.admin("smtp").get("/__admin/messages/summary")
     messages = sandbox.admin("smtp").get("/__admin/messages")["messages"]
-    expected_ids = {message_id_for(o.run_id, message_id_domain): o.run_id for o in expect_activated}
+    expected_ids = {message_id_for(o.order_id, message_id_domain): o.order_id for o in expect_activated}
     seen_ids = Counter(str(m["message_id"]) for m in messages)
     check("e-mails: distinct Message-IDs", len(expect_activated), effects.distinct_message_ids)
     check("e-mails with a Message-ID of no activated run", 0, len(set(seen_ids) - set(expected_ids)))
@@ -605,8 +629,8 @@ def check_effects(
     extra = effects.emails - effects.distinct_message_ids
     unexplained = []
     for mid, copies in duplicates.items():
-        run_id = expected_ids.get(mid)
-        resends = int(services.ledger.marker(run_id, "email_resends") or 0) if run_id else 0
+        order_id = expected_ids.get(mid)
+        resends = int(services.ledger.marker(order_id, "email_resends") or 0) if order_id else 0
         if copies - 1 > resends:
             unexplained.append(mid)
     check(
@@ -616,18 +640,31 @@ def check_effects(
         ok=not unexplained,
     )
 
-    # Ledger: a run for every published Order, none left unfinished.
+    # Ledger: a run for every published Order, none left unfinished; per Order exactly one run
+    # that acted (done, or failed for the permanent cases), the others joined, skipped or superseded.
     runs = {o.run_id: services.ledger.get(o.run_id) for o in orders}
     check(
         "Orders with a run in the ledger (no event lost)",
         len(orders),
         sum(r is not None for r in runs.values()),
     )
-    states = Counter(r.state.value for r in runs.values() if r is not None)
-    expected_states = {"done": len(expect_activated)} | (
+    acted: Counter[str] = Counter()
+    others: Counter[str] = Counter()
+    for o in orders:
+        order_runs = [services.ledger.get(r) for r in services.ledger.runs_for_order(o.order_id)]
+        finals = [r for r in order_runs if r is not None and r.state in (RunState.DONE, RunState.FAILED)]
+        acted[" + ".join(sorted(r.state.value for r in finals)) or "none"] += 1
+        others.update(r.state.value for r in order_runs if r is not None and r not in finals)
+    expected_acted = {"done": len(expect_activated)} | (
         {"failed": len(expect_failed)} if expect_failed else {}
     )
-    check("ledger run states", expected_states, dict(states))
+    check("Orders by the run that acted on them", expected_acted, dict(acted))
+    check(
+        "other runs: joined, skipped or superseded only",
+        "no other state",
+        dict(others),
+        ok=set(others) <= {"joined", "skipped", "superseded"},
+    )
     check("ledger unfinished runs (active set)", 0, int(services.redis.zcard(services.ledger.active_key)))
     check("quarantined events", 0, len(services.ledger.quarantined()))
     return Snapshot(effects=effects, checks=checks, emails_extra=extra, email_duplicates=duplicates)
@@ -638,16 +675,16 @@ def ledger_attempts(services: Services, orders: Iterable[SeededOrder]) -> dict[s
     out: dict[str, dict[str, int]] = {s: {"runs": 0, "attempts": 0, "max": 0} for s in STEPS}
     resends = 0
     for o in orders:
-        run = services.ledger.get(o.run_id)
-        if run is None:
-            continue
-        resends += int(run.markers.get("email_resends", 0))
+        provisioning = services.ledger.provisioning(o.order_id)
+        resends += int(provisioning.markers.get("email_resends", 0))
+        runs = [services.ledger.get(r) for r in services.ledger.runs_for_order(o.order_id)]
         for step in STEPS:
-            rec = run.step(step)
-            if rec.attempts:
+            # Attempts are counted per run; the Order's step may have taken several runs.
+            tries = sum(r.step(step, provisioning).attempts for r in runs if r is not None)
+            if tries:
                 out[step]["runs"] += 1
-                out[step]["attempts"] += rec.attempts
-                out[step]["max"] = max(out[step]["max"], rec.attempts)
+                out[step]["attempts"] += tries
+                out[step]["max"] = max(out[step]["max"], tries)
     out["email_resends"] = {"runs": 0, "attempts": resends, "max": 0}
     return out
 
@@ -813,8 +850,7 @@ def run(cfg: Config) -> Summary:
                 return False
             if services.redis.zcard(services.ledger.active_key):
                 return False
-            runs = [services.ledger.get(o.run_id) for o in orders]
-            return all(r is not None and r.state in (RunState.DONE, RunState.FAILED) for r in runs)
+            return all(services.ledger.get(o.run_id) is not None for o in orders)
 
         last_report = [time.monotonic()]
 
@@ -854,7 +890,7 @@ def run(cfg: Config) -> Summary:
             if o.run_id in permanent:
                 whmcs.post(f"/__admin/clients/{o.whmcs_client_id}/paymethods", PAY_METHOD_FIX)
         outcomes = run_requeue_cli(env)
-        requeued = {o["run_id"] for o in outcomes if o["action"] == "requeued"}
+        requeued = {o["target"] for o in outcomes if o["action"] == "requeued"}
         if requeued != permanent:
             violations.append(
                 f"requeue --all requeued {len(requeued)} runs, expected the {len(permanent)} fixed ones"
@@ -898,6 +934,7 @@ def run(cfg: Config) -> Summary:
                 "published": len(plan.payloads),
                 "orders_published_twice": plan.twice,
                 "orders_published_three_times": plan.thrice,
+                "orders_approved_twice": plan.approved_twice,
             },
             disruptions=asdict(fleet.stats),
             injected=injected,
@@ -923,7 +960,8 @@ def describe_stuck(services: Services, orders: list[SeededOrder]) -> str:
         if run is None:
             stuck.append(f"{o.run_id}: no run")
         elif run.state not in (RunState.DONE, RunState.FAILED):
-            stuck.append(f"{o.run_id}: {run.state.value} at {run.first_unfinished_step()} {run.markers}")
+            step = run.first_unfinished_step(services.ledger.provisioning(o.order_id))
+            stuck.append(f"{o.run_id}: {run.state.value} at {step} {run.markers}")
     return f"{len(stuck)} runs unfinished: " + "; ".join(stuck[:10])
 
 

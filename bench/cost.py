@@ -38,8 +38,8 @@ from bench.common import (
     workdir_for,
 )
 from bench.stack import Batch, Stack
-from provisioning.ledger import STEPS
-from provisioning.runs import chain_from, make_publisher, publish_run
+from provisioning.chain import STEPS, Step
+from provisioning.publishing import chain_from, make_publisher, publish_run
 from provisioning.sandbox.processes import listener
 from provisioning.sandbox.scenario import event_payload, publish_events_admin, wait_until
 from provisioning.settings import Settings
@@ -121,7 +121,7 @@ def message_sizes(settings: Settings, server: RedisServer, run_id: str) -> list[
                 publish_run(app, run_id)
             else:
                 # What the worker sends when the chain moves on: this step, the rest of the chain inside.
-                chain_from(app, run_id, step).apply_async()
+                chain_from(app, run_id, Step(step)).apply_async()
             (raw,) = broker.lrange(queue, 0, -1)
             payload = json.loads(raw)
             sizes.append((f"provisioning.{step}", len(raw), len(payload.get("body", ""))))
@@ -223,16 +223,19 @@ def main(argv: list[str] | None = None) -> int:
         ledger = services.ledger
         run_bytes, order_set_bytes, ttls = [], [], []
         for o in measured:
-            run_bytes.append(int(ledger.redis.memory_usage(ledger.run_key(o.run_id), samples=0) or 0))
+            run_bytes.append(
+                int(ledger.redis.memory_usage(ledger.run_key(o.run_id), samples=0) or 0)
+                + int(ledger.redis.memory_usage(ledger.order_key(o.order_id), samples=0) or 0)
+            )
             order_set_bytes.append(
                 int(ledger.redis.memory_usage(ledger.order_runs_key(o.order_id), samples=0) or 0)
             )
             ttls.append(int(ledger.redis.ttl(ledger.run_key(o.run_id))))
         leftovers = {
             "order snapshots": sum(
-                int(ledger.redis.exists(ledger.order_snapshot_key(o.run_id))) for o in measured
+                int(ledger.redis.exists(ledger.snapshot_key(o.order_id))) for o in measured
             ),
-            "leases": sum(int(ledger.redis.exists(ledger.lease_key(o.run_id))) for o in measured),
+            "leases": sum(int(ledger.redis.exists(ledger.lease_key(o.order_id))) for o in measured),
             "active runs": int(ledger.redis.zcard(ledger.active_key)),
             "failed runs": int(ledger.redis.zcard(ledger.failed_key)),
         }

@@ -38,7 +38,7 @@ from bench.common import (
     workdir_for,
 )
 from bench.floor_tasks import NOOP, NOOP_LAST, done_key, last_key
-from provisioning.runs import make_publisher
+from provisioning.publishing import make_publisher
 from provisioning.sandbox.processes import WORKER_READY_TIMEOUT_S, ManagedProcess, worker
 from provisioning.settings import Settings
 

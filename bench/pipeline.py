@@ -36,7 +36,7 @@ from bench.common import (
 from bench.floor import FloorRunner
 from bench.profile import Profiler, summarise
 from bench.stack import Batch, Stack
-from provisioning.ledger import STEPS
+from provisioning.chain import STEPS
 
 TASKS = ("provision_order", *STEPS)
 FLOOR_WARMUP = 20

@@ -14,7 +14,7 @@ from celery import Celery
 
 from bench.common import POLL_S, Cleanup, CpuMeter, RedisServer, log, pythonpath_env, unique
 from provisioning.ledger import RunState
-from provisioning.runs import make_publisher, publish_run
+from provisioning.publishing import make_publisher, publish_run
 from provisioning.sandbox.processes import WORKER_READY_TIMEOUT_S, ManagedProcess, worker
 from provisioning.sandbox.runner import Sandbox
 from provisioning.sandbox.scenario import SeededOrder, seed_orders

@@ -46,6 +46,8 @@ WORKERS = 2
 WORKER_CONCURRENCY = 8
 TRANSIENT_ERROR_RATE = 0.10
 DUPLICATE_EVENTS = 3
+# Orders approved twice (a Flow firing twice): a second event with a new IdemKey__c.
+SECOND_APPROVALS = 3
 WITHOUT_PAY_METHOD = 2
 # Faults go to the business calls only, so the demo's own logins stay quiet.
 FAULTY_OPERATIONS = {
@@ -64,6 +66,7 @@ class DemoResult:
     failed: int
     requeued: int
     duplicates_published: int
+    second_approvals_published: int
     whmcs_orders: int
     esim_profiles_confirmed: int
     emails: int
@@ -164,10 +167,11 @@ def run_demo(settings: Settings, *, orders: int, workdir: Path, console: Console
             f"Listener and {WORKERS} workers running (celery -A tasks worker, {WORKER_CONCURRENCY} threads each)"
         )
 
-        published_at, duplicates = _publish(box, demo_settings, seeded)
+        published_at, duplicates, approvals = _publish(box, demo_settings, seeded)
         say(
             f"Published {len(seeded)} OrderProvisionRequested__e events through the Salesforce REST API "
-            f"({duplicates} of them twice)"
+            f"({duplicates} of them twice, and {approvals} Orders approved a second time with a new key: "
+            "each Order is still provisioned once)"
         )
         _follow(box, seeded, console, quiet)
         first_pass = _views(box, seeded)
@@ -201,6 +205,7 @@ def run_demo(settings: Settings, *, orders: int, workdir: Path, console: Console
             failed=len(failed_ids),
             requeued=requeued,
             duplicates_published=duplicates,
+            second_approvals_published=approvals,
             whmcs_orders=effects.whmcs_orders,
             esim_profiles_confirmed=effects.esim_confirmed,
             emails=effects.emails,
@@ -225,30 +230,36 @@ def run_demo(settings: Settings, *, orders: int, workdir: Path, console: Console
         _cleanup(services, demo_settings)
 
 
-def _publish(box: Sandbox, settings: Settings, seeded: list[SeededOrder]) -> tuple[dict[str, float], int]:
+def _publish(
+    box: Sandbox, settings: Settings, seeded: list[SeededOrder]
+) -> tuple[dict[str, float], int, int]:
     client = SalesforceClient.from_settings(settings, session=make_session(settings.tls_ca_bundle))
     rng = random.Random(7)
     twice = set(rng.sample(range(len(seeded)), min(DUPLICATE_EVENTS, len(seeded))))
+    paying = [n for n, o in enumerate(seeded) if o.has_pay_method and n not in twice]
+    approved_twice = set(rng.sample(paying, min(SECOND_APPROVALS, len(paying))))
     published_at: dict[str, float] = {}
     for n, order in enumerate(seeded):
-        _publish_one(client, order)
+        _publish_one(client, order.order_id, order.idem_key)
         published_at[order.order_id] = time.time()
         if n in twice:
-            _publish_one(client, order)
-    return published_at, len(twice)
+            _publish_one(client, order.order_id, order.idem_key)
+        if n in approved_twice:
+            _publish_one(client, order.order_id, "approval-2")
+    return published_at, len(twice), len(approved_twice)
 
 
-def _publish_one(client: SalesforceClient, order: SeededOrder) -> None:
+def _publish_one(client: SalesforceClient, order_id: str, idem_key: str) -> None:
     from provisioning.errors import TransientError
 
     # The org's REST API has the same 10% transient faults; publishing is retried like any client would.
     for attempt in range(10):
         try:
-            client.publish_event(order.order_id, order.idem_key)
+            client.publish_event(order_id, idem_key)
             return
         except TransientError:
             time.sleep(0.1 * (attempt + 1))
-    client.publish_event(order.order_id, order.idem_key)
+    client.publish_event(order_id, idem_key)
 
 
 def _views(box: Sandbox, seeded: list[SeededOrder]) -> dict[str, dict[str, Any]]:
@@ -305,7 +316,7 @@ def _summary(
     for o in seeded:
         v = views[o.order_id]
         run = services.ledger.get(o.run_id)
-        attempts = sum(r.attempts for r in run.steps.values()) if run else 0
+        attempts = sum(r.attempts for r in run.own_steps.values()) if run else 0
         table.add_row(
             o.order_id,
             "eSIM" if o.esim else "physical",
@@ -330,7 +341,7 @@ def _requeue_all(env: dict[str, str], console: Console, quiet: bool) -> int:
     outcomes = json.loads(out.stdout)
     if not quiet:
         for o in outcomes:
-            console.print(f"    {o['run_id']}: {o['action']} at {o['step']}")
+            console.print(f"    {o['target']}: {o['action']} at {o['step']}")
     return sum(1 for o in outcomes if o["action"] == "requeued")
 
 

@@ -1,4 +1,11 @@
-"""The Redis step ledger: run state, per-step results, run leases and the failed-runs registry.
+"""The Redis ledger: runs, the Orders' provisionings, leases and the operators' registries.
+
+A *run* is one attempt at one Order (one event, one reconciler pass, one operator
+action). A *provisioning* is what the Order got: its payment check, eSIM, WHMCS
+order and e-mail, recorded once per Order (see :mod:`provisioning.chain`), so a
+second run of the same Order reuses them instead of making them again. At most
+one run of an Order acts at a time: the lease is the Order's, and a run that
+finds another run of its Order in flight joins it.
 
 Every key lives under the ``LEDGER_PREFIX`` namespace (``p`` below); this is the
 one place they are defined:
@@ -6,16 +13,21 @@ one place they are defined:
 ==============================  ======  =================================================
 key                             type    holds
 ==============================  ======  =================================================
-``p:run:{run_id}``              hash    state, timestamps, per step: result, time,
-                                        attempts, last error; markers (intents, outbox)
-``p:run:{run_id}:order``        string  JSON snapshot of the Order the steps need
+``p:run:{run_id}``              hash    state, origin, timestamps, outcome; per step:
+                                        attempts, last error; the run's own step results
+``p:order:{order_id}``          hash    the Order's provisioning: generation, the run
+                                        acting on it, step results, effect markers
+                                        (intents, ICCID, outbox), the e-mail error
+``p:order:{order_id}:runs``     zset    every run of the Order, scored by creation time
+``p:order:{order_id}:snapshot`` string  JSON of the Order fields the steps need
                                         (personal data: deleted when the run is done)
-``p:lease:{run_id}``            string  the lease holder's token, with expiry
+``p:order:{order_id}:g{n}``     hash    provisioning ``n`` after ``provisioning reprovision``
+``p:lease:{order_id}``          string  the lease holder's token, with expiry
 ``p:active``                    zset    unfinished runs, scored by last update (reconciler)
 ``p:failed``                    zset    failed runs, scored by failure time
 ``p:writeback``                 zset    failed runs whose Order may not show Failed yet (the
                                         reconciler writes it), scored by failure time
-``p:order:{order_id}``          set     run ids of one Order (``provisioning status``)
+``p:undelivered``               zset    Orders whose welcome e-mail was refused, by time
 ``p:quarantine``                list    JSON of events the listener rejected (newest first)
 ``p:listener:{channel}:*``      —       the listener's checkpoint and leader lock
 ``p:esim:*``                    —       the eSIM inventory (``provisioning.esim.inventory``)
@@ -26,9 +38,11 @@ the entry task, so that a task lost on its way (on a Redis broker, a worker kill
 between its BRPOP and its unacked record loses the message) is republished by the
 reconciler like any other stale run.
 
-A done or skipped run expires after the retention period (default 30 days, far
-beyond the 72 h replay window of the event bus, so a replayed event still finds
-its run); a failed run stays until it is requeued.
+Finished runs and provisionings expire after the retention period (default 30
+days, far beyond the 72 h replay window of the event bus, so a replayed event
+still finds its run); failed ones stay until requeued or superseded. Beyond the
+retention the Order itself is the record: a run that reads ``WHMCS_Order_ID__c``
+on an Order the ledger forgot adopts those effects instead of making new ones.
 """
 
 from __future__ import annotations
@@ -44,22 +58,19 @@ from typing import Any
 import redis
 from redis.lock import Lock
 
-STEPS: tuple[str, ...] = (
-    "validate_payment",
-    "activate_esim",
-    "create_whmcs_order",
-    "update_salesforce",
-    "send_email",
-)
+from provisioning.chain import ENTRY_STEP, STEPS, Step
+from provisioning.run_id import RunId
 
-# KEYS: run, the Order's runs, active. ARGV: run id, now. A known run is left alone; 2: it is still queued.
+# KEYS: run, the Order's runs, active. ARGV: run id, now, origin, reason.
+# A known run is left alone (0); 2: it is still queued (its task may never have been sent).
 _ENQUEUE = """
 if redis.call('HSETNX', KEYS[1], 'state', 'queued') == 0 then
   if redis.call('HGET', KEYS[1], 'state') == 'queued' then return 2 end
   return 0
 end
-redis.call('HSET', KEYS[1], 'created_at', ARGV[2], 'updated_at', ARGV[2])
-redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'created_at', ARGV[2], 'updated_at', ARGV[2], 'origin', ARGV[3])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'reason', ARGV[4]) end
+redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 return 1
 """
@@ -76,21 +87,20 @@ class RunState(StrEnum):
     DONE = "done"
     FAILED = "failed"
     SKIPPED = "skipped"
+    JOINED = "joined"
+    SUPERSEDED = "superseded"
+
+    @property
+    def unfinished(self) -> bool:
+        return self in (RunState.QUEUED, RunState.RUNNING)
 
 
-UNFINISHED = (RunState.QUEUED, RunState.RUNNING)
+class Origin(StrEnum):
+    """Who started a run."""
 
-
-def parse_run_id(run_id: str) -> tuple[str, str]:
-    """Split ``{OrderId}:{IdemKey}`` into its parts."""
-    order_id, sep, idem_key = run_id.partition(":")
-    if not sep or len(order_id) != 18 or not idem_key:
-        raise ValueError(f"not a run id (expected '<18-char OrderId>:<IdemKey>'): {run_id!r}")
-    return order_id, idem_key
-
-
-def make_run_id(order_id: str, idem_key: str | None) -> str:
-    return f"{order_id}:{idem_key or 'default'}"
+    EVENT = "event"
+    RECONCILER = "reconciler"
+    OPERATOR = "operator"
 
 
 @dataclass
@@ -106,49 +116,93 @@ class StepRecord:
 
 
 @dataclass
+class Provisioning:
+    """What the Order got: recorded once per Order, whichever run made it."""
+
+    order_id: str
+    gen: int = 1
+    active: str | None = None
+    steps: dict[str, StepRecord] = field(default_factory=dict)
+    markers: dict[str, str] = field(default_factory=dict)
+    email_error: str | None = None
+
+    @property
+    def effect_key(self) -> str:
+        """What every idempotency key of the Order's effects derives from (ICCID claim, WHMCS note,
+        matchingId, Message-ID): the Order id, plus the generation after a deliberate reprovision."""
+        return self.order_id if self.gen == 1 else f"{self.order_id}#{self.gen}"
+
+    def step(self, step: Step) -> StepRecord:
+        return self.steps.get(step.value) or StepRecord()
+
+    @property
+    def has_effects(self) -> bool:
+        """An external effect exists, or may exist (an intent was recorded before a call)."""
+        return any(self.step(s).done for s in (Step.ACTIVATE_ESIM, Step.CREATE_WHMCS_ORDER)) or any(
+            name in self.markers for name in ("whmcs_intent", "esim_downloaded", "outbox")
+        )
+
+
+@dataclass
 class RunRecord:
-    run_id: str
+    run_id: RunId
     state: RunState
     created_at: float
     updated_at: float
+    origin: Origin = Origin.EVENT
+    reason: str | None = None
+    note: str | None = None
+    joined: str | None = None
+    superseded_by: str | None = None
     failed_step: str | None = None
     error: str | None = None
     finished_at: float | None = None
-    steps: dict[str, StepRecord] = field(default_factory=dict)
+    own_steps: dict[str, StepRecord] = field(default_factory=dict)
     markers: dict[str, str] = field(default_factory=dict)
 
     @property
     def order_id(self) -> str:
-        return self.run_id.split(":", 1)[0]
+        return self.run_id.order_id
 
-    def step(self, name: str) -> StepRecord:
-        return self.steps.get(name) or StepRecord()
+    @property
+    def chain_started(self) -> bool:
+        return "chain" in self.markers
 
-    def first_unfinished_step(self) -> str | None:
-        for name in STEPS:
-            if not self.step(name).done:
-                return name
-        return None
+    def step(self, step: Step, provisioning: Provisioning) -> StepRecord:
+        """The step as this run sees it: the result from whoever holds it, this run's attempts."""
+        mine = self.own_steps.get(step.value) or StepRecord()
+        source = provisioning.step(step) if step.belongs_to_order else mine
+        return StepRecord(
+            result=source.result, at=source.at, attempts=mine.attempts, last_error=mine.last_error
+        )
 
-    def to_json(self) -> dict[str, Any]:
+    def first_unfinished_step(self, provisioning: Provisioning) -> Step | None:
+        return next((s for s in STEPS if not self.step(s, provisioning).done), None)
+
+    def to_json(self, provisioning: Provisioning) -> dict[str, Any]:
         return {
-            "run_id": self.run_id,
+            "run_id": str(self.run_id),
             "order_id": self.order_id,
             "state": self.state.value,
+            "origin": self.origin.value,
+            "reason": self.reason,
+            "note": self.note,
+            "joined": self.joined,
+            "superseded_by": self.superseded_by,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "finished_at": self.finished_at,
             "failed_step": self.failed_step,
             "error": self.error,
             "steps": {
-                name: {
+                s.value: {
                     "done": rec.done,
                     "at": rec.at,
                     "result": rec.result,
                     "attempts": rec.attempts,
                     "last_error": rec.last_error,
                 }
-                for name, rec in ((n, self.step(n)) for n in STEPS)
+                for s, rec in ((s, self.step(s, provisioning)) for s in STEPS)
             },
         }
 
@@ -158,26 +212,33 @@ class NotRequeueable(Exception):
 
 
 class Ledger:
-    """Run records in Redis. Thread-safe: it holds only a redis-py client (a connection pool)."""
+    """Run and provisioning records in Redis. Thread-safe: it holds only a redis-py client (a pool)."""
 
     def __init__(self, *, redis: redis.Redis, prefix: str, retention_s: int, lease_ttl_s: int) -> None:
         self.redis = redis
         self.prefix = prefix
         self.retention_s = retention_s
         self.lease_ttl_s = lease_ttl_s
+        self._enqueue = redis.register_script(_ENQUEUE)
 
     # -- keys ------------------------------------------------------------------------------
-    def run_key(self, run_id: str) -> str:
+    def run_key(self, run_id: RunId | str) -> str:
         return f"{self.prefix}:run:{run_id}"
 
-    def order_snapshot_key(self, run_id: str) -> str:
-        return f"{self.prefix}:run:{run_id}:order"
-
-    def lease_key(self, run_id: str) -> str:
-        return f"{self.prefix}:lease:{run_id}"
+    def order_key(self, order_id: str) -> str:
+        return f"{self.prefix}:order:{order_id}"
 
     def order_runs_key(self, order_id: str) -> str:
-        return f"{self.prefix}:order:{order_id}"
+        return f"{self.prefix}:order:{order_id}:runs"
+
+    def snapshot_key(self, order_id: str) -> str:
+        return f"{self.prefix}:order:{order_id}:snapshot"
+
+    def archive_key(self, order_id: str, gen: int) -> str:
+        return f"{self.prefix}:order:{order_id}:g{gen}"
+
+    def lease_key(self, order_id: str) -> str:
+        return f"{self.prefix}:lease:{order_id}"
 
     @property
     def active_key(self) -> str:
@@ -192,6 +253,10 @@ class Ledger:
         return f"{self.prefix}:writeback"
 
     @property
+    def undelivered_key(self) -> str:
+        return f"{self.prefix}:undelivered"
+
+    @property
     def quarantine_key(self) -> str:
         return f"{self.prefix}:quarantine"
 
@@ -199,120 +264,150 @@ class Ledger:
         return f"{self.prefix}:listener:{channel}:{what}"
 
     # -- reading ---------------------------------------------------------------------------
-    def get(self, run_id: str) -> RunRecord | None:
-        raw = self.redis.hgetall(self.run_key(run_id))
-        return _decode_run(run_id, {_str(k): _str(v) for k, v in raw.items()}) if raw else None
+    def get(self, run_id: RunId | str) -> RunRecord | None:
+        rid = run_id if isinstance(run_id, RunId) else RunId.parse(run_id)
+        raw = self.redis.hgetall(self.run_key(rid))
+        return _decode_run(rid, {_str(k): _str(v) for k, v in raw.items()}) if raw else None
 
-    def runs_for_order(self, order_id: str) -> list[str]:
-        return sorted(_str(m) for m in self.redis.smembers(self.order_runs_key(order_id)))
+    def provisioning(self, order_id: str) -> Provisioning:
+        """The Order's provisioning (empty when the ledger holds none)."""
+        raw = self.redis.hgetall(self.order_key(order_id))
+        return _decode_provisioning(order_id, {_str(k): _str(v) for k, v in raw.items()})
 
-    def load_order(self, run_id: str) -> dict[str, Any]:
-        raw = self.redis.get(self.order_snapshot_key(run_id))
+    def runs_for_order(self, order_id: str) -> list[RunId]:
+        """Every run of the Order, oldest first."""
+        return [RunId.parse(_str(m)) for m in self.redis.zrange(self.order_runs_key(order_id), 0, -1)]
+
+    def runs_in_flight(self, order_id: str) -> list[RunId]:
+        """The Order's runs that are queued or running."""
+        members = [_str(m) for m in self.redis.zrange(self.order_runs_key(order_id), 0, -1)]
+        if not members:
+            return []
+        scores = self.redis.zmscore(self.active_key, members)
+        return [RunId.parse(m) for m, s in zip(members, scores, strict=True) if s is not None]
+
+    def load_order(self, order_id: str) -> dict[str, Any]:
+        raw = self.redis.get(self.snapshot_key(order_id))
         if raw is None:
-            raise LookupError(f"run {run_id} has no Order snapshot (it never started, or it is done)")
+            raise LookupError(f"Order {order_id} has no snapshot (no run of it is in flight)")
         data: dict[str, Any] = json.loads(raw)
         return data
 
-    def marker(self, run_id: str, name: str) -> str | None:
-        raw = self.redis.hget(self.run_key(run_id), f"x:{name}")
+    def marker(self, order_id: str, name: str) -> str | None:
+        raw = self.redis.hget(self.order_key(order_id), f"x:{name}")
         return _str(raw) if raw is not None else None
 
-    def step_result(self, run_id: str, step: str) -> dict[str, Any] | None:
-        raw = self.redis.hget(self.run_key(run_id), f"s:{step}")
-        if raw is None:
-            return None
-        result: dict[str, Any] = json.loads(raw)["result"]
-        return result
-
-    # -- writing ---------------------------------------------------------------------------
-    def enqueue(self, run_id: str) -> bool:
+    # -- a run's life ------------------------------------------------------------------------
+    def enqueue(self, run_id: RunId | str, origin: Origin = Origin.EVENT, reason: str | None = None) -> bool:
         """Record a new run as queued, before its entry task is published.
 
         True: publish the entry task (a new run, or one still queued, whose task may never have
         been sent); False: the run started already (or ended), so the event is a duplicate.
         """
-        now = repr(time.time())
-        keys = [self.run_key(run_id), self.order_runs_key(run_id.split(":", 1)[0]), self.active_key]
-        return bool(self.redis.eval(_ENQUEUE, 3, *keys, run_id, now))
-
-    def start(self, run_id: str, order_snapshot: dict[str, Any]) -> None:
-        """Record a run as running with its Order snapshot (called once per run, under its lease)."""
-        now = time.time()
-        order_id = run_id.split(":", 1)[0]
-        key = self.run_key(run_id)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hsetnx(key, "created_at", repr(now))
-        pipe.hset(key, mapping={"state": RunState.RUNNING.value, "updated_at": repr(now)})
-        pipe.set(self.order_snapshot_key(run_id), json.dumps(order_snapshot))
-        pipe.sadd(self.order_runs_key(order_id), run_id)
-        pipe.zadd(self.active_key, {run_id: now})
-        pipe.execute()
-
-    def skip(self, run_id: str, reason: str) -> None:
-        """Record a run that was not started (e.g. the Order is not Activating)."""
-        now = time.time()
-        key = self.run_key(run_id)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hsetnx(key, "created_at", repr(now))
-        pipe.hset(
-            key,
-            mapping={
-                "state": RunState.SKIPPED.value,
-                "updated_at": repr(now),
-                "error": reason[:ERROR_MAX_CHARS],
-            },
+        run_id = run_id if isinstance(run_id, RunId) else RunId.parse(run_id)
+        keys = [self.run_key(run_id), self.order_runs_key(run_id.order_id), self.active_key]
+        return bool(
+            self._enqueue(keys=keys, args=[str(run_id), repr(time.time()), origin.value, reason or ""])
         )
-        pipe.sadd(self.order_runs_key(run_id.split(":", 1)[0]), run_id)
-        pipe.zrem(self.active_key, run_id)
-        pipe.expire(key, self.retention_s)
+
+    def start(self, run_id: RunId, order_snapshot: dict[str, Any], *, note: str | None = None) -> None:
+        """The run acts on its Order now (called under the Order's lease)."""
+        now = repr(time.time())
+        key = self.run_key(run_id)
+        order_key = self.order_key(run_id.order_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hsetnx(key, "created_at", now)
+        pipe.hset(key, mapping={"state": RunState.RUNNING.value, "updated_at": now, **_opt(note=note)})
+        pipe.hsetnx(order_key, "gen", "1")
+        pipe.hset(order_key, "active", str(run_id))
+        # In flight again (a re-approval within the retention): nothing of it may expire now.
+        pipe.persist(order_key)
+        pipe.set(self.snapshot_key(run_id.order_id), json.dumps(order_snapshot))
+        pipe.zadd(self.order_runs_key(run_id.order_id), {str(run_id): float(now)}, nx=True)
+        pipe.persist(self.order_runs_key(run_id.order_id))
+        pipe.zadd(self.active_key, {str(run_id): float(now)})
         pipe.execute()
 
-    def set_marker(self, run_id: str, name: str, value: str) -> None:
-        self.redis.hset(self.run_key(run_id), mapping={f"x:{name}": value, "updated_at": repr(time.time())})
+    def mark_chain_started(self, run_id: RunId) -> None:
+        self.redis.hset(self.run_key(run_id), "x:chain", "1")
 
-    def incr_marker(self, run_id: str, name: str) -> int:
-        return int(self.redis.hincrby(self.run_key(run_id), f"x:{name}", 1))
+    def _end(self, pipe: Any, run_id: RunId, state: RunState, fields: dict[Any, Any]) -> None:
+        """A run that never acted (or no longer will) leaves every registry and expires in time."""
+        now = repr(time.time())
+        key = self.run_key(run_id)
+        pipe.hsetnx(key, "created_at", now)
+        pipe.hset(key, mapping={"state": state.value, "updated_at": now, "finished_at": now, **fields})
+        pipe.zadd(self.order_runs_key(run_id.order_id), {str(run_id): float(now)}, nx=True)
+        pipe.zrem(self.active_key, str(run_id))
+        pipe.expire(key, self.retention_s)
 
-    def record_attempt(self, run_id: str, step: str) -> int:
+    def skip(self, run_id: RunId, reason: str) -> None:
+        """The run was not started (the Order is not Activating, or not found)."""
+        pipe = self.redis.pipeline(transaction=True)
+        self._end(pipe, run_id, RunState.SKIPPED, {"note": reason[:ERROR_MAX_CHARS]})
+        pipe.execute()
+
+    def join(self, run_id: RunId, other: RunId) -> None:
+        """Another run of the Order is in flight: this one is absorbed by it and does nothing."""
+        pipe = self.redis.pipeline(transaction=True)
+        note = f"joined run {other}, which was already provisioning the Order"
+        self._end(pipe, run_id, RunState.JOINED, {"joined": str(other), "note": note})
+        pipe.execute()
+
+    def supersede(self, failed: RunId, by: RunId) -> None:
+        """A failed run whose work a newer run of the same Order continues: no longer to requeue."""
+        pipe = self.redis.pipeline(transaction=True)
+        note = f"superseded by run {by}, which continued from its last finished step"
+        self._end(pipe, failed, RunState.SUPERSEDED, {"superseded_by": str(by), "note": note})
+        pipe.zrem(self.failed_key, str(failed))
+        pipe.zrem(self.writeback_key, str(failed))
+        pipe.execute()
+
+    def record_attempt(self, run_id: RunId, step: Step) -> int:
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hincrby(self.run_key(run_id), f"a:{step}", 1)
+        pipe.hincrby(self.run_key(run_id), f"a:{step.value}", 1)
         pipe.hset(self.run_key(run_id), "updated_at", repr(now))
-        pipe.zadd(self.active_key, {run_id: now}, xx=True)
+        pipe.zadd(self.active_key, {str(run_id): now}, xx=True)
         attempts, _, _ = pipe.execute()
         return int(attempts)
 
-    def record_step(self, run_id: str, step: str, result: dict[str, Any]) -> None:
+    def record_step(self, run_id: RunId, step: Step, result: dict[str, Any]) -> None:
         now = time.time()
-        self.redis.hset(
-            self.run_key(run_id),
-            mapping={f"s:{step}": json.dumps({"result": result, "at": now}), "updated_at": repr(now)},
-        )
-
-    def record_error(self, run_id: str, step: str, error: str) -> None:
-        self.redis.hset(self.run_key(run_id), f"e:{step}", error[:ERROR_MAX_CHARS])
-
-    def finish(self, run_id: str) -> None:
-        """Done: drop the personal data, leave the ids, expire after the retention period."""
-        now = time.time()
-        key = self.run_key(run_id)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(
-            key, mapping={"state": RunState.DONE.value, "updated_at": repr(now), "finished_at": repr(now)}
-        )
-        pipe.hdel(key, "failed_step", "error")
-        pipe.delete(self.order_snapshot_key(run_id))
-        pipe.zrem(self.active_key, run_id)
-        pipe.zrem(self.failed_key, run_id)
-        pipe.zrem(self.writeback_key, run_id)
-        pipe.expire(key, self.retention_s)
-        pipe.expire(self.order_runs_key(run_id.split(":", 1)[0]), self.retention_s)
+        value = json.dumps({"result": result, "at": now, "run": str(run_id)})
+        pipe = self.redis.pipeline(transaction=False)
+        target = self.order_key(run_id.order_id) if step.belongs_to_order else self.run_key(run_id)
+        pipe.hset(target, f"s:{step.value}", value)
+        pipe.hset(self.run_key(run_id), "updated_at", repr(now))
         pipe.execute()
 
-    def fail(self, run_id: str, step: str, reason: str) -> None:
+    def record_error(self, run_id: RunId, step: Step | str, error: str) -> None:
+        self.redis.hset(self.run_key(run_id), f"e:{step}", error[:ERROR_MAX_CHARS])
+
+    def finish(self, run_id: RunId, *, note: str | None = None) -> None:
+        """Done: drop the personal data, leave the ids, expire after the retention period."""
+        now = repr(time.time())
+        key = self.run_key(run_id)
+        order_id = run_id.order_id
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(
+            key,
+            mapping={"state": RunState.DONE.value, "updated_at": now, "finished_at": now, **_opt(note=note)},
+        )
+        pipe.hdel(key, "failed_step", "error")
+        pipe.delete(self.snapshot_key(order_id))
+        pipe.zrem(self.active_key, str(run_id))
+        pipe.zrem(self.failed_key, str(run_id))
+        pipe.zrem(self.writeback_key, str(run_id))
+        for k in (key, self.order_key(order_id), self.order_runs_key(order_id)):
+            pipe.expire(k, self.retention_s)
+        pipe.execute()
+
+    def fail(self, run_id: RunId, step: str, reason: str) -> None:
         """Terminal failure: the run joins the failed registry and stays until requeued."""
         now = time.time()
         key = self.run_key(run_id)
+        order_id = run_id.order_id
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(
             key,
@@ -324,66 +419,121 @@ class Ledger:
                 f"e:{step}": reason[:ERROR_MAX_CHARS],
             },
         )
-        pipe.persist(key)
-        pipe.persist(self.order_snapshot_key(run_id))
-        pipe.zrem(self.active_key, run_id)
-        pipe.zadd(self.failed_key, {run_id: now})
+        for k in (key, self.order_key(order_id), self.order_runs_key(order_id), self.snapshot_key(order_id)):
+            pipe.persist(k)
+        pipe.zrem(self.active_key, str(run_id))
+        pipe.zadd(self.failed_key, {str(run_id): now})
         # Until the Order shows Failed: the write-back can fail, or its worker die, after this.
-        pipe.zadd(self.writeback_key, {run_id: now})
+        pipe.zadd(self.writeback_key, {str(run_id): now})
         pipe.execute()
 
-    def reopen(self, run_id: str) -> str:
+    def reopen(self, run_id: RunId) -> str:
         """Move a failed run back to running for a requeue; returns the step it resumes at."""
         run = self.get(run_id)
         if run is None:
             raise NotRequeueable(f"run {run_id} is not in the ledger (unknown, or expired after retention)")
         if run.state is not RunState.FAILED:
             raise NotRequeueable(f"run {run_id} is {run.state.value}, not failed: nothing to requeue")
-        step = run.failed_step or run.first_unfinished_step() or STEPS[-1]
+        step = self.resume_step(run)
         now = time.time()
         key = self.run_key(run_id)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping={"state": RunState.RUNNING.value, "updated_at": repr(now)})
-        pipe.hdel(key, "failed_step", "error", *(f"a:{s}" for s in STEPS))
-        pipe.zrem(self.failed_key, run_id)
-        pipe.zrem(self.writeback_key, run_id)
-        pipe.zadd(self.active_key, {run_id: now})
+        pipe.hdel(key, "failed_step", "error", *(f"a:{s.value}" for s in STEPS))
+        pipe.zrem(self.failed_key, str(run_id))
+        pipe.zrem(self.writeback_key, str(run_id))
+        pipe.zadd(self.active_key, {str(run_id): now})
         pipe.execute()
         return step
 
-    def writeback_done(self, run_id: str) -> None:
-        """The Order shows the run's failure (or no longer needs to)."""
-        self.redis.zrem(self.writeback_key, run_id)
+    def resume_step(self, run: RunRecord) -> str:
+        """Where a run goes on: the entry task if its chain never started, else its first unfinished step."""
+        if not run.chain_started:
+            return ENTRY_STEP
+        step = run.first_unfinished_step(self.provisioning(run.order_id))
+        return (step or STEPS[-1]).value
 
-    def pending_writebacks(self, older_than_s: float, limit: int = 100) -> list[str]:
-        """Failed runs whose Order may still not show Failed, failed at least ``older_than_s`` ago."""
-        cutoff = time.time() - older_than_s
-        return [
-            _str(i) for i in self.redis.zrangebyscore(self.writeback_key, "-inf", cutoff, start=0, num=limit)
-        ]
-
-    def touch(self, run_id: str) -> None:
+    def touch(self, run_id: RunId) -> None:
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(self.run_key(run_id), "updated_at", repr(now))
-        pipe.zadd(self.active_key, {run_id: now}, xx=True)
+        pipe.zadd(self.active_key, {str(run_id): now}, xx=True)
         pipe.execute()
 
+    # -- the Order's provisioning -------------------------------------------------------------
+    def set_marker(self, order_id: str, name: str, value: str) -> None:
+        self.redis.hset(self.order_key(order_id), f"x:{name}", value)
+
+    def incr_marker(self, order_id: str, name: str) -> int:
+        return int(self.redis.hincrby(self.order_key(order_id), f"x:{name}", 1))
+
+    def adopt(self, run_id: RunId, results: dict[Step, dict[str, Any]], markers: dict[str, str]) -> None:
+        """Record effects found on the Order itself (the ledger forgot them after its retention)."""
+        now = time.time()
+        mapping: dict[Any, Any] = {
+            f"s:{step.value}": json.dumps({"result": result, "at": now, "run": "adopted from the Order"})
+            for step, result in results.items()
+        }
+        mapping.update({f"x:{k}": v for k, v in markers.items()})
+        self.redis.hset(self.order_key(run_id.order_id), mapping=mapping)
+
+    def new_generation(self, order_id: str) -> int:
+        """Archive the Order's provisioning and open the next one (a deliberate reprovision)."""
+        current = self.provisioning(order_id)
+        pipe = self.redis.pipeline(transaction=True)
+        if self.redis.exists(self.order_key(order_id)):
+            archive = self.archive_key(order_id, current.gen)
+            pipe.rename(self.order_key(order_id), archive)
+            pipe.expire(archive, self.retention_s)
+        pipe.hset(self.order_key(order_id), "gen", str(current.gen + 1))
+        pipe.execute()
+        return current.gen + 1
+
+    def email_refused(self, order_id: str, error: str) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(
+            self.order_key(order_id), mapping={"x:outbox": "refused", "email_error": error[:ERROR_MAX_CHARS]}
+        )
+        pipe.zadd(self.undelivered_key, {order_id: time.time()})
+        pipe.execute()
+
+    def email_delivered(self, order_id: str) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(self.order_key(order_id), "email_error")
+        pipe.zrem(self.undelivered_key, order_id)
+        pipe.execute()
+
+    def undelivered(self) -> list[tuple[str, float]]:
+        """Orders whose welcome e-mail was refused, oldest first, with when."""
+        members = self.redis.zrange(self.undelivered_key, 0, -1, withscores=True)
+        return [(_str(item[0]), float(item[1])) for item in members]
+
     # -- registries ------------------------------------------------------------------------
+    def writeback_done(self, run_id: RunId) -> None:
+        """The Order shows the run's failure (or no longer needs to)."""
+        self.redis.zrem(self.writeback_key, str(run_id))
+
+    def pending_writebacks(self, older_than_s: float, limit: int = 100) -> list[RunId]:
+        """Failed runs whose Order may still not show Failed, failed at least ``older_than_s`` ago."""
+        cutoff = time.time() - older_than_s
+        members = self.redis.zrangebyscore(self.writeback_key, "-inf", cutoff, start=0, num=limit)
+        return [RunId.parse(_str(i)) for i in members]
+
     def failed_runs(self, since: float | None = None) -> list[RunRecord]:
         ids = self.redis.zrangebyscore(self.failed_key, since if since is not None else "-inf", "+inf")
         runs = [self.get(_str(i)) for i in ids]
         return [r for r in runs if r is not None]
 
-    def stale_runs(self, idle_s: float, limit: int = 500) -> list[str]:
-        """Unfinished runs not updated for ``idle_s`` and not leased: candidates to resume."""
+    def stale_runs(self, idle_s: float, limit: int = 500) -> list[RunId]:
+        """Unfinished runs not updated for ``idle_s`` whose Order nobody holds: candidates to resume."""
         cutoff = time.time() - idle_s
-        ids = [_str(i) for i in self.redis.zrangebyscore(self.active_key, "-inf", cutoff, start=0, num=limit)]
+        members = self.redis.zrangebyscore(self.active_key, "-inf", cutoff, start=0, num=limit)
+        ids = [RunId.parse(_str(i)) for i in members]
         if not ids:
             return []
         pipe = self.redis.pipeline(transaction=False)
         for run_id in ids:
-            pipe.exists(self.lease_key(run_id))
+            pipe.exists(self.lease_key(run_id.order_id))
         leased = pipe.execute()
         return [run_id for run_id, held in zip(ids, leased, strict=True) if not held]
 
@@ -397,17 +547,17 @@ class Ledger:
         return [json.loads(raw) for raw in self.redis.lrange(self.quarantine_key, 0, limit - 1)]
 
     # -- leases ----------------------------------------------------------------------------
-    def lease(self, run_id: str) -> Lock:
-        """The run's lease (SET NX with expiry): one worker at a time acts on a run."""
+    def lease(self, order_id: str) -> Lock:
+        """The Order's lease (SET NX with expiry): one worker at a time acts on an Order."""
         lock: Lock = self.redis.lock(
-            self.lease_key(run_id), timeout=self.lease_ttl_s, blocking=False, thread_local=False
+            self.lease_key(order_id), timeout=self.lease_ttl_s, blocking=False, thread_local=False
         )
         return lock
 
     @contextmanager
-    def holding(self, run_id: str) -> Iterator[Lock | None]:
+    def holding(self, order_id: str) -> Iterator[Lock | None]:
         """Yield the acquired lease, or None when another worker holds it."""
-        lock = self.lease(run_id)
+        lock = self.lease(order_id)
         if not lock.acquire(blocking=False):
             yield None
             return
@@ -423,7 +573,11 @@ def _str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _decode_run(run_id: str, data: dict[str, str]) -> RunRecord:
+def _opt(**values: str | None) -> dict[Any, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _steps_and_markers(data: dict[str, str]) -> tuple[dict[str, StepRecord], dict[str, str]]:
     steps: dict[str, StepRecord] = {}
     markers: dict[str, str] = {}
     for key, value in data.items():
@@ -441,14 +595,36 @@ def _decode_run(run_id: str, data: dict[str, str]) -> RunRecord:
             rec.attempts = int(value)
         elif kind == "e":
             rec.last_error = value
+    return steps, markers
+
+
+def _decode_run(run_id: RunId, data: dict[str, str]) -> RunRecord:
+    steps, markers = _steps_and_markers(data)
     return RunRecord(
         run_id=run_id,
         state=RunState(data.get("state", RunState.QUEUED.value)),
         created_at=float(data.get("created_at", 0.0)),
         updated_at=float(data.get("updated_at", 0.0)),
+        origin=Origin(data.get("origin", Origin.EVENT.value)),
+        reason=data.get("reason"),
+        note=data.get("note"),
+        joined=data.get("joined"),
+        superseded_by=data.get("superseded_by"),
         failed_step=data.get("failed_step"),
         error=data.get("error"),
         finished_at=float(data["finished_at"]) if "finished_at" in data else None,
+        own_steps=steps,
+        markers=markers,
+    )
+
+
+def _decode_provisioning(order_id: str, data: dict[str, str]) -> Provisioning:
+    steps, markers = _steps_and_markers(data)
+    return Provisioning(
+        order_id=order_id,
+        gen=int(data.get("gen", "1")),
+        active=data.get("active"),
         steps=steps,
         markers=markers,
+        email_error=data.get("email_error"),
     )

@@ -42,9 +42,11 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from provisioning.clictx import Context, pass_ctx
-from provisioning.ledger import Ledger, make_run_id
+from provisioning.ledger import Ledger
 from provisioning.logs import get_logger
-from provisioning.runs import make_publisher, publish_run, repair_failure_writebacks, resume_stale
+from provisioning.publishing import make_publisher, publish_run
+from provisioning.reconciler import backfill_orders, repair_failure_writebacks, resume_stale
+from provisioning.run_id import RunId
 from provisioning.salesforce.ids import normalize_id
 from provisioning.salesforce.streaming import Event, StreamingClient
 from provisioning.services import Services
@@ -53,6 +55,8 @@ from provisioning.settings import REPLAY_PRESETS, Settings
 log = get_logger(__name__)
 
 IDEM_KEY_MAX_CHARS = 80
+# The key prefix of Order Ids: another object's valid Id (an Account's 001...) is not an Order.
+ORDER_KEY_PREFIX = "801"
 # Waiting for the broker or Redis to come back: capped exponential backoff with jitter.
 OUTAGE_BACKOFF_BASE_S = 0.5
 OUTAGE_BACKOFF_MAX_S = 10.0
@@ -78,6 +82,18 @@ class Metrics:
             "listener_publish_failures", "Failed publish or checkpoint attempts", registry=r
         )
         self.resumed = Counter("listener_reconciler_resumes", "Runs resumed by the reconciler", registry=r)
+        self.writebacks = Counter(
+            "listener_reconciler_writebacks", "Failures written on the Order by the reconciler", registry=r
+        )
+        self.backfilled = Counter(
+            "listener_backfill_runs_started", "Runs started for Orders left in Activating", registry=r
+        )
+        self.backfill_queries = Counter(
+            "listener_backfill_queries", "Backfill sweeps (each one paged SOQL query)", registry=r
+        )
+        self.backfill_failures = Counter(
+            "listener_backfill_failures", "Backfill sweeps that failed", registry=r
+        )
         self.last_event = Gauge(
             "listener_last_event_timestamp_seconds", "When the last event arrived", registry=r
         )
@@ -112,8 +128,8 @@ class Rejected:
     reason: str
 
 
-def validate_event(event: Event) -> tuple[str, str] | Rejected:
-    """(order id, run id) of a well-formed event, or why it is malformed."""
+def validate_event(event: Event) -> RunId | Rejected:
+    """The run a well-formed event asks for, or why it is malformed."""
     payload = event.payload
     if not isinstance(payload, dict):
         return Rejected("payload is not an object")
@@ -126,12 +142,17 @@ def validate_event(event: Event) -> tuple[str, str] | Rejected:
         order_id = normalize_id(order_id)
     except ValueError as exc:
         return Rejected(f"OrderId__c is not a valid Salesforce Id: {exc}")
+    if not order_id.startswith(ORDER_KEY_PREFIX):
+        return Rejected(
+            f"OrderId__c {order_id} is the Id of another kind of record (key prefix {order_id[:3]}), "
+            f"not of an Order ({ORDER_KEY_PREFIX}): fix the Flow that publishes the event"
+        )
     idem_key = payload.get("IdemKey__c")
     if idem_key is not None and not isinstance(idem_key, str):
         return Rejected(f"IdemKey__c is a {type(idem_key).__name__}, not text")
     if idem_key is not None and len(idem_key) > IDEM_KEY_MAX_CHARS:
         return Rejected(f"IdemKey__c is longer than {IDEM_KEY_MAX_CHARS} characters")
-    return order_id, make_run_id(order_id, (idem_key or "").strip() or None)
+    return RunId.for_event(order_id, idem_key)
 
 
 class Listener:
@@ -284,18 +305,18 @@ class Listener:
             self.metrics.quarantined.inc()
             log.error("event_quarantined", replay_id=event.replay_id, reason=checked.reason)
         else:
-            order_id, run_id = checked
+            run_id, order_id = checked, checked.order_id
             # Queued in the ledger before the publish: a task lost after it (a worker killed between
             # the broker's pop and its unacked record) leaves a stale queued run the reconciler resumes.
             # A run still queued is published again (a listener may have died before publishing it).
             publish = self._with_redis(lambda: self.ledger.enqueue(run_id))
             if not publish:
                 self.metrics.duplicates.inc()
-                log.info("event_duplicate", replay_id=event.replay_id, run_id=run_id, order_id=order_id)
+                log.info("event_duplicate", replay_id=event.replay_id, run_id=str(run_id), order_id=order_id)
             else:
                 self._with_retry("publish", lambda: publish_run(self.publisher, run_id))
                 self.metrics.published.inc()
-                log.info("event_published", replay_id=event.replay_id, run_id=run_id, order_id=order_id)
+                log.info("event_published", replay_id=event.replay_id, run_id=str(run_id), order_id=order_id)
         # Only now: the task is with the broker (or the event is quarantined or known).
         self._with_redis(lambda: self.services.redis.set(self._checkpoint_key, event.replay_id))
         self.metrics.checkpoint.set(event.replay_id)
@@ -346,15 +367,30 @@ class Listener:
 
     # -- reconciler -------------------------------------------------------------------------
     def _reconcile_loop(self) -> None:
+        backfill_every_s = self.settings.reconcile_orders_interval_s
+        # The first backfill runs one sweep after taking the lead: events in hand go first.
+        next_backfill = time.monotonic() + backfill_every_s
         while not self.lost_leadership.wait(self.settings.reconcile_interval_s):
             try:
                 resumed = resume_stale(self.services, self.publisher, self.reconcile_idle_s)
-                repair_failure_writebacks(self.services, self.reconcile_idle_s)
+                repaired = repair_failure_writebacks(self.services, self.reconcile_idle_s)
             except Exception as exc:
                 log.warning("reconciler_sweep_failed", error=f"{type(exc).__name__}: {exc}")
                 continue
-            if resumed:
-                self.metrics.resumed.inc(len(resumed))
+            self.metrics.resumed.inc(len(resumed))
+            self.metrics.writebacks.inc(len(repaired))
+            if backfill_every_s and time.monotonic() >= next_backfill:
+                next_backfill = time.monotonic() + backfill_every_s
+                try:
+                    started = backfill_orders(
+                        self.services, self.publisher, self.settings.reconcile_orders_grace_s
+                    )
+                except Exception as exc:
+                    self.metrics.backfill_failures.inc()
+                    log.warning("backfill_sweep_failed", error=f"{type(exc).__name__}: {exc}")
+                    continue
+                self.metrics.backfill_queries.inc()
+                self.metrics.backfilled.inc(len(started))
 
     # -- health -----------------------------------------------------------------------------
     def healthy(self) -> bool:

@@ -1,4 +1,5 @@
-"""The operators' commands: ``status``, ``failed``, ``requeue`` and ``quarantine``.
+"""The operators' commands: ``status``, ``failed``, ``requeue``, ``reprovision``, ``emails``,
+``resend-email`` and ``quarantine``.
 
 Flower shows tasks, not runs, and cannot resume a chain; these read the ledger,
 which is the record of every run, and act on it.
@@ -6,6 +7,7 @@ which is the record of every run, and act on it.
 
 from __future__ import annotations
 
+import getpass
 import json
 import re
 import sys
@@ -17,10 +19,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from provisioning.chain import STEPS
 from provisioning.clictx import Context, pass_ctx
-from provisioning.ledger import STEPS, RunRecord
+from provisioning.ledger import RunRecord, RunState
 from provisioning.salesforce.ids import normalize_id
 from provisioning.services import Services
+from provisioning.status import describe_effects, describe_run, order_status, started_by
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -51,21 +55,16 @@ def _services(ctx: Context) -> Services:
     return Services(ctx.settings)
 
 
-def _resolve_run_ids(services: Services, key: str) -> list[str]:
-    """A run id, or an Order id (15 or 18 characters) standing for all its runs."""
-    if ":" in key:
-        order_part, _, idem = key.partition(":")
-        try:
-            return [f"{normalize_id(order_part)}:{idem}"]
-        except ValueError:
-            return [key]
+def _resolve_order_ids(key: str) -> tuple[str, str | None]:
+    """(Order id, run id or None) from a run id or an Order id (15 or 18 characters)."""
+    order_part, sep, idem = key.partition(":")
     try:
-        order_id = normalize_id(key)
+        order_id = normalize_id(order_part)
     except ValueError as exc:
         raise click.BadParameter(
             f"{key!r} is neither a run id (OrderId:IdemKey) nor an Order id: {exc}"
         ) from None
-    return services.ledger.runs_for_order(order_id)
+    return order_id, (f"{order_id}:{idem}" if sep else None)
 
 
 @click.command()
@@ -73,37 +72,47 @@ def _resolve_run_ids(services: Services, key: str) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @pass_ctx
 def status(ctx: Context, run_or_order_id: str, as_json: bool) -> None:
-    """Show a run (or every run of an Order): its state and each step with time, result ids and last error."""
+    """Show an Order (or a run's Order): its effects, and every run with what became of it."""
     services = _services(ctx)
-    runs = [r for r in (services.ledger.get(i) for i in _resolve_run_ids(services, run_or_order_id)) if r]
+    order_id, only_run = _resolve_order_ids(run_or_order_id)
+    state = order_status(services.ledger, order_id)
+    runs = [r for r in state.runs if only_run is None or str(r.run_id) == only_run]
     if not runs:
         click.echo(
             f"No run found for {run_or_order_id} (unknown, or expired after the retention period).", err=True
         )
         sys.exit(1)
     if as_json:
-        _emit_json([r.to_json() for r in runs])
+        data = state.to_json()
+        data["runs"] = [r for r in data["runs"] if only_run is None or r["run_id"] == only_run]
+        _emit_json(data)
         return
     console = _console()
+    effects = describe_effects(state.provisioning)
+    console.print(
+        f"[bold]Order {order_id}[/bold]  provisioning {effects['provisioning']}:"
+        f"  WHMCS order {effects['whmcs_order_id']}, ICCID {effects['iccid']}, e-mail {effects['email']}"
+    )
     for run in runs:
         console.print(
-            f"[bold]{run.run_id}[/bold]  state: {run.state.value}  created: {_when(run.created_at)}"
-            f"  updated: {_when(run.updated_at)}"
+            f"\n[bold]{run.run_id}[/bold]  {run.state.value}  started by {started_by(run)}"
+            f"  created {_when(run.created_at)}  updated {_when(run.updated_at)}"
         )
-        if run.error:
-            console.print(f"  failed at {run.failed_step}: {run.error}")
+        console.print(f"  {describe_run(run, state.provisioning)}")
+        if run.state in (RunState.JOINED, RunState.SKIPPED):
+            continue
         table = Table("step", "done at", "attempts", "result", "last error")
-        for name in STEPS:
-            rec = run.step(name)
+        for step in STEPS:
+            rec = run.step(step, state.provisioning)
             result = ", ".join(f"{k}={v}" for k, v in (rec.result or {}).items())
-            table.add_row(name, _when(rec.at), str(rec.attempts or ""), result, rec.last_error or "")
+            table.add_row(step.value, _when(rec.at), str(rec.attempts or ""), result, rec.last_error or "")
         console.print(table)
 
 
 def _failed_rows(runs: list[RunRecord]) -> list[dict[str, Any]]:
     return [
         {
-            "run_id": r.run_id,
+            "run_id": str(r.run_id),
             "order_id": r.order_id,
             "failed_at": r.updated_at,
             "step": r.failed_step,
@@ -147,26 +156,120 @@ def requeue(ctx: Context, run_ids: tuple[str, ...], all_failed: bool, dry_run: b
 
     Completed steps are not repeated. A run that did not fail is left alone, with the reason.
     """
-    from provisioning.runs import make_publisher
-    from provisioning.runs import requeue as do_requeue
+    from provisioning.operations import requeue as do_requeue
+    from provisioning.publishing import make_publisher
 
     if bool(run_ids) == all_failed:
         raise click.UsageError("give RUN_ID... or --all (not both)")
     services = _services(ctx)
-    ids = [r.run_id for r in services.ledger.failed_runs()] if all_failed else list(run_ids)
+    ids = [str(r.run_id) for r in services.ledger.failed_runs()] if all_failed else list(run_ids)
     app = make_publisher(ctx.settings)
-    outcomes = do_requeue(services, app, ids, dry_run=dry_run)
+    outcomes = do_requeue(services, app, ids, dry_run=dry_run, user=_user())
     if as_json:
-        _emit_json([o.__dict__ for o in outcomes])
+        _emit_json([o.to_json() for o in outcomes])
     elif not outcomes:
         click.echo("No failed runs to requeue.")
     else:
-        table = Table("run id", "action", "step", "detail")
-        for o in outcomes:
-            table.add_row(o.run_id, o.action, o.step or "-", o.detail)
-        _console().print(table)
+        _outcome_table("run id", outcomes)
     if any(o.action == "skipped" for o in outcomes) and not all_failed:
         sys.exit(1)
+
+
+@click.command()
+@click.argument("order_id")
+@click.option(
+    "--reason", required=True, help="Why (kept on the run and logged), e.g. 'replacement eSIM, ticket 4711'."
+)
+@click.option("--dry-run", is_flag=True, help="Say what would happen; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@pass_ctx
+def reprovision(ctx: Context, order_id: str, reason: str, dry_run: bool, as_json: bool) -> None:
+    """Provision an Order a second time on purpose: a new WHMCS order, eSIM profile and e-mail.
+
+    Events never do this (a second event of an Order reuses its effects); only this
+    command does, with a reason. The Order's current provisioning is archived.
+    """
+    from provisioning.operations import reprovision as do_reprovision
+    from provisioning.publishing import make_publisher
+
+    services = _services(ctx)
+    oid, _ = _resolve_order_ids(order_id)
+    outcome = do_reprovision(
+        services, make_publisher(ctx.settings), oid, reason=reason, dry_run=dry_run, user=_user()
+    )
+    if as_json:
+        _emit_json(outcome.to_json())
+    else:
+        _outcome_table("Order", [outcome])
+    if outcome.action == "skipped":
+        sys.exit(1)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@pass_ctx
+def emails(ctx: Context, as_json: bool) -> None:
+    """Orders whose welcome e-mail the SMTP server refused, with its reply (the Orders stay Activated)."""
+    services = _services(ctx)
+    found = [
+        (oid, at, services.ledger.provisioning(oid).email_error) for oid, at in services.ledger.undelivered()
+    ]
+    if as_json:
+        _emit_json([{"order_id": oid, "refused_at": at, "reply": reply} for oid, at, reply in found])
+        return
+    if not found:
+        click.echo("No undelivered e-mails.")
+        return
+    table = Table("Order", "refused at", "SMTP reply")
+    for oid, at, reply in found:
+        table.add_row(oid, _when(at), reply or "")
+    _console().print(table)
+
+
+@click.command("resend-email")
+@click.argument("order_ids", nargs=-1)
+@click.option("--all", "all_undelivered", is_flag=True, help="Every Order listed by `provisioning emails`.")
+@click.option("--dry-run", is_flag=True, help="Say what would be sent; send nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@pass_ctx
+def resend_email(
+    ctx: Context, order_ids: tuple[str, ...], all_undelivered: bool, dry_run: bool, as_json: bool
+) -> None:
+    """Send a refused welcome e-mail again, to the address the Order has now (same Message-ID)."""
+    from provisioning.operations import resend_email as do_resend
+
+    if bool(order_ids) == all_undelivered:
+        raise click.UsageError("give ORDER_ID... or --all (not both)")
+    services = _services(ctx)
+    ids = (
+        [oid for oid, _ in services.ledger.undelivered()]
+        if all_undelivered
+        else [_resolve_order_ids(o)[0] for o in order_ids]
+    )
+    outcomes = do_resend(services, ids, dry_run=dry_run, user=_user())
+    if as_json:
+        _emit_json([o.to_json() for o in outcomes])
+    elif not outcomes:
+        click.echo("No undelivered e-mails.")
+    else:
+        _outcome_table("Order", outcomes)
+    if any(o.action in ("skipped", "refused") for o in outcomes):
+        sys.exit(1)
+
+
+def _outcome_table(what: str, outcomes: list[Any]) -> None:
+    table = Table(what, "action", "step", "detail")
+    for o in outcomes:
+        table.add_row(o.target, o.action, o.step or "-", o.detail)
+    _console().print(table)
+
+
+def _user() -> str:
+    """Who runs the command, for the log line every operator action writes."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
 
 
 @click.command()

@@ -53,7 +53,7 @@ def _smtp(settings: Settings) -> str:
 
 
 def _workers(settings: Settings) -> str:
-    from provisioning.runs import make_publisher
+    from provisioning.publishing import make_publisher
 
     app = make_publisher(settings)
     replies = app.control.ping(timeout=PROBE_TIMEOUT_S / 5)

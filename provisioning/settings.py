@@ -223,6 +223,16 @@ class Settings(BaseSettings):
         ge=1,
         description="The reconciler resumes an unfinished, unleased run not updated for this long.",
     )
+    reconcile_orders_interval_s: int = Field(
+        300,
+        ge=0,
+        description="Seconds between the backfill's Salesforce queries for Orders left in Activating; 0: off.",
+    )
+    reconcile_orders_grace_s: int = Field(
+        300,
+        ge=0,
+        description="The backfill starts a run for an Order left in Activating this long with no run of ours.",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

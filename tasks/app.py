@@ -13,6 +13,7 @@ from typing import Any
 from celery import Celery, Task, signals
 
 import celeryconfig
+from provisioning.lifecycle import RunFailed
 from provisioning.logs import bind_run, configure_logging, unbind_run
 from provisioning.settings import Settings, load_settings
 
@@ -65,6 +66,9 @@ class ProvisioningTask(Task):
     """Base task: every provisioning task takes a run id first and logs under it."""
 
     app: ProvisioningCelery
+    # A run that ends failed is an expected outcome (reason on the Order and in the ledger):
+    # Celery logs it in one line, without a traceback; the task still shows failed in Flower.
+    throws = (RunFailed,)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if args and isinstance(args[0], str):

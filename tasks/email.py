@@ -6,13 +6,14 @@ from typing import Any
 
 from celery import shared_task
 
+from provisioning.chain import Step
 from provisioning.email import steps
 from tasks.app import ProvisioningTask
 from tasks.steps import run_step
 
 
-@shared_task(name="provisioning.send_email", bind=True, base=ProvisioningTask)
+@shared_task(name=Step.SEND_EMAIL.task_name, bind=True, base=ProvisioningTask)
 def send_email(self: ProvisioningTask, run_id: str) -> dict[str, Any]:
-    # Idempotent: the ledger's outbox (sending -> sent) and a Message-ID derived from the run id;
+    # Idempotent: the ledger's outbox (sending -> sent) and a Message-ID derived from the Order;
     # an unknown outcome follows EMAIL_RESEND_POLICY (default: resend with the same Message-ID).
-    return run_step(self, run_id, "send_email", steps.send_email)
+    return run_step(self, run_id, Step.SEND_EMAIL, steps.send_email)

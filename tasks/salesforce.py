@@ -6,12 +6,13 @@ from typing import Any
 
 from celery import shared_task
 
+from provisioning.chain import Step
 from provisioning.salesforce import steps
 from tasks.app import ProvisioningTask
 from tasks.steps import run_step
 
 
-@shared_task(name="provisioning.update_salesforce", bind=True, base=ProvisioningTask)
+@shared_task(name=Step.UPDATE_SALESFORCE.task_name, bind=True, base=ProvisioningTask)
 def update_salesforce(self: ProvisioningTask, run_id: str) -> dict[str, Any]:
-    # Idempotent: one PATCH of absolute values (the activation time is fixed on the first attempt).
-    return run_step(self, run_id, "update_salesforce", steps.update_salesforce)
+    # Idempotent: one PATCH of absolute values (the activation time is fixed on the Order's first activation).
+    return run_step(self, run_id, Step.UPDATE_SALESFORCE, steps.update_salesforce)

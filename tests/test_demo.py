@@ -26,6 +26,7 @@ def test_the_demo_activates_every_order_and_reports_matching_counts_in_json(tmp_
     assert result["whmcs_orders"] == result["emails"] == result["activated"] == 12
     assert result["failed"] == result["requeued"] == 2
     assert result["duplicates_published"] == 3
+    assert result["second_approvals_published"] == 3
     assert 0 < result["latency_p50_s"] <= result["latency_p95_s"]
     for key in ("esim_profiles_confirmed", "sf_api_calls", "elapsed_s"):
         assert key in result

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import requests
 
-from provisioning.runs import make_publisher, publish_run
+from provisioning.publishing import make_publisher, publish_run
 from provisioning.sandbox.processes import free_port
 from provisioning.sandbox.scenario import seed_orders, wait_until
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import signal
 import subprocess
 import time
@@ -13,6 +14,7 @@ import requests
 
 from provisioning.ledger import RunState
 from provisioning.sandbox.processes import free_port
+from provisioning.sandbox.salesforce import ids
 from provisioning.sandbox.scenario import count_effects, event_payload, publish_events_admin, seed_orders
 from provisioning.sandbox.scenario import wait_until as wait_for
 from provisioning.services import Services
@@ -41,13 +43,16 @@ def test_malformed_events_are_quarantined_with_reasons_and_every_good_one_is_pro
     sandbox, listen_settings, services, workers, listeners
 ):
     orders = seed_orders(sandbox, services.inventory, count=4, esim_share=0.5)
+    sandbox.admin("salesforce").post("/__admin/calls/reset")
     workers(concurrency=4)
     listener = listeners(listen_settings)
+    account_id = ids.IdFactory(random.Random(3)).new(ids.PREFIX_ACCOUNT)
     bad = [
         {"IdemKey__c": "no-order-id"},
         {"OrderId__c": "801Dn0000HeJ6rrIQX", "IdemKey__c": "bad-checksum"},
         {"OrderId__c": "not-an-id"},
         {"OrderId__c": orders[0].order_id, "IdemKey__c": "x" * 81},
+        {"OrderId__c": account_id, "IdemKey__c": "an-account"},
     ]
     payloads = [
         event_payload(orders[0]),
@@ -59,11 +64,14 @@ def test_malformed_events_are_quarantined_with_reasons_and_every_good_one_is_pro
     ]
     publish_events_admin(sandbox, payloads)
     wait_for(lambda: all(_done(services, o.run_id) for o in orders))
-    wait_for(lambda: len(services.ledger.quarantined()) == 4)
+    wait_for(lambda: len(services.ledger.quarantined()) == 5)
     reasons = sorted(e["reason"] for e in services.ledger.quarantined())
     assert any("OrderId__c is missing" in r for r in reasons)
     assert sum("not a valid Salesforce Id" in r for r in reasons) == 2
     assert any("IdemKey__c is longer than 80" in r for r in reasons)
+    assert any(f"{account_id} is the Id of another kind of record (key prefix 001)" in r for r in reasons)
+    # The Account's Id cost nothing in Salesforce: one query per good Order, none for it.
+    assert sandbox.admin("salesforce").get("/__admin/calls")["calls"].get("query") == 4
     assert all(isinstance(e["replay_id"], int) for e in services.ledger.quarantined())
     assert count_effects(sandbox).whmcs_orders == 4
     base = f"http://127.0.0.1:{listener.health_port}"
@@ -74,8 +82,8 @@ def test_malformed_events_are_quarantined_with_reasons_and_every_good_one_is_pro
         "can_publish": True,
     }
     metrics = requests.get(base + "/metrics", timeout=5).text
-    assert "listener_events_received_total 8.0" in metrics
-    assert "listener_events_quarantined_total 4.0" in metrics
+    assert "listener_events_received_total 9.0" in metrics
+    assert "listener_events_quarantined_total 5.0" in metrics
     assert "listener_events_published_total 4.0" in metrics
     assert "listener_is_leader 1.0" in metrics
     assert "listener_stream_handshakes_total" in metrics

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from provisioning.ledger import RunState
-from provisioning.runs import make_publisher, publish_run
+from provisioning.publishing import make_publisher, publish_run
 from provisioning.sandbox.scenario import count_effects, seed_orders, wait_until
 
 CLI = str(Path(sys.executable).with_name("provisioning"))
@@ -46,9 +46,15 @@ def test_failed_status_and_requeue_bring_a_fixed_order_to_activated_without_repe
     assert bad.run_id in table.stdout
 
     status = _cli(stack_settings, "status", ok.order_id, "--json")
-    (run,) = json.loads(status.stdout)
+    order = json.loads(status.stdout)
+    (run,) = order["runs"]
     assert run["state"] == "done"
+    assert run["started_by"] == "an event"
     assert run["steps"]["create_whmcs_order"]["result"]["whmcs_order_id"] >= 1
+    assert order["effects"]["whmcs_order_id"] == str(
+        run["steps"]["create_whmcs_order"]["result"]["whmcs_order_id"]
+    )
+    assert order["effects"]["email"] == "sent"
     assert "example.test" not in status.stdout  # no customer e-mail address in what operators see
     assert "Customer" not in status.stdout
 
@@ -90,3 +96,83 @@ def test_failed_since_rejects_a_duration_it_cannot_read(stack_settings):
     out = _cli(stack_settings, "failed", "--since", "yesterday")
     assert out.returncode == 2
     assert "30m, 12h or 7d" in out.stderr
+
+
+def test_a_refused_welcome_email_leaves_the_order_activated_and_resend_email_delivers_it_once_fixed(
+    sandbox, stack_settings, services, workers
+):
+    (order,) = seed_orders(sandbox, services.inventory, count=1, esim_share=1.0, seed=41)
+    salesforce = sandbox.admin("salesforce")
+    salesforce.patch(f"/__admin/orders/{order.order_id}", {"email": "customer0@mailbox.invalid"})
+    workers(concurrency=2)
+    publish_run(make_publisher(stack_settings), order.run_id)
+    wait_until(lambda: _state(services, order.run_id) is RunState.DONE)
+
+    view = salesforce.get(f"/__admin/orders/{order.order_id}")
+    assert view["Activation_Status__c"] == "Activated"
+    assert view["WHMCS_Order_ID__c"]
+    assert "welcome e-mail was not delivered" in view["Activation_Error__c"]
+    assert "550" in view["Activation_Error__c"]
+    assert services.ledger.failed_runs() == []
+    listed = json.loads(_cli(stack_settings, "emails", "--json").stdout)
+    assert [row["order_id"] for row in listed] == [order.order_id]
+    assert "550" in listed[0]["reply"]
+    assert "mailbox.invalid" not in json.dumps(listed)  # the reply never quotes the address
+    assert sandbox.admin("smtp").get("/__admin/messages")["count"] == 0
+
+    still_bad = _cli(stack_settings, "resend-email", order.order_id)
+    assert still_bad.returncode == 1
+    assert "refused" in still_bad.stdout
+
+    salesforce.patch(f"/__admin/orders/{order.order_id}", {"email": "customer0@example.test"})
+    dry = _cli(stack_settings, "resend-email", "--all", "--dry-run", "--json")
+    assert json.loads(dry.stdout)[0]["action"] == "would send"
+    sent = _cli(stack_settings, "resend-email", "--all")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert "delivered" in sent.stdout
+    messages = sandbox.admin("smtp").get("/__admin/messages")["messages"]
+    assert len(messages) == 1
+    assert messages[0]["rcpt_tos"] == ["customer0@example.test"]
+    assert messages[0]["message_id"].startswith(f"<{order.order_id}.")
+    view = salesforce.get(f"/__admin/orders/{order.order_id}")
+    assert view["Activation_Status__c"] == "Activated"
+    assert view["Activation_Error__c"] is None
+    assert json.loads(_cli(stack_settings, "emails", "--json").stdout) == []
+    again = _cli(stack_settings, "resend-email", order.order_id)
+    assert again.returncode == 1
+    assert "sent, not refused: nothing to resend" in again.stdout
+    assert sandbox.admin("smtp").get("/__admin/messages")["count"] == 1
+
+
+def test_reprovision_makes_new_effects_only_on_an_operators_request_with_a_reason(
+    sandbox, stack_settings, services, workers
+):
+    (order,) = seed_orders(sandbox, services.inventory, count=1, esim_share=1.0, seed=42)
+    workers(concurrency=2)
+    publish_run(make_publisher(stack_settings), order.run_id)
+    wait_until(lambda: _state(services, order.run_id) is RunState.DONE)
+    first = sandbox.admin("salesforce").get(f"/__admin/orders/{order.order_id}")
+
+    no_reason = _cli(stack_settings, "reprovision", order.order_id)
+    assert no_reason.returncode == 2
+    assert "--reason" in no_reason.stderr
+    dry = _cli(stack_settings, "reprovision", order.order_id, "--reason", "lost phone", "--dry-run", "--json")
+    assert json.loads(dry.stdout)["action"] == "would reprovision"
+    assert count_effects(sandbox).whmcs_orders == 1
+
+    done = _cli(stack_settings, "reprovision", order.order_id, "--reason", "replacement eSIM, ticket 4711")
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_id = f"{order.order_id}:reprovision-2"
+    wait_until(lambda: _state(services, run_id) is RunState.DONE)
+    second = sandbox.admin("salesforce").get(f"/__admin/orders/{order.order_id}")
+    assert second["Activation_Status__c"] == "Activated"
+    assert second["WHMCS_Order_ID__c"] != first["WHMCS_Order_ID__c"]
+    assert second["ESIM_ICCID__c"] != first["ESIM_ICCID__c"]
+    effects = count_effects(sandbox)
+    assert effects.whmcs_orders == 2
+    assert effects.esim_confirmed == 2
+    assert effects.emails == effects.distinct_message_ids == 2
+    status = json.loads(_cli(stack_settings, "status", order.order_id, "--json").stdout)
+    runs = {r["run_id"]: r for r in status["runs"]}
+    assert runs[run_id]["started_by"].startswith("an operator (replacement eSIM, ticket 4711 (by ")
+    assert status["effects"]["provisioning"] == "2"

@@ -8,8 +8,10 @@ Structure (no remote content, no tracking)::
         ├── text/html              <img src="cid:...">
         └── image/png              the activation code as a QR code, inline
 
-The Message-ID derives from the run id only, so a resend after a crash carries
-the same one and duplicates can be traced (SMTP itself has no idempotency).
+The Message-ID derives from the Order's effect key only (the Order id, plus the
+generation after a deliberate reprovision), so a resend after a crash, or by an
+operator, carries the same one and duplicates can be traced (SMTP itself has no
+idempotency).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ QR_BORDER_MODULES = 4
 # Shown size of the QR image in the HTML part.
 QR_DISPLAY_PX = 220
 
-_ORDER_ID = re.compile(r"^[A-Za-z0-9]{15,18}$")
+_ORDER_ID = re.compile(r"^[A-Za-z0-9]{15,18}(?=$|[:#])")
 _DOMAIN = re.compile(
     r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
@@ -45,17 +47,17 @@ _DOMAIN = re.compile(
 _DIGEST_HEX_CHARS = 24
 
 
-def _id_left(run_id: str) -> str:
-    """The left part of our ids: the Order id (when it is one) and a hash of the whole run id.
+def _id_left(key: str) -> str:
+    """The left part of our ids: the Order id (when the key starts with one) and a hash of the whole key.
 
-    The idempotency key is arbitrary text, so only its hash goes in; the Order
-    id keeps the header readable for operators.
+    The key may carry arbitrary text, so only its hash goes in; the Order id
+    keeps the header readable for operators.
     """
-    if not run_id:
-        raise ValueError("run_id is empty")
-    digest = hashlib.sha256(f"activation:{run_id}".encode()).hexdigest()[:_DIGEST_HEX_CHARS]
-    order_id = run_id.split(":", 1)[0]
-    return f"{order_id}.{digest}" if _ORDER_ID.match(order_id) else f"run.{digest}"
+    if not key:
+        raise ValueError("the key is empty")
+    digest = hashlib.sha256(f"activation:{key}".encode()).hexdigest()[:_DIGEST_HEX_CHARS]
+    match = _ORDER_ID.match(key)
+    return f"{match.group(0)}.{digest}" if match else f"run.{digest}"
 
 
 def _check_domain(domain: str) -> str:
@@ -64,13 +66,13 @@ def _check_domain(domain: str) -> str:
     return domain
 
 
-def message_id_for(run_id: str, domain: str) -> str:
-    """The activation e-mail's Message-ID for ``run_id``: ``<{order id}.{hash}@{domain}>``."""
-    return f"<{_id_left(run_id)}@{_check_domain(domain)}>"
+def message_id_for(key: str, domain: str) -> str:
+    """The activation e-mail's Message-ID for ``key``: ``<{order id}.{hash}@{domain}>``."""
+    return f"<{_id_left(key)}@{_check_domain(domain)}>"
 
 
-def _qr_content_id(run_id: str, domain: str) -> str:
-    return f"qr.{_id_left(run_id)}@{_check_domain(domain)}"
+def _qr_content_id(key: str, domain: str) -> str:
+    return f"qr.{_id_left(key)}@{_check_domain(domain)}"
 
 
 def qr_png(data: str) -> bytes:
@@ -103,7 +105,7 @@ def _render(
 
 def build_activation_email(
     *,
-    run_id: str,
+    key: str,
     to_address: str,
     first_name: str | None,
     order_number: str,
@@ -127,7 +129,7 @@ def build_activation_email(
         "whmcs_order_id": whmcs_order_id,
         "iccid": iccid or "",
         "activation_code": activation_code or "",
-        "qr_cid": _qr_content_id(run_id, message_id_domain),
+        "qr_cid": _qr_content_id(key, message_id_domain),
         "qr_size": str(QR_DISPLAY_PX),
     }
     section = "esim" if esim else "physical"
@@ -145,7 +147,7 @@ def build_activation_email(
     )
 
     msg = EmailMessage(policy=POLICY)
-    msg["Message-ID"] = message_id_for(run_id, message_id_domain)
+    msg["Message-ID"] = message_id_for(key, message_id_domain)
     msg["Date"] = formatdate(usegmt=True)
     msg["From"] = sender
     msg["To"] = to_address

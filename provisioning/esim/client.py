@@ -7,7 +7,7 @@ one place (:meth:`Es2PlusClient._call`) to :mod:`provisioning.esim.errors`.
 
 Retry safety is the caller's business (see ARCHITECTURE section 4): order an
 explicit ``iccid`` claimed from the inventory and confirm with
-:func:`matching_id_for_run`, so that a repeat is recognisable
+:func:`matching_id_for`, so that a repeat is recognisable
 (8.2.1/3.3 and 8.2.1/3.5). This client repeats nothing but a connection that
 could not be opened (the request was never sent).
 """
@@ -67,13 +67,13 @@ class ConfirmResult:
     smdp_address: str | None
 
 
-def matching_id_for_run(run_id: str) -> str:
-    """A matchingId derived from the run id: the same run always confirms with the same one.
+def matching_id_for(key: str) -> str:
+    """A matchingId derived from the Order's effect key: every run of the Order confirms with the same one.
 
     Activation codes allow upper-case letters, digits and ``-`` in the matchingId,
-    and the run id has ``:`` and lower case, hence a digest (grouped like vendor codes).
+    and the key may hold ``#`` and lower case, hence a digest (grouped like vendor codes).
     """
-    digest = hashlib.sha256(run_id.encode()).hexdigest().upper()[:20]
+    digest = hashlib.sha256(key.encode()).hexdigest().upper()[:20]
     return "-".join(digest[i : i + 5] for i in range(0, 20, 5))
 
 

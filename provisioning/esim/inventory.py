@@ -1,14 +1,14 @@
 """The operator's ICCID inventory in Redis: which profiles are free, which run claimed which, which are used.
 
 Operators receive profile batches from the SM-DP+ vendor with their ICCID lists
-and load them (``provisioning esim load FILE``). A run claims one ICCID
-atomically BEFORE its downloadOrder, so a lost answer never leaks a profile:
+and load them (``provisioning esim load FILE``). An Order claims one ICCID
+atomically BEFORE its downloadOrder (every run of the Order gets the same one), so a lost answer never leaks a profile:
 the repeat orders the same ICCID and reads 8.2.1/3.3 as done.
 
 Keys (``{prefix}`` is the ledger prefix):
 
 - ``{prefix}:esim:free``   set: ICCIDs nobody claimed yet
-- ``{prefix}:esim:claims`` hash: run id → ICCID, kept once used (a repeat of the run still finds its ICCID)
+- ``{prefix}:esim:claims`` hash: the Order's effect key → ICCID, kept once used (a repeat still finds it)
 - ``{prefix}:esim:used``   set: ICCIDs whose run activated them (claims not in here are "claimed")
 - ``{prefix}:esim:known``  set: every ICCID ever loaded, so that reloading a batch adds nothing twice
 
@@ -62,7 +62,7 @@ end
 return added
 """
 
-# KEYS: free, claims. ARGV: run id. The run's own claim first: a repeat gets the same ICCID.
+# KEYS: free, claims. ARGV: the key. Its own claim first: a repeat gets the same ICCID.
 _CLAIM = """
 local mine = redis.call('HGET', KEYS[2], ARGV[1])
 if mine then return mine end
@@ -72,7 +72,7 @@ redis.call('HSET', KEYS[2], ARGV[1], iccid)
 return iccid
 """
 
-# KEYS: claims, used. Returns the ICCID, or false when the run has no claim.
+# KEYS: claims, used. Returns the ICCID, or false when the key has no claim.
 _MARK_USED = """
 local iccid = redis.call('HGET', KEYS[1], ARGV[1])
 if not iccid then return false end
@@ -239,37 +239,37 @@ class EsimInventory:
         log.info("esim_inventory_loaded", given=len(canonical), added=added)
         return added
 
-    def claim(self, run_id: str) -> str:
-        """The run's ICCID: the one it claimed before, else a free one taken for it."""
-        value = _guard(self._claim, keys=[self.free_key, self.claims_key], args=[run_id])
+    def claim(self, key: str) -> str:
+        """The ICCID of ``key`` (an Order's effect key): the one claimed before, else a free one taken for it."""
+        value = _guard(self._claim, keys=[self.free_key, self.claims_key], args=[key])
         if value is None:
-            log.warning("esim_inventory_empty", run_id=run_id)
+            log.warning("esim_inventory_empty", key=key)
             raise InventoryEmpty()
         return _text(value)
 
-    def claimed_by(self, run_id: str) -> str | None:
-        value = _guard(self._redis.hget, self.claims_key, run_id)
+    def claimed_by(self, key: str) -> str | None:
+        value = _guard(self._redis.hget, self.claims_key, key)
         return None if value is None else _text(value)
 
-    def mark_used(self, run_id: str) -> str:
-        """The run activated its ICCID (idempotent); returns the ICCID."""
-        value = _guard(self._mark_used, keys=[self.claims_key, self.used_key], args=[run_id])
+    def mark_used(self, key: str) -> str:
+        """``key``'s ICCID is activated (idempotent); returns the ICCID."""
+        value = _guard(self._mark_used, keys=[self.claims_key, self.used_key], args=[key])
         if value is None:
-            raise InventoryClaimError(f"run {run_id} has no claimed ICCID to mark used")
+            raise InventoryClaimError(f"{key} has no claimed ICCID to mark used")
         return _text(value)
 
-    def release(self, run_id: str) -> str | None:
-        """Give the run's claimed ICCID back to the free stock; returns it (None: no claim)."""
+    def release(self, key: str) -> str | None:
+        """Give ``key``'s claimed ICCID back to the free stock; returns it (None: no claim)."""
         status, value = _guard(
-            self._release, keys=[self.free_key, self.claims_key, self.used_key], args=[run_id]
+            self._release, keys=[self.free_key, self.claims_key, self.used_key], args=[key]
         )
         if int(status) == -1:
             raise InventoryClaimError(
-                f"run {run_id}'s ICCID {_text(value)} is used; it cannot go back to stock"
+                f"the ICCID of {key}, {_text(value)} is used: it cannot go back to stock"
             )
         if int(status) == 0:
             return None
-        log.info("esim_inventory_released", run_id=run_id)
+        log.info("esim_inventory_released", key=key)
         return _text(value)
 
     def stock(self) -> Stock:

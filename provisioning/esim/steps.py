@@ -1,10 +1,11 @@
 """The eSIM step: claim an ICCID from our inventory, then downloadOrder and confirmOrder, each once.
 
 ``downloadOrder`` with only a profile type reserves a new ICCID on every call and
-ES2+ cannot look a lost one up, so the run first claims an ICCID from the
+ES2+ cannot look a lost one up, so the Order first claims an ICCID from the
 operator's inventory (atomically, in Redis) and orders exactly that one: a
 repeat then answers 8.2.1/3.3, which for our own claimed ICCID means done. The
-matchingId derives from the run id, so a repeated ``confirmOrder`` answering
+claim and the matchingId derive from the Order's effect key, so every run of
+the Order gets the same profile, and a repeated ``confirmOrder`` answering
 8.2.1/3.5 is ours too.
 """
 
@@ -12,10 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from provisioning.esim.client import activation_code, matching_id_for_run, smdp_address_from_settings
+from provisioning.context import StepContext
+from provisioning.esim.client import activation_code, matching_id_for, smdp_address_from_settings
 from provisioning.esim.errors import Es2PlusFunctionFailed
 from provisioning.logs import get_logger
-from provisioning.runs import StepContext
 
 log = get_logger(__name__)
 
@@ -29,7 +30,7 @@ def activate_esim(ctx: StepContext) -> dict[str, Any]:
     if not is_esim(order.sim_type):
         return {"sim": "physical"}
     inventory = ctx.services.inventory
-    iccid = inventory.claim(ctx.run_id)
+    iccid = inventory.claim(ctx.effect_key)
     threshold = ctx.settings.esim_stock_warn_threshold
     if inventory.is_low(threshold):
         log.warning("esim_stock_low", free=inventory.stock().free, threshold=threshold)
@@ -45,7 +46,7 @@ def activate_esim(ctx: StepContext) -> dict[str, Any]:
             log.info("esim_download_repeat", iccid=iccid)
         ctx.set_marker("esim_downloaded", iccid)
 
-    matching_id = matching_id_for_run(ctx.run_id)
+    matching_id = matching_id_for(ctx.effect_key)
     smdp_address = None
     ctx.renew()
     try:
@@ -57,15 +58,10 @@ def activate_esim(ctx: StepContext) -> dict[str, Any]:
         if not exc.is_invalid_transition:
             raise
         log.info("esim_confirm_repeat", iccid=iccid)
-    if smdp_address:
-        ctx.set_marker("smdp_address", smdp_address)
-    inventory.mark_used(ctx.run_id)
-    # Only the ICCID goes on: the activation code lets anyone download the profile, so it is
-    # rebuilt where it is needed (the e-mail) and never shown in Flower or task results.
+    if smdp_address or ctx.marker("activation_code") is None:
+        # The code lets anyone download the profile: it stays in the ledger for the e-mail,
+        # and only the ICCID goes on (task results and Flower show results).
+        address = smdp_address or smdp_address_from_settings(ctx.settings)
+        ctx.set_marker("activation_code", activation_code(address, matching_id))
+    inventory.mark_used(ctx.effect_key)
     return {"iccid": iccid}
-
-
-def activation_code_for(ctx: StepContext) -> str:
-    """The run's activation code: ``LPA:1$<SM-DP+ address>$<matchingId derived from the run id>``."""
-    address = ctx.marker("smdp_address") or smdp_address_from_settings(ctx.settings)
-    return activation_code(address, matching_id_for_run(ctx.run_id))

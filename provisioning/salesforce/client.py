@@ -119,6 +119,17 @@ class Order(BaseModel):
     sim_type: str | None
     eid: str | None
     items: tuple[OrderItem, ...]
+    # What an earlier provisioning wrote back: the Order's own record of its effects.
+    whmcs_order_id: str | None = None
+    esim_iccid: str | None = None
+    activated_at: str | None = None
+
+
+class WaitingOrder(NamedTuple):
+    """An Order the backfill found in ``Activating``; ``last_modified`` as Salesforce wrote it."""
+
+    order_id: str
+    last_modified: str
 
 
 class ApiUsage(NamedTuple):
@@ -178,7 +189,8 @@ class SalesforceClient:
         items = format_soql("(SELECT Quantity, Product2.{:literal} FROM OrderItems)", n.whmcs_product_id)
         columns = (
             f"Id, OrderNumber, {n.activation_status}, Account.{n.whmcs_client_id}, "
-            f"BillToContact.Email, BillToContact.FirstName, {n.sim_type}, {n.eid}, {items}"
+            f"BillToContact.Email, BillToContact.FirstName, {n.sim_type}, {n.eid}, "
+            f"{n.whmcs_order_id}, {n.esim_iccid}, {n.activated_at}, {items}"
         )
         return format_soql("SELECT {:literal} FROM Order WHERE Id = {}", columns, normalize_id(order_id))
 
@@ -214,6 +226,40 @@ class SalesforceClient:
             ),
             order_id=order_id,
         )
+
+    def waiting_orders_query(self, modified_before: dt.datetime, limit: int) -> str:
+        """The backfill's SOQL: Orders in Activating not modified since ``modified_before``, oldest first."""
+        n = self.field_names
+        stamp = modified_before.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return format_soql(
+            "SELECT Id, LastModifiedDate FROM Order WHERE {:literal} = 'Activating' "
+            "AND LastModifiedDate < {:literal} ORDER BY LastModifiedDate LIMIT {:literal}",
+            n.activation_status,
+            stamp,
+            str(int(limit)),
+        )
+
+    def waiting_orders(self, modified_before: dt.datetime, *, limit: int) -> list[WaitingOrder]:
+        """Orders still ``Activating`` and last modified before ``modified_before``: one query, paged.
+
+        Each page (2,000 records on a real org) is one API call.
+        """
+        soql = self.waiting_orders_query(modified_before, limit)
+        timeout = (REST_CONNECT_TIMEOUT_S, REST_READ_TIMEOUT_S)
+        page = self._call("query waiting Orders", lambda sf: sf.query(soql, timeout=timeout))
+        found: list[WaitingOrder] = []
+        while True:
+            for record in page.get("records") or []:
+                found.append(
+                    WaitingOrder(
+                        order_id=normalize_id(str(record["Id"])),
+                        last_modified=str(record.get("LastModifiedDate") or ""),
+                    )
+                )
+            next_url = page.get("nextRecordsUrl")
+            if page.get("done", True) or not next_url:
+                return found
+            page = self._call("query waiting Orders (next page)", _query_more(str(next_url), timeout))
 
     def publish_event(self, order_id: str, idem_key: str | None = None) -> str:
         """Publish the provisioning Platform Event as an org does (REST POST); returns its id.
@@ -290,6 +336,9 @@ class SalesforceClient:
                 first_name=_text(contact.get("FirstName")),
                 sim_type=_text(record.get(n.sim_type)),
                 eid=_text(record.get(n.eid)),
+                whmcs_order_id=_text(record.get(n.whmcs_order_id)),
+                esim_iccid=_text(record.get(n.esim_iccid)),
+                activated_at=_text(record.get(n.activated_at)),
                 items=tuple(
                     OrderItem(
                         quantity=item.get("Quantity"),
@@ -301,6 +350,10 @@ class SalesforceClient:
         except ValidationError as exc:
             where = ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors())
             raise SalesforceRequestError(f"Order {order_id}: unexpected field values ({where})") from None
+
+
+def _query_more(url: str, timeout: tuple[float, float]) -> Callable[[Salesforce], Any]:
+    return lambda sf: sf.query_more(url, identifier_is_url=True, timeout=timeout)
 
 
 def _translate(operation: str, exc: Exception, *, order_id: str | None = None) -> SalesforceError:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from provisioning.esim.inventory import EsimInventory
+from provisioning.ledger import Ledger
+from provisioning.run_id import RunId
 from provisioning.sandbox.runner import Sandbox
 
 PRODUCTS = [
@@ -37,7 +39,7 @@ class SeededOrder:
 
     @property
     def run_id(self) -> str:
-        return f"{self.order_id}:{self.idem_key}"
+        return str(RunId(self.order_id, self.idem_key))
 
 
 def seed_orders(
@@ -120,6 +122,18 @@ def wait_until(
         time.sleep(poll_s)
 
 
+def settled(sandbox: Sandbox, ledger: Ledger, order_ids: list[str]) -> Callable[[], bool]:
+    """A predicate: every Order is Activated or Failed, and no run of any of them is still in flight."""
+
+    def check() -> bool:
+        views = {o["Id"]: o for o in sandbox.admin("salesforce").get("/__admin/orders")["orders"]}
+        if any(views[oid]["Activation_Status__c"] not in ("Activated", "Failed") for oid in order_ids):
+            return False
+        return not any(ledger.runs_in_flight(oid) for oid in order_ids)
+
+    return check
+
+
 def publish_events_admin(sandbox: Sandbox, payloads: list[dict[str, Any]]) -> list[int]:
     """Put events on the bus in one call (fast; the demo publishes over the REST API instead)."""
     answer = sandbox.admin("salesforce").post("/__admin/events", payloads)
@@ -139,7 +153,7 @@ class Effects:
     failed: int
     whmcs_orders: int
     whmcs_accepted: int
-    whmcs_orders_per_run: dict[str, int]
+    whmcs_orders_per_order: dict[str, int]
     esim_confirmed: int
     esim_reserved_unconfirmed: int
     emails: int
@@ -148,18 +162,25 @@ class Effects:
 
     @property
     def duplicate_whmcs_orders(self) -> int:
-        return sum(n - 1 for n in self.whmcs_orders_per_run.values() if n > 1)
+        return sum(n - 1 for n in self.whmcs_orders_per_order.values() if n > 1)
 
 
-def count_effects(sandbox: Sandbox, *, note_prefix: str = "provisioning run ") -> Effects:
+def _note_order_id(notes: str, note_prefix: str) -> str | None:
+    """The Order id in a WHMCS order's notes (the effect key, without a reprovision's ``#n``)."""
+    if note_prefix not in notes:
+        return None
+    return notes.split(note_prefix, 1)[1].strip().split("#", 1)[0]
+
+
+def count_effects(sandbox: Sandbox, *, note_prefix: str = "provisioning order ") -> Effects:
     sf_orders = sandbox.admin("salesforce").get("/__admin/orders")["orders"]
     statuses = Counter(str(o.get("Activation_Status__c")) for o in sf_orders)
     whmcs_orders = sandbox.admin("whmcs").get("/__admin/orders")["orders"]
-    per_run: Counter[str] = Counter()
+    per_order: Counter[str] = Counter()
     for o in whmcs_orders:
-        notes = o.get("notes") or ""
-        if note_prefix in notes:
-            per_run[notes.split(note_prefix, 1)[1].strip()] += 1
+        order_id = _note_order_id(o.get("notes") or "", note_prefix)
+        if order_id:
+            per_order[order_id] += 1
     profiles = sandbox.admin("smdp").get("/__admin/profiles/summary")
     confirmed = sum(profiles.get(state, 0) for state in ("confirmed", "released", "downloaded", "installed"))
     reserved = sum(profiles.get(state, 0) for state in ("allocated", "linked"))
@@ -171,10 +192,80 @@ def count_effects(sandbox: Sandbox, *, note_prefix: str = "provisioning run ") -
         failed=statuses.get("Failed", 0),
         whmcs_orders=len(whmcs_orders),
         whmcs_accepted=sum(1 for o in whmcs_orders if o.get("status") == "Active"),
-        whmcs_orders_per_run=dict(per_run),
+        whmcs_orders_per_order=dict(per_order),
         esim_confirmed=confirmed,
         esim_reserved_unconfirmed=reserved,
         emails=int(mail["count"]),
         distinct_message_ids=int(mail["distinct_message_ids"]),
         sf_api_calls=dict(calls),
     )
+
+
+@dataclass
+class OrderEffects:
+    """Everything one Order caused in the simulators, from their own records."""
+
+    order_id: str
+    status: str | None
+    whmcs_orders: list[str]  # ids of the WHMCS orders made for it
+    whmcs_accepted: int
+    esim_profiles: int  # profiles reserved or confirmed for the Order's EID
+    patches: list[dict[str, Any]]  # our REST writes of the Order, in order
+    emails: int
+    message_ids: set[str]
+
+    @property
+    def written_whmcs_ids(self) -> set[str]:
+        return {str(p["WHMCS_Order_ID__c"]) for p in self.patches if p.get("WHMCS_Order_ID__c")}
+
+    @property
+    def written_iccids(self) -> set[str]:
+        return {str(p["ESIM_ICCID__c"]) for p in self.patches if p.get("ESIM_ICCID__c")}
+
+    def problems(self) -> list[str]:
+        """Why this Order was not provisioned exactly once (empty when it was)."""
+        found = []
+        if len(self.whmcs_orders) != 1 or self.whmcs_accepted != 1:
+            found.append(f"{len(self.whmcs_orders)} WHMCS orders ({self.whmcs_accepted} accepted)")
+        if self.esim_profiles > 1:
+            found.append(f"{self.esim_profiles} eSIM profiles")
+        if self.status != "Activated":
+            found.append(f"status {self.status}")
+        if self.written_whmcs_ids != set(self.whmcs_orders):
+            found.append(f"PATCHes wrote WHMCS orders {sorted(self.written_whmcs_ids)}")
+        if len(self.written_iccids) > 1:
+            found.append(f"PATCHes wrote ICCIDs {sorted(self.written_iccids)}")
+        statuses = [p["Activation_Status__c"] for p in self.patches if "Activation_Status__c" in p]
+        if not statuses or statuses[-1] != "Activated":
+            found.append(f"the PATCHes of the status were {statuses}")
+        if self.emails < 1 or len(self.message_ids) != 1:
+            found.append(f"{self.emails} e-mails with {len(self.message_ids)} Message-IDs")
+        return found
+
+
+def effects_by_order(
+    sandbox: Sandbox, *, note_prefix: str = "provisioning order "
+) -> dict[str, OrderEffects]:
+    """Per Order of the org: its WHMCS orders, eSIM profiles, REST writes and e-mails."""
+    sf_orders = sandbox.admin("salesforce").get("/__admin/orders")["orders"]
+    whmcs_orders = sandbox.admin("whmcs").get("/__admin/orders")["orders"]
+    profiles = sandbox.admin("smdp").get("/__admin/profiles")["profiles"]
+    messages = sandbox.admin("smtp").get("/__admin/messages")["messages"]
+    result = {}
+    for order in sf_orders:
+        order_id = str(order["Id"])
+        mine = [o for o in whmcs_orders if _note_order_id(o.get("notes") or "", note_prefix) == order_id]
+        eid = order.get("EID__c")
+        taken = ("allocated", "linked", "confirmed", "released", "downloaded", "installed")
+        mails = [m for m in messages if str(m.get("message_id") or "").startswith(f"<{order_id}.")]
+        result[order_id] = OrderEffects(
+            order_id=order_id,
+            status=order.get("Activation_Status__c"),
+            whmcs_orders=[str(o["id"]) for o in mine],
+            whmcs_accepted=sum(1 for o in mine if o.get("status") == "Active"),
+            esim_profiles=sum(1 for p in profiles if eid and p.get("eid") == eid and p.get("state") in taken),
+            patches=[p["fields"] for p in order.get("patches", []) if p.get("source") == "api"],
+            emails=len(mails),
+            message_ids={str(m["message_id"]) for m in mails},
+        )
+    return result

@@ -1,4 +1,4 @@
-"""The WHMCS steps: validate payment, then create and accept the order, each effect once."""
+"""The WHMCS steps: validate payment, then create and accept the order, once per Order."""
 
 from __future__ import annotations
 
@@ -6,20 +6,20 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from provisioning.context import StepContext
 from provisioning.errors import OrderRejected
 from provisioning.logs import get_logger
-from provisioning.runs import StepContext
 from provisioning.salesforce.client import Order
 from provisioning.whmcs.errors import WhmcsOrderNotPending, WhmcsPermanentError
 
 log = get_logger(__name__)
 
-NOTE_PREFIX = "provisioning run "
+NOTE_PREFIX = "provisioning order "
 
 
-def order_note(run_id: str) -> str:
-    """The text put in the WHMCS order's notes: how a lost AddOrder answer is found again."""
-    return f"{NOTE_PREFIX}{run_id}"
+def order_note(key: str) -> str:
+    """The text put in the WHMCS order's notes (the Order's effect key): how a lost answer is found again."""
+    return f"{NOTE_PREFIX}{key}"
 
 
 def _client_id(order: Order) -> int:
@@ -72,7 +72,7 @@ def create_whmcs_order(ctx: StepContext) -> dict[str, Any]:
     order = ctx.order()
     client_id = _client_id(order)
     whmcs = ctx.services.whmcs
-    note = order_note(ctx.run_id)
+    note = order_note(ctx.effect_key)
 
     order_id_text = ctx.marker("whmcs_order_id")
     if order_id_text is None:

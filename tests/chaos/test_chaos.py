@@ -52,13 +52,15 @@ def test_a_hundred_orders_through_faults_kills_and_a_redis_restart_end_with_each
 
     assert summary["violations"] == [], output
     assert all(c["ok"] for c in summary["checks"] + summary["requeue_checks"]), output
-    # The chaos really happened: faults of both kinds, kills, the Redis restart, duplicate events.
+    # The chaos really happened: faults of both kinds, kills, the Redis restart, duplicate events,
+    # Orders approved twice (a second event with a new key).
     injected = [kind.rsplit(":", 1)[-1] for faults in summary["injected"].values() for kind in faults]
     assert {"error", "ambiguous"} <= set(injected)
     assert summary["disruptions"]["worker_kills"] >= 1
     assert summary["disruptions"]["listener_kills"] == 2
     assert summary["disruptions"]["redis_restarts"] == 1
     assert summary["events"]["published"] > CI_ORDERS
+    assert summary["events"]["orders_approved_twice"] >= 5
     assert summary["seeded"]["without_pay_method"] >= 1
     assert summary["recovery"]["requeue_outcomes"] == {
         "requeued at validate_payment": summary["seeded"]["without_pay_method"]

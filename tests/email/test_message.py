@@ -35,7 +35,7 @@ MSG_ID = re.compile(rf"^<{DOT_ATOM}@{DOT_ATOM}>$")
 
 def build(**overrides: Any) -> EmailMessage:
     args: dict[str, Any] = {
-        "run_id": RUN_ID,
+        "key": RUN_ID,
         "to_address": "Ana Lima <ana@example.com>",
         "first_name": "Ana",
         "order_number": "00000142",

@@ -29,7 +29,7 @@ PASSWORD = "correct-horse-battery-staple"
 
 def activation_email(to_address: str = CUSTOMER) -> EmailMessage:
     return build_activation_email(
-        run_id=RUN_ID,
+        key=RUN_ID,
         to_address=to_address,
         first_name="Ana",
         order_number="00000142",

@@ -14,7 +14,7 @@ from provisioning.esim.client import (
     ConfirmResult,
     Es2PlusClient,
     activation_code,
-    matching_id_for_run,
+    matching_id_for,
     smdp_address_from_settings,
 )
 from provisioning.esim.errors import (
@@ -91,7 +91,7 @@ def test_confirm_order_with_our_matching_id_releases_the_profile(
 ) -> None:
     [iccid] = smdp.seed(1)
     client.download_order(iccid=iccid, eid=EID)
-    matching_id = matching_id_for_run(RUN_ID)
+    matching_id = matching_id_for(RUN_ID)
     result = client.confirm_order(iccid=iccid, matching_id=matching_id, eid=EID)
     assert result == ConfirmResult(matching_id=matching_id, smdp_address="smdp.test.local")
     profile = smdp.profile(iccid)
@@ -211,7 +211,7 @@ def test_an_ambiguous_confirm_order_confirms_and_its_repeat_reports_invalid_tran
 ) -> None:
     [iccid] = smdp.seed(1)
     client.download_order(iccid=iccid, eid=EID)
-    matching_id = matching_id_for_run(RUN_ID)
+    matching_id = matching_id_for(RUN_ID)
     smdp.force("confirmOrder", "ambiguous")
     with pytest.raises(Es2PlusConnectionError):
         client.confirm_order(iccid=iccid, matching_id=matching_id, eid=EID)
@@ -305,8 +305,8 @@ def test_the_smdp_address_falls_back_to_the_host_of_the_url(smdp: SmdpSandbox) -
 
 
 def test_the_matching_id_of_a_run_is_stable_and_fits_an_activation_code() -> None:
-    matching_id = matching_id_for_run(RUN_ID)
-    assert matching_id == matching_id_for_run(RUN_ID)
-    assert matching_id != matching_id_for_run("801xx000003GZuGAAW:retry-2")
+    matching_id = matching_id_for(RUN_ID)
+    assert matching_id == matching_id_for(RUN_ID)
+    assert matching_id != matching_id_for("801xx000003GZuGAAW:retry-2")
     assert re.fullmatch(r"[0-9A-F]{5}(-[0-9A-F]{5}){3}", matching_id)
     assert activation_code("smdp.example.com", matching_id) == f"LPA:1$smdp.example.com${matching_id}"

@@ -113,7 +113,13 @@ def test_an_id_that_is_not_an_id_is_an_invalid_query_filter(api: Salesforce) -> 
     ("query", "code"),
     [
         ("SELECT Id FROM Account", "MALFORMED_QUERY"),
-        ("SELECT Id FROM Order WHERE Status = 'Draft'", "MALFORMED_QUERY"),
+        ("SELECT Id FROM Order WHERE Status = 'Draft' OR Status = 'Activated'", "MALFORMED_QUERY"),
+        (
+            "SELECT Id FROM Order WHERE LastModifiedDate < '2024-01-01T00:00:00Z'",
+            "INVALID_QUERY_FILTER_OPERATOR",
+        ),
+        ("SELECT Id FROM Order WHERE Activation_Status__c < 'x'", "INVALID_QUERY_FILTER_OPERATOR"),
+        ("SELECT Id FROM Order ORDER BY Nope__c", "INVALID_FIELD"),
         ("SELECT Id FROM Order WHERE", "MALFORMED_QUERY"),
         ("SELECT Nope__c FROM Order", "INVALID_FIELD"),
         ("SELECT Account.Nope__c FROM Order", "INVALID_FIELD"),
@@ -323,3 +329,33 @@ def test_admin_can_set_fields_without_counting_an_api_call(sf: SalesforceDriver)
     assert sf.admin("POST", "orders", {"colour": "red"}).status_code == 400
     listed = sf.ok("GET", "orders")["orders"]
     assert [o["Id"] for o in listed] == [order_id]
+
+
+def test_the_backfill_query_finds_activating_orders_modified_before_a_time_oldest_first(
+    sf: SalesforceDriver, api: Salesforce
+) -> None:
+    waiting = [sf.seed(activation_status="Activating") for _ in range(3)]
+    sf.seed(activation_status="Activated")
+    sf.ok("PATCH", f"orders/{waiting[0]}", {"activation_status": "Activating"})
+    query = (
+        "SELECT Id, LastModifiedDate FROM Order WHERE Activation_Status__c = 'Activating' "
+        "AND LastModifiedDate < {} ORDER BY LastModifiedDate LIMIT 10"
+    )
+    found = api.query(query.format("2999-01-01T00:00:00Z"))
+    # The one modified last (the PATCH) comes last; the Activated Order is not there.
+    assert [r["Id"] for r in found["records"]] == [waiting[1], waiting[2], waiting[0]]
+    assert api.query(query.format("2000-01-01T00:00:00Z"))["records"] == []
+
+
+def test_a_large_answer_comes_in_pages_behind_next_records_url(sf: SalesforceDriver, api: Salesforce) -> None:
+    sf.ok("POST", "limits", {"query_page_size": 2})
+    seeded = [sf.seed() for _ in range(5)]
+    first = api.query("SELECT Id FROM Order")
+    assert first["totalSize"] == 5
+    assert first["done"] is False
+    assert len(first["records"]) == 2
+    every = list(api.query_all_iter("SELECT Id FROM Order"))
+    assert sorted(r["Id"] for r in every) == sorted(seeded)
+    calls = sf.calls()
+    assert calls["query"] == 2
+    assert calls["query_more"] == 2  # pages 2 and 3 of the second query, one API call each

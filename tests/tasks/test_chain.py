@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
-from provisioning.esim.client import matching_id_for_run
+from provisioning.esim.client import matching_id_for
 from provisioning.ledger import RunState
-from provisioning.runs import make_publisher, publish_run
-from provisioning.sandbox.scenario import count_effects, seed_orders
+from provisioning.publishing import make_publisher, publish_run
+from provisioning.sandbox.scenario import count_effects, seed_orders, settled
 from provisioning.sandbox.scenario import wait_until as wait_for
 
 
@@ -15,12 +16,8 @@ def _order(sandbox, order_id):
     return sandbox.admin("salesforce").get(f"/__admin/orders/{order_id}")
 
 
-def _finished(sandbox, order_ids):
-    def check():
-        states = [_order(sandbox, oid)["Activation_Status__c"] for oid in order_ids]
-        return all(s in ("Activated", "Failed") for s in states)
-
-    return check
+def _finished(sandbox, services, order_ids):
+    return settled(sandbox, services.ledger, order_ids)
 
 
 def test_esim_and_physical_orders_end_activated_with_one_effect_each(
@@ -32,7 +29,7 @@ def test_esim_and_physical_orders_end_activated_with_one_effect_each(
     app = make_publisher(stack_settings)
     for o in orders:
         publish_run(app, o.run_id)
-    wait_for(_finished(sandbox, [o.order_id for o in orders]))
+    wait_for(_finished(sandbox, services, [o.order_id for o in orders]))
 
     for o in orders:
         record = _order(sandbox, o.order_id)
@@ -44,7 +41,7 @@ def test_esim_and_physical_orders_end_activated_with_one_effect_each(
         assert run.state is RunState.DONE
     effects = count_effects(sandbox)
     assert effects.whmcs_orders == effects.whmcs_accepted == 4
-    assert set(effects.whmcs_orders_per_run) == {o.run_id for o in orders}
+    assert set(effects.whmcs_orders_per_order) == {o.order_id for o in orders}
     assert effects.duplicate_whmcs_orders == 0
     assert effects.emails == effects.distinct_message_ids == 4
     assert effects.esim_confirmed == sum(o.esim for o in orders)
@@ -56,7 +53,7 @@ def test_esim_and_physical_orders_end_activated_with_one_effect_each(
         for m in smtp.get("/__admin/messages")["messages"]
     ]
     for o in orders:
-        code = f"LPA:1$smdp.sandbox.local${matching_id_for_run(o.run_id)}"
+        code = f"LPA:1$smdp.sandbox.local${matching_id_for(o.order_id)}"
         assert sum(code in text for text in raw) == (1 if o.esim else 0)
     # The worker's log names runs and Orders, never the customer, a secret or an activation code.
     log = worker.log_text()
@@ -74,7 +71,7 @@ def test_a_successful_run_costs_exactly_two_salesforce_api_calls(sandbox, stack_
     sandbox.admin("salesforce").post("/__admin/calls/reset")
     workers(concurrency=2)
     publish_run(make_publisher(stack_settings), order.run_id)
-    wait_for(_finished(sandbox, [order.order_id]))
+    wait_for(_finished(sandbox, services, [order.order_id]))
     calls = sandbox.admin("salesforce").get("/__admin/calls")["calls"]
     api_calls = {k: v for k, v in calls.items() if k != "token"}
     assert sum(api_calls.values()) == 2, calls
@@ -91,7 +88,7 @@ def test_the_same_run_submitted_three_times_at_once_has_each_effect_once(
         t.start()
     for t in threads:
         t.join()
-    wait_for(_finished(sandbox, [order.order_id]))
+    wait_for(_finished(sandbox, services, [order.order_id]))
     wait_for(lambda: services.ledger.get(order.run_id).state is RunState.DONE)
     effects = count_effects(sandbox)
     assert effects.whmcs_orders == 1
@@ -103,16 +100,26 @@ def test_a_client_without_a_pay_method_fails_the_order_with_a_reason_and_nothing
     sandbox, stack_settings, services, workers
 ):
     (order,) = seed_orders(sandbox, services.inventory, count=1, esim_share=1.0, without_pay_method=1)
-    workers(concurrency=2)
+    worker = workers(concurrency=2)
     publish_run(make_publisher(stack_settings), order.run_id)
-    wait_for(_finished(sandbox, [order.order_id]))
+    wait_for(_finished(sandbox, services, [order.order_id]))
+    # An expected end: one structured warning line with the run, the Order, the step and the reason;
+    # Celery's own line says "raised expected", and no traceback is logged.
+    wait_for(lambda: "raised expected" in worker.log_text())
+    failed_lines = [line for line in worker.log_text().splitlines() if '"run_failed"' in line]
+    assert len(failed_lines) == 1
+    line = json.loads(failed_lines[0])
+    assert line["level"] == "warning"
+    assert (line["run_id"], line["order_id"], line["step"]) == (order.run_id, order.order_id, "validate_payment")
+    assert "no valid payment method" in line["reason"]
+    assert "Traceback" not in worker.log_text()
     record = _order(sandbox, order.order_id)
     assert record["Activation_Status__c"] == "Failed"
     assert "no valid payment method" in record["Activation_Error__c"]
     run = services.ledger.get(order.run_id)
     assert run.state is RunState.FAILED
     assert run.failed_step == "validate_payment"
-    assert [r.run_id for r in services.ledger.failed_runs()] == [order.run_id]
+    assert [str(r.run_id) for r in services.ledger.failed_runs()] == [order.run_id]
     effects = count_effects(sandbox)
     assert effects.whmcs_orders == 0
     assert effects.esim_confirmed == 0
@@ -129,6 +136,6 @@ def test_an_order_that_is_not_activating_is_left_alone_and_the_log_says_why(
     wait_for(lambda: services.ledger.get(order.run_id) is not None)
     run = services.ledger.get(order.run_id)
     assert run.state is RunState.SKIPPED
-    assert "not 'Activating'" in run.error
+    assert "not 'Activating'" in run.note
     wait_for(lambda: "order_not_activating" in worker.log_text())
     assert count_effects(sandbox).whmcs_orders == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from provisioning.ledger import RunState
-from provisioning.runs import make_publisher, publish_run
+from provisioning.publishing import make_publisher, publish_run
 from provisioning.sandbox.scenario import count_effects, seed_orders
 from provisioning.sandbox.scenario import wait_until as wait_for
 
@@ -45,7 +45,7 @@ def _assert_each_effect_once(sandbox, services, order):
     assert effects.esim_reserved_unconfirmed == 0
     assert services.inventory.stock().claimed == 0
     assert effects.distinct_message_ids == 1
-    resends = int(services.ledger.marker(order.run_id, "email_resends") or 0)
+    resends = int(services.ledger.marker(order.order_id, "email_resends") or 0)
     # At-least-once for e-mail: a copy beyond the first only after an unknown outcome, same Message-ID.
     assert 1 <= effects.emails <= 1 + resends
 
@@ -89,7 +89,7 @@ def test_an_ambiguous_failure_is_absorbed_with_each_effect_once(
     else:
         assert _calls(sandbox, sim, operation) >= 2  # the repeat that recognised its own effect
     if sim == "smtp":
-        assert int(services.ledger.marker(order.run_id, "email_resends")) == 1
+        assert int(services.ledger.marker(order.order_id, "email_resends")) == 1
 
 
 def test_thirty_percent_transient_errors_on_every_service_still_complete_every_run(

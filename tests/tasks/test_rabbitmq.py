@@ -8,7 +8,7 @@ import pytest
 from kombu.connection import Connection
 
 from provisioning.ledger import RunState
-from provisioning.runs import make_publisher, publish_run
+from provisioning.publishing import make_publisher, publish_run
 from provisioning.sandbox.scenario import count_effects, seed_orders
 from provisioning.sandbox.scenario import wait_until as wait_for
 from provisioning.settings import Settings

@@ -59,6 +59,7 @@ def _error_response(error: ApiError) -> web.Response:
 
 
 NOT_FOUND = ("NOT_FOUND", "The requested resource does not exist")
+QUERY_PAGE_SIZE = 2000
 
 
 class SalesforceSimulator:
@@ -93,6 +94,9 @@ class SalesforceSimulator:
         self.api_limit = DEFAULT_API_LIMIT
         self.api_used = 0
         self._event_ids = 0
+        # Records per query answer; the rest follows at nextRecordsUrl (2,000 on a real org).
+        self.query_page_size = QUERY_PAGE_SIZE
+        self._cursors: dict[str, list[dict[str, Any]]] = {}
 
     # -- configuration ----------------------------------------------------------------------
 
@@ -128,6 +132,7 @@ class SalesforceSimulator:
             [
                 web.post("/services/oauth2/token", self._token),
                 web.get(data + "/query{slash:/?}", self._rest("query", self._query)),
+                web.get(data + "/query/{cursor}", self._rest("query_more", self._query_more)),
                 web.get(data + "/sobjects/Order/{id}", self._rest("order_get", self._order_get)),
                 web.patch(data + "/sobjects/Order/{id}", self._rest("order_patch", self._order_patch)),
                 web.post(
@@ -241,7 +246,26 @@ class SalesforceSimulator:
 
     async def _query(self, request: web.Request) -> web.StreamResponse:
         query = soql.parse(request.query.get("q", ""))
-        return web.json_response(soql.execute(query, self.orders, request.match_info["version"]))
+        records = soql.execute(query, self.orders, request.match_info["version"])
+        return web.json_response(self._page(records, len(records), request.match_info["version"]))
+
+    async def _query_more(self, request: web.Request) -> web.StreamResponse:
+        cursor = request.match_info["cursor"]
+        records = self._cursors.pop(cursor.rsplit("-", 1)[0], None)
+        if records is None:
+            raise ApiError(400, "INVALID_QUERY_LOCATOR", "invalid query locator")
+        total = int(cursor.rsplit("-", 1)[1]) if "-" in cursor else len(records)
+        return web.json_response(self._page(records, total, request.match_info["version"]))
+
+    def _page(self, records: list[dict[str, Any]], total: int, version: str) -> dict[str, Any]:
+        """One page of a query's answer; the rest is kept behind a ``nextRecordsUrl`` (a query locator)."""
+        page, rest = records[: self.query_page_size], records[self.query_page_size :]
+        answer: dict[str, Any] = {"totalSize": total, "done": not rest, "records": page}
+        if rest:
+            locator = f"01g{self._rng.getrandbits(48):012X}"
+            self._cursors[locator] = rest
+            answer["nextRecordsUrl"] = f"/services/data/v{version}/query/{locator}-{total}"
+        return answer
 
     def _find_order(self, record_id: str) -> Order:
         if not ids.is_valid_id(record_id):
@@ -363,8 +387,14 @@ class SalesforceSimulator:
         if not isinstance(body, dict):
             return _admin_error(400, "expected an object of Order fields")
         changes: dict[str, Any] = {}
+        contact_keys = {"email": "Email", "first_name": "FirstName", "last_name": "LastName"}
+        contact = {contact_keys[k]: v for k, v in body.items() if k in contact_keys}
+        if contact and order.contact is None:
+            return _admin_error(400, "the Order has no BillToContact to change")
         try:
             for key, value in body.items():
+                if key in contact_keys:
+                    continue
                 name = FRIENDLY_ORDER_KEYS.get(key, key)
                 if name not in ORDER_FIELDS or name == "Id":
                     raise ValueError(f"unknown or read-only field {key!r}")
@@ -373,7 +403,11 @@ class SalesforceSimulator:
             return _admin_error(400, exc.message)
         except ValueError as exc:
             return _admin_error(400, str(exc))
-        self.orders.update(order, changes, source="admin")
+        if contact:
+            assert order.contact is not None
+            order.contact.update({k: None if v is None else str(v) for k, v in contact.items()})
+        if changes:
+            self.orders.update(order, changes, source="admin")
         return web.json_response(admin_view(order))
 
     async def _admin_list_events(self, request: web.Request) -> web.Response:
@@ -427,17 +461,23 @@ class SalesforceSimulator:
         return web.json_response({"revoked": revoked})
 
     async def _admin_get_limits(self, _: web.Request) -> web.Response:
-        return web.json_response({"api_used": self.api_used, "api_limit": self.api_limit})
+        return web.json_response(
+            {"api_used": self.api_used, "api_limit": self.api_limit, "query_page_size": self.query_page_size}
+        )
 
     async def _admin_set_limits(self, request: web.Request) -> web.Response:
         body = await _admin_json(request)
-        if not isinstance(body, dict) or set(body) - {"api_used", "api_limit"}:
-            return _admin_error(400, 'expected {"api_used"?: int, "api_limit"?: int}')
-        for name in ("api_used", "api_limit"):
+        names = ("api_used", "api_limit", "query_page_size")
+        if not isinstance(body, dict) or set(body) - set(names):
+            return _admin_error(
+                400, 'expected {"api_used"?: int, "api_limit"?: int, "query_page_size"?: int}'
+            )
+        for name in names:
             if name in body:
                 value = body[name]
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    return _admin_error(400, f"{name} is a non-negative integer")
+                least = 1 if name == "query_page_size" else 0
+                if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                    return _admin_error(400, f"{name} is an integer of at least {least}")
                 setattr(self, name, value)
         return await self._admin_get_limits(request)
 

@@ -1,7 +1,9 @@
-"""The SOQL subset of the worker's Order query.
+"""The SOQL subset of our Order queries (the worker's, and the reconciler's backfill).
 
 ``SELECT <fields and Account./BillToContact. paths>, (SELECT <item fields> FROM OrderItems)
-FROM Order [WHERE Id = '<id>'] [LIMIT n]``. Keywords and field names are
+FROM Order [WHERE <field> <op> <literal> [AND ...]] [ORDER BY <field> [ASC|DESC]] [LIMIT n]``,
+where a literal is a quoted string, a number, a datetime (``2024-05-01T10:00:00Z``,
+unquoted, as in SOQL) or ``null``. Keywords and field names are
 case-insensitive, as in SOQL; results use the API names' own case. Anything
 else is refused with the error code Salesforce uses (``MALFORMED_QUERY``,
 ``INVALID_FIELD``, ``INVALID_TYPE``, ``INVALID_QUERY_FILTER_OPERATOR``).
@@ -9,6 +11,7 @@ else is refused with the error code Salesforce uses (``MALFORMED_QUERY``,
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,10 +28,13 @@ from provisioning.sandbox.salesforce.model import (
     OrderItem,
     OrderStore,
     attributes,
+    parse_datetime,
 )
 
 _TOKEN = re.compile(
-    r"\s*(?:(?P<str>'(?:[^'\\]|\\.)*')|(?P<num>\d+)"
+    r"\s*(?:(?P<str>'(?:[^'\\]|\\.)*')"
+    r"|(?P<datetime>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:?\d{2}))"
+    r"|(?P<num>\d+)"
     r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)|(?P<op>!=|<=|>=|[(),=<>]))"
 )
 _NO_COLUMN = (
@@ -70,12 +76,23 @@ class SubQuery:
     fields: list[FieldRef] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Condition:
+    """``field op value`` on an Order field (API case); ``value`` already typed for the field."""
+
+    field: str
+    op: str
+    value: Any
+
+
 @dataclass
 class Query:
     text: str
     fields: list[FieldRef | SubQuery]
     where_id: str | None
     limit: int | None
+    conditions: list[Condition] = field(default_factory=list)
+    order_by: tuple[str, bool] | None = None  # (field, descending)
 
 
 def _error(code: str, detail: str, query: str, pos: int) -> ApiError:
@@ -153,16 +170,31 @@ def parse(text: str) -> Query:
         )
     where_id: str | None = None
     limit: int | None = None
+    conditions: list[Condition] = []
+    order_by: tuple[str, bool] | None = None
     if p.at("WHERE"):
         p.next()
+        while True:
+            conditions.append(_condition(p, text))
+            if not p.at("AND"):
+                break
+            p.next()
+        if len(conditions) == 1 and conditions[0].field == "Id" and conditions[0].op == "=":
+            where_id = conditions[0].value
+            conditions = []
+    if p.at("ORDER"):
+        p.next()
+        p.next("BY")
         column = p.next()
-        operator = p.next()
-        literal = p.next()
-        if column.text.lower() != "id" or operator.text != "=" or literal.kind != "str":
-            raise _error("MALFORMED_QUERY", "the sandbox only supports WHERE Id = '<id>'", text, column.pos)
-        where_id = re.sub(r"\\(.)", r"\1", literal.text[1:-1])
-        if not ids.is_valid_id(where_id):
-            raise _error("INVALID_QUERY_FILTER_OPERATOR", f"invalid ID field: {where_id}", text, literal.pos)
+        name = _match(column.text, tuple(ORDER_FIELDS))
+        if name is None:
+            raise _error(
+                "INVALID_FIELD", _NO_COLUMN.format(field=column.text, entity="Order"), text, column.pos
+            )
+        descending = False
+        if p.at("ASC") or p.at("DESC"):
+            descending = p.next().text.upper() == "DESC"
+        order_by = (name, descending)
     if p.at("LIMIT"):
         p.next()
         number = p.next()
@@ -185,7 +217,70 @@ def parse(text: str) -> Query:
             fields.append(sub)
         else:
             fields.append(_resolve(item, "Order", tuple(ORDER_FIELDS), _ORDER_RELATIONSHIPS, text))
-    return Query(text=text, fields=fields, where_id=where_id, limit=limit)
+    return Query(
+        text=text, fields=fields, where_id=where_id, limit=limit, conditions=conditions, order_by=order_by
+    )
+
+
+_OPERATORS = {"=", "!=", "<", "<=", ">", ">="}
+
+
+def _condition(p: _Parser, text: str) -> Condition:
+    column = p.next()
+    name = _match(column.text, tuple(ORDER_FIELDS))
+    if column.kind != "name" or name is None:
+        raise _error("INVALID_FIELD", _NO_COLUMN.format(field=column.text, entity="Order"), text, column.pos)
+    operator = p.next()
+    if operator.text not in _OPERATORS:
+        raise _error("MALFORMED_QUERY", f"unexpected token: '{operator.text}'", text, operator.pos)
+    literal = p.next()
+    spec = ORDER_FIELDS[name]
+    value: Any
+    if literal.kind == "name" and literal.text.lower() == "null":
+        value = None
+    elif spec.kind == "datetime":
+        if literal.kind != "datetime":
+            detail = f"value of filter criterion for field '{name}' must be of type dateTime and should not be enclosed in quotes"
+            raise _error("INVALID_QUERY_FILTER_OPERATOR", detail, text, literal.pos)
+        value = parse_datetime(literal.text)
+    elif spec.kind == "id":
+        value = re.sub(r"\\(.)", r"\1", literal.text[1:-1]) if literal.kind == "str" else ""
+        if not ids.is_valid_id(value):
+            raise _error("INVALID_QUERY_FILTER_OPERATOR", f"invalid ID field: {value}", text, literal.pos)
+    elif literal.kind == "str":
+        value = re.sub(r"\\(.)", r"\1", literal.text[1:-1])
+    elif literal.kind == "num":
+        value = float(literal.text)
+    else:
+        raise _error("MALFORMED_QUERY", f"unexpected token: '{literal.text}'", text, literal.pos)
+    if operator.text not in ("=", "!=") and spec.kind not in ("datetime", "date", "double"):
+        raise _error(
+            "INVALID_QUERY_FILTER_OPERATOR",
+            f"invalid operator on field '{name}': {operator.text}",
+            text,
+            operator.pos,
+        )
+    return Condition(name, operator.text, value)
+
+
+def _holds(order: Order, condition: Condition) -> bool:
+    actual = order.fields.get(condition.field)
+    expected = condition.value
+    if condition.field == "Id" and actual is not None:
+        actual, expected = ids.key15(str(actual)), ids.key15(str(expected))
+    elif isinstance(expected, dt.datetime) and actual is not None:
+        actual = parse_datetime(str(actual))
+    if condition.op in ("=", "!="):
+        return bool(actual == expected) == (condition.op == "=")
+    if actual is None or expected is None:
+        return False
+    compare: dict[str, bool] = {
+        "<": actual < expected,
+        "<=": actual <= expected,
+        ">": actual > expected,
+        ">=": actual >= expected,
+    }
+    return compare[condition.op]
 
 
 def _resolve(
@@ -222,17 +317,21 @@ def _match(name: str, candidates: tuple[str, ...]) -> str | None:
 # -- execution --------------------------------------------------------------------------------
 
 
-def execute(query: Query, store: OrderStore, version: str) -> dict[str, Any]:
-    """The ``query`` resource's answer: ``{"totalSize", "done", "records"}``."""
+def execute(query: Query, store: OrderStore, version: str) -> list[dict[str, Any]]:
+    """The query's records (the simulator pages them)."""
     if query.where_id is not None:
         found = store.get(query.where_id)
         orders = [found] if found is not None and query.where_id.startswith(ids.PREFIX_ORDER) else []
     else:
-        orders = list(store)
+        orders = [o for o in store if all(_holds(o, c) for c in query.conditions)]
+    if query.order_by is not None:
+        name, descending = query.order_by
+        orders.sort(
+            key=lambda o: (o.fields.get(name) is None, str(o.fields.get(name) or "")), reverse=descending
+        )
     if query.limit is not None:
         orders = orders[: query.limit]
-    records = [_order_row(order, query, version) for order in orders]
-    return {"totalSize": len(records), "done": True, "records": records}
+    return [_order_row(order, query, version) for order in orders]
 
 
 def _order_row(order: Order, query: Query, version: str) -> dict[str, Any]:

@@ -1,0 +1,59 @@
+"""What a step's action gets: its run, the Order's provisioning, the services and the Order's lease.
+
+Celery-free: the domains' steps depend on this, never on the task plumbing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from redis.lock import Lock
+
+from provisioning.chain import Step
+from provisioning.ledger import Provisioning
+from provisioning.run_id import RunId
+from provisioning.salesforce.client import Order
+from provisioning.services import Services
+from provisioning.settings import Settings
+
+
+@dataclass
+class StepContext:
+    services: Services
+    run_id: RunId
+    provisioning: Provisioning
+    lease: Lock
+
+    @property
+    def order_id(self) -> str:
+        return self.run_id.order_id
+
+    @property
+    def effect_key(self) -> str:
+        """What the idempotency keys of this Order's effects derive from (see ``Provisioning``)."""
+        return self.provisioning.effect_key
+
+    @property
+    def settings(self) -> Settings:
+        return self.services.settings
+
+    def order(self) -> Order:
+        return Order.model_validate(self.services.ledger.load_order(self.order_id))
+
+    def result(self, step: Step) -> dict[str, Any]:
+        """An earlier step's recorded result (empty when it has none)."""
+        return self.provisioning.step(step).result or {}
+
+    def marker(self, name: str) -> str | None:
+        return self.services.ledger.marker(self.order_id, name)
+
+    def set_marker(self, name: str, value: str) -> None:
+        self.services.ledger.set_marker(self.order_id, name, value)
+
+    def incr_marker(self, name: str) -> int:
+        return self.services.ledger.incr_marker(self.order_id, name)
+
+    def renew(self) -> None:
+        """Renew the lease before a call that may be slow (a lapsed lease lets the reconciler in)."""
+        self.lease.reacquire()

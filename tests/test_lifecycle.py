@@ -1,0 +1,283 @@
+"""The run lifecycle in-process (the fast tier): begin, step, fail, join, supersede, requeue, resume.
+
+Real Redis, the real simulators in this process, the real lifecycle functions; no
+worker process, so each test takes well under a second once the sandbox is up.
+Delivery and crashes are the worker-process tests' business (``tests/tasks``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from provisioning.chain import Step
+from provisioning.context import StepContext
+from provisioning.email.errors import EmailPermanentError
+from provisioning.errors import TransientError
+from provisioning.ledger import Origin, RunState
+from provisioning.lifecycle import LEASE_BUSY_RETRY_S, RetryLater, RunEnded, RunFailed, begin_run, run_step
+from provisioning.operations import requeue
+from provisioning.publishing import make_publisher
+from provisioning.reconciler import resume_stale
+from provisioning.run_id import RunId
+from provisioning.sandbox.scenario import seed_orders
+from provisioning.services import Services
+
+pytestmark = pytest.mark.fast
+
+
+class Flaky(TransientError):
+    """What a test action raises to look like a transient failure of an API."""
+
+
+def _ok(result: dict[str, Any]) -> Any:
+    def action(ctx: StepContext) -> dict[str, Any]:
+        return result
+
+    return action
+
+
+def _raise(exc: Exception) -> Any:
+    def action(ctx: StepContext) -> dict[str, Any]:
+        raise exc
+
+    return action
+
+
+@pytest.fixture
+def order(sandbox, services):
+    (seeded,) = seed_orders(sandbox, services.inventory, count=1, esim_share=1.0, seed=61)
+    return seeded
+
+
+@pytest.fixture
+def broker(stack_settings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(stack_settings.celery_broker_url)
+    yield client
+    client.close()
+
+
+def _queued_tasks(broker: redis.Redis, queue: str) -> list[str]:
+    return [json.loads(raw)["headers"]["task"] for raw in broker.lrange(queue, 0, -1)]
+
+
+def _api_calls(sandbox) -> dict[str, int]:
+    """Salesforce API calls by operation, logins (token) aside."""
+    calls = sandbox.admin("salesforce").get("/__admin/calls")["calls"]
+    return {k: v for k, v in calls.items() if k != "token"}
+
+
+def _sf_order(sandbox, order_id):
+    return sandbox.admin("salesforce").get(f"/__admin/orders/{order_id}")
+
+
+def _run_chain(services: Services, run_id: RunId, actions: dict[Step, Any] | None = None) -> None:
+    """Every step once, in order, with the given (or trivial) actions."""
+    results = {
+        Step.VALIDATE_PAYMENT: {"whmcs_client_id": 1},
+        Step.ACTIVATE_ESIM: {"iccid": "8988211000000000001"},
+        Step.CREATE_WHMCS_ORDER: {"whmcs_order_id": 7},
+        Step.UPDATE_SALESFORCE: {"activated_at": "2026-12-02T06:00:00.000Z"},
+        Step.SEND_EMAIL: {"message_id": "<x@y>"},
+    }
+    for step in Step:
+        action = (actions or {}).get(step) or _ok(results[step])
+        run_step(services, run_id, step, action, retries=0)
+
+
+def test_a_run_begins_by_reading_the_order_once_and_holding_it_as_the_active_run(sandbox, services, order):
+    run_id = RunId.parse(order.run_id)
+    sandbox.admin("salesforce").post("/__admin/calls/reset")
+    begun = begin_run(services, run_id, retries=0)
+    assert begun.first_step is Step.VALIDATE_PAYMENT
+    assert _api_calls(sandbox) == {"query": 1}
+    run = services.ledger.get(run_id)
+    assert run.state is RunState.RUNNING
+    assert services.ledger.provisioning(order.order_id).active == str(run_id)
+    assert services.ledger.load_order(order.order_id)["id"] == order.order_id
+    # The same run again is a duplicate once its chain started.
+    services.ledger.mark_chain_started(run_id)
+    assert begin_run(services, run_id, retries=0).result == {"duplicate": True, "state": "running"}
+
+
+def test_a_second_run_of_an_order_in_flight_joins_it_without_a_query(sandbox, services, order):
+    first = RunId.parse(order.run_id)
+    second = RunId(order.order_id, "approval-2")
+    begin_run(services, first, retries=0)
+    sandbox.admin("salesforce").post("/__admin/calls/reset")
+    begun = begin_run(services, second, retries=0)
+    assert begun.first_step is None
+    assert begun.result == {"joined": str(first)}
+    assert _api_calls(sandbox) == {}
+    joined = services.ledger.get(second)
+    assert joined.state is RunState.JOINED
+    assert joined.joined == str(first)
+    with pytest.raises(RunEnded):
+        run_step(services, second, Step.VALIDATE_PAYMENT, _ok({}), retries=0)
+
+
+def test_a_run_whose_order_is_not_activating_is_skipped_with_the_reason(sandbox, services, order):
+    sandbox.admin("salesforce").patch(f"/__admin/orders/{order.order_id}", {"activation_status": "Activated"})
+    run_id = RunId.parse(order.run_id)
+    begun = begin_run(services, run_id, retries=0)
+    assert begun.first_step is None
+    run = services.ledger.get(run_id)
+    assert run.state is RunState.SKIPPED
+    assert run.note == "skipped: the Order is 'Activated', not 'Activating': nothing to do"
+    assert services.redis.zscore(services.ledger.active_key, str(run_id)) is None
+
+
+def test_a_re_approval_reuses_the_orders_effects_and_only_writes_it_back(sandbox, services, order):
+    first = RunId.parse(order.run_id)
+    begin_run(services, first, retries=0)
+    _run_chain(services, first)
+    assert services.ledger.get(first).state is RunState.DONE
+    sandbox.admin("salesforce").patch(
+        f"/__admin/orders/{order.order_id}", {"activation_status": "Activating"}
+    )
+
+    second = RunId(order.order_id, "approval-2")
+    begun = begin_run(services, second, retries=0)
+    assert begun.first_step is Step.UPDATE_SALESFORCE
+    run = services.ledger.get(second)
+    assert run.note == f"continues the provisioning of run {first}: no effect is made twice"
+    called = []
+
+    def must_not_run(ctx: StepContext) -> dict[str, Any]:
+        called.append(ctx.run_id)
+        return {}
+
+    for step in (Step.VALIDATE_PAYMENT, Step.ACTIVATE_ESIM, Step.CREATE_WHMCS_ORDER):
+        assert (
+            run_step(services, second, step, must_not_run, retries=0)
+            == services.ledger.provisioning(order.order_id).step(step).result
+        )
+    assert called == []
+
+
+def test_a_transient_error_is_retried_with_a_bounded_backoff_then_fails_the_run_and_the_order(
+    sandbox, services, order
+):
+    run_id = RunId.parse(order.run_id)
+    begin_run(services, run_id, retries=0)
+    settings = services.settings
+    with pytest.raises(RetryLater) as caught:
+        run_step(services, run_id, Step.VALIDATE_PAYMENT, _raise(Flaky("WHMCS answered 503")), retries=0)
+    assert 0 <= caught.value.countdown_s <= settings.task_retry_backoff_s
+    assert (
+        services.ledger.get(run_id)
+        .step(Step.VALIDATE_PAYMENT, services.ledger.provisioning(order.order_id))
+        .attempts
+        == 1
+    )
+
+    with pytest.raises(RunFailed, match="validate_payment: gave up after 2 attempts: WHMCS answered 503"):
+        run_step(
+            services,
+            run_id,
+            Step.VALIDATE_PAYMENT,
+            _raise(Flaky("WHMCS answered 503")),
+            retries=settings.task_max_retries,
+        )
+    run = services.ledger.get(run_id)
+    assert run.state is RunState.FAILED
+    assert run.failed_step == "validate_payment"
+    assert [str(r.run_id) for r in services.ledger.failed_runs()] == [order.run_id]
+    view = _sf_order(sandbox, order.order_id)
+    assert view["Activation_Status__c"] == "Failed"
+    assert view["Activation_Error__c"] == "validate_payment: gave up after 2 attempts: WHMCS answered 503"
+    # The failure reached the Order: nothing left for the reconciler's write-back sweep.
+    assert services.ledger.pending_writebacks(0) == []
+    with pytest.raises(RunEnded):
+        run_step(services, run_id, Step.ACTIVATE_ESIM, _ok({}), retries=0)
+
+
+def test_another_worker_holding_the_orders_lease_means_retry_shortly(sandbox, services, order):
+    run_id = RunId.parse(order.run_id)
+    begin_run(services, run_id, retries=0)
+    other = services.ledger.lease(order.order_id)
+    assert other.acquire(blocking=False)
+    try:
+        with pytest.raises(RetryLater) as caught:
+            run_step(services, run_id, Step.VALIDATE_PAYMENT, _ok({}), retries=0)
+        assert caught.value.countdown_s == LEASE_BUSY_RETRY_S
+        with pytest.raises(RetryLater):
+            begin_run(services, RunId(order.order_id, "approval-2"), retries=0)
+    finally:
+        other.release()
+
+
+def test_a_refused_email_ends_the_run_done_and_leaves_the_order_activated(sandbox, services, order):
+    run_id = RunId.parse(order.run_id)
+    begin_run(services, run_id, retries=0)
+    sandbox.admin("salesforce").patch(f"/__admin/orders/{order.order_id}", {"activation_status": "Activated"})
+    refused = EmailPermanentError("RCPT TO refused: 550 5.1.1", code=550)
+    _run_chain(services, run_id, {Step.SEND_EMAIL: _raise(refused)})
+    run = services.ledger.get(run_id)
+    assert run.state is RunState.DONE
+    assert "welcome e-mail was not delivered" in run.note
+    assert services.ledger.failed_runs() == []
+    assert [oid for oid, _ in services.ledger.undelivered()] == [order.order_id]
+    provisioning = services.ledger.provisioning(order.order_id)
+    assert provisioning.markers["outbox"] == "refused"
+    assert provisioning.email_error == "RCPT TO refused: 550 5.1.1"
+    view = _sf_order(sandbox, order.order_id)
+    assert view["Activation_Status__c"] == "Activated"
+    assert view["Activation_Error__c"] == (
+        "Activated; the welcome e-mail was not delivered: RCPT TO refused: 550 5.1.1"
+    )
+
+
+def test_requeue_shows_a_dry_run_first_then_resumes_the_failed_run_at_its_step(
+    sandbox, stack_settings, services, order, broker
+):
+    run_id = RunId.parse(order.run_id)
+    begin_run(services, run_id, retries=0)
+    services.ledger.mark_chain_started(run_id)
+    run_step(services, run_id, Step.VALIDATE_PAYMENT, _ok({"whmcs_client_id": 1}), retries=0)
+    with pytest.raises(RunFailed):
+        run_step(services, run_id, Step.ACTIVATE_ESIM, _raise(Flaky("SM-DP+ down")), retries=99)
+    app = make_publisher(stack_settings)
+
+    (dry,) = requeue(services, app, [order.run_id], dry_run=True, user="ops")
+    assert (dry.action, dry.step) == ("would requeue", "activate_esim")
+    assert services.ledger.get(run_id).state is RunState.FAILED
+    assert _queued_tasks(broker, stack_settings.celery_queue) == []
+
+    (done,) = requeue(services, app, [order.run_id], dry_run=False, user="ops")
+    assert (done.action, done.step) == ("requeued", "activate_esim")
+    assert services.ledger.get(run_id).state is RunState.RUNNING
+    assert services.ledger.failed_runs() == []
+    assert _sf_order(sandbox, order.order_id)["Activation_Status__c"] == "Activating"
+    assert _queued_tasks(broker, stack_settings.celery_queue) == ["provisioning.activate_esim"]
+
+    (again,) = requeue(services, app, [order.run_id], dry_run=False, user="ops")
+    assert again.action == "skipped"
+    assert "running, not failed" in again.detail
+    (bad,) = requeue(services, app, ["not-a-run"], dry_run=False, user="ops")
+    assert bad.action == "skipped"
+    assert "not a run id" in bad.detail
+
+
+def test_the_reconciler_resumes_an_idle_run_nobody_holds_where_it_stopped(
+    sandbox, stack_settings, services, order, broker
+):
+    run_id = RunId.parse(order.run_id)
+    begin_run(services, run_id, retries=0)
+    services.ledger.mark_chain_started(run_id)
+    run_step(services, run_id, Step.VALIDATE_PAYMENT, _ok({"whmcs_client_id": 1}), retries=0)
+    app = make_publisher(stack_settings)
+    assert resume_stale(services, app, idle_s=3600) == []
+    assert resume_stale(services, app, idle_s=0) == [run_id]
+    assert _queued_tasks(broker, stack_settings.celery_queue) == ["provisioning.activate_esim"]
+    # A run queued whose entry task was lost goes back to the entry task.
+    lost = RunId(order.order_id, "approval-9")
+    services.ledger.enqueue(lost, Origin.EVENT)
+    broker.delete(stack_settings.celery_queue)
+    resumed = resume_stale(services, app, idle_s=0)
+    assert lost in resumed
+    assert "provisioning.provision_order" in _queued_tasks(broker, stack_settings.celery_queue)
