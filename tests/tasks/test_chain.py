@@ -110,7 +110,11 @@ def test_a_client_without_a_pay_method_fails_the_order_with_a_reason_and_nothing
     assert len(failed_lines) == 1
     line = json.loads(failed_lines[0])
     assert line["level"] == "warning"
-    assert (line["run_id"], line["order_id"], line["step"]) == (order.run_id, order.order_id, "validate_payment")
+    assert (line["run_id"], line["order_id"], line["step"]) == (
+        order.run_id,
+        order.order_id,
+        "validate_payment",
+    )
     assert "no valid payment method" in line["reason"]
     assert "Traceback" not in worker.log_text()
     record = _order(sandbox, order.order_id)
