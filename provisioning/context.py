@@ -6,16 +6,19 @@ Celery-free: the domains' steps depend on this, never on the task plumbing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 from redis.lock import Lock
 
-from provisioning.chain import Step
 from provisioning.ledger import Provisioning
+from provisioning.results import RESULT_TYPES, StepResult
 from provisioning.run_id import RunId
 from provisioning.salesforce.client import Order
 from provisioning.services import Services
 from provisioning.settings import Settings
+
+R = TypeVar("R", bound=StepResult)
+_STEP_OF = {kind: step for step, kind in RESULT_TYPES.items()}
 
 
 @dataclass
@@ -41,9 +44,10 @@ class StepContext:
     def order(self) -> Order:
         return Order.model_validate(self.services.ledger.load_order(self.order_id))
 
-    def result(self, step: Step) -> dict[str, Any]:
-        """An earlier step's recorded result (empty when it has none)."""
-        return self.provisioning.step(step).result or {}
+    def result(self, kind: type[R]) -> R | None:
+        """An earlier step's recorded result, typed (None when that step has none)."""
+        raw = self.provisioning.step(_STEP_OF[kind]).result
+        return kind.model_validate(raw) if raw is not None else None
 
     def marker(self, name: str) -> str | None:
         return self.services.ledger.marker(self.order_id, name)

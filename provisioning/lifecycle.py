@@ -45,6 +45,7 @@ from provisioning.errors import PermanentError, TransientError
 from provisioning.esim.steps import is_esim
 from provisioning.ledger import Provisioning, RunRecord, RunState
 from provisioning.logs import get_logger
+from provisioning.results import EsimActivated, PaymentChecked, StepResult, WelcomeEmail, WhmcsOrderCreated
 from provisioning.run_id import RunId
 from provisioning.salesforce.client import Order
 from provisioning.salesforce.errors import OrderNotFound
@@ -163,12 +164,12 @@ def _already_begun(run: RunRecord | None) -> bool:
 
 def _adopt_from_order(services: Services, run_id: RunId, order: Order) -> None:
     """The ledger forgot this Order (past its retention), but the Order says what it got: keep that."""
-    esim: dict[str, Any] = {"iccid": order.esim_iccid} if is_esim(order.sim_type) else {"sim": "physical"}
+    esim = EsimActivated(iccid=order.esim_iccid) if is_esim(order.sim_type) else EsimActivated(sim="physical")
     results: dict[Step, dict[str, Any]] = {
-        Step.VALIDATE_PAYMENT: {"adopted": True},
-        Step.ACTIVATE_ESIM: esim,
-        Step.CREATE_WHMCS_ORDER: {"whmcs_order_id": int(order.whmcs_order_id or 0)},
-        Step.SEND_EMAIL: {"delivery": "not resent (adopted)"},
+        Step.VALIDATE_PAYMENT: PaymentChecked(adopted=True).to_json(),
+        Step.ACTIVATE_ESIM: esim.to_json(),
+        Step.CREATE_WHMCS_ORDER: WhmcsOrderCreated(whmcs_order_id=int(order.whmcs_order_id or 0)).to_json(),
+        Step.SEND_EMAIL: WelcomeEmail(delivery="not resent (adopted)").to_json(),
     }
     markers = {"whmcs_accepted": "1", "outbox": "sent"}
     if order.activated_at:
@@ -179,7 +180,7 @@ def _adopt_from_order(services: Services, run_id: RunId, order: Order) -> None:
 
 # -- one step ----------------------------------------------------------------------------------
 
-Action = Callable[[StepContext], dict[str, Any]]
+Action = Callable[[StepContext], StepResult]
 _ENDED = (RunState.FAILED, RunState.JOINED, RunState.SUPERSEDED, RunState.SKIPPED)
 
 
@@ -214,7 +215,7 @@ def run_step(
             return recorded.result or {}
         attempt = ledger.record_attempt(run_id, step)
         try:
-            result = action(StepContext(services, run_id, provisioning, lease))
+            result = action(StepContext(services, run_id, provisioning, lease)).to_json()
         except TransientError as exc:
             ledger.record_error(run_id, step, str(exc))
             settings = services.settings
@@ -248,7 +249,7 @@ def _terminal(
         # The Order is Activated and live: a notification that cannot go out does not undo that.
         email_undelivered(services, run.run_id, reason)
         services.ledger.finish(run.run_id, note=f"done; the welcome e-mail was not delivered: {reason}")
-        return {"delivery": "refused"}
+        return WelcomeEmail(delivery="refused").to_json()
     fail_run(services, run.run_id, step.value, reason)
     raise RunFailed(f"{step.value}: {reason}")
 

@@ -171,6 +171,6 @@ def resend_email(services: Services, order_ids: list[str], *, dry_run: bool, use
             services.salesforce.field_names.patch(activation_error=None),
             what="e-mail sent",
         )
-        outcomes.append(Outcome(order_id, "sent", None, f"delivered, Message-ID {result['message_id']}"))
-        log.warning("email_resent", order_id=order_id, message_id=result["message_id"], user=user)
+        outcomes.append(Outcome(order_id, "sent", None, f"delivered, Message-ID {result.message_id}"))
+        log.warning("email_resent", order_id=order_id, message_id=result.message_id, user=user)
     return outcomes

@@ -23,6 +23,14 @@ from provisioning.lifecycle import LEASE_BUSY_RETRY_S, RetryLater, RunEnded, Run
 from provisioning.operations import requeue
 from provisioning.publishing import make_publisher
 from provisioning.reconciler import resume_stale
+from provisioning.results import (
+    EsimActivated,
+    OrderWrittenBack,
+    PaymentChecked,
+    StepResult,
+    WelcomeEmail,
+    WhmcsOrderCreated,
+)
 from provisioning.run_id import RunId
 from provisioning.sandbox.scenario import seed_orders
 from provisioning.services import Services
@@ -34,15 +42,15 @@ class Flaky(TransientError):
     """What a test action raises to look like a transient failure of an API."""
 
 
-def _ok(result: dict[str, Any]) -> Any:
-    def action(ctx: StepContext) -> dict[str, Any]:
+def _ok(result: StepResult) -> Any:
+    def action(ctx: StepContext) -> StepResult:
         return result
 
     return action
 
 
 def _raise(exc: Exception) -> Any:
-    def action(ctx: StepContext) -> dict[str, Any]:
+    def action(ctx: StepContext) -> StepResult:
         raise exc
 
     return action
@@ -77,12 +85,12 @@ def _sf_order(sandbox, order_id):
 
 def _run_chain(services: Services, run_id: RunId, actions: dict[Step, Any] | None = None) -> None:
     """Every step once, in order, with the given (or trivial) actions."""
-    results = {
-        Step.VALIDATE_PAYMENT: {"whmcs_client_id": 1},
-        Step.ACTIVATE_ESIM: {"iccid": "8988211000000000001"},
-        Step.CREATE_WHMCS_ORDER: {"whmcs_order_id": 7},
-        Step.UPDATE_SALESFORCE: {"activated_at": "2026-12-02T06:00:00.000Z"},
-        Step.SEND_EMAIL: {"message_id": "<x@y>"},
+    results: dict[Step, StepResult] = {
+        Step.VALIDATE_PAYMENT: PaymentChecked(whmcs_client_id=1, pay_methods=1),
+        Step.ACTIVATE_ESIM: EsimActivated(iccid="8988211000000000001"),
+        Step.CREATE_WHMCS_ORDER: WhmcsOrderCreated(whmcs_order_id=7),
+        Step.UPDATE_SALESFORCE: OrderWrittenBack(activated_at="2026-12-02T06:00:00.000Z"),
+        Step.SEND_EMAIL: WelcomeEmail(message_id="<x@y>"),
     }
     for step in Step:
         action = (actions or {}).get(step) or _ok(results[step])
@@ -117,7 +125,7 @@ def test_a_second_run_of_an_order_in_flight_joins_it_without_a_query(sandbox, se
     assert joined.state is RunState.JOINED
     assert joined.joined == str(first)
     with pytest.raises(RunEnded):
-        run_step(services, second, Step.VALIDATE_PAYMENT, _ok({}), retries=0)
+        run_step(services, second, Step.VALIDATE_PAYMENT, _ok(PaymentChecked()), retries=0)
 
 
 def test_a_run_whose_order_is_not_activating_is_skipped_with_the_reason(sandbox, services, order):
@@ -147,9 +155,9 @@ def test_a_re_approval_reuses_the_orders_effects_and_only_writes_it_back(sandbox
     assert run.note == f"continues the provisioning of run {first}: no effect is made twice"
     called = []
 
-    def must_not_run(ctx: StepContext) -> dict[str, Any]:
+    def must_not_run(ctx: StepContext) -> StepResult:
         called.append(ctx.run_id)
-        return {}
+        return PaymentChecked()
 
     for step in (Step.VALIDATE_PAYMENT, Step.ACTIVATE_ESIM, Step.CREATE_WHMCS_ORDER):
         assert (
@@ -193,7 +201,7 @@ def test_a_transient_error_is_retried_with_a_bounded_backoff_then_fails_the_run_
     # The failure reached the Order: nothing left for the reconciler's write-back sweep.
     assert services.ledger.pending_writebacks(0) == []
     with pytest.raises(RunEnded):
-        run_step(services, run_id, Step.ACTIVATE_ESIM, _ok({}), retries=0)
+        run_step(services, run_id, Step.ACTIVATE_ESIM, _ok(PaymentChecked()), retries=0)
 
 
 def test_another_worker_holding_the_orders_lease_means_retry_shortly(sandbox, services, order):
@@ -203,7 +211,7 @@ def test_another_worker_holding_the_orders_lease_means_retry_shortly(sandbox, se
     assert other.acquire(blocking=False)
     try:
         with pytest.raises(RetryLater) as caught:
-            run_step(services, run_id, Step.VALIDATE_PAYMENT, _ok({}), retries=0)
+            run_step(services, run_id, Step.VALIDATE_PAYMENT, _ok(PaymentChecked()), retries=0)
         assert caught.value.countdown_s == LEASE_BUSY_RETRY_S
         with pytest.raises(RetryLater):
             begin_run(services, RunId(order.order_id, "approval-2"), retries=0)
@@ -238,7 +246,7 @@ def test_requeue_shows_a_dry_run_first_then_resumes_the_failed_run_at_its_step(
     run_id = RunId.parse(order.run_id)
     begin_run(services, run_id, retries=0)
     services.ledger.mark_chain_started(run_id)
-    run_step(services, run_id, Step.VALIDATE_PAYMENT, _ok({"whmcs_client_id": 1}), retries=0)
+    run_step(services, run_id, Step.VALIDATE_PAYMENT, _ok(PaymentChecked(whmcs_client_id=1)), retries=0)
     with pytest.raises(RunFailed):
         run_step(services, run_id, Step.ACTIVATE_ESIM, _raise(Flaky("SM-DP+ down")), retries=99)
     app = make_publisher(stack_settings)
@@ -269,7 +277,7 @@ def test_the_reconciler_resumes_an_idle_run_nobody_holds_where_it_stopped(
     run_id = RunId.parse(order.run_id)
     begin_run(services, run_id, retries=0)
     services.ledger.mark_chain_started(run_id)
-    run_step(services, run_id, Step.VALIDATE_PAYMENT, _ok({"whmcs_client_id": 1}), retries=0)
+    run_step(services, run_id, Step.VALIDATE_PAYMENT, _ok(PaymentChecked(whmcs_client_id=1)), retries=0)
     app = make_publisher(stack_settings)
     assert resume_stale(services, app, idle_s=3600) == []
     assert resume_stale(services, app, idle_s=0) == [run_id]

@@ -13,44 +13,44 @@ operators' ``provisioning resend-email``.
 
 from __future__ import annotations
 
-from typing import Any
-
-from provisioning.chain import Step
 from provisioning.context import StepContext
 from provisioning.email.errors import EmailDeliveryUnknownError, EmailError
 from provisioning.email.message import build_activation_email, message_id_for
 from provisioning.logs import get_logger
+from provisioning.results import EsimActivated, WelcomeEmail, WhmcsOrderCreated
 from provisioning.salesforce.client import Order
 
 log = get_logger(__name__)
 
 
-def send_email(ctx: StepContext) -> dict[str, Any]:
+def send_email(ctx: StepContext) -> WelcomeEmail:
     return deliver(ctx, ctx.order())
 
 
-def deliver(ctx: StepContext, order: Order) -> dict[str, Any]:
+def deliver(ctx: StepContext, order: Order) -> WelcomeEmail:
     """Send the Order's welcome e-mail unless it went out already (the step, and the operators' resend)."""
     settings = ctx.settings
     message_id = message_id_for(ctx.effect_key, settings.email_message_id_domain)
     outbox = ctx.marker("outbox")
     if outbox == "sent":
-        return {"message_id": message_id}
+        return WelcomeEmail(message_id=message_id)
     if outbox == "sending":
         if settings.email_resend_policy == "skip":
             log.warning("email_delivery_unknown_not_resent", message_id=message_id)
             ctx.set_marker("outbox", "unknown")
-            return {"message_id": message_id, "delivery": "unknown"}
+            return WelcomeEmail(message_id=message_id, delivery="unknown")
         resends = ctx.incr_marker("email_resends")
         log.warning("email_resent_after_unknown_outcome", message_id=message_id, resends=resends)
 
-    iccid = ctx.result(Step.ACTIVATE_ESIM).get("iccid")
+    esim = ctx.result(EsimActivated)
+    whmcs = ctx.result(WhmcsOrderCreated)
+    iccid = esim.iccid if esim else None
     message = build_activation_email(
         key=ctx.effect_key,
         to_address=order.email or "",
         first_name=order.first_name,
         order_number=order.order_number or order.id,
-        whmcs_order_id=str(ctx.result(Step.CREATE_WHMCS_ORDER).get("whmcs_order_id", "")),
+        whmcs_order_id=str(whmcs.whmcs_order_id) if whmcs else "",
         iccid=iccid,
         activation_code=ctx.marker("activation_code") if iccid else None,
         sender=settings.email_sender,
@@ -67,4 +67,4 @@ def deliver(ctx: StepContext, order: Order) -> dict[str, Any]:
         ctx.set_marker("outbox", "pending")
         raise
     ctx.set_marker("outbox", "sent")
-    return {"message_id": message_id}
+    return WelcomeEmail(message_id=message_id)

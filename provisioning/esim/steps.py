@@ -11,12 +11,11 @@ the Order gets the same profile, and a repeated ``confirmOrder`` answering
 
 from __future__ import annotations
 
-from typing import Any
-
 from provisioning.context import StepContext
 from provisioning.esim.client import activation_code, matching_id_for, smdp_address_from_settings
 from provisioning.esim.errors import Es2PlusFunctionFailed
 from provisioning.logs import get_logger
+from provisioning.results import EsimActivated
 
 log = get_logger(__name__)
 
@@ -25,10 +24,10 @@ def is_esim(sim_type: str | None) -> bool:
     return (sim_type or "").strip().lower() == "esim"
 
 
-def activate_esim(ctx: StepContext) -> dict[str, Any]:
+def activate_esim(ctx: StepContext) -> EsimActivated:
     order = ctx.order()
     if not is_esim(order.sim_type):
-        return {"sim": "physical"}
+        return EsimActivated(sim="physical")
     inventory = ctx.services.inventory
     iccid = inventory.claim(ctx.effect_key)
     threshold = ctx.settings.esim_stock_warn_threshold
@@ -64,4 +63,4 @@ def activate_esim(ctx: StepContext) -> dict[str, Any]:
         address = smdp_address or smdp_address_from_settings(ctx.settings)
         ctx.set_marker("activation_code", activation_code(address, matching_id))
     inventory.mark_used(ctx.effect_key)
-    return {"iccid": iccid}
+    return EsimActivated(iccid=iccid)

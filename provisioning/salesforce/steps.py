@@ -7,26 +7,29 @@ Order's effects, so a later run of an Order writes back the very same ids.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
 
-from provisioning.chain import Step
 from provisioning.context import StepContext
+from provisioning.results import EsimActivated, OrderWrittenBack, WhmcsOrderCreated
 
 
-def update_salesforce(ctx: StepContext) -> dict[str, Any]:
+def update_salesforce(ctx: StepContext) -> OrderWrittenBack:
     # The time is fixed on the Order's first activation, so every write sends the very same values.
     activated_at = ctx.marker("activated_at")
     if activated_at is None:
         activated_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         ctx.set_marker("activated_at", activated_at)
     salesforce = ctx.services.salesforce
+    whmcs = ctx.result(WhmcsOrderCreated)
+    esim = ctx.result(EsimActivated)
+    if whmcs is None:
+        raise RuntimeError("update_salesforce ran before create_whmcs_order recorded its order")
     fields = salesforce.field_names.patch(
         activation_status="Activated",
-        whmcs_order_id=str(ctx.result(Step.CREATE_WHMCS_ORDER).get("whmcs_order_id")),
-        esim_iccid=ctx.result(Step.ACTIVATE_ESIM).get("iccid"),
+        whmcs_order_id=str(whmcs.whmcs_order_id),
+        esim_iccid=esim.iccid if esim else None,
         activation_error=None,
         activated_at=activated_at,
     )
     ctx.renew()
     salesforce.update_order(ctx.order_id, fields)
-    return {"activated_at": activated_at}
+    return OrderWrittenBack(activated_at=activated_at)

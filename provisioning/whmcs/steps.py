@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import Any
 
 from provisioning.context import StepContext
 from provisioning.errors import OrderRejected
 from provisioning.logs import get_logger
+from provisioning.results import PaymentChecked, WhmcsOrderCreated
 from provisioning.salesforce.client import Order
 from provisioning.whmcs.errors import WhmcsOrderNotPending, WhmcsPermanentError
 
@@ -49,7 +49,7 @@ def _items(order: Order) -> list[tuple[int, int]]:
     return items
 
 
-def validate_payment(ctx: StepContext) -> dict[str, Any]:
+def validate_payment(ctx: StepContext) -> PaymentChecked:
     """Read-only: the Order is complete, the WHMCS client is Active and has a usable pay method."""
     order = ctx.order()
     client_id = _client_id(order)
@@ -64,10 +64,10 @@ def validate_payment(ctx: StepContext) -> dict[str, Any]:
     methods = [m for m in whmcs.get_pay_methods(client_id) if not m.is_expired(today)]
     if not methods:
         raise OrderRejected(f"no valid payment method: WHMCS client {client_id} has none that is not expired")
-    return {"whmcs_client_id": client_id, "pay_methods": len(methods)}
+    return PaymentChecked(whmcs_client_id=client_id, pay_methods=len(methods))
 
 
-def create_whmcs_order(ctx: StepContext) -> dict[str, Any]:
+def create_whmcs_order(ctx: StepContext) -> WhmcsOrderCreated:
     """AddOrder once (intent record + run id in notes + lookup), then AcceptOrder once."""
     order = ctx.order()
     client_id = _client_id(order)
@@ -111,4 +111,4 @@ def create_whmcs_order(ctx: StepContext) -> dict[str, Any]:
                     f"WHMCS order {whmcs_order_id} cannot be accepted: it is {status}"
                 ) from None
         ctx.set_marker("whmcs_accepted", "1")
-    return {"whmcs_order_id": whmcs_order_id}
+    return WhmcsOrderCreated(whmcs_order_id=whmcs_order_id)
