@@ -18,6 +18,11 @@ def test_check_passes_when_redis_and_the_broker_answer(tmp_path):
     out = _run(tmp_path, REDIS_URL="redis://127.0.0.1:6379/0", CELERY_BROKER_URL="redis://127.0.0.1:6379/1")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "OK    redis" in out.stdout
+    # This machine's Redis keeps nothing on disk: check says what a restart would cost, and what to set.
+    line = next(line for line in out.stdout.splitlines() if "ledger durability" in line)
+    assert line.startswith("WARN")
+    assert "no persistence at all: a restart loses acknowledged ledger writes" in line
+    assert "set appendonly yes and appendfsync everysec" in line
 
 
 def test_check_with_redis_down_names_redis_and_its_url_without_the_password(tmp_path):
