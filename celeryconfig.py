@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kombu.entity import Queue
+from kombu.entity import Exchange, Queue
 
 from provisioning.settings import Settings
 
@@ -26,9 +26,23 @@ BROKER_SOCKET_TIMEOUT_S = 30.0
 
 def build(settings: Settings) -> dict[str, Any]:
     transport: dict[str, Any] = {}
+    queue = Queue(settings.celery_queue)
+    extra: dict[str, Any] = {}
     if settings.broker_is_rabbitmq:
-        # Publisher confirms: a publish returns only once RabbitMQ has the message.
+        # Publisher confirms: a publish returns only once RabbitMQ has the message (quorum queues
+        # need them).
         transport["confirm_publish"] = True
+        if settings.celery_queue_type == "quorum":
+            # A quorum queue refuses the global QoS that countdown retries relied on; Celery 5.5+
+            # then uses per-consumer QoS and RabbitMQ's native delayed delivery for countdowns,
+            # which needs a topic exchange (a direct one would make a retry block its worker).
+            queue = Queue(
+                settings.celery_queue,
+                Exchange(settings.celery_queue, type="topic"),
+                routing_key=settings.celery_queue,
+                queue_arguments={"x-queue-type": "quorum"},
+            )
+            extra.update(task_default_queue_type="quorum", task_default_exchange_type="topic")
     else:
         transport.update(
             visibility_timeout=settings.celery_visibility_timeout_s,
@@ -59,11 +73,12 @@ def build(settings: Settings) -> dict[str, Any]:
         "accept_content": ["json"],
         "event_serializer": "json",
         "task_default_queue": settings.celery_queue,
-        "task_queues": (Queue(settings.celery_queue),),
+        "task_queues": (queue,),
         "task_create_missing_queues": False,
         "worker_hijack_root_logger": False,
         "enable_utc": True,
         "timezone": "UTC",
+        **extra,
     }
     if settings.celery_result_backend:
         config.update(

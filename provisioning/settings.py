@@ -96,6 +96,10 @@ class Settings(BaseSettings):
         description="Celery result backend; empty: results are not stored (the ledger is the record).",
     )
     celery_queue: str = Field("provisioning", description="Queue the tasks are sent to.")
+    celery_queue_type: Literal["quorum", "classic"] = Field(
+        "quorum",
+        description="RabbitMQ: quorum (replicated; the production choice) or classic queue. Redis: ignored.",
+    )
     celery_visibility_timeout_s: int = Field(
         3600,
         ge=10,

@@ -26,6 +26,10 @@ log = get_logger(__name__)
 # Lease waits and transient retries share Celery's counter; the lifecycle enforces
 # TASK_MAX_RETRIES for errors, this headroom only keeps Celery from giving up first.
 LEASE_WAIT_HEADROOM = 20
+# The shortest countdown of a retry. On RabbitMQ quorum queues Celery 5.7 routes a countdown through
+# native delayed delivery with int(countdown) seconds, and rejects (drops) a task whose countdown
+# is between 0 and 1 s ("countdown must be a positive number"); a whole second is always safe.
+MIN_COUNTDOWN_S = 1.0
 
 T = TypeVar("T")
 
@@ -36,7 +40,8 @@ def celery_outcomes(task: Task, body: Callable[[], T]) -> T:
         return body()
     except RetryLater as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else None
-        raise task.retry(exc=cause, countdown=exc.countdown_s, max_retries=max_retries(task)) from None
+        countdown = max(exc.countdown_s, MIN_COUNTDOWN_S)
+        raise task.retry(exc=cause, countdown=countdown, max_retries=max_retries(task)) from None
     except RunEnded:
         raise Ignore() from None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from amqp.exceptions import PreconditionFailed
 from kombu.connection import Connection
 
 from provisioning.ledger import RunState
@@ -30,6 +31,7 @@ def rabbit_settings(stack_settings: Settings) -> Iterator[Settings]:
     with Connection(RABBITMQ_URL) as conn:
         channel = conn.channel()
         channel.queue_delete(settings.celery_queue)
+        channel.exchange_delete(settings.celery_queue)
 
 
 def _done(services, run_id):
@@ -37,9 +39,14 @@ def _done(services, run_id):
     return run is not None and run.state is RunState.DONE
 
 
-def test_the_happy_path_runs_on_rabbitmq(sandbox, rabbit_settings, services, workers):
+def test_the_happy_path_runs_on_a_quorum_queue_with_countdown_retries(
+    sandbox, rabbit_settings, services, workers
+):
     orders = seed_orders(sandbox, services.inventory, count=3, esim_share=0.5, seed=5)
-    workers(rabbit_settings, concurrency=4)
+    # Each Order's first payment check fails transiently: its retry is a countdown, which a quorum
+    # queue delivers through RabbitMQ's native delayed delivery.
+    sandbox.admin("whmcs").post("/__admin/faults", {"force": {"GetPayMethods": ["error"] * 3}})
+    worker = workers(rabbit_settings, concurrency=4)
     app = make_publisher(rabbit_settings)
     assert app.conf.broker_transport_options["confirm_publish"] is True
     for o in orders:
@@ -47,6 +54,12 @@ def test_the_happy_path_runs_on_rabbitmq(sandbox, rabbit_settings, services, wor
     wait_for(lambda: all(_done(services, o.run_id) for o in orders))
     effects = count_effects(sandbox)
     assert effects.activated == effects.whmcs_orders == effects.emails == 3
+    assert sandbox.admin("whmcs").get("/__admin/calls")["injected"] == {"GetPayMethods:error": 3}
+    assert worker.log_text().count('"step_retry"') == 3
+    assert "Direct exchanges are not supported" not in worker.log_text()
+    # The queue is a quorum queue: declaring it as a classic one is refused.
+    with Connection(RABBITMQ_URL) as conn, pytest.raises(PreconditionFailed, match="x-queue-type"):
+        conn.channel().queue_declare(rabbit_settings.celery_queue, durable=True, auto_delete=False)
 
 
 def test_a_worker_killed_mid_step_on_rabbitmq_is_redelivered_and_completes_once(
