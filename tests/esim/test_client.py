@@ -108,28 +108,6 @@ def test_confirm_order_without_a_matching_id_returns_the_generated_one(
     assert smdp.profile(iccid)["state"] == "confirmed"
 
 
-def test_release_profile_releases_a_confirmed_profile(client: Es2PlusClient, smdp: SmdpSandbox) -> None:
-    [iccid] = smdp.seed(1)
-    client.download_order(iccid=iccid)
-    client.confirm_order(iccid=iccid, matching_id="M-1", release=False)
-    client.release_profile(iccid)
-    assert smdp.profile(iccid)["state"] == "released"
-    with pytest.raises(Es2PlusFunctionFailed) as failed:
-        client.release_profile(iccid)
-    assert failed.value.is_invalid_transition
-
-
-def test_cancel_order_returns_the_profile_to_the_pool(client: Es2PlusClient, smdp: SmdpSandbox) -> None:
-    [iccid] = smdp.seed(1)
-    client.download_order(iccid=iccid, eid=EID)
-    client.confirm_order(iccid=iccid, matching_id="M-1")
-    client.cancel_order(iccid=iccid, eid=EID, matching_id="M-1")
-    assert smdp.profile(iccid)["state"] == "available"
-    client.download_order(iccid=iccid)
-    client.cancel_order(iccid=iccid, final_status="Unavailable")
-    assert smdp.profile(iccid)["state"] == "unavailable"
-
-
 # -- status codes ----------------------------------------------------------------------------
 
 
@@ -261,7 +239,7 @@ def test_a_wrong_url_is_a_permanent_protocol_error(smdp: SmdpSandbox) -> None:
     session = make_session(smdp.tls.ca_bundle)
     client = Es2PlusClient(session=session, url=smdp.url + "/elsewhere", requester_id=smdp.requester)
     with pytest.raises(Es2PlusProtocolError) as failed:
-        client.release_profile("8988299000000000006")
+        client.download_order(iccid="8988299000000000006")
     assert failed.value.status_code == 404
     assert isinstance(failed.value, PermanentError)
 
@@ -270,7 +248,7 @@ def test_a_server_certificate_that_does_not_verify_is_a_permanent_tls_error(smdp
     # trust_env stays on: the machine's REQUESTS_CA_BUNDLE (public CAs) applies, which lacks the sandbox CA.
     client = Es2PlusClient(session=requests.Session(), url=smdp.url, requester_id=smdp.requester)
     with pytest.raises(Es2PlusTlsError) as failed:
-        client.release_profile("8988299000000000006")
+        client.download_order(iccid="8988299000000000006")
     assert isinstance(failed.value, PermanentError)
 
 
@@ -282,7 +260,7 @@ def test_a_refused_connection_is_transient(smdp: SmdpSandbox) -> None:
         session=make_session(smdp.tls.ca_bundle), url=f"https://127.0.0.1:{port}", requester_id=smdp.requester
     )
     with pytest.raises(Es2PlusConnectionError) as failed:
-        client.release_profile("8988299000000000006")
+        client.download_order(iccid="8988299000000000006")
     assert isinstance(failed.value, TransientError)
     assert isinstance(failed.value, Es2PlusError)
 
