@@ -25,6 +25,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from provisioning.errors import PicklableError
+
 ENV_FILE_VARIABLE = "PROVISIONING_ENV_FILE"
 DEFAULT_ENV_FILE = ".env"
 
@@ -313,7 +315,7 @@ class Settings(BaseSettings):
             raise ConfigError([(n.upper(), "is required here but not set") for n in missing])
 
 
-class ConfigError(Exception):
+class ConfigError(PicklableError):
     """Configuration that cannot be used; ``problems`` holds (VARIABLE, what is wrong)."""
 
     def __init__(self, problems: list[tuple[str, str]]):

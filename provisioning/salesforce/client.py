@@ -26,6 +26,7 @@ from simple_salesforce.api import Salesforce
 from simple_salesforce.format import format_soql
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
+from provisioning.errors import PicklableError
 from provisioning.http import classify, connection_retrying, make_session, status_failure
 from provisioning.logs import get_logger
 from provisioning.salesforce.auth import AccessToken, JWTBearerAuth
@@ -129,7 +130,7 @@ class Order(BaseModel):
     items: tuple[OrderItem, ...]
 
 
-class _SessionExpired(Exception):
+class _SessionExpired(PicklableError):
     """401 INVALID_SESSION_ID: the token that was refused, to renew it once."""
 
     def __init__(self, token: AccessToken, code: str | None, message: str) -> None:
