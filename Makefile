@@ -33,7 +33,7 @@ sandbox: $(STAMP) ## Start the simulators and write sandbox.env
 	$(BIN)/provisioning sandbox
 
 bench: $(STAMP) ## Run the benchmarks with small defaults
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python -m bench.run_all
 
 clean: ## Remove .venv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .sandbox

@@ -99,6 +99,16 @@ def test_field_names_come_from_the_settings() -> None:
     assert OrderFieldNames.from_settings(settings).eid == "Chip_EID__c"
 
 
+def test_a_client_built_without_settings_has_the_defaults_of_the_settings(
+    auth: JWTBearerAuth, session: requests.Session
+) -> None:
+    defaults = Settings(_env_file=None)
+    client = SalesforceClient(auth=auth, session=session)
+    assert client.api_version == defaults.sf_api_version
+    assert client.field_names == OrderFieldNames.from_settings(defaults)
+    assert f"/event/{client.event_object}" == defaults.sf_provision_event_channel
+
+
 def test_the_order_id_is_validated_before_any_call(client: SalesforceClient, fake: FakeSalesforce) -> None:
     with pytest.raises(InvalidSalesforceId):
         client.fetch_order("801' OR Id != '")
