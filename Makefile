@@ -13,18 +13,19 @@ help: ## List the targets
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,flower]'
+	$(BIN)/pip install --quiet -e '.[dev,flower,sandbox]'
 	touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install the package with its dev and flower extras
+install: $(STAMP) ## Create .venv and install the package with its dev, flower and sandbox extras
 
 test: $(STAMP) ## Run the tests (real Redis, RabbitMQ, workers and simulators)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff and mypy
+lint: $(STAMP) ## ruff, mypy and the import layers (import-linter)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy provisioning tasks celeryconfig.py bench
+	$(BIN)/lint-imports
 
 demo: $(STAMP) ## The end-to-end demo: sandbox, listener, two workers, 50 Orders
 	$(BIN)/provisioning demo
