@@ -164,7 +164,12 @@ class Es2PlusFunctionUnavailable(_WithFunctionStatus, Es2PlusTransientError):
 
 
 class Es2PlusFunctionFailed(_WithFunctionStatus, Es2PlusPermanentError):
-    """Status ``Failed``: the SM-DP+ refused the function; the codes say why."""
+    """Status ``Failed``: the SM-DP+ refused the function; the codes say why.
+
+    The two the steps act on have properties; others, through :meth:`has_code`:
+    8.2.1/3.9 unknown ICCID, 8.2.5/3.7 profile type exhausted, 8.1.1/3.10 linked
+    to another EID, 8.2.6/3.3 matchingId used by another profile.
+    """
 
     @property
     def is_iccid_in_use(self) -> bool:
@@ -175,26 +180,6 @@ class Es2PlusFunctionFailed(_WithFunctionStatus, Es2PlusPermanentError):
     def is_invalid_transition(self) -> bool:
         """8.2.1/3.5: the profile is not in a state this function applies to (e.g. confirmed already)."""
         return self.has_code("8.2.1", "3.5")
-
-    @property
-    def is_pool_exhausted(self) -> bool:
-        """8.2.5/3.7: no available profile of the requested profile type."""
-        return self.has_code("8.2.5", "3.7")
-
-    @property
-    def is_unknown_iccid(self) -> bool:
-        """8.2.1/3.9: the SM-DP+ has no profile with this ICCID."""
-        return self.has_code("8.2.1", "3.9")
-
-    @property
-    def is_eid_mismatch(self) -> bool:
-        """8.1.1/3.10: the profile is linked to a different EID."""
-        return self.has_code("8.1.1", "3.10")
-
-    @property
-    def is_matching_id_in_use(self) -> bool:
-        """8.2.6/3.3: another profile already carries this matchingId."""
-        return self.has_code("8.2.6", "3.3")
 
 
 # -- inventory --------------------------------------------------------------------------------

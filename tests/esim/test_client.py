@@ -116,7 +116,7 @@ def test_an_unknown_iccid_is_a_permanent_failure_with_3_9(client: Es2PlusClient,
     with pytest.raises(Es2PlusFunctionFailed) as failed:
         client.download_order(iccid="8988299000000000006")
     error = failed.value
-    assert error.is_unknown_iccid
+    assert error.has_code("8.2.1", "3.9")
     assert not error.is_iccid_in_use
     assert (error.function, error.subject_code, error.reason_code) == ("downloadOrder", "8.2.1", "3.9")
     assert isinstance(error, PermanentError)
@@ -129,7 +129,7 @@ def test_an_exhausted_profile_type_reports_pool_exhausted(client: Es2PlusClient,
     client.download_order(profile_type="default")
     with pytest.raises(Es2PlusFunctionFailed) as failed:
         client.download_order(profile_type="default")
-    assert failed.value.is_pool_exhausted
+    assert failed.value.has_code("8.2.5", "3.7")
 
 
 def test_another_eid_than_the_linked_one_reports_eid_mismatch(
@@ -139,7 +139,7 @@ def test_another_eid_than_the_linked_one_reports_eid_mismatch(
     client.download_order(iccid=iccid, eid=EID)
     with pytest.raises(Es2PlusFunctionFailed) as failed:
         client.confirm_order(iccid=iccid, matching_id="M-1", eid=OTHER_EID)
-    assert failed.value.is_eid_mismatch
+    assert failed.value.has_code("8.1.1", "3.10")
     assert failed.value.subject_identifier == OTHER_EID
 
 
@@ -152,7 +152,7 @@ def test_a_matching_id_of_another_profile_reports_matching_id_in_use(
     client.confirm_order(iccid=first, matching_id="SAME")
     with pytest.raises(Es2PlusFunctionFailed) as failed:
         client.confirm_order(iccid=second, matching_id="SAME")
-    assert failed.value.is_matching_id_in_use
+    assert failed.value.has_code("8.2.6", "3.3")
 
 
 def test_a_repeated_download_order_of_our_iccid_reports_iccid_in_use(
