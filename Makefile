@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint demo sandbox bench clean
+.PHONY: help install test test-fast lint demo sandbox bench clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -13,18 +13,22 @@ help: ## List the targets
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,flower]'
+	$(BIN)/pip install --quiet -e '.[dev,flower,sandbox]'
 	touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install the package with its dev and flower extras
+install: $(STAMP) ## Create .venv and install the package with its dev, flower and sandbox extras
 
 test: $(STAMP) ## Run the tests (real Redis, RabbitMQ, workers and simulators)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff and mypy
+test-fast: $(STAMP) ## Only the fast tier: the state machine in-process on real Redis (seconds)
+	$(BIN)/pytest -m fast $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff, mypy and the import layers (import-linter)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy provisioning tasks celeryconfig.py bench
+	$(BIN)/lint-imports
 
 demo: $(STAMP) ## The end-to-end demo: sandbox, listener, two workers, 50 Orders
 	$(BIN)/provisioning demo
@@ -33,7 +37,7 @@ sandbox: $(STAMP) ## Start the simulators and write sandbox.env
 	$(BIN)/provisioning sandbox
 
 bench: $(STAMP) ## Run the benchmarks with small defaults
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python -m bench.run_all
 
 clean: ## Remove .venv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .sandbox

@@ -46,7 +46,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis
 import requests
 
 from provisioning.chain import STEPS
@@ -54,6 +53,7 @@ from provisioning.email.message import message_id_for
 from provisioning.ledger import RunState
 from provisioning.logs import configure_logging
 from provisioning.sandbox.processes import ManagedProcess, free_port, listener, start_worker, worker
+from provisioning.sandbox.redis_server import RedisServer
 from provisioning.sandbox.runner import Sandbox
 from provisioning.sandbox.scenario import (
     Effects,
@@ -85,8 +85,7 @@ PROGRESS_POLL_S = 2.0
 # Listener SIGKILLs and the Redis restart happen once this share of the events is published.
 LISTENER_KILLS_AT = (0.3, 0.7)
 REDIS_RESTART_AT = 0.5
-# Seconds to wait for Redis to answer after a start, for a listener to be healthy, for the CLI.
-REDIS_START_TIMEOUT_S = 15.0
+# Seconds to wait for a listener to be healthy, for the CLI.
 LISTENER_READY_TIMEOUT_S = 60.0
 CLI_TIMEOUT_S = 120.0
 HEALTH_TIMEOUT_S = 2.0
@@ -264,60 +263,6 @@ def parse_args(argv: list[str] | None) -> Config:
 
 
 # -- processes ------------------------------------------------------------------------------------
-
-
-class RedisServer:
-    """A redis-server of the run's own: AOF on, its own port and data directory."""
-
-    def __init__(self, workdir: Path, *, fsync_always: bool) -> None:
-        self.port = free_port()
-        self.dir = workdir / "redis"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.argv = [
-            "redis-server",
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--dir",
-            str(self.dir),
-            "--logfile",
-            str(self.dir / "redis.log"),
-        ]
-        if fsync_always:
-            self.argv += ["--appendfsync", "always"]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def url(self, db: int) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
-        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
-        while not self.pings():
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server did not start; see {self.dir / 'redis.log'}")
-            time.sleep(0.1)
-
-    def pings(self) -> bool:
-        client = redis.Redis.from_url(self.url(0), socket_connect_timeout=1)
-        try:
-            return bool(client.ping())
-        except redis.exceptions.ConnectionError:
-            return False
-        finally:
-            client.close()
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(30)
 
 
 @dataclass
@@ -750,7 +695,12 @@ def run(cfg: Config) -> Summary:
     workdir.mkdir(parents=True, exist_ok=True)
     log_dir = workdir / "logs"
     stop_signal = signal.SIGKILL if cfg.redis_stop_signal == "KILL" else signal.SIGTERM
-    redis_server = RedisServer(workdir, fsync_always=stop_signal is signal.SIGKILL)
+    # A SIGKILL must not lose an acknowledged write: fsync every write then.
+    redis_server = RedisServer(
+        workdir / "redis",
+        appendonly=True,
+        appendfsync="always" if stop_signal is signal.SIGKILL else None,
+    )
     redis_server.start()
     sandbox = Sandbox(workdir / "sandbox", seed=cfg.seed, long_poll_s=10.0).start()
     fleet: Fleet | None = None

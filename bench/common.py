@@ -24,7 +24,8 @@ from typing import Any
 
 import redis
 
-from provisioning.sandbox.processes import ManagedProcess, free_port
+from provisioning.sandbox.processes import ManagedProcess
+from provisioning.sandbox.redis_server import RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -359,8 +360,8 @@ def unique(name: str) -> str:
 # -- Redis ------------------------------------------------------------------------------------
 
 
-class RedisServer:
-    """A throw-away ``redis-server`` (no persistence) on a free port, or an existing server."""
+class BenchRedis:
+    """The benchmark's Redis: a throw-away private ``redis-server`` (no persistence) or an existing server."""
 
     def __init__(self, url: str, workdir: Path, cleanup: Cleanup, *, name: str = "redis") -> None:
         self.private = url == "private"
@@ -368,38 +369,16 @@ class RedisServer:
             log(f"no redis-server on PATH: using {SHARED_REDIS_URL}")
             self.private = False
             url = SHARED_REDIS_URL
+        self.server: RedisServer | None = None
         if self.private:
-            port = free_port()
-            self.base_url = f"redis://127.0.0.1:{port}"
-            argv = [
-                "redis-server",
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-            ]
-            self.proc: ManagedProcess | None = cleanup.process(
-                ManagedProcess(name, argv, {}, workdir / f"{name}.log").start()
-            )
+            self.server = RedisServer(workdir / name)
+            cleanup.add(name, self.server.stop)
+            self.server.start(REDIS_START_TIMEOUT_S)
+            self.base_url = self.server.url(0).rsplit("/", 1)[0]
         else:
             self.base_url = url.rstrip("/")
-            self.proc = None
         self.client = redis.Redis.from_url(self.url(0))
-        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
-        while True:
-            try:
-                self.client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        self.client.ping()
         cleanup.add(f"{name} client", self.client.close)
 
     def url(self, db: int) -> str:

@@ -13,21 +13,16 @@ sweeps) are measured while idle first and subtracted.
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis
 
 from bench.common import (
+    BenchRedis,
     Cleanup,
-    RedisServer,
     Table,
     base_parser,
     emit,
@@ -106,7 +101,7 @@ class EventTap:
         self.pubsub.close()
 
 
-def message_sizes(settings: Settings, server: RedisServer, run_id: str) -> list[tuple[str, int, int]]:
+def message_sizes(settings: Settings, server: BenchRedis, run_id: str) -> list[tuple[str, int, int]]:
     """(task, bytes in the broker list, body bytes) of each message a run sends, from an unconsumed queue."""
     ns = unique("msg")
     probe = Settings(_env_file=None, **{**settings.model_dump(), "celery_queue": f"q-{ns}"})
@@ -155,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with Cleanup() as cleanup:
         workdir = workdir_for(args, "cost", cleanup)
-        ledger_server = RedisServer(args.redis_url, workdir, cleanup, name="redis-ledger")
+        ledger_server = BenchRedis(args.redis_url, workdir, cleanup, name="redis-ledger")
         split = ledger_server.private
         broker_server = (
-            RedisServer(args.redis_url, workdir, cleanup, name="redis-broker") if split else ledger_server
+            BenchRedis(args.redis_url, workdir, cleanup, name="redis-broker") if split else ledger_server
         )
         info = machine_info(ledger_server.client)
         stack = Stack(workdir, ledger_server, cleanup)

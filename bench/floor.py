@@ -11,20 +11,16 @@ pipeline benchmarks.
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from celery import Celery
 from celery.canvas import chain
 
 from bench.common import (
+    BenchRedis,
     Cleanup,
     CpuMeter,
-    RedisServer,
     Table,
     base_parser,
     emit,
@@ -66,7 +62,7 @@ def publish_chains(app: Celery, count: int) -> None:
         chain(*sigs).apply_async()
 
 
-def wait_done(server: RedisServer, settings: Settings, target: int) -> float:
+def wait_done(server: BenchRedis, settings: Settings, target: int) -> float:
     """Wait until ``target`` chains finished; when the last one did (the worker's clock)."""
     deadline = time.monotonic() + WAIT_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -81,7 +77,7 @@ class FloorRunner:
     """A floor worker on its own queue: warm it up, then measure rounds of chains."""
 
     def __init__(
-        self, server: RedisServer, cleanup: Cleanup, log_dir: Path, *, pool: str, concurrency: int
+        self, server: BenchRedis, cleanup: Cleanup, log_dir: Path, *, pool: str, concurrency: int
     ) -> None:
         ns = unique("floor")
         self.server = server
@@ -138,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with Cleanup() as cleanup:
         workdir = workdir_for(args, "floor", cleanup)
-        server = RedisServer(args.redis_url, workdir, cleanup)
+        server = BenchRedis(args.redis_url, workdir, cleanup)
         info = machine_info(server.client)
         table = Table(
             "Celery floor: a chain of five no-op tasks",

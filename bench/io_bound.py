@@ -14,17 +14,12 @@ rate (default 10 orders/s), which is the latency a user sees at that load.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench.common import (
+    BenchRedis,
     Cleanup,
     CpuMeter,
-    RedisServer,
     Table,
     base_parser,
     emit,
@@ -141,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with Cleanup() as cleanup:
         workdir = workdir_for(args, "io_bound", cleanup)
-        server = RedisServer(args.redis_url, workdir, cleanup)
+        server = BenchRedis(args.redis_url, workdir, cleanup)
         info = machine_info(server.client)
         stack = Stack(workdir, server, cleanup)
         stack.set_latency(args.latency_ms)

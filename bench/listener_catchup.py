@@ -11,19 +11,14 @@ need not exist (the listener never reads the Order).
 from __future__ import annotations
 
 import random
-import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis
 
 from bench.common import (
+    BenchRedis,
     Cleanup,
     CpuMeter,
-    RedisServer,
     Table,
     base_parser,
     emit,
@@ -54,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with Cleanup() as cleanup:
         workdir = workdir_for(args, "listener", cleanup)
-        server = RedisServer(args.redis_url, workdir, cleanup)
+        server = BenchRedis(args.redis_url, workdir, cleanup)
         info = machine_info(server.client)
         stack = Stack(workdir, server, cleanup)
         settings = stack.settings("listen", sf_events_replay="EARLIEST")

@@ -11,18 +11,14 @@ Orders/s and worker CPU per order, and both as a ratio to the Celery floor
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench.common import (
+    BenchRedis,
     Cleanup,
     CpuMeter,
-    RedisServer,
     Table,
     base_parser,
     emit,
@@ -80,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with Cleanup() as cleanup:
         workdir = workdir_for(args, "pipeline", cleanup)
-        server = RedisServer(args.redis_url, workdir, cleanup)
+        server = BenchRedis(args.redis_url, workdir, cleanup)
         info = machine_info(server.client)
         stack = Stack(workdir, server, cleanup)
         settings = stack.settings("pipe")

@@ -1,6 +1,6 @@
 """Every benchmark with small defaults (``make bench``), then the goals side by side.
 
-    python bench/run_all.py [--only floor,pipeline,io_bound,listener,cost] [--orders N] [--events N]
+    python -m bench.run_all [--only floor,pipeline,io_bound,listener,cost] [--orders N] [--events N]
 
 Each benchmark runs in its own process (``python -m bench.<name>``), prints
 its tables and writes its JSON under --out (default bench/results/); this
@@ -21,9 +21,6 @@ import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import REPO_ROOT, RESULTS_DIR, Table, machine_line, pythonpath_env
 
@@ -165,8 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chains", type=int, default=0, help="Floor chains (default 200).")
     args = parser.parse_args(argv)
     chosen = [b for b in BENCHMARKS if not args.only or b in args.only.split(",")]
-    if not (REPO_ROOT / "bench" / "sandbox_throughput.py").exists() and "sandbox_throughput" in chosen:
-        chosen.remove("sandbox_throughput")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     for name in chosen:

@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import Celery
 
-from bench.common import POLL_S, Cleanup, CpuMeter, RedisServer, log, pythonpath_env, unique
+from bench.common import POLL_S, BenchRedis, Cleanup, CpuMeter, log, pythonpath_env, unique
 from provisioning.ledger import RunState
 from provisioning.publishing import make_publisher, publish_run
 from provisioning.sandbox.processes import WORKER_READY_TIMEOUT_S, ManagedProcess, worker
@@ -43,7 +43,7 @@ class Stack:
     """One sandbox shared by several configurations; each configuration gets its own namespace."""
 
     def __init__(
-        self, workdir: Path, redis_server: RedisServer, cleanup: Cleanup, *, seed: int = 1234
+        self, workdir: Path, redis_server: BenchRedis, cleanup: Cleanup, *, seed: int = 1234
     ) -> None:
         self.workdir = workdir
         self.redis_server = redis_server

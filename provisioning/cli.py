@@ -39,10 +39,16 @@ def check(ctx: Context) -> None:
 
 def _add_commands() -> None:
     from provisioning import operators
-    from provisioning.demo import demo
     from provisioning.esim.cli import esim
     from provisioning.listener import listen
-    from provisioning.sandbox.cli import sandbox
+    from provisioning.sandbox import missing_sandbox_packages
+    from provisioning.sandbox.cli import needs_sandbox_extra, sandbox
+
+    # The demo imports the simulators at once; without the sandbox extra it only says what to install.
+    if missing_sandbox_packages():
+        demo = needs_sandbox_extra("demo", "The end-to-end demo against the simulators.")
+    else:
+        from provisioning.demo import demo
 
     for command in (
         operators.status,

@@ -6,16 +6,19 @@ Celery-free: the domains' steps depend on this, never on the task plumbing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from redis.lock import Lock
 
 from provisioning.ledger import Provisioning
+from provisioning.order import Order
 from provisioning.results import RESULT_TYPES, StepResult
 from provisioning.run_id import RunId
-from provisioning.salesforce.client import Order
-from provisioning.services import Services
 from provisioning.settings import Settings
+
+if TYPE_CHECKING:
+    # Only for the annotation: the domains that take a context must not depend on every client.
+    from provisioning.services import Services
 
 R = TypeVar("R", bound=StepResult)
 _STEP_OF = {kind: step for step, kind in RESULT_TYPES.items()}

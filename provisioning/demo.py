@@ -28,8 +28,11 @@ import redis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
+from provisioning.backoff import tenacity_wait
 from provisioning.clictx import Context, pass_ctx
+from provisioning.errors import TransientError
 from provisioning.http import make_session
 from provisioning.ledger import RunState
 from provisioning.salesforce.client import SalesforceClient
@@ -48,6 +51,10 @@ TRANSIENT_ERROR_RATE = 0.10
 DUPLICATE_EVENTS = 3
 # Orders approved twice (a Flow firing twice): a second event with a new IdemKey__c.
 SECOND_APPROVALS = 3
+# Publishing an event through the (faulty) REST API: a few quick tries.
+PUBLISH_ATTEMPTS = 10
+PUBLISH_BACKOFF_S = 0.1
+PUBLISH_BACKOFF_MAX_S = 1.0
 WITHOUT_PAY_METHOD = 2
 # Faults go to the business calls only, so the demo's own logins stay quiet.
 FAULTY_OPERATIONS = {
@@ -250,16 +257,15 @@ def _publish(
 
 
 def _publish_one(client: SalesforceClient, order_id: str, idem_key: str) -> None:
-    from provisioning.errors import TransientError
-
     # The org's REST API has the same 10% transient faults; publishing is retried like any client would.
-    for attempt in range(10):
-        try:
+    for attempt in Retrying(
+        stop=stop_after_attempt(PUBLISH_ATTEMPTS),
+        wait=tenacity_wait(base_s=PUBLISH_BACKOFF_S, cap_s=PUBLISH_BACKOFF_MAX_S),
+        retry=retry_if_exception_type(TransientError),
+        reraise=True,
+    ):
+        with attempt:
             client.publish_event(order_id, idem_key)
-            return
-        except TransientError:
-            time.sleep(0.1 * (attempt + 1))
-    client.publish_event(order_id, idem_key)
 
 
 def _views(box: Sandbox, seeded: list[SeededOrder]) -> dict[str, dict[str, Any]]:

@@ -8,12 +8,37 @@ say which errors it retries without knowing every client::
     ├── TransientError   worth retrying later: connection errors, timeouts, 429/5xx, SMTP 4xx
     └── PermanentError   retrying cannot help: validation, unknown ids, auth, business rules
         └── OrderRejected  the Order itself cannot be provisioned (raised by the steps)
+
+Every exception class of the package survives ``pickle`` (Celery pickles them for
+result backends, events and its prefork pool) with its message and attributes:
+:class:`PicklableError` rebuilds an exception without calling its constructor, so
+keyword-only or extra constructor arguments cannot break the round trip.
 """
 
 from __future__ import annotations
 
+from typing import Any
 
-class ProvisioningError(Exception):
+
+def _rebuild(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
+class PicklableError(Exception):
+    """Pickles as (class, args, attributes); unpickling does not call ``__init__``.
+
+    The default pickling of exceptions calls ``cls(*self.args)``, which fails or
+    builds nonsense when the constructor takes other arguments than the message.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+class ProvisioningError(PicklableError):
     """Root of every error raised by this package's clients."""
 
 

@@ -36,18 +36,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
-from provisioning.backoff import compute_backoff
+from provisioning.backoff import backoff_s, tenacity_wait
 from provisioning.chain import ENTRY_STEP, STEPS, Step
 from provisioning.context import StepContext
 from provisioning.errors import PermanentError, TransientError
 from provisioning.esim.steps import is_esim
 from provisioning.ledger import Provisioning, RunRecord, RunState
 from provisioning.logs import get_logger
+from provisioning.order import Order
 from provisioning.results import EsimActivated, PaymentChecked, StepResult, WelcomeEmail, WhmcsOrderCreated
 from provisioning.run_id import RunId
-from provisioning.salesforce.client import Order
 from provisioning.salesforce.errors import OrderNotFound
 from provisioning.services import Services
 from provisioning.settings import Settings
@@ -60,6 +60,7 @@ LEASE_BUSY_RETRY_S = 2.0
 # Writes of the Order where no task retry can take over (a failure, a requeue): a few quick tries.
 WRITEBACK_ATTEMPTS = 3
 WRITEBACK_BACKOFF_S = 1.0
+WRITEBACK_BACKOFF_MAX_S = 4.0
 
 
 class RetryLater(Exception):
@@ -82,7 +83,7 @@ class RunFailed(Exception):
 def retry_backoff_s(settings: Settings, retries: int) -> float:
     """A task retry's countdown, kept below the broker's visibility timeout."""
     cap = min(settings.task_retry_backoff_max_s, settings.celery_visibility_timeout_s / 2)
-    return compute_backoff(retries, base_s=settings.task_retry_backoff_s, cap_s=cap)
+    return backoff_s(retries, base_s=settings.task_retry_backoff_s, cap_s=cap)
 
 
 # -- beginning a run ---------------------------------------------------------------------------
@@ -290,7 +291,7 @@ def write_order(services: Services, order_id: str, fields: dict[str, object], *,
     try:
         for attempt in Retrying(
             stop=stop_after_attempt(WRITEBACK_ATTEMPTS),
-            wait=wait_exponential(multiplier=WRITEBACK_BACKOFF_S),
+            wait=tenacity_wait(base_s=WRITEBACK_BACKOFF_S, cap_s=WRITEBACK_BACKOFF_MAX_S),
             retry=retry_if_exception_type(TransientError),
             reraise=True,
         ):

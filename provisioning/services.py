@@ -5,10 +5,9 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import redis
-
 from provisioning.http import make_session
 from provisioning.ledger import Ledger
+from provisioning.redis_client import redis_from_settings
 from provisioning.settings import Settings
 
 if TYPE_CHECKING:
@@ -18,25 +17,7 @@ if TYPE_CHECKING:
     from provisioning.salesforce.client import SalesforceClient
     from provisioning.whmcs.client import WhmcsClient
 
-# Redis calls fail instead of hanging when Redis stops answering.
-REDIS_SOCKET_TIMEOUT_S = 10.0
-REDIS_CONNECT_TIMEOUT_S = 5.0
-REDIS_HEALTH_CHECK_INTERVAL_S = 30
-# Enough pooled Redis connections for a worker with 100 threads.
-REDIS_MAX_CONNECTIONS = 200
-
 T = TypeVar("T")
-
-
-def redis_from_settings(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(
-        str(settings.redis_url),
-        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
-        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-        health_check_interval=REDIS_HEALTH_CHECK_INTERVAL_S,
-        max_connections=REDIS_MAX_CONNECTIONS,
-        retry_on_timeout=True,
-    )
 
 
 class Services:

@@ -9,8 +9,10 @@ The environment wins over the env file; the env file is ``.env`` unless
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import MappingProxyType
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
@@ -23,10 +25,35 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from provisioning.errors import PicklableError
+
 ENV_FILE_VARIABLE = "PROVISIONING_ENV_FILE"
 DEFAULT_ENV_FILE = ".env"
 
-REPLAY_PRESETS = {"LATEST": -1, "EARLIEST": -2}
+# The one home of these defaults: the clients, the listener and the sandbox import them from here.
+DEFAULT_SF_API_VERSION = "64.0"
+DEFAULT_PROVISION_EVENT = "OrderProvisionRequested__e"
+# Replay presets of the Streaming API (any other start is an opaque replayId).
+REPLAY_LATEST = -1
+REPLAY_EARLIEST = -2
+REPLAY_PRESETS: Final[Mapping[str, int]] = MappingProxyType(
+    {"LATEST": REPLAY_LATEST, "EARLIEST": REPLAY_EARLIEST}
+)
+REPLAY_PRESET_NAMES: Final[Mapping[int, str]] = MappingProxyType({v: k for k, v in REPLAY_PRESETS.items()})
+# API names of the Order fields we read and write, by logical name (SF_FIELD_<NAME> overrides each).
+DEFAULT_ORDER_FIELD_NAMES: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "activation_status": "Activation_Status__c",
+        "whmcs_client_id": "WHMCS_Client_ID__c",
+        "sim_type": "SIM_Type__c",
+        "eid": "EID__c",
+        "whmcs_product_id": "WHMCS_Product_ID__c",
+        "whmcs_order_id": "WHMCS_Order_ID__c",
+        "esim_iccid": "ESIM_ICCID__c",
+        "activation_error": "Activation_Error__c",
+        "activated_at": "Activated_At__c",
+    }
+)
 
 
 def _replay_start(value: str) -> str:
@@ -138,10 +165,12 @@ class Settings(BaseSettings):
     sf_private_key_file: Path | None = Field(
         None, description="PEM private key whose certificate is on the Connected App."
     )
-    sf_api_version: str = Field("64.0", pattern=r"^\d{2,3}\.0$", description="REST and CometD API version.")
+    sf_api_version: str = Field(
+        DEFAULT_SF_API_VERSION, pattern=r"^\d{2,3}\.0$", description="REST and CometD API version."
+    )
     sf_events_enabled: bool = Field(True, description="Whether `provisioning listen` subscribes.")
     sf_provision_event_channel: str = Field(
-        "/event/OrderProvisionRequested__e",
+        f"/event/{DEFAULT_PROVISION_EVENT}",
         pattern=r"^/event/[A-Za-z0-9_]+__e$",
         description="Platform Event channel.",
     )
@@ -154,25 +183,32 @@ class Settings(BaseSettings):
 
     # Order field names (API names), in case an org named them differently.
     sf_field_activation_status: str = Field(
-        "Activation_Status__c", description="Order field: Activating / Activated / Failed."
+        DEFAULT_ORDER_FIELD_NAMES["activation_status"],
+        description="Order field: Activating / Activated / Failed.",
     )
     sf_field_whmcs_client_id: str = Field(
-        "WHMCS_Client_ID__c", description="Account field: the WHMCS client id."
+        DEFAULT_ORDER_FIELD_NAMES["whmcs_client_id"], description="Account field: the WHMCS client id."
     )
-    sf_field_sim_type: str = Field("SIM_Type__c", description="Order field: eSIM or Physical.")
-    sf_field_eid: str = Field("EID__c", description="Order field: the device's EID (eSIM).")
+    sf_field_sim_type: str = Field(
+        DEFAULT_ORDER_FIELD_NAMES["sim_type"], description="Order field: eSIM or Physical."
+    )
+    sf_field_eid: str = Field(
+        DEFAULT_ORDER_FIELD_NAMES["eid"], description="Order field: the device's EID (eSIM)."
+    )
     sf_field_whmcs_product_id: str = Field(
-        "WHMCS_Product_ID__c", description="Product2 field: the WHMCS product id."
+        DEFAULT_ORDER_FIELD_NAMES["whmcs_product_id"], description="Product2 field: the WHMCS product id."
     )
     sf_field_whmcs_order_id: str = Field(
-        "WHMCS_Order_ID__c", description="Order field written: the WHMCS order id."
+        DEFAULT_ORDER_FIELD_NAMES["whmcs_order_id"], description="Order field written: the WHMCS order id."
     )
-    sf_field_esim_iccid: str = Field("ESIM_ICCID__c", description="Order field written: the eSIM's ICCID.")
+    sf_field_esim_iccid: str = Field(
+        DEFAULT_ORDER_FIELD_NAMES["esim_iccid"], description="Order field written: the eSIM's ICCID."
+    )
     sf_field_activation_error: str = Field(
-        "Activation_Error__c", description="Order field written: why it failed."
+        DEFAULT_ORDER_FIELD_NAMES["activation_error"], description="Order field written: why it failed."
     )
     sf_field_activated_at: str = Field(
-        "Activated_At__c", description="Order field written: when it was activated."
+        DEFAULT_ORDER_FIELD_NAMES["activated_at"], description="Order field written: when it was activated."
     )
 
     # -- WHMCS -----------------------------------------------------------------------------
@@ -293,7 +329,7 @@ class Settings(BaseSettings):
             raise ConfigError([(n.upper(), "is required here but not set") for n in missing])
 
 
-class ConfigError(Exception):
+class ConfigError(PicklableError):
     """Configuration that cannot be used; ``problems`` holds (VARIABLE, what is wrong)."""
 
     def __init__(self, problems: list[tuple[str, str]]):

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-import redis
 import requests
 
 from provisioning.ledger import RunState
-from provisioning.sandbox.processes import free_port
+from provisioning.sandbox.redis_server import RedisServer
 from provisioning.sandbox.salesforce import ids
 from provisioning.sandbox.scenario import count_effects, event_payload, publish_events_admin, seed_orders
 from provisioning.sandbox.scenario import wait_until as wait_for
@@ -181,30 +179,12 @@ def test_the_reconciler_finishes_a_run_whose_worker_died_and_whose_message_never
 def test_redis_stopped_for_30_seconds_mid_stream_loses_no_event(
     sandbox, listen_settings, workers, listeners, tmp_path: Path
 ):
-    port = free_port()
-    data = tmp_path / "redis"
-    data.mkdir()
-    argv = [
-        "redis-server",
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "yes",
-        "--dir",
-        str(data),
-    ]
-    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = RedisServer(tmp_path / "redis", appendonly=True).start()
     try:
-        url = f"redis://127.0.0.1:{port}/0"
-        wait_for(lambda: _pings(url), timeout_s=10)
         settings = listen_settings.model_copy(
             update={
-                "redis_url": url,
-                "celery_broker_url": f"redis://127.0.0.1:{port}/1",
+                "redis_url": server.url(0),
+                "celery_broker_url": server.url(1),
                 "reconcile_interval_s": 2,
                 "reconcile_idle_s": 20,
             }
@@ -215,12 +195,10 @@ def test_redis_stopped_for_30_seconds_mid_stream_loses_no_event(
         listeners(settings)
         publish_events_admin(sandbox, [event_payload(o) for o in orders[:20]])
         wait_for(lambda: sum(_done(services, o.run_id) for o in orders[:20]) >= 5)
-        server.send_signal(signal.SIGTERM)
-        server.wait(10)
+        server.stop(signal.SIGTERM)
         publish_events_admin(sandbox, [event_payload(o) for o in orders[20:]])
         time.sleep(30)
-        server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: _pings(url), timeout_s=10)
+        server.start()
         # Celery's Redis transport can exit on a broker outage ("Unrecoverable error"); workers run
         # under a supervisor that restarts them (docs/operations.md), which this stands in for.
         if not worker.alive():
@@ -228,15 +206,4 @@ def test_redis_stopped_for_30_seconds_mid_stream_loses_no_event(
         wait_for(lambda: all(_done(services, o.run_id) for o in orders), timeout_s=240, poll_s=1)
         assert count_effects(sandbox).whmcs_orders == 60
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(10)
-
-
-def _pings(url: str) -> bool:
-    client = redis.Redis.from_url(url, socket_connect_timeout=1)
-    try:
-        return bool(client.ping())
-    except redis.exceptions.ConnectionError:
-        return False
-    finally:
-        client.close()
+        server.stop()

@@ -17,8 +17,8 @@ from provisioning.context import StepContext
 from provisioning.email.errors import EmailDeliveryUnknownError, EmailError
 from provisioning.email.message import build_activation_email, message_id_for
 from provisioning.logs import get_logger
+from provisioning.order import Order
 from provisioning.results import EsimActivated, WelcomeEmail, WhmcsOrderCreated
-from provisioning.salesforce.client import Order
 
 log = get_logger(__name__)
 

@@ -10,6 +10,8 @@ import click
 
 from provisioning.clictx import Context, pass_ctx
 from provisioning.esim.errors import InventoryFileError
+from provisioning.esim.inventory import EsimInventory
+from provisioning.settings import Settings
 
 
 @click.group()
@@ -27,7 +29,6 @@ def load(ctx: Context, file: Path) -> None:
     ICCIDs already known are skipped, so loading a batch twice adds nothing.
     """
     from provisioning.esim.inventory import parse_batch
-    from provisioning.services import Services
 
     try:
         iccids = parse_batch(file)
@@ -35,7 +36,7 @@ def load(ctx: Context, file: Path) -> None:
         click.echo(str(exc), err=True)
         click.echo("Fix those lines (or remove them) and load the file again.", err=True)
         sys.exit(1)
-    inventory = Services(ctx.settings).inventory
+    inventory = _inventory(ctx.settings)
     added = inventory.load(iccids)
     stock = inventory.stock()
     click.echo(
@@ -49,10 +50,8 @@ def load(ctx: Context, file: Path) -> None:
 @pass_ctx
 def stock(ctx: Context, as_json: bool) -> None:
     """How many ICCIDs are free, claimed (by a run in progress) and used; warns when low."""
-    from provisioning.services import Services
-
     settings = ctx.settings
-    inventory = Services(settings).inventory
+    inventory = _inventory(settings)
     current = inventory.stock()
     low = current.free < settings.esim_stock_warn_threshold
     if as_json:
@@ -75,3 +74,9 @@ def stock(ctx: Context, as_json: bool) -> None:
             "(ESIM_STOCK_WARN_THRESHOLD); load a new batch with `provisioning esim load FILE`.",
             err=True,
         )
+
+
+def _inventory(settings: Settings) -> EsimInventory:
+    from provisioning.redis_client import redis_from_settings
+
+    return EsimInventory(redis=redis_from_settings(settings), prefix=settings.ledger_prefix)

@@ -1,9 +1,10 @@
-"""ES2+ client (GSMA SGP.22): the operator side of downloadOrder, confirmOrder, cancelOrder, releaseProfile.
+"""ES2+ client (GSMA SGP.22): the operator side of downloadOrder and confirmOrder.
 
 Every function is an HTTPS POST of JSON to ``{url}/gsma/rsp2/es2plus/<function>``
 with ``X-Admin-Protocol``; the SM-DP+ answers HTTP 200 even when the function
 failed, and ``header.functionExecutionStatus`` says which. Errors are mapped in
-one place (:meth:`Es2PlusClient._call`) to :mod:`provisioning.esim.errors`.
+one place (:meth:`Es2PlusClient._call`, transport failures through
+:func:`provisioning.http.classify`) to :mod:`provisioning.esim.errors`.
 
 Retry safety is the caller's business (see ARCHITECTURE section 4): order an
 explicit ``iccid`` claimed from the inventory and confirm with
@@ -15,30 +16,25 @@ could not be opened (the request was never sent).
 from __future__ import annotations
 
 import hashlib
-import ssl
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from provisioning.esim.errors import (
     TRANSIENT_REASON_CODES,
-    Es2PlusConnectionError,
     Es2PlusFunctionFailed,
     Es2PlusFunctionUnavailable,
     Es2PlusProtocolError,
     Es2PlusServerError,
-    Es2PlusTimeout,
-    Es2PlusTlsError,
     FunctionStatus,
+    from_transport,
 )
 from provisioning.esim.iccid import normalize_iccid
-from provisioning.http import make_session
+from provisioning.http import TransportFailure, classify, connection_retrying, make_session, status_failure
 from provisioning.logs import get_logger
 from provisioning.settings import Settings
 
@@ -47,17 +43,11 @@ log = get_logger(__name__)
 CONNECT_TIMEOUT_S = 5.0
 # An SM-DP+ answers ES2+ synchronously; generous, since a timed-out call is ambiguous.
 READ_TIMEOUT_S = 30.0
-# Attempts to open a connection; a request that was sent is never repeated here.
-CONNECT_ATTEMPTS = 2
-# How deep to look into wrapped exceptions (requests → urllib3 → ssl/OSError).
-MAX_CAUSE_DEPTH = 10
 
 ADMIN_PROTOCOL = "gsma/rsp/v2.5.0"
 ADMIN_PROTOCOL_PREFIX = "gsma/rsp/v2."
 API_PATH = "/gsma/rsp2/es2plus/"
 SUCCESS_STATUSES = frozenset({"Executed-Success", "Executed-WithWarning"})
-
-FinalStatus = Literal["Available", "Unavailable"]
 
 
 @dataclass(frozen=True)
@@ -141,23 +131,6 @@ class Es2PlusClient:
         address = answer.get("smdpAddress")
         return ConfirmResult(matching_id=returned, smdp_address=address if isinstance(address, str) else None)
 
-    def cancel_order(
-        self,
-        *,
-        iccid: str,
-        eid: str | None = None,
-        matching_id: str | None = None,
-        final_status: FinalStatus = "Available",
-    ) -> None:
-        """Undo an order; the profile becomes ``final_status`` (Available: reusable)."""
-        body = _drop_none({"iccid": iccid, "eid": eid, "matchingId": matching_id})
-        body["finalProfileStatusIndicator"] = final_status
-        self._call("cancelOrder", body)
-
-    def release_profile(self, iccid: str) -> None:
-        """Release a confirmed profile (confirmed with ``release=False``) for download."""
-        self._call("releaseProfile", {"iccid": iccid})
-
     # -- transport ----------------------------------------------------------------------------
 
     def _call(self, function: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -171,9 +144,10 @@ class Es2PlusClient:
         response = self._post(function, payload)
         elapsed_ms = round((time.monotonic() - started) * 1000, 1)
         status = response.status_code
-        if status == 429 or status >= 500:
+        busy = status_failure(status)
+        if busy is not None:
             log.warning("es2plus_http_error", function=function, call_id=call_id, http_status=status)
-            raise Es2PlusServerError(f"{function}: HTTP {status}", status_code=status)
+            raise from_transport(TransportFailure(busy, f"HTTP {status}"), function, status=status)
         try:
             answer = response.json()
         except ValueError:
@@ -211,37 +185,17 @@ class Es2PlusClient:
         raise Es2PlusProtocolError(f"{function}: unknown status {outcome.status!r}")
 
     def _post(self, function: str, payload: dict[str, Any]) -> requests.Response:
-        """The one place where requests' exceptions become ours."""
-        url = self._base + function
-        headers = {"X-Admin-Protocol": ADMIN_PROTOCOL, "Accept": "application/json"}
-        for attempt in range(1, CONNECT_ATTEMPTS + 1):
-            try:
-                return self._session.post(
-                    url, json=payload, headers=headers, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
-                )
-            except requests.exceptions.SSLError as exc:
-                if _is_verification_failure(exc):
-                    raise Es2PlusTlsError(f"{function}: the SM-DP+ certificate does not verify") from exc
-                # A handshake or record cut short: the connection dropped, possibly after the request.
-                raise Es2PlusConnectionError(f"{function}: TLS connection lost") from exc
-            except requests.exceptions.Timeout as exc:
-                connecting = isinstance(exc, requests.exceptions.ConnectTimeout)
-                if connecting and attempt < CONNECT_ATTEMPTS:
-                    continue
-                phase = "connecting" if connecting else "waiting for the answer"
-                raise Es2PlusTimeout(f"{function}: timed out {phase}") from exc
-            except requests.exceptions.ConnectionError as exc:
-                if _never_sent(exc) and attempt < CONNECT_ATTEMPTS:
-                    log.info("es2plus_reconnect", function=function)
-                    continue
-                raise Es2PlusConnectionError(
-                    f"{function}: connection failed ({type(_root(exc)).__name__})"
-                ) from exc
-            except requests.exceptions.ChunkedEncodingError as exc:
-                raise Es2PlusConnectionError(f"{function}: connection lost during the answer") from exc
-            except requests.exceptions.RequestException as exc:
-                raise Es2PlusProtocolError(f"{function}: request failed ({type(exc).__name__})") from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+        """The one place where requests' exceptions become ours; only a request never sent is sent again."""
+        try:
+            return connection_retrying()(
+                self._session.post,
+                self._base + function,
+                json=payload,
+                headers={"X-Admin-Protocol": ADMIN_PROTOCOL, "Accept": "application/json"},
+                timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+            )
+        except requests.RequestException as exc:
+            raise from_transport(classify(exc), function) from exc
 
 
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
@@ -269,35 +223,4 @@ def _status_of(function: str, answer: object) -> FunctionStatus | None:
         reason_code=text("reasonCode"),
         subject_identifier=text("subjectIdentifier"),
         message=text("message"),
-    )
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and the exceptions it wraps, outermost first (requests wraps urllib3, which wraps OSError)."""
-    node: BaseException | None = exc
-    for _ in range(MAX_CAUSE_DEPTH):
-        if node is None:
-            return
-        yield node
-        inner = next((a for a in node.args if isinstance(a, BaseException)), None)
-        if inner is None and isinstance(node, MaxRetryError):
-            inner = node.reason
-        node = inner or node.__cause__
-
-
-def _root(exc: BaseException) -> BaseException:
-    *_, innermost = _causes(exc)
-    return innermost
-
-
-def _never_sent(exc: requests.exceptions.ConnectionError) -> bool:
-    """True when the connection could not be opened, so the request cannot have reached the server."""
-    inner = exc.args[0] if exc.args else None
-    return isinstance(inner, MaxRetryError) and isinstance(inner.reason, NewConnectionError)
-
-
-def _is_verification_failure(exc: BaseException) -> bool:
-    return any(
-        isinstance(e, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(e)
-        for e in _causes(exc)
     )

@@ -8,26 +8,34 @@ Every ES2+ call raises an :class:`Es2PlusError`; every inventory operation an
     └── EsimError
         ├── Es2PlusError
         │   ├── Es2PlusTransientError            (TransientError)
-        │   │   ├── Es2PlusConnectionError       refused, reset, TLS handshake cut, response lost
+        │   │   ├── Es2PlusConnectionError       refused, reset, TLS record cut short, response lost
         │   │   ├── Es2PlusTimeout               connect or read timeout
         │   │   ├── Es2PlusServerError           HTTP 429 / 5xx, or a body that is not JSON
         │   │   └── Es2PlusFunctionUnavailable   status Expired, or Failed with a transient reason (5.1)
         │   └── Es2PlusPermanentError            (PermanentError)
         │       ├── Es2PlusFunctionFailed        status Failed: subject_code, reason_code, message
-        │       ├── Es2PlusProtocolError         other HTTP status, missing header/fields, bad X-Admin-Protocol
+        │       ├── Es2PlusProtocolError         other HTTP status, missing header/fields, bad X-Admin-Protocol,
+        │       │                                invalid URL, redirect loop
         │       └── Es2PlusTlsError              the server certificate does not verify (configuration)
         └── InventoryError
             ├── InventoryEmpty                   (TransientError) no free ICCID: load a batch
             ├── InventoryUnavailable             (TransientError) Redis did not answer
             ├── InventoryClaimError              (PermanentError) the run has no claim / its ICCID is used
             └── InventoryFileError               (PermanentError) malformed batch file: every bad line
+
+Transport failures of ES2+ calls (classified by :mod:`provisioning.http`) become these
+errors through :data:`TRANSPORT_ERRORS` only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Final
 
 from provisioning.errors import PermanentError, ProvisioningError, TransientError
+from provisioning.http import Failure, TransportFailure
 
 # Reason codes that say "not now" rather than "not this": 5.1 = Inaccessible (a backend of the SM-DP+).
 TRANSIENT_REASON_CODES = frozenset({"5.1"})
@@ -59,7 +67,7 @@ class Es2PlusTimeout(Es2PlusTransientError):
 class Es2PlusServerError(Es2PlusTransientError):
     """HTTP 429/5xx, or an answer that is not JSON (a gateway's error page)."""
 
-    def __init__(self, message: str, *, status_code: int) -> None:
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
 
@@ -78,6 +86,31 @@ class Es2PlusProtocolError(Es2PlusPermanentError):
 
 class Es2PlusTlsError(Es2PlusPermanentError):
     """The SM-DP+ certificate does not verify against the configured CA bundle."""
+
+
+TRANSPORT_ERRORS: Final[Mapping[Failure, type[Es2PlusError]]] = MappingProxyType(
+    {
+        Failure.UNREACHABLE: Es2PlusConnectionError,
+        Failure.CONNECTION_LOST: Es2PlusConnectionError,
+        Failure.CONNECT_TIMEOUT: Es2PlusTimeout,
+        Failure.READ_TIMEOUT: Es2PlusTimeout,
+        Failure.THROTTLED: Es2PlusServerError,
+        Failure.SERVER_ERROR: Es2PlusServerError,
+        Failure.TLS_CERTIFICATE: Es2PlusTlsError,
+        Failure.TOO_MANY_REDIRECTS: Es2PlusProtocolError,
+        Failure.INVALID_URL: Es2PlusProtocolError,
+        Failure.UNEXPECTED: Es2PlusProtocolError,
+    }
+)
+
+
+def from_transport(failure: TransportFailure, function: str, *, status: int | None = None) -> Es2PlusError:
+    """The ES2+ error for a classified transport failure of ``function``."""
+    cls = TRANSPORT_ERRORS[failure.kind]
+    message = f"{function}: {failure.describe()}"
+    if issubclass(cls, (Es2PlusServerError, Es2PlusProtocolError)):
+        return cls(message, status_code=status)
+    return cls(message)
 
 
 @dataclass(frozen=True)
@@ -131,7 +164,12 @@ class Es2PlusFunctionUnavailable(_WithFunctionStatus, Es2PlusTransientError):
 
 
 class Es2PlusFunctionFailed(_WithFunctionStatus, Es2PlusPermanentError):
-    """Status ``Failed``: the SM-DP+ refused the function; the codes say why."""
+    """Status ``Failed``: the SM-DP+ refused the function; the codes say why.
+
+    The two the steps act on have properties; others, through :meth:`has_code`:
+    8.2.1/3.9 unknown ICCID, 8.2.5/3.7 profile type exhausted, 8.1.1/3.10 linked
+    to another EID, 8.2.6/3.3 matchingId used by another profile.
+    """
 
     @property
     def is_iccid_in_use(self) -> bool:
@@ -142,26 +180,6 @@ class Es2PlusFunctionFailed(_WithFunctionStatus, Es2PlusPermanentError):
     def is_invalid_transition(self) -> bool:
         """8.2.1/3.5: the profile is not in a state this function applies to (e.g. confirmed already)."""
         return self.has_code("8.2.1", "3.5")
-
-    @property
-    def is_pool_exhausted(self) -> bool:
-        """8.2.5/3.7: no available profile of the requested profile type."""
-        return self.has_code("8.2.5", "3.7")
-
-    @property
-    def is_unknown_iccid(self) -> bool:
-        """8.2.1/3.9: the SM-DP+ has no profile with this ICCID."""
-        return self.has_code("8.2.1", "3.9")
-
-    @property
-    def is_eid_mismatch(self) -> bool:
-        """8.1.1/3.10: the profile is linked to a different EID."""
-        return self.has_code("8.1.1", "3.10")
-
-    @property
-    def is_matching_id_in_use(self) -> bool:
-        """8.2.6/3.3: another profile already carries this matchingId."""
-        return self.has_code("8.2.6", "3.3")
 
 
 # -- inventory --------------------------------------------------------------------------------

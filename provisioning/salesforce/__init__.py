@@ -1,12 +1,14 @@
 """Salesforce connectivity: JWT bearer auth, the REST client, the Streaming API subscriber, Id checks."""
 
+from provisioning.order import Order, OrderItem
 from provisioning.salesforce.auth import AccessToken, JWTBearerAuth
-from provisioning.salesforce.client import ApiUsage, Order, OrderFieldNames, OrderItem, SalesforceClient
+from provisioning.salesforce.client import OrderFieldNames, SalesforceClient
 from provisioning.salesforce.errors import (
     InvalidSalesforceId,
     OrderNotFound,
     SalesforceAuthError,
     SalesforceConnectionError,
+    SalesforceEndpointError,
     SalesforceError,
     SalesforcePermanentError,
     SalesforceRequestError,
@@ -15,19 +17,13 @@ from provisioning.salesforce.errors import (
     SalesforceUnavailable,
 )
 from provisioning.salesforce.ids import is_valid_id, normalize_id
-from provisioning.salesforce.streaming import (
-    REPLAY_EARLIEST,
-    REPLAY_LATEST,
-    Event,
-    StreamCounters,
-    StreamingClient,
-)
+from provisioning.salesforce.streaming import Event, StreamCounters, StreamingClient
+from provisioning.settings import REPLAY_EARLIEST, REPLAY_LATEST
 
 __all__ = [
     "REPLAY_EARLIEST",
     "REPLAY_LATEST",
     "AccessToken",
-    "ApiUsage",
     "Event",
     "InvalidSalesforceId",
     "JWTBearerAuth",
@@ -38,6 +34,7 @@ __all__ = [
     "SalesforceAuthError",
     "SalesforceClient",
     "SalesforceConnectionError",
+    "SalesforceEndpointError",
     "SalesforceError",
     "SalesforcePermanentError",
     "SalesforceRequestError",

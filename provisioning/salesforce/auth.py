@@ -20,13 +20,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from pydantic import SecretStr
 
-from provisioning.http import make_session
+from provisioning.http import TransportFailure, classify, connection_retrying, make_session, status_failure
 from provisioning.logs import get_logger
-from provisioning.salesforce.errors import (
-    SalesforceAuthError,
-    SalesforceConnectionError,
-    SalesforceUnavailable,
-)
+from provisioning.salesforce.errors import SalesforceAuthError, from_transport
 from provisioning.settings import Settings
 
 log = get_logger(__name__)
@@ -164,18 +160,16 @@ class JWTBearerAuth:
     def _login(self) -> AccessToken:
         self.logins += 1
         try:
-            response = self._session.post(
+            response = connection_retrying()(
+                self._session.post,
                 self.token_url,
                 data={"grant_type": GRANT_TYPE, "assertion": self._assertion()},
                 headers={"Accept": "application/json"},
                 timeout=(LOGIN_CONNECT_TIMEOUT_S, LOGIN_READ_TIMEOUT_S),
             )
-        except requests.Timeout:
-            raise SalesforceConnectionError(f"Salesforce login timed out: POST {self.token_url}") from None
         except requests.RequestException as exc:
-            raise SalesforceConnectionError(
-                f"Salesforce login could not reach {self.token_url}: {type(exc).__name__}: {exc}"
-            ) from None
+            # Not chained: the request (and with it the assertion) stays out of tracebacks.
+            raise from_transport(classify(exc), f"Salesforce login at {self.token_url}") from None
         body = _json_object(response)
         if response.status_code == 200 and body.get("access_token") and body.get("instance_url"):
             log.info("salesforce_login", login_url=self.login_url, instance_url=body["instance_url"])
@@ -187,9 +181,12 @@ class JWTBearerAuth:
                 scope=body.get("scope"),
             )
         status = response.status_code
-        if status >= 500 or status == 429:
-            raise SalesforceUnavailable(
-                f"Salesforce login answered HTTP {status}; try again later", status=status
+        busy = status_failure(status)
+        if busy is not None:
+            raise from_transport(
+                TransportFailure(busy, f"HTTP {status}"),
+                f"Salesforce login at {self.token_url}",
+                status=status,
             )
         error = str(body.get("error") or f"HTTP {status}")
         description = str(body.get("error_description") or "").strip()

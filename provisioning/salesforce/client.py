@@ -3,9 +3,11 @@
 simple-salesforce does the HTTP, built per call from our token (``instance_url`` +
 ``session_id``) and our ``requests.Session``, so the CA bundle of the settings
 applies and a renewed token or instance is picked up at once. Every library
-error is translated in :func:`_translate`; a 401 ``INVALID_SESSION_ID`` renews
-the token once (through :class:`JWTBearerAuth`, shared by all threads) and
-repeats the call.
+error is translated in :func:`_translate` (transport failures through
+:func:`provisioning.http.classify`); a 401 ``INVALID_SESSION_ID`` renews the
+token once (through :class:`JWTBearerAuth`, shared by all threads) and repeats
+the call, and a request that was never sent is sent once more: nothing else is
+retried here.
 """
 
 from __future__ import annotations
@@ -18,31 +20,39 @@ from dataclasses import dataclass, fields
 from typing import Any, NamedTuple, TypeVar
 
 import requests
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from simple_salesforce import exceptions as sf_exceptions
 from simple_salesforce.api import Salesforce
 from simple_salesforce.format import format_soql
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
-from provisioning.http import make_session
+from provisioning.errors import PicklableError
+from provisioning.http import classify, connection_retrying, make_session, status_failure
 from provisioning.logs import get_logger
+from provisioning.order import Order, OrderItem
 from provisioning.salesforce.auth import AccessToken, JWTBearerAuth
 from provisioning.salesforce.errors import (
     OrderNotFound,
     SalesforceAuthError,
-    SalesforceConnectionError,
     SalesforceError,
     SalesforceRequestError,
     SalesforceUnavailable,
+    from_transport,
 )
 from provisioning.salesforce.ids import normalize_id
-from provisioning.settings import Settings
+from provisioning.settings import (
+    DEFAULT_ORDER_FIELD_NAMES,
+    DEFAULT_PROVISION_EVENT,
+    DEFAULT_SF_API_VERSION,
+    Settings,
+)
 
 log = get_logger(__name__)
 
 REST_CONNECT_TIMEOUT_S = 10.0
 REST_READ_TIMEOUT_S = 30.0
-DEFAULT_API_VERSION = "64.0"
-DEFAULT_EVENT_OBJECT = "OrderProvisionRequested__e"
+# Tries of one call when the session expired: the first, and one after a fresh login.
+SESSION_ATTEMPTS = 2
 
 # errorCodes worth retrying later whatever the HTTP status says.
 TRANSIENT_ERROR_CODES = frozenset(
@@ -59,15 +69,15 @@ T = TypeVar("T")
 class OrderFieldNames:
     """API names of the Order fields we read and write (an org may name them differently)."""
 
-    activation_status: str = "Activation_Status__c"
-    whmcs_client_id: str = "WHMCS_Client_ID__c"
-    sim_type: str = "SIM_Type__c"
-    eid: str = "EID__c"
-    whmcs_product_id: str = "WHMCS_Product_ID__c"
-    whmcs_order_id: str = "WHMCS_Order_ID__c"
-    esim_iccid: str = "ESIM_ICCID__c"
-    activation_error: str = "Activation_Error__c"
-    activated_at: str = "Activated_At__c"
+    activation_status: str = DEFAULT_ORDER_FIELD_NAMES["activation_status"]
+    whmcs_client_id: str = DEFAULT_ORDER_FIELD_NAMES["whmcs_client_id"]
+    sim_type: str = DEFAULT_ORDER_FIELD_NAMES["sim_type"]
+    eid: str = DEFAULT_ORDER_FIELD_NAMES["eid"]
+    whmcs_product_id: str = DEFAULT_ORDER_FIELD_NAMES["whmcs_product_id"]
+    whmcs_order_id: str = DEFAULT_ORDER_FIELD_NAMES["whmcs_order_id"]
+    esim_iccid: str = DEFAULT_ORDER_FIELD_NAMES["esim_iccid"]
+    activation_error: str = DEFAULT_ORDER_FIELD_NAMES["activation_error"]
+    activated_at: str = DEFAULT_ORDER_FIELD_NAMES["activated_at"]
 
     def __post_init__(self) -> None:
         # They are pasted into SOQL, so they must be plain API names.
@@ -96,35 +106,6 @@ class OrderFieldNames:
         return body
 
 
-class OrderItem(BaseModel):
-    """One line of an Order."""
-
-    model_config = ConfigDict(frozen=True)
-
-    quantity: int
-    whmcs_product_id: str | None
-
-
-class Order(BaseModel):
-    """The Order fields provisioning needs (names and e-mail kept out of reprs and logs)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    id: str
-    order_number: str | None
-    activation_status: str | None
-    whmcs_client_id: str | None
-    email: str | None = Field(repr=False)
-    first_name: str | None = Field(repr=False)
-    sim_type: str | None
-    eid: str | None
-    items: tuple[OrderItem, ...]
-    # What an earlier provisioning wrote back: the Order's own record of its effects.
-    whmcs_order_id: str | None = None
-    esim_iccid: str | None = None
-    activated_at: str | None = None
-
-
 class WaitingOrder(NamedTuple):
     """An Order the backfill found in ``Activating``; ``last_modified`` as Salesforce wrote it."""
 
@@ -132,11 +113,14 @@ class WaitingOrder(NamedTuple):
     last_modified: str
 
 
-class ApiUsage(NamedTuple):
-    """The org's API usage from the last ``Sforce-Limit-Info`` header."""
+class _SessionExpired(PicklableError):
+    """401 INVALID_SESSION_ID: the token that was refused, to renew it once."""
 
-    used: int
-    total: int
+    def __init__(self, token: AccessToken, code: str | None, message: str) -> None:
+        super().__init__(message)
+        self.token = token
+        self.code = code
+        self.message = message
 
 
 class SalesforceClient:
@@ -147,9 +131,9 @@ class SalesforceClient:
         *,
         auth: JWTBearerAuth,
         session: requests.Session,
-        api_version: str = DEFAULT_API_VERSION,
+        api_version: str = DEFAULT_SF_API_VERSION,
         field_names: OrderFieldNames | None = None,
-        event_object: str = DEFAULT_EVENT_OBJECT,
+        event_object: str = DEFAULT_PROVISION_EVENT,
     ) -> None:
         self._auth = auth
         self._session = session
@@ -158,7 +142,6 @@ class SalesforceClient:
         self.event_object = event_object
         self._lock = threading.Lock()
         self.api_calls = 0
-        self.api_usage: ApiUsage | None = None
 
     @classmethod
     def from_settings(
@@ -285,33 +268,46 @@ class SalesforceClient:
     # -- plumbing ---------------------------------------------------------------------------
 
     def _call(self, operation: str, fn: Callable[[Salesforce], T], *, order_id: str | None = None) -> T:
+        """One API call; after a 401 INVALID_SESSION_ID, one fresh login and one repeat."""
+        renewing = Retrying(
+            stop=stop_after_attempt(SESSION_ATTEMPTS),
+            retry=retry_if_exception_type(_SessionExpired),
+            before_sleep=self._renew,
+            reraise=True,
+        )
+        try:
+            result: T = renewing(self._call_once, operation, fn, order_id)
+        except _SessionExpired as expired:
+            raise SalesforceAuthError(
+                f"Salesforce {operation}: HTTP 401 {expired.code}: {expired.message}"
+                " (again, right after a fresh login)",
+                status=401,
+                error_code=expired.code,
+            ) from expired
+        return result
+
+    def _call_once(self, operation: str, fn: Callable[[Salesforce], T], order_id: str | None) -> T:
         token = self._auth.token()
-        renewed = False
-        while True:
-            sf = self._salesforce(token)
-            with self._lock:
-                self.api_calls += 1
-            try:
-                result = fn(sf)
-            except sf_exceptions.SalesforceExpiredSession as exc:
-                code, message = _first_error(exc.content)
-                if not renewed and code == "INVALID_SESSION_ID":
-                    log.info("salesforce_session_expired", operation=operation)
-                    token = self._auth.renew(token)
-                    renewed = True
-                    continue
-                raise SalesforceAuthError(
-                    f"Salesforce {operation}: HTTP 401 {code}: {message}"
-                    + (" (again, right after a fresh login)" if renewed else ""),
-                    status=401,
-                    error_code=code,
-                ) from exc
-            except (sf_exceptions.SalesforceError, requests.RequestException) as exc:
-                raise _translate(operation, exc, order_id=order_id) from exc
-            usage = sf.api_usage.get("api-usage")
-            if usage is not None:
-                self.api_usage = ApiUsage(used=usage.used, total=usage.total)
-            return result
+        sf = self._salesforce(token)
+        with self._lock:
+            self.api_calls += 1
+        try:
+            return connection_retrying()(fn, sf)
+        except sf_exceptions.SalesforceExpiredSession as exc:
+            code, message = _first_error(exc.content)
+            if code == "INVALID_SESSION_ID":
+                raise _SessionExpired(token, code, message) from exc
+            raise SalesforceAuthError(
+                f"Salesforce {operation}: HTTP 401 {code}: {message}", status=401, error_code=code
+            ) from exc
+        except (sf_exceptions.SalesforceError, requests.RequestException) as exc:
+            raise _translate(operation, exc, order_id=order_id) from exc
+
+    def _renew(self, state: RetryCallState) -> None:
+        expired = state.outcome.exception() if state.outcome is not None else None
+        assert isinstance(expired, _SessionExpired)
+        log.info("salesforce_session_expired", operation=state.args[0])
+        self._auth.renew(expired.token)
 
     def _salesforce(self, token: AccessToken) -> Salesforce:
         return Salesforce(
@@ -358,15 +354,13 @@ def _query_more(url: str, timeout: tuple[float, float]) -> Callable[[Salesforce]
 
 def _translate(operation: str, exc: Exception, *, order_id: str | None = None) -> SalesforceError:
     """THE place where requests and simple-salesforce errors become ours."""
-    if isinstance(exc, requests.Timeout):
-        return SalesforceConnectionError(f"Salesforce {operation}: timed out")
     if isinstance(exc, requests.RequestException):
-        return SalesforceConnectionError(f"Salesforce {operation}: {type(exc).__name__}: {exc}")
+        return from_transport(classify(exc), f"Salesforce {operation}")
     assert isinstance(exc, sf_exceptions.SalesforceError)
     status = exc.status
     code, message = _first_error(exc.content)
     text = f"Salesforce {operation}: HTTP {status} {code or ''}: {message}".replace("  ", " ")
-    if code in TRANSIENT_ERROR_CODES or status >= 500 or status == 429:
+    if code in TRANSIENT_ERROR_CODES or status_failure(status) is not None:
         return SalesforceUnavailable(text, status=status, error_code=code)
     if order_id is not None and status == 404:
         return OrderNotFound(f"no Order {order_id} ({text})", status=status, error_code=code)

@@ -2,22 +2,31 @@
 
     SalesforceError                     (provisioning.errors.ProvisioningError)
     ├── SalesforceTransientError        (also provisioning.errors.TransientError)
-    │   ├── SalesforceConnectionError   connection refused/reset, TLS failure, timeout
+    │   ├── SalesforceConnectionError   not reached, connection lost, a TLS record cut short, timeout
     │   └── SalesforceUnavailable       HTTP 5xx/429, REQUEST_LIMIT_EXCEEDED, UNABLE_TO_LOCK_ROW
     └── SalesforcePermanentError        (also provisioning.errors.PermanentError)
         ├── SalesforceAuthError         login refused, or 401 again right after a fresh login
         ├── SalesforceRequestError      MALFORMED_ID, INVALID_FIELD, validation rules, other 4xx
         │   └── OrderNotFound           no Order with that Id
+        ├── SalesforceEndpointError     the URL cannot be used: certificate does not verify,
+        │                               invalid URL, redirect loop
         ├── InvalidSalesforceId         (also ValueError) not a 15/18-character Id
         └── SalesforceStreamingError    the Streaming API refused the subscription
 
-Messages never hold tokens, keys or customer data; ``status`` and ``error_code``
-carry the HTTP status and Salesforce ``errorCode`` when there was one.
+Transport failures (:mod:`provisioning.http` classifies them) become these errors
+through :data:`TRANSPORT_ERRORS` only. Messages never hold tokens, keys or
+customer data; ``status`` and ``error_code`` carry the HTTP status and
+Salesforce ``errorCode`` when there was one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
+
 from provisioning.errors import PermanentError, ProvisioningError, TransientError
+from provisioning.http import Failure, TransportFailure
 
 
 class SalesforceError(ProvisioningError):
@@ -57,9 +66,34 @@ class OrderNotFound(SalesforceRequestError):
     """No Order has this Id (or the integration user cannot see it)."""
 
 
+class SalesforceEndpointError(SalesforcePermanentError):
+    """The configured URL cannot be used: its certificate does not verify, it is invalid, or it loops."""
+
+
 class InvalidSalesforceId(SalesforcePermanentError, ValueError):
     """Not a valid 15- or 18-character Salesforce Id."""
 
 
 class SalesforceStreamingError(SalesforcePermanentError):
     """The Streaming API refused the handshake or subscription for a reason retrying cannot fix."""
+
+
+TRANSPORT_ERRORS: Final[Mapping[Failure, type[SalesforceError]]] = MappingProxyType(
+    {
+        Failure.UNREACHABLE: SalesforceConnectionError,
+        Failure.CONNECT_TIMEOUT: SalesforceConnectionError,
+        Failure.READ_TIMEOUT: SalesforceConnectionError,
+        Failure.CONNECTION_LOST: SalesforceConnectionError,
+        Failure.THROTTLED: SalesforceUnavailable,
+        Failure.SERVER_ERROR: SalesforceUnavailable,
+        Failure.TLS_CERTIFICATE: SalesforceEndpointError,
+        Failure.TOO_MANY_REDIRECTS: SalesforceEndpointError,
+        Failure.INVALID_URL: SalesforceEndpointError,
+        Failure.UNEXPECTED: SalesforceRequestError,
+    }
+)
+
+
+def from_transport(failure: TransportFailure, what: str, *, status: int | None = None) -> SalesforceError:
+    """The Salesforce error for a classified transport failure; ``what`` says which call."""
+    return TRANSPORT_ERRORS[failure.kind](f"{what}: {failure.describe()}", status=status)

@@ -1,4 +1,4 @@
-"""``provisioning sandbox``: run the simulators until Ctrl-C or SIGTERM."""
+"""``provisioning sandbox``: run the simulators until Ctrl-C or SIGTERM; and what says the extra is missing."""
 
 from __future__ import annotations
 
@@ -9,6 +9,33 @@ from pathlib import Path
 from types import FrameType
 
 import click
+
+from provisioning.sandbox import SANDBOX_INSTALL_HINT, missing_sandbox_packages
+
+
+def require_sandbox_extra(command: str) -> None:
+    """Stop with what to install when the ``sandbox`` extra is not installed."""
+    missing = missing_sandbox_packages()
+    if missing:
+        raise click.ClickException(
+            f"`provisioning {command}` needs the sandbox extra, which is not installed "
+            f"(missing: {', '.join(missing)}). Install it with: {SANDBOX_INSTALL_HINT}"
+        )
+
+
+def needs_sandbox_extra(name: str, summary: str) -> click.Command:
+    """A stand-in for a command whose module cannot be imported without the extra."""
+
+    @click.command(
+        name,
+        help=f"{summary}\n\nNeeds the sandbox extra: {SANDBOX_INSTALL_HINT}",
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+        add_help_option=False,
+    )
+    def stand_in() -> None:
+        require_sandbox_extra(name)
+
+    return stand_in
 
 
 @click.command()
@@ -60,6 +87,7 @@ def sandbox(
 
         PROVISIONING_ENV_FILE=sandbox.env celery -A tasks worker
     """
+    require_sandbox_extra("sandbox")
     from provisioning.sandbox.runner import Sandbox
 
     started = time.perf_counter()

@@ -75,6 +75,7 @@ from typing import Any
 
 from aiohttp import web
 
+from provisioning.errors import PicklableError
 from provisioning.esim.iccid import make_iccid, normalize_iccid
 from provisioning.sandbox.common import ADMIN_PREFIX, FaultInjector, new_app
 
@@ -103,7 +104,7 @@ RETRY_AFTER_S = 1
 REQUEST_LOG_SIZE = 1000
 
 
-class FunctionFailed(Exception):
+class FunctionFailed(PicklableError):
     """A ``Failed`` answer, raised inside a function's handler."""
 
     def __init__(self, subject: str, reason: str, message: str, subject_id: str | None = None) -> None:

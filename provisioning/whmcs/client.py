@@ -2,11 +2,12 @@
 
 Always asks for ``responsetype=json`` and reads the body, never the status alone (WHMCS answers
 its errors at HTTP 200). Numbers arrive as strings and are coerced by the models here. Errors
-are those of :mod:`provisioning.whmcs.errors`, translated in :meth:`WhmcsClient._call` only.
+are those of :mod:`provisioning.whmcs.errors`, translated in :meth:`WhmcsClient._call` only
+(transport failures through :func:`provisioning.http.classify`).
 
-Retries: one, and only when resending cannot apply anything twice: a read action whose
-connection failed, or any action whose connection could not even be opened. Nothing else is
-retried here (the Celery tasks own the retry policy); an auth error never is.
+Retries: one, and only when resending cannot apply anything twice: any action whose
+connection could not even be opened, or a read action whose connection was lost. Nothing else
+is retried here (the Celery tasks own the retry policy); an auth error never is.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from typing import Any
 
 import requests
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from tenacity import Retrying, retry_if_exception, stop_after_attempt
-from urllib3.exceptions import NewConnectionError
 
+from provisioning.http import Failure, TransportFailure, classify, connection_retrying, status_failure
 from provisioning.logs import get_logger
 from provisioning.settings import Settings
 from provisioning.whmcs.errors import (
@@ -32,6 +32,7 @@ from provisioning.whmcs.errors import (
     WhmcsOrderNotPending,
     WhmcsPermanentError,
     WhmcsTransientError,
+    from_transport,
 )
 
 log = get_logger(__name__)
@@ -41,12 +42,10 @@ API_PATH = "includes/api.php"
 CONNECT_TIMEOUT_S = 5.0
 # Waiting for an answer: AddOrder runs hooks and creates invoices, so it can take seconds.
 READ_TIMEOUT_S = 30.0
-# Attempts of one call when resending is safe (see the module docstring).
-CONNECTION_ATTEMPTS = 2
 # GetOrders page size while looking for an order by its note.
 ORDERS_PAGE_SIZE = 100
 
-READ_ACTIONS = frozenset({"GetClientsDetails", "GetPayMethods", "GetOrders", "GetInvoice"})
+READ_ACTIONS = frozenset({"GetClientsDetails", "GetPayMethods", "GetOrders"})
 # Error messages of WHMCS's access control, authentication and authorisation layers.
 AUTH_MESSAGE_PREFIXES = (
     "Authentication Failed",
@@ -90,10 +89,6 @@ class WhmcsClientDetails(_Model):
     currency_code: str | None = None
     default_gateway: str | None = Field(None, alias="defaultgateway")
 
-    @property
-    def is_active(self) -> bool:
-        return self.status == "Active"
-
 
 class PayMethod(_Model):
     """One stored pay method of a client (GetPayMethods); tokens are not kept."""
@@ -106,10 +101,6 @@ class PayMethod(_Model):
     card_type: str | None = None
     expiry_date: str | None = None
     bank_name: str | None = None
-
-    @property
-    def is_card(self) -> bool:
-        return self.type in ("CreditCard", "RemoteCreditCard", "PayToken")
 
     def is_expired(self, today: date) -> bool:
         """A card whose ``MM/YY`` expiry month is over; pay methods without an expiry never are."""
@@ -157,44 +148,12 @@ class WhmcsOrder(_Model):
         return _optional_id(value)
 
 
-class WhmcsInvoice(_Model):
-    """GetInvoice's totals and status."""
-
-    id: int = Field(alias="invoiceid")
-    user_id: int = Field(alias="userid")
-    status: str
-    total: Decimal
-    balance: Decimal
-    date_paid: str | None = Field(None, alias="datepaid")
-    payment_method: str = Field("", alias="paymentmethod")
-
-    @field_validator("date_paid", mode="before")
-    @classmethod
-    def _unpaid(cls, value: object) -> object:
-        return None if value in (None, "", "0000-00-00 00:00:00") else value
-
-    @property
-    def is_paid(self) -> bool:
-        return self.status == "Paid" and self.balance == 0
-
-
 def note_matches(notes: str, note: str) -> bool:
     """Whether ``note`` appears in ``notes`` as a whole (bounded by whitespace or the ends).
 
     A plain substring test would let run ``X:a`` adopt the order of run ``X:ab``.
     """
     return re.search(rf"(?<!\S){re.escape(note)}(?!\S)", notes) is not None
-
-
-def _cert_failure(exc: requests.RequestException) -> bool:
-    return isinstance(exc, requests.exceptions.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc)
-
-
-def _connection_never_opened(exc: requests.RequestException) -> bool:
-    if isinstance(exc, requests.ConnectTimeout):
-        return True
-    reason = getattr(exc.args[0], "reason", None) if exc.args else None
-    return isinstance(reason, NewConnectionError)
 
 
 class WhmcsClient:
@@ -299,10 +258,6 @@ class WhmcsClient:
             client_id=client_id, order_id=order_id, status=status, limit=limit, offset=offset
         )[1]
 
-    def get_order(self, order_id: int) -> WhmcsOrder | None:
-        orders = self.get_orders(order_id=order_id, limit=1)
-        return orders[0] if orders else None
-
     def find_order_by_note(
         self, client_id: int, note: str, *, page_size: int = ORDERS_PAGE_SIZE
     ) -> WhmcsOrder | None:
@@ -322,9 +277,6 @@ class WhmcsClient:
             offset += len(orders)
             if not orders or offset >= total:
                 return None
-
-    def get_invoice(self, invoice_id: int) -> WhmcsInvoice:
-        return WhmcsInvoice.model_validate(self._call("GetInvoice", {"invoiceid": str(invoice_id)}))
 
     def _orders_page(
         self,
@@ -359,10 +311,9 @@ class WhmcsClient:
             "secret": self._secret.get_secret_value(),
             "responsetype": "json",
         }
-        retrying = Retrying(
-            stop=stop_after_attempt(CONNECTION_ATTEMPTS),
-            retry=retry_if_exception(lambda exc: self._may_resend(action, exc)),
-            reraise=True,
+        # A read may also be resent when its connection was lost: reading twice changes nothing.
+        retrying = connection_retrying(
+            also_resend=lambda failure: action in READ_ACTIONS and failure.kind is Failure.CONNECTION_LOST
         )
         started = time.monotonic()
         try:
@@ -371,7 +322,7 @@ class WhmcsClient:
             )
             body = self._read(action, response)
         except requests.RequestException as exc:
-            error = self._transport_error(action, exc)
+            error = from_transport(classify(exc), action)
             log.warning("whmcs_call_failed", action=action, error=type(error).__name__, reason=str(error))
             raise error from exc
         except WhmcsError as error:
@@ -386,29 +337,11 @@ class WhmcsClient:
         log.debug("whmcs_call", action=action, elapsed_ms=round((time.monotonic() - started) * 1000, 1))
         return body
 
-    @staticmethod
-    def _may_resend(action: str, exc: BaseException) -> bool:
-        if not isinstance(exc, requests.ConnectionError) or _cert_failure(exc):
-            return False
-        return action in READ_ACTIONS or _connection_never_opened(exc)
-
     def _scrub(self, text: str) -> str:
         for value in (self._secret.get_secret_value(), self._identifier.get_secret_value()):
             if value:
                 text = text.replace(value, "***")
         return text
-
-    def _transport_error(self, action: str, exc: requests.RequestException) -> WhmcsError:
-        if _cert_failure(exc):
-            return WhmcsPermanentError(
-                f"WHMCS {action}: TLS certificate verification failed (check TLS_CA_BUNDLE)", action=action
-            )
-        detail = self._scrub(f"{type(exc).__name__}: {exc}")
-        if isinstance(exc, requests.Timeout):
-            return WhmcsTransientError(f"WHMCS {action}: timed out ({detail})", action=action)
-        if isinstance(exc, requests.ConnectionError):
-            return WhmcsTransientError(f"WHMCS {action}: connection failed ({detail})", action=action)
-        return WhmcsPermanentError(f"WHMCS {action}: request failed ({detail})", action=action)
 
     def _read(self, action: str, response: requests.Response) -> dict[str, Any]:
         status = response.status_code
@@ -419,8 +352,9 @@ class WhmcsClient:
                 action=action,
                 status=status,
             )
-        if status == 429 or status >= 500:
-            raise WhmcsTransientError(f"WHMCS {action}: HTTP {status}", action=action, status=status)
+        busy = status_failure(status)
+        if busy is not None:
+            raise from_transport(TransportFailure(busy, f"HTTP {status}"), action, status=status)
         if status in (401, 403):
             raise WhmcsAuthError(
                 f"WHMCS {action}: HTTP {status} (access refused)", action=action, status=status
@@ -441,8 +375,6 @@ class WhmcsClient:
                 f"WHMCS {action}: answer is not a JSON object", action=action, status=status
             )
         result = body.get("result")
-        if result is None and body.get("status") == "error":
-            result = "error"  # GetInvoice's not-found answer says "status" instead of "result"
         if result == "success":
             return body
         if result == "error":

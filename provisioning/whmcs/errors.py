@@ -8,7 +8,7 @@
     │                                 (``SQLSTATE[...]``) in the error envelope
     └── WhmcsPermanentError           (PermanentError) the error envelope in general (unknown ids,
         │                             business rules), other HTTP 4xx, a redirect, a TLS
-        │                             certificate that does not verify
+        │                             certificate that does not verify, an invalid URL
         ├── WhmcsAuthError            Authentication Failed, Invalid IP, IP Banned, Invalid or
         │                             missing credentials, Access Denied, Invalid Permissions,
         │                             HTTP 401/403: never retried (3 failed logins ban the IP)
@@ -16,7 +16,8 @@
         └── WhmcsOrderNotPending      AcceptOrder's "Order ID not found or Status not Pending":
                                       after a retry, confirm with GetOrders that the order is Active
 
-A transient error of a write (AddOrder, AcceptOrder) may come after WHMCS applied it: look the
+Transport failures (classified by :mod:`provisioning.http`) become these errors through
+:data:`TRANSPORT_ERRORS` only. A transient error of a write (AddOrder, AcceptOrder) may come after WHMCS applied it: look the
 order up (``find_order_by_note``) before calling AddOrder again.
 
 Messages hold the action, the HTTP status and WHMCS's own message; never the API identifier or
@@ -25,9 +26,12 @@ secret (WHMCS's messages do not quote them, and the client scrubs them anyway).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
 
 from provisioning.errors import PermanentError, ProvisioningError, TransientError
+from provisioning.http import RULES, Failure, TransportFailure
 
 
 class WhmcsError(ProvisioningError):
@@ -50,10 +54,6 @@ class WhmcsError(ProvisioningError):
         self.status = status
         self.api_message = api_message
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Keyword-only attributes survive pickling (Celery's result backend, multiprocessing).
-        return (self.__class__, self.args, self.__dict__)
-
 
 class WhmcsTransientError(WhmcsError, TransientError):
     """The call failed for now; it may succeed later (a write may have been applied)."""
@@ -73,3 +73,16 @@ class WhmcsClientNotFound(WhmcsPermanentError):
 
 class WhmcsOrderNotPending(WhmcsPermanentError):
     """AcceptOrder on an order that does not exist or is no longer Pending (e.g. already accepted)."""
+
+
+# Every transient kind is a WhmcsTransientError, every permanent one a WhmcsPermanentError.
+TRANSPORT_ERRORS: Final[Mapping[Failure, type[WhmcsError]]] = MappingProxyType(
+    {kind: WhmcsTransientError if rule.transient else WhmcsPermanentError for kind, rule in RULES.items()}
+)
+
+
+def from_transport(failure: TransportFailure, action: str, *, status: int | None = None) -> WhmcsError:
+    """The WHMCS error for a classified transport failure of ``action``."""
+    return TRANSPORT_ERRORS[failure.kind](
+        f"WHMCS {action}: {failure.describe()}", action=action, status=status
+    )

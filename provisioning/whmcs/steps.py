@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from provisioning.context import StepContext
 from provisioning.errors import OrderRejected
 from provisioning.logs import get_logger
+from provisioning.order import Order
 from provisioning.results import PaymentChecked, WhmcsOrderCreated
-from provisioning.salesforce.client import Order
 from provisioning.whmcs.errors import WhmcsOrderNotPending, WhmcsPermanentError
 
 log = get_logger(__name__)

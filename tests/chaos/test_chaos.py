@@ -1,6 +1,6 @@
 """The chaos acceptance at CI size: 100 Orders through faults, kills and a Redis restart.
 
-Runs ``bench/chaos.py`` as the operators would (a subprocess: it starts its own
+Runs ``python -m bench.chaos`` as the operators would (a subprocess: it starts its own
 Redis, the simulators, three workers and the listener) and reads its JSON summary.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-CHAOS = Path(__file__).resolve().parents[2] / "bench" / "chaos.py"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CI_ORDERS = 100
 # A pass takes 1-2 minutes; the caps only stop a stuck run from holding CI (the runner reports
 # what is stuck once SETTLE_TIMEOUT_S has passed after the faults stopped).
@@ -29,7 +29,8 @@ def test_a_hundred_orders_through_faults_kills_and_a_redis_restart_end_with_each
     summary_path = tmp_path / "summary.json"
     argv = [
         sys.executable,
-        str(CHAOS),
+        "-m",
+        "bench.chaos",
         "--orders",
         str(CI_ORDERS),
         "--workdir",
@@ -39,7 +40,7 @@ def test_a_hundred_orders_through_faults_kills_and_a_redis_restart_end_with_each
         "--settle-timeout-s",
         str(SETTLE_TIMEOUT_S),
     ]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:

@@ -8,7 +8,7 @@ import requests
 
 from provisioning.errors import PermanentError, TransientError
 from provisioning.salesforce.auth import JWTBearerAuth
-from provisioning.salesforce.client import ApiUsage, OrderFieldNames, SalesforceClient
+from provisioning.salesforce.client import OrderFieldNames, SalesforceClient
 from provisioning.salesforce.errors import (
     InvalidSalesforceId,
     OrderNotFound,
@@ -99,6 +99,16 @@ def test_field_names_come_from_the_settings() -> None:
     assert OrderFieldNames.from_settings(settings).eid == "Chip_EID__c"
 
 
+def test_a_client_built_without_settings_has_the_defaults_of_the_settings(
+    auth: JWTBearerAuth, session: requests.Session
+) -> None:
+    defaults = Settings(_env_file=None)
+    client = SalesforceClient(auth=auth, session=session)
+    assert client.api_version == defaults.sf_api_version
+    assert client.field_names == OrderFieldNames.from_settings(defaults)
+    assert f"/event/{client.event_object}" == defaults.sf_provision_event_channel
+
+
 def test_the_order_id_is_validated_before_any_call(client: SalesforceClient, fake: FakeSalesforce) -> None:
     with pytest.raises(InvalidSalesforceId):
         client.fetch_order("801' OR Id != '")
@@ -164,12 +174,6 @@ def test_publish_event_posts_the_platform_event(client: SalesforceClient, fake: 
     assert event_id == "e00fake000000001AAA"
     assert fake.events[-1]["payload"] == {"OrderId__c": ORDER_ID, "IdemKey__c": "k1"}
     assert rest_calls(fake) == [f"POST /services/data/v{API_VERSION}/sobjects/OrderProvisionRequested__e/"]
-
-
-def test_the_api_usage_of_the_last_answer_is_kept(client: SalesforceClient) -> None:
-    client.fetch_order(ORDER_ID)
-    assert isinstance(client.api_usage, ApiUsage)
-    assert client.api_usage.total == 15000
 
 
 def test_an_expired_session_logs_in_again_once_and_repeats_the_call(
