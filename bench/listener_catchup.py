@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
             notes=[
                 "Each event: validate, record the run as queued in the ledger (Ledger.enqueue, one script), "
-                "publish provision_order (broker accepted), SET the checkpoint, acknowledge; CometD delivers "
+                "publish the run's chain (broker accepted), SET the checkpoint, acknowledge; CometD delivers "
                 "up to 500 events per /meta/connect.",
                 "Redis: one server holds the ledger (db 0) and the broker (db 1); no worker runs.",
                 "CPU per event is counted from the first checkpoint on (the start-up's imports and login are left out).",

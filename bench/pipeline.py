@@ -34,7 +34,7 @@ from bench.profile import Profiler, summarise
 from bench.stack import Batch, Stack
 from provisioning.chain import STEPS
 
-TASKS = ("provision_order", *STEPS)
+TASKS = tuple(STEPS)
 FLOOR_WARMUP = 20
 
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             notes=[
                 f"One worker process; {sum(o.esim for o in measured)} of {len(measured)} Orders are eSIM "
                 "(9 external calls), the rest physical (7). Medians over the rounds, with their range.",
-                "A run is 6 tasks (provision_order + 5 steps); the floor's chain is 5 no-op tasks, measured "
+                "A run is 5 tasks (its steps; the first begins the run); the floor's chain is 5 no-op tasks, measured "
                 "on a floor worker with the same options right before each round; ratios are per round, "
                 "then the median.",
                 "The sandbox (all four simulators) runs in the benchmark's own process, on the same machine.",

@@ -31,6 +31,5 @@ class Step(StrEnum):
 
 
 STEPS: tuple[Step, ...] = tuple(Step)
-# The entry task's name, and the failed_step of a run that failed before its chain started.
+# The failed_step of a run that failed before it began (reading the Order), and where it resumes.
 ENTRY_STEP = "provision_order"
-ENTRY_TASK = f"provisioning.{ENTRY_STEP}"

@@ -6,7 +6,7 @@ Celery-free: the domains' steps depend on this, never on the task plumbing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis.lock import Lock
 
@@ -26,10 +26,14 @@ _STEP_OF = {kind: step for step, kind in RESULT_TYPES.items()}
 
 @dataclass
 class StepContext:
+    """Under the Order's lease, so the provisioning read with it stays true: markers are read from it
+    (no round trip) and every marker written goes to Redis at once (it guards an effect)."""
+
     services: Services
     run_id: RunId
     provisioning: Provisioning
     lease: Lock
+    snapshot: dict[str, Any] | None = None
 
     @property
     def order_id(self) -> str:
@@ -45,7 +49,8 @@ class StepContext:
         return self.services.settings
 
     def order(self) -> Order:
-        return Order.model_validate(self.services.ledger.load_order(self.order_id))
+        data = self.snapshot if self.snapshot is not None else self.services.ledger.load_order(self.order_id)
+        return Order.model_validate(data)
 
     def result(self, kind: type[R]) -> R | None:
         """An earlier step's recorded result, typed (None when that step has none)."""
@@ -53,13 +58,16 @@ class StepContext:
         return kind.model_validate(raw) if raw is not None else None
 
     def marker(self, name: str) -> str | None:
-        return self.services.ledger.marker(self.order_id, name)
+        return self.provisioning.markers.get(name)
 
     def set_marker(self, name: str, value: str) -> None:
         self.services.ledger.set_marker(self.order_id, name, value)
+        self.provisioning.markers[name] = value
 
     def incr_marker(self, name: str) -> int:
-        return self.services.ledger.incr_marker(self.order_id, name)
+        value = self.services.ledger.incr_marker(self.order_id, name)
+        self.provisioning.markers[name] = str(value)
+        return value
 
     def renew(self) -> None:
         """Renew the lease before a call that may be slow (a lapsed lease lets the reconciler in)."""

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -72,6 +73,52 @@ redis.call('HSET', KEYS[1], 'created_at', ARGV[2], 'updated_at', ARGV[2], 'origi
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'reason', ARGV[4]) end
 redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+return 1
+"""
+
+# A step's start, in one round trip. KEYS: run, the Order's provisioning, the Order's lease, the
+# Order's snapshot, active. ARGV: step, '1' when the Order records the step, lease token, lease ttl
+# in ms, now, run id. Returns {'ended', state} | {'done', result, state} (a run that has begun) | {'busy'} |
+# {'go', state, attempts, run hash, provisioning hash, snapshot or false}.
+_CLAIM_STEP = """
+local state = redis.call('HGET', KEYS[1], 'state') or ''
+if state == 'failed' or state == 'joined' or state == 'superseded' or state == 'skipped' then
+  return {'ended', state}
+end
+local holder = KEYS[1]
+if ARGV[2] == '1' then holder = KEYS[2] end
+local done = redis.call('HGET', holder, 's:' .. ARGV[1])
+-- A run that has not begun takes the lease even for a step the Order has done: it begins first.
+if done and state ~= '' and state ~= 'queued' then return {'done', done, state} end
+if not redis.call('SET', KEYS[3], ARGV[3], 'NX', 'PX', ARGV[4]) then return {'busy'} end
+local attempts = redis.call('HINCRBY', KEYS[1], 'a:' .. ARGV[1], 1)
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[5])
+redis.call('ZADD', KEYS[5], 'XX', ARGV[5], ARGV[6])
+return {'go', state, attempts, redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]),
+        redis.call('GET', KEYS[4])}
+"""
+
+# A step's end, in one round trip: its result recorded, the run finished after the last step, the
+# lease released if still ours. KEYS: run, provisioning, lease, snapshot, active, failed, writeback,
+# the Order's runs. ARGV: step, '1' when the Order records it, result JSON, lease token, now, run id,
+# '1' to finish the run, retention in s.
+_END_STEP = """
+local holder = KEYS[1]
+if ARGV[2] == '1' then holder = KEYS[2] end
+redis.call('HSET', holder, 's:' .. ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[5])
+if ARGV[7] == '1' then
+  redis.call('HSET', KEYS[1], 'state', 'done', 'finished_at', ARGV[5])
+  redis.call('HDEL', KEYS[1], 'failed_step', 'error')
+  redis.call('DEL', KEYS[4])
+  redis.call('ZREM', KEYS[5], ARGV[6])
+  redis.call('ZREM', KEYS[6], ARGV[6])
+  redis.call('ZREM', KEYS[7], ARGV[6])
+  redis.call('EXPIRE', KEYS[1], ARGV[8])
+  redis.call('EXPIRE', KEYS[2], ARGV[8])
+  redis.call('EXPIRE', KEYS[8], ARGV[8])
+end
+if redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
 return 1
 """
 
@@ -164,10 +211,6 @@ class RunRecord:
     def order_id(self) -> str:
         return self.run_id.order_id
 
-    @property
-    def chain_started(self) -> bool:
-        return "chain" in self.markers
-
     def step(self, step: Step, provisioning: Provisioning) -> StepRecord:
         """The step as this run sees it: the result from whoever holds it, this run's attempts."""
         mine = self.own_steps.get(step.value) or StepRecord()
@@ -207,6 +250,20 @@ class RunRecord:
         }
 
 
+@dataclass
+class StepClaim:
+    """What :meth:`Ledger.claim_step` found: why the step does not run, or the lease and the records."""
+
+    status: str  # "ended", "done", "busy" or "go"
+    state: RunState | None = None  # None: the ledger has no run of this id
+    result: dict[str, Any] | None = None  # "done": the recorded result
+    attempts: int = 0
+    run: RunRecord | None = None
+    provisioning: Provisioning | None = None
+    snapshot: dict[str, Any] | None = None
+    lease: Lock | None = None
+
+
 class NotRequeueable(Exception):
     """The run cannot be requeued (it did not fail); the message says why."""
 
@@ -220,6 +277,8 @@ class Ledger:
         self.retention_s = retention_s
         self.lease_ttl_s = lease_ttl_s
         self._enqueue = redis.register_script(_ENQUEUE)
+        self._claim_step = redis.register_script(_CLAIM_STEP)
+        self._end_step = redis.register_script(_END_STEP)
 
     # -- keys ------------------------------------------------------------------------------
     def run_key(self, run_id: RunId | str) -> str:
@@ -328,8 +387,79 @@ class Ledger:
         pipe.zadd(self.active_key, {str(run_id): float(now)})
         pipe.execute()
 
-    def mark_chain_started(self, run_id: RunId) -> None:
-        self.redis.hset(self.run_key(run_id), "x:chain", "1")
+    def claim_step(self, run_id: RunId, step: Step) -> StepClaim:
+        """In one round trip: is the step to run, and if so the Order's lease and everything it reads."""
+        order_id = run_id.order_id
+        token = uuid.uuid4().hex
+        keys = [
+            self.run_key(run_id),
+            self.order_key(order_id),
+            self.lease_key(order_id),
+            self.snapshot_key(order_id),
+            self.active_key,
+        ]
+        belongs = "1" if step.belongs_to_order else "0"
+        now = repr(time.time())
+        ttl_ms = str(self.lease_ttl_s * 1000)
+        reply = self._claim_step(keys=keys, args=[step.value, belongs, token, ttl_ms, now, str(run_id)])
+        status = _str(reply[0])
+        if status == "ended":
+            return StepClaim("ended", state=RunState(_str(reply[1])))
+        if status == "done":
+            state = _str(reply[2])
+            return StepClaim(
+                "done", state=RunState(state) if state else None, result=json.loads(reply[1])["result"]
+            )
+        if status == "busy":
+            return StepClaim("busy")
+        state = _str(reply[1])
+        run_data = _pairs(reply[3])
+        return StepClaim(
+            "go",
+            state=RunState(state) if state else None,
+            attempts=int(reply[2]),
+            run=_decode_run(run_id, run_data) if "state" in run_data else None,
+            provisioning=_decode_provisioning(order_id, _pairs(reply[4])),
+            snapshot=json.loads(reply[5]) if reply[5] else None,
+            lease=self._held_lease(order_id, token),
+        )
+
+    def end_step(
+        self, run_id: RunId, step: Step, result: dict[str, Any], lease: Lock, *, finish: bool
+    ) -> None:
+        """Record the step's result (finishing the run after its last step) and give the lease back."""
+        order_id = run_id.order_id
+        now = time.time()
+        keys = [
+            self.run_key(run_id),
+            self.order_key(order_id),
+            self.lease_key(order_id),
+            self.snapshot_key(order_id),
+            self.active_key,
+            self.failed_key,
+            self.writeback_key,
+            self.order_runs_key(order_id),
+        ]
+        value = json.dumps({"result": result, "at": now, "run": str(run_id)})
+        token = lease.local.token
+        args = [
+            step.value,
+            "1" if step.belongs_to_order else "0",
+            value,
+            _str(token) if token is not None else "",
+            repr(now),
+            str(run_id),
+            "1" if finish else "0",
+            str(self.retention_s),
+        ]
+        self._end_step(keys=keys, args=args)
+        lease.local.token = None
+
+    def _held_lease(self, order_id: str, token: str) -> Lock:
+        """A redis-py Lock for a lease our script took: renew and release work on it as usual."""
+        lock = self.lease(order_id)
+        lock.local.token = token.encode()
+        return lock
 
     def _end(self, pipe: Any, run_id: RunId, state: RunState, fields: dict[Any, Any]) -> None:
         """A run that never acted (or no longer will) leaves every registry and expires in time."""
@@ -437,8 +567,10 @@ class Ledger:
         step = self.resume_step(run)
         now = time.time()
         key = self.run_key(run_id)
+        # A run that failed before it began (reading the Order) begins again from the start.
+        state = RunState.QUEUED if step == ENTRY_STEP else RunState.RUNNING
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(key, mapping={"state": RunState.RUNNING.value, "updated_at": repr(now)})
+        pipe.hset(key, mapping={"state": state.value, "updated_at": repr(now)})
         pipe.hdel(key, "failed_step", "error", *(f"a:{s.value}" for s in STEPS))
         pipe.zrem(self.failed_key, str(run_id))
         pipe.zrem(self.writeback_key, str(run_id))
@@ -447,8 +579,8 @@ class Ledger:
         return step
 
     def resume_step(self, run: RunRecord) -> str:
-        """Where a run goes on: the entry task if its chain never started, else its first unfinished step."""
-        if not run.chain_started:
+        """Where a run goes on: from the start if it never began, else its first unfinished step."""
+        if run.state is RunState.QUEUED or (run.state is RunState.FAILED and run.failed_step == ENTRY_STEP):
             return ENTRY_STEP
         step = run.first_unfinished_step(self.provisioning(run.order_id))
         return (step or STEPS[-1]).value
@@ -571,6 +703,11 @@ class Ledger:
 
 def _str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(flat: list[Any]) -> dict[str, str]:
+    """A hash as HGETALL answers it inside a script (a flat list), as text."""
+    return {_str(flat[i]): _str(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 def _opt(**values: str | None) -> dict[Any, Any]:

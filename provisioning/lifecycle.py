@@ -1,26 +1,25 @@
-"""A run's life, without Celery: begin it, run each step, end it (done, failed, joined, skipped).
+"""A run's life, without Celery: each step, the run's beginning in its first, its end.
 
-The tasks in ``tasks/`` are thin wrappers: they call :func:`begin_run` and
-:func:`run_step` and turn :class:`RetryLater` into a Celery retry,
-:class:`RunEnded` into ``Ignore`` and :class:`RunFailed` into a failed task.
-
-Begin, under the Order's lease, in this order:
-
-1. A run that started its chain or ended already is a duplicate: nothing to do.
-2. Another run of the Order is in flight: this run joins it (one provisioning
-   per Order, whatever the events). A failed run of the Order is superseded by
-   this one, which continues from its last finished step.
-3. Read the Order (ONE SOQL query); unless it says ``Activating``, skip.
-4. Record the run as running: the Order's provisioning is now this run's.
+The tasks in ``tasks/`` are thin wrappers around :func:`run_step`: they turn
+:class:`RetryLater` into a Celery retry, :class:`RunEnded` into a result that
+stops the chain, and :class:`RunFailed` into a failed task (an expected one).
 
 Each step, in this order (what makes a step safe to run any number of times):
 
-1. The run ended (failed, joined, superseded): stop, later steps must not run.
-2. The step is done (by this run, or for the Order by an earlier one): return its result.
-3. Take the Order's lease; if another worker holds it, retry shortly.
-4. Act. Each action is idempotent on its own (intent records, idempotency keys
+1. One round trip (:meth:`Ledger.claim_step`): the run ended (failed, joined,
+   superseded, skipped): stop, later steps must not run; the step is done (by this
+   run, or for the Order by an earlier one): return its result; another worker
+   holds the Order's lease: retry shortly; else take the lease, count the attempt
+   and read the run, the Order's provisioning and its snapshot.
+2. A run that has not begun begins, in its first step, under that lease: another
+   run of the Order in flight means this one joins it (one provisioning per
+   Order, whatever the events); a failed run of the Order is superseded by this
+   one, which continues from its last finished step; the Order is read (ONE SOQL
+   query) and, unless it says ``Activating``, the run is skipped.
+3. Act. Each action is idempotent on its own (intent records, idempotency keys
    derived from the Order, lookups before acting): a worker can die at any instant.
-5. Record the result, then return it (ids only) to the next step.
+4. One round trip (:meth:`Ledger.end_step`): record the result (ids only), end the
+   run after its last step, give the lease back; hand the result to the next step.
 
 Transient errors are retried with backoff, bounded by count (TASK_MAX_RETRIES) and
 by the run's age (TASK_MAX_AGE_S); permanent errors and exhausted retries end the
@@ -33,9 +32,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import LockError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from provisioning.backoff import backoff_s, tenacity_wait
@@ -73,7 +74,14 @@ class RetryLater(Exception):
 
 
 class RunEnded(Exception):
-    """The run is not running (failed, joined, superseded, unknown): the rest of its chain must not run."""
+    """The run ends here without failing here (joined, skipped, ended before): its chain stops.
+
+    ``result`` is what the step reports instead of a result of its own.
+    """
+
+    def __init__(self, result: dict[str, Any]) -> None:
+        super().__init__(result)
+        self.result = result
 
 
 class RunFailed(Exception):
@@ -86,81 +94,144 @@ def retry_backoff_s(settings: Settings, retries: int) -> float:
     return backoff_s(retries, base_s=settings.task_retry_backoff_s, cap_s=cap)
 
 
-# -- beginning a run ---------------------------------------------------------------------------
+# -- one step (and the run's beginning, in its first step) -------------------------------------
+
+Action = Callable[[StepContext], StepResult]
+
+
+def run_step(
+    services: Services, run_id: RunId, step: Step, action: Action, *, retries: int
+) -> dict[str, Any]:
+    """Run one step of one run; the first step of a run that has not begun begins it."""
+    ledger = services.ledger
+    claim = ledger.claim_step(run_id, step)
+    if claim.status == "ended":
+        assert claim.state is not None
+        log.warning("step_stopped_run_ended", step=step.value, state=claim.state.value)
+        raise RunEnded({"ended": claim.state.value})
+    if claim.status == "done":
+        log.debug("step_already_done", step=step.value)
+        if step is STEPS[-1] and claim.state is RunState.RUNNING:
+            # Its worker died between recording the last step and ending the run.
+            ledger.finish(run_id)
+        return claim.result or {}
+    if claim.status == "busy":
+        log.info("step_lease_busy", step=step.value)
+        raise RetryLater(LEASE_BUSY_RETRY_S, "another worker holds the Order's lease")
+    assert claim.lease is not None
+    assert claim.provisioning is not None
+    lease = claim.lease
+    try:
+        provisioning = claim.provisioning
+        snapshot = claim.snapshot
+        run = claim.run
+        if claim.state in (None, RunState.QUEUED):
+            begun = _begin(services, run_id, provisioning, retries=retries)
+            if begun.run is None or begun.provisioning is None:
+                raise RunEnded(begun.result)
+            run, provisioning, snapshot = begun.run, begun.provisioning, begun.snapshot
+            recorded = run.step(step, provisioning)
+            if recorded.done:  # a re-approval: the Order's effects exist, the chain moves on
+                return recorded.result or {}
+        assert run is not None
+        ctx = StepContext(services, run_id, provisioning, lease, snapshot)
+        try:
+            result = action(ctx).to_json()
+        except TransientError as exc:
+            ledger.record_error(run_id, step, str(exc))
+            settings = services.settings
+            age_s = time.time() - run.created_at
+            if retries < settings.task_max_retries and age_s < settings.task_max_age_s:
+                countdown = retry_backoff_s(settings, retries)
+                log.warning(
+                    "step_retry",
+                    step=step.value,
+                    attempt=claim.attempts,
+                    countdown_s=round(countdown, 2),
+                    error=str(exc),
+                )
+                raise RetryLater(countdown, str(exc)) from exc
+            return _terminal(
+                services, run, provisioning, step, f"gave up after {claim.attempts} attempts: {exc}"
+            )
+        except PermanentError as exc:
+            ledger.record_error(run_id, step, str(exc))
+            return _terminal(services, run, provisioning, step, str(exc))
+        last = step is STEPS[-1]
+        ledger.end_step(run_id, step, result, lease, finish=last)
+        log.info("step_done", step=step.value, attempt=claim.attempts, **result)
+        if last:
+            log.info("run_done")
+        return result
+    finally:
+        # Still ours after a failure (end_step gives it back itself): let the next worker in at once.
+        if lease.local.token is not None:
+            with suppress(LockError):
+                lease.release()
 
 
 @dataclass
-class Begun:
-    """What the entry task does next: start the chain at ``first_step``, or nothing (``result`` says why)."""
+class _Begun:
+    """A run's beginning: the records to go on with, or (``run`` None) why it ends here."""
 
-    first_step: Step | None
     result: dict[str, Any]
+    run: RunRecord | None = None
+    provisioning: Provisioning | None = None
+    snapshot: dict[str, Any] | None = None
 
 
-def begin_run(services: Services, run_id: RunId, *, retries: int) -> Begun:
+def _begin(services: Services, run_id: RunId, provisioning: Provisioning, *, retries: int) -> _Begun:
+    """Under the Order's lease: join a run in flight, or read the Order (ONE query) and start.
+
+    Raises RetryLater (the Order could not be read, for now) or RunFailed (not at all).
+    """
     ledger = services.ledger
-    run = ledger.get(run_id)
-    if _already_begun(run):
-        assert run is not None
-        log.info("duplicate_event_ignored", state=run.state.value)
-        return Begun(None, {"duplicate": True, "state": run.state.value})
-    with ledger.holding(run_id.order_id) as lease:
-        if lease is None:
-            log.info("order_being_worked_on_elsewhere")
-            raise RetryLater(LEASE_BUSY_RETRY_S, "another worker holds the Order's lease")
-        run = ledger.get(run_id)
-        if _already_begun(run):
-            assert run is not None
-            return Begun(None, {"duplicate": True, "state": run.state.value})
+    superseded: RunId | None = None
+    if provisioning.active and provisioning.active != str(run_id):
+        other_id = RunId.parse(provisioning.active)
+        other = ledger.get(other_id)
+        if other is not None and other.state.unfinished:
+            ledger.join(run_id, other_id)
+            log.info("run_joined", joined=str(other_id))
+            return _Begun({"joined": str(other_id)})
+        if other is not None and other.state is RunState.FAILED:
+            superseded = other_id
+    try:
+        order = services.salesforce.fetch_order(run_id.order_id)
+    except OrderNotFound as exc:
+        ledger.skip(run_id, f"skipped: {exc}")
+        log.warning("order_not_found_run_skipped", error=str(exc))
+        return _Begun({"skipped": "order not found"})
+    except TransientError as exc:
+        if retries < services.settings.task_max_retries:
+            raise RetryLater(retry_backoff_s(services.settings, retries), str(exc)) from exc
+        fail_run(services, run_id, ENTRY_STEP, f"gave up reading the Order: {exc}")
+        raise RunFailed(f"{ENTRY_STEP}: {exc}") from None
+    except PermanentError as exc:
+        fail_run(services, run_id, ENTRY_STEP, str(exc))
+        raise RunFailed(f"{ENTRY_STEP}: {exc}") from None
+    if order.activation_status != ACTIVATING:
+        reason = f"skipped: the Order is {order.activation_status!r}, not {ACTIVATING!r}: nothing to do"
+        ledger.skip(run_id, reason)
+        log.warning("order_not_activating", status=order.activation_status, reason=reason)
+        return _Begun({"skipped": reason})
+    if superseded is not None:
+        ledger.supersede(superseded, by=run_id)
+        log.warning("failed_run_superseded", superseded=str(superseded))
+    note = None
+    if provisioning.gen == 1 and not provisioning.has_effects and order.whmcs_order_id:
+        _adopt_from_order(services, run_id, order)
         provisioning = ledger.provisioning(run_id.order_id)
-        superseded: RunId | None = None
-        if provisioning.active and provisioning.active != str(run_id):
-            other_id = RunId.parse(provisioning.active)
-            other = ledger.get(other_id)
-            if other is not None and other.state.unfinished:
-                ledger.join(run_id, other_id)
-                log.info("run_joined", joined=str(other_id))
-                return Begun(None, {"joined": str(other_id)})
-            if other is not None and other.state is RunState.FAILED:
-                superseded = other_id
-        try:
-            order = services.salesforce.fetch_order(run_id.order_id)
-        except OrderNotFound as exc:
-            ledger.skip(run_id, f"skipped: {exc}")
-            log.warning("order_not_found_run_skipped", error=str(exc))
-            return Begun(None, {"skipped": "order not found"})
-        except TransientError as exc:
-            if retries < services.settings.task_max_retries:
-                raise RetryLater(retry_backoff_s(services.settings, retries), str(exc)) from exc
-            fail_run(services, run_id, ENTRY_STEP, f"gave up reading the Order: {exc}")
-            raise RunFailed(f"{ENTRY_STEP}: {exc}") from None
-        except PermanentError as exc:
-            fail_run(services, run_id, ENTRY_STEP, str(exc))
-            raise RunFailed(f"{ENTRY_STEP}: {exc}") from None
-        if order.activation_status != ACTIVATING:
-            reason = f"skipped: the Order is {order.activation_status!r}, not {ACTIVATING!r}: nothing to do"
-            ledger.skip(run_id, reason)
-            log.warning("order_not_activating", status=order.activation_status, reason=reason)
-            return Begun(None, {"skipped": reason})
-        if superseded is not None:
-            ledger.supersede(superseded, by=run_id)
-            log.warning("failed_run_superseded", superseded=str(superseded))
-        note = None
-        if provisioning.gen == 1 and not provisioning.has_effects and order.whmcs_order_id:
-            _adopt_from_order(services, run_id, order)
-            provisioning = ledger.provisioning(run_id.order_id)
-            note = "the Order already had its effects (found on the Order): no new effect"
-        elif provisioning.has_effects and provisioning.active and provisioning.active != str(run_id):
-            note = f"continues the provisioning of run {provisioning.active}: no effect is made twice"
-        ledger.start(run_id, order.model_dump(mode="json"), note=note)
-        run = ledger.get(run_id)
-        assert run is not None
-        first = run.first_unfinished_step(provisioning) or STEPS[-1]
-    return Begun(first, {"run_id": str(run_id), "first_step": first.value})
-
-
-def _already_begun(run: RunRecord | None) -> bool:
-    return run is not None and (run.chain_started or not run.state.unfinished)
+        note = "the Order already had its effects (found on the Order): no new effect"
+    elif provisioning.has_effects and provisioning.active and provisioning.active != str(run_id):
+        note = f"continues the provisioning of run {provisioning.active}: no effect is made twice"
+    snapshot = order.model_dump(mode="json")
+    ledger.start(run_id, snapshot, note=note)
+    provisioning.active = str(run_id)
+    run = ledger.get(run_id)
+    assert run is not None
+    log.info("run_started")
+    return _Begun({"run_id": str(run_id)}, run=run, provisioning=provisioning, snapshot=snapshot)
 
 
 def _adopt_from_order(services: Services, run_id: RunId, order: Order) -> None:
@@ -177,70 +248,6 @@ def _adopt_from_order(services: Services, run_id: RunId, order: Order) -> None:
         markers["activated_at"] = order.activated_at
     services.ledger.adopt(run_id, results, markers)
     log.warning("effects_adopted_from_order", whmcs_order_id=order.whmcs_order_id)
-
-
-# -- one step ----------------------------------------------------------------------------------
-
-Action = Callable[[StepContext], StepResult]
-_ENDED = (RunState.FAILED, RunState.JOINED, RunState.SUPERSEDED, RunState.SKIPPED)
-
-
-def run_step(
-    services: Services, run_id: RunId, step: Step, action: Action, *, retries: int
-) -> dict[str, Any]:
-    ledger = services.ledger
-    run = ledger.get(run_id)
-    if run is None:
-        log.error("step_for_unknown_run", step=step.value)
-        raise RunEnded(f"run {run_id} is not in the ledger")
-    if run.state in _ENDED:
-        log.warning("step_stopped_run_ended", step=step.value, state=run.state.value)
-        raise RunEnded(f"run {run_id} is {run.state.value}")
-    recorded = run.step(step, ledger.provisioning(run_id.order_id))
-    if recorded.done:
-        log.info("step_already_done", step=step.value)
-        if step is STEPS[-1] and run.state is RunState.RUNNING:
-            # Its worker died between recording the last step and ending the run.
-            ledger.finish(run_id)
-        return recorded.result or {}
-
-    with ledger.holding(run_id.order_id) as lease:
-        if lease is None:
-            log.info("step_lease_busy", step=step.value)
-            raise RetryLater(LEASE_BUSY_RETRY_S, "another worker holds the Order's lease")
-        # Re-read under the lease: the holder we waited for may have done this step.
-        provisioning = ledger.provisioning(run_id.order_id)
-        run = ledger.get(run_id) or run
-        recorded = run.step(step, provisioning)
-        if recorded.done:
-            return recorded.result or {}
-        attempt = ledger.record_attempt(run_id, step)
-        try:
-            result = action(StepContext(services, run_id, provisioning, lease)).to_json()
-        except TransientError as exc:
-            ledger.record_error(run_id, step, str(exc))
-            settings = services.settings
-            age_s = time.time() - run.created_at
-            if retries < settings.task_max_retries and age_s < settings.task_max_age_s:
-                countdown = retry_backoff_s(settings, retries)
-                log.warning(
-                    "step_retry",
-                    step=step.value,
-                    attempt=attempt,
-                    countdown_s=round(countdown, 2),
-                    error=str(exc),
-                )
-                raise RetryLater(countdown, str(exc)) from exc
-            return _terminal(services, run, provisioning, step, f"gave up after {attempt} attempts: {exc}")
-        except PermanentError as exc:
-            ledger.record_error(run_id, step, str(exc))
-            return _terminal(services, run, provisioning, step, str(exc))
-        ledger.record_step(run_id, step, result)
-        if step is STEPS[-1]:
-            ledger.finish(run_id)
-            log.info("run_done")
-        log.info("step_done", step=step.value, attempt=attempt, **result)
-        return result
 
 
 def _terminal(

@@ -1,4 +1,4 @@
-"""The listener: Platform Events in, ``provisioning.provision_order`` tasks out, no event lost.
+"""The listener: Platform Events in, one chain of step tasks per run out, no event lost.
 
 One listener per channel is active (a Redis lock with expiry, renewed); other
 replicas wait as hot standbys and take over when it lapses. For each event, in

@@ -1,7 +1,9 @@
-"""Sending runs to the workers: the entry task, or the chain from a given step.
+"""Sending runs to the workers: the chain of steps, from the first or from a given step.
 
-Used by the listener, the reconciler, the operators' commands and the entry
-task. Tasks are addressed by name, so nothing here imports ``tasks/``.
+A run is its chain: the first step begins the run (reads the Order, joins a run
+in flight, or skips), so a run costs as many task messages as it has steps. Used
+by the listener, the reconciler and the operators' commands. Tasks are addressed
+by name, so nothing here imports ``tasks/``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from celery import Celery
 from celery.canvas import Signature, chain
 
 import celeryconfig
-from provisioning.chain import ENTRY_STEP, ENTRY_TASK, STEPS, Step
+from provisioning.chain import ENTRY_STEP, STEPS, Step
 from provisioning.run_id import RunId
 from provisioning.settings import Settings
 
@@ -20,13 +22,6 @@ def make_publisher(settings: Settings) -> Celery:
     app = Celery("provisioning-publisher", set_as_current=False)
     app.conf.update(celeryconfig.build(settings))
     return app
-
-
-def publish_run(app: Celery, run_id: RunId | str) -> str:
-    """Send ``provisioning.provision_order(run_id)``; returns once the broker accepted it."""
-    text = str(run_id)
-    result = app.send_task(ENTRY_TASK, args=(text,), argsrepr=repr((text,)), kwargsrepr="{}")
-    return str(result.id)
 
 
 def chain_from(app: Celery, run_id: RunId | str, first_step: Step) -> chain:
@@ -39,8 +34,13 @@ def chain_from(app: Celery, run_id: RunId | str, first_step: Step) -> chain:
     return chain(*sigs)
 
 
+def publish_run(app: Celery, run_id: RunId | str) -> str:
+    """Send the run's whole chain (one message); returns once the broker accepted it."""
+    return str(chain_from(app, run_id, STEPS[0]).apply_async().id)
+
+
 def resume(app: Celery, run_id: RunId | str, step: str) -> None:
-    """Send the run on from ``step``: the entry task, or the chain from that step."""
+    """Send the run on from ``step``: from the start (a run not begun), or the chain from that step."""
     if step == ENTRY_STEP:
         publish_run(app, run_id)
     else:

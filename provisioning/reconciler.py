@@ -47,7 +47,10 @@ def resume_stale(services: Services, app: Celery, idle_s: float) -> list[RunId]:
         run = ledger.get(run_id)
         if run is None or not run.state.unfinished:
             continue
-        if run.chain_started and run.first_unfinished_step(ledger.provisioning(run_id.order_id)) is None:
+        if (
+            run.state is RunState.RUNNING
+            and run.first_unfinished_step(ledger.provisioning(run_id.order_id)) is None
+        ):
             ledger.finish(run_id)
             continue
         step = ledger.resume_step(run)

@@ -22,7 +22,7 @@ def describe_run(run: RunRecord, provisioning: Provisioning) -> str:
         return "queued: waiting for a worker"
     if run.state is RunState.RUNNING:
         step = run.first_unfinished_step(provisioning)
-        return f"running: at {step.value}" if step and run.chain_started else "running: starting"
+        return f"running: at {step.value}" if step else "running: ending"
     if run.note:
         return run.note
     if run.state is RunState.DONE:

@@ -18,7 +18,6 @@ from provisioning.logs import bind_run, configure_logging, unbind_run
 from provisioning.settings import Settings, load_settings
 
 TASK_MODULES: tuple[str, ...] = (
-    "tasks.orders",
     "tasks.whmcs",
     "tasks.esim",
     "tasks.salesforce",

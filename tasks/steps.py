@@ -2,18 +2,16 @@
 
 What a step does and in which order lives in :mod:`provisioning.lifecycle`;
 here a :class:`RetryLater` becomes ``task.retry`` (the rest of the chain travels
-with it), a :class:`RunEnded` becomes ``Ignore`` (later steps are never sent)
-and a :class:`RunFailed` fails the task (an expected failure: one line in the
-worker's log, the task shown failed in Flower).
+with it), a :class:`RunEnded` becomes a result that stops the chain (later steps
+are never sent), and a :class:`RunFailed` fails the task (an expected failure:
+one line in the worker's log, the task shown failed in Flower).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from celery import Task
-from celery.exceptions import Ignore
 
 from provisioning import lifecycle
 from provisioning.chain import Step
@@ -31,31 +29,25 @@ LEASE_WAIT_HEADROOM = 20
 # is between 0 and 1 s ("countdown must be a positive number"); a whole second is always safe.
 MIN_COUNTDOWN_S = 1.0
 
-T = TypeVar("T")
-
-
-def celery_outcomes(task: Task, body: Callable[[], T]) -> T:
-    """Run ``body`` and turn the lifecycle's outcomes into Celery's."""
-    try:
-        return body()
-    except RetryLater as exc:
-        cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else None
-        countdown = max(exc.countdown_s, MIN_COUNTDOWN_S)
-        raise task.retry(exc=cause, countdown=countdown, max_retries=max_retries(task)) from None
-    except RunEnded:
-        raise Ignore() from None
-
 
 def run_step(task: Task, run_id: str, step: Step, action: Action) -> dict[str, Any]:
     try:
         rid = RunId.parse(run_id)
     except ValueError as exc:
         log.error("step_with_bad_run_id", step=step.value, error=str(exc))
-        raise Ignore() from None
+        task.request.chain = None
+        return {"ignored": "not a run id"}
     services = task.app.services
-    return celery_outcomes(
-        task, lambda: lifecycle.run_step(services, rid, step, action, retries=task.request.retries)
-    )
+    try:
+        return lifecycle.run_step(services, rid, step, action, retries=task.request.retries)
+    except RetryLater as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else None
+        countdown = max(exc.countdown_s, MIN_COUNTDOWN_S)
+        raise task.retry(exc=cause, countdown=countdown, max_retries=max_retries(task)) from None
+    except RunEnded as exc:
+        # Success for this task, and the end of the chain: Celery sends no further step.
+        task.request.chain = None
+        return exc.result
 
 
 def max_retries(task: Task) -> int:

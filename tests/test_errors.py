@@ -33,7 +33,7 @@ from provisioning.esim.errors import (
     InventoryFileError,
     _WithFunctionStatus,
 )
-from provisioning.lifecycle import RetryLater
+from provisioning.lifecycle import RetryLater, RunEnded
 from provisioning.salesforce.auth import AccessToken
 from provisioning.salesforce.client import _SessionExpired
 from provisioning.salesforce.errors import SalesforceError
@@ -75,6 +75,7 @@ SAMPLES: dict[type[BaseException], Build] = {
     smdp_simulator.FunctionFailed: lambda cls: cls("8.2.1", "3.9", "unknown ICCID", "8988299000000000006"),
     whmcs_simulator.ApiError: lambda cls: cls("Invoice ID Not Found", key="status"),
     RetryLater: lambda cls: cls(2.0, "another worker holds the Order's lease"),
+    RunEnded: lambda cls: cls({"joined": "801Dn0000HeJ6rrIQC:approval-1"}),
 }
 
 # Classes that do not round-trip yet, in files this branch does not own; each must keep failing

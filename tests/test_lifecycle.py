@@ -1,4 +1,4 @@
-"""The run lifecycle in-process (the fast tier): begin, step, fail, join, supersede, requeue, resume.
+"""The run lifecycle in-process (the fast tier): begin, step, fail, join, skip, requeue, resume.
 
 Real Redis, the real simulators in this process, the real lifecycle functions; no
 worker process, so each test takes well under a second once the sandbox is up.
@@ -19,7 +19,7 @@ from provisioning.context import StepContext
 from provisioning.email.errors import EmailPermanentError
 from provisioning.errors import TransientError
 from provisioning.ledger import Origin, RunState
-from provisioning.lifecycle import LEASE_BUSY_RETRY_S, RetryLater, RunEnded, RunFailed, begin_run, run_step
+from provisioning.lifecycle import LEASE_BUSY_RETRY_S, RetryLater, RunEnded, RunFailed, run_step
 from provisioning.operations import requeue
 from provisioning.publishing import make_publisher
 from provisioning.reconciler import resume_stale
@@ -97,42 +97,53 @@ def _run_chain(services: Services, run_id: RunId, actions: dict[Step, Any] | Non
         run_step(services, run_id, step, action, retries=0)
 
 
-def test_a_run_begins_by_reading_the_order_once_and_holding_it_as_the_active_run(sandbox, services, order):
+def _begin(services: Services, run_id: RunId) -> dict[str, Any]:
+    """The run's first step, which begins it."""
+    return run_step(
+        services, run_id, Step.VALIDATE_PAYMENT, _ok(PaymentChecked(whmcs_client_id=1)), retries=0
+    )
+
+
+def test_a_runs_first_step_begins_it_reading_the_order_once_and_holding_it_as_the_active_run(
+    sandbox, services, order
+):
     run_id = RunId.parse(order.run_id)
     sandbox.admin("salesforce").post("/__admin/calls/reset")
-    begun = begin_run(services, run_id, retries=0)
-    assert begun.first_step is Step.VALIDATE_PAYMENT
+    assert _begin(services, run_id) == {"whmcs_client_id": 1}
     assert _api_calls(sandbox) == {"query": 1}
     run = services.ledger.get(run_id)
     assert run.state is RunState.RUNNING
     assert services.ledger.provisioning(order.order_id).active == str(run_id)
     assert services.ledger.load_order(order.order_id)["id"] == order.order_id
-    # The same run again is a duplicate once its chain started.
-    services.ledger.mark_chain_started(run_id)
-    assert begin_run(services, run_id, retries=0).result == {"duplicate": True, "state": "running"}
+    assert services.redis.exists(services.ledger.lease_key(order.order_id)) == 0  # given back
+    # The same step again (a redelivery, a duplicate event's chain) returns the recorded result.
+    assert _begin(services, run_id) == {"whmcs_client_id": 1}
+    assert _api_calls(sandbox) == {"query": 1}
 
 
 def test_a_second_run_of_an_order_in_flight_joins_it_without_a_query(sandbox, services, order):
     first = RunId.parse(order.run_id)
     second = RunId(order.order_id, "approval-2")
-    begin_run(services, first, retries=0)
+    _begin(services, first)
     sandbox.admin("salesforce").post("/__admin/calls/reset")
-    begun = begin_run(services, second, retries=0)
-    assert begun.first_step is None
-    assert begun.result == {"joined": str(first)}
+    with pytest.raises(RunEnded) as ended:
+        _begin(services, second)
+    assert ended.value.result == {"joined": str(first)}
     assert _api_calls(sandbox) == {}
     joined = services.ledger.get(second)
     assert joined.state is RunState.JOINED
     assert joined.joined == str(first)
-    with pytest.raises(RunEnded):
-        run_step(services, second, Step.VALIDATE_PAYMENT, _ok(PaymentChecked()), retries=0)
+    with pytest.raises(RunEnded) as again:
+        run_step(services, second, Step.ACTIVATE_ESIM, _ok(EsimActivated(iccid="1")), retries=0)
+    assert again.value.result == {"ended": "joined"}
 
 
 def test_a_run_whose_order_is_not_activating_is_skipped_with_the_reason(sandbox, services, order):
     sandbox.admin("salesforce").patch(f"/__admin/orders/{order.order_id}", {"activation_status": "Activated"})
     run_id = RunId.parse(order.run_id)
-    begun = begin_run(services, run_id, retries=0)
-    assert begun.first_step is None
+    with pytest.raises(RunEnded) as ended:
+        _begin(services, run_id)
+    assert "skipped" in ended.value.result
     run = services.ledger.get(run_id)
     assert run.state is RunState.SKIPPED
     assert run.note == "skipped: the Order is 'Activated', not 'Activating': nothing to do"
@@ -141,7 +152,6 @@ def test_a_run_whose_order_is_not_activating_is_skipped_with_the_reason(sandbox,
 
 def test_a_re_approval_reuses_the_orders_effects_and_only_writes_it_back(sandbox, services, order):
     first = RunId.parse(order.run_id)
-    begin_run(services, first, retries=0)
     _run_chain(services, first)
     assert services.ledger.get(first).state is RunState.DONE
     sandbox.admin("salesforce").patch(
@@ -149,48 +159,36 @@ def test_a_re_approval_reuses_the_orders_effects_and_only_writes_it_back(sandbox
     )
 
     second = RunId(order.order_id, "approval-2")
-    begun = begin_run(services, second, retries=0)
-    assert begun.first_step is Step.UPDATE_SALESFORCE
-    run = services.ledger.get(second)
-    assert run.note == f"continues the provisioning of run {first}: no effect is made twice"
     called = []
 
     def must_not_run(ctx: StepContext) -> StepResult:
         called.append(ctx.run_id)
         return PaymentChecked()
 
+    provisioning = services.ledger.provisioning(order.order_id)
     for step in (Step.VALIDATE_PAYMENT, Step.ACTIVATE_ESIM, Step.CREATE_WHMCS_ORDER):
-        assert (
-            run_step(services, second, step, must_not_run, retries=0)
-            == services.ledger.provisioning(order.order_id).step(step).result
-        )
+        assert run_step(services, second, step, must_not_run, retries=0) == provisioning.step(step).result
     assert called == []
+    run = services.ledger.get(second)
+    assert run.state is RunState.RUNNING
+    assert run.note == f"continues the provisioning of run {first}: no effect is made twice"
+    assert run.first_unfinished_step(services.ledger.provisioning(order.order_id)) is Step.UPDATE_SALESFORCE
 
 
 def test_a_transient_error_is_retried_with_a_bounded_backoff_then_fails_the_run_and_the_order(
     sandbox, services, order
 ):
     run_id = RunId.parse(order.run_id)
-    begin_run(services, run_id, retries=0)
     settings = services.settings
+    flaky = _raise(Flaky("WHMCS answered 503"))
     with pytest.raises(RetryLater) as caught:
-        run_step(services, run_id, Step.VALIDATE_PAYMENT, _raise(Flaky("WHMCS answered 503")), retries=0)
+        run_step(services, run_id, Step.VALIDATE_PAYMENT, flaky, retries=0)
     assert 0 <= caught.value.countdown_s <= settings.task_retry_backoff_s
-    assert (
-        services.ledger.get(run_id)
-        .step(Step.VALIDATE_PAYMENT, services.ledger.provisioning(order.order_id))
-        .attempts
-        == 1
-    )
+    run = services.ledger.get(run_id)
+    assert run.step(Step.VALIDATE_PAYMENT, services.ledger.provisioning(order.order_id)).attempts == 1
 
     with pytest.raises(RunFailed, match="validate_payment: gave up after 2 attempts: WHMCS answered 503"):
-        run_step(
-            services,
-            run_id,
-            Step.VALIDATE_PAYMENT,
-            _raise(Flaky("WHMCS answered 503")),
-            retries=settings.task_max_retries,
-        )
+        run_step(services, run_id, Step.VALIDATE_PAYMENT, flaky, retries=settings.task_max_retries)
     run = services.ledger.get(run_id)
     assert run.state is RunState.FAILED
     assert run.failed_step == "validate_payment"
@@ -200,29 +198,29 @@ def test_a_transient_error_is_retried_with_a_bounded_backoff_then_fails_the_run_
     assert view["Activation_Error__c"] == "validate_payment: gave up after 2 attempts: WHMCS answered 503"
     # The failure reached the Order: nothing left for the reconciler's write-back sweep.
     assert services.ledger.pending_writebacks(0) == []
-    with pytest.raises(RunEnded):
-        run_step(services, run_id, Step.ACTIVATE_ESIM, _ok(PaymentChecked()), retries=0)
+    assert services.redis.exists(services.ledger.lease_key(order.order_id)) == 0
+    with pytest.raises(RunEnded) as ended:
+        run_step(services, run_id, Step.ACTIVATE_ESIM, _ok(EsimActivated(iccid="1")), retries=0)
+    assert ended.value.result == {"ended": "failed"}
 
 
 def test_another_worker_holding_the_orders_lease_means_retry_shortly(sandbox, services, order):
     run_id = RunId.parse(order.run_id)
-    begin_run(services, run_id, retries=0)
+    _begin(services, run_id)
     other = services.ledger.lease(order.order_id)
     assert other.acquire(blocking=False)
     try:
         with pytest.raises(RetryLater) as caught:
-            run_step(services, run_id, Step.VALIDATE_PAYMENT, _ok(PaymentChecked()), retries=0)
+            run_step(services, run_id, Step.ACTIVATE_ESIM, _ok(EsimActivated(iccid="1")), retries=0)
         assert caught.value.countdown_s == LEASE_BUSY_RETRY_S
         with pytest.raises(RetryLater):
-            begin_run(services, RunId(order.order_id, "approval-2"), retries=0)
+            _begin(services, RunId(order.order_id, "approval-2"))
     finally:
         other.release()
 
 
 def test_a_refused_email_ends_the_run_done_and_leaves_the_order_activated(sandbox, services, order):
     run_id = RunId.parse(order.run_id)
-    begin_run(services, run_id, retries=0)
-    sandbox.admin("salesforce").patch(f"/__admin/orders/{order.order_id}", {"activation_status": "Activated"})
     refused = EmailPermanentError("RCPT TO refused: 550 5.1.1", code=550)
     _run_chain(services, run_id, {Step.SEND_EMAIL: _raise(refused)})
     run = services.ledger.get(run_id)
@@ -234,7 +232,6 @@ def test_a_refused_email_ends_the_run_done_and_leaves_the_order_activated(sandbo
     assert provisioning.markers["outbox"] == "refused"
     assert provisioning.email_error == "RCPT TO refused: 550 5.1.1"
     view = _sf_order(sandbox, order.order_id)
-    assert view["Activation_Status__c"] == "Activated"
     assert view["Activation_Error__c"] == (
         "Activated; the welcome e-mail was not delivered: RCPT TO refused: 550 5.1.1"
     )
@@ -244,9 +241,7 @@ def test_requeue_shows_a_dry_run_first_then_resumes_the_failed_run_at_its_step(
     sandbox, stack_settings, services, order, broker
 ):
     run_id = RunId.parse(order.run_id)
-    begin_run(services, run_id, retries=0)
-    services.ledger.mark_chain_started(run_id)
-    run_step(services, run_id, Step.VALIDATE_PAYMENT, _ok(PaymentChecked(whmcs_client_id=1)), retries=0)
+    _begin(services, run_id)
     with pytest.raises(RunFailed):
         run_step(services, run_id, Step.ACTIVATE_ESIM, _raise(Flaky("SM-DP+ down")), retries=99)
     app = make_publisher(stack_settings)
@@ -275,17 +270,14 @@ def test_the_reconciler_resumes_an_idle_run_nobody_holds_where_it_stopped(
     sandbox, stack_settings, services, order, broker
 ):
     run_id = RunId.parse(order.run_id)
-    begin_run(services, run_id, retries=0)
-    services.ledger.mark_chain_started(run_id)
-    run_step(services, run_id, Step.VALIDATE_PAYMENT, _ok(PaymentChecked(whmcs_client_id=1)), retries=0)
+    _begin(services, run_id)
     app = make_publisher(stack_settings)
     assert resume_stale(services, app, idle_s=3600) == []
     assert resume_stale(services, app, idle_s=0) == [run_id]
     assert _queued_tasks(broker, stack_settings.celery_queue) == ["provisioning.activate_esim"]
-    # A run queued whose entry task was lost goes back to the entry task.
+    # A run queued whose chain was lost is sent again from the start.
     lost = RunId(order.order_id, "approval-9")
     services.ledger.enqueue(lost, Origin.EVENT)
     broker.delete(stack_settings.celery_queue)
-    resumed = resume_stale(services, app, idle_s=0)
-    assert lost in resumed
-    assert "provisioning.provision_order" in _queued_tasks(broker, stack_settings.celery_queue)
+    assert lost in resume_stale(services, app, idle_s=0)
+    assert "provisioning.validate_payment" in _queued_tasks(broker, stack_settings.celery_queue)

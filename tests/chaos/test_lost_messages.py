@@ -32,7 +32,7 @@ def test_an_entry_task_lost_after_the_listener_published_it_is_republished_by_th
     wait_for(lambda: services.redis.get(checkpoint) == str(replay_id).encode(), timeout_s=30, poll_s=0.05)
     broker = redis.Redis.from_url(settings.celery_broker_url)
     try:
-        # The only provision_order message is gone; the event is already checkpointed.
+        # The run's only message (its chain) is gone; the event is already checkpointed.
         assert broker.delete(settings.celery_queue) == 1
     finally:
         broker.close()
