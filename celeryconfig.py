@@ -44,6 +44,9 @@ def build(settings: Settings) -> dict[str, Any]:
             )
             extra.update(task_default_queue_type="quorum", task_default_exchange_type="topic")
     else:
+        # kombu's Redis transport with one redis-py client per channel (see provisioning.broker).
+        if settings.celery_broker_url.startswith(("redis://", "rediss://")):
+            extra["broker_transport"] = "provisioning.broker:Transport"
         transport.update(
             visibility_timeout=settings.celery_visibility_timeout_s,
             # Look for messages of dead workers every few seconds (kombu's default: about every
