@@ -1,4 +1,8 @@
-"""Salesforce connectivity: JWT bearer auth, the REST client, the Streaming API subscriber, Id checks."""
+"""Salesforce connectivity: JWT bearer auth, the REST client, the event sources, Id checks.
+
+The event-source seam lives in :mod:`.events`; its transports are :mod:`.streaming` (CometD)
+and :mod:`.pubsub` (the Pub/Sub API, imported on demand: it loads gRPC).
+"""
 
 from provisioning.salesforce.auth import AccessToken, JWTBearerAuth
 from provisioning.salesforce.client import ApiUsage, Order, OrderFieldNames, OrderItem, SalesforceClient
@@ -8,37 +12,54 @@ from provisioning.salesforce.errors import (
     SalesforceAuthError,
     SalesforceConnectionError,
     SalesforceError,
+    SalesforceEventPermissionError,
     SalesforcePermanentError,
     SalesforceRequestError,
     SalesforceStreamingError,
     SalesforceTransientError,
     SalesforceUnavailable,
 )
+from provisioning.salesforce.events import (
+    EARLIEST,
+    LATEST,
+    Batch,
+    Event,
+    EventSource,
+    ReplayPreset,
+    ReplayStart,
+    make_event_source,
+)
 from provisioning.salesforce.ids import is_valid_id, normalize_id
 from provisioning.salesforce.streaming import (
     REPLAY_EARLIEST,
     REPLAY_LATEST,
-    Event,
     StreamCounters,
     StreamingClient,
 )
 
 __all__ = [
+    "EARLIEST",
+    "LATEST",
     "REPLAY_EARLIEST",
     "REPLAY_LATEST",
     "AccessToken",
     "ApiUsage",
+    "Batch",
     "Event",
+    "EventSource",
     "InvalidSalesforceId",
     "JWTBearerAuth",
     "Order",
     "OrderFieldNames",
     "OrderItem",
     "OrderNotFound",
+    "ReplayPreset",
+    "ReplayStart",
     "SalesforceAuthError",
     "SalesforceClient",
     "SalesforceConnectionError",
     "SalesforceError",
+    "SalesforceEventPermissionError",
     "SalesforcePermanentError",
     "SalesforceRequestError",
     "SalesforceStreamingError",
@@ -47,5 +68,6 @@ __all__ = [
     "StreamCounters",
     "StreamingClient",
     "is_valid_id",
+    "make_event_source",
     "normalize_id",
 ]

@@ -9,7 +9,8 @@
         ├── SalesforceRequestError      MALFORMED_ID, INVALID_FIELD, validation rules, other 4xx
         │   └── OrderNotFound           no Order with that Id
         ├── InvalidSalesforceId         (also ValueError) not a 15/18-character Id
-        └── SalesforceStreamingError    the Streaming API refused the subscription
+        └── SalesforceStreamingError    the Streaming or Pub/Sub API refused the subscription
+            └── SalesforceEventPermissionError  the integration user may not subscribe to the event
 
 Messages never hold tokens, keys or customer data; ``status`` and ``error_code``
 carry the HTTP status and Salesforce ``errorCode`` when there was one.
@@ -62,4 +63,8 @@ class InvalidSalesforceId(SalesforcePermanentError, ValueError):
 
 
 class SalesforceStreamingError(SalesforcePermanentError):
-    """The Streaming API refused the handshake or subscription for a reason retrying cannot fix."""
+    """The Streaming or Pub/Sub API refused the subscription for a reason retrying cannot fix."""
+
+
+class SalesforceEventPermissionError(SalesforceStreamingError):
+    """The integration user lacks read access to the Platform Event (it cannot subscribe)."""
