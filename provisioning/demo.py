@@ -103,7 +103,7 @@ def run_demo(settings: Settings, *, orders: int, workdir: Path, console: Console
     started = time.monotonic()
     _check_redis(settings)
     run_tag = uuid.uuid4().hex[:8]
-    box = Sandbox(workdir / "sandbox", seed=42, long_poll_s=20.0).start()
+    box = Sandbox(workdir / "sandbox", seed=42, long_poll_s=20.0, pubsub_keepalive_s=5.0).start()
     procs: list[processes.ManagedProcess] = []
     demo_settings = Settings(
         _env_file=None,
