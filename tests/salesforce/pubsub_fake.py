@@ -44,24 +44,35 @@ Script = Callable[[pb.FetchRequest, grpc.ServicerContext], Iterator[pb.FetchResp
 
 def payload(key: str, **extra: Any) -> bytes:
     buffer = io.BytesIO()
-    record = {"CreatedDate": CREATED_MS, "CreatedById": "005000000000001", "OrderId__c": "801", "IdemKey__c": key}
+    record = {
+        "CreatedDate": CREATED_MS,
+        "CreatedById": "005000000000001",
+        "OrderId__c": "801",
+        "IdemKey__c": key,
+    }
     fastavro.schemaless_writer(buffer, fastavro.parse_schema(SCHEMA), {**record, **extra})
     return buffer.getvalue()
 
 
 def event(key: str, replay: int, schema_id: str = SCHEMA_ID, body: bytes | None = None) -> pb.ConsumerEvent:
     return pb.ConsumerEvent(
-        event=pb.ProducerEvent(id=f"uuid-{key}", schema_id=schema_id, payload=body if body is not None else payload(key)),
+        event=pb.ProducerEvent(
+            id=f"uuid-{key}", schema_id=schema_id, payload=body if body is not None else payload(key)
+        ),
         replay_id=replay.to_bytes(8, "big"),
     )
 
 
 def respond(*events: pb.ConsumerEvent, pending: int = 0, latest: int | None = None) -> pb.FetchResponse:
     last = events[-1].replay_id if events else (latest or 0).to_bytes(8, "big")
-    return pb.FetchResponse(events=list(events), latest_replay_id=last, rpc_id="rpc", pending_num_requested=pending)
+    return pb.FetchResponse(
+        events=list(events), latest_replay_id=last, rpc_id="rpc", pending_num_requested=pending
+    )
 
 
-def abort(context: grpc.ServicerContext, code: grpc.StatusCode, error_code: str, message: str = "failed") -> None:
+def abort(
+    context: grpc.ServicerContext, code: grpc.StatusCode, error_code: str, message: str = "failed"
+) -> None:
     context.set_trailing_metadata((("error-code", error_code),))
     context.abort(code, f"{message} rpcId: rpc")
 
@@ -95,7 +106,9 @@ class FakePubSub(pb_grpc.PubSubServicer):
     def stop(self) -> None:
         self.server.stop(0)
 
-    def Subscribe(self, request_iterator: Iterator[pb.FetchRequest], context: grpc.ServicerContext) -> Iterator[pb.FetchResponse]:
+    def Subscribe(
+        self, request_iterator: Iterator[pb.FetchRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.FetchResponse]:
         call = Call({k: v for k, v in context.invocation_metadata()})
         with self.lock:
             self.calls.append(call)
@@ -119,10 +132,14 @@ class FakePubSub(pb_grpc.PubSubServicer):
             abort(context, self.schema_errors.popleft(), "sfdc.platform.eventbus.grpc.service.unavailable")
         if request.schema_id not in self.schemas:
             abort(context, grpc.StatusCode.NOT_FOUND, "sfdc.platform.eventbus.grpc.schema.not.found")
-        return pb.SchemaInfo(schema_json=self.schemas[request.schema_id], schema_id=request.schema_id, rpc_id="rpc")
+        return pb.SchemaInfo(
+            schema_json=self.schemas[request.schema_id], schema_id=request.schema_id, rpc_id="rpc"
+        )
 
     def GetTopic(self, request: pb.TopicRequest, context: grpc.ServicerContext) -> pb.TopicInfo:
-        return pb.TopicInfo(topic_name=request.topic_name, tenant_guid="00Dfake", can_subscribe=True, schema_id=SCHEMA_ID)
+        return pb.TopicInfo(
+            topic_name=request.topic_name, tenant_guid="00Dfake", can_subscribe=True, schema_id=SCHEMA_ID
+        )
 
 
 def serve(

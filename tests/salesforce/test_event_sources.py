@@ -303,7 +303,9 @@ def test_flow_control_never_puts_more_events_in_hand_than_requested(pubsub: Kit)
     assert [e.payload["IdemKey__c"] for e in got if e.payload] == [f"k{i}" for i in range(200)]
 
 
-def test_the_stream_outlives_the_idle_timeout_because_requests_never_run_out(pubsub: Kit, consume: Any) -> None:
+def test_the_stream_outlives_the_idle_timeout_because_requests_never_run_out(
+    pubsub: Kit, consume: Any
+) -> None:
     pubsub.org.streaming(pubsub_idle_timeout_s=0.3)
     consumer = consume(pubsub.make(batch_size=2), EARLIEST)
     pubsub.publish([f"k{i}" for i in range(6)])
@@ -351,12 +353,17 @@ def test_a_latest_start_is_anchored_by_a_keepalive_so_a_broken_stream_loses_noth
     assert pubsub.source.counters()["unanchored_resubscribes"] == 0
 
 
-def test_a_schema_change_mid_stream_is_fetched_and_decoded_without_a_restart(pubsub: Kit, consume: Any) -> None:
+def test_a_schema_change_mid_stream_is_fetched_and_decoded_without_a_restart(
+    pubsub: Kit, consume: Any
+) -> None:
     consumer = consume(pubsub.source, EARLIEST)
     pubsub.publish(["before"])
     consumer.wait_for(1, RECEIVE_TIMEOUT_S)
     pubsub.org.streaming(pubsub_schema_change=True)
-    pubsub.org.post("/__admin/events", [{"OrderId__c": "801000000000001AAA", "IdemKey__c": "after", "Priority__c": "high"}])
+    pubsub.org.post(
+        "/__admin/events",
+        [{"OrderId__c": "801000000000001AAA", "IdemKey__c": "after", "Priority__c": "high"}],
+    )
     events = consumer.wait_for(2, RECEIVE_TIMEOUT_S)
     assert events[1].payload is not None
     assert events[1].payload["Priority__c"] == "high"

@@ -92,7 +92,12 @@ def test_the_first_request_names_topic_start_and_batch_size_and_every_call_carri
     (batch,) = first_batches(client, EARLIEST, 1)
     (call,) = server.calls
     first = call.requests[0]
-    assert (first.topic_name, first.replay_preset, first.replay_id, first.num_requested) == (TOPIC, pb.EARLIEST, b"", 7)
+    assert (first.topic_name, first.replay_preset, first.replay_id, first.num_requested) == (
+        TOPIC,
+        pb.EARLIEST,
+        b"",
+        7,
+    )
     assert call.metadata["accesstoken"].startswith("00Dfake!token-")
     assert call.metadata["instanceurl"] == INSTANCE_URL
     assert call.metadata["tenantid"] == "00Dfake"
@@ -136,7 +141,9 @@ def test_decoded_events_carry_uuid_payload_and_created_at_and_keep_raw_out_of_re
     assert [e.replay_id for e in batch.events] == [(11).to_bytes(8, "big"), (14).to_bytes(8, "big")]
 
 
-def test_a_schema_is_fetched_once_per_schema_id(make: Callable[..., PubSubClient], server: FakePubSub) -> None:
+def test_a_schema_is_fetched_once_per_schema_id(
+    make: Callable[..., PubSubClient], server: FakePubSub
+) -> None:
     server.scripts.append(serve(respond(event("a", 1), pending=5), respond(event("b", 2), event("c", 3))))
     client = make()
     batches = first_batches(client, EARLIEST, 2)
@@ -203,13 +210,32 @@ def test_a_new_request_is_sent_only_when_the_server_owes_nothing(
     assert server.calls[0].requests[1].topic_name == ""
 
 
+def test_a_stale_keepalive_saying_nothing_is_owed_does_not_double_the_request(
+    make: Callable[..., PubSubClient], server: FakePubSub
+) -> None:
+    server.scripts.append(
+        serve(respond(event("a", 1)), respond(latest=1, pending=0), respond(latest=1, pending=0))
+    )
+    client = make(batch_size=1)
+    first_batches(client, EARLIEST, 3)
+    time.sleep(0.2)
+    assert [r.num_requested for r in server.calls[0].requests] == [1, 1]
+
+
 @pytest.mark.parametrize(
-    ("then", "code"), [("end", grpc.StatusCode.OK), ("abort", grpc.StatusCode.INTERNAL), ("abort", grpc.StatusCode.UNAVAILABLE)]
+    ("then", "code"),
+    [
+        ("end", grpc.StatusCode.OK),
+        ("abort", grpc.StatusCode.INTERNAL),
+        ("abort", grpc.StatusCode.UNAVAILABLE),
+    ],
 )
 def test_a_stream_that_ends_or_resets_is_resubscribed_from_the_last_ack(
     make: Callable[..., PubSubClient], server: FakePubSub, then: str, code: grpc.StatusCode
 ) -> None:
-    server.scripts.extend([serve(respond(event("a", 21)), then=then, code=code), serve(respond(event("b", 25)))])
+    server.scripts.extend(
+        [serve(respond(event("a", 21)), then=then, code=code), serve(respond(event("b", 25)))]
+    )
     client = make()
     batches = first_batches(client, LATEST, 2)
     assert [e.payload["IdemKey__c"] for b in batches for e in b.events if e.payload] == ["a", "b"]
@@ -224,7 +250,11 @@ def test_the_delivery_limit_keeps_the_client_away_for_its_backoff(
 ) -> None:
     server.scripts.extend(
         [
-            serve(then="abort", code=grpc.StatusCode.RESOURCE_EXHAUSTED, error_code="sfdc.platform.eventbus.grpc.subscription.limit.exceeded"),
+            serve(
+                then="abort",
+                code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+                error_code="sfdc.platform.eventbus.grpc.subscription.limit.exceeded",
+            ),
             serve(respond(event("a", 1))),
         ]
     )
@@ -247,7 +277,9 @@ def test_a_latest_start_with_no_position_at_all_resubscribes_from_the_fallback_n
 
 
 def test_a_keepalive_anchors_a_latest_start(make: Callable[..., PubSubClient], server: FakePubSub) -> None:
-    server.scripts.extend([serve(respond(latest=40, pending=3), then="abort"), serve(respond(event("a", 42)))])
+    server.scripts.extend(
+        [serve(respond(latest=40, pending=3), then="abort"), serve(respond(event("a", 42)))]
+    )
     client = make()
     batches = first_batches(client, LATEST, 2)
     assert batches[0].events == ()
@@ -317,7 +349,12 @@ def test_a_login_answer_without_an_identity_url_is_refused_clearly(
 
 def test_get_topic_reports_what_the_server_says(make: Callable[..., PubSubClient]) -> None:
     info = make().topic_info()
-    assert (info.topic_name, info.tenant_guid, info.can_subscribe, info.schema_id) == (TOPIC, "00Dfake", True, SCHEMA_ID)
+    assert (info.topic_name, info.tenant_guid, info.can_subscribe, info.schema_id) == (
+        TOPIC,
+        "00Dfake",
+        True,
+        SCHEMA_ID,
+    )
 
 
 def test_the_ca_bundle_decides_whom_the_client_trusts(

@@ -15,10 +15,12 @@ Every call carries the metadata ``accesstoken``, ``instanceurl`` (the full https
 
 Flow control: the first FetchRequest asks for ``batch_size`` events (``num_requested``,
 1..100). The response iterator is read only when the caller asks for the next batch, so the
-client holds at most one FetchResponse; whenever a response leaves ``pending_num_requested``
-at 0, a new FetchRequest for ``batch_size`` is sent as that batch is handed over, so the
-server never closes the stream for lack of requests, and at most ``batch_size`` further
-events wait in gRPC's buffers while the caller works.
+client holds at most one FetchResponse; whenever the events requested have all arrived
+(pending at 0), a new FetchRequest for ``batch_size`` is sent as that batch is handed over,
+so the server never closes the stream for lack of requests, and at most ``batch_size``
+further events wait in gRPC's buffers while the caller works. The client counts what it is
+owed itself: a buffered response's ``pending_num_requested`` is stale by the time it is read
+(a keepalive saying 0 after the next request already left would otherwise double it).
 
 Recovery, each followed by a new Subscribe call from the last acknowledged position (never
 LATEST after the first subscription: without an ack, an empty keepalive's
@@ -343,6 +345,9 @@ class PubSubClient:
             first.replay_id = position
         outbox: queue.SimpleQueue[pb.FetchRequest | None] = queue.SimpleQueue()
         outbox.put(first)
+        # Events requested and not yet received, by our own count: a response's pending_num_requested
+        # is the server's count when it was sent, stale by the time a buffered response is read.
+        owed = self.batch_size
         call = self._stub.Subscribe(_drain(outbox), metadata=self._metadata(token))
         with self._call_lock:
             self._call = call
@@ -370,9 +375,11 @@ class PubSubClient:
                     batch = self._batch(response, token)
                 except _SchemaUnavailable as exc:
                     return _Failure("network", f"GetSchema: {exc}")
-                if response.pending_num_requested <= 0:
+                owed -= len(response.events)
+                if owed <= 0:
                     # The caller takes this batch now: ask for the next one so the stream never idles out.
                     outbox.put(pb.FetchRequest(num_requested=self.batch_size))
+                    owed += self.batch_size
                 self._counts["batches"] += 1
                 if batch.events:
                     self._counts["events"] += len(batch.events)
