@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
 
 if TYPE_CHECKING:
+    from provisioning.salesforce.auth import JWTBearerAuth
     from provisioning.settings import Settings
 
 
@@ -129,12 +130,12 @@ class EventSource(Protocol):
         ...
 
 
-def make_event_source(settings: Settings) -> EventSource:
-    """The event source ``SF_EVENTS_TRANSPORT`` names, built from the settings."""
+def make_event_source(settings: Settings, *, auth: JWTBearerAuth | None = None) -> EventSource:
+    """The event source ``SF_EVENTS_TRANSPORT`` names, built from the settings (sharing ``auth``)."""
     if settings.sf_events_transport == "cometd":
         from provisioning.salesforce.streaming import StreamingClient
 
-        return StreamingClient.from_settings(settings)
+        return StreamingClient.from_settings(settings, auth=auth)
     from provisioning.salesforce.pubsub import PubSubClient
 
-    return PubSubClient.from_settings(settings)
+    return PubSubClient.from_settings(settings, auth=auth)

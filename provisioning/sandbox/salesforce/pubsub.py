@@ -141,6 +141,7 @@ class PubSub:
         self.org_id = org_id
         self.keepalive_s = keepalive_s
         self.idle_timeout_s = idle_timeout_s
+        self._timings = (keepalive_s, idle_timeout_s)
         self.faults = PubSubFaults()
         self.stats: Counter[str] = Counter()
         self.streams: set[_Stream] = set()
@@ -546,6 +547,7 @@ class PubSub:
     def reset(self) -> None:
         self.faults = PubSubFaults()
         self.stats.clear()
+        self.keepalive_s, self.idle_timeout_s = self._timings
         self.configure({"pubsub_kill_streams": True})
 
     def stats_json(self) -> dict[str, Any]:
