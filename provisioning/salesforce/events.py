@@ -82,6 +82,7 @@ class Batch:
     position: bytes | None
 
     def __len__(self) -> int:
+        """The number of events (so an empty keepalive batch is falsy: test ``position`` too)."""
         return len(self.events)
 
 
