@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint demo sandbox bench clean
+.PHONY: help install test test-fast lint demo sandbox bench proto clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -38,6 +38,11 @@ sandbox: $(STAMP) ## Start the simulators and write sandbox.env
 
 bench: $(STAMP) ## Run the benchmarks with small defaults
 	$(BIN)/python -m bench.run_all
+
+PROTO_DIR := provisioning/salesforce/pubsub
+
+proto: $(STAMP) ## Regenerate the Pub/Sub API stubs from pubsub_api.proto (committed; needs grpcio-tools)
+	$(BIN)/python -m provisioning.salesforce.pubsub.generate $(PROTO_DIR)
 
 clean: ## Remove .venv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .sandbox

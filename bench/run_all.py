@@ -36,6 +36,7 @@ GOALS = {
     "io_share": 0.8,
     "latency_ratio": 1.3,
     "listener_rate": 2000.0,
+    "listener_cpu_ms": 0.4,
     "sf_calls": 2.0,
 }
 
@@ -125,13 +126,22 @@ def goals_table(out: Path) -> Table:
     )
 
     listener = load(out, "listener")
-    rate = listener["data"]["events_per_s_steady"] if listener else None
-    add(
-        "listener catch-up, events/s",
-        rate,
-        f"≥ {GOALS['listener_rate']:,.0f}",
-        None if rate is None else rate >= GOALS["listener_rate"],
-    )
+    for transport in ("pubsub", "cometd"):
+        row = listener["data"].get(transport) if listener else None
+        rate = row["events_per_s_steady"] if row else None
+        add(
+            f"listener catch-up ({transport}), events/s",
+            rate,
+            f"≥ {GOALS['listener_rate']:,.0f}",
+            None if rate is None else rate >= GOALS["listener_rate"],
+        )
+        cpu = row["cpu_us_per_event"] / 1000 if row else None
+        add(
+            f"listener CPU per event ({transport}), ms",
+            cpu,
+            f"≤ {GOALS['listener_cpu_ms']:g}",
+            None if cpu is None else cpu <= GOALS["listener_cpu_ms"],
+        )
 
     cost = load(out, "cost")
     calls = cost["data"]["salesforce_api_calls_per_run"] if cost else None

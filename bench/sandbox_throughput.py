@@ -463,11 +463,15 @@ class SalesforceBench:
             _admin(self.admin, "POST", admin_url, batch)
         stream = StreamingClient.from_settings(self.settings, self.target.session(), auth=self.auth)
         cpu0, server0, t0 = time.process_time(), self.target.server_cpu_s(), time.perf_counter()
-        for received, event in enumerate(stream.events(replay_from=start), start=1):
-            stream.ack(event.replay_id)
-            if not str(event.payload.get("IdemKey__c", "")).startswith(run):
-                raise BenchError(f"cometd delivery: unexpected event {event.payload}")
-            if received == events:
+        received = 0
+        for answer in stream.batches(str(start).encode("ascii")):  # a CometD replay id as the seam's bytes
+            for event in answer.events:
+                if not str((event.payload or {}).get("IdemKey__c", "")).startswith(run):
+                    raise BenchError(f"cometd delivery: unexpected event {event.payload}")
+            received += len(answer)
+            if answer.position is not None:
+                stream.ack(answer.position)
+            if received >= events:
                 break
         seconds = time.perf_counter() - t0
         cpu1, server1 = time.process_time(), self.target.server_cpu_s()

@@ -67,6 +67,7 @@ FAULT_STATUS = {"salesforce": 503, "whmcs": 200, "smdp": 503, "smtp": 503}
 
 @dataclass
 class DemoResult:
+    transport: str
     orders: int
     activated: int
     failed: int
@@ -108,11 +109,19 @@ def _check_redis(settings: Settings) -> None:
         client.close()
 
 
-def run_demo(settings: Settings, *, orders: int, workdir: Path, console: Console, quiet: bool) -> DemoResult:
+def run_demo(
+    settings: Settings,
+    *,
+    orders: int,
+    workdir: Path,
+    console: Console,
+    quiet: bool,
+    transport: str = "pubsub",
+) -> DemoResult:
     started = time.monotonic()
     _check_redis(settings)
     run_tag = uuid.uuid4().hex[:8]
-    box = Sandbox(workdir / "sandbox", seed=42, long_poll_s=20.0).start()
+    box = Sandbox(workdir / "sandbox", seed=42, long_poll_s=20.0, pubsub_keepalive_s=5.0).start()
     procs: list[processes.ManagedProcess] = []
     demo_settings = Settings(
         _env_file=None,
@@ -122,6 +131,7 @@ def run_demo(settings: Settings, *, orders: int, workdir: Path, console: Console
             "ledger_prefix": f"demo-{run_tag}",
             "celery_queue": f"demo-{run_tag}",
             "sf_events_replay": "EARLIEST",
+            "sf_events_transport": transport,
             "listener_health_port": 0,
             "task_retry_backoff_s": 0.5,
             "task_retry_backoff_max_s": 5.0,
@@ -170,7 +180,8 @@ def run_demo(settings: Settings, *, orders: int, workdir: Path, console: Console
             )
         procs[0].wait_for_log("listener_subscribing", 60)
         say(
-            f"Listener and {WORKERS} workers running (celery -A tasks worker, {WORKER_CONCURRENCY} threads each)"
+            f"Listener ({transport}) and {WORKERS} workers running "
+            f"(celery -A tasks worker, {WORKER_CONCURRENCY} threads each)"
         )
 
         published_at, duplicates, approvals = _publish(box, demo_settings, seeded)
@@ -207,6 +218,7 @@ def run_demo(settings: Settings, *, orders: int, workdir: Path, console: Console
             if o.has_pay_method and (at := _activated_at(final[o.order_id])) is not None
         )
         result = DemoResult(
+            transport=transport,
             orders=len(seeded),
             activated=sum(1 for v in final.values() if v["Activation_Status__c"] == "Activated"),
             failed=len(failed_ids),
@@ -379,8 +391,15 @@ def _cleanup(services: Services, settings: Settings) -> None:
     show_default=True,
     help="Where the sandbox's CA, keys and the process logs go.",
 )
+@click.option(
+    "--transport",
+    type=click.Choice(["pubsub", "cometd"]),
+    default="pubsub",
+    show_default=True,
+    help="How the listener receives the events: the Pub/Sub API (gRPC) or the Streaming API (CometD).",
+)
 @pass_ctx
-def demo(ctx: Context, orders: int, as_json: bool, workdir: Path) -> None:
+def demo(ctx: Context, orders: int, as_json: bool, workdir: Path, transport: str) -> None:
     """Run the whole flow end to end against the simulators, on the local Redis.
 
     Starts the sandbox, the listener and two workers; seeds Orders (two of them
@@ -391,7 +410,9 @@ def demo(ctx: Context, orders: int, as_json: bool, workdir: Path) -> None:
     console = Console(stderr=as_json)
     if not console.is_terminal:
         console = Console(stderr=as_json, width=140)
-    result = run_demo(ctx.settings, orders=orders, workdir=workdir, console=console, quiet=as_json)
+    result = run_demo(
+        ctx.settings, orders=orders, workdir=workdir, console=console, quiet=as_json, transport=transport
+    )
     if as_json:
         click.echo(json.dumps(result.__dict__))
     else:

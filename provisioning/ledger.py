@@ -369,6 +369,15 @@ class Ledger:
             self._enqueue(keys=keys, args=[str(run_id), repr(time.time()), origin.value, reason or ""])
         )
 
+    def enqueue_many(self, run_ids: list[RunId], origin: Origin = Origin.EVENT) -> list[bool]:
+        """:meth:`enqueue` for a batch of runs, in one pipeline (one round trip)."""
+        now = repr(time.time())
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in run_ids:
+            keys = [self.run_key(run_id), self.order_runs_key(run_id.order_id), self.active_key]
+            self._enqueue(keys=keys, args=[str(run_id), now, origin.value, ""], client=pipe)
+        return [bool(answer) for answer in pipe.execute()]
+
     def start(self, run_id: RunId, order_snapshot: dict[str, Any], *, note: str | None = None) -> None:
         """The run acts on its Order now (called under the Order's lease)."""
         now = repr(time.time())
@@ -672,6 +681,12 @@ class Ledger:
     def quarantine(self, entry: dict[str, Any]) -> None:
         pipe = self.redis.pipeline(transaction=False)
         pipe.lpush(self.quarantine_key, json.dumps(entry))
+        pipe.ltrim(self.quarantine_key, 0, QUARANTINE_MAX - 1)
+        pipe.execute()
+
+    def quarantine_many(self, entries: list[dict[str, Any]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lpush(self.quarantine_key, *(json.dumps(e) for e in entries))
         pipe.ltrim(self.quarantine_key, 0, QUARANTINE_MAX - 1)
         pipe.execute()
 

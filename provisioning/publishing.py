@@ -8,6 +8,8 @@ by name, so nothing here imports ``tasks/``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 from celery.canvas import Signature, chain
 
@@ -34,9 +36,31 @@ def chain_from(app: Celery, run_id: RunId | str, first_step: Step) -> chain:
     return chain(*sigs)
 
 
-def publish_run(app: Celery, run_id: RunId | str) -> str:
+def publish_run(app: Celery, run_id: RunId | str, *, producer: Any = None) -> str:
     """Send the run's whole chain (one message); returns once the broker accepted it."""
-    return str(chain_from(app, run_id, STEPS[0]).apply_async().id)
+    text = str(run_id)
+    first, *rest = STEPS
+    # The message a chain's apply_async sends: the first step, the rest embedded last-first.
+    rest_sigs = [
+        app.signature(step.task_name, args=(text,), immutable=True).set(argsrepr=repr((text,)))
+        for step in rest
+    ]
+    result = app.send_task(
+        first.task_name,
+        args=(text,),
+        argsrepr=repr((text,)),
+        kwargsrepr="{}",
+        chain=rest_sigs[::-1],
+        producer=producer,
+    )
+    return str(result.id)
+
+
+def publish_runs(app: Celery, run_ids: list[RunId]) -> None:
+    """Send a batch of runs through one producer (one connection, one channel); every one accepted."""
+    with app.producer_or_acquire() as producer:
+        for run_id in run_ids:
+            publish_run(app, run_id, producer=producer)
 
 
 def resume(app: Celery, run_id: RunId | str, step: str) -> None:

@@ -27,6 +27,28 @@ def _salesforce(settings: Settings) -> str:
     return f"JWT login OK as {settings.sf_username}; instance {token.instance_url}"
 
 
+def _events(settings: Settings) -> str:
+    """The event channel on the transport in use: Pub/Sub GetTopic says whether we may subscribe."""
+    channel = settings.sf_provision_event_channel
+    if settings.sf_events_transport == "cometd":
+        # A CometD subscription can only be tried by subscribing; the listener reports a refusal
+        # (with the permission to grant) on its first subscribe.
+        return f"transport cometd: {channel} is subscribed by the listener (provisioning listen)"
+    from provisioning.salesforce.pubsub import PubSubClient
+
+    client = PubSubClient.from_settings(settings)
+    try:
+        info = client.topic_info()
+    finally:
+        client.close()
+    if not info.can_subscribe:
+        raise PermissionError(
+            f"Pub/Sub topic {info.topic_name}: the integration user cannot subscribe; grant it read "
+            "access to the Platform Event in its permission set (README, Setting up Salesforce)"
+        )
+    return f"transport pubsub ({settings.sf_pubsub_endpoint}): {info.topic_name} can be subscribed to"
+
+
 def _whmcs(settings: Settings) -> str:
     from provisioning.whmcs.client import WhmcsClient
     from provisioning.whmcs.errors import WhmcsClientNotFound
@@ -69,6 +91,16 @@ def external_probes(settings: Settings) -> list[tuple[str, Probe | None]]:
             "salesforce",
             _salesforce
             if s.sf_login_url and s.sf_client_id and s.sf_username and s.sf_private_key_file
+            else None,
+        ),
+        (
+            "events",
+            _events
+            if s.sf_events_enabled
+            and s.sf_login_url
+            and s.sf_client_id
+            and s.sf_username
+            and s.sf_private_key_file
             else None,
         ),
         ("whmcs", _whmcs if s.whmcs_url and s.whmcs_identifier and s.whmcs_secret else None),

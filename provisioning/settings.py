@@ -9,6 +9,7 @@ The environment wins over the env file; the env file is ``.env`` unless
 from __future__ import annotations
 
 import os
+import string
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -21,6 +22,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,12 +59,18 @@ DEFAULT_ORDER_FIELD_NAMES: Final[Mapping[str, str]] = MappingProxyType(
 
 
 def _replay_start(value: str) -> str:
-    text = str(value).strip().upper()
-    if text in REPLAY_PRESETS:
-        return text
+    text = str(value).strip()
+    if text.upper() in REPLAY_PRESETS:
+        return text.upper()
     if text.lstrip("-").isdigit() and int(text) >= -2:
         return str(int(text))
-    raise ValueError("expected LATEST, EARLIEST or a replayId (an integer; -1 = LATEST, -2 = EARLIEST)")
+    hex_text = text.lower().removeprefix("0x")
+    if hex_text and len(hex_text) % 2 == 0 and all(c in string.hexdigits for c in hex_text):
+        return hex_text
+    raise ValueError(
+        "expected LATEST, EARLIEST or a replayId: an integer for CometD (-1 = LATEST, -2 = EARLIEST), "
+        "the hex of the replay id's bytes for Pub/Sub"
+    )
 
 
 def _replay_preset(value: str) -> str:
@@ -174,11 +182,34 @@ class Settings(BaseSettings):
         pattern=r"^/event/[A-Za-z0-9_]+__e$",
         description="Platform Event channel.",
     )
+    sf_events_transport: Literal["pubsub", "cometd"] = Field(
+        "pubsub",
+        description="How the listener receives events: pubsub (Pub/Sub API, gRPC) or cometd (Streaming API).",
+    )
     sf_events_replay: ReplayStart = Field(
-        "LATEST", description="Start position without a checkpoint: LATEST, EARLIEST or a replayId."
+        "LATEST",
+        description="Start position without a checkpoint: LATEST, EARLIEST or a replay id "
+        "(CometD: an integer; Pub/Sub: the hex of its bytes).",
     )
     sf_events_replay_fallback: ReplayPreset = Field(
         "EARLIEST", description="Where to start when the stored replayId is too old: LATEST or EARLIEST."
+    )
+    sf_pubsub_endpoint: str = Field(
+        "api.pubsub.salesforce.com:7443",
+        pattern=r"^[A-Za-z0-9.-]+:\d{1,5}$",
+        description="Pub/Sub API host:port (gRPC over TLS; TLS_CA_BUNDLE applies).",
+    )
+    sf_pubsub_batch_size: int = Field(
+        100,
+        ge=1,
+        le=100,
+        description="Events requested per Pub/Sub FetchRequest (num_requested), 1 to 100.",
+    )
+    sf_pubsub_keepalive_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Pub/Sub stall watchdog: seconds without any response (keepalives included) "
+        "before the stream is torn down and resubscribed (Salesforce promises one within 270 s).",
     )
 
     # Order field names (API names), in case an org named them differently.
@@ -279,6 +310,23 @@ class Settings(BaseSettings):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("sf_events_replay")
+    @classmethod
+    def _replay_id_fits_the_transport(cls, value: str, info: ValidationInfo) -> str:
+        transport = info.data.get("sf_events_transport")
+        if value in REPLAY_PRESETS or value in ("-1", "-2"):
+            return value
+        if transport == "cometd" and not value.isdigit():
+            raise ValueError(
+                "not a CometD replayId: with SF_EVENTS_TRANSPORT=cometd give LATEST, EARLIEST or an integer"
+            )
+        if transport == "pubsub" and (len(value) % 2 or not set(value) <= set(string.hexdigits)):
+            raise ValueError(
+                "not a Pub/Sub replay id: with SF_EVENTS_TRANSPORT=pubsub give LATEST, EARLIEST or the hex "
+                "of the replay id's bytes (an even number of hex digits)"
+            )
+        return value
+
     @field_validator("celery_broker_url")
     @classmethod
     def _broker_scheme(cls, value: str) -> str:
@@ -297,16 +345,6 @@ class Settings(BaseSettings):
     @property
     def broker_is_rabbitmq(self) -> bool:
         return self.celery_broker_url.startswith(("amqp", "pyamqp"))
-
-    @property
-    def replay_start(self) -> int:
-        if self.sf_events_replay in REPLAY_PRESETS:
-            return REPLAY_PRESETS[self.sf_events_replay]
-        return int(self.sf_events_replay)
-
-    @property
-    def replay_fallback(self) -> int:
-        return REPLAY_PRESETS[self.sf_events_replay_fallback]
 
     def to_env(self) -> dict[str, str]:
         """Every set value as environment variables (secrets revealed): for child processes and env files."""

@@ -70,7 +70,7 @@ E2E_TIMEOUT_S = 120.0
 
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
-    box = Sandbox(tmp_path / "sandbox", seed=1234, long_poll_s=5.0).start()
+    box = Sandbox(tmp_path / "sandbox", seed=1234, long_poll_s=5.0, pubsub_keepalive_s=5.0).start()
     yield box
     box.stop()
 

@@ -51,10 +51,13 @@ def test_check_reaches_every_external_service_of_the_sandbox_and_fails_a_wrong_w
     }
     out = _run(tmp_path, **env)
     assert out.returncode == 0, out.stdout + out.stderr
-    for name in ("salesforce", "whmcs", "smdp", "smtp"):
+    for name in ("salesforce", "events", "whmcs", "smdp", "smtp"):
         assert any(line.startswith("OK") and f"  {name} " in line for line in out.stdout.splitlines()), (
             out.stdout
         )
+    events = next(line for line in out.stdout.splitlines() if "  events " in line)
+    assert "transport pubsub" in events
+    assert "/event/OrderProvisionRequested__e can be subscribed to" in events
     bad = _run(tmp_path, **{**env, "WHMCS_SECRET": "wrong-secret-value"})
     assert bad.returncode == 1
     assert any(line.startswith("FAIL") and "whmcs" in line for line in bad.stdout.splitlines())

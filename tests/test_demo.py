@@ -6,13 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 CLI = str(Path(sys.executable).with_name("provisioning"))
 
 
-def test_the_demo_activates_every_order_and_reports_matching_counts_in_json(tmp_path):
+@pytest.mark.parametrize("transport", [None, "cometd"], ids=["pubsub (the default)", "cometd"])
+def test_the_demo_activates_every_order_and_reports_matching_counts_in_json(tmp_path, transport):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SF_", "WHMCS_", "SMDP_", "SMTP_"))}
+    extra = ["--transport", transport] if transport else []
     out = subprocess.run(
-        [CLI, "demo", "--orders", "12", "--json", "--workdir", str(tmp_path / "demo")],
+        [CLI, "demo", "--orders", "12", "--json", "--workdir", str(tmp_path / "demo"), *extra],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -22,6 +26,7 @@ def test_the_demo_activates_every_order_and_reports_matching_counts_in_json(tmp_
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
+    assert result["transport"] == (transport or "pubsub")
     assert result["orders"] == 12
     assert result["whmcs_orders"] == result["emails"] == result["activated"] == 12
     assert result["failed"] == result["requeued"] == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import time
@@ -23,18 +24,34 @@ def _done(services, run_id):
     return run is not None and run.state is RunState.DONE
 
 
+def _checkpoint_key(services, settings):
+    return services.ledger.listener_key(
+        settings.sf_provision_event_channel, f"checkpoint:{settings.sf_events_transport}"
+    )
+
+
 def _checkpoint(services, settings):
-    raw = services.redis.get(services.ledger.listener_key(settings.sf_provision_event_channel, "checkpoint"))
-    return int(raw) if raw is not None else None
+    """The stored checkpoint, as the bus's replay id (each transport stores its own opaque bytes)."""
+    raw = services.redis.get(_checkpoint_key(services, settings))
+    if raw is None:
+        return None
+    return int(raw) if settings.sf_events_transport == "cometd" else int.from_bytes(raw, "big")
+
+
+def _log_lines(proc, event):
+    return [json.loads(line) for line in proc.log_text().splitlines() if f'"event": "{event}"' in line]
 
 
 def _lock_holder(services, settings):
     return services.redis.get(services.ledger.listener_key(settings.sf_provision_event_channel, "lock"))
 
 
-@pytest.fixture
-def listen_settings(stack_settings):
-    return stack_settings.model_copy(update={"listener_health_port": 0, "listener_lock_ttl_s": 3})
+@pytest.fixture(params=["pubsub", "cometd"])
+def listen_settings(request, stack_settings):
+    """The listener suite runs on both transports: same leadership, ledger, checkpoints and recovery."""
+    return stack_settings.model_copy(
+        update={"listener_health_port": 0, "listener_lock_ttl_s": 3, "sf_events_transport": request.param}
+    )
 
 
 def test_malformed_events_are_quarantined_with_reasons_and_every_good_one_is_processed(
@@ -70,13 +87,18 @@ def test_malformed_events_are_quarantined_with_reasons_and_every_good_one_is_pro
     assert any(f"{account_id} is the Id of another kind of record (key prefix 001)" in r for r in reasons)
     # The Account's Id cost nothing in Salesforce: one query per good Order, none for it.
     assert sandbox.admin("salesforce").get("/__admin/calls")["calls"].get("query") == 4
-    assert all(isinstance(e["replay_id"], int) for e in services.ledger.quarantined())
+    # Each entry names its replay id (the transport's opaque bytes, in hex) and the transport.
+    for entry in services.ledger.quarantined():
+        assert entry["transport"] == listen_settings.sf_events_transport
+        assert bytes.fromhex(entry["replay_id"])
     assert count_effects(sandbox).whmcs_orders == 4
     base = f"http://127.0.0.1:{listener.health_port}"
     assert requests.get(base + "/healthz", timeout=5).json() == {
         "ok": True,
         "leader": True,
+        "transport": listen_settings.sf_events_transport,
         "subscribed": True,
+        "stalled": False,
         "can_publish": True,
     }
     metrics = requests.get(base + "/metrics", timeout=5).text
@@ -84,7 +106,8 @@ def test_malformed_events_are_quarantined_with_reasons_and_every_good_one_is_pro
     assert "listener_events_quarantined_total 5.0" in metrics
     assert "listener_events_published_total 4.0" in metrics
     assert "listener_is_leader 1.0" in metrics
-    assert "listener_stream_handshakes_total" in metrics
+    assert "listener_stream_events_total" in metrics
+    assert "listener_batches_total" in metrics
 
 
 def test_sigterm_exits_0_within_5_seconds_with_the_checkpoint_written_and_the_lock_released(
@@ -112,7 +135,7 @@ def test_a_standby_takes_over_within_the_lock_expiry_and_resumes_from_the_checkp
     second = listeners(listen_settings, name="second", wait="standby")
     publish_events_admin(sandbox, [event_payload(o) for o in orders[:3]])
     wait_for(lambda: all(_done(services, o.run_id) for o in orders[:3]))
-    assert "event_published" not in second.log_text()
+    assert "batch_handled" not in second.log_text()
     standby_health = f"http://127.0.0.1:{second.health_port}/healthz"
     assert requests.get(standby_health, timeout=5).status_code == 503
     first.kill()
@@ -123,7 +146,8 @@ def test_a_standby_takes_over_within_the_lock_expiry_and_resumes_from_the_checkp
     publish_events_admin(sandbox, [event_payload(o) for o in orders[3:]])
     wait_for(lambda: all(_done(services, o.run_id) for o in orders))
     # It resumed after the checkpoint: none of the first three was published again.
-    assert second.log_text().count("event_published") == 3
+    published = [run for line in _log_lines(second, "batch_handled") for run in line["published"]]
+    assert sorted(published) == sorted(o.run_id for o in orders[3:])
     assert count_effects(sandbox).whmcs_orders == 6
 
 
@@ -137,11 +161,7 @@ def test_a_thousand_events_survive_three_listener_kills_with_one_whmcs_order_eac
     for chunk in range(4):
         publish_events_admin(sandbox, [event_payload(o) for o in orders[chunk * 250 : (chunk + 1) * 250]])
         if chunk < 3:
-            wait_for(
-                lambda: services.redis.exists(
-                    services.ledger.listener_key(listen_settings.sf_provision_event_channel, "checkpoint")
-                )
-            )
+            wait_for(lambda: services.redis.exists(_checkpoint_key(services, listen_settings)))
             time.sleep(0.5)
             listener.kill()
             listener = listeners(listen_settings)

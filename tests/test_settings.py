@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from provisioning.salesforce.events import EARLIEST, LATEST, replay_fallback_from, replay_start_from
 from provisioning.settings import ConfigError, Settings, load_settings, redact_url
 
 
@@ -20,8 +21,8 @@ def _load(monkeypatch, tmp_path, **env):
 def test_defaults_are_valid_without_any_environment(monkeypatch, tmp_path):
     settings = _load(monkeypatch, tmp_path)
     assert settings.sf_provision_event_channel == "/event/OrderProvisionRequested__e"
-    assert settings.replay_start == -1
-    assert settings.replay_fallback == -2
+    assert replay_start_from(settings) is LATEST
+    assert replay_fallback_from(settings) is EARLIEST
 
 
 @pytest.mark.parametrize(
@@ -96,3 +97,62 @@ def test_require_names_every_missing_variable():
     with pytest.raises(ConfigError) as info:
         settings.require("whmcs_url", "smtp_host")
     assert [v for v, _ in info.value.problems] == ["WHMCS_URL", "SMTP_HOST"]
+
+
+def test_the_pubsub_transport_is_the_default_with_salesforces_endpoint(monkeypatch, tmp_path):
+    settings = _load(monkeypatch, tmp_path)
+    assert settings.sf_events_transport == "pubsub"
+    assert settings.sf_pubsub_endpoint == "api.pubsub.salesforce.com:7443"
+    assert settings.sf_pubsub_batch_size == 100
+    assert settings.sf_pubsub_keepalive_timeout_s > 270
+
+
+@pytest.mark.parametrize(
+    ("transport", "value", "expected"),
+    [
+        ("pubsub", "LATEST", "LATEST"),
+        ("pubsub", "earliest", "EARLIEST"),
+        ("pubsub", "-2", "EARLIEST"),
+        ("pubsub", "00000000000018AF", bytes.fromhex("00000000000018af")),
+        ("pubsub", "0x00ff", b"\x00\xff"),
+        ("pubsub", "1234", b"\x12\x34"),
+        ("cometd", "1234", b"1234"),
+        ("cometd", "-1", "LATEST"),
+    ],
+)
+def test_an_explicit_replay_id_is_read_as_the_transport_spells_it(
+    monkeypatch, tmp_path, transport, value, expected
+):
+    settings = _load(monkeypatch, tmp_path, SF_EVENTS_TRANSPORT=transport, SF_EVENTS_REPLAY=value)
+    start = replay_start_from(settings)
+    assert (start if isinstance(start, bytes) else start.value) == expected
+
+
+@pytest.mark.parametrize(
+    ("transport", "value", "expected"),
+    [
+        ("cometd", "00ff", "not a CometD replayId"),
+        ("pubsub", "123", "not a Pub/Sub replay id"),
+        ("pubsub", "-7", "LATEST, EARLIEST or a replayId"),
+    ],
+)
+def test_a_replay_id_the_transport_cannot_use_is_refused_naming_the_variable(
+    monkeypatch, tmp_path, transport, value, expected
+):
+    with pytest.raises(ConfigError) as info:
+        _load(monkeypatch, tmp_path, SF_EVENTS_TRANSPORT=transport, SF_EVENTS_REPLAY=value)
+    assert [var for var, _ in info.value.problems] == ["SF_EVENTS_REPLAY"]
+    assert expected in info.value.render()
+
+
+@pytest.mark.parametrize("value", ["0", "101", "x"])
+def test_a_pubsub_batch_size_outside_1_to_100_is_refused(monkeypatch, tmp_path, value):
+    with pytest.raises(ConfigError) as info:
+        _load(monkeypatch, tmp_path, SF_PUBSUB_BATCH_SIZE=value)
+    assert "SF_PUBSUB_BATCH_SIZE" in info.value.render()
+
+
+def test_a_transport_other_than_pubsub_or_cometd_is_refused(monkeypatch, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        _load(monkeypatch, tmp_path, SF_EVENTS_TRANSPORT="websocket")
+    assert "'pubsub' or 'cometd'" in info.value.render()

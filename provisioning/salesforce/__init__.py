@@ -1,4 +1,8 @@
-"""Salesforce connectivity: JWT bearer auth, the REST client, the Streaming API subscriber, Id checks."""
+"""Salesforce connectivity: JWT bearer auth, the REST client, the event sources, Id checks.
+
+The event-source seam lives in :mod:`.events`; its transports are :mod:`.streaming` (CometD)
+and :mod:`.pubsub` (the Pub/Sub API, imported on demand: it loads gRPC).
+"""
 
 from provisioning.order import Order, OrderItem
 from provisioning.salesforce.auth import AccessToken, JWTBearerAuth
@@ -10,32 +14,50 @@ from provisioning.salesforce.errors import (
     SalesforceConnectionError,
     SalesforceEndpointError,
     SalesforceError,
+    SalesforceEventPermissionError,
     SalesforcePermanentError,
     SalesforceRequestError,
     SalesforceStreamingError,
     SalesforceTransientError,
     SalesforceUnavailable,
 )
+from provisioning.salesforce.events import (
+    EARLIEST,
+    LATEST,
+    Batch,
+    Event,
+    EventSource,
+    ReplayPreset,
+    ReplayStart,
+    make_event_source,
+)
 from provisioning.salesforce.ids import is_valid_id, normalize_id
-from provisioning.salesforce.streaming import Event, StreamCounters, StreamingClient
+from provisioning.salesforce.streaming import StreamCounters, StreamingClient
 from provisioning.settings import REPLAY_EARLIEST, REPLAY_LATEST
 
 __all__ = [
+    "EARLIEST",
+    "LATEST",
     "REPLAY_EARLIEST",
     "REPLAY_LATEST",
     "AccessToken",
+    "Batch",
     "Event",
+    "EventSource",
     "InvalidSalesforceId",
     "JWTBearerAuth",
     "Order",
     "OrderFieldNames",
     "OrderItem",
     "OrderNotFound",
+    "ReplayPreset",
+    "ReplayStart",
     "SalesforceAuthError",
     "SalesforceClient",
     "SalesforceConnectionError",
     "SalesforceEndpointError",
     "SalesforceError",
+    "SalesforceEventPermissionError",
     "SalesforcePermanentError",
     "SalesforceRequestError",
     "SalesforceStreamingError",
@@ -44,5 +66,6 @@ __all__ = [
     "StreamCounters",
     "StreamingClient",
     "is_valid_id",
+    "make_event_source",
     "normalize_id",
 ]

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 import requests
@@ -85,6 +86,16 @@ class AccessToken:
     def bearer(self) -> str:
         """The raw token, for an Authorization header; never log it."""
         return self.access_token.get_secret_value()
+
+    @property
+    def org_id(self) -> str | None:
+        """The org's Id (the Pub/Sub API's ``tenantid``), from the identity URL ``…/id/<orgId>/<userId>``."""
+        if not self.id_url:
+            return None
+        parts = urlsplit(self.id_url).path.rstrip("/").split("/")
+        if len(parts) >= 3 and parts[-3] == "id" and parts[-2]:
+            return parts[-2]
+        return None
 
 
 class JWTBearerAuth:

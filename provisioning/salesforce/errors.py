@@ -11,7 +11,8 @@
         ├── SalesforceEndpointError     the URL cannot be used: certificate does not verify,
         │                               invalid URL, redirect loop
         ├── InvalidSalesforceId         (also ValueError) not a 15/18-character Id
-        └── SalesforceStreamingError    the Streaming API refused the subscription
+        └── SalesforceStreamingError    the Streaming or Pub/Sub API refused the subscription
+            └── SalesforceEventPermissionError  the integration user may not subscribe to the event
 
 Transport failures (:mod:`provisioning.http` classifies them) become these errors
 through :data:`TRANSPORT_ERRORS` only. Messages never hold tokens, keys or
@@ -75,7 +76,11 @@ class InvalidSalesforceId(SalesforcePermanentError, ValueError):
 
 
 class SalesforceStreamingError(SalesforcePermanentError):
-    """The Streaming API refused the handshake or subscription for a reason retrying cannot fix."""
+    """The Streaming or Pub/Sub API refused the subscription for a reason retrying cannot fix."""
+
+
+class SalesforceEventPermissionError(SalesforceStreamingError):
+    """The integration user lacks read access to the Platform Event (it cannot subscribe)."""
 
 
 TRANSPORT_ERRORS: Final[Mapping[Failure, type[SalesforceError]]] = MappingProxyType(

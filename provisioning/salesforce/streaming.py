@@ -1,15 +1,19 @@
 """Streaming API (CometD/Bayeux long polling) subscriber for one Platform Event channel, on requests.
 
-::
+An :class:`~provisioning.salesforce.events.EventSource` (``transport == "cometd"``)::
 
     stream = StreamingClient(auth=auth, session=session, api_version="64.0",
-                             channel="/event/OrderProvisionRequested__e", replay_fallback=REPLAY_EARLIEST)
-    for event in stream.events(replay_from=checkpoint):
-        handle(event)                 # e.g. publish the task, write the checkpoint
-        stream.ack(event.replay_id)   # processed: never delivered again
+                             channel="/event/OrderProvisionRequested__e", replay_fallback=EARLIEST)
+    for batch in stream.batches(start):   # start: LATEST, EARLIEST or a stored replay id (bytes)
+        handle(batch.events)              # e.g. publish the tasks, then write the checkpoint
+        stream.ack(batch.position)        # processed: never delivered again
+
+One :class:`~provisioning.salesforce.events.Batch` per Bayeux answer that carried events
+(the events of one ``/meta/connect`` reply). Replay ids leave this module as opaque bytes:
+the ASCII decimal of the integer CometD uses (``b"2112"``), turned back here only.
 
 Delivery is pull-based: the next ``/meta/connect`` is sent only once the caller
-asks for the next event, so nothing is fetched ahead of what the caller holds.
+asks for the next batch, so nothing is fetched ahead of what the caller holds.
 Every (re)subscription replays from the last acknowledged replay id (or the
 ``replay_from`` given when nothing was acknowledged yet), so events received but
 not acknowledged before a re-handshake are fetched again, and an acknowledged
@@ -23,8 +27,10 @@ once through the auth, handshake, resubscribe), an invalid or too-old replay id
 on subscribe (resubscribe with ``replay_fallback``: one error line, counted),
 ``403::Organization total events daily limit exceeded`` (stay disconnected for
 ``daily_limit_backoff_s``), network errors and timeouts (capped exponential
-backoff with jitter). Cookies (``BAYEUX_BROWSER``, load-balancer cookies) live
-in the session's cookie jar.
+backoff with jitter), a connect that outlives the long poll plus its margin (the
+CometD form of a silent stall: counted in ``stalls``, ``stalled`` until the next
+answer, then handshake and resubscribe). Cookies (``BAYEUX_BROWSER``,
+load-balancer cookies) live in the session's cookie jar.
 
 Stopping: each Bayeux request runs in a short-lived daemon thread while the
 iterating thread waits for it in steps of ``STOP_POLL_INTERVAL_S``, checking
@@ -41,17 +47,19 @@ Replay ids are opaque: they are only stored and compared, never computed with.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import itertools
 import random
 import threading
 import time
 from collections import deque
-from collections.abc import Generator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Generator, Iterator
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import requests
 
+from provisioning.backoff import backoff_s
 from provisioning.http import make_session
 from provisioning.logs import get_logger
 from provisioning.salesforce.auth import AccessToken, JWTBearerAuth
@@ -60,13 +68,24 @@ from provisioning.salesforce.errors import (
     SalesforceStreamingError,
     SalesforceTransientError,
 )
+from provisioning.salesforce.events import (
+    EARLIEST,
+    LATEST,
+    Batch,
+    ReplayPreset,
+    ReplayStart,
+    replay_fallback_from,
+)
+from provisioning.salesforce.events import Event as SourceEvent
 from provisioning.settings import Settings
 
 log = get_logger(__name__)
 
+TRANSPORT = "cometd"
 REPLAY_LATEST = -1
 REPLAY_EARLIEST = -2
 REPLAY_PRESET_NAMES = {REPLAY_LATEST: "LATEST", REPLAY_EARLIEST: "EARLIEST"}
+_PRESET_IDS = {LATEST: REPLAY_LATEST, EARLIEST: REPLAY_EARLIEST}
 
 CONNECT_TIMEOUT_S = 10.0
 # Read timeout of handshake, subscribe and disconnect (answered at once by the server).
@@ -86,22 +105,12 @@ DAILY_LIMIT_BACKOFF_S = 900.0
 _INVALID_REPLAY_MARKER = "you provided was invalid"
 
 
-@dataclass(frozen=True)
-class Event:
-    """One delivered event. ``replay_id`` is opaque: store it, compare it, never compute with it."""
-
-    replay_id: int
-    uuid: str | None
-    channel: str
-    payload: dict[str, Any]
-    raw: dict[str, Any] = field(repr=False)
-
-
 @dataclass
 class StreamCounters:
-    """Counts for the listener's metrics (monotonic over the client's life)."""
+    """Counts for the listener's metrics (monotonic over the client's life); calling it gives the dict."""
 
     events: int = 0
+    batches: int = 0
     handshakes: int = 0
     subscribes: int = 0
     reconnects: int = 0
@@ -109,9 +118,11 @@ class StreamCounters:
     auth_renewals: int = 0
     daily_limit_backoffs: int = 0
     network_errors: int = 0
+    stalls: int = 0
     malformed_events: int = 0
+    decode_errors: int = 0
 
-    def as_dict(self) -> dict[str, int]:
+    def __call__(self) -> dict[str, int]:
         return asdict(self)
 
 
@@ -174,6 +185,8 @@ class _Reply:
 class StreamingClient:
     """A CometD long-polling subscriber to one channel, with replay and recovery."""
 
+    transport = TRANSPORT
+
     def __init__(
         self,
         *,
@@ -181,13 +194,15 @@ class StreamingClient:
         session: requests.Session,
         api_version: str,
         channel: str,
-        replay_fallback: int = REPLAY_EARLIEST,
+        replay_fallback: ReplayPreset | int = EARLIEST,
         backoff_base_s: float = RECONNECT_BACKOFF_BASE_S,
         backoff_max_s: float = RECONNECT_BACKOFF_MAX_S,
         daily_limit_backoff_s: float = DAILY_LIMIT_BACKOFF_S,
     ) -> None:
+        if isinstance(replay_fallback, ReplayPreset):
+            replay_fallback = _PRESET_IDS[replay_fallback]
         if replay_fallback not in REPLAY_PRESET_NAMES:
-            raise ValueError("replay_fallback must be -1 (LATEST) or -2 (EARLIEST)")
+            raise ValueError("replay_fallback must be LATEST or EARLIEST (-1 or -2)")
         self._auth = auth
         self._session = session
         self.api_version = api_version
@@ -201,7 +216,7 @@ class StreamingClient:
         self._running = threading.Lock()
         self._ids = itertools.count(1)
         self._rng = random.Random()
-        self._pending: deque[Event] = deque()
+        self._pending: deque[SourceEvent] = deque()
         self._client_id: str | None = None
         self._subscribed_client: str | None = None
         self._last_token: AccessToken | None = None
@@ -210,8 +225,9 @@ class StreamingClient:
         self._interval_s = 0.0
         self._position: int = REPLAY_LATEST
         self._last_acked: int | None = None
-        # Wall-clock time of the last successful /meta/connect: the listener's liveness signal.
-        self.last_connected_at: float | None = None
+        self._stalled = False
+        # Wall-clock time of the last answer from the server: the listener's liveness signal.
+        self._last_response_at: float | None = None
 
     @classmethod
     def from_settings(
@@ -227,7 +243,7 @@ class StreamingClient:
             session=session,
             api_version=settings.sf_api_version,
             channel=settings.sf_provision_event_channel,
-            replay_fallback=settings.replay_fallback,
+            replay_fallback=replay_fallback_from(settings),
         )
 
     def __repr__(self) -> str:
@@ -236,22 +252,28 @@ class StreamingClient:
     # -- public -----------------------------------------------------------------------------
 
     @property
-    def last_acked(self) -> int | None:
-        """The replay id of the last event the caller acknowledged in this client's life."""
-        return self._last_acked
-
-    @property
-    def position(self) -> int:
-        """Where the next (re)subscription replays from: the last ack, a preset, or replay_from."""
-        return self._position
+    def last_acked(self) -> bytes | None:
+        """The position the caller acknowledged last in this client's life (opaque bytes)."""
+        return None if self._last_acked is None else _id_bytes(self._last_acked)
 
     @property
     def connected(self) -> bool:
         """Handshaken and subscribed (a health signal; it says nothing of the next connect)."""
         return self._client_id is not None and self._client_id == self._subscribed_client
 
-    def ack(self, replay_id: int) -> None:
-        """Mark the event processed: every later subscription starts after it."""
+    @property
+    def stalled(self) -> bool:
+        """A connect outlived the long poll and its margin; cleared by the next answer."""
+        return self._stalled
+
+    @property
+    def last_response_at(self) -> float | None:
+        """Wall-clock time of the server's last answer."""
+        return self._last_response_at
+
+    def ack(self, position: bytes) -> None:
+        """Mark everything up to ``position`` (a Batch's) processed: every later subscription starts after it."""
+        replay_id = _id_int(position)
         self._position = replay_id
         self._last_acked = replay_id
 
@@ -259,12 +281,16 @@ class StreamingClient:
         """End the iteration in progress (or the next one) within about STOP_POLL_INTERVAL_S; never blocks."""
         self._stop.set()
 
-    def events(self, replay_from: int) -> Generator[Event, None, None]:
-        """Events after ``replay_from`` (a replay id, -1 LATEST or -2 EARLIEST) until stop().
+    def batches(self, start: ReplayStart) -> Iterator[Batch]:
+        """Batches from ``start`` (LATEST, EARLIEST or a stored replay id) until stop().
 
         Raises SalesforceAuthError when a login is refused and SalesforceStreamingError
         when the subscription is refused for good; everything else is retried.
         """
+        replay_from = _PRESET_IDS[start] if isinstance(start, ReplayPreset) else _id_int(start)
+        return self._iterate(replay_from)
+
+    def _iterate(self, replay_from: int) -> Generator[Batch, None, None]:
         if not self._running.acquire(blocking=False):
             raise RuntimeError("this StreamingClient is already iterating")
         self._position = replay_from
@@ -273,10 +299,12 @@ class StreamingClient:
         self._failures = 0
         try:
             while True:
-                while self._pending and not self._stop.is_set():
-                    event = self._pending.popleft()
-                    self.counters.events += 1
-                    yield event
+                if self._pending and not self._stop.is_set():
+                    events = tuple(self._pending)
+                    self._pending.clear()
+                    self.counters.events += len(events)
+                    self.counters.batches += 1
+                    yield Batch(events, events[-1].replay_id)
                 if self._stop.is_set():
                     return
                 if self._client_id is None:
@@ -369,7 +397,6 @@ class StreamingClient:
             self._recover(reply.kind(), reply, "connect")
             return
         self._failures = 0
-        self.last_connected_at = time.time()
         if advice.get("reconnect") == "handshake":
             self._client_id = None
             return
@@ -393,10 +420,16 @@ class StreamingClient:
         self._last_token = token
         try:
             response = self._post(token, [message], read_timeout_s)
+        except requests.ReadTimeout:
+            kind = "stall" if meta_channel == "/meta/connect" else "network"
+            self._recover(kind, None, f"{meta_channel}: no answer within {read_timeout_s:g} s")
+            return None
         except requests.RequestException as exc:
             self._recover("network", None, f"{meta_channel}: {type(exc).__name__}")
             return None
         messages = _json_array(response)
+        self._last_response_at = time.time()
+        self._stalled = False
         if response.status_code == 401:
             return _Reply({"error": "401::Authentication invalid", "successful": False}, token, 401)
         reply: dict[str, Any] | None = None
@@ -449,19 +482,26 @@ class StreamingClient:
         data = message.get("data")
         meta = data.get("event") if isinstance(data, dict) else None
         replay_id = meta.get("replayId") if isinstance(meta, dict) else None
-        if replay_id is None or isinstance(replay_id, bool):
+        if not isinstance(replay_id, int) or isinstance(replay_id, bool):
             self.counters.malformed_events += 1
             log.warning("streaming_event_without_replay_id", channel=self.channel)
             return
         assert isinstance(data, dict)
         assert isinstance(meta, dict)
         payload = data.get("payload")
+        error = None
+        if not isinstance(payload, dict):
+            self.counters.decode_errors += 1
+            error = f"the payload is a {type(payload).__name__}, not a JSON object"
+            payload = None
+        uuid = meta.get("EventUuid")
         self._pending.append(
-            Event(
-                replay_id=replay_id,
-                uuid=meta.get("EventUuid"),
-                channel=self.channel,
-                payload=payload if isinstance(payload, dict) else {},
+            SourceEvent(
+                replay_id=_id_bytes(int(replay_id)),
+                uuid=uuid if isinstance(uuid, str) else None,
+                payload=payload,
+                decode_error=error,
+                created_at=_created_at(payload),
                 raw=message,
             )
         )
@@ -491,6 +531,10 @@ class StreamingClient:
             log.warning(
                 "streaming_daily_limit", channel=self.channel, step=step, error=error, retry_in_s=delay
             )
+        elif kind == "stall":
+            self.counters.stalls += 1
+            self._stalled = True
+            log.warning("streaming_stalled", channel=self.channel, step=step, resubscribe_from=self._position)
         elif kind == "rehandshake":
             log.warning(
                 "streaming_rehandshake",
@@ -513,8 +557,9 @@ class StreamingClient:
             self._stop.wait(delay)
 
     def _backoff(self) -> float:
-        ceiling = min(self._backoff_max_s, self._backoff_base_s * 2 ** max(self._failures - 1, 0))
-        return self._rng.uniform(ceiling / 2, ceiling)
+        return backoff_s(
+            max(self._failures - 1, 0), base_s=self._backoff_base_s, cap_s=self._backoff_max_s, rng=self._rng
+        )
 
     def _disconnect_in_background(self) -> None:
         """Tell the server we are gone (it then releases a held long poll); never waits for it."""
@@ -536,6 +581,35 @@ class StreamingClient:
                 )
 
         threading.Thread(target=send, name="cometd-disconnect", daemon=True).start()
+
+
+def _id_bytes(replay_id: int) -> bytes:
+    """A CometD replay id as the seam's opaque bytes: its ASCII decimal."""
+    return str(replay_id).encode("ascii")
+
+
+def _id_int(position: bytes) -> int:
+    """The integer of a CometD replay id given as bytes; ValueError for anything else."""
+    try:
+        text = bytes(position).decode("ascii")
+        if not text.lstrip("-").isdigit():
+            raise ValueError(text)
+        return int(text)
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(
+            f"{bytes(position)[:32]!r} is not a CometD replay id (the ASCII decimal of an integer): "
+            "a Pub/Sub replay id cannot start a CometD subscription"
+        ) from None
+
+
+def _created_at(payload: dict[str, Any] | None) -> float | None:
+    created = payload.get("CreatedDate") if payload is not None else None
+    if not isinstance(created, str):
+        return None
+    try:
+        return dt.datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _json_array(response: requests.Response) -> list[dict[str, Any]]:

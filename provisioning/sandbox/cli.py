@@ -62,12 +62,23 @@ def needs_sandbox_extra(name: str, summary: str) -> click.Command:
 @click.option("--smtp-port", type=int, default=0, help="Port of the SMTP simulator (0: any free port).")
 @click.option("--smtp-admin-port", type=int, default=0, help="Port of the SMTP simulator's admin API.")
 @click.option(
+    "--pubsub-port", type=int, default=0, help="Port of the Salesforce Pub/Sub API (gRPC; 0: any free port)."
+)
+@click.option(
     "--long-poll",
     "long_poll_s",
     type=float,
     default=110.0,
     show_default=True,
     help="Seconds the CometD connect is held open without events.",
+)
+@click.option(
+    "--pubsub-keepalive",
+    "pubsub_keepalive_s",
+    type=float,
+    default=270.0,
+    show_default=True,
+    help="Seconds between the Pub/Sub API's empty keepalive responses on an idle stream.",
 )
 def sandbox(
     workdir: Path,
@@ -78,9 +89,11 @@ def sandbox(
     smdp_port: int,
     smtp_port: int,
     smtp_admin_port: int,
+    pubsub_port: int,
     long_poll_s: float,
+    pubsub_keepalive_s: float,
 ) -> None:
-    """Start local simulators of Salesforce, WHMCS, SM-DP+ and SMTP (HTTPS with a local CA).
+    """Start local simulators of Salesforce (REST, CometD, Pub/Sub API), WHMCS, SM-DP+ and SMTP (TLS, local CA).
 
     Prints their URLs and writes an env file that points `provisioning listen`
     and `celery -A tasks worker` at them:
@@ -97,12 +110,15 @@ def sandbox(
         "smdp": smdp_port,
         "smtp": smtp_port,
         "smtp_admin": smtp_admin_port,
+        "salesforce_pubsub": pubsub_port,
     }
-    box = Sandbox(workdir, seed=seed, ports=ports, long_poll_s=long_poll_s).start()
+    box = Sandbox(
+        workdir, seed=seed, ports=ports, long_poll_s=long_poll_s, pubsub_keepalive_s=pubsub_keepalive_s
+    ).start()
     box.write_env_file(env_file)
     for name, url in box.urls.items():
-        click.echo(f"{name:<11} {url}")
-    click.echo(f"env file    {env_file}  (ready in {time.perf_counter() - started:.2f}s; Ctrl-C stops)")
+        click.echo(f"{name:<17} {url}")
+    click.echo(f"{'env file':<17} {env_file}  (ready in {time.perf_counter() - started:.2f}s; Ctrl-C stops)")
 
     stop = threading.Event()
 

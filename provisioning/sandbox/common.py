@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import random
 import ssl
 import threading
@@ -222,6 +223,9 @@ class SandboxTLS:
 
     ca_bundle: Path
     server_context: ssl.SSLContext
+    # The same certificate chain and key as PEM, for servers that do not take an SSLContext (gRPC).
+    server_cert_chain_pem: bytes = field(default=b"", repr=False)
+    server_key_pem: bytes = field(default=b"", repr=False)
 
     @classmethod
     def create(cls, workdir: Path) -> SandboxTLS:
@@ -232,7 +236,12 @@ class SandboxTLS:
         ca.cert_pem.write_to_path(str(ca_bundle))
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         cert.configure_cert(ctx)
-        return cls(ca_bundle=ca_bundle, server_context=ctx)
+        return cls(
+            ca_bundle=ca_bundle,
+            server_context=ctx,
+            server_cert_chain_pem=b"".join(pem.bytes() for pem in cert.cert_chain_pems),
+            server_key_pem=cert.private_key_pem.bytes(),
+        )
 
 
 # -- running servers --------------------------------------------------------------------------
@@ -245,7 +254,8 @@ class ServerThread:
 
     ``add_app(name, app, port)`` before ``start()``; port 0 picks a free one.
     ``add_server(name, starter)`` takes a coroutine function that starts an
-    asyncio server on the loop and returns ``(server, port)``.
+    asyncio server on the loop and returns ``(server, port)``; the server's
+    ``close()`` is called at stop, and awaited when it returns an awaitable.
     """
 
     def __init__(self, host: str = "127.0.0.1", ssl_context: ssl.SSLContext | None = None) -> None:
@@ -303,7 +313,9 @@ class ServerThread:
         self._loop.run_forever()
         # Stop order: servers stop listening, open requests get their grace, then the loop closes.
         for server in self._servers:
-            server.close()
+            closing = server.close()
+            if inspect.isawaitable(closing):  # gRPC's server stops with a grace period
+                self._loop.run_until_complete(closing)
         for runner in self._runners:
             self._loop.run_until_complete(runner.cleanup())
         self._loop.run_until_complete(self._loop.shutdown_asyncgens())

@@ -1,4 +1,4 @@
-"""All four simulators together: one TLS CA, one server thread, one env file.
+"""All four simulators together (Salesforce with its Pub/Sub API): one TLS CA, one server thread, one env file.
 
 Used by ``provisioning sandbox``, the demo, the tests and the benchmarks::
 
@@ -18,6 +18,7 @@ import requests
 from provisioning.http import make_session
 from provisioning.sandbox.common import SandboxTLS, ServerThread
 from provisioning.sandbox.salesforce import SalesforceSimulator
+from provisioning.sandbox.salesforce.pubsub import DEFAULT_KEEPALIVE_S
 from provisioning.sandbox.smdp import SmdpSimulator
 from provisioning.sandbox.smtp import SmtpSimulator
 from provisioning.sandbox.whmcs import WhmcsSimulator
@@ -64,12 +65,17 @@ class Sandbox:
         ports: dict[str, int] | None = None,
         long_poll_s: float = 110.0,
         token_lifetime_s: float = 7200.0,
+        pubsub_keepalive_s: float = DEFAULT_KEEPALIVE_S,
     ) -> None:
         self.workdir = workdir
         self.ports_wanted = ports or {}
         self.tls = SandboxTLS.create(workdir)
         self.salesforce = SalesforceSimulator(
-            workdir, seed=seed, long_poll_s=long_poll_s, token_lifetime_s=token_lifetime_s
+            workdir,
+            seed=seed,
+            long_poll_s=long_poll_s,
+            token_lifetime_s=token_lifetime_s,
+            pubsub_keepalive_s=pubsub_keepalive_s,
         )
         self.whmcs = WhmcsSimulator(seed=seed)
         self.smdp = SmdpSimulator(seed=seed)
@@ -80,6 +86,15 @@ class Sandbox:
         self.server.add_app("smdp", self.smdp.build_app(), self.ports_wanted.get("smdp", 0))
         self.server.add_app("smtp_admin", self.smtp.build_admin_app(), self.ports_wanted.get("smtp_admin", 0))
         self.server.add_server("smtp", self.smtp.starter(HOST, self.ports_wanted.get("smtp", 0)))
+        self.server.add_server(
+            "salesforce_pubsub",
+            self.salesforce.pubsub.starter(
+                HOST,
+                self.ports_wanted.get("salesforce_pubsub", 0),
+                self.tls.server_cert_chain_pem,
+                self.tls.server_key_pem,
+            ),
+        )
         self._session: requests.Session | None = None
 
     def start(self) -> Sandbox:
@@ -106,16 +121,22 @@ class Sandbox:
     def urls(self) -> dict[str, str]:
         return {
             "salesforce": self.url("salesforce"),
+            "salesforce_pubsub": self.pubsub_endpoint,
             "whmcs": self.url("whmcs"),
             "smdp": self.url("smdp"),
             "smtp": f"smtp://{HOST}:{self.server.ports['smtp']}",
             "smtp_admin": self.url("smtp_admin"),
         }
 
+    @property
+    def pubsub_endpoint(self) -> str:
+        """The Pub/Sub API's host:port (gRPC over TLS), as SF_PUBSUB_ENDPOINT wants it."""
+        return f"{HOST}:{self.server.ports['salesforce_pubsub']}"
+
     def env(self) -> dict[str, str]:
         """Environment variables pointing the listener, the workers and the CLI at the simulators."""
         return {
-            **self.salesforce.env(self.url("salesforce")),
+            **self.salesforce.env(self.url("salesforce"), self.pubsub_endpoint),
             **self.whmcs.env(self.url("whmcs")),
             **self.smdp.env(self.url("smdp")),
             **self.smtp.env(HOST, self.server.ports["smtp"]),

@@ -7,6 +7,7 @@ directory, default workdir and env file), each in its own process with
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -26,10 +27,14 @@ from click.testing import CliRunner
 
 from provisioning.cli import main
 from provisioning.http import make_session
+from provisioning.salesforce.auth import JWTBearerAuth
+from provisioning.salesforce.pubsub import PubSubClient
 from provisioning.sandbox import smdp, smtp, whmcs
 from provisioning.sandbox.cli import sandbox as sandbox_command
 from provisioning.sandbox.common import FAULT_KINDS, FaultInjector, Faults, new_app
 from provisioning.sandbox.salesforce import SalesforceSimulator
+from provisioning.sandbox.salesforce.cometd import CometD
+from provisioning.sandbox.salesforce.pubsub import PubSub
 from provisioning.settings import ENV_FILE_VARIABLE, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +51,14 @@ OTHER_TOOLS_FLAGS = {"--cacert"}
 
 def doc_text() -> str:
     return DOC.read_text()
+
+
+def fenced_block_untitled(language: str, after: str) -> str:
+    """The first ```language block after the text ``after``."""
+    text = doc_text()
+    found = re.search(rf"^```{language}\n(.*?)^```$", text[text.index(after) :], re.S | re.M)
+    assert found, f"no ```{language} block after {after!r} in {DOC}"
+    return str(found[1])
 
 
 def fenced_block(language: str, title: str) -> str:
@@ -144,31 +157,47 @@ def test_the_sandbox_writes_its_files_where_the_page_says(running_sandbox: Runni
     assert oct((workdir / "sf-jwt-key.pem").stat().st_mode & 0o777) == "0o600"
 
 
-def test_the_publish_and_receive_example_runs_as_written(running_sandbox: RunningSandbox) -> None:
+@pytest.mark.parametrize("transport", ["pubsub", "cometd"])
+def test_the_publish_and_receive_example_runs_as_written(
+    running_sandbox: RunningSandbox, transport: str
+) -> None:
     script = running_sandbox.directory / "publish.py"
     script.write_text(fenced_block("python", "publish-and-receive"))
     published_before = running_sandbox.get("SF_LOGIN_URL", "/__admin/calls")["calls"].get("event_publish", 0)
+    env = {**os.environ, ENV_FILE_VARIABLE: "sandbox.env"}
+    if transport == "cometd":
+        env["SF_EVENTS_TRANSPORT"] = "cometd"  # as the page says: in front of the command
+    else:
+        env.pop("SF_EVENTS_TRANSPORT", None)  # the default
 
     result = subprocess.run(
         [sys.executable, script.name],
         cwd=running_sandbox.directory,
-        env={**os.environ, ENV_FILE_VARIABLE: "sandbox.env"},
+        env=env,
         capture_output=True,
         text=True,
         timeout=EXAMPLE_TIMEOUT_S,
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
-    found = re.search(r"published (e00xx\w+); received replayId (\d+) for Order (801\w{15})", result.stdout)
+    found = re.search(
+        r"published (e00xx\w+); received over (\w+): replay id ([0-9a-f]+) for Order (801\w{15})",
+        result.stdout,
+    )
     assert found, result.stdout
-    replay_id, order_id = int(found[2]), found[3]
+    assert found[2] == transport
+    raw, order_id = bytes.fromhex(found[3]), found[4]
+    # The sandbox's own encodings (a client must never rely on them): 8 bytes big-endian, ASCII digits.
+    replay_id = int.from_bytes(raw, "big") if transport == "pubsub" else int(raw.decode())
     calls = running_sandbox.get("SF_LOGIN_URL", "/__admin/calls")["calls"]
     assert calls["event_publish"] == published_before + 1
     events = running_sandbox.get("SF_LOGIN_URL", "/__admin/events")["events"]
     mine = [e for e in events if e["data"]["event"]["replayId"] == replay_id]
     assert [e["data"]["payload"]["OrderId__c"] for e in mine] == [order_id]
     assert running_sandbox.get("SF_LOGIN_URL", f"/__admin/orders/{order_id}")["SIM_Type__c"] == "eSIM"
-    assert running_sandbox.get("SF_LOGIN_URL", "/__admin/stats")["events_delivered"] >= 1
+    stats = running_sandbox.get("SF_LOGIN_URL", "/__admin/stats")
+    delivered = stats["pubsub"]["events_delivered"] if transport == "pubsub" else stats["events_delivered"]
+    assert delivered >= 1
 
 
 def test_the_admin_curl_example_runs_as_written(running_sandbox: RunningSandbox) -> None:
@@ -196,6 +225,35 @@ def test_the_admin_curl_example_runs_as_written(running_sandbox: RunningSandbox)
 def test_the_env_file_table_lists_exactly_what_the_sandbox_writes(running_sandbox: RunningSandbox) -> None:
     documented = table_first_column(doc_text(), "| variable | value |")
     assert sorted(documented) == sorted(running_sandbox.env_file)
+
+
+def test_the_printed_addresses_are_the_ones_the_page_shows(running_sandbox: RunningSandbox) -> None:
+    printed = (running_sandbox.directory / "sandbox.log").read_text()
+    shown = fenced_block_untitled("text", after="It prints one URL per simulator")
+    names = [line.split()[0] for line in shown.splitlines() if line and not line.startswith("env file")]
+    assert names == [
+        line.split()[0] for line in printed.splitlines() if re.match(r"^\w+ +\S+://|^\w+ +\d", line)
+    ]
+    endpoint = running_sandbox.env_file["SF_PUBSUB_ENDPOINT"]
+    assert f"salesforce_pubsub {endpoint}" in re.sub(r" +", " ", printed)
+
+
+def test_the_pubsub_endpoint_in_the_env_file_answers_grpc_over_tls(
+    running_sandbox: RunningSandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(running_sandbox.directory)  # the file's paths are relative to it
+    settings = Settings(_env_file="sandbox.env")  # type: ignore[call-arg]
+    client = PubSubClient(
+        auth=JWTBearerAuth.from_settings(settings),
+        endpoint=running_sandbox.env_file["SF_PUBSUB_ENDPOINT"],
+        topic=settings.sf_provision_event_channel,
+        ca_bundle=settings.tls_ca_bundle,
+    )
+    try:
+        info = client.topic_info()
+    finally:
+        client.close()
+    assert (info.topic_name, info.can_subscribe) == (settings.sf_provision_event_channel, True)
 
 
 # -- names the page gives ------------------------------------------------------------------------
@@ -296,7 +354,15 @@ def test_every_fault_setting_and_operation_is_documented() -> None:
     assert operations("SMTP") == {smtp.DATA_OPERATION}
     sf_source = "\n".join(
         (ROOT / "provisioning" / "sandbox" / "salesforce" / name).read_text()
-        for name in ("simulator.py", "cometd.py")
+        for name in ("simulator.py", "cometd.py", "pubsub.py")
     )
     for name in operations("Salesforce"):
         assert f'"{name}"' in sf_source or f'"{name.removeprefix("cometd_")}"' in sf_source, name
+
+
+def test_every_streaming_knob_is_documented_and_nothing_else() -> None:
+    faults = section(doc_text(), "## Fault injection")
+    start = faults.index("| knob | effect |")
+    rows = list(itertools.takewhile(lambda line: line.startswith("|"), faults[start:].splitlines()[2:]))
+    knobs = {re.findall(r"`([a-z_]+)", row.split("|")[1])[0] for row in rows}
+    assert knobs == set(CometD.KNOBS | PubSub.KNOBS)

@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from provisioning.logs import configure_logging
 from provisioning.salesforce.auth import JWTBearerAuth
-from provisioning.salesforce.streaming import Event, StreamingClient
+from provisioning.salesforce.events import EARLIEST, Batch, Event, EventSource, ReplayStart
+from provisioning.salesforce.streaming import StreamingClient
 from provisioning.settings import Settings
 
 from .fake import API_VERSION, CHANNEL, CLIENT_ID, LOGIN_URL, USERNAME, FakeSalesforce
@@ -72,7 +73,7 @@ def stream(auth: JWTBearerAuth, session: requests.Session) -> StreamingClient:
         session=session,
         api_version=API_VERSION,
         channel=CHANNEL,
-        replay_fallback=-2,
+        replay_fallback=EARLIEST,
         backoff_base_s=0.01,
         backoff_max_s=0.05,
         daily_limit_backoff_s=0.05,
@@ -89,14 +90,25 @@ def wait_until(predicate: Any, timeout: float = 10.0) -> None:
     raise AssertionError("condition not met in time")
 
 
-class Consumer:
-    """Iterates a StreamingClient in a thread, acking each event unless told otherwise."""
+def int_ids(events: list[Event]) -> list[int]:
+    """CometD replay ids as the integers the server used (tests only: callers treat them as opaque)."""
+    return [int(e.replay_id.decode("ascii")) for e in events]
 
-    def __init__(self, stream: StreamingClient, replay_from: int, *, ack: bool = True) -> None:
+
+def rid(replay_id: int) -> bytes:
+    """A CometD replay id as the seam's bytes."""
+    return str(replay_id).encode("ascii")
+
+
+class Consumer:
+    """Iterates an EventSource in a thread, acking each batch's position unless told otherwise."""
+
+    def __init__(self, stream: EventSource, start: ReplayStart, *, ack: bool = True) -> None:
         self.stream = stream
-        self.replay_from = replay_from
+        self.start = start
         self.ack = ack
         self.events: list[Event] = []
+        self.batches: list[Batch] = []
         self.error: BaseException | None = None
         self.arrived = threading.Condition()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -104,12 +116,13 @@ class Consumer:
 
     def _run(self) -> None:
         try:
-            for event in self.stream.events(self.replay_from):
+            for batch in self.stream.batches(self.start):
                 with self.arrived:
-                    self.events.append(event)
+                    self.batches.append(batch)
+                    self.events.extend(batch.events)
                     self.arrived.notify_all()
-                if self.ack:
-                    self.stream.ack(event.replay_id)
+                if self.ack and batch.position is not None:
+                    self.stream.ack(batch.position)
         except BaseException as exc:  # reported by the test
             self.error = exc
             with self.arrived:
@@ -133,8 +146,8 @@ class Consumer:
 def consume() -> Iterator[Any]:
     started: list[Consumer] = []
 
-    def start(stream: StreamingClient, replay_from: int, *, ack: bool = True) -> Consumer:
-        consumer = Consumer(stream, replay_from, ack=ack)
+    def start(stream: EventSource, start: ReplayStart, *, ack: bool = True) -> Consumer:
+        consumer = Consumer(stream, start, ack=ack)
         started.append(consumer)
         return consumer
 

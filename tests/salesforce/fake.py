@@ -127,7 +127,7 @@ class FakeSalesforce(HTTPAdapter):
         if parts.path == "/services/oauth2/token":
             status, answer, headers = self._token(body)
         elif parts.path == COMETD_PATH:
-            status, answer, headers = self._cometd(request, body)
+            status, answer, headers = self._cometd(request, body, timeout)
         elif parts.path.startswith(REST_PREFIX):
             status, answer, headers = self._rest(
                 request, parts.path.removeprefix(REST_PREFIX), parts.query, body
@@ -245,7 +245,9 @@ class FakeSalesforce(HTTPAdapter):
 
     # -- Bayeux -------------------------------------------------------------------------------
 
-    def _cometd(self, request: requests.PreparedRequest, body: Any) -> tuple[int, Any, list[tuple[str, str]]]:
+    def _cometd(
+        self, request: requests.PreparedRequest, body: Any, timeout: Any = None
+    ) -> tuple[int, Any, list[tuple[str, str]]]:
         if not isinstance(body, list):
             return 400, [{"successful": False, "error": "400::body must be a JSON array"}], []
         headers: list[tuple[str, str]] = []
@@ -260,7 +262,7 @@ class FakeSalesforce(HTTPAdapter):
             elif channel == "/meta/subscribe":
                 replies.append(self._subscribe(request, message))
             elif channel == "/meta/connect":
-                replies.extend(self._connect(request, message))
+                replies.extend(self._connect(request, message, timeout))
             elif channel == "/meta/disconnect":
                 with self.lock:
                     self.clients.pop(str(message.get("clientId")), None)
@@ -355,7 +357,9 @@ class FakeSalesforce(HTTPAdapter):
             self.clients[client_id] = start
         return _reply(message, **base, successful=True)
 
-    def _connect(self, request: requests.PreparedRequest, message: dict[str, Any]) -> list[dict[str, Any]]:
+    def _connect(
+        self, request: requests.PreparedRequest, message: dict[str, Any], timeout: Any = None
+    ) -> list[dict[str, Any]]:
         client_id = str(message.get("clientId"))
         fault = self._fault("connect")
         if fault == "reset":
@@ -391,9 +395,13 @@ class FakeSalesforce(HTTPAdapter):
                     advice={"reconnect": "none", "interval": 0},
                 )
             ]
-        if self.hold is not None:
+        hold = self.hold
+        if hold is not None:
             self.holding.set()
-            self.hold.wait(30)
+            # A held connect outlives the client's read timeout as a silent server would.
+            read_timeout = timeout[1] if isinstance(timeout, tuple) else 30
+            if not hold.wait(read_timeout):
+                raise requests.ReadTimeout("the fake held the connect past the read timeout")
         with self.changed:
             if client_id not in self.clients or self.clients[client_id] < 0:
                 return [

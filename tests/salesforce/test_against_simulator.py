@@ -23,7 +23,8 @@ from provisioning.salesforce.errors import (
     SalesforceRequestError,
     SalesforceUnavailable,
 )
-from provisioning.salesforce.streaming import REPLAY_EARLIEST, REPLAY_LATEST, StreamingClient
+from provisioning.salesforce.events import EARLIEST, LATEST, ReplayPreset
+from provisioning.salesforce.streaming import StreamingClient
 from provisioning.sandbox.common import SandboxTLS, ServerThread
 from provisioning.sandbox.salesforce import EVENT_CHANNEL, SalesforceSimulator
 from provisioning.settings import Settings
@@ -41,6 +42,7 @@ class Org:
     url: str
     settings: Settings
     admin: requests.Session
+    pubsub_endpoint: str
 
     def post(self, path: str, body: Any) -> Any:
         response = self.admin.post(self.url + path, json=body, timeout=10)
@@ -66,13 +68,18 @@ class Org:
 
 
 def start_org(workdir: Path, **sim_options: Any) -> Org:
+    """The Salesforce simulator over TLS: HTTPS (OAuth, REST, CometD) and the Pub/Sub API (gRPC)."""
     tls = SandboxTLS.create(workdir)
     sim = SalesforceSimulator(workdir, seed=7, **sim_options)
     server = ServerThread(ssl_context=tls.server_context)
     server.add_app("salesforce", sim.build_app())
+    server.add_server(
+        "pubsub", sim.pubsub.starter("127.0.0.1", 0, tls.server_cert_chain_pem, tls.server_key_pem)
+    )
     server.start()
     url = server.url("salesforce")
-    env = sim.env(url)
+    pubsub_endpoint = f"127.0.0.1:{server.ports['pubsub']}"
+    env = sim.env(url, pubsub_endpoint)
     settings = Settings(
         _env_file=None,
         tls_ca_bundle=tls.ca_bundle,
@@ -81,8 +88,9 @@ def start_org(workdir: Path, **sim_options: Any) -> Org:
         sf_username=env["SF_USERNAME"],
         sf_private_key_file=Path(env["SF_PRIVATE_KEY_FILE"]),
         sf_api_version=env["SF_API_VERSION"],
+        sf_pubsub_endpoint=env["SF_PUBSUB_ENDPOINT"],
     )
-    return Org(sim, server, url, settings, make_session(tls.ca_bundle))
+    return Org(sim, server, url, settings, make_session(tls.ca_bundle), pubsub_endpoint)
 
 
 @pytest.fixture
@@ -104,7 +112,7 @@ def client(org: Org, auth: JWTBearerAuth) -> SalesforceClient:
     return SalesforceClient.from_settings(org.settings, auth=auth)
 
 
-def streaming_client(org: Org, auth: JWTBearerAuth, fallback: int = REPLAY_EARLIEST) -> StreamingClient:
+def streaming_client(org: Org, auth: JWTBearerAuth, fallback: ReplayPreset = EARLIEST) -> StreamingClient:
     return StreamingClient(
         auth=auth,
         session=make_session(org.settings.tls_ca_bundle),
@@ -285,11 +293,11 @@ def test_an_event_published_over_rest_reaches_the_subscriber(
     stream = streaming_client(org, auth)
     order_id = org.seed_order()
     client.publish_event(order_id, "k1")
-    (event,) = consume(stream, REPLAY_EARLIEST).wait_for(1)
+    (event,) = consume(stream, EARLIEST).wait_for(1)
     assert event.payload["OrderId__c"] == order_id
     assert event.payload["IdemKey__c"] == "k1"
-    assert event.channel == EVENT_CHANNEL
     assert event.uuid
+    assert event.created_at is not None
 
 
 def test_a_thousand_events_arrive_in_order_once_across_faults_and_a_restart(
@@ -308,7 +316,7 @@ def test_a_thousand_events_arrive_in_order_once_across_faults_and_a_restart(
         else:
             org.publish(keys)
 
-    consumer = consume(stream, REPLAY_EARLIEST)
+    consumer = consume(stream, EARLIEST)
     publish(0, over_rest=True)
     consumer.wait_for(100)
     for round_no in range(1, 6):
@@ -334,7 +342,7 @@ def test_a_thousand_events_arrive_in_order_once_across_faults_and_a_restart(
     stats = org.get("/__admin/stats")
     assert stats["unknown_client"] == 5
     assert stats["auth_invalid"] == 2
-    assert stream.counters.events == 1000
+    assert stream.counters()["events"] == 1000
     assert stream.counters.auth_renewals == 2
     assert stream.counters.reconnects == 7
     assert stream.counters.handshakes == 9
@@ -355,7 +363,7 @@ def test_injected_streaming_faults_lose_and_duplicate_nothing(
             }
         },
     )
-    consumer = consume(stream, REPLAY_EARLIEST)
+    consumer = consume(stream, EARLIEST)
     consumer.wait_for(50)
     org.publish([f"b{i}" for i in range(50)])
     consumer.wait_for(100)
@@ -367,9 +375,9 @@ def test_injected_streaming_faults_lose_and_duplicate_nothing(
 def test_a_replay_id_older_than_retention_falls_back_and_logs_one_error_line(
     org: Org, auth: JWTBearerAuth, consume: Any, log_lines: Any
 ) -> None:
-    stream = streaming_client(org, auth, fallback=REPLAY_EARLIEST)
+    stream = streaming_client(org, auth, fallback=EARLIEST)
     org.publish(["a", "b"])
-    first = consume(stream, REPLAY_EARLIEST)
+    first = consume(stream, EARLIEST)
     first.wait_for(2)
     first.stop()
     checkpoint = stream.last_acked
@@ -384,16 +392,17 @@ def test_a_replay_id_older_than_retention_falls_back_and_logs_one_error_line(
     assert len(errors) == 1
     assert errors[0]["event"] == "streaming_replay_id_invalid"
     assert errors[0]["channel"] == EVENT_CHANNEL
-    assert errors[0]["replay_id"] == checkpoint
-    assert errors[0]["fallback"] == REPLAY_EARLIEST
+    assert checkpoint is not None
+    assert errors[0]["replay_id"] == int(checkpoint.decode())
+    assert errors[0]["fallback"] == -2
     assert errors[0]["fallback_name"] == "EARLIEST"
 
 
 def test_the_daily_limit_keeps_the_subscriber_down_until_it_lifts(
     org: Org, auth: JWTBearerAuth, consume: Any
 ) -> None:
-    stream = streaming_client(org, auth, fallback=REPLAY_LATEST)
-    consumer = consume(stream, REPLAY_EARLIEST)
+    stream = streaming_client(org, auth, fallback=LATEST)
+    consumer = consume(stream, EARLIEST)
     org.publish(["a"])
     consumer.wait_for(1)
     org.streaming(daily_limit=True)
@@ -408,7 +417,7 @@ def test_stop_from_another_thread_ends_a_held_long_poll_within_a_second(tmp_path
     org = start_org(tmp_path, long_poll_s=30.0)
     try:
         stream = streaming_client(org, JWTBearerAuth.from_settings(org.settings))
-        consumer = consume(stream, REPLAY_LATEST)
+        consumer = consume(stream, LATEST)
         wait_until(lambda: any(c["holding"] for c in org.get("/__admin/stats")["clients"]))
         stream.stop()
         consumer.thread.join(1.0)

@@ -8,9 +8,10 @@ import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pydantic import SecretStr
 
 from provisioning.errors import PermanentError, TransientError
-from provisioning.salesforce.auth import JWTBearerAuth
+from provisioning.salesforce.auth import AccessToken, JWTBearerAuth
 from provisioning.salesforce.errors import (
     SalesforceAuthError,
     SalesforceConnectionError,
@@ -219,3 +220,17 @@ def test_a_non_rsa_key_is_reported(session: requests.Session, tmp_path: Path) ->
             private_key_file=path,
             session=session,
         )
+
+
+@pytest.mark.parametrize(
+    ("id_url", "org_id"),
+    [
+        ("https://login.salesforce.com/id/00D5g000004ABCDEFG/0055g00000XYZ12345", "00D5g000004ABCDEFG"),
+        ("https://test.salesforce.com/id/00Dfake/005fake/", "00Dfake"),
+        ("https://login.salesforce.com/services/oauth2/userinfo", None),
+        (None, None),
+    ],
+)
+def test_the_org_id_comes_from_the_identity_url(id_url, org_id):
+    token = AccessToken(access_token=SecretStr("t"), instance_url="https://x", issued_at=0.0, id_url=id_url)
+    assert token.org_id == org_id

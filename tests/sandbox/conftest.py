@@ -29,9 +29,15 @@ def start_sf(sf_tls: SandboxTLS, tmp_path_factory: pytest.TempPathFactory) -> It
         sim = SalesforceSimulator(tmp_path_factory.mktemp("sf"), **options)
         thread = ServerThread(ssl_context=sf_tls.server_context)
         thread.add_app("salesforce", sim.build_app())
+        thread.add_server(
+            "pubsub",
+            sim.pubsub.starter("127.0.0.1", 0, sf_tls.server_cert_chain_pem, sf_tls.server_key_pem),
+        )
         thread.start()
         threads.append(thread)
-        return SalesforceDriver.for_simulator(sim, thread.url("salesforce"), sf_tls.ca_bundle)
+        driver = SalesforceDriver.for_simulator(sim, thread.url("salesforce"), sf_tls.ca_bundle)
+        driver.pubsub_endpoint = f"127.0.0.1:{thread.ports['pubsub']}"
+        return driver
 
     yield start
     for thread in threads:

@@ -20,12 +20,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from provisioning.errors import PicklableError
+
 GRANT_TYPE_JWT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 RSA_KEY_BITS = 2048
 CERT_VALIDITY_DAYS = 365
 
 
-class OAuthError(Exception):
+class OAuthError(PicklableError):
     """An OAuth failure, answered as HTTP 400 ``{"error", "error_description"}``."""
 
     def __init__(self, error: str, description: str) -> None:

@@ -25,6 +25,8 @@ class BusEvent:
     replay_id: int
     created_at: float  # monotonic, for retention
     message: dict[str, Any]
+    # The event schema version current when it was published (the Pub/Sub server's schema change).
+    schema_version: int = 0
 
 
 @dataclass
@@ -55,6 +57,10 @@ class EventBus:
         self._last_replay_id = rng.randint(1_000, 9_999)
         self._channels: dict[str, ChannelLog] = {}
         self._wake = asyncio.Event()
+        self.schema_version = 0
+        # Positions handed out that are not an event of the channel (the Pub/Sub keepalive's
+        # latest_replay_id of a subscription that has seen no event yet): channel -> id -> when.
+        self._anchors: dict[str, dict[int, float]] = {}
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -75,7 +81,7 @@ class EventBus:
                 "event": {"replayId": self._last_replay_id, "EventUuid": str(uuid.uuid4())},
             },
         }
-        event = BusEvent(channel, self._last_replay_id, time.monotonic(), message)
+        event = BusEvent(channel, self._last_replay_id, time.monotonic(), message, self.schema_version)
         log = self._channels.setdefault(channel, ChannelLog())
         log.events.append(event)
         log.ids.append(event.replay_id)
@@ -97,8 +103,17 @@ class EventBus:
 
     # -- retention ----------------------------------------------------------------------------
 
+    def remember_position(self, channel: str, replay_id: int) -> None:
+        """Accept ``replay_id`` as a start position of ``channel`` for the retention window."""
+        log = self._channels.get(channel)
+        if log is None or not log.ids or log.ids[-1] != replay_id:
+            self._anchors.setdefault(channel, {})[replay_id] = time.monotonic()
+
     def purge(self) -> None:
         cutoff = time.monotonic() - self.retention_s
+        for anchors in self._anchors.values():
+            for replay_id in [r for r, at in anchors.items() if at < cutoff]:
+                del anchors[replay_id]
         for log in self._channels.values():
             count = 0
             while count < len(log.events) and log.events[count].created_at < cutoff:
@@ -112,10 +127,12 @@ class EventBus:
         for log in self._channels.values():
             dropped += len(log.events)
             log.trim(len(log.events))
+        self._anchors.clear()
         return dropped
 
     def clear(self) -> None:
         self._channels.clear()
+        self._anchors.clear()
 
     # -- replay -------------------------------------------------------------------------------
 
@@ -126,6 +143,8 @@ class EventBus:
             return self._last_replay_id
         if replay == REPLAY_ALL:
             return 0
+        if replay in self._anchors.get(channel, {}):
+            return replay
         log = self._channels.get(channel)
         if replay < 0 or log is None:
             raise InvalidReplayId(replay)

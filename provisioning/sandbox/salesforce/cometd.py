@@ -387,9 +387,11 @@ class CometD:
         for client in [c for c in self.clients.values() if c.expired()]:
             del self.clients[client.client_id]
 
+    KNOBS = frozenset({"unknown_client", "auth_invalid", "daily_limit", "expire_retention", "forget_clients"})
+
     def configure(self, data: dict[str, Any]) -> None:
         """Apply admin knobs (see the package docstring); raises ValueError."""
-        known = {"unknown_client", "auth_invalid", "daily_limit", "expire_retention", "forget_clients"}
+        known = self.KNOBS
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown streaming settings {sorted(unknown)}; known: {sorted(known)}")

@@ -1,4 +1,4 @@
-"""Drive a running Salesforce simulator from outside: admin calls, JWT assertions, raw REST and CometD.
+"""Drive a running Salesforce simulator from outside: admin calls, JWT assertions, raw REST, CometD, Pub/Sub.
 
 For tests, the demo and benchmarks; it speaks plain HTTP with requests, so it
 also works against a simulator in another process (build it from ``sim.env()``).
@@ -48,6 +48,8 @@ class SalesforceDriver:
         self.version = api_version
         self.ca_bundle = ca_bundle
         self.session = make_session(ca_bundle)
+        # host:port of the simulator's Pub/Sub API, when it is served.
+        self.pubsub_endpoint: str | None = None
 
     @classmethod
     def for_simulator(
@@ -109,6 +111,31 @@ class SalesforceDriver:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return session.post(
             f"{self.url}/cometd/{self.version}", json=messages, headers=headers, timeout=timeout
+        )
+
+    def pubsub_stub(self) -> Any:
+        """A raw gRPC stub of the simulator's Pub/Sub API (TLS with the sandbox CA)."""
+        import grpc
+
+        from provisioning.salesforce.pubsub import pubsub_api_pb2_grpc
+
+        if self.pubsub_endpoint is None:
+            raise SandboxAdminError("this simulator's Pub/Sub endpoint is not known")
+        roots = self.ca_bundle.read_bytes() if self.ca_bundle is not None else None
+        channel = grpc.secure_channel(self.pubsub_endpoint, grpc.ssl_channel_credentials(roots))
+        return pubsub_api_pb2_grpc.PubSubStub(channel)  # type: ignore[no-untyped-call]
+
+    def pubsub_metadata(self, token: str | None = None) -> tuple[tuple[str, str], ...]:
+        """The Pub/Sub API's auth metadata for ``token`` (a fresh login when None)."""
+        response = self.token_response(self.assertion())
+        if response.status_code != 200:
+            raise SandboxAdminError(f"login failed: HTTP {response.status_code} {response.text}")
+        body = response.json()
+        org_id = str(body["id"]).rstrip("/").split("/")[-2]
+        return (
+            ("accesstoken", token or str(body["access_token"])),
+            ("instanceurl", str(body["instance_url"])),
+            ("tenantid", org_id),
         )
 
     # -- admin --------------------------------------------------------------------------------

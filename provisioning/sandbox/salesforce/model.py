@@ -13,10 +13,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from provisioning.errors import PicklableError
 from provisioning.sandbox.salesforce import ids
 
 
-class ApiError(Exception):
+class ApiError(PicklableError):
     """A Salesforce REST error: answered as ``[{"message", "errorCode", "fields"?}]``."""
 
     def __init__(self, status: int, error_code: str, message: str, fields: list[str] | None = None) -> None:

@@ -33,6 +33,7 @@ from provisioning.sandbox.salesforce.model import (
     coerce,
     order_record,
 )
+from provisioning.sandbox.salesforce.pubsub import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_KEEPALIVE_S, PubSub
 
 DEFAULT_USERNAME = "integration@sandbox.example"
 EVENT_SOBJECT = "OrderProvisionRequested__e"
@@ -74,6 +75,8 @@ class SalesforceSimulator:
         long_poll_s: float = 110.0,
         retention_s: float = 72 * 3600,
         api_version: str = "64.0",
+        pubsub_keepalive_s: float = DEFAULT_KEEPALIVE_S,
+        pubsub_idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
     ) -> None:
         self.workdir = Path(workdir)
         self.api_version = api_version
@@ -90,6 +93,14 @@ class SalesforceSimulator:
         self.bus = EventBus(self._rng, retention_s, created_by=self.user_id[:15])
         self.cometd = CometD(
             bus=self.bus, tokens=self.tokens, injector=self.injector, rng=self._rng, long_poll_s=long_poll_s
+        )
+        self.pubsub = PubSub(
+            bus=self.bus,
+            tokens=self.tokens,
+            injector=self.injector,
+            org_id=self.org_id,
+            keepalive_s=pubsub_keepalive_s,
+            idle_timeout_s=pubsub_idle_timeout_s,
         )
         self.api_limit = DEFAULT_API_LIMIT
         self.api_used = 0
@@ -116,15 +127,18 @@ class SalesforceSimulator:
     def certificate_file(self) -> Path:
         return self.workdir / "sf-jwt-cert.pem"
 
-    def env(self, base_url: str) -> dict[str, str]:
-        """Settings that point our clients at this simulator served at ``base_url``."""
-        return {
+    def env(self, base_url: str, pubsub_endpoint: str | None = None) -> dict[str, str]:
+        """Settings that point our clients at this simulator served at ``base_url`` (and Pub/Sub)."""
+        env = {
             "SF_LOGIN_URL": base_url.rstrip("/"),
             "SF_CLIENT_ID": self.client_id,
             "SF_USERNAME": self.username,
             "SF_PRIVATE_KEY_FILE": str(self.private_key_file),
             "SF_API_VERSION": self.api_version,
         }
+        if pubsub_endpoint is not None:
+            env["SF_PUBSUB_ENDPOINT"] = pubsub_endpoint
+        return env
 
     def build_app(self) -> web.Application:
         data = r"/services/data/v{version:\d+\.\d}"
@@ -152,6 +166,7 @@ class SalesforceSimulator:
 
     async def _shutdown(self, _: web.Application) -> None:
         self.cometd.closing = True
+        self.pubsub.closing = True
         self.bus.notify()
 
     async def _limit_header(self, request: web.Request, response: web.StreamResponse) -> None:
@@ -443,17 +458,24 @@ class SalesforceSimulator:
         )
 
     async def _admin_get_streaming(self, _: web.Request) -> web.Response:
-        return web.json_response(self.cometd.faults.as_json())
+        return web.json_response({**self.cometd.faults.as_json(), **self.pubsub.knobs_json()})
 
     async def _admin_set_streaming(self, request: web.Request) -> web.Response:
         body = await _admin_json(request)
         if not isinstance(body, dict):
             return _admin_error(400, "expected an object")
+        pubsub = {k: v for k, v in body.items() if k in PubSub.KNOBS}
+        unknown = set(body) - PubSub.KNOBS - CometD.KNOBS
+        if unknown:
+            known = sorted(PubSub.KNOBS | CometD.KNOBS)
+            return _admin_error(400, f"unknown streaming settings {sorted(unknown)}; known: {known}")
         try:
-            self.cometd.configure(body)
+            self.pubsub.check(pubsub)
+            self.cometd.configure({k: v for k, v in body.items() if k not in PubSub.KNOBS})
         except ValueError as exc:
             return _admin_error(400, str(exc))
-        return web.json_response(self.cometd.faults.as_json())
+        self.pubsub.configure(pubsub)
+        return await self._admin_get_streaming(request)
 
     async def _admin_revoke(self, _: web.Request) -> web.Response:
         revoked = self.tokens.revoke()
@@ -499,6 +521,7 @@ class SalesforceSimulator:
                 "events_delivered": stats["events_delivered"],
                 "events_expired": stats["expired_events"],
                 "clients": self.cometd.clients_json(),
+                "pubsub": self.pubsub.stats_json(),
                 "tokens_issued": self.tokens.issued,
                 "tokens_active": self.tokens.active(),
                 "orders": len(self.orders),
@@ -513,6 +536,8 @@ class SalesforceSimulator:
         self.cometd.forget_all()
         self.cometd.faults = StreamingFaults()
         self.cometd.stats.clear()
+        self.pubsub.reset()
+        self.bus.schema_version = 0
         self.api_used = 0
         self.injector.faults = Faults()
         self.injector.calls.clear()

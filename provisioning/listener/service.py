@@ -1,0 +1,276 @@
+"""The listener's loop: lead the channel, then handle the event source's batches, no event lost.
+
+For each batch (one Pub/Sub fetch response, one CometD connect reply), in this order:
+
+1. validate every event (Id checksum, key prefix, field types); a malformed one is
+   quarantined for the operators (one Redis pipeline for the batch),
+2. record every run as queued, in one pipeline: a run the ledger knows as started or
+   ended is a duplicate (counted, not republished); a new run, or one still queued,
+   is published, so the reconciler republishes it should its message be lost,
+3. publish the runs' chains through one producer, and wait until the broker accepted
+   every one (RabbitMQ publisher confirms; Redis commands that succeeded),
+4. only then write ONE checkpoint for the batch, and acknowledge it to the source.
+
+A crash before 4 replays the whole batch after a restart; the run ids absorb the
+duplicates. Broker or Redis down: the batch in hand is retried with backoff, nothing
+is checkpointed, the source waits (delivery is pull-based). Checkpoints are per
+transport: a Pub/Sub replay id never starts a CometD subscription, nor the reverse.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+
+from provisioning.backoff import backoff_s
+from provisioning.ledger import Ledger
+from provisioning.listener.leadership import Leadership
+from provisioning.listener.metrics import ListenerMetrics
+from provisioning.listener.reconciling import Reconciler
+from provisioning.listener.validation import Rejected, validate_event
+from provisioning.logs import get_logger
+from provisioning.publishing import publish_runs
+from provisioning.run_id import RunId
+from provisioning.salesforce.events import (
+    Batch,
+    EventSource,
+    ReplayStart,
+    describe_start,
+    replay_start_from,
+)
+from provisioning.services import Services
+from provisioning.settings import Settings
+
+log = get_logger(__name__)
+
+# Waiting for the broker or Redis to come back: capped exponential backoff with jitter.
+OUTAGE_BACKOFF_BASE_S = 0.5
+OUTAGE_BACKOFF_MAX_S = 10.0
+# After the source gave up (a refused login, a refused subscription), wait this long before subscribing again.
+SOURCE_RESTART_DELAY_S = 1.0
+# How long stopping waits for the leader's helper threads.
+THREAD_JOIN_TIMEOUT_S = 5.0
+
+
+class _Abandoned(Exception):
+    """Stopping while the broker or Redis is down: the batch in hand is left unacknowledged (it replays)."""
+
+
+class Listener:
+    """One listener process: leadership, the batch loop, the reconciler, the health signals."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        services: Services,
+        publisher: Celery,
+        source: EventSource,
+        replay_from: ReplayStart | None = None,
+        reconcile_idle_s: float | None = None,
+    ) -> None:
+        self.settings = settings
+        self.services = services
+        self.ledger: Ledger = services.ledger
+        self.publisher = publisher
+        self.source = source
+        self.replay_from = replay_from
+        self.channel = settings.sf_provision_event_channel
+        self.metrics = ListenerMetrics(source.counters)
+        self.stopping = threading.Event()
+        self.publish_ok = True
+        self.is_leader = False
+        self.leadership = Leadership(
+            services.redis,
+            self.ledger.listener_key(self.channel, "lock"),
+            ttl_s=settings.listener_lock_ttl_s,
+            channel=self.channel,
+        )
+        self.reconciler = Reconciler(
+            settings,
+            services=services,
+            publisher=publisher,
+            metrics=self.metrics,
+            idle_s=reconcile_idle_s if reconcile_idle_s is not None else settings.reconcile_idle_s,
+        )
+        self._rng = random.Random()
+
+    @property
+    def checkpoint_key(self) -> str:
+        """The checkpoint of this transport (replay ids of one never start the other)."""
+        return self.ledger.listener_key(self.channel, f"checkpoint:{self.source.transport}")
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop taking events; the batch in hand is finished first (called from a signal watcher)."""
+        self.stopping.set()
+        self.source.stop()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            if not self.leadership.acquire(self.stopping):
+                return
+            self.is_leader = True
+            self.metrics.leader.set(1)
+            log.info("listener_leader", channel=self.channel, transport=self.source.transport)
+            threads = [
+                threading.Thread(
+                    target=self.leadership.keep, args=(self.source.stop,), name="lease", daemon=True
+                ),
+                threading.Thread(
+                    target=self.reconciler.loop, args=(self.leadership.lost,), name="reconciler", daemon=True
+                ),
+            ]
+            for t in threads:
+                t.start()
+            try:
+                self._consume()
+            finally:
+                # In this order: no longer the leader for the health check, the helpers stop
+                # (release sets the event they wait on), then the lock goes to a standby.
+                self.is_leader = False
+                self.metrics.leader.set(0)
+                self.metrics.subscribed.set(0)
+                self.leadership.release()
+                for t in threads:
+                    t.join(timeout=THREAD_JOIN_TIMEOUT_S)
+
+    def healthy(self) -> bool:
+        return self.is_leader and self.source.connected and not self.source.stalled and self.publish_ok
+
+    # -- the batches --------------------------------------------------------------------------
+    def start_position(self) -> ReplayStart:
+        if self.replay_from is not None:
+            return self.replay_from
+        stored = self._with_redis(lambda: self.services.redis.get(self.checkpoint_key))
+        if stored is not None:
+            return bytes(stored)
+        return replay_start_from(self.settings)
+
+    def _consume(self) -> None:
+        while not self.stopping.is_set() and not self.leadership.lost.is_set():
+            start = self.start_position()
+            # An explicit start applies once; later restarts resume from the checkpoint.
+            self.replay_from = None
+            log.info(
+                "listener_subscribing",
+                channel=self.channel,
+                transport=self.source.transport,
+                replay_from=describe_start(start),
+            )
+            try:
+                self.metrics.subscribed.set(1)
+                for batch in self.source.batches(start):
+                    self.metrics.stalled.set(1 if self.source.stalled else 0)
+                    self.handle(batch)
+                    if self.stopping.is_set() or self.leadership.lost.is_set():
+                        break
+            except _Abandoned:
+                return
+            except Exception as exc:
+                log.error("listener_source_failed", error=f"{type(exc).__name__}: {exc}")
+                self.stopping.wait(SOURCE_RESTART_DELAY_S)
+            finally:
+                self.metrics.subscribed.set(0)
+
+    def handle(self, batch: Batch) -> None:
+        """Validate, record and publish the batch's events, then checkpoint the batch once."""
+        now = time.time()
+        runs: list[RunId] = []
+        rejected = []
+        if batch.events:
+            self.metrics.received.inc(len(batch.events))
+            self.metrics.last_event.set(now)
+        for event in batch.events:
+            checked = validate_event(event)
+            if isinstance(checked, Rejected):
+                rejected.append(
+                    {
+                        "replay_id": event.replay_id.hex(),
+                        "transport": self.source.transport,
+                        "uuid": event.uuid,
+                        "reason": checked.reason,
+                        "payload": event.payload,
+                        "received_at": now,
+                    }
+                )
+            else:
+                runs.append(checked)
+        if rejected:
+            self._with_redis(lambda: self.ledger.quarantine_many(rejected))
+            self.metrics.quarantined.inc(len(rejected))
+            for entry in rejected:
+                log.error("event_quarantined", replay_id=entry["replay_id"], reason=entry["reason"])
+        published: list[RunId] = []
+        duplicates: list[RunId] = []
+        if runs:
+            # Queued in the ledger before the publish: a chain lost after it (a worker killed between
+            # the broker's pop and its unacked record) leaves a stale queued run the reconciler resumes.
+            # A run still queued is published again (a listener may have died before publishing it).
+            decisions = self._with_redis(lambda: self.ledger.enqueue_many(runs))
+            published = [r for r, new in zip(runs, decisions, strict=True) if new]
+            duplicates = [r for r, new in zip(runs, decisions, strict=True) if not new]
+            if published:
+                self._with_retry("publish", lambda: publish_runs(self.publisher, published))
+            self.metrics.published.inc(len(published))
+            self.metrics.duplicates.inc(len(duplicates))
+        # Only now: every run is with the broker (or its event quarantined or known).
+        position = batch.position
+        if position is not None:
+            self._with_redis(lambda: self.services.redis.set(self.checkpoint_key, position))
+            self.metrics.checkpoint_at.set(time.time())
+            self.source.ack(position)
+        if batch.events:
+            log.info(
+                "batch_handled",
+                events=len(batch.events),
+                published=[str(r) for r in published],
+                duplicates=[str(r) for r in duplicates],
+                quarantined=len(rejected),
+                checkpoint=position.hex() if position is not None else None,
+            )
+        self.metrics.batches.inc()
+        created = [e.created_at for e in batch.events if e.created_at is not None]
+        if created:
+            self.metrics.lag.set(max(0.0, now - created[-1]))
+
+    # -- outages ------------------------------------------------------------------------------
+    def _with_redis(self, fn: Callable[[], Any]) -> Any:
+        return self._with_retry("redis", fn)
+
+    def _with_retry(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Retry until it works: losing the batch is not an option, and stopping waits for it too."""
+        failures = 0
+        while True:
+            try:
+                result = fn()
+            except Exception as exc:
+                self.publish_ok = False
+                if self.stopping.is_set():
+                    log.warning(
+                        "listener_batch_abandoned_on_stop", what=what, error=f"{type(exc).__name__}: {exc}"
+                    )
+                    raise _Abandoned() from exc
+                self.metrics.publish_failures.inc()
+                delay = backoff_s(
+                    failures, base_s=OUTAGE_BACKOFF_BASE_S, cap_s=OUTAGE_BACKOFF_MAX_S, rng=self._rng
+                )
+                failures += 1
+                log.warning(
+                    "listener_outage",
+                    what=what,
+                    failures=failures,
+                    retry_in_s=round(delay, 2),
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                self.stopping.wait(delay)
+                continue
+            if failures:
+                log.info("listener_outage_over", what=what, failures=failures)
+            self.publish_ok = True
+            return result
