@@ -34,7 +34,7 @@ from bench.common import (
 )
 from bench.stack import Batch, Stack
 from provisioning.chain import STEPS, Step
-from provisioning.publishing import chain_from, make_publisher
+from provisioning.publishing import make_publisher, publish_step
 from provisioning.sandbox.processes import listener
 from provisioning.sandbox.scenario import event_payload, publish_events_admin, wait_until
 from provisioning.settings import Settings
@@ -112,8 +112,8 @@ def message_sizes(settings: Settings, server: BenchRedis, run_id: str) -> list[t
         queue = probe.celery_queue
         for step in STEPS:
             broker.delete(queue)
-            # The listener sends the first (the whole chain inside); a worker sends each next one.
-            chain_from(app, run_id, Step(step)).apply_async()
+            # The listener sends the first; each step, once done, sends the next.
+            publish_step(app, run_id, Step(step))
             (raw,) = broker.lrange(queue, 0, -1)
             payload = json.loads(raw)
             sizes.append((f"provisioning.{step}", len(raw), len(payload.get("body", ""))))

@@ -25,6 +25,13 @@ class Step(StrEnum):
         return f"provisioning.{self.value}"
 
     @property
+    def next(self) -> Step | None:
+        """The step after this one (None after the last)."""
+        steps = tuple(Step)
+        index = steps.index(self)
+        return steps[index + 1] if index + 1 < len(steps) else None
+
+    @property
     def belongs_to_order(self) -> bool:
         """True: recorded once per Order (per provisioning); False: every run does it."""
         return self is not Step.UPDATE_SALESFORCE

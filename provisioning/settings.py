@@ -141,8 +141,8 @@ class Settings(BaseSettings):
         description="Redis broker: seconds before an unacked message is redelivered.",
     )
     celery_task_sent_events: bool = Field(
-        True,
-        description="Send a task-sent event per publish (Flower's 'sent' state); false halves publish cost.",
+        False,
+        description="Send a task-sent event per publish (Flower's 'sent' state); it doubles a publish's cost.",
     )
     ledger_prefix: str = Field(
         "prov", pattern=r"^[A-Za-z0-9_.-]+$", description="Namespace of every ledger key."

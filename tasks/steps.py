@@ -1,10 +1,10 @@
 """The step tasks' shared body: the run lifecycle, with its outcomes turned into Celery's.
 
 What a step does and in which order lives in :mod:`provisioning.lifecycle`;
-here a :class:`RetryLater` becomes ``task.retry`` (the rest of the chain travels
-with it), a :class:`RunEnded` becomes a result that stops the chain (later steps
-are never sent), and a :class:`RunFailed` fails the task (an expected failure:
-one line in the worker's log, the task shown failed in Flower).
+here a :class:`RetryLater` becomes ``task.retry``, a :class:`RunEnded` becomes a
+result that ends the run (the next step is not sent), a :class:`RunFailed` fails
+the task (an expected failure: one line in the worker's log, the task shown failed
+in Flower), and a step done sends the run's next step.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from provisioning import lifecycle
 from provisioning.chain import Step
 from provisioning.lifecycle import Action, RetryLater, RunEnded
 from provisioning.logs import get_logger
+from provisioning.publishing import publish_step
 from provisioning.run_id import RunId
 
 log = get_logger(__name__)
@@ -35,19 +36,22 @@ def run_step(task: Task, run_id: str, step: Step, action: Action) -> dict[str, A
         rid = RunId.parse(run_id)
     except ValueError as exc:
         log.error("step_with_bad_run_id", step=step.value, error=str(exc))
-        task.request.chain = None
         return {"ignored": "not a run id"}
     services = task.app.services
     try:
-        return lifecycle.run_step(services, rid, step, action, retries=task.request.retries)
+        result = lifecycle.run_step(services, rid, step, action, retries=task.request.retries)
     except RetryLater as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else None
         countdown = max(exc.countdown_s, MIN_COUNTDOWN_S)
         raise task.retry(exc=cause, countdown=countdown, max_retries=max_retries(task)) from None
     except RunEnded as exc:
-        # Success for this task, and the end of the chain: Celery sends no further step.
-        task.request.chain = None
+        # Success for this task, and the end of the run: no further step is sent.
         return exc.result
+    # The step is done (now, or before: a redelivery must not leave the run stranded): send the next.
+    # Before the message is acknowledged, so a worker dying here means a redelivery, not a lost step.
+    if step.next is not None:
+        publish_step(task.app, rid, step.next)
+    return result
 
 
 def max_retries(task: Task) -> int:
