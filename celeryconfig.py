@@ -1,6 +1,6 @@
 """Celery settings, built from :class:`provisioning.settings.Settings`.
 
-Delivery settings follow ARCHITECTURE section 9: late acks with reject on a
+Delivery settings (docs/architecture.md; the reference design's Celery facts): late acks with reject on a
 lost worker, so every task runs at least once (and every task is idempotent);
 prefetch 1; events on for Flower; JSON only; the Redis visibility timeout set
 above the longest retry delay.

@@ -6,7 +6,7 @@ failed, and ``header.functionExecutionStatus`` says which. Errors are mapped in
 one place (:meth:`Es2PlusClient._call`, transport failures through
 :func:`provisioning.http.classify`) to :mod:`provisioning.esim.errors`.
 
-Retry safety is the caller's business (see ARCHITECTURE section 4): order an
+Retry safety is the caller's business (docs/architecture.md; the eSIM step): order an
 explicit ``iccid`` claimed from the inventory and confirm with
 :func:`matching_id_for`, so that a repeat is recognisable
 (8.2.1/3.3 and 8.2.1/3.5). This client repeats nothing but a connection that

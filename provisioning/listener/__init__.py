@@ -1,4 +1,4 @@
-"""The listener: Platform Events in, one chain of step tasks per run out, no event lost.
+"""The listener: Platform Events in, one run (its first step task) per event out, no event lost.
 
 A package of one concern per module:
 

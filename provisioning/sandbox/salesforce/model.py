@@ -1,6 +1,6 @@
 """The simulated org's data: Orders with their Account, bill-to Contact and OrderItems.
 
-Field names are the project's defaults (ARCHITECTURE section 3). Values are stored
+Field names are the project's defaults (README, "Setting up Salesforce"). Values are stored
 as Salesforce returns them: datetimes as ``2024-05-01T10:00:00.000+0000``,
 ``Quantity`` as a double.
 """
