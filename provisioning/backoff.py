@@ -12,7 +12,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from tenacity import RetryCallState
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+
+from provisioning.errors import TransientError
 
 # 2**64 times any base is far past every cap; a bigger exponent would only risk an overflow.
 MAX_EXPONENT = 64
@@ -41,3 +43,14 @@ def tenacity_wait(
         return backoff_s(state.attempt_number - 1, base_s=base_s, cap_s=cap_s, rng=rng)
 
     return wait
+
+
+def retrying_transient(*, attempts: int, base_s: float, cap_s: float) -> Retrying:
+    """A few quick tries of a call where no task retry can take over: transient errors only, the last
+    one raised."""
+    return Retrying(
+        stop=stop_after_attempt(attempts),
+        wait=tenacity_wait(base_s=base_s, cap_s=cap_s),
+        retry=retry_if_exception_type(TransientError),
+        reraise=True,
+    )

@@ -28,11 +28,9 @@ import redis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
-from provisioning.backoff import tenacity_wait
+from provisioning.backoff import retrying_transient
 from provisioning.clictx import Context, pass_ctx
-from provisioning.errors import TransientError
 from provisioning.http import make_session
 from provisioning.salesforce.client import SalesforceClient
 from provisioning.sandbox import processes
@@ -270,11 +268,8 @@ def _publish(
 
 def _publish_one(client: SalesforceClient, order_id: str, idem_key: str) -> None:
     # The org's REST API has the same 10% transient faults; publishing is retried like any client would.
-    for attempt in Retrying(
-        stop=stop_after_attempt(PUBLISH_ATTEMPTS),
-        wait=tenacity_wait(base_s=PUBLISH_BACKOFF_S, cap_s=PUBLISH_BACKOFF_MAX_S),
-        retry=retry_if_exception_type(TransientError),
-        reraise=True,
+    for attempt in retrying_transient(
+        attempts=PUBLISH_ATTEMPTS, base_s=PUBLISH_BACKOFF_S, cap_s=PUBLISH_BACKOFF_MAX_S
     ):
         with attempt:
             client.publish_event(order_id, idem_key)

@@ -400,13 +400,7 @@ class Ledger:
         """In one round trip: is the step to run, and if so the Order's lease and everything it reads."""
         order_id = run_id.order_id
         token = uuid.uuid4().hex
-        keys = [
-            self.run_key(run_id),
-            self.order_key(order_id),
-            self.lease_key(order_id),
-            self.snapshot_key(order_id),
-            self.active_key,
-        ]
+        keys = self._step_keys(run_id)[:5]
         belongs = "1" if step.belongs_to_order else "0"
         now = repr(time.time())
         ttl_ms = str(self.lease_ttl_s * 1000)
@@ -437,18 +431,8 @@ class Ledger:
         self, run_id: RunId, step: Step, result: dict[str, Any], lease: Lock, *, finish: bool
     ) -> None:
         """Record the step's result (finishing the run after its last step) and give the lease back."""
-        order_id = run_id.order_id
         now = time.time()
-        keys = [
-            self.run_key(run_id),
-            self.order_key(order_id),
-            self.lease_key(order_id),
-            self.snapshot_key(order_id),
-            self.active_key,
-            self.failed_key,
-            self.writeback_key,
-            self.order_runs_key(order_id),
-        ]
+        keys = self._step_keys(run_id)
         value = json.dumps({"result": result, "at": now, "run": str(run_id)})
         token = lease.local.token
         args = [
@@ -463,6 +447,20 @@ class Ledger:
         ]
         self._end_step(keys=keys, args=args)
         lease.local.token = None
+
+    def _step_keys(self, run_id: RunId) -> list[str]:
+        """KEYS of the step scripts, in their order (the claim takes the first five)."""
+        order_id = run_id.order_id
+        return [
+            self.run_key(run_id),
+            self.order_key(order_id),
+            self.lease_key(order_id),
+            self.snapshot_key(order_id),
+            self.active_key,
+            self.failed_key,
+            self.writeback_key,
+            self.order_runs_key(order_id),
+        ]
 
     def _held_lease(self, order_id: str, token: str) -> Lock:
         """A redis-py Lock for a lease our script took: renew and release work on it as usual."""

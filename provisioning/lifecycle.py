@@ -37,9 +37,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import LockError
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
-from provisioning.backoff import backoff_s, tenacity_wait
+from provisioning.backoff import backoff_s, retrying_transient
 from provisioning.chain import ENTRY_STEP, STEPS, Step
 from provisioning.context import StepContext
 from provisioning.errors import PermanentError, TransientError
@@ -296,11 +295,8 @@ def email_undelivered(services: Services, run_id: RunId, reason: str) -> None:
 def write_order(services: Services, order_id: str, fields: dict[str, object], *, what: str) -> bool:
     """One PATCH, with a few short tries: used where no task retry can take over."""
     try:
-        for attempt in Retrying(
-            stop=stop_after_attempt(WRITEBACK_ATTEMPTS),
-            wait=tenacity_wait(base_s=WRITEBACK_BACKOFF_S, cap_s=WRITEBACK_BACKOFF_MAX_S),
-            retry=retry_if_exception_type(TransientError),
-            reraise=True,
+        for attempt in retrying_transient(
+            attempts=WRITEBACK_ATTEMPTS, base_s=WRITEBACK_BACKOFF_S, cap_s=WRITEBACK_BACKOFF_MAX_S
         ):
             with attempt:
                 services.salesforce.update_order(order_id, fields)
