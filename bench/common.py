@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -23,12 +24,15 @@ from types import FrameType
 from typing import Any
 
 import redis
+from amqp.exceptions import NotFound
+from kombu.connection import Connection
 
 from provisioning.sandbox.processes import ManagedProcess
 from provisioning.sandbox.redis_server import RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
 SHARED_REDIS_URL = "redis://127.0.0.1:6379"
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 # A private redis-server must answer PING within this.
@@ -291,6 +295,13 @@ def base_parser(description: str) -> argparse.ArgumentParser:
         default=None,
         help="Where the sandbox files and process logs go (default: a temp dir).",
     )
+    parser.add_argument(
+        "--broker",
+        choices=("redis", "rabbitmq"),
+        default="redis",
+        help=f"The Celery broker: the benchmark's Redis (db 1), or RabbitMQ at {RABBITMQ_URL} "
+        "(a quorum queue of its own, deleted afterwards). The ledger is on Redis either way.",
+    )
     return parser
 
 
@@ -395,6 +406,49 @@ class BenchRedis:
                         client.delete(*keys[start : start + 1000])
             finally:
                 client.close()
+
+
+class Broker:
+    """Where a benchmark's tasks go: the benchmark's Redis (db 1) or RabbitMQ; queue depth and cleanup."""
+
+    def __init__(self, kind: str, server: BenchRedis, cleanup: Cleanup) -> None:
+        self.kind = kind
+        self.server = server
+        self.cleanup = cleanup
+
+    def url(self) -> str:
+        return RABBITMQ_URL if self.kind == "rabbitmq" else self.server.url(1)
+
+    def own_queue(self, queue: str) -> None:
+        """The queue (and, on RabbitMQ, its exchange) goes away with the benchmark."""
+        if self.kind == "rabbitmq":
+            self.cleanup.add(f"queue {queue}", functools.partial(_delete_rabbit_queue, queue))
+
+    def depth(self, queue: str) -> int:
+        """Messages waiting in ``queue``."""
+        if self.kind == "rabbitmq":
+            with Connection(RABBITMQ_URL) as conn:
+                try:
+                    _, count, _ = conn.default_channel.queue_declare(queue, passive=True)
+                except NotFound:  # not declared yet: nothing published to it
+                    return 0
+                return int(count)
+        return int(redis.Redis.from_url(self.server.url(1)).llen(queue))
+
+    def purge(self, queue: str) -> None:
+        """Drop the messages waiting in ``queue`` (no worker will take them)."""
+        if self.kind == "rabbitmq":
+            with Connection(RABBITMQ_URL) as conn:
+                conn.default_channel.queue_purge(queue)
+        else:
+            redis.Redis.from_url(self.server.url(1)).delete(queue)
+
+
+def _delete_rabbit_queue(queue: str) -> None:
+    with Connection(RABBITMQ_URL) as conn:
+        channel = conn.default_channel
+        channel.queue_delete(queue)
+        channel.exchange_delete(queue)
 
 
 def pythonpath_env() -> dict[str, str]:

@@ -19,6 +19,7 @@ from celery.canvas import chain
 
 from bench.common import (
     BenchRedis,
+    Broker,
     Cleanup,
     CpuMeter,
     Table,
@@ -77,20 +78,29 @@ class FloorRunner:
     """A floor worker on its own queue: warm it up, then measure rounds of chains."""
 
     def __init__(
-        self, server: BenchRedis, cleanup: Cleanup, log_dir: Path, *, pool: str, concurrency: int
+        self,
+        server: BenchRedis,
+        cleanup: Cleanup,
+        log_dir: Path,
+        *,
+        pool: str,
+        concurrency: int,
+        broker: Broker | None = None,
     ) -> None:
         ns = unique("floor")
         self.server = server
+        broker = broker or Broker("redis", server, cleanup)
         self.settings = Settings(
             _env_file=None,
             redis_url=server.url(0),
-            celery_broker_url=server.url(1),
+            celery_broker_url=broker.url(),
             ledger_prefix=ns,
             celery_queue=f"q-{ns}",
             log_format="json",
         )
         if not server.private:
             cleanup.add(f"keys of {ns}", functools.partial(server.forget, f"*{ns}*"))
+        broker.own_queue(self.settings.celery_queue)
         env = {**self.settings.to_env(), **pythonpath_env()}
         self.proc = cleanup.process(
             floor_worker(env, log_dir, name=f"floor-{pool}-{ns}", pool=pool, concurrency=concurrency).start()
@@ -159,7 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         results = []
         for pool, concurrency in configs:
-            runner = FloorRunner(server, cleanup, workdir / "logs", pool=pool, concurrency=concurrency)
+            runner = FloorRunner(
+                server,
+                cleanup,
+                workdir / "logs",
+                pool=pool,
+                concurrency=concurrency,
+                broker=Broker(args.broker, server, cleanup),
+            )
             runner.warm_up(args.warmup)
             n = args.chains
             rounds = [runner.round(n) for _ in range(args.rounds)]

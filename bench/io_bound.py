@@ -18,6 +18,7 @@ from typing import Any
 
 from bench.common import (
     BenchRedis,
+    Broker,
     Cleanup,
     CpuMeter,
     Table,
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = workdir_for(args, "io_bound", cleanup)
         server = BenchRedis(args.redis_url, workdir, cleanup)
         info = machine_info(server.client)
-        stack = Stack(workdir, server, cleanup)
+        stack = Stack(workdir, server, cleanup, broker=Broker(args.broker, server, cleanup))
         stack.set_latency(args.latency_ms)
 
         rows: list[dict[str, Any]] = []

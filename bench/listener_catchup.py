@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import redis
-
 from bench.common import (
     BenchRedis,
+    Broker,
     Cleanup,
     CpuMeter,
     Table,
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = workdir_for(args, "listener", cleanup)
         server = BenchRedis(args.redis_url, workdir, cleanup)
         info = machine_info(server.client)
-        stack = Stack(workdir, server, cleanup)
+        stack = Stack(workdir, server, cleanup, broker=Broker(args.broker, server, cleanup))
         table = Table(
             f"Listener catch-up: {args.events:,} events waiting, SF_EVENTS_REPLAY=EARLIEST",
             [
@@ -99,8 +98,6 @@ def _catch_up(
     settings = stack.settings(
         f"listen-{transport}", sf_events_replay="EARLIEST", sf_events_transport=transport
     )
-    broker = redis.Redis.from_url(settings.celery_broker_url)
-    cleanup.add("broker client", broker.close)
     factory = IdFactory(random.Random(7))
     payloads = [
         {"OrderId__c": factory.new(PREFIX_ORDER), "IdemKey__c": f"catchup-{transport}"} for _ in range(n)
@@ -131,7 +128,7 @@ def _catch_up(
     first_depth = 0
     deadline = time.monotonic() + CATCHUP_TIMEOUT_S
     while True:
-        depth = int(broker.llen(settings.celery_queue))
+        depth = stack.broker.depth(settings.celery_queue)
         if depth and first_at is None:
             first_at, first_depth = time.time(), depth
             meter.start()
@@ -150,7 +147,7 @@ def _catch_up(
     cpu = meter.stop()
     raw_profile = profiler.stop() if profiler is not None else None
     proc.stop()
-    broker.delete(settings.celery_queue)
+    stack.broker.purge(settings.celery_queue)
     assert first_at is not None
     counted = n - first_depth
     steady = counted / (finished - first_at)

@@ -17,6 +17,7 @@ from typing import Any
 
 from bench.common import (
     BenchRedis,
+    Broker,
     Cleanup,
     CpuMeter,
     Table,
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = workdir_for(args, "pipeline", cleanup)
         server = BenchRedis(args.redis_url, workdir, cleanup)
         info = machine_info(server.client)
-        stack = Stack(workdir, server, cleanup)
+        stack = Stack(workdir, server, cleanup, broker=Broker(args.broker, server, cleanup))
         settings = stack.settings("pipe")
         services = stack.services(settings)
         orders = stack.seed(services, args.warmup + args.rounds * args.orders)
@@ -88,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         floor_runner = None
         if args.floor_chains:
             floor_runner = FloorRunner(
-                server, cleanup, workdir / "logs", pool=args.pool, concurrency=args.concurrency
+                server,
+                cleanup,
+                workdir / "logs",
+                pool=args.pool,
+                concurrency=args.concurrency,
+                broker=stack.broker,
             )
             floor_runner.warm_up(FLOOR_WARMUP)
         profiler = (

@@ -1,11 +1,12 @@
 """Every benchmark with small defaults (``make bench``), then the goals side by side.
 
-    python -m bench.run_all [--only floor,pipeline,io_bound,listener,cost] [--orders N] [--events N]
+    python -m bench.run_all [--only floor,pipeline,io_bound,listener,cost] [--orders N] [--events N] [--broker both|redis|rabbitmq]
 
 Each benchmark runs in its own process (``python -m bench.<name>``), prints
 its tables and writes its JSON under --out (default bench/results/); this
-script then prints the goals against the measured numbers and writes every
-table to ``summary.md`` there. Bigger runs: ``--orders``, ``--events``,
+script then prints the goals against the measured numbers, once per broker (the
+pipeline, I/O-bound and listener benchmarks run on Redis, then on RabbitMQ with a
+quorum queue), and writes every table to ``summary.md`` there. Bigger runs: ``--orders``, ``--events``,
 ``--chains``, or run one benchmark with its own flags (``--help``).
 """
 
@@ -25,6 +26,9 @@ from typing import Any
 from bench.common import REPO_ROOT, RESULTS_DIR, Table, machine_line, pythonpath_env
 
 BENCHMARKS = ("floor", "pipeline", "io_bound", "listener", "cost", "sandbox_throughput")
+# The benchmarks whose numbers depend on the broker: run on Redis, then on RabbitMQ (quorum queue).
+PER_BROKER = ("pipeline", "io_bound", "listener")
+BROKERS = ("redis", "rabbitmq")
 MODULES = {"listener": "bench.listener_catchup"}
 # A load average above this at the start means something else is running: the numbers will say so.
 BUSY_LOAD = 0.5
@@ -45,9 +49,16 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt()
 
 
-def argv_for(name: str, args: argparse.Namespace, out: Path) -> list[str]:
+def result_name(name: str, broker: str) -> str:
+    """The JSON result's name: ``pipeline``, or ``pipeline-rabbitmq`` for the run on RabbitMQ."""
+    return name if broker == "redis" else f"{name}-{broker}"
+
+
+def argv_for(name: str, args: argparse.Namespace, out: Path, broker: str = "redis") -> list[str]:
     module = MODULES.get(name, f"bench.{name}")
-    argv = [sys.executable, "-m", module, "--json", str(out / f"{name}.json")]
+    argv = [sys.executable, "-m", module, "--json", str(out / f"{result_name(name, broker)}.json")]
+    if name in PER_BROKER:
+        argv += ["--broker", broker]
     if name != "sandbox_throughput":
         argv += ["--redis-url", args.redis_url]
     if name == "floor" and args.chains:
@@ -84,14 +95,17 @@ def load(out: Path, name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def goals_table(out: Path) -> Table:
-    table = Table("Goals", ["goal", "measured", "target", "met"])
+def goals_table(out: Path, broker: str = "redis") -> Table:
+    table = Table(f"Goals, broker {broker}", ["goal", "measured", "target", "met"])
 
     def add(goal: str, measured: float | None, target: str, ok: bool | None, unit: str = "") -> None:
         value = "n/a" if measured is None else f"{measured:,.2f}{unit}"
         table.add(goal, value, target, "n/a" if ok is None else ("yes" if ok else "NO"))
 
-    pipeline = load(out, "pipeline")
+    def load_for(name: str) -> dict[str, Any] | None:
+        return load(out, result_name(name, broker) if name in PER_BROKER else name)
+
+    pipeline = load_for("pipeline")
     ratio = pipeline["data"].get("cpu_ratio_to_floor") if pipeline else None
     add(
         "worker CPU per order ÷ floor CPU per chain",
@@ -101,7 +115,7 @@ def goals_table(out: Path) -> Table:
         "x",
     )
 
-    io = load(out, "io_bound")
+    io = load_for("io_bound")
     share = None
     latency_ratio = None
     if io:
@@ -125,7 +139,7 @@ def goals_table(out: Path) -> Table:
         "x",
     )
 
-    listener = load(out, "listener")
+    listener = load_for("listener")
     for transport in ("pubsub", "cometd"):
         row = listener["data"].get(transport) if listener else None
         rate = row["events_per_s_steady"] if row else None
@@ -143,7 +157,7 @@ def goals_table(out: Path) -> Table:
             None if cpu is None else cpu <= GOALS["listener_cpu_ms"],
         )
 
-    cost = load(out, "cost")
+    cost = load_for("cost")
     calls = cost["data"]["salesforce_api_calls_per_run"] if cost else None
     add(
         "Salesforce API calls per successful run",
@@ -170,12 +184,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--events", type=int, default=0, help="Listener catch-up events (default 10,000).")
     parser.add_argument("--chains", type=int, default=0, help="Floor chains (default 200).")
+    parser.add_argument(
+        "--broker",
+        choices=("both", *BROKERS),
+        default="both",
+        help="Broker of the pipeline, I/O-bound and listener benchmarks (both: Redis, then RabbitMQ).",
+    )
     args = parser.parse_args(argv)
     chosen = [b for b in BENCHMARKS if not args.only or b in args.only.split(",")]
+    brokers = BROKERS if args.broker == "both" else (args.broker,)
+    plan = [(name, broker) for name in chosen for broker in (brokers if name in PER_BROKER else ("redis",))]
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    for name in chosen:
-        (out / f"{name}.json").unlink(missing_ok=True)
+    for name, broker in plan:
+        (out / f"{result_name(name, broker)}.json").unlink(missing_ok=True)
 
     load1, _, _ = os.getloadavg()
     if load1 > BUSY_LOAD:
@@ -188,23 +210,23 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     timings: list[tuple[str, int, float]] = []
     try:
-        for name in chosen:
-            code, took = run(name, argv_for(name, args, out))
-            timings.append((name, code, took))
+        for name, broker in plan:
+            code, took = run(result_name(name, broker), argv_for(name, args, out, broker))
+            timings.append((result_name(name, broker), code, took))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
 
     tables: list[str] = []
     machine = None
-    for name in chosen:
-        result = load(out, name)
+    for name, broker in plan:
+        result = load(out, result_name(name, broker))
         if result is None:
             continue
         machine = machine or result.get("machine")
         for t in result.get("tables", []):
             tables.append(Table(t["title"], t["columns"], t["rows"], t.get("notes", [])).render())
-    goals = goals_table(out)
+    goals = [goals_table(out, broker) for broker in brokers]
     runs = Table("Benchmark runs", ["benchmark", "exit code", "seconds"])
     for name, code, took in timings:
         runs.add(name, code, round(took, 1))
@@ -214,10 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     if machine:
         print(machine_line(machine))
     print()
-    print(goals.render())
-    print()
+    for table in goals:
+        print(table.render())
+        print()
     print(runs.render())
-    summary = [machine_line(machine) if machine else "", *tables, goals.render(), runs.render()]
+    summary = [machine_line(machine) if machine else "", *tables, *(g.render() for g in goals), runs.render()]
     (out / "summary.md").write_text("\n\n".join(summary) + "\n")
     print(f"\nall tables: {out / 'summary.md'}", flush=True)
     return 0 if all(code == 0 for _, code, _ in timings) else 1

@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import Celery
 
-from bench.common import POLL_S, BenchRedis, Cleanup, CpuMeter, log, pythonpath_env, unique
+from bench.common import POLL_S, BenchRedis, Broker, Cleanup, CpuMeter, log, pythonpath_env, unique
 from provisioning.ledger import RunState
 from provisioning.publishing import make_publisher, publish_run
 from provisioning.sandbox.processes import WORKER_READY_TIMEOUT_S, ManagedProcess, worker
@@ -43,11 +43,18 @@ class Stack:
     """One sandbox shared by several configurations; each configuration gets its own namespace."""
 
     def __init__(
-        self, workdir: Path, redis_server: BenchRedis, cleanup: Cleanup, *, seed: int = 1234
+        self,
+        workdir: Path,
+        redis_server: BenchRedis,
+        cleanup: Cleanup,
+        *,
+        seed: int = 1234,
+        broker: Broker | None = None,
     ) -> None:
         self.workdir = workdir
         self.redis_server = redis_server
         self.cleanup = cleanup
+        self.broker = broker or Broker("redis", redis_server, cleanup)
         self.sandbox = Sandbox(workdir / "sandbox", seed=seed, long_poll_s=10.0).start()
         cleanup.add("sandbox", self.sandbox.stop)
         self._seed = seed
@@ -58,7 +65,7 @@ class Stack:
         values: dict[str, Any] = {k.lower(): v for k, v in self.sandbox.env().items()}
         values.update(
             redis_url=self.redis_server.url(0),
-            celery_broker_url=self.redis_server.url(1),
+            celery_broker_url=self.broker.url(),
             ledger_prefix=ns,
             celery_queue=f"q-{ns}",
             log_format="json",
@@ -69,6 +76,7 @@ class Stack:
         )
         values.update(overrides)
         settings = Settings(_env_file=None, **values)
+        self.broker.own_queue(settings.celery_queue)
         if not self.redis_server.private:
             self.cleanup.add(f"keys of {ns}", lambda: self.redis_server.forget(f"*{ns}*"))
         return settings
