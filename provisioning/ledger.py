@@ -91,9 +91,13 @@ local done = redis.call('HGET', holder, 's:' .. ARGV[1])
 -- A run that has not begun takes the lease even for a step the Order has done: it begins first.
 if done and state ~= '' and state ~= 'queued' then return {'done', done, state} end
 if not redis.call('SET', KEYS[3], ARGV[3], 'NX', 'PX', ARGV[4]) then return {'busy'} end
-local attempts = redis.call('HINCRBY', KEYS[1], 'a:' .. ARGV[1], 1)
-redis.call('HSET', KEYS[1], 'updated_at', ARGV[5])
-redis.call('ZADD', KEYS[5], 'XX', ARGV[5], ARGV[6])
+-- A run that has not begun counts the step's attempt once it has (its beginning may not get that far).
+local attempts = 0
+if state ~= '' and state ~= 'queued' then
+  attempts = redis.call('HINCRBY', KEYS[1], 'a:' .. ARGV[1], 1)
+  redis.call('HSET', KEYS[1], 'updated_at', ARGV[5])
+  redis.call('ZADD', KEYS[5], 'XX', ARGV[5], ARGV[6])
+end
 return {'go', state, attempts, redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]),
         redis.call('GET', KEYS[4])}
 """
@@ -500,10 +504,11 @@ class Ledger:
         pipe.zrem(self.writeback_key, str(failed))
         pipe.execute()
 
-    def record_attempt(self, run_id: RunId, step: Step) -> int:
+    def record_attempt(self, run_id: RunId, step: Step | str) -> int:
+        """Count an attempt of ``step`` (or of the run's beginning, ENTRY_STEP); the count so far."""
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hincrby(self.run_key(run_id), f"a:{step.value}", 1)
+        pipe.hincrby(self.run_key(run_id), f"a:{step}", 1)
         pipe.hset(self.run_key(run_id), "updated_at", repr(now))
         pipe.zadd(self.active_key, {str(run_id): now}, xx=True)
         attempts, _, _ = pipe.execute()

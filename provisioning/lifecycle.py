@@ -87,10 +87,10 @@ class RunFailed(Exception):
     """The run ended at this step; the reason is on the Order and in the ledger (an expected failure)."""
 
 
-def retry_backoff_s(settings: Settings, retries: int) -> float:
-    """A task retry's countdown, kept below the broker's visibility timeout."""
+def retry_backoff_s(settings: Settings, attempts: int) -> float:
+    """The countdown after ``attempts`` failed attempts, kept below the broker's visibility timeout."""
     cap = min(settings.task_retry_backoff_max_s, settings.celery_visibility_timeout_s / 2)
-    return backoff_s(retries, base_s=settings.task_retry_backoff_s, cap_s=cap)
+    return backoff_s(max(attempts - 1, 0), base_s=settings.task_retry_backoff_s, cap_s=cap)
 
 
 # -- one step (and the run's beginning, in its first step) -------------------------------------
@@ -98,9 +98,7 @@ def retry_backoff_s(settings: Settings, retries: int) -> float:
 Action = Callable[[StepContext], StepResult]
 
 
-def run_step(
-    services: Services, run_id: RunId, step: Step, action: Action, *, retries: int
-) -> dict[str, Any]:
+def run_step(services: Services, run_id: RunId, step: Step, action: Action) -> dict[str, Any]:
     """Run one step of one run; the first step of a run that has not begun begins it."""
     ledger = services.ledger
     claim = ledger.claim_step(run_id, step)
@@ -124,11 +122,13 @@ def run_step(
         provisioning = claim.provisioning
         snapshot = claim.snapshot
         run = claim.run
+        attempts = claim.attempts
         if claim.state in (None, RunState.QUEUED):
-            begun = _begin(services, run_id, provisioning, retries=retries)
+            begun = _begin(services, run_id, provisioning)
             if begun.run is None or begun.provisioning is None:
                 raise RunEnded(begun.result)
             run, provisioning, snapshot = begun.run, begun.provisioning, begun.snapshot
+            attempts = ledger.record_attempt(run_id, step)
             recorded = run.step(step, provisioning)
             if recorded.done:  # a re-approval: the Order's effects exist, the chain moves on
                 return recorded.result or {}
@@ -140,25 +140,24 @@ def run_step(
             ledger.record_error(run_id, step, str(exc))
             settings = services.settings
             age_s = time.time() - run.created_at
-            if retries < settings.task_max_retries and age_s < settings.task_max_age_s:
-                countdown = retry_backoff_s(settings, retries)
+            # The budget is the step's attempts in the ledger: waits for the lease do not spend it.
+            if attempts <= settings.task_max_retries and age_s < settings.task_max_age_s:
+                countdown = retry_backoff_s(settings, attempts)
                 log.warning(
                     "step_retry",
                     step=step.value,
-                    attempt=claim.attempts,
+                    attempt=attempts,
                     countdown_s=round(countdown, 2),
                     error=str(exc),
                 )
                 raise RetryLater(countdown, str(exc)) from exc
-            return _terminal(
-                services, run, provisioning, step, f"gave up after {claim.attempts} attempts: {exc}"
-            )
+            return _terminal(services, run, provisioning, step, f"gave up after {attempts} attempts: {exc}")
         except PermanentError as exc:
             ledger.record_error(run_id, step, str(exc))
             return _terminal(services, run, provisioning, step, str(exc))
         last = step is STEPS[-1]
         ledger.end_step(run_id, step, result, lease, finish=last)
-        log.info("step_done", step=step.value, attempt=claim.attempts, **result)
+        log.info("step_done", step=step.value, attempt=attempts, **result)
         if last:
             log.info("run_done")
         return result
@@ -179,7 +178,7 @@ class _Begun:
     snapshot: dict[str, Any] | None = None
 
 
-def _begin(services: Services, run_id: RunId, provisioning: Provisioning, *, retries: int) -> _Begun:
+def _begin(services: Services, run_id: RunId, provisioning: Provisioning) -> _Begun:
     """Under the Order's lease: join a run in flight, or read the Order (ONE query) and start.
 
     Raises RetryLater (the Order could not be read, for now) or RunFailed (not at all).
@@ -202,9 +201,11 @@ def _begin(services: Services, run_id: RunId, provisioning: Provisioning, *, ret
         log.warning("order_not_found_run_skipped", error=str(exc))
         return _Begun({"skipped": "order not found"})
     except TransientError as exc:
-        if retries < services.settings.task_max_retries:
-            raise RetryLater(retry_backoff_s(services.settings, retries), str(exc)) from exc
-        fail_run(services, run_id, ENTRY_STEP, f"gave up reading the Order: {exc}")
+        # The beginning has a retry budget of its own, counted in the ledger like a step's.
+        attempts = ledger.record_attempt(run_id, ENTRY_STEP)
+        if attempts <= services.settings.task_max_retries:
+            raise RetryLater(retry_backoff_s(services.settings, attempts), str(exc)) from exc
+        fail_run(services, run_id, ENTRY_STEP, f"gave up reading the Order after {attempts} attempts: {exc}")
         raise RunFailed(f"{ENTRY_STEP}: {exc}") from None
     except PermanentError as exc:
         fail_run(services, run_id, ENTRY_STEP, str(exc))

@@ -22,8 +22,9 @@ from provisioning.run_id import RunId
 
 log = get_logger(__name__)
 
-# Lease waits and transient retries share Celery's counter; the lifecycle enforces
-# TASK_MAX_RETRIES for errors, this headroom only keeps Celery from giving up first.
+# Celery counts every retry of a message: lease waits, the run's beginning and the step's errors.
+# The lifecycle bounds the errors itself (TASK_MAX_RETRIES each, counted in the ledger); this
+# bound only keeps Celery from giving up first.
 LEASE_WAIT_HEADROOM = 20
 # The shortest countdown of a retry. On RabbitMQ quorum queues Celery 5.7 routes a countdown through
 # native delayed delivery with int(countdown) seconds, and rejects (drops) a task whose countdown
@@ -39,7 +40,7 @@ def run_step(task: Task, run_id: str, step: Step, action: Action) -> dict[str, A
         return {"ignored": "not a run id"}
     services = task.app.services
     try:
-        result = lifecycle.run_step(services, rid, step, action, retries=task.request.retries)
+        result = lifecycle.run_step(services, rid, step, action)
     except RetryLater as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else None
         countdown = max(exc.countdown_s, MIN_COUNTDOWN_S)
@@ -55,4 +56,4 @@ def run_step(task: Task, run_id: str, step: Step, action: Action) -> dict[str, A
 
 
 def max_retries(task: Task) -> int:
-    return int(task.app.services.settings.task_max_retries) + LEASE_WAIT_HEADROOM
+    return 2 * int(task.app.services.settings.task_max_retries) + LEASE_WAIT_HEADROOM

@@ -94,14 +94,24 @@ def _run_chain(services: Services, run_id: RunId, actions: dict[Step, Any] | Non
     }
     for step in Step:
         action = (actions or {}).get(step) or _ok(results[step])
-        run_step(services, run_id, step, action, retries=0)
+        run_step(services, run_id, step, action)
+
+
+def _fail(services: Services, run_id: RunId, step: Step, exc: Exception) -> None:
+    """Run ``step`` with an action that always raises ``exc`` until the run fails (retries spent)."""
+    for _ in range(services.settings.task_max_retries + 1):
+        try:
+            run_step(services, run_id, step, _raise(exc))
+        except RetryLater:
+            continue
+        except RunFailed:
+            return
+    raise AssertionError("the run did not fail")
 
 
 def _begin(services: Services, run_id: RunId) -> dict[str, Any]:
     """The run's first step, which begins it."""
-    return run_step(
-        services, run_id, Step.VALIDATE_PAYMENT, _ok(PaymentChecked(whmcs_client_id=1)), retries=0
-    )
+    return run_step(services, run_id, Step.VALIDATE_PAYMENT, _ok(PaymentChecked(whmcs_client_id=1)))
 
 
 def test_a_runs_first_step_begins_it_reading_the_order_once_and_holding_it_as_the_active_run(
@@ -134,7 +144,7 @@ def test_a_second_run_of_an_order_in_flight_joins_it_without_a_query(sandbox, se
     assert joined.state is RunState.JOINED
     assert joined.joined == str(first)
     with pytest.raises(RunEnded) as again:
-        run_step(services, second, Step.ACTIVATE_ESIM, _ok(EsimActivated(iccid="1")), retries=0)
+        run_step(services, second, Step.ACTIVATE_ESIM, _ok(EsimActivated(iccid="1")))
     assert again.value.result == {"ended": "joined"}
 
 
@@ -167,7 +177,7 @@ def test_a_re_approval_reuses_the_orders_effects_and_only_writes_it_back(sandbox
 
     provisioning = services.ledger.provisioning(order.order_id)
     for step in (Step.VALIDATE_PAYMENT, Step.ACTIVATE_ESIM, Step.CREATE_WHMCS_ORDER):
-        assert run_step(services, second, step, must_not_run, retries=0) == provisioning.step(step).result
+        assert run_step(services, second, step, must_not_run) == provisioning.step(step).result
     assert called == []
     run = services.ledger.get(second)
     assert run.state is RunState.RUNNING
@@ -181,26 +191,41 @@ def test_a_transient_error_is_retried_with_a_bounded_backoff_then_fails_the_run_
     run_id = RunId.parse(order.run_id)
     settings = services.settings
     flaky = _raise(Flaky("WHMCS answered 503"))
-    with pytest.raises(RetryLater) as caught:
-        run_step(services, run_id, Step.VALIDATE_PAYMENT, flaky, retries=0)
-    assert 0 <= caught.value.countdown_s <= settings.task_retry_backoff_s
-    run = services.ledger.get(run_id)
-    assert run.step(Step.VALIDATE_PAYMENT, services.ledger.provisioning(order.order_id)).attempts == 1
+    countdowns = []
+    for attempt in range(1, settings.task_max_retries + 1):
+        with pytest.raises(RetryLater) as caught:
+            run_step(services, run_id, Step.VALIDATE_PAYMENT, flaky)
+        countdowns.append(caught.value.countdown_s)
+        run = services.ledger.get(run_id)
+        assert (
+            run.step(Step.VALIDATE_PAYMENT, services.ledger.provisioning(order.order_id)).attempts == attempt
+        )
+    # Full jitter under a ceiling that doubles from TASK_RETRY_BACKOFF_S, capped.
+    ceilings = [
+        min(settings.task_retry_backoff_max_s, settings.task_retry_backoff_s * 2**n) for n in range(8)
+    ]
+    assert all(0 <= c <= top for c, top in zip(countdowns, ceilings, strict=True))
 
-    with pytest.raises(RunFailed, match="validate_payment: gave up after 2 attempts: WHMCS answered 503"):
-        run_step(services, run_id, Step.VALIDATE_PAYMENT, flaky, retries=settings.task_max_retries)
+    attempts = settings.task_max_retries + 1
+    with pytest.raises(
+        RunFailed, match=f"validate_payment: gave up after {attempts} attempts: WHMCS answered 503"
+    ):
+        run_step(services, run_id, Step.VALIDATE_PAYMENT, flaky)
     run = services.ledger.get(run_id)
     assert run.state is RunState.FAILED
     assert run.failed_step == "validate_payment"
     assert [str(r.run_id) for r in services.ledger.failed_runs()] == [order.run_id]
     view = _sf_order(sandbox, order.order_id)
     assert view["Activation_Status__c"] == "Failed"
-    assert view["Activation_Error__c"] == "validate_payment: gave up after 2 attempts: WHMCS answered 503"
+    assert (
+        view["Activation_Error__c"]
+        == f"validate_payment: gave up after {attempts} attempts: WHMCS answered 503"
+    )
     # The failure reached the Order: nothing left for the reconciler's write-back sweep.
     assert services.ledger.pending_writebacks(0) == []
     assert services.redis.exists(services.ledger.lease_key(order.order_id)) == 0
     with pytest.raises(RunEnded) as ended:
-        run_step(services, run_id, Step.ACTIVATE_ESIM, _ok(EsimActivated(iccid="1")), retries=0)
+        run_step(services, run_id, Step.ACTIVATE_ESIM, _ok(EsimActivated(iccid="1")))
     assert ended.value.result == {"ended": "failed"}
 
 
@@ -211,7 +236,7 @@ def test_another_worker_holding_the_orders_lease_means_retry_shortly(sandbox, se
     assert other.acquire(blocking=False)
     try:
         with pytest.raises(RetryLater) as caught:
-            run_step(services, run_id, Step.ACTIVATE_ESIM, _ok(EsimActivated(iccid="1")), retries=0)
+            run_step(services, run_id, Step.ACTIVATE_ESIM, _ok(EsimActivated(iccid="1")))
         assert caught.value.countdown_s == LEASE_BUSY_RETRY_S
         with pytest.raises(RetryLater):
             _begin(services, RunId(order.order_id, "approval-2"))
@@ -242,8 +267,7 @@ def test_requeue_shows_a_dry_run_first_then_resumes_the_failed_run_at_its_step(
 ):
     run_id = RunId.parse(order.run_id)
     _begin(services, run_id)
-    with pytest.raises(RunFailed):
-        run_step(services, run_id, Step.ACTIVATE_ESIM, _raise(Flaky("SM-DP+ down")), retries=99)
+    _fail(services, run_id, Step.ACTIVATE_ESIM, Flaky("SM-DP+ down"))
     app = make_publisher(stack_settings)
 
     (dry,) = requeue(services, app, [order.run_id], dry_run=True, user="ops")
@@ -281,3 +305,16 @@ def test_the_reconciler_resumes_an_idle_run_nobody_holds_where_it_stopped(
     broker.delete(stack_settings.celery_queue)
     assert lost in resume_stale(services, app, idle_s=0)
     assert "provisioning.validate_payment" in _queued_tasks(broker, stack_settings.celery_queue)
+
+
+def test_the_runs_beginning_and_its_first_step_each_have_their_own_retry_budget(sandbox, services, order):
+    run_id = RunId.parse(order.run_id)
+    # Reading the Order fails twice: the beginning retries, its first step has spent nothing.
+    sandbox.admin("salesforce").post("/__admin/faults", {"force": {"query": ["error", "error"]}})
+    for _ in range(2):
+        with pytest.raises(RetryLater):
+            _begin(services, run_id)
+    assert _begin(services, run_id) == {"whmcs_client_id": 1}
+    run = services.ledger.get(run_id)
+    assert run.own_steps["provision_order"].attempts == 2
+    assert run.step(Step.VALIDATE_PAYMENT, services.ledger.provisioning(order.order_id)).attempts == 1
