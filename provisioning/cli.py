@@ -40,6 +40,7 @@ def check(ctx: Context) -> None:
 def _add_commands() -> None:
     from provisioning import operators
     from provisioning.esim.cli import esim
+    from provisioning.exporter import metrics
     from provisioning.listener import listen
     from provisioning.sandbox import missing_sandbox_packages
     from provisioning.sandbox.cli import needs_sandbox_extra, sandbox
@@ -52,6 +53,7 @@ def _add_commands() -> None:
 
     for command in (
         operators.status,
+        operators.runs,
         operators.failed,
         operators.requeue,
         operators.reprovision,
@@ -60,6 +62,7 @@ def _add_commands() -> None:
         operators.quarantine,
         sandbox,
         listen,
+        metrics,
         esim,
         demo,
     ):

@@ -43,6 +43,7 @@ from prometheus_client.registry import Collector
 
 from provisioning.clictx import Context, pass_ctx
 from provisioning.ledger import Ledger
+from provisioning.listener_state import announce_leader
 from provisioning.logs import get_logger
 from provisioning.publishing import make_publisher, publish_run
 from provisioning.reconciler import backfill_orders, repair_failure_writebacks, resume_stale
@@ -105,6 +106,9 @@ class Metrics:
         )
         self.subscribed = Gauge("listener_subscribed", "1 while subscribed to the channel", registry=r)
         self.lag = Gauge("listener_lag_seconds", "Now minus the CreatedDate of the last event", registry=r)
+        self.checkpoint_at = Gauge(
+            "listener_checkpoint_timestamp_seconds", "When the checkpoint last moved", registry=r
+        )
         r.register(_StreamCollector(stream_counters))
 
 
@@ -205,6 +209,8 @@ class Listener:
             self.is_leader = True
             self.metrics.leader.set(1)
             log.info("listener_leader", channel=self.channel)
+            with suppress(redis.exceptions.RedisError):  # who leads, for the console: not worth waiting for
+                announce_leader(self.ledger, self.channel)
             threads = [
                 threading.Thread(target=self._renew_lock, name="lock-renewer", daemon=True),
                 threading.Thread(target=self._reconcile_loop, name="reconciler", daemon=True),
@@ -320,6 +326,7 @@ class Listener:
         # Only now: the task is with the broker (or the event is quarantined or known).
         self._with_redis(lambda: self.services.redis.set(self._checkpoint_key, event.replay_id))
         self.metrics.checkpoint.set(event.replay_id)
+        self.metrics.checkpoint_at.set(time.time())
         self._observe_lag(event)
         self.stream.ack(event.replay_id)
 
