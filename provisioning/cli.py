@@ -39,6 +39,7 @@ def check(ctx: Context) -> None:
 
 def _add_commands() -> None:
     from provisioning import operators
+    from provisioning.console.cli import console
     from provisioning.esim.cli import esim
     from provisioning.exporter import metrics
     from provisioning.listener import listen
@@ -63,6 +64,7 @@ def _add_commands() -> None:
         sandbox,
         listen,
         metrics,
+        console,
         esim,
         demo,
     ):

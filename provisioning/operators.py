@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import re
 import sys
 import time
 from datetime import UTC, datetime
@@ -30,18 +29,16 @@ from provisioning.status import (
     describe_run,
     list_runs,
     order_status,
+    parse_duration_s,
     started_by,
 )
 
-_DURATION = re.compile(r"^(\d+)([smhd])$")
-_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
 
 def parse_duration(text: str) -> float:
-    match = _DURATION.match(text.strip())
-    if not match:
-        raise click.BadParameter(f"{text!r}: expected a number and a unit, like 30m, 12h or 7d")
-    return int(match.group(1)) * _UNITS_S[match.group(2)]
+    try:
+        return parse_duration_s(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _when(ts: float | None) -> str:

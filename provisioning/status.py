@@ -5,12 +5,25 @@ Shared by ``provisioning status``, ``provisioning runs`` and the console.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from provisioning.chain import ENTRY_STEP, Step
 from provisioning.ledger import Ledger, Provisioning, RunRecord, RunState
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration_s(text: str) -> float:
+    """Seconds in ``30m``, ``12h``, ``7d``; ValueError saying what is expected otherwise."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise ValueError(f"{text!r}: expected a number and a unit, like 30m, 12h or 7d")
+    return int(match.group(1)) * _UNITS_S[match.group(2)]
+
 
 _ORIGIN_WORDS = {"event": "an event", "reconciler": "the reconciler", "operator": "an operator"}
 
