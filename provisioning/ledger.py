@@ -480,8 +480,12 @@ class Ledger:
         self.metrics.run_failed(pipe, step, cause, observed)
         pipe.execute()
 
-    def reopen(self, run_id: RunId) -> str:
-        """Move a failed run back to running for a requeue; returns the step it resumes at."""
+    def reopen(self, run_id: RunId, *, by: str | None = None) -> str:
+        """Move a failed run back to running for a requeue; returns the step it resumes at.
+
+        The last requeue is kept on the run (markers ``requeued_at``, ``requeued_by``, ``requeued_from``:
+        the failure it ended), for the operators' timeline.
+        """
         run = self.get(run_id)
         if run is None:
             raise NotRequeueable(f"run {run_id} is not in the ledger (unknown, or expired after retention)")
@@ -492,6 +496,11 @@ class Ledger:
         key = self.run_key(run_id)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping={"state": RunState.RUNNING.value, "updated_at": repr(now)})
+        requeued: dict[Any, Any] = {
+            "x:requeued_at": repr(now),
+            "x:requeued_from": f"{run.failed_step}: {run.error}",
+        }
+        pipe.hset(key, mapping={**requeued, **_opt(**{"x:requeued_by": by})})
         pipe.hdel(key, "failed_step", "error", *(f"a:{s.value}" for s in STEPS))
         pipe.zrem(self.failed_key, str(run_id))
         pipe.zrem(self.writeback_key, str(run_id))

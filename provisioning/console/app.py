@@ -96,26 +96,31 @@ class TimelineEntry:
     what: str
     detail: str = ""
     kind: str = "info"  # info, step, error, end
+    # Free text that may quote an address (errors, notes) is masked; ids (results) are shown as they are.
+    free_text: bool = True
 
 
 def timeline(run: RunRecord, provisioning: Provisioning) -> list[TimelineEntry]:
-    """A run's life in order: created (by whom), each step (attempts, result ids, last error), its end."""
-    entries = [TimelineEntry(run.created_at, f"created by {started_by(run)}", run.state.value)]
+    """A run's life in the chain's order: created (by whom), each step (its last error, then when it was
+    done, with the result ids and this run's attempts), a requeue (by whom, from which failure), the end."""
+    entries = [TimelineEntry(run.created_at, f"created by {started_by(run)}")]
     for step in STEPS:
         rec = run.step(step, provisioning)
-        if not rec.done and not rec.attempts and not rec.last_error:
-            continue
-        ids = ", ".join(f"{k}={v}" for k, v in (rec.result or {}).items())
-        attempts = (
-            f"{rec.attempts} attempt{'s' if rec.attempts != 1 else ''} by this run" if rec.attempts else ""
-        )
+        if rec.last_error:
+            entries.append(TimelineEntry(None, f"{step.value}: error", rec.last_error, "error"))
         if rec.done:
+            ids = ", ".join(f"{k}={v}" for k, v in (rec.result or {}).items())
+            attempts = (
+                f"{rec.attempts} attempt{'s' if rec.attempts != 1 else ''} by this run"
+                if rec.attempts
+                else ""
+            )
             detail = "; ".join(x for x in (ids, attempts) if x) or "done by an earlier run of the Order"
-            entries.append(TimelineEntry(rec.at, f"{step.value} done", detail, "step"))
-        if rec.last_error and not (rec.done and run.state is not RunState.FAILED):
-            entries.append(TimelineEntry(None, f"{step.value}: last error", rec.last_error, "error"))
-        elif not rec.done:
-            entries.append(TimelineEntry(None, f"{step.value} not done yet", attempts, "step"))
+            entries.append(TimelineEntry(rec.at, f"{step.value} done", detail, "step", free_text=False))
+        elif rec.attempts:
+            entries.append(
+                TimelineEntry(None, f"{step.value} not done yet", f"{rec.attempts} attempts", "step")
+            )
     if run.state is RunState.FAILED:
         entries.append(
             TimelineEntry(run.updated_at, f"failed at {run.failed_step}", run.error or "", "error")
@@ -124,22 +129,15 @@ def timeline(run: RunRecord, provisioning: Provisioning) -> list[TimelineEntry]:
         entries.append(
             TimelineEntry(run.finished_at, run.state.value, describe_run(run, provisioning), "end")
         )
-    timed = sorted((e for e in entries if e.at is not None), key=lambda e: e.at or 0.0)
-    # Errors carry no time of their own: each goes right after the entries before its step.
-    for entry in (e for e in entries if e.at is None):
-        timed.insert(_position(timed, entry), entry)
-    return timed
-
-
-def _position(timed: list[TimelineEntry], entry: TimelineEntry) -> int:
-    step = entry.what.split(":")[0].split(" ")[0]
-    order = [s.value for s in STEPS]
-    rank = order.index(step) if step in order else len(order)
-    for i, other in enumerate(timed):
-        name = other.what.split(" ")[0]
-        if other.kind in ("end", "error") or (name in order and order.index(name) > rank):
-            return i
-    return len(timed)
+    requeued_at = run.markers.get("requeued_at")
+    if requeued_at:
+        by = run.markers.get("requeued_by") or "an operator"
+        at = float(requeued_at)
+        entry = TimelineEntry(at, f"requeued by {by}", run.markers.get("requeued_from", ""), "info")
+        # Before the first thing this run did after the requeue.
+        later = next((i for i, e in enumerate(entries) if e.at is not None and e.at > at), len(entries))
+        entries.insert(later, entry)
+    return entries
 
 
 class Refused(Exception):

@@ -16,8 +16,8 @@ import pytest
 from provisioning.chain import Step
 from provisioning.console.app import create_app, mask_emails
 from provisioning.errors import PermanentError
-from provisioning.lifecycle import RunFailed, begin_run, run_step
 from provisioning.ledger import RunState
+from provisioning.lifecycle import RunFailed, begin_run, run_step
 from provisioning.results import PaymentChecked
 from provisioning.run_id import RunId
 from provisioning.sandbox.scenario import seed_orders
@@ -216,13 +216,17 @@ def test_the_runs_list_filters_by_state_step_and_order(app, services, failed_run
     begin_run(services, RunId.parse(other.run_id), retries=0)
     services.ledger.mark_chain_started(RunId.parse(other.run_id))
     all_runs = text(client.get("/runs"))
-    assert str(failed_run) in all_runs and other.run_id in all_runs
+    assert str(failed_run) in all_runs
+    assert other.run_id in all_runs
     failed = text(client.get("/runs?state=failed"))
-    assert str(failed_run) in failed and other.run_id not in failed
+    assert str(failed_run) in failed
+    assert other.run_id not in failed
     at_step = text(client.get("/runs?step=validate_payment"))
-    assert str(failed_run) in at_step and other.run_id in at_step
+    assert str(failed_run) in at_step
+    assert other.run_id in at_step
     by_order = text(client.get(f"/runs?order={other.order_id}"))
-    assert other.run_id in by_order and str(failed_run) not in by_order
+    assert other.run_id in by_order
+    assert str(failed_run) not in by_order
     assert "No run matches" in text(client.get("/runs?older_than=1d"))
 
 
