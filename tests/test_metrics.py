@@ -254,3 +254,25 @@ def test_a_histogram_bucket_index_matches_prometheus_le_semantics():
     metrics = RunMetrics("x")
     assert metrics.histogram_key(STEP_DURATION) == "x:metrics:h:provisioning_step_duration_seconds"
     assert FailureCause("transient_exhausted") is FailureCause.TRANSIENT_EXHAUSTED
+
+
+def test_the_retries_histogram_derives_its_sum_from_its_buckets_and_stores_only_what_overflows(
+    services,
+):
+    from provisioning.metrics import STEP_RETRIES, StepObservation
+
+    metrics = services.ledger.metrics
+    pipe = services.redis.pipeline(transaction=False)
+    for attempts in (1, 3, 3, 40):
+        metrics.step_done(pipe, StepObservation("send_email", attempts=attempts, duration_s=0.01))
+    commands = len(pipe.command_stack)
+    pipe.execute()
+    # Per observation: duration bucket and sum, retries bucket; the overflow (39 retries) adds its sum.
+    assert commands == 4 * 3 + 1
+    s = scrape(services)
+    assert value(s, "provisioning_step_retries_sum", step="send_email") == 0 + 2 + 2 + 39
+    assert value(s, "provisioning_step_retries_count", step="send_email") == 4
+    assert value(s, "provisioning_step_retries_bucket", step="send_email", le="2.0") == 3
+    assert value(s, "provisioning_step_retries_bucket", step="send_email", le="10.0") == 3
+    assert value(s, "provisioning_step_retries_bucket", step="send_email", le="+Inf") == 4
+    assert STEP_RETRIES.integer
