@@ -21,6 +21,7 @@ from pydantic import SecretStr
 
 import provisioning
 import tasks
+from provisioning.console.app import Refused
 from provisioning.email.errors import EmailError
 from provisioning.errors import OrderRejected, PermanentError, ProvisioningError, TransientError
 from provisioning.esim.errors import (
@@ -75,6 +76,7 @@ SAMPLES: dict[type[BaseException], Build] = {
     smdp_simulator.FunctionFailed: lambda cls: cls("8.2.1", "3.9", "unknown ICCID", "8988299000000000006"),
     whmcs_simulator.ApiError: lambda cls: cls("Invoice ID Not Found", key="status"),
     RetryLater: lambda cls: cls(2.0, "another worker holds the Order's lease"),
+    Refused: lambda cls: cls("'nope' is not a run id", 404),
 }
 
 # Classes that do not round-trip yet, in files this branch does not own; each must keep failing

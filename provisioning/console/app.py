@@ -27,6 +27,7 @@ from werkzeug.exceptions import HTTPException
 
 from provisioning.chain import ENTRY_STEP, STEPS
 from provisioning.console.auth import Principal, check_password, principal_from_proxy, trusted_proxies
+from provisioning.errors import PicklableError
 from provisioning.ledger import Provisioning, RunRecord, RunState
 from provisioning.listener_state import read_listener_state
 from provisioning.logs import get_logger
@@ -140,7 +141,7 @@ def timeline(run: RunRecord, provisioning: Provisioning) -> list[TimelineEntry]:
     return entries
 
 
-class Refused(Exception):
+class Refused(PicklableError):
     """Bad input from the browser: the message says what was wrong; nothing was changed."""
 
     def __init__(self, message: str, status: int = 400) -> None:
