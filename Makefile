@@ -13,10 +13,10 @@ help: ## List the targets
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,flower,sandbox]'
+	$(BIN)/pip install --quiet -e '.[dev,flower,sandbox,console]'
 	touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install the package with its dev, flower and sandbox extras
+install: $(STAMP) ## Create .venv and install the package with its dev, flower, sandbox and console extras
 
 test: $(STAMP) ## Run the tests (real Redis, RabbitMQ, workers and simulators)
 	$(BIN)/pytest $(PYTEST_ARGS)

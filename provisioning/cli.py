@@ -39,7 +39,9 @@ def check(ctx: Context) -> None:
 
 def _add_commands() -> None:
     from provisioning import operators
+    from provisioning.console.cli import console
     from provisioning.esim.cli import esim
+    from provisioning.exporter import metrics
     from provisioning.listener import listen
     from provisioning.sandbox import missing_sandbox_packages
     from provisioning.sandbox.cli import needs_sandbox_extra, sandbox
@@ -52,6 +54,7 @@ def _add_commands() -> None:
 
     for command in (
         operators.status,
+        operators.runs,
         operators.failed,
         operators.requeue,
         operators.reprovision,
@@ -60,6 +63,8 @@ def _add_commands() -> None:
         operators.quarantine,
         sandbox,
         listen,
+        metrics,
+        console,
         esim,
         demo,
     ):

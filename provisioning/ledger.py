@@ -29,7 +29,11 @@ key                             type    holds
                                         reconciler writes it), scored by failure time
 ``p:undelivered``               zset    Orders whose welcome e-mail was refused, by time
 ``p:quarantine``                list    JSON of events the listener rejected (newest first)
-``p:listener:{channel}:*``      —       the listener's checkpoint and leader lock
+``p:runs``                      zset    every run that began or ended, scored by when (the
+                                        operators' list of runs; trimmed after the retention)
+``p:metrics:*``                 —       run metrics (``provisioning.metrics``)
+``p:listener:{channel}:*``      —       the listener's checkpoint, leader lock and leader
+                                        (host, pid, since: ``...:leader``)
 ``p:esim:*``                    —       the eSIM inventory (``provisioning.esim.inventory``)
 ==============================  ======  =================================================
 
@@ -60,6 +64,7 @@ import redis
 from redis.lock import Lock
 
 from provisioning.chain import ENTRY_STEP, STEPS, Step
+from provisioning.metrics import FailureCause, RunMetrics, StepObservation
 from provisioning.run_id import RunId
 
 # KEYS: run, the Order's runs, active. ARGV: run id, now, origin, reason.
@@ -283,6 +288,7 @@ class Ledger:
         self._enqueue = redis.register_script(_ENQUEUE)
         self._claim_step = redis.register_script(_CLAIM_STEP)
         self._end_step = redis.register_script(_END_STEP)
+        self.metrics = RunMetrics(prefix)
 
     # -- keys ------------------------------------------------------------------------------
     def run_key(self, run_id: RunId | str) -> str:
@@ -323,6 +329,10 @@ class Ledger:
     def quarantine_key(self) -> str:
         return f"{self.prefix}:quarantine"
 
+    @property
+    def runs_key(self) -> str:
+        return f"{self.prefix}:runs"
+
     def listener_key(self, channel: str, what: str) -> str:
         return f"{self.prefix}:listener:{channel}:{what}"
 
@@ -331,6 +341,30 @@ class Ledger:
         rid = run_id if isinstance(run_id, RunId) else RunId.parse(run_id)
         raw = self.redis.hgetall(self.run_key(rid))
         return _decode_run(rid, {_str(k): _str(v) for k, v in raw.items()}) if raw else None
+
+    def get_many(self, run_ids: list[str]) -> list[RunRecord]:
+        """The runs the ledger still holds, in the order given: one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in run_ids:
+            pipe.hgetall(self.run_key(run_id))
+        found = []
+        for run_id, raw in zip(run_ids, pipe.execute(), strict=True):
+            if raw:
+                found.append(_decode_run(RunId.parse(run_id), {_str(k): _str(v) for k, v in raw.items()}))
+        return found
+
+    def run_ids(self, *, since: float | None = None, limit: int) -> list[str]:
+        """The most recent runs, newest first: those that began or ended since ``since``, and every
+        unfinished or failed run updated since then (a run still queued has not begun)."""
+        low = since if since is not None else "-inf"
+        pipe = self.redis.pipeline(transaction=False)
+        for key in (self.runs_key, self.active_key, self.failed_key):
+            pipe.zrevrangebyscore(key, "+inf", low, start=0, num=limit, withscores=True)
+        scored: dict[str, float] = {}
+        for members in pipe.execute():
+            for member, score in members:
+                scored[_str(member)] = max(scored.get(_str(member), 0.0), float(score))
+        return sorted(scored, key=lambda m: scored[m], reverse=True)[:limit]
 
     def provisioning(self, order_id: str) -> Provisioning:
         """The Order's provisioning (empty when the ledger holds none)."""
@@ -398,6 +432,8 @@ class Ledger:
         pipe.zadd(self.order_runs_key(run_id.order_id), {str(run_id): float(now)}, nx=True)
         pipe.persist(self.order_runs_key(run_id.order_id))
         pipe.zadd(self.active_key, {str(run_id): float(now)})
+        pipe.zadd(self.runs_key, {str(run_id): float(now)}, nx=True)
+        self.metrics.run_started(pipe)
         pipe.execute()
 
     def claim_step(self, run_id: RunId, step: Step) -> StepClaim:
@@ -432,9 +468,19 @@ class Ledger:
         )
 
     def end_step(
-        self, run_id: RunId, step: Step, result: dict[str, Any], lease: Lock, *, finish: bool
+        self,
+        run_id: RunId,
+        step: Step,
+        result: dict[str, Any],
+        lease: Lock,
+        *,
+        finish: bool,
+        observed: StepObservation | None = None,
     ) -> None:
-        """Record the step's result (finishing the run after its last step) and give the lease back."""
+        """Record the step's result (finishing the run after its last step) and give the lease back.
+
+        One round trip: the script, and the metrics' counters in the same pipeline.
+        """
         now = time.time()
         keys = self._step_keys(run_id)
         value = json.dumps({"result": result, "at": now, "run": str(run_id)})
@@ -449,7 +495,15 @@ class Ledger:
             "1" if finish else "0",
             str(self.retention_s),
         ]
-        self._end_step(keys=keys, args=args)
+        pipe = self.redis.pipeline(transaction=False)
+        self._end_step(keys=keys, args=args, client=pipe)
+        if observed is not None:
+            self.metrics.step_done(pipe, observed)
+        if finish:
+            self.metrics.run_ended(pipe, RunState.DONE.value)
+            pipe.zadd(self.runs_key, {str(run_id): now})
+            pipe.zremrangebyscore(self.runs_key, "-inf", now - self.retention_s)
+        pipe.execute()
         lease.local.token = None
 
     def _step_keys(self, run_id: RunId) -> list[str]:
@@ -481,6 +535,8 @@ class Ledger:
         pipe.zadd(self.order_runs_key(run_id.order_id), {str(run_id): float(now)}, nx=True)
         pipe.zrem(self.active_key, str(run_id))
         pipe.expire(key, self.retention_s)
+        pipe.zadd(self.runs_key, {str(run_id): float(now)}, nx=True)
+        self.metrics.run_ended(pipe, state.value)
 
     def skip(self, run_id: RunId, reason: str) -> None:
         """The run was not started (the Order is not Activating, or not found)."""
@@ -514,15 +570,6 @@ class Ledger:
         attempts, _, _ = pipe.execute()
         return int(attempts)
 
-    def record_step(self, run_id: RunId, step: Step, result: dict[str, Any]) -> None:
-        now = time.time()
-        value = json.dumps({"result": result, "at": now, "run": str(run_id)})
-        pipe = self.redis.pipeline(transaction=False)
-        target = self.order_key(run_id.order_id) if step.belongs_to_order else self.run_key(run_id)
-        pipe.hset(target, f"s:{step.value}", value)
-        pipe.hset(self.run_key(run_id), "updated_at", repr(now))
-        pipe.execute()
-
     def record_error(self, run_id: RunId, step: Step | str, error: str) -> None:
         self.redis.hset(self.run_key(run_id), f"e:{step}", error[:ERROR_MAX_CHARS])
 
@@ -543,9 +590,19 @@ class Ledger:
         pipe.zrem(self.writeback_key, str(run_id))
         for k in (key, self.order_key(order_id), self.order_runs_key(order_id)):
             pipe.expire(k, self.retention_s)
+        self.metrics.run_ended(pipe, RunState.DONE.value)
+        pipe.zremrangebyscore(self.runs_key, "-inf", float(now) - self.retention_s)
         pipe.execute()
 
-    def fail(self, run_id: RunId, step: str, reason: str) -> None:
+    def fail(
+        self,
+        run_id: RunId,
+        step: str,
+        reason: str,
+        *,
+        cause: FailureCause = FailureCause.PERMANENT,
+        observed: StepObservation | None = None,
+    ) -> None:
         """Terminal failure: the run joins the failed registry and stays until requeued."""
         now = time.time()
         key = self.run_key(run_id)
@@ -567,10 +624,15 @@ class Ledger:
         pipe.zadd(self.failed_key, {str(run_id): now})
         # Until the Order shows Failed: the write-back can fail, or its worker die, after this.
         pipe.zadd(self.writeback_key, {str(run_id): now})
+        self.metrics.run_failed(pipe, step, cause, observed)
         pipe.execute()
 
-    def reopen(self, run_id: RunId) -> str:
-        """Move a failed run back to running for a requeue; returns the step it resumes at."""
+    def reopen(self, run_id: RunId, *, by: str | None = None) -> str:
+        """Move a failed run back to running for a requeue; returns the step it resumes at.
+
+        The last requeue is kept on the run (markers ``requeued_at``, ``requeued_by``, ``requeued_from``:
+        the failure it ended), for the operators' timeline.
+        """
         run = self.get(run_id)
         if run is None:
             raise NotRequeueable(f"run {run_id} is not in the ledger (unknown, or expired after retention)")
@@ -583,10 +645,16 @@ class Ledger:
         state = RunState.QUEUED if step == ENTRY_STEP else RunState.RUNNING
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping={"state": state.value, "updated_at": repr(now)})
+        requeued: dict[Any, Any] = {
+            "x:requeued_at": repr(now),
+            "x:requeued_from": f"{run.failed_step}: {run.error}",
+        }
+        pipe.hset(key, mapping={**requeued, **_opt(**{"x:requeued_by": by})})
         pipe.hdel(key, "failed_step", "error", *(f"a:{s.value}" for s in STEPS))
         pipe.zrem(self.failed_key, str(run_id))
         pipe.zrem(self.writeback_key, str(run_id))
         pipe.zadd(self.active_key, {str(run_id): now})
+        self.metrics.run_requeued(pipe)
         pipe.execute()
         return step
 

@@ -45,6 +45,7 @@ from provisioning.errors import PermanentError, TransientError
 from provisioning.esim.steps import is_esim
 from provisioning.ledger import Provisioning, RunRecord, RunState
 from provisioning.logs import get_logger
+from provisioning.metrics import FailureCause, StepObservation, observe_step
 from provisioning.order import Order
 from provisioning.results import EsimActivated, PaymentChecked, StepResult, WelcomeEmail, WhmcsOrderCreated
 from provisioning.run_id import RunId
@@ -134,6 +135,7 @@ def run_step(services: Services, run_id: RunId, step: Step, action: Action) -> d
                 return recorded.result or {}
         assert run is not None
         ctx = StepContext(services, run_id, provisioning, lease, snapshot)
+        started = time.monotonic()
         try:
             result = action(ctx).to_json()
         except TransientError as exc:
@@ -151,12 +153,19 @@ def run_step(services: Services, run_id: RunId, step: Step, action: Action) -> d
                     error=str(exc),
                 )
                 raise RetryLater(countdown, str(exc)) from exc
-            return _terminal(services, run, provisioning, step, f"gave up after {attempts} attempts: {exc}")
+            reason = f"gave up after {attempts} attempts: {exc}"
+            observed = _observe(run, step, attempts, started)
+            return _terminal(
+                services, run, provisioning, step, reason, FailureCause.TRANSIENT_EXHAUSTED, observed
+            )
         except PermanentError as exc:
             ledger.record_error(run_id, step, str(exc))
-            return _terminal(services, run, provisioning, step, str(exc))
+            observed = _observe(run, step, attempts, started)
+            return _terminal(services, run, provisioning, step, str(exc), FailureCause.PERMANENT, observed)
         last = step is STEPS[-1]
-        ledger.end_step(run_id, step, result, lease, finish=last)
+        ledger.end_step(
+            run_id, step, result, lease, finish=last, observed=_observe(run, step, attempts, started)
+        )
         log.info("step_done", step=step.value, attempt=attempts, **result)
         if last:
             log.info("run_done")
@@ -205,7 +214,13 @@ def _begin(services: Services, run_id: RunId, provisioning: Provisioning) -> _Be
         attempts = ledger.record_attempt(run_id, ENTRY_STEP)
         if attempts <= services.settings.task_max_retries:
             raise RetryLater(retry_backoff_s(services.settings, attempts), str(exc)) from exc
-        fail_run(services, run_id, ENTRY_STEP, f"gave up reading the Order after {attempts} attempts: {exc}")
+        fail_run(
+            services,
+            run_id,
+            ENTRY_STEP,
+            f"gave up reading the Order after {attempts} attempts: {exc}",
+            cause=FailureCause.TRANSIENT_EXHAUSTED,
+        )
         raise RunFailed(f"{ENTRY_STEP}: {exc}") from None
     except PermanentError as exc:
         fail_run(services, run_id, ENTRY_STEP, str(exc))
@@ -250,28 +265,52 @@ def _adopt_from_order(services: Services, run_id: RunId, order: Order) -> None:
     log.warning("effects_adopted_from_order", whmcs_order_id=order.whmcs_order_id)
 
 
+def _observe(run: RunRecord, step: Step, attempts: int, started: float) -> StepObservation:
+    return observe_step(
+        step,
+        attempts=attempts,
+        started_monotonic=started,
+        run_created_at=run.created_at,
+        origin=run.origin.value,
+    )
+
+
 def _terminal(
-    services: Services, run: RunRecord, provisioning: Provisioning, step: Step, reason: str
+    services: Services,
+    run: RunRecord,
+    provisioning: Provisioning,
+    step: Step,
+    reason: str,
+    cause: FailureCause = FailureCause.PERMANENT,
+    observed: StepObservation | None = None,
 ) -> dict[str, Any]:
     if step is Step.SEND_EMAIL and run.step(Step.UPDATE_SALESFORCE, provisioning).done:
         # The Order is Activated and live: a notification that cannot go out does not undo that.
         email_undelivered(services, run.run_id, reason)
         services.ledger.finish(run.run_id, note=f"done; the welcome e-mail was not delivered: {reason}")
         return WelcomeEmail(delivery="refused").to_json()
-    fail_run(services, run.run_id, step.value, reason)
+    fail_run(services, run.run_id, step.value, reason, cause=cause, observed=observed)
     raise RunFailed(f"{step.value}: {reason}")
 
 
 # -- ending badly --------------------------------------------------------------------------------
 
 
-def fail_run(services: Services, run_id: RunId, step: str, reason: str) -> None:
+def fail_run(
+    services: Services,
+    run_id: RunId,
+    step: str,
+    reason: str,
+    *,
+    cause: FailureCause = FailureCause.PERMANENT,
+    observed: StepObservation | None = None,
+) -> None:
     """Terminal failure: ledger first (the operators' record), then the Order shows Failed.
 
     Should the write-back not happen (Salesforce keeps refusing, or the worker dies first),
     the run stays in the ledger's write-back set and the reconciler writes it later.
     """
-    services.ledger.fail(run_id, step, reason)
+    services.ledger.fail(run_id, step, reason, cause=cause, observed=observed)
     log.warning("run_failed", run_id=str(run_id), order_id=run_id.order_id, step=step, reason=reason)
     if write_order(services, run_id.order_id, failure_fields(services, step, reason), what="failure"):
         services.ledger.writeback_done(run_id)

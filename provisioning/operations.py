@@ -68,7 +68,7 @@ def requeue(
             outcomes.append(Outcome(text, "would requeue", step, f"would resume at {step}: {run.error}"))
             continue
         try:
-            step = ledger.reopen(run_id)
+            step = ledger.reopen(run_id, by=user)
         except NotRequeueable as exc:
             outcomes.append(Outcome(text, "skipped", None, str(exc)))
             continue

@@ -1,4 +1,4 @@
-"""The operators' commands: ``status``, ``failed``, ``requeue``, ``reprovision``, ``emails``,
+"""The operators' commands: ``status``, ``runs``, ``failed``, ``requeue``, ``reprovision``, ``emails``,
 ``resend-email`` and ``quarantine``.
 
 Flower shows tasks, not runs, and cannot resume a chain; these read the ledger,
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import re
 import sys
 import time
 from datetime import UTC, datetime
@@ -19,22 +18,27 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from provisioning.chain import STEPS
+from provisioning.chain import ENTRY_STEP, STEPS
 from provisioning.clictx import Context, pass_ctx
 from provisioning.ledger import RunRecord, RunState
 from provisioning.salesforce.ids import normalize_id
 from provisioning.services import Services
-from provisioning.status import describe_effects, describe_run, order_status, started_by
-
-_DURATION = re.compile(r"^(\d+)([smhd])$")
-_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+from provisioning.status import (
+    RunFilter,
+    describe_effects,
+    describe_run,
+    list_runs,
+    order_status,
+    parse_duration_s,
+    started_by,
+)
 
 
 def parse_duration(text: str) -> float:
-    match = _DURATION.match(text.strip())
-    if not match:
-        raise click.BadParameter(f"{text!r}: expected a number and a unit, like 30m, 12h or 7d")
-    return int(match.group(1)) * _UNITS_S[match.group(2)]
+    try:
+        return parse_duration_s(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _when(ts: float | None) -> str:
@@ -107,6 +111,71 @@ def status(ctx: Context, run_or_order_id: str, as_json: bool) -> None:
             result = ", ".join(f"{k}={v}" for k, v in (rec.result or {}).items())
             table.add_row(step.value, _when(rec.at), str(rec.attempts or ""), result, rec.last_error or "")
         console.print(table)
+
+
+# The most runs `provisioning runs` lists unless --limit says otherwise.
+RUNS_LIST_DEFAULT = 100
+
+
+@click.command()
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice([s.value for s in RunState]),
+    help="Only runs in this state (repeat for several).",
+)
+@click.option(
+    "--step",
+    type=click.Choice([ENTRY_STEP, *(s.value for s in STEPS)]),
+    help="Only runs at (running) or failed at this step.",
+)
+@click.option(
+    "--older-than", metavar="DURATION", help="Only runs created longer ago than this, e.g. 30m, 12h."
+)
+@click.option(
+    "--newer-than", metavar="DURATION", help="Only runs created within this long, e.g. 30m, 12h, 7d."
+)
+@click.option("--order", "order_id", metavar="ORDER_ID", help="Only the runs of this Order.")
+@click.option("--limit", default=RUNS_LIST_DEFAULT, show_default=True, help="How many, newest first.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@pass_ctx
+def runs(
+    ctx: Context,
+    states: tuple[str, ...],
+    step: str | None,
+    older_than: str | None,
+    newer_than: str | None,
+    order_id: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List runs, newest first, by state, step, age or Order (the console's runs list)."""
+    flt = RunFilter(
+        states=frozenset(RunState(s) for s in states),
+        step=step,
+        older_than_s=parse_duration(older_than) if older_than else None,
+        newer_than_s=parse_duration(newer_than) if newer_than else None,
+        order_id=_resolve_order_ids(order_id)[0] if order_id else None,
+    )
+    rows = list_runs(_services(ctx).ledger, flt, limit=limit)
+    if as_json:
+        _emit_json([row.to_json() for row in rows])
+        return
+    if not rows:
+        click.echo("No runs match.")
+        return
+    table = Table("run id", "state", "step", "started by", "created", "outcome")
+    for row in rows:
+        table.add_row(
+            str(row.run.run_id),
+            row.run.state.value,
+            row.step or "-",
+            row.started_by,
+            _when(row.run.created_at),
+            row.outcome,
+        )
+    _console().print(table)
 
 
 def _failed_rows(runs: list[RunRecord]) -> list[dict[str, Any]]:

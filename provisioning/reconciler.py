@@ -28,6 +28,7 @@ from provisioning.errors import TransientError
 from provisioning.ledger import Origin, RunState
 from provisioning.lifecycle import failure_fields
 from provisioning.logs import get_logger
+from provisioning.metrics import ReconcilerAction
 from provisioning.publishing import publish_run, resume
 from provisioning.run_id import RunId
 from provisioning.services import Services
@@ -58,6 +59,7 @@ def resume_stale(services: Services, app: Celery, idle_s: float) -> list[RunId]:
         resume(app, run_id, step)
         resumed.append(run_id)
         log.warning("run_resumed_by_reconciler", run_id=str(run_id), order_id=run_id.order_id, step=step)
+    ledger.metrics.reconciler_action(ledger.redis, ReconcilerAction.RESUME, len(resumed))
     return resumed
 
 
@@ -88,6 +90,7 @@ def repair_failure_writebacks(services: Services, idle_s: float) -> list[RunId]:
             ledger.writeback_done(run_id)
         repaired.append(run_id)
         log.warning("failure_writeback_repaired", run_id=str(run_id), step=run.failed_step)
+    ledger.metrics.reconciler_action(ledger.redis, ReconcilerAction.WRITEBACK, len(repaired))
     return repaired
 
 
@@ -96,7 +99,8 @@ def backfill_orders(services: Services, app: Celery, grace_s: float) -> list[Run
     ledger = services.ledger
     before = datetime.fromtimestamp(time.time() - grace_s, UTC)
     started = []
-    for waiting in services.salesforce.waiting_orders(before, limit=BACKFILL_MAX_ORDERS):
+    found = services.salesforce.waiting_orders(before, limit=BACKFILL_MAX_ORDERS)
+    for waiting in found:
         order_id = waiting.order_id
         if ledger.runs_in_flight(order_id):
             continue
@@ -122,4 +126,17 @@ def backfill_orders(services: Services, app: Celery, grace_s: float) -> list[Run
             last_modified=waiting.last_modified,
             done_before=provisioning.active is not None,
         )
+    # One round trip per sweep: what operators' dashboards and alerts show as Orders waiting.
+    pipe = ledger.redis.pipeline(transaction=False)
+    oldest = _timestamp(found[0].last_modified) if found else None
+    ledger.metrics.activating_seen(pipe, waiting=len(found), oldest_modified_at=oldest)
+    ledger.metrics.reconciler_action(pipe, ReconcilerAction.BACKFILL, len(started))
+    pipe.execute()
     return started
+
+
+def _timestamp(salesforce_datetime: str) -> float | None:
+    try:
+        return datetime.fromisoformat(salesforce_datetime).timestamp()
+    except ValueError:
+        return None

@@ -8,6 +8,7 @@ The environment wins over the env file; the env file is ``.env`` unless
 
 from __future__ import annotations
 
+import json
 import os
 import string
 from collections.abc import Mapping
@@ -19,6 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import (
     AfterValidator,
     AnyUrl,
+    BaseModel,
+    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -104,6 +107,36 @@ def redact_url(url: object) -> str:
     user = parts.username or ""
     netloc = f"{user}:***@{netloc}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+# What `provisioning console hash-password` makes (argon2id, PHC string format).
+PASSWORD_HASH_PREFIX = "$argon2"  # noqa: S105 (a format marker, not a password)
+
+
+class ConsoleUser(BaseModel):
+    """One user of the operators' console: a role and the hash of the password."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    role: Literal["viewer", "operator"]
+    # None: the user logs in only through the auth proxy (CONSOLE_AUTH_PROXY_HEADER).
+    password_hash: SecretStr | None = None
+
+    @field_validator("password_hash")
+    @classmethod
+    def _is_a_hash(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(PASSWORD_HASH_PREFIX):
+            raise ValueError(
+                "password_hash must be an argon2 hash (make one with `provisioning console hash-password`), "
+                "never the password itself"
+            )
+        return value
+
+    def to_env(self) -> dict[str, str]:
+        out: dict[str, str] = {"role": self.role}
+        if self.password_hash is not None:
+            out["password_hash"] = self.password_hash.get_secret_value()
+        return out
 
 
 class Settings(BaseSettings):
@@ -305,6 +338,36 @@ class Settings(BaseSettings):
         description="The backfill starts a run for an Order left in Activating this long with no run of ours.",
     )
 
+    # -- metrics and the operators' console --------------------------------------------------
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address of `provisioning metrics` (the runs' /metrics for Prometheus)."
+    )
+    metrics_port: int = Field(9109, ge=1, le=65535, description="Port of `provisioning metrics`.")
+    console_host: str = Field(
+        "127.0.0.1", description="Address of `provisioning console`; keep it local or behind a proxy."
+    )
+    console_port: int = Field(8088, ge=1, le=65535, description="Port of `provisioning console`.")
+    console_users: dict[str, ConsoleUser] = Field(
+        default_factory=dict,
+        description='Console users, JSON: {"name": {"role": "viewer" or "operator", "password_hash": "..."}}.',
+    )
+    console_secret_key: SecretStr | None = Field(
+        None,
+        description="Signs console sessions and CSRF tokens; empty: a random key per start (log in again).",
+    )
+    console_auth_proxy_header: str | None = Field(
+        None,
+        description="Header naming the user, set by an auth proxy (e.g. X-Forwarded-User); empty: passwords.",
+    )
+    console_trusted_proxies: str = Field(
+        "127.0.0.1,::1",
+        description="Comma-separated addresses whose CONSOLE_AUTH_PROXY_HEADER the console believes.",
+    )
+    console_session_ttl_s: int = Field(28800, ge=60, description="Seconds a console login lasts.")
+    console_cookie_secure: bool = Field(
+        False, description="Send the console's session cookie over HTTPS only (set it behind TLS)."
+    )
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
@@ -357,6 +420,10 @@ class Settings(BaseSettings):
                 value = value.get_secret_value()
             elif isinstance(value, bool):
                 value = "true" if value else "false"
+            elif isinstance(value, dict):
+                value = json.dumps(
+                    {k: v.to_env() if isinstance(v, ConsoleUser) else v for k, v in value.items()}
+                )
             env[name.upper()] = str(value)
         return env
 

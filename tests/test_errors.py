@@ -22,6 +22,7 @@ from pydantic import SecretStr
 
 import provisioning
 import tasks
+from provisioning.console.app import Refused
 from provisioning.email.errors import EmailError
 from provisioning.errors import OrderRejected, PermanentError, ProvisioningError, TransientError
 from provisioning.esim.errors import (
@@ -85,6 +86,7 @@ SAMPLES: dict[type[BaseException], Build] = {
     sf_pubsub._Abort: lambda cls: cls(
         grpc.StatusCode.UNAVAILABLE, "sfdc.platform.eventbus.grpc.service.unavailable", "down"
     ),
+    Refused: lambda cls: cls("'nope' is not a run id", 404),
 }
 
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from provisioning.ledger import RunState
 from provisioning.publishing import make_publisher, publish_run
 from provisioning.sandbox.scenario import count_effects, seed_orders, wait_until
@@ -176,3 +178,47 @@ def test_reprovision_makes_new_effects_only_on_an_operators_request_with_a_reaso
     runs = {r["run_id"]: r for r in status["runs"]}
     assert runs[run_id]["started_by"].startswith("an operator (replacement eSIM, ticket 4711 (by ")
     assert status["effects"]["provisioning"] == "2"
+
+
+def test_runs_lists_runs_by_state_step_age_and_order_as_the_console_does(sandbox, stack_settings, services):
+    from provisioning.chain import Step
+    from provisioning.errors import PermanentError, TransientError
+    from provisioning.lifecycle import RetryLater, RunFailed, run_step
+    from provisioning.run_id import RunId
+
+    class Refused(PermanentError):
+        pass
+
+    class Flaky(TransientError):
+        pass
+
+    def refuse(ctx):
+        raise Refused("no valid payment method")
+
+    def flaky(ctx):
+        raise Flaky("WHMCS answered 503")
+
+    failing, waiting = seed_orders(sandbox, services.inventory, count=2, esim_share=1.0, seed=43)
+    with pytest.raises(RunFailed):
+        run_step(services, RunId.parse(failing.run_id), Step.VALIDATE_PAYMENT, refuse)
+    # Begun, its first step to be tried again: running at validate_payment.
+    with pytest.raises(RetryLater):
+        run_step(services, RunId.parse(waiting.run_id), Step.VALIDATE_PAYMENT, flaky)
+
+    def listed(*args):
+        out = _cli(stack_settings, "runs", "--json", *args)
+        assert out.returncode == 0, out.stderr
+        return [(row["run_id"], row["state"], row["step"]) for row in json.loads(out.stdout)]
+
+    assert sorted(listed()) == sorted(
+        [(failing.run_id, "failed", "validate_payment"), (waiting.run_id, "running", "validate_payment")]
+    )
+    assert listed("--state", "failed") == [(failing.run_id, "failed", "validate_payment")]
+    assert listed("--order", waiting.order_id) == [(waiting.run_id, "running", "validate_payment")]
+    assert listed("--older-than", "1h") == []
+    assert len(listed("--newer-than", "1h", "--step", "validate_payment")) == 2
+    table = _cli(stack_settings, "runs", "--state", "failed")
+    assert failing.run_id in table.stdout
+    bad = _cli(stack_settings, "runs", "--older-than", "soon")
+    assert bad.returncode == 2
+    assert "like 30m, 12h or 7d" in bad.stderr

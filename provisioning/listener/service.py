@@ -23,8 +23,10 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
+import redis
 from celery import Celery
 
 from provisioning.backoff import backoff_s
@@ -33,6 +35,7 @@ from provisioning.listener.leadership import Leadership
 from provisioning.listener.metrics import ListenerMetrics
 from provisioning.listener.reconciling import Reconciler
 from provisioning.listener.validation import Rejected, validate_event
+from provisioning.listener_state import announce_leader
 from provisioning.logs import get_logger
 from provisioning.publishing import publish_runs
 from provisioning.run_id import RunId
@@ -118,6 +121,9 @@ class Listener:
             self.is_leader = True
             self.metrics.leader.set(1)
             log.info("listener_leader", channel=self.channel, transport=self.source.transport)
+            # Who leads, for the console (best effort: the lock, not this record, is the lead).
+            with suppress(redis.exceptions.RedisError):
+                announce_leader(self.ledger, self.channel)
             threads = [
                 threading.Thread(
                     target=self.leadership.keep, args=(self.source.stop,), name="lease", daemon=True

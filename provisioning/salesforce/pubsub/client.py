@@ -91,6 +91,23 @@ from provisioning.settings import Settings
 
 log = get_logger(__name__)
 
+# What counters() reports (for the listener's /metrics), every name always present.
+COUNTER_NAMES = (
+    "events",
+    "batches",
+    "keepalives",
+    "subscribes",
+    "reconnects",
+    "replay_fallbacks",
+    "auth_renewals",
+    "stalls",
+    "decode_errors",
+    "schema_fetches",
+    "network_errors",
+    "delivery_limit_backoffs",
+    "unanchored_resubscribes",
+)
+
 TRANSPORT = "pubsub"
 DEFAULT_ENDPOINT = "api.pubsub.salesforce.com:7443"
 MAX_BATCH_SIZE = 100
@@ -255,22 +272,7 @@ class PubSubClient:
         return self._last_response_at
 
     def counters(self) -> dict[str, int]:
-        names = (
-            "events",
-            "batches",
-            "keepalives",
-            "subscribes",
-            "reconnects",
-            "replay_fallbacks",
-            "auth_renewals",
-            "stalls",
-            "decode_errors",
-            "schema_fetches",
-            "network_errors",
-            "delivery_limit_backoffs",
-            "unanchored_resubscribes",
-        )
-        return {name: self._counts[name] for name in names}
+        return {name: self._counts[name] for name in COUNTER_NAMES}
 
     def ack(self, position: bytes) -> None:
         self._acked = bytes(position)
