@@ -9,6 +9,8 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from provisioning.backoff import backoff_s, tenacity_wait
 
+pytestmark = pytest.mark.fast
+
 
 class _Highest(random.Random):
     """Always draws the top of the range, so the ceiling itself shows."""

@@ -47,6 +47,8 @@ from provisioning.sandbox.salesforce import pubsub as sf_pubsub
 from provisioning.settings import ConfigError
 from provisioning.whmcs.errors import WhmcsError
 
+pytestmark = pytest.mark.fast
+
 Build = Callable[[type[BaseException]], BaseException]
 
 STATUS = FunctionStatus(

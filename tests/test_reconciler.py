@@ -40,7 +40,9 @@ def test_orders_left_activating_without_an_event_are_provisioned_once_by_the_bac
     wait_for(lambda: all(services.ledger.runs_for_order(o.order_id) for o in orphans))
     wait_for(settled(sandbox, services.ledger, ids))
     waited_s = time.monotonic() - started
-    print(f"backfill: {len(orphans)} Orders with no event Activated {waited_s:.1f} s after the listener started")
+    print(
+        f"backfill: {len(orphans)} Orders with no event Activated {waited_s:.1f} s after the listener started"
+    )
     # Within the interval plus the grace period (and the time to run the chain), with margin for CI.
     assert waited_s < 60
 

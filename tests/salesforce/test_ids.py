@@ -10,6 +10,8 @@ from provisioning.errors import PermanentError
 from provisioning.salesforce.errors import InvalidSalesforceId
 from provisioning.salesforce.ids import CHECKSUM_ALPHABET, id_checksum, is_valid_id, normalize_id
 
+pytestmark = pytest.mark.fast
+
 ID_CHARS = string.ascii_letters + string.digits
 id15 = st.text(alphabet=ID_CHARS, min_size=15, max_size=15)
 
