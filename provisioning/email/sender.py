@@ -13,7 +13,7 @@ import re
 import smtplib
 import ssl
 from collections.abc import Iterator
-from email.message import EmailMessage
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,7 @@ class SmtpSender:
     def _tls_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca_bundle) if self.ca_bundle else None)
 
-    def send(self, message: EmailMessage) -> str:
+    def send(self, message: Message) -> str:
         """Send ``message`` to its To/Cc/Bcc recipients; return its Message-ID."""
         message_id = message.get("Message-ID")
         if message_id is None:
