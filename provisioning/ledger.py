@@ -60,6 +60,7 @@ import redis
 from redis.lock import Lock
 
 from provisioning.chain import ENTRY_STEP, STEPS, Step
+from provisioning.replication import ReplicaWait
 from provisioning.run_id import RunId
 
 # KEYS: run, the Order's runs, active. ARGV: run id, now, origin, reason.
@@ -607,6 +608,11 @@ class Ledger:
 
     def incr_marker(self, order_id: str, name: str) -> int:
         return int(self.redis.hincrby(self.order_key(order_id), f"x:{name}", 1))
+
+    # High availability: a marker an external effect follows, on a replica before it returns.
+    def guard_marker(self, order_id: str, name: str, value: str, replicas: ReplicaWait) -> None:
+        """``set_marker`` confirmed by a replica when there are replicas (see provisioning.replication)."""
+        replicas.write(lambda pipe: pipe.hset(self.order_key(order_id), f"x:{name}", value))
 
     def adopt(self, run_id: RunId, results: dict[Step, dict[str, Any]], markers: dict[str, str]) -> None:
         """Record effects found on the Order itself (the ledger forgot them after its retention)."""

@@ -156,3 +156,25 @@ def listeners(stack_settings: Settings, tmp_path: Path) -> Iterator[Callable[...
     yield start
     for proc in started:
         proc.stop()
+
+
+# -- replication: a private primary with one replica (never the shared Redis) -------------------
+
+
+@pytest.fixture
+def replicated_redis(tmp_path: Path) -> Iterator[tuple[object, object]]:
+    """(primary, replica): two private ``redis-server`` processes, the replica in sync."""
+    from provisioning.replication import online_replicas
+    from provisioning.sandbox.redis_server import REPLICATION_OPTIONS, RedisServer
+    from provisioning.sandbox.scenario import wait_until
+
+    primary = RedisServer(tmp_path / "primary", appendonly=True, options=REPLICATION_OPTIONS).start()
+    replica = RedisServer(tmp_path / "replica", appendonly=True, replica_of=primary.address).start()
+    try:
+        client = primary.client()
+        wait_until(lambda: online_replicas(client.info("replication")) == 1, timeout_s=15)
+        client.close()
+        yield primary, replica
+    finally:
+        replica.stop()
+        primary.stop()
