@@ -42,6 +42,7 @@ from provisioning.replication import online_replicas
 from provisioning.sandbox.processes import free_port
 
 HOST = "127.0.0.1"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 # How long a starting server may take to answer PING.
 START_TIMEOUT_S = 15.0
 # How long a stopping server gets after its signal before SIGKILL.
@@ -115,6 +116,10 @@ class RedisServer:
         ]
         if self.appendfsync is not None:
             argv += ["--appendfsync", self.appendfsync]
+        if self.host not in LOOPBACK:
+            # Bound to a test network's private address (netns), without a password: protected
+            # mode would refuse every client there.
+            argv += ["--protected-mode", "no"]
         if self.replica_of is not None:
             argv += ["--replicaof", self.replica_of[0], str(self.replica_of[1])]
         for name, value in self.options.items():
@@ -306,6 +311,7 @@ class RedisSentinel(RedisServer):
                         f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
                         f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
                         f"sentinel parallel-syncs {name} 1",
+                        *(["protected-mode no"] if self.host not in LOOPBACK else []),
                         "",
                     ]
                 )

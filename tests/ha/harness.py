@@ -205,7 +205,7 @@ class Stack:
                         event = json.loads(line).get("event")
                     except json.JSONDecodeError:
                         continue
-                    if isinstance(event, str):
+                    if isinstance(event, str) and " " not in event:
                         counts[event] += 1
                 elif "Unrecoverable error" in line:
                     counts["celery: Unrecoverable error"] += 1
