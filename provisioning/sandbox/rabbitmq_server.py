@@ -164,11 +164,6 @@ class RabbitServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        # Erlang helpers the VM started (its port programs) go with the group.
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         return self.proc.returncode
 
     def __enter__(self) -> RabbitServer:
