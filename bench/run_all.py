@@ -1,6 +1,6 @@
 """Every benchmark with small defaults (``make bench``), then the goals side by side.
 
-    python -m bench.run_all [--only floor,pipeline,io_bound,listener,cost,queues] [--orders N] [--events N]
+    python -m bench.run_all [--only floor,pipeline,io_bound,listener,cost] [--orders N] [--events N]
 
 Each benchmark runs in its own process (``python -m bench.<name>``), prints
 its tables and writes its JSON under --out (default bench/results/); this
@@ -24,7 +24,7 @@ from typing import Any
 
 from bench.common import REPO_ROOT, RESULTS_DIR, Table, machine_line, pythonpath_env
 
-BENCHMARKS = ("floor", "pipeline", "io_bound", "listener", "cost", "sandbox_throughput", "queues")
+BENCHMARKS = ("floor", "pipeline", "io_bound", "listener", "cost", "sandbox_throughput")
 MODULES = {"listener": "bench.listener_catchup"}
 # A load average above this at the start means something else is running: the numbers will say so.
 BUSY_LOAD = 0.5

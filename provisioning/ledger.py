@@ -54,14 +54,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.lock import Lock
 
 from provisioning.chain import ENTRY_STEP, STEPS, Step
-from provisioning.replication import ReplicaWait
 from provisioning.run_id import RunId
+
+if TYPE_CHECKING:  # high availability: what confirms a guarded write (guard_marker)
+    from provisioning.replication import ReplicaWait
 
 # KEYS: run, the Order's runs, active. ARGV: run id, now, origin, reason.
 # A known run is left alone (0); 2: it is still queued (its task may never have been sent).

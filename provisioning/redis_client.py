@@ -44,10 +44,11 @@ def redis_from_settings(
         return redis.Redis.from_url(str(settings.redis_url), **common)
     assert settings.redis_sentinel_master is not None  # Settings requires it with REDIS_SENTINELS
     # From REDIS_URL only what is the master's own: the db, the user, the password, TLS.
-    own = {k: v for k, v in parse_url(str(settings.redis_url)).items() if k not in ("host", "port", "path")}
+    parsed = parse_url(str(settings.redis_url))  # type: ignore[no-untyped-call]
+    own = {k: v for k, v in parsed.items() if k not in ("host", "port", "path")}
     if own.pop("connection_class", None) is SSLConnection:
         own["connection_class"] = SentinelManagedSSLConnection
-    client: redis.Redis = sentinel_from_settings(settings).master_for(
+    client: redis.Redis = sentinel_from_settings(settings).master_for(  # type: ignore[no-untyped-call]
         settings.redis_sentinel_master, **common, **own
     )
     return client
@@ -58,7 +59,7 @@ def sentinel_from_settings(settings: Settings, *, timeout_s: float = SENTINEL_SO
     sentinel_kwargs: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if settings.redis_sentinel_password is not None:
         sentinel_kwargs["password"] = settings.redis_sentinel_password.get_secret_value()
-    return Sentinel(settings.sentinel_addresses, sentinel_kwargs=sentinel_kwargs)
+    return Sentinel(settings.sentinel_addresses, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
 
 
 def describe(settings: Settings) -> str:

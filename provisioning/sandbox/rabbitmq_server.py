@@ -120,7 +120,7 @@ class RabbitServer:
 
     def answers(self) -> bool:
         try:
-            with Connection(self.url, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+            with Connection(self.url, connect_timeout=CONNECT_TIMEOUT_S) as conn:  # type: ignore[no-untyped-call]
                 conn.ensure_connection(max_retries=1, timeout=CONNECT_TIMEOUT_S)
             return True
         except Exception:
