@@ -117,8 +117,10 @@ def _require_scheme(url: AnyUrl, schemes: tuple[str, ...]) -> AnyUrl:
 
 
 def redact_url(url: object) -> str:
-    """A URL fit for logs: any password replaced by ``***``."""
+    """A URL fit for logs: any password replaced by ``***`` (in each of kombu's ``;``-separated URLs)."""
     text = str(url)
+    if ";" in text:
+        return ";".join(redact_url(part) for part in text.split(";"))
     parts = urlsplit(text)
     if parts.password is None:
         return text

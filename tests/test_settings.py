@@ -80,6 +80,10 @@ def test_the_environment_wins_over_the_env_file(monkeypatch, tmp_path):
 
 def test_redact_url_hides_the_password_only():
     assert redact_url("redis://:pw@host:6379/0") == "redis://:***@host:6379/0"
+    # kombu's failover lists (sentinel://...;sentinel://...): every URL's password.
+    assert redact_url("sentinel://:pw@a:26379/1;sentinel://:pw@b:26379/1") == (
+        "sentinel://:***@a:26379/1;sentinel://:***@b:26379/1"
+    )
     assert redact_url("amqp://guest:guest@127.0.0.1:5672//") == "amqp://guest:***@127.0.0.1:5672//"
     assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
 
