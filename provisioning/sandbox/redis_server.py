@@ -144,6 +144,16 @@ class RedisServer:
         finally:
             client.close()
 
+    def replicas_caught_up(self) -> bool:
+        """This primary's replicas (one at least) acknowledged everything it has written."""
+        client = self.client()
+        try:
+            info = client.info("replication")
+        finally:
+            client.close()
+        acked = [v["offset"] for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+        return bool(acked) and min(acked) >= int(info["master_repl_offset"])
+
     def pause(self) -> None:
         """SIGSTOP: the process holds its sockets and answers nothing (a stalled replica, a GC pause)."""
         if self.proc is None or not self.alive():

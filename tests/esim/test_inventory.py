@@ -243,11 +243,12 @@ def test_with_replicas_a_claim_is_confirmed_or_unavailable_and_a_retry_gets_the_
     replicated_redis,
 ) -> None:
     from provisioning.replication import ReplicaWait
+    from provisioning.sandbox.scenario import wait_until
 
     primary, replica = replicated_redis
     client = primary.client()
     inventory = EsimInventory(
-        redis=client, prefix="ha", replicas=ReplicaWait(redis=client, timeout_ms=200, refresh_s=0.0)
+        redis=client, prefix="ha", replicas=ReplicaWait(redis=client, timeout_ms=1000, refresh_s=0.0)
     )
     inventory.load([A, B])
     replica.pause()
@@ -256,6 +257,7 @@ def test_with_replicas_a_claim_is_confirmed_or_unavailable_and_a_retry_gets_the_
             inventory.claim("order-1")
     finally:
         replica.resume()
+    wait_until(primary.replicas_caught_up, timeout_s=30)
     assert isinstance(caught.value, TransientError)
     first = client.hget("ha:esim:claims", "order-1").decode()  # on the primary, not yet confirmed
     assert inventory.claim("order-1") == first  # the retry: the same ICCID, now on the replica
