@@ -12,10 +12,11 @@ in one pipeline, on one connection (WAIT counts the replicas that acknowledged
 the write. No replica within the timeout raises :class:`ReplicaUnconfirmed`, a
 transient error: the step retries later and does not act on an unconfirmed write.
 
-Whether there are replicas (in sync: ``state=online``) is read from ``INFO replication`` and cached per process
-for ``REPLICA_REFRESH_S`` (an unconfirmed write reads it again at once): without
-replicas the write goes alone, with no WAIT. That is the case after a failover
-until the old primary rejoins as a replica; AOF is then what keeps the write.
+Whether there are replicas (in sync: ``state=online``) is read from ``INFO
+replication`` and cached per process for ``REPLICA_REFRESH_S`` (an unconfirmed write
+reads it again at once). Without replicas the write goes alone, with no WAIT: so after
+a failover until the old primary rejoins as a replica (AOF keeps the write meanwhile),
+and where an ACL forbids INFO.
 
 WAIT does not make Redis strongly consistent (the replica that acknowledged may not
 be the one promoted); with one replica, or with Sentinel promoting the most
@@ -84,7 +85,14 @@ class ReplicaWait:
         """Replicas connected to the primary, as last read (at most ``refresh_s`` ago)."""
         now = self._clock()
         if self._read_at is None or now - self._read_at >= self.refresh_s:
-            replicas = online_replicas(self._redis.info("replication"))
+            try:
+                replicas = online_replicas(self._redis.info("replication"))
+            except redis.exceptions.NoPermissionError:
+                # An ACL without INFO (some managed Redis): replicas cannot be seen, so nothing waits;
+                # `provisioning check` says what the deployment is.
+                if self._read_at is None:
+                    log.warning("ledger_replicas_unknown", reason="INFO is not permitted to this user")
+                replicas = 0
             if replicas != self._replicas:
                 log.info("ledger_replicas_changed", replicas=replicas, before=self._replicas)
             self._replicas, self._read_at = replicas, now

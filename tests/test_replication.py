@@ -175,3 +175,18 @@ def test_with_the_replica_paused_no_guarded_step_acts_and_each_acts_once_when_it
     assert _calls(sandbox, "whmcs")["AddOrder"] == 1
     assert _calls(sandbox, "smdp")["downloadOrder"] == 1
     assert services.ledger.marker(order.order_id, "email_resends") is None
+
+
+def test_where_an_acl_forbids_info_nothing_waits_and_the_write_goes_through(replicated_redis) -> None:
+    primary, _ = replicated_redis
+    admin = primary.client()
+    admin.acl_setuser(
+        "ledger", enabled=True, passwords=["+ledger-pw"], keys=["*"], commands=["+@all", "-info"]
+    )
+    limited = redis.Redis(host=primary.host, port=primary.port, username="ledger", password="ledger-pw")
+    confirm = ReplicaWait(redis=limited, timeout_ms=TIMEOUT_MS)
+    assert confirm.replicas() == 0
+    assert confirm.write(lambda pipe: pipe.set("k", "v")) == [True]
+    assert admin.get("k") == b"v"
+    limited.close()
+    admin.close()
