@@ -12,6 +12,7 @@ from typing import Any
 
 from kombu.entity import Exchange, Queue
 
+from provisioning.redis_client import SENTINEL_SOCKET_TIMEOUT_S
 from provisioning.settings import Settings
 
 # The result backend, when one is configured, keeps results this long.
@@ -60,6 +61,15 @@ def build(settings: Settings) -> dict[str, Any]:
             retry_on_timeout=True,
             health_check_interval=30,
         )
+        if settings.broker_is_sentinel:
+            # kombu's Sentinel transport asks the sentinels for the master on every (re)connection.
+            sentinel_kwargs: dict[str, Any] = {
+                "socket_timeout": SENTINEL_SOCKET_TIMEOUT_S,
+                "socket_connect_timeout": SENTINEL_SOCKET_TIMEOUT_S,
+            }
+            if settings.redis_sentinel_password is not None:
+                sentinel_kwargs["password"] = settings.redis_sentinel_password.get_secret_value()
+            transport.update(master_name=settings.broker_sentinel_master, sentinel_kwargs=sentinel_kwargs)
     config: dict[str, Any] = {
         "broker_url": settings.celery_broker_url,
         "broker_transport_options": transport,

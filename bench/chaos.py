@@ -8,6 +8,10 @@ failures (applied, answer lost), publishes some events two or three times,
 approves some Orders twice (a second event with a new ``IdemKey__c``),
 SIGKILLs a random worker every few seconds, SIGKILLs the listener twice and
 restarts Redis once; dead processes are restarted as a supervisor would.
+With ``--broker rabbitmq`` the broker is a RabbitMQ node of the run's own (free
+ports, its own data directory and node name; quorum queues unless
+``--queue-type classic``), which is also restarted once; Redis then holds only
+the ledger.
 
 Then the faults stop, the system settles, and the simulators' own records are
 checked: every Order Activated except the permanent cases (Failed, "no valid
@@ -23,8 +27,9 @@ Prints the counts, the faults injected, the kills and restarts, what the system
 did about them (from the logs and the ledger) and the time to settle; exits 1 on
 any violation::
 
-    .venv/bin/python bench/chaos.py                 # 1,000 Orders
-    .venv/bin/python bench/chaos.py --orders 100    # the CI size
+    .venv/bin/python -m bench.chaos                 # 1,000 Orders
+    .venv/bin/python -m bench.chaos --orders 100    # the CI size
+    .venv/bin/python -m bench.chaos --orders 100 --broker rabbitmq   # on quorum queues
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from provisioning.email.message import message_id_for
 from provisioning.ledger import RunState
 from provisioning.logs import configure_logging
 from provisioning.sandbox.processes import ManagedProcess, free_port, listener, start_worker, worker
+from provisioning.sandbox.rabbitmq_server import RabbitServer
 from provisioning.sandbox.redis_server import RedisServer
 from provisioning.sandbox.runner import Sandbox
 from provisioning.sandbox.scenario import (
@@ -85,6 +91,8 @@ PROGRESS_POLL_S = 2.0
 # Listener SIGKILLs and the Redis restart happen once this share of the events is published.
 LISTENER_KILLS_AT = (0.3, 0.7)
 REDIS_RESTART_AT = 0.5
+# With --broker rabbitmq, the RabbitMQ node restarts at this share.
+RABBITMQ_RESTART_AT = 0.65
 # Seconds to wait for a listener to be healthy, for the CLI.
 LISTENER_READY_TIMEOUT_S = 60.0
 CLI_TIMEOUT_S = 120.0
@@ -151,6 +159,7 @@ CELERY_MARKERS = {
     "unrecoverable_error": "Unrecoverable error",
     "broker_connection_lost": "Connection to broker lost",
     "broker_reconnect_attempts": "Cannot connect to redis",
+    "broker_reconnect_attempts_amqp": "Cannot connect to amqp",
     "restored_unacked": "Restoring",
 }
 
@@ -176,6 +185,10 @@ class Config:
     listener_kills: int = 2
     redis_restarts: int = 1
     redis_down_s: float = 3.0
+    broker: str = "redis"
+    queue_type: str = "quorum"
+    rabbitmq_restarts: int = 1
+    rabbitmq_down_s: float = 3.0
     redis_stop_signal: str = "TERM"
     faults_until: float = 0.95
     chaos_max_s: float = 0.0
@@ -237,6 +250,25 @@ def parse_args(argv: list[str] | None) -> Config:
     p.add_argument("--redis-restarts", type=int, default=d.redis_restarts, choices=(0, 1))
     p.add_argument("--redis-down-s", type=float, default=d.redis_down_s, help="Redis stays down this long")
     p.add_argument(
+        "--broker",
+        choices=("redis", "rabbitmq"),
+        default=d.broker,
+        help="Redis (with the ledger) or a RabbitMQ node of the run's own",
+    )
+    p.add_argument(
+        "--queue-type", choices=("quorum", "classic"), default=d.queue_type, help="RabbitMQ queue type"
+    )
+    p.add_argument(
+        "--rabbitmq-restarts",
+        type=int,
+        default=d.rabbitmq_restarts,
+        choices=(0, 1),
+        help="with --broker rabbitmq",
+    )
+    p.add_argument(
+        "--rabbitmq-down-s", type=float, default=d.rabbitmq_down_s, help="RabbitMQ stays stopped this long"
+    )
+    p.add_argument(
         "--redis-stop-signal",
         choices=("TERM", "KILL"),
         default=d.redis_stop_signal,
@@ -272,6 +304,8 @@ class Disruptions:
     listener_kills: int = 0
     redis_restarts: int = 0
     redis_down_s: float = 0.0
+    rabbitmq_restarts: int = 0
+    rabbitmq_down_s: float = 0.0
     worker_crash_restarts: int = 0
     listener_crash_restarts: int = 0
     crash_exit_codes: list[int] = field(default_factory=list)
@@ -650,12 +684,18 @@ def wait_for(
     return False
 
 
-def build_settings(sandbox: Sandbox, redis_server: RedisServer) -> Settings:
+def build_settings(
+    sandbox: Sandbox,
+    redis_server: RedisServer,
+    rabbitmq: RabbitServer | None = None,
+    queue_type: str = "quorum",
+) -> Settings:
     values: dict[str, Any] = {k.lower(): v for k, v in sandbox.env().items()}
     values.update(
         CHAOS_SETTINGS,
         redis_url=redis_server.url(0),
-        celery_broker_url=redis_server.url(1),
+        celery_broker_url=rabbitmq.url if rabbitmq else redis_server.url(1),
+        celery_queue_type=queue_type,
         ledger_prefix="chaos",
         celery_queue="chaos",
     )
@@ -703,12 +743,15 @@ def run(cfg: Config) -> Summary:
         appendfsync="always" if stop_signal is signal.SIGKILL else None,
     )
     redis_server.start()
+    rabbitmq = RabbitServer(workdir / "rabbitmq") if cfg.broker == "rabbitmq" else None
+    if rabbitmq is not None:
+        rabbitmq.start()
     sandbox = Sandbox(workdir / "sandbox", seed=cfg.seed, long_poll_s=10.0).start()
     fleet: Fleet | None = None
     t0 = time.monotonic()
     timings: dict[str, float] = {}
     try:
-        settings = build_settings(sandbox, redis_server)
+        settings = build_settings(sandbox, redis_server, rabbitmq, cfg.queue_type)
         # This process's own lines (the simulators' included) go to a file, not the table.
         runner_log = (workdir / "runner.log").open("a")
         configure_logging(settings, stream=runner_log)
@@ -747,6 +790,7 @@ def run(cfg: Config) -> Summary:
         redis_due = [REDIS_RESTART_AT][: cfg.redis_restarts]
         redis_back_at: float | None = None
         redis_down_since = 0.0
+        rabbitmq_due = [RABBITMQ_RESTART_AT][: cfg.rabbitmq_restarts if rabbitmq else 0]
         progress = 0.0
         next_progress = chaos_start
         while True:
@@ -777,12 +821,24 @@ def run(cfg: Config) -> Summary:
                 fleet.stats.redis_down_s = round(time.monotonic() - redis_down_since, 1)
                 redis_back_at = None
                 log("Redis restarted")
+            if rabbitmq is not None and rabbitmq_due and share >= rabbitmq_due[0] and redis_back_at is None:
+                rabbitmq_due.pop(0)
+                down_since = time.monotonic()
+                rabbitmq.stop()
+                log(f"RabbitMQ stopped (SIGTERM) for {cfg.rabbitmq_down_s:.0f} s")
+                time.sleep(cfg.rabbitmq_down_s)
+                rabbitmq.start()
+                fleet.stats.rabbitmq_restarts += 1
+                fleet.stats.rabbitmq_down_s = round(time.monotonic() - down_since, 1)
+                log(f"RabbitMQ restarted (down {fleet.stats.rabbitmq_down_s} s)")
             if redis_back_at is None:
                 fleet.supervise()
             if now >= next_progress:
                 progress = terminal_share(sandbox, len(orders))
                 next_progress = now + PROGRESS_POLL_S
-            disruptions_done = not listener_kills_due and not redis_due and redis_back_at is None
+            disruptions_done = (
+                not listener_kills_due and not redis_due and redis_back_at is None and not rabbitmq_due
+            )
             enough = progress >= cfg.faults_until or now - chaos_start >= cfg.chaos_cap_s()
             if published == len(plan.payloads) and disruptions_done and enough:
                 break
@@ -902,6 +958,8 @@ def run(cfg: Config) -> Summary:
             fleet.stop()
         sandbox.stop()
         redis_server.stop()
+        if rabbitmq is not None:
+            rabbitmq.stop()
 
 
 def describe_stuck(services: Services, orders: list[SeededOrder]) -> str:
@@ -938,7 +996,8 @@ def render(s: Summary) -> str:
         f"Chaos run: {seeded['orders']} Orders ({seeded['esim']} eSIM, {seeded['physical']} physical SIM,"
         f" {seeded['without_pay_method']} without a pay method); {s.config['workers']} workers x"
         f" {s.config['concurrency']} threads; {ev['published']} events ({ev['orders_published_twice']} Orders"
-        f" twice, {ev['orders_published_three_times']} three times)"
+        f" twice, {ev['orders_published_three_times']} three times); broker {s.config['broker']}"
+        + (f" ({s.config['queue_type']} queues)" if s.config["broker"] == "rabbitmq" else "")
     )
     totals: Counter[str] = Counter()
     rows: list[tuple[str, ...]] = []
@@ -960,7 +1019,13 @@ def render(s: Summary) -> str:
             [
                 ("worker SIGKILLs (each restarted)", str(d["worker_kills"])),
                 ("listener SIGKILLs (each restarted)", str(d["listener_kills"])),
-                ("Redis restarts (broker + ledger)", f"{d['redis_restarts']} (down {d['redis_down_s']} s)"),
+                (
+                    "Redis restarts (ledger)"
+                    if s.config["broker"] == "rabbitmq"
+                    else "Redis restarts (broker + ledger)",
+                    f"{d['redis_restarts']} (down {d['redis_down_s']} s)",
+                ),
+                ("RabbitMQ restarts (broker)", f"{d['rabbitmq_restarts']} (down {d['rabbitmq_down_s']} s)"),
                 ("workers that died on their own, restarted", str(d["worker_crash_restarts"])),
                 ("listeners that died on their own, restarted", str(d["listener_crash_restarts"])),
             ],

@@ -64,6 +64,12 @@ class StepContext:
         self.services.ledger.set_marker(self.order_id, name, value)
         self.provisioning.markers[name] = value
 
+    def guard_marker(self, name: str, value: str) -> None:
+        """``set_marker`` for a marker an external effect follows (an intent, the outbox's ``sending``):
+        with replicas, confirmed by one before it returns; else ReplicaUnconfirmed (transient: retry)."""
+        self.services.ledger.guard_marker(self.order_id, name, value, self.services.replicas)
+        self.provisioning.markers[name] = value
+
     def incr_marker(self, name: str) -> int:
         value = self.services.ledger.incr_marker(self.order_id, name)
         self.provisioning.markers[name] = str(value)

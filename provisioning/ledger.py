@@ -58,7 +58,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.lock import Lock
@@ -66,6 +66,9 @@ from redis.lock import Lock
 from provisioning.chain import ENTRY_STEP, STEPS, Step
 from provisioning.metrics import FailureCause, RunMetrics, StepObservation
 from provisioning.run_id import RunId
+
+if TYPE_CHECKING:  # high availability: what confirms a guarded write (guard_marker)
+    from provisioning.replication import ReplicaWait
 
 # KEYS: run, the Order's runs, active. ARGV: run id, now, origin, reason.
 # A known run is left alone (0); 2: it is still queued (its task may never have been sent).
@@ -678,6 +681,11 @@ class Ledger:
 
     def incr_marker(self, order_id: str, name: str) -> int:
         return int(self.redis.hincrby(self.order_key(order_id), f"x:{name}", 1))
+
+    # High availability: a marker an external effect follows, on a replica before it returns.
+    def guard_marker(self, order_id: str, name: str, value: str, replicas: ReplicaWait) -> None:
+        """``set_marker`` confirmed by a replica when there are replicas (see provisioning.replication)."""
+        replicas.write(lambda pipe: pipe.hset(self.order_key(order_id), f"x:{name}", value))
 
     def adopt(self, run_id: RunId, results: dict[Step, dict[str, Any]], markers: dict[str, str]) -> None:
         """Record effects found on the Order itself (the ledger forgot them after its retention)."""

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from provisioning.http import make_session
 from provisioning.ledger import Ledger
 from provisioning.redis_client import redis_from_settings
+from provisioning.replication import ReplicaWait
 from provisioning.settings import Settings
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ class Services:
             retention_s=settings.run_retention_days * 86400,
             lease_ttl_s=settings.run_lease_ttl_s,
         )
+        # Writes that guard an external effect wait for a replica (when there are replicas).
+        self.replicas = ReplicaWait(redis=self.redis, timeout_ms=settings.redis_wait_timeout_ms)
         self._built: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -74,7 +77,10 @@ class Services:
         from provisioning.esim.inventory import EsimInventory
 
         return self._once(  # type: ignore[no-any-return]
-            "inventory", lambda: EsimInventory(redis=self.redis, prefix=self.settings.ledger_prefix)
+            "inventory",
+            lambda: EsimInventory(
+                redis=self.redis, prefix=self.settings.ledger_prefix, replicas=self.replicas
+            ),
         )
 
     @property

@@ -89,6 +89,30 @@ HttpUrl = Annotated[AnyUrl, AfterValidator(lambda u: _require_scheme(u, ("http",
 RedisUrl = Annotated[AnyUrl, AfterValidator(lambda u: _require_scheme(u, ("redis", "rediss", "unix")))]
 
 
+def parse_host_ports(value: str) -> list[tuple[str, int]]:
+    """``host:port,host:port`` as (host, port) pairs; ValueError naming the entry that is not one."""
+    pairs: list[tuple[str, int]] = []
+    for entry in (part.strip() for part in value.split(",")):
+        if not entry:
+            continue
+        host, _, port = entry.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"{entry!r} is not host:port; expected host:port,host:port,... (e.g. 10.0.0.5:26379)"
+            )
+        pairs.append((host.strip("[]"), int(port)))
+    if not pairs:
+        raise ValueError("expected host:port,host:port,... (e.g. 10.0.0.5:26379,10.0.0.6:26379)")
+    return pairs
+
+
+def _host_ports(value: str) -> str:
+    return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in parse_host_ports(value))
+
+
+HostPorts = Annotated[str, AfterValidator(_host_ports)]
+
+
 def _require_scheme(url: AnyUrl, schemes: tuple[str, ...]) -> AnyUrl:
     if url.scheme not in schemes:
         raise ValueError(f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
@@ -96,8 +120,10 @@ def _require_scheme(url: AnyUrl, schemes: tuple[str, ...]) -> AnyUrl:
 
 
 def redact_url(url: object) -> str:
-    """A URL fit for logs: any password replaced by ``***``."""
+    """A URL fit for logs: any password replaced by ``***`` (in each of kombu's ``;``-separated URLs)."""
     text = str(url)
+    if ";" in text:
+        return ";".join(redact_url(part) for part in text.split(";"))
     parts = urlsplit(text)
     if parts.password is None:
         return text
@@ -157,7 +183,8 @@ class Settings(BaseSettings):
     )
     celery_broker_url: str = Field(
         "redis://127.0.0.1:6379/1",
-        description="Celery broker: redis://... or amqp://... (RabbitMQ).",
+        description="Celery broker: redis://..., sentinel://host:port;sentinel://... (Redis behind Sentinel) "
+        "or amqp://... (RabbitMQ).",
     )
     celery_result_backend: str | None = Field(
         None,
@@ -176,6 +203,29 @@ class Settings(BaseSettings):
     celery_task_sent_events: bool = Field(
         False,
         description="Send a task-sent event per publish (Flower's 'sent' state); it doubles a publish's cost.",
+    )
+    redis_sentinels: HostPorts | None = Field(
+        None,
+        description="Redis Sentinel addresses (host:port,host:port,...): the ledger asks them for the master "
+        "REDIS_SENTINEL_MASTER and follows it through a failover; REDIS_URL then gives only the db and password.",
+    )
+    redis_sentinel_master: str | None = Field(
+        None, description="Name of the master the sentinels monitor (required with REDIS_SENTINELS)."
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        None,
+        description="Password of the sentinels themselves (requirepass in sentinel.conf); Redis's own is in "
+        "REDIS_URL. Also used for a sentinel:// broker.",
+    )
+    redis_wait_timeout_ms: int = Field(
+        1000,
+        ge=1,
+        description="When the ledger's Redis has replicas: how long a write that guards an external effect "
+        "waits for a replica to confirm it (WAIT) before the step is retried instead of acting.",
+    )
+    celery_broker_sentinel_master: str | None = Field(
+        None,
+        description="sentinel://... broker: the master name the sentinels monitor; default REDIS_SENTINEL_MASTER.",
     )
     ledger_prefix: str = Field(
         "prov", pattern=r"^[A-Za-z0-9_.-]+$", description="Namespace of every ledger key."
@@ -393,8 +443,18 @@ class Settings(BaseSettings):
     @field_validator("celery_broker_url")
     @classmethod
     def _broker_scheme(cls, value: str) -> str:
-        if value.split("://", 1)[0] not in {"redis", "rediss", "amqp", "amqps", "pyamqp", "memory"}:
-            raise ValueError("expected a broker URL starting with redis://, amqp:// or memory://")
+        if value.split("://", 1)[0] not in {
+            "redis",
+            "rediss",
+            "sentinel",
+            "amqp",
+            "amqps",
+            "pyamqp",
+            "memory",
+        }:
+            raise ValueError(
+                "expected a broker URL starting with redis://, sentinel://, amqp:// or memory://"
+            )
         return value
 
     @field_validator("sf_private_key_file", "tls_ca_bundle")
@@ -404,10 +464,44 @@ class Settings(BaseSettings):
             raise ValueError(f"file not found: {value}")
         return value
 
+    @field_validator("redis_sentinel_master")
+    @classmethod
+    def _ledger_sentinel_master(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("redis_sentinels") and not value:
+            raise ValueError(
+                "REDIS_SENTINELS is set: name the master the sentinels monitor "
+                "(the <name> of `sentinel monitor <name> ...`)"
+            )
+        return value
+
+    @field_validator("celery_broker_sentinel_master")
+    @classmethod
+    def _broker_sentinel_master(cls, value: str | None, info: ValidationInfo) -> str | None:
+        broker = str(info.data.get("celery_broker_url") or "")
+        if broker.startswith("sentinel://") and not (value or info.data.get("redis_sentinel_master")):
+            raise ValueError(
+                "CELERY_BROKER_URL is sentinel://...: name the master the sentinels monitor here "
+                "or in REDIS_SENTINEL_MASTER"
+            )
+        return value
+
     # -- derived ---------------------------------------------------------------------------
     @property
     def broker_is_rabbitmq(self) -> bool:
         return self.celery_broker_url.startswith(("amqp", "pyamqp"))
+
+    @property
+    def broker_is_sentinel(self) -> bool:
+        return self.celery_broker_url.startswith("sentinel://")
+
+    @property
+    def broker_sentinel_master(self) -> str | None:
+        return self.celery_broker_sentinel_master or self.redis_sentinel_master
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """The sentinels of the ledger's Redis (empty: REDIS_URL names the server itself)."""
+        return parse_host_ports(self.redis_sentinels) if self.redis_sentinels else []
 
     def to_env(self) -> dict[str, str]:
         """Every set value as environment variables (secrets revealed): for child processes and env files."""

@@ -156,3 +156,35 @@ def listeners(stack_settings: Settings, tmp_path: Path) -> Iterator[Callable[...
     yield start
     for proc in started:
         proc.stop()
+
+
+# -- replication: a private primary with one replica (never the shared Redis) -------------------
+
+
+REPLICA_PROBE_TIMEOUT_MS = 10_000
+
+
+@pytest.fixture
+def replicated_redis(tmp_path: Path) -> Iterator[tuple[object, object]]:
+    """(primary, replica): two private ``redis-server`` processes, the replica in sync."""
+    from provisioning.replication import online_replicas
+    from provisioning.sandbox.redis_server import REPLICATION_OPTIONS, RedisServer
+    from provisioning.sandbox.scenario import wait_until
+
+    primary = RedisServer(tmp_path / "primary", appendonly=True, options=REPLICATION_OPTIONS).start()
+    replica = RedisServer(tmp_path / "replica", appendonly=True, replica_of=primary.address).start()
+    try:
+        client = primary.client()
+        wait_until(lambda: online_replicas(client.info("replication")) == 1, timeout_s=15)
+        # Past the replica's first AOF rewrite (it stalls acknowledgements on a busy machine), and
+        # acknowledging: one write confirmed with a generous timeout.
+        on_replica = replica.client()
+        wait_until(lambda: on_replica.info("persistence")["aof_rewrite_in_progress"] == 0, timeout_s=30)
+        on_replica.close()
+        client.set("replication-probe", "1")
+        assert client.wait(1, REPLICA_PROBE_TIMEOUT_MS) == 1
+        client.close()
+        yield primary, replica
+    finally:
+        replica.stop()
+        primary.stop()

@@ -63,3 +63,61 @@ def test_check_reaches_every_external_service_of_the_sandbox_and_fails_a_wrong_w
     assert any(line.startswith("FAIL") and "whmcs" in line for line in bad.stdout.splitlines())
     assert "wrong-secret-value" not in bad.stdout + bad.stderr
     sandbox.admin("whmcs").post("/__admin/bans/reset")
+
+
+def _line(out, name):
+    return next(line for line in out.stdout.splitlines() if f"  {name} " in line)
+
+
+def test_check_warns_about_a_replica_without_aof_and_an_evicting_policy_saying_what_to_set(tmp_path):
+    from provisioning.sandbox.redis_server import REPLICATION_OPTIONS, RedisServer
+    from provisioning.sandbox.scenario import wait_until
+
+    options = {**REPLICATION_OPTIONS, "maxmemory": "100mb", "maxmemory-policy": "allkeys-lru"}
+    with RedisServer(tmp_path / "primary", appendonly=True, options=options) as primary:
+        replica = RedisServer(tmp_path / "replica", replica_of=primary.address).start()
+        try:
+            wait_until(lambda: primary.client().info("replication")["connected_slaves"] == 1, timeout_s=15)
+            out = _run(tmp_path, REDIS_URL=primary.url(0), CELERY_BROKER_URL=primary.url(1))
+            line = _line(out, "ledger durability")
+            assert line.startswith("WARN"), out.stdout
+            assert f"replica 127.0.0.1:{replica.port} keeps no AOF" in line
+            assert "set appendonly yes and appendfsync everysec there too" in line
+            assert "maxmemory-policy allkeys-lru evicts keys" in line
+            assert "set maxmemory-policy noeviction" in line
+            # The ledger pointed at the replica: its writes would be refused.
+            out = _run(tmp_path, REDIS_URL=replica.url(0), CELERY_BROKER_URL=primary.url(1))
+            assert "REDIS_URL points at a slave" in _line(out, "ledger durability")
+        finally:
+            replica.stop()
+
+
+def test_check_reports_sentinel_and_a_replicated_aof_ledger_ok_and_warns_when_a_sentinel_is_gone(tmp_path):
+    from provisioning.sandbox.redis_server import SentinelGroup
+
+    with SentinelGroup(tmp_path / "ha", master_name="ledger") as group:
+        env = {
+            "REDIS_URL": "redis://ignored.invalid:1/0",
+            "REDIS_SENTINELS": group.sentinel_addresses,
+            "REDIS_SENTINEL_MASTER": "ledger",
+            "CELERY_BROKER_URL": group.broker_url(1),
+        }
+        out = _run(tmp_path, **env)
+        assert out.returncode == 0, out.stdout + out.stderr
+        master = f"127.0.0.1:{group.primary.port}"
+        assert _line(out, "redis").startswith("OK")
+        assert f"master at {master}" in _line(out, "redis")
+        sentinel = _line(out, "sentinel")
+        assert sentinel.startswith("OK"), out.stdout
+        assert f"master 'ledger' at {master}; 3/3 sentinels answer, quorum 2; 1 replica(s)" in sentinel
+        durability = _line(out, "ledger durability")
+        assert durability.startswith("OK"), out.stdout
+        assert "appendfsync everysec" in durability
+        assert "1 replica(s): writes that guard an external effect wait for one (WAIT)" in durability
+        assert _line(out, "broker").startswith("OK"), out.stdout
+
+        group.sentinels[2].stop()
+        out = _run(tmp_path, **env)
+        sentinel = _line(out, "sentinel")
+        assert sentinel.startswith("WARN")
+        assert f"sentinel(s) 127.0.0.1:{group.sentinels[2].port} did not answer" in sentinel

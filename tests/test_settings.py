@@ -31,12 +31,15 @@ def test_defaults_are_valid_without_any_environment(monkeypatch, tmp_path):
         ("SF_EVENTS_REPLAY", "sometimes", "LATEST, EARLIEST or a replayId"),
         ("SF_EVENTS_REPLAY_FALLBACK", "42", "LATEST or EARLIEST"),
         ("REDIS_URL", "http://localhost", "redis://"),
-        ("CELERY_BROKER_URL", "kafka://x", "redis://, amqp://"),
+        ("CELERY_BROKER_URL", "kafka://x", "redis://, sentinel://, amqp://"),
         ("SF_LOGIN_URL", "login.salesforce.com", "URL"),
         ("SF_PRIVATE_KEY_FILE", "/nonexistent/key.pem", "file not found"),
         ("SMTP_PORT", "70000", "65535"),
         ("LOG_FORMAT", "xml", "text"),
         ("SF_PROVISION_EVENT_CHANNEL", "/topic/Orders", "/event/"),
+        ("REDIS_SENTINELS", "sentinel-a", "host:port,host:port"),
+        ("REDIS_SENTINELS", "sentinel-a:26379,sentinel-b:port", "'sentinel-b:port' is not host:port"),
+        ("REDIS_WAIT_TIMEOUT_MS", "0", "greater than or equal to 1"),
     ],
 )
 def test_each_bad_value_is_named_with_what_is_expected(monkeypatch, tmp_path, variable, value, expected):
@@ -77,6 +80,10 @@ def test_the_environment_wins_over_the_env_file(monkeypatch, tmp_path):
 
 def test_redact_url_hides_the_password_only():
     assert redact_url("redis://:pw@host:6379/0") == "redis://:***@host:6379/0"
+    # kombu's failover lists (sentinel://...;sentinel://...): every URL's password.
+    assert redact_url("sentinel://:pw@a:26379/1;sentinel://:pw@b:26379/1") == (
+        "sentinel://:***@a:26379/1;sentinel://:***@b:26379/1"
+    )
     assert redact_url("amqp://guest:guest@127.0.0.1:5672//") == "amqp://guest:***@127.0.0.1:5672//"
     assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
 
@@ -156,3 +163,39 @@ def test_a_transport_other_than_pubsub_or_cometd_is_refused(monkeypatch, tmp_pat
     with pytest.raises(ConfigError) as info:
         _load(monkeypatch, tmp_path, SF_EVENTS_TRANSPORT="websocket")
     assert "'pubsub' or 'cometd'" in info.value.render()
+
+
+def test_sentinels_without_the_master_name_are_refused_naming_what_to_set(monkeypatch, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        _load(monkeypatch, tmp_path, REDIS_SENTINELS="10.0.0.5:26379,10.0.0.6:26379")
+    assert [v for v, _ in info.value.problems] == ["REDIS_SENTINEL_MASTER"]
+    assert "sentinel monitor <name>" in info.value.render()
+    with pytest.raises(ConfigError) as info:
+        _load(monkeypatch, tmp_path, CELERY_BROKER_URL="sentinel://10.0.0.5:26379;sentinel://10.0.0.6:26379")
+    assert [v for v, _ in info.value.problems] == ["CELERY_BROKER_SENTINEL_MASTER"]
+    assert "REDIS_SENTINEL_MASTER" in info.value.render()
+
+
+def test_sentinel_settings_give_the_addresses_and_the_broker_its_master_name_and_sentinel_password(
+    monkeypatch, tmp_path
+):
+    import celeryconfig
+
+    settings = _load(
+        monkeypatch,
+        tmp_path,
+        REDIS_SENTINELS=" 10.0.0.5:26379, [fd00::7]:26380 ",
+        REDIS_SENTINEL_MASTER="ledger",
+        REDIS_SENTINEL_PASSWORD="sentinel-pw-value",
+        CELERY_BROKER_URL="sentinel://10.0.0.5:26379/1;sentinel://10.0.0.6:26379/1",
+    )
+    assert settings.sentinel_addresses == [("10.0.0.5", 26379), ("fd00::7", 26380)]
+    assert settings.redis_sentinels == "10.0.0.5:26379,[fd00::7]:26380"
+    assert "sentinel-pw-value" not in repr(settings)
+    config = celeryconfig.build(settings)
+    options = config["broker_transport_options"]
+    assert options["master_name"] == "ledger"  # the ledger's, unless CELERY_BROKER_SENTINEL_MASTER
+    assert options["sentinel_kwargs"]["password"] == "sentinel-pw-value"
+    # kombu's own Sentinel transport (the one-client-per-channel one is for redis:// only).
+    assert "broker_transport" not in config
+    assert options["visibility_timeout"] == settings.celery_visibility_timeout_s

@@ -8,7 +8,9 @@ recognisable and counted) or ``skip`` (at-most-once: record the delivery as
 unknown and send nothing). A refusal that proves nothing was delivered (a 4xx
 or 5xx reply, no connection) puts the outbox back to ``pending``, so a retry is
 not counted as a resend; a refusal for good leaves it ``refused`` for the
-operators' ``provisioning resend-email``.
+operators' ``provisioning resend-email``. With replicas, ``sending`` is on a
+replica before the send (:mod:`provisioning.replication`); unconfirmed, the outbox
+goes back to what it was and the step retries without sending.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from provisioning.email.errors import EmailDeliveryUnknownError, EmailError
 from provisioning.email.message import build_activation_email, message_id_for
 from provisioning.logs import get_logger
 from provisioning.order import Order
+from provisioning.replication import ReplicaUnconfirmed
 from provisioning.results import EsimActivated, WelcomeEmail, WhmcsOrderCreated
 
 log = get_logger(__name__)
@@ -56,7 +59,13 @@ def deliver(ctx: StepContext, order: Order) -> WelcomeEmail:
         sender=settings.email_sender,
         message_id_domain=settings.email_message_id_domain,
     )
-    ctx.set_marker("outbox", "sending")
+    try:
+        # On a replica before the send: after a failover the Order must still say "sending".
+        ctx.guard_marker("outbox", "sending")
+    except ReplicaUnconfirmed:
+        # Nothing left our hands: a retry must not count this attempt as a resend.
+        ctx.set_marker("outbox", outbox or "pending")
+        raise
     ctx.renew()
     try:
         ctx.services.email.send(message)

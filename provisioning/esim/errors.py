@@ -19,7 +19,8 @@ Every ES2+ call raises an :class:`Es2PlusError`; every inventory operation an
         │       └── Es2PlusTlsError              the server certificate does not verify (configuration)
         └── InventoryError
             ├── InventoryEmpty                   (TransientError) no free ICCID: load a batch
-            ├── InventoryUnavailable             (TransientError) Redis did not answer
+            ├── InventoryUnavailable             (TransientError) Redis did not answer, or no replica
+            │                                    confirmed a claim in time
             ├── InventoryClaimError              (PermanentError) the run has no claim / its ICCID is used
             └── InventoryFileError               (PermanentError) malformed batch file: every bad line
 
@@ -199,7 +200,7 @@ class InventoryEmpty(InventoryError, TransientError):
 
 
 class InventoryUnavailable(InventoryError, TransientError):
-    """Redis did not answer."""
+    """Redis did not answer, or no replica confirmed a claim within REDIS_WAIT_TIMEOUT_MS."""
 
 
 class InventoryClaimError(InventoryError, PermanentError):

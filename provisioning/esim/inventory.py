@@ -39,6 +39,7 @@ from provisioning.esim.errors import (
 )
 from provisioning.esim.iccid import normalize_iccid
 from provisioning.logs import get_logger
+from provisioning.replication import ReplicaUnconfirmed, ReplicaWait
 
 log = get_logger(__name__)
 
@@ -208,9 +209,11 @@ def _text(value: Any) -> str:
 class EsimInventory:
     """Free, claimed and used ICCIDs of one deployment (one key prefix)."""
 
-    def __init__(self, *, redis: Redis, prefix: str) -> None:
+    def __init__(self, *, redis: Redis, prefix: str, replicas: ReplicaWait | None = None) -> None:
         self._redis = redis
         self.prefix = prefix
+        # With replicas, a claim is on a replica before the downloadOrder it guards.
+        self._replicas = replicas
         self.free_key = f"{prefix}:esim:free"
         self.claims_key = f"{prefix}:esim:claims"
         self.used_key = f"{prefix}:esim:used"
@@ -240,8 +243,18 @@ class EsimInventory:
         return added
 
     def claim(self, key: str) -> str:
-        """The ICCID of ``key`` (an Order's effect key): the one claimed before, else a free one taken for it."""
-        value = _guard(self._claim, keys=[self.free_key, self.claims_key], args=[key])
+        """The ICCID of ``key`` (an Order's effect key): the one claimed before, else a free one taken for it.
+
+        With replicas the claim (a repeat too) returns once a replica holds it, in the same round
+        trip; none in time raises InventoryUnavailable (transient: the step retries, ordering nothing).
+        """
+        replicas = self._replicas
+        if replicas is not None and _guard(replicas.replicas):
+            # EVAL, not EVALSHA: a script cached on a primary that failed over is not on the new one.
+            keys = (self.free_key, self.claims_key)
+            value = _guard(replicas.write, lambda pipe: pipe.eval(_CLAIM, len(keys), *keys, key))[0]
+        else:
+            value = _guard(self._claim, keys=[self.free_key, self.claims_key], args=[key])
         if value is None:
             log.warning("esim_inventory_empty", key=key)
             raise InventoryEmpty()
@@ -289,3 +302,5 @@ def _guard(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return call(*args, **kwargs)
     except (RedisConnectionError, RedisTimeoutError) as exc:
         raise InventoryUnavailable(f"Redis did not answer ({type(exc).__name__})") from exc
+    except ReplicaUnconfirmed as exc:
+        raise InventoryUnavailable(str(exc)) from exc

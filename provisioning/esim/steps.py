@@ -43,7 +43,7 @@ def activate_esim(ctx: StepContext) -> EsimActivated:
             if not exc.is_iccid_in_use:
                 raise
             log.info("esim_download_repeat", iccid=iccid)
-        ctx.set_marker("esim_downloaded", iccid)
+        ctx.guard_marker("esim_downloaded", iccid)
 
     matching_id = matching_id_for(ctx.effect_key)
     smdp_address = None

@@ -10,6 +10,9 @@ For each batch (one Pub/Sub fetch response, one CometD connect reply), in this o
 3. publish the runs' chains through one producer, and wait until the broker accepted
    every one (RabbitMQ publisher confirms; Redis commands that succeeded),
 4. only then write ONE checkpoint for the batch, and acknowledge it to the source.
+   With replicas, the checkpoint counts once a replica confirmed it (and with it the
+   batch's run records); unconfirmed, or Redis lost in between, the batch goes again
+   from 2 (a failover must not leave events behind the checkpoint without their runs).
 
 A crash before 4 replays the whole batch after a restart; the run ids absorb the
 duplicates. Broker or Redis down: the batch in hand is retried with backoff, nothing
@@ -19,6 +22,8 @@ transport: a Pub/Sub replay id never starts a CometD subscription, nor the rever
 
 from __future__ import annotations
 
+import functools
+import itertools
 import random
 import threading
 import time
@@ -38,6 +43,7 @@ from provisioning.listener.validation import Rejected, validate_event
 from provisioning.listener_state import announce_leader
 from provisioning.logs import get_logger
 from provisioning.publishing import publish_runs
+from provisioning.replication import ReplicaUnconfirmed
 from provisioning.run_id import RunId
 from provisioning.salesforce.events import (
     Batch,
@@ -214,21 +220,24 @@ class Listener:
                 log.error("event_quarantined", replay_id=entry["replay_id"], reason=entry["reason"])
         published: list[RunId] = []
         duplicates: list[RunId] = []
-        if runs:
-            # Queued in the ledger before the publish: a chain lost after it (a worker killed between
-            # the broker's pop and its unacked record) leaves a stale queued run the reconciler resumes.
-            # A run still queued is published again (a listener may have died before publishing it).
-            decisions = self._with_redis(lambda: self.ledger.enqueue_many(runs))
-            published = [r for r, new in zip(runs, decisions, strict=True) if new]
-            duplicates = [r for r, new in zip(runs, decisions, strict=True) if not new]
-            if published:
-                self._with_retry("publish", lambda: publish_runs(self.publisher, published))
-            self.metrics.published.inc(len(published))
-            self.metrics.duplicates.inc(len(duplicates))
-        # Only now: every run is with the broker (or its event quarantined or known).
         position = batch.position
+        # High availability: the batch is recorded again when its checkpoint is not confirmed (below).
+        for redo in itertools.count():
+            if runs:
+                # Queued in the ledger before the publish: a chain lost after it (a worker killed between
+                # the broker's pop and its unacked record) leaves a stale queued run the reconciler resumes.
+                # A run still queued is published again (a listener may have died before publishing it).
+                decisions = self._with_redis(lambda: self.ledger.enqueue_many(runs))
+                published = [r for r, new in zip(runs, decisions, strict=True) if new]
+                duplicates = [r for r, new in zip(runs, decisions, strict=True) if not new]
+                if published:
+                    self._with_retry("publish", functools.partial(publish_runs, self.publisher, published))
+            # Only now: every run is with the broker (or its event quarantined or known).
+            if position is None or self._checkpoint_confirmed(position, redo):
+                break
+        self.metrics.published.inc(len(published))
+        self.metrics.duplicates.inc(len(duplicates))
         if position is not None:
-            self._with_redis(lambda: self.services.redis.set(self.checkpoint_key, position))
             self.metrics.checkpoint_at.set(time.time())
             self.source.ack(position)
         if batch.events:
@@ -244,6 +253,32 @@ class Listener:
         created = [e.created_at for e in batch.events if e.created_at is not None]
         if created:
             self.metrics.lag.set(max(0.0, now - created[-1]))
+
+    # -- high availability: the checkpoint on a replica before it counts -------------------------
+    def _checkpoint_confirmed(self, position: bytes, redo: int) -> bool:
+        """Write the checkpoint; with replicas, confirmed by one (WAIT) in the same round trip.
+
+        WAIT confirms every earlier write with it (replication is one ordered stream), so the batch's
+        run records too. False when no replica confirmed in time, or Redis failed in between (a
+        failover may have lost the records while a retried checkpoint would land on the new master,
+        past events that have no run): then the batch is recorded and published again.
+        """
+        if self.stopping.is_set() and redo:
+            raise _Abandoned()
+        try:
+            self.services.replicas.write(lambda pipe: pipe.set(self.checkpoint_key, position))
+        except (ReplicaUnconfirmed, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            self.publish_ok = False
+            delay = backoff_s(redo, base_s=OUTAGE_BACKOFF_BASE_S, cap_s=OUTAGE_BACKOFF_MAX_S, rng=self._rng)
+            log.warning(
+                "listener_checkpoint_unconfirmed",
+                redo=redo + 1,
+                retry_in_s=round(delay, 2),
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            self.stopping.wait(delay)
+            return False
+        return True
 
     # -- outages ------------------------------------------------------------------------------
     def _with_redis(self, fn: Callable[[], Any]) -> Any:

@@ -219,7 +219,7 @@ def new_app(*routes: Iterable[web.RouteDef], client_max_size: int = 1024**2) -> 
 
 @dataclass
 class SandboxTLS:
-    """A locally generated CA and one server certificate for localhost and 127.0.0.1."""
+    """A locally generated CA and one server certificate for localhost and 127.0.0.1 (and extra hosts)."""
 
     ca_bundle: Path
     server_context: ssl.SSLContext
@@ -228,10 +228,11 @@ class SandboxTLS:
     server_key_pem: bytes = field(default=b"", repr=False)
 
     @classmethod
-    def create(cls, workdir: Path) -> SandboxTLS:
+    def create(cls, workdir: Path, *, extra_hosts: tuple[str, ...] = ()) -> SandboxTLS:
+        """``extra_hosts``: further names or addresses the certificate is valid for (a bind address)."""
         workdir.mkdir(parents=True, exist_ok=True)
         ca = trustme.CA(organization_name="provisioning sandbox")
-        cert = ca.issue_cert("localhost", "127.0.0.1", "::1")
+        cert = ca.issue_cert("localhost", "127.0.0.1", "::1", *extra_hosts)
         ca_bundle = workdir / "sandbox-ca.pem"
         ca.cert_pem.write_to_path(str(ca_bundle))
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

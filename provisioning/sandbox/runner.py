@@ -66,10 +66,14 @@ class Sandbox:
         long_poll_s: float = 110.0,
         token_lifetime_s: float = 7200.0,
         pubsub_keepalive_s: float = DEFAULT_KEEPALIVE_S,
+        host: str = HOST,
     ) -> None:
         self.workdir = workdir
+        # The address every simulator listens on (another than 127.0.0.1: reachable from network
+        # namespaces, see provisioning.sandbox.netns); the certificate names it.
+        self.host = host
         self.ports_wanted = ports or {}
-        self.tls = SandboxTLS.create(workdir)
+        self.tls = SandboxTLS.create(workdir, extra_hosts=(host,) if host != HOST else ())
         self.salesforce = SalesforceSimulator(
             workdir,
             seed=seed,
@@ -80,16 +84,16 @@ class Sandbox:
         self.whmcs = WhmcsSimulator(seed=seed)
         self.smdp = SmdpSimulator(seed=seed)
         self.smtp = SmtpSimulator(seed=seed)
-        self.server = ServerThread(HOST, ssl_context=self.tls.server_context)
+        self.server = ServerThread(host, ssl_context=self.tls.server_context)
         self.server.add_app("salesforce", self.salesforce.build_app(), self.ports_wanted.get("salesforce", 0))
         self.server.add_app("whmcs", self.whmcs.build_app(), self.ports_wanted.get("whmcs", 0))
         self.server.add_app("smdp", self.smdp.build_app(), self.ports_wanted.get("smdp", 0))
         self.server.add_app("smtp_admin", self.smtp.build_admin_app(), self.ports_wanted.get("smtp_admin", 0))
-        self.server.add_server("smtp", self.smtp.starter(HOST, self.ports_wanted.get("smtp", 0)))
+        self.server.add_server("smtp", self.smtp.starter(host, self.ports_wanted.get("smtp", 0)))
         self.server.add_server(
             "salesforce_pubsub",
             self.salesforce.pubsub.starter(
-                HOST,
+                host,
                 self.ports_wanted.get("salesforce_pubsub", 0),
                 self.tls.server_cert_chain_pem,
                 self.tls.server_key_pem,
@@ -124,14 +128,14 @@ class Sandbox:
             "salesforce_pubsub": self.pubsub_endpoint,
             "whmcs": self.url("whmcs"),
             "smdp": self.url("smdp"),
-            "smtp": f"smtp://{HOST}:{self.server.ports['smtp']}",
+            "smtp": f"smtp://{self.host}:{self.server.ports['smtp']}",
             "smtp_admin": self.url("smtp_admin"),
         }
 
     @property
     def pubsub_endpoint(self) -> str:
         """The Pub/Sub API's host:port (gRPC over TLS), as SF_PUBSUB_ENDPOINT wants it."""
-        return f"{HOST}:{self.server.ports['salesforce_pubsub']}"
+        return f"{self.host}:{self.server.ports['salesforce_pubsub']}"
 
     def env(self) -> dict[str, str]:
         """Environment variables pointing the listener, the workers and the CLI at the simulators."""
@@ -139,7 +143,7 @@ class Sandbox:
             **self.salesforce.env(self.url("salesforce"), self.pubsub_endpoint),
             **self.whmcs.env(self.url("whmcs")),
             **self.smdp.env(self.url("smdp")),
-            **self.smtp.env(HOST, self.server.ports["smtp"]),
+            **self.smtp.env(self.host, self.server.ports["smtp"]),
             "TLS_CA_BUNDLE": str(self.tls.ca_bundle),
         }
 

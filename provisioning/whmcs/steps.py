@@ -85,7 +85,8 @@ def create_whmcs_order(ctx: StepContext) -> WhmcsOrderCreated:
         if found is not None:
             whmcs_order_id = found.id
         else:
-            ctx.set_marker("whmcs_intent", repr(time.time()))
+            # On a replica before AddOrder: a failover must not forget that it may have happened.
+            ctx.guard_marker("whmcs_intent", repr(time.time()))
             ctx.renew()
             created = whmcs.add_order(
                 client_id=client_id,

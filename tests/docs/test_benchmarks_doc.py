@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DOCS = ("docs/benchmarks.md", "docs/reliability.md", "README.md")
+DOCS = ("docs/benchmarks.md", "docs/reliability.md", "docs/deployment.md", "README.md")
 # `python -m bench.<module> <options...>` up to the end of the code span or line.
 COMMAND = re.compile(r"python -m (bench\.[a-z_]+)([^`\n|#]*)")
 HELP_TIMEOUT_S = 120
@@ -52,6 +52,7 @@ def test_the_docs_name_every_benchmark_and_the_chaos_run() -> None:
         "bench.cost",
         "bench.sandbox_throughput",
         "bench.chaos",
+        "bench.queues",
     } <= modules
 
 

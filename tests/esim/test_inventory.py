@@ -237,3 +237,30 @@ def test_a_file_that_is_not_utf8_is_a_file_error_naming_the_line(tmp_path: Path)
     with pytest.raises(InventoryFileError) as failed:
         parse_batch(batch)
     assert [(p.line, p.reason) for p in failed.value.problems] == [(3, "not UTF-8 text")]
+
+
+def test_with_replicas_a_claim_is_confirmed_or_unavailable_and_a_retry_gets_the_same_iccid(
+    replicated_redis,
+) -> None:
+    from provisioning.replication import ReplicaWait
+    from provisioning.sandbox.scenario import wait_until
+
+    primary, replica = replicated_redis
+    client = primary.client()
+    inventory = EsimInventory(
+        redis=client, prefix="ha", replicas=ReplicaWait(redis=client, timeout_ms=1000, refresh_s=0.0)
+    )
+    inventory.load([A, B])
+    replica.pause()
+    try:
+        with pytest.raises(InventoryUnavailable, match="REDIS_WAIT_TIMEOUT_MS") as caught:
+            inventory.claim("order-1")
+    finally:
+        replica.resume()
+    wait_until(primary.replicas_caught_up, timeout_s=30)
+    assert isinstance(caught.value, TransientError)
+    first = client.hget("ha:esim:claims", "order-1").decode()  # on the primary, not yet confirmed
+    assert inventory.claim("order-1") == first  # the retry: the same ICCID, now on the replica
+    assert replica.client().hget("ha:esim:claims", "order-1").decode() == first
+    assert inventory.stock() == Stock(free=1, claimed=1, used=0)
+    client.close()

@@ -73,3 +73,27 @@ def test_a_server_that_cannot_start_says_why_with_its_log(tmp_path: Path) -> Non
             second.start(timeout_s=5)
         assert "Address already in use" in str(caught.value) or "bind" in str(caught.value).lower()
         assert not second.alive()
+
+
+def test_a_replica_copies_its_primary_and_a_paused_one_holds_its_port_but_answers_nothing(
+    tmp_path: Path,
+) -> None:
+    from provisioning.sandbox.redis_server import REPLICATION_OPTIONS
+    from provisioning.sandbox.scenario import wait_until
+
+    with RedisServer(tmp_path / "primary", options=REPLICATION_OPTIONS) as primary:
+        replica = RedisServer(tmp_path / "replica", replica_of=primary.address).start()
+        try:
+            assert replica.role() == "slave"
+            primary.client().set("k", "v")
+            wait_until(lambda: replica.client().get("k") == b"v", timeout_s=10)
+            replica.pause()
+            with pytest.raises(redis.exceptions.TimeoutError):
+                redis.Redis.from_url(replica.url(0), socket_timeout=0.3).ping()
+            replica.resume()
+            assert replica.pings()
+            # A paused server still stops on SIGTERM (it gets SIGCONT with it).
+            replica.pause()
+            assert replica.stop() == 0
+        finally:
+            replica.stop()
