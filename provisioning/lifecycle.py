@@ -36,7 +36,9 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import LockError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import LockError, ReadOnlyError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from provisioning.backoff import backoff_s, retrying_transient
 from provisioning.chain import ENTRY_STEP, STEPS, Step
@@ -98,9 +100,28 @@ def retry_backoff_s(settings: Settings, attempts: int) -> float:
 
 Action = Callable[[StepContext], StepResult]
 
+# The ledger out of reach: a Sentinel failover (a few seconds), a network cut (longer), a demoted
+# primary still answering. The step is tried again after a short jittered wait. Nothing could be
+# recorded, so it spends none of the step's budget; Celery's own bound on a message's retries
+# (tasks.steps.max_retries) still ends an outage that lasts, and the reconciler resumes the run.
+LEDGER_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
+LEDGER_UNREACHABLE_RETRY_BASE_S = 1.0
+LEDGER_UNREACHABLE_RETRY_CAP_S = 5.0
+
 
 def run_step(services: Services, run_id: RunId, step: Step, action: Action) -> dict[str, Any]:
     """Run one step of one run; the first step of a run that has not begun begins it."""
+    try:
+        return _run_step(services, run_id, step, action)
+    except LEDGER_UNREACHABLE as exc:
+        countdown = backoff_s(2, base_s=LEDGER_UNREACHABLE_RETRY_BASE_S, cap_s=LEDGER_UNREACHABLE_RETRY_CAP_S)
+        log.warning(
+            "step_ledger_unreachable", step=step.value, countdown_s=round(countdown, 2), error=str(exc)
+        )
+        raise RetryLater(countdown, f"the ledger is unreachable: {exc}") from exc
+
+
+def _run_step(services: Services, run_id: RunId, step: Step, action: Action) -> dict[str, Any]:
     ledger = services.ledger
     claim = ledger.claim_step(run_id, step)
     if claim.status == "ended":
@@ -173,7 +194,7 @@ def run_step(services: Services, run_id: RunId, step: Step, action: Action) -> d
     finally:
         # Still ours after a failure (end_step gives it back itself): let the next worker in at once.
         if lease.local.token is not None:
-            with suppress(LockError):
+            with suppress(LockError, *LEDGER_UNREACHABLE):
                 lease.release()
 
 

@@ -19,7 +19,14 @@ from provisioning.context import StepContext
 from provisioning.email.errors import EmailPermanentError
 from provisioning.errors import TransientError
 from provisioning.ledger import Origin, RunState
-from provisioning.lifecycle import LEASE_BUSY_RETRY_S, RetryLater, RunEnded, RunFailed, run_step
+from provisioning.lifecycle import (
+    LEASE_BUSY_RETRY_S,
+    LEDGER_UNREACHABLE_RETRY_CAP_S,
+    RetryLater,
+    RunEnded,
+    RunFailed,
+    run_step,
+)
 from provisioning.operations import requeue
 from provisioning.publishing import make_publisher
 from provisioning.reconciler import resume_stale
@@ -32,6 +39,7 @@ from provisioning.results import (
     WhmcsOrderCreated,
 )
 from provisioning.run_id import RunId
+from provisioning.sandbox.processes import free_port
 from provisioning.sandbox.scenario import seed_orders
 from provisioning.services import Services
 
@@ -242,6 +250,34 @@ def test_another_worker_holding_the_orders_lease_means_retry_shortly(sandbox, se
             _begin(services, RunId(order.order_id, "approval-2"))
     finally:
         other.release()
+
+
+def test_a_step_that_cannot_reach_the_ledger_is_retried_shortly_without_spending_its_budget(
+    sandbox, services, stack_settings, order
+):
+    run_id = RunId.parse(order.run_id)
+    _begin(services, run_id)
+    # The same worker a moment later, its ledger gone (a failover under way): nothing listens there.
+    cut_off = Services(stack_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"}))
+    called: list[Step] = []
+
+    def action(ctx: StepContext) -> StepResult:
+        called.append(Step.ACTIVATE_ESIM)
+        return EsimActivated(iccid="8988211000000000001")
+
+    try:
+        with pytest.raises(RetryLater) as caught:
+            run_step(cut_off, run_id, Step.ACTIVATE_ESIM, action)
+    finally:
+        cut_off.redis.close()
+    assert isinstance(caught.value.__cause__, redis.ConnectionError)
+    assert 0 <= caught.value.countdown_s <= LEDGER_UNREACHABLE_RETRY_CAP_S
+    assert called == []
+    # Back on the ledger, the step runs once and counts one attempt: the outage cost none.
+    run_step(services, run_id, Step.ACTIVATE_ESIM, action)
+    assert called == [Step.ACTIVATE_ESIM]
+    run = services.ledger.get(run_id)
+    assert run.step(Step.ACTIVATE_ESIM, services.ledger.provisioning(order.order_id)).attempts == 1
 
 
 def test_a_refused_email_ends_the_run_done_and_leaves_the_order_activated(sandbox, services, order):
