@@ -141,13 +141,13 @@ def test_with_the_replica_paused_no_guarded_step_acts_and_each_acts_once_when_it
     services = replicated_services
     (order,) = seed_orders(sandbox, services.inventory, count=1, esim_share=1.0, seed=83)
     run_id = RunId.parse(order.run_id)
-    run_step(services, run_id, Step.VALIDATE_PAYMENT, validate_payment, retries=0)
+    run_step(services, run_id, Step.VALIDATE_PAYMENT, validate_payment)
 
     def unconfirmed(step: Step, action) -> RetryLater:  # type: ignore[no-untyped-def]
         replica.pause()
         try:
             with pytest.raises(RetryLater) as caught:
-                run_step(services, run_id, step, action, retries=0)
+                run_step(services, run_id, step, action)
         finally:
             replica.resume()
         # Back: the replica catches up before the retry (on a busy machine, more than the timeout).
@@ -158,18 +158,18 @@ def test_with_the_replica_paused_no_guarded_step_acts_and_each_acts_once_when_it
     retry = unconfirmed(Step.ACTIVATE_ESIM, activate_esim)
     assert "REDIS_WAIT_TIMEOUT_MS" in retry.reason
     assert "downloadOrder" not in _calls(sandbox, "smdp")  # the claim was not confirmed: nothing ordered
-    run_step(services, run_id, Step.ACTIVATE_ESIM, activate_esim, retries=1)
+    run_step(services, run_id, Step.ACTIVATE_ESIM, activate_esim)
 
     unconfirmed(Step.CREATE_WHMCS_ORDER, create_whmcs_order)
     assert "AddOrder" not in _calls(sandbox, "whmcs")
-    run_step(services, run_id, Step.CREATE_WHMCS_ORDER, create_whmcs_order, retries=1)
-    run_step(services, run_id, Step.UPDATE_SALESFORCE, update_salesforce, retries=0)
+    run_step(services, run_id, Step.CREATE_WHMCS_ORDER, create_whmcs_order)
+    run_step(services, run_id, Step.UPDATE_SALESFORCE, update_salesforce)
 
     unconfirmed(Step.SEND_EMAIL, send_email)
     assert sandbox.admin("smtp").get("/__admin/messages/summary")["count"] == 0
     # Nothing was sent: the outbox is back where it was, so the retry is no "resend".
     assert services.ledger.marker(order.order_id, "outbox") == "pending"
-    run_step(services, run_id, Step.SEND_EMAIL, send_email, retries=1)
+    run_step(services, run_id, Step.SEND_EMAIL, send_email)
 
     assert effects_by_order(sandbox)[order.order_id].problems() == []
     assert _calls(sandbox, "whmcs")["AddOrder"] == 1

@@ -238,7 +238,8 @@ def test_an_expired_replay_id_falls_back_with_one_error_line_and_a_count(
     source = kit.make(fallback)
     consumer = consume(source, stored)
     if fallback is LATEST:
-        wait_until(kit.subscribed)
+        # This source's own subscription: the server may still list the first source's.
+        wait_until(lambda: source.connected and kit.subscribed())
         kit.publish(["d"])
     consumer.wait_for(1, RECEIVE_TIMEOUT_S)
     assert keys(consumer) == (["c"] if fallback is EARLIEST else ["d"])
