@@ -33,6 +33,11 @@ def build(settings: Settings) -> dict[str, Any]:
         # Publisher confirms: a publish returns only once RabbitMQ has the message (quorum queues
         # need them).
         transport["confirm_publish"] = True
+        # py-amqp with the acks of a batch awaited once (see provisioning.broker).
+        if settings.celery_broker_url.startswith("amqps://"):
+            extra["broker_transport"] = "provisioning.broker:AmqpSSLTransport"
+        elif settings.celery_broker_url.startswith(("amqp://", "pyamqp://")):
+            extra["broker_transport"] = "provisioning.broker:AmqpTransport"
         if settings.celery_queue_type == "quorum":
             # A quorum queue refuses the global QoS that countdown retries relied on; Celery 5.5+
             # then uses per-consumer QoS and RabbitMQ's native delayed delivery for countdowns,

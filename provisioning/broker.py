@@ -1,18 +1,33 @@
-"""kombu's Redis transport with one redis-py client per channel, not one per broker command.
+"""kombu's transports as our processes use them: fewer objects per Redis command, batched confirms.
 
-kombu builds a new ``redis.Redis`` for each queue operation outside its poll loop
-(each publish, each ack, each unacked record); redis-py's constructor fills a
-case-insensitive table of some 200 response callbacks every time, which made it
-the hottest function of a worker's profile. A ``redis.Redis`` is thread-safe (it
-takes a connection from its pool per command), so one per channel and pool does
-the same work. Used for ``redis://`` and ``rediss://`` brokers (``celeryconfig``).
+Redis (``Transport``): kombu builds a new ``redis.Redis`` for each queue operation
+outside its poll loop (each publish, each ack, each unacked record); redis-py's
+constructor fills a case-insensitive table of some 200 response callbacks every
+time, which made it the hottest function of a worker's profile. A ``redis.Redis``
+is thread-safe (it takes a connection from its pool per command), so one per
+channel and pool does the same work.
+
+RabbitMQ (``AmqpTransport``, ``AmqpSSLTransport``): with publisher confirms each
+publish waits for RabbitMQ's ack before the next is sent, one round trip per
+message. Inside kombu's ``Producer.batch()`` (the listener publishes a batch of
+events that way) the messages are sent back to back and their acks awaited once
+at the end; outside a batch a publish is confirmed on its own, as before.
+
+``celeryconfig`` picks them by the broker URL's scheme.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from amqp import spec
+from amqp.exceptions import MessageNacked
+from kombu.transport import pyamqp
 from kombu.transport import redis as kombu_redis
+
+# How long the end of a batch waits for RabbitMQ to confirm its messages.
+BATCH_CONFIRM_TIMEOUT_S = 30.0
 
 
 class Channel(kombu_redis.Channel):
@@ -30,3 +45,99 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class BatchNotConfirmed(Exception):
+    """RabbitMQ did not confirm every message of a batch in time: their delivery is uncertain."""
+
+
+class AmqpChannel(pyamqp.Channel):
+    """A channel that numbers its confirmed publishes, as RabbitMQ numbers their delivery tags."""
+
+    # RabbitMQ numbers the publishes of a channel from 1 once it is in confirm mode.
+    published: int = 0
+
+    def _basic_publish(self, *args: Any, **kwargs: Any) -> Any:
+        result = super()._basic_publish(*args, **kwargs)
+        if self._confirm_selected:
+            self.published += 1
+        return result
+
+    def create_publish_batch(self, max_size: int) -> ConfirmedBatch:
+        """kombu's hook for ``Producer.batch()``."""
+        return ConfirmedBatch(self, max_size)
+
+
+class ConfirmedBatch:
+    """Messages of one batch sent without waiting, then every confirm awaited at once (kombu's session)."""
+
+    def __init__(self, channel: AmqpChannel, max_size: int) -> None:
+        self.channel = channel
+        self.max_size = max_size
+        self._unconfirmed: set[int] = set()
+        self._nacked: list[int] = []
+        channel.events["basic_ack"].add(self._on_ack)
+        channel.events["basic_nack"].add(self._on_nack)
+
+    def publish(self, message: Any, **kwargs: Any) -> None:
+        kwargs.pop("confirm_timeout", None)
+        channel = self.channel
+        if not channel._confirm_selected:
+            channel.confirm_select()
+            channel._confirm_selected = True
+            channel.published = 0
+        channel._basic_publish(message, **kwargs)
+        self._unconfirmed.add(channel.published)
+        if len(self._unconfirmed) >= self.max_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Return once RabbitMQ confirmed every message sent so far; raise if it refused one."""
+        deadline = time.monotonic() + BATCH_CONFIRM_TIMEOUT_S
+        # Every confirm, nacks included, is read before returning or raising: none is left on the
+        # channel for a later publish to take for its own.
+        while self._unconfirmed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BatchNotConfirmed(
+                    f"RabbitMQ confirmed no more of the batch within {BATCH_CONFIRM_TIMEOUT_S:g} s; "
+                    f"{len(self._unconfirmed)} messages unconfirmed"
+                )
+            self.channel.wait([spec.Basic.Ack, spec.Basic.Nack], timeout=remaining)
+        if self._nacked:
+            nacked, self._nacked = len(self._nacked), []
+            self._unconfirmed.clear()
+            raise MessageNacked(f"RabbitMQ refused {nacked} messages of the batch")
+
+    def discard(self) -> None:
+        # Sent is sent: an aborted batch only stops waiting for its confirms.
+        self._unconfirmed.clear()
+
+    def close(self) -> None:
+        self.channel.events["basic_ack"].discard(self._on_ack)
+        self.channel.events["basic_nack"].discard(self._on_nack)
+
+    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        if multiple:
+            self._unconfirmed = {tag for tag in self._unconfirmed if tag > delivery_tag}
+        else:
+            self._unconfirmed.discard(delivery_tag)
+
+    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        refused = [t for t in self._unconfirmed if t <= delivery_tag] if multiple else [delivery_tag]
+        self._nacked.extend(t for t in refused if t in self._unconfirmed)
+        self._unconfirmed.difference_update(refused)
+
+
+class AmqpConnection(pyamqp.Connection):
+    Channel = AmqpChannel
+
+
+class AmqpTransport(pyamqp.Transport):
+    Connection = AmqpConnection
+    implements = pyamqp.Transport.implements.extend(batch_publish=True)
+
+
+class AmqpSSLTransport(pyamqp.SSLTransport):
+    Connection = AmqpConnection
+    implements = pyamqp.Transport.implements.extend(batch_publish=True)

@@ -18,6 +18,9 @@ from provisioning.chain import ENTRY_STEP, STEPS, Step
 from provisioning.run_id import RunId
 from provisioning.settings import Settings
 
+# Messages buffered (Redis) or awaiting their confirms (RabbitMQ) before a batch is flushed early.
+PUBLISH_BATCH_MAX = 1000
+
 
 def make_publisher(settings: Settings) -> Celery:
     """A Celery app that only sends (the listener, the CLI): same broker and delivery settings."""
@@ -41,8 +44,12 @@ def publish_run(app: Celery, run_id: RunId | str, *, producer: Any = None) -> st
 
 
 def publish_runs(app: Celery, run_ids: list[RunId]) -> None:
-    """Start a batch of runs through one producer (one connection, one channel); every one accepted."""
-    with app.producer_or_acquire() as producer:
+    """Start a batch of runs through one producer; returns once the broker accepted every one.
+
+    In one kombu batch: one pipeline on Redis, the publisher confirms awaited once on RabbitMQ
+    (``provisioning.broker``). A failure raises, and the whole batch is sent again by the caller.
+    """
+    with app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH_MAX):
         for run_id in run_ids:
             publish_run(app, run_id, producer=producer)
 

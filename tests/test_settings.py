@@ -199,3 +199,18 @@ def test_sentinel_settings_give_the_addresses_and_the_broker_its_master_name_and
     # kombu's own Sentinel transport (the one-client-per-channel one is for redis:// only).
     assert "broker_transport" not in config
     assert options["visibility_timeout"] == settings.celery_visibility_timeout_s
+
+
+@pytest.mark.parametrize(
+    ("url", "transport"),
+    [
+        ("redis://127.0.0.1:6379/1", "provisioning.broker:Transport"),
+        ("amqp://guest:guest@127.0.0.1:5672//", "provisioning.broker:AmqpTransport"),
+        ("amqps://guest:guest@rabbit.example:5671//", "provisioning.broker:AmqpSSLTransport"),
+    ],
+)
+def test_each_broker_url_gets_the_transport_that_batches_its_publishes(monkeypatch, tmp_path, url, transport):
+    import celeryconfig
+
+    config = celeryconfig.build(_load(monkeypatch, tmp_path, CELERY_BROKER_URL=url))
+    assert config["broker_transport"] == transport
