@@ -312,9 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         msg_table = Table(
             "Bytes per task message (as stored in the Redis broker list)",
             ["task", "message bytes", "body bytes (base64)"],
-            notes=[
-                "A step's message carries the rest of the chain inside it, so the first steps are the largest."
-            ],
+            notes=["Each step's message carries the run id only: the step that is done sends the next."],
         )
         for task, raw, body in sizes:
             msg_table.add(task, raw, body)

@@ -224,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         if result is None:
             continue
         machine = machine or result.get("machine")
+        # The same benchmark on each broker: the title says which.
+        suffix = f", broker {broker}" if name in PER_BROKER else ""
         for t in result.get("tables", []):
-            tables.append(Table(t["title"], t["columns"], t["rows"], t.get("notes", [])).render())
+            tables.append(Table(t["title"] + suffix, t["columns"], t["rows"], t.get("notes", [])).render())
     goals = [goals_table(out, broker) for broker in brokers]
     runs = Table("Benchmark runs", ["benchmark", "exit code", "seconds"])
     for name, code, took in timings:
