@@ -112,11 +112,16 @@ def workers(stack_settings: Settings, tmp_path: Path) -> Iterator[Callable[..., 
 
 
 @pytest.fixture
-def listeners(stack_settings: Settings, tmp_path: Path) -> Iterator[Callable[..., ManagedProcess]]:
+def listeners(
+    stack_settings: Settings, sandbox: Sandbox, tmp_path: Path
+) -> Iterator[Callable[..., ManagedProcess]]:
     """Start real ``provisioning listen`` processes, each with its health endpoint on a free port.
 
     ``wait="healthy"`` (default) returns once /healthz answers 200 (leader, subscribed,
-    able to publish); ``wait="standby"`` once it logs that it waits as a standby.
+    able to publish) and the simulator holds a subscription, so that an event published next
+    reaches a listener that starts at LATEST (its Pub/Sub stream is "connected" once opened, a
+    moment before the server registers it); ``wait="standby"`` once it logs that it waits as a
+    standby.
     """
     import requests
 
@@ -130,6 +135,12 @@ def listeners(stack_settings: Settings, tmp_path: Path) -> Iterator[Callable[...
             return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
         except requests.RequestException:
             return False
+
+    def registered(transport: str) -> bool:
+        stats = sandbox.admin("salesforce").get("/__admin/stats")
+        if transport == "pubsub":
+            return bool(stats["pubsub"]["open_streams"])
+        return any(client["subscriptions"] for client in stats["clients"])
 
     def start(
         settings: Settings | None = None,
@@ -149,6 +160,7 @@ def listeners(stack_settings: Settings, tmp_path: Path) -> Iterator[Callable[...
         if wait == "healthy":
             wait_until(lambda: healthy(port) or not proc.alive(), timeout_s=60)
             assert proc.alive(), proc.log_text()[-3000:]
+            wait_until(lambda: registered((settings or stack_settings).sf_events_transport), timeout_s=60)
         elif wait == "standby":
             proc.wait_for_log("listener_standby", 60)
         return proc

@@ -44,6 +44,10 @@ def _runs(services, order_id):
     return [services.ledger.get(r) for r in services.ledger.runs_for_order(order_id)]
 
 
+def _ended(runs, count):
+    return len(runs) == count and all(r is not None and not r.state.unfinished for r in runs)
+
+
 @pytest.mark.parametrize("worker_count", [1, 2], ids=["one worker", "two workers"])
 @pytest.mark.parametrize("pair", list(PAIRS))
 def test_two_events_of_one_order_published_together_provision_it_once(
@@ -59,7 +63,9 @@ def test_two_events_of_one_order_published_together_provision_it_once(
     )
 
     wait_for(settled(sandbox, services.ledger, [o.order_id for o in orders]))
-    wait_for(lambda: all(len(_runs(services, o.order_id)) == 2 for o in orders))
+    # The second event's run may be recorded after the first run settled (another batch): wait for
+    # both runs of every Order, and for both to have ended.
+    wait_for(lambda: all(_ended(_runs(services, o.order_id), 2) for o in orders))
     _assert_provisioned_once(sandbox, orders)
     for o in orders:
         runs = _runs(services, o.order_id)
