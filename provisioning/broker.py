@@ -57,6 +57,11 @@ class AmqpChannel(pyamqp.Channel):
     # RabbitMQ numbers the publishes of a channel from 1 once it is in confirm mode.
     published: int = 0
 
+    def confirm_select(self, nowait: bool = False) -> Any:
+        # Also after a revive: the numbering starts again with confirm mode.
+        self.published = 0
+        return super().confirm_select(nowait)
+
     def _basic_publish(self, *args: Any, **kwargs: Any) -> Any:
         result = super()._basic_publish(*args, **kwargs)
         if self._confirm_selected:
@@ -85,7 +90,6 @@ class ConfirmedBatch:
         if not channel._confirm_selected:
             channel.confirm_select()
             channel._confirm_selected = True
-            channel.published = 0
         channel._basic_publish(message, **kwargs)
         self._unconfirmed.add(channel.published)
         if len(self._unconfirmed) >= self.max_size:

@@ -88,6 +88,24 @@ def stack_settings(settings: Settings, sandbox: Sandbox) -> Settings:
 
 
 @pytest.fixture
+def rabbit_settings(stack_settings: Settings) -> Iterator[Settings]:
+    """The stack's settings with RabbitMQ as the broker; the test's queue and exchange deleted after."""
+    from kombu import Connection
+
+    try:
+        with Connection(RABBITMQ_URL, connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:
+        pytest.fail(f"RabbitMQ is required at {RABBITMQ_URL} and is not answering: {exc}")
+    settings = stack_settings.model_copy(update={"celery_broker_url": RABBITMQ_URL})
+    yield settings
+    with Connection(RABBITMQ_URL) as conn:
+        channel = conn.channel()
+        channel.queue_delete(settings.celery_queue)
+        channel.exchange_delete(settings.celery_queue)
+
+
+@pytest.fixture
 def services(stack_settings: Settings) -> Iterator[Services]:
     svc = Services(stack_settings)
     yield svc

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from amqp.exceptions import PreconditionFailed
 from kombu.connection import Connection
@@ -12,26 +10,10 @@ from provisioning.ledger import RunState
 from provisioning.publishing import make_publisher, publish_run
 from provisioning.sandbox.scenario import count_effects, seed_orders
 from provisioning.sandbox.scenario import wait_until as wait_for
-from provisioning.settings import Settings
 
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
 pytestmark = pytest.mark.rabbitmq
-
-
-@pytest.fixture
-def rabbit_settings(stack_settings: Settings) -> Iterator[Settings]:
-    try:
-        with Connection(RABBITMQ_URL, connect_timeout=5) as conn:
-            conn.ensure_connection(max_retries=1)
-    except Exception as exc:
-        pytest.fail(f"RabbitMQ is required at {RABBITMQ_URL} and is not answering: {exc}")
-    settings = stack_settings.model_copy(update={"celery_broker_url": RABBITMQ_URL})
-    yield settings
-    with Connection(RABBITMQ_URL) as conn:
-        channel = conn.channel()
-        channel.queue_delete(settings.celery_queue)
-        channel.exchange_delete(settings.celery_queue)
 
 
 def _done(services, run_id):
