@@ -5,10 +5,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint demo sandbox bench proto clean
+.PHONY: help install system-packages test test-fast lint demo sandbox bench proto clean
 
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,10 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP) ## Create .venv and install the package with its dev, flower, sandbox and console extras
 
-test: $(STAMP) ## Run the tests (real Redis, RabbitMQ, workers and simulators)
+system-packages: ## Debian's prometheus and chromium, which the monitoring and console tests run (apt, when missing)
+	@.ci/system-packages
+
+test: $(STAMP) system-packages ## Run the tests (real Redis, RabbitMQ, workers and simulators)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## Only the fast tier: the state machine in-process on real Redis (seconds)
