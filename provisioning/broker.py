@@ -80,7 +80,7 @@ class ConfirmedBatch:
         self.channel = channel
         self.max_size = max_size
         self._unconfirmed: set[int] = set()
-        self._nacked: list[int] = []
+        self._nacked = 0
         channel.events["basic_ack"].add(self._on_ack)
         channel.events["basic_nack"].add(self._on_nack)
 
@@ -109,8 +109,7 @@ class ConfirmedBatch:
                 )
             self.channel.wait([spec.Basic.Ack, spec.Basic.Nack], timeout=remaining)
         if self._nacked:
-            nacked, self._nacked = len(self._nacked), []
-            self._unconfirmed.clear()
+            nacked, self._nacked = self._nacked, 0
             raise MessageNacked(f"RabbitMQ refused {nacked} messages of the batch")
 
     def discard(self) -> None:
@@ -128,9 +127,10 @@ class ConfirmedBatch:
             self._unconfirmed.discard(delivery_tag)
 
     def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
-        refused = [t for t in self._unconfirmed if t <= delivery_tag] if multiple else [delivery_tag]
-        self._nacked.extend(t for t in refused if t in self._unconfirmed)
-        self._unconfirmed.difference_update(refused)
+        refused = {t for t in self._unconfirmed if t <= delivery_tag} if multiple else {delivery_tag}
+        refused &= self._unconfirmed
+        self._nacked += len(refused)
+        self._unconfirmed -= refused
 
 
 class AmqpConnection(pyamqp.Connection):
