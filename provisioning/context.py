@@ -5,7 +5,8 @@ Celery-free: the domains' steps depend on this, never on the task plumbing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis.lock import Lock
@@ -21,19 +22,28 @@ if TYPE_CHECKING:
     from provisioning.services import Services
 
 R = TypeVar("R", bound=StepResult)
+# A lease set less than this share of its TTL ago is not renewed before a call: renewing costs a round
+# trip, and the three quarters left (45 s of the default RUN_LEASE_TTL_S=60) outlast the slowest call
+# (a connect timeout plus a read timeout: 40 s).
+LEASE_RENEW_AFTER_SHARE = 0.25
 _STEP_OF = {kind: step for step, kind in RESULT_TYPES.items()}
 
 
 @dataclass
 class StepContext:
     """Under the Order's lease, so the provisioning read with it stays true: markers are read from it
-    (no round trip) and every marker written goes to Redis at once (it guards an effect)."""
+    (no round trip); a marker that guards an effect goes to Redis at once, one that records an effect
+    made goes with the step's end."""
 
     services: Services
     run_id: RunId
     provisioning: Provisioning
     lease: Lock
     snapshot: dict[str, Any] | None = None
+    # When the lease was last set to its full TTL (time.monotonic(), taken before the claim was sent).
+    lease_set_at: float = field(default_factory=time.monotonic)
+    # Markers of effects already made, written with the step's end (see record_marker).
+    pending_markers: dict[str, str] = field(default_factory=dict)
 
     @property
     def order_id(self) -> str:
@@ -70,11 +80,29 @@ class StepContext:
         self.services.ledger.guard_marker(self.order_id, name, value, self.services.replicas)
         self.provisioning.markers[name] = value
 
+    def record_marker(self, name: str, value: str) -> None:
+        """A marker of an effect that happened (an id, "accepted", "sent"), written with the step's end.
+
+        In the same round trip as the step's result, or its error. Only for effects a retry
+        finds again by itself should this marker be lost with its worker: the intent guarded
+        before the effect, or a lookup, covers that instant (see each step).
+        """
+        self.pending_markers[name] = value
+        self.provisioning.markers[name] = value
+
     def incr_marker(self, name: str) -> int:
         value = self.services.ledger.incr_marker(self.order_id, name)
         self.provisioning.markers[name] = str(value)
         return value
 
     def renew(self) -> None:
-        """Renew the lease before a call that may be slow (a lapsed lease lets the reconciler in)."""
+        """Renew the lease before a call that may be slow (a lapsed lease lets the reconciler in).
+
+        Only once a quarter of its TTL has gone by: until then it outlasts any call as it is.
+        """
+        now = time.monotonic()
+        ttl_s = self.services.ledger.lease_ttl_s
+        if now - self.lease_set_at < ttl_s * LEASE_RENEW_AFTER_SHARE:
+            return
         self.lease.reacquire()
+        self.lease_set_at = now

@@ -54,17 +54,19 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import redis
+from redis.commands.core import Script
 from redis.lock import Lock
 
 from provisioning.chain import ENTRY_STEP, STEPS, Step
 from provisioning.metrics import FailureCause, RunMetrics, StepObservation
+from provisioning.redis_client import execute_scripted, queue_script
 from provisioning.run_id import RunId
 
 if TYPE_CHECKING:  # high availability: what confirms a guarded write (guard_marker)
@@ -414,10 +416,13 @@ class Ledger:
         """:meth:`enqueue` for a batch of runs, in one pipeline (one round trip)."""
         now = repr(time.time())
         pipe = self.redis.pipeline(transaction=False)
-        for run_id in run_ids:
+        scripts: dict[int, tuple[Script, Sequence[str], Sequence[Any]]] = {}
+        for index, run_id in enumerate(run_ids):
             keys = [self.run_key(run_id), self.order_runs_key(run_id.order_id), self.active_key]
-            self._enqueue(keys=keys, args=[str(run_id), now, origin.value, ""], client=pipe)
-        return [bool(answer) for answer in pipe.execute()]
+            args = [str(run_id), now, origin.value, ""]
+            queue_script(pipe, self._enqueue, keys, args)
+            scripts[index] = (self._enqueue, keys, args)
+        return [bool(answer) for answer in execute_scripted(pipe, scripts)]
 
     def start(self, run_id: RunId, order_snapshot: dict[str, Any], *, note: str | None = None) -> None:
         """The run acts on its Order now (called under the Order's lease)."""
@@ -479,10 +484,12 @@ class Ledger:
         *,
         finish: bool,
         observed: StepObservation | None = None,
+        markers: Mapping[str, str] | None = None,
     ) -> None:
         """Record the step's result (finishing the run after its last step) and give the lease back.
 
-        One round trip: the script, and the metrics' counters in the same pipeline.
+        One round trip: the step's ``markers`` (written before its result, so a result is never
+        recorded without them), the script, and the metrics' counters in the same pipeline.
         """
         now = time.time()
         keys = self._step_keys(run_id)
@@ -499,14 +506,18 @@ class Ledger:
             str(self.retention_s),
         ]
         pipe = self.redis.pipeline(transaction=False)
-        self._end_step(keys=keys, args=args, client=pipe)
+        script_at = 0
+        if markers:
+            self._queue_markers(pipe, run_id.order_id, markers)
+            script_at = 1
+        queue_script(pipe, self._end_step, keys, args)
         if observed is not None:
             self.metrics.step_done(pipe, observed)
         if finish:
             self.metrics.run_ended(pipe, RunState.DONE.value)
             pipe.zadd(self.runs_key, {str(run_id): now})
             pipe.zremrangebyscore(self.runs_key, "-inf", now - self.retention_s)
-        pipe.execute()
+        execute_scripted(pipe, {script_at: (self._end_step, keys, args)})
         lease.local.token = None
 
     def _step_keys(self, run_id: RunId) -> list[str]:
@@ -573,8 +584,15 @@ class Ledger:
         attempts, _, _ = pipe.execute()
         return int(attempts)
 
-    def record_error(self, run_id: RunId, step: Step | str, error: str) -> None:
-        self.redis.hset(self.run_key(run_id), f"e:{step}", error[:ERROR_MAX_CHARS])
+    def record_error(
+        self, run_id: RunId, step: Step | str, error: str, *, markers: Mapping[str, str] | None = None
+    ) -> None:
+        """The step's last error, and the markers of what it did before it failed (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        if markers:
+            self._queue_markers(pipe, run_id.order_id, markers)
+        pipe.hset(self.run_key(run_id), f"e:{step}", error[:ERROR_MAX_CHARS])
+        pipe.execute()
 
     def finish(self, run_id: RunId, *, note: str | None = None) -> None:
         """Done: drop the personal data, leave the ids, expire after the retention period."""
@@ -679,6 +697,14 @@ class Ledger:
     def set_marker(self, order_id: str, name: str, value: str) -> None:
         self.redis.hset(self.order_key(order_id), f"x:{name}", value)
 
+    def set_markers(self, order_id: str, markers: Mapping[str, str]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        self._queue_markers(pipe, order_id, markers)
+        pipe.execute()
+
+    def _queue_markers(self, pipe: Any, order_id: str, markers: Mapping[str, str]) -> None:
+        pipe.hset(self.order_key(order_id), mapping={f"x:{k}": v for k, v in markers.items()})
+
     def incr_marker(self, order_id: str, name: str) -> int:
         return int(self.redis.hincrby(self.order_key(order_id), f"x:{name}", 1))
 
@@ -717,8 +743,11 @@ class Ledger:
         pipe.zadd(self.undelivered_key, {order_id: time.time()})
         pipe.execute()
 
-    def email_delivered(self, order_id: str) -> None:
+    def email_delivered(self, order_id: str, markers: Mapping[str, str] | None = None) -> None:
+        """An operator's resend went out; ``markers``: what the send recorded (its outbox)."""
         pipe = self.redis.pipeline(transaction=True)
+        if markers:
+            self._queue_markers(pipe, order_id, markers)
         pipe.hdel(self.order_key(order_id), "email_error")
         pipe.zrem(self.undelivered_key, order_id)
         pipe.execute()

@@ -123,6 +123,7 @@ def run_step(services: Services, run_id: RunId, step: Step, action: Action) -> d
 
 def _run_step(services: Services, run_id: RunId, step: Step, action: Action) -> dict[str, Any]:
     ledger = services.ledger
+    claimed_at = time.monotonic()
     claim = ledger.claim_step(run_id, step)
     if claim.status == "ended":
         assert claim.state is not None
@@ -155,12 +156,12 @@ def _run_step(services: Services, run_id: RunId, step: Step, action: Action) -> 
             if recorded.done:  # a re-approval: the Order's effects exist, the chain moves on
                 return recorded.result or {}
         assert run is not None
-        ctx = StepContext(services, run_id, provisioning, lease, snapshot)
+        ctx = StepContext(services, run_id, provisioning, lease, snapshot, lease_set_at=claimed_at)
         started = time.monotonic()
         try:
             result = action(ctx).to_json()
         except TransientError as exc:
-            ledger.record_error(run_id, step, str(exc))
+            ledger.record_error(run_id, step, str(exc), markers=ctx.pending_markers)
             settings = services.settings
             age_s = time.time() - run.created_at
             # The budget is the step's attempts in the ledger: waits for the lease do not spend it.
@@ -180,12 +181,24 @@ def _run_step(services: Services, run_id: RunId, step: Step, action: Action) -> 
                 services, run, provisioning, step, reason, FailureCause.TRANSIENT_EXHAUSTED, observed
             )
         except PermanentError as exc:
-            ledger.record_error(run_id, step, str(exc))
+            ledger.record_error(run_id, step, str(exc), markers=ctx.pending_markers)
             observed = _observe(run, step, attempts, started)
             return _terminal(services, run, provisioning, step, str(exc), FailureCause.PERMANENT, observed)
+        except BaseException:
+            # Anything else (the ledger out of reach, a bug): what the step did is still worth keeping.
+            if ctx.pending_markers:
+                with suppress(Exception):
+                    ledger.set_markers(run_id.order_id, ctx.pending_markers)
+            raise
         last = step is STEPS[-1]
         ledger.end_step(
-            run_id, step, result, lease, finish=last, observed=_observe(run, step, attempts, started)
+            run_id,
+            step,
+            result,
+            lease,
+            finish=last,
+            observed=_observe(run, step, attempts, started),
+            markers=ctx.pending_markers,
         )
         log.info("step_done", step=step.value, attempt=attempts, **result)
         if last:

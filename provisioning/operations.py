@@ -164,7 +164,7 @@ def resend_email(services: Services, order_ids: list[str], *, dry_run: bool, use
                 outcomes.append(Outcome(order_id, "refused", None, str(exc)))
                 log.warning("email_resend_refused", order_id=order_id, error=str(exc), user=user)
                 continue
-        ledger.email_delivered(order_id)
+        ledger.email_delivered(order_id, ctx.pending_markers)
         write_order(
             services,
             order_id,

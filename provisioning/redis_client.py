@@ -8,10 +8,13 @@ without a restart. ``REDIS_URL`` then gives only the db, the user and the passwo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 from redis.connection import SSLConnection, parse_url
+from redis.exceptions import NoScriptError
 from redis.sentinel import Sentinel, SentinelManagedSSLConnection
 
 from provisioning.settings import Settings, redact_url
@@ -67,3 +70,29 @@ def describe(settings: Settings) -> str:
     if settings.sentinel_addresses:
         return f"master {settings.redis_sentinel_master!r} of sentinels {settings.redis_sentinels}"
     return redact_url(settings.redis_url)
+
+
+def queue_script(pipe: Any, script: Script, keys: Sequence[str], args: Sequence[Any]) -> None:
+    """Queue ``script`` in ``pipe`` as a bare EVALSHA; run the pipeline with :func:`execute_scripted`.
+
+    redis-py checks the script cache (SCRIPT EXISTS, one more round trip) before every
+    pipeline that holds a ``Script``; the cache is nearly always warm, so that round trip
+    is paid only when the server answers NOSCRIPT (after a restart or a failover).
+    """
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+
+def execute_scripted(pipe: Any, scripts: dict[int, tuple[Script, Sequence[str], Sequence[Any]]]) -> list[Any]:
+    """Run ``pipe``; ``scripts`` maps a command's index to the script queued there by :func:`queue_script`.
+
+    A script the server did not know is loaded and run again on its own (the commands queued
+    after it did run); any other error is raised, the first one, as ``pipe.execute()`` would.
+    """
+    replies: list[Any] = pipe.execute(raise_on_error=False)
+    for index, (script, keys, args) in scripts.items():
+        if isinstance(replies[index], NoScriptError):
+            replies[index] = script(keys=list(keys), args=list(args))
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies

@@ -111,3 +111,28 @@ def test_a_refused_email_is_listed_until_it_is_delivered(services: Services) -> 
     ledger.email_delivered(ORDER)
     assert ledger.undelivered() == []
     assert ledger.provisioning(ORDER).email_error is None
+
+
+def test_steps_end_and_runs_are_recorded_after_the_server_forgot_its_scripts(services: Services) -> None:
+    ledger = services.ledger
+    run = RunId(ORDER, "k1")
+    ledger.start(run, {"id": ORDER})
+    claim = ledger.claim_step(run, Step.CREATE_WHMCS_ORDER)
+    assert claim.lease is not None
+    # A restart or a failover empties the script cache: the pipelines load the script and go on.
+    services.redis.script_flush()
+    ledger.end_step(
+        run,
+        Step.CREATE_WHMCS_ORDER,
+        {"whmcs_order_id": 7},
+        claim.lease,
+        finish=False,
+        markers={"whmcs_accepted": "1"},
+    )
+    provisioning = ledger.provisioning(ORDER)
+    assert provisioning.step(Step.CREATE_WHMCS_ORDER).result == {"whmcs_order_id": 7}
+    assert provisioning.markers["whmcs_accepted"] == "1"
+    assert not services.redis.exists(ledger.lease_key(ORDER))
+    services.redis.script_flush()
+    assert ledger.enqueue_many([RunId(ORDER, "k2"), RunId(ORDER, "k3")]) == [True, True]
+    assert ledger.runs_in_flight(ORDER) == [run, RunId(ORDER, "k2"), RunId(ORDER, "k3")]

@@ -354,3 +354,52 @@ def test_the_runs_beginning_and_its_first_step_each_have_their_own_retry_budget(
     run = services.ledger.get(run_id)
     assert run.own_steps["provision_order"].attempts == 2
     assert run.step(Step.VALIDATE_PAYMENT, services.ledger.provisioning(order.order_id)).attempts == 1
+
+
+def test_markers_of_effects_made_are_written_with_the_steps_end_or_its_error(sandbox, services, order):
+    run_id = RunId.parse(order.run_id)
+    _begin(services, run_id)
+
+    def accepted_then_flaky(ctx: StepContext) -> StepResult:
+        ctx.record_marker("whmcs_order_id", "42")
+        # Not in Redis yet: it goes with the step's end (or error), in that same round trip.
+        assert services.ledger.marker(order.order_id, "whmcs_order_id") is None
+        raise Flaky("AcceptOrder: HTTP 503")
+
+    with pytest.raises(RetryLater):
+        run_step(services, run_id, Step.CREATE_WHMCS_ORDER, accepted_then_flaky)
+    # The retry finds the order it made, instead of looking for it or making another.
+    assert services.ledger.marker(order.order_id, "whmcs_order_id") == "42"
+
+    def accepted(ctx: StepContext) -> StepResult:
+        assert ctx.marker("whmcs_order_id") == "42"
+        ctx.record_marker("whmcs_accepted", "1")
+        return WhmcsOrderCreated(whmcs_order_id=42)
+
+    run_step(services, run_id, Step.CREATE_WHMCS_ORDER, accepted)
+    provisioning = services.ledger.provisioning(order.order_id)
+    assert provisioning.markers["whmcs_accepted"] == "1"
+    assert provisioning.step(Step.CREATE_WHMCS_ORDER).result == {"whmcs_order_id": 42}
+
+
+def test_a_lease_is_renewed_before_a_call_only_once_a_quarter_of_its_ttl_has_gone_by(
+    sandbox, services, order
+):
+    run_id = RunId.parse(order.run_id)
+    _begin(services, run_id)
+    lease_key = services.ledger.lease_key(order.order_id)
+    ttl_ms = services.ledger.lease_ttl_s * 1000
+    seen: dict[str, int] = {}
+
+    def action(ctx: StepContext) -> StepResult:
+        services.redis.pexpire(lease_key, 1_000)
+        ctx.renew()  # just claimed: not renewed, no round trip
+        seen["fresh"] = services.redis.pttl(lease_key)
+        ctx.lease_set_at -= ctx.services.ledger.lease_ttl_s * 0.3
+        ctx.renew()
+        seen["later"] = services.redis.pttl(lease_key)
+        return EsimActivated(iccid="8988211000000000001")
+
+    run_step(services, run_id, Step.ACTIVATE_ESIM, action)
+    assert 0 < seen["fresh"] <= 1_000
+    assert seen["later"] > ttl_ms - 1_000

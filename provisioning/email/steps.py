@@ -75,5 +75,6 @@ def deliver(ctx: StepContext, order: Order) -> WelcomeEmail:
         # Refused outright (4xx, 5xx, no connection): nothing left our hands.
         ctx.set_marker("outbox", "pending")
         raise
-    ctx.set_marker("outbox", "sent")
+    # With the step's end: a worker dying before it leaves "sending", as one dying mid-send does.
+    ctx.record_marker("outbox", "sent")
     return WelcomeEmail(message_id=message_id)

@@ -61,6 +61,7 @@ def activate_esim(ctx: StepContext) -> EsimActivated:
         # The code lets anyone download the profile: it stays in the ledger for the e-mail,
         # and only the ICCID goes on (task results and Flower show results).
         address = smdp_address or smdp_address_from_settings(ctx.settings)
-        ctx.set_marker("activation_code", activation_code(address, matching_id))
+        # With the step's end: a retry confirms again ("invalid transition") and derives the same code.
+        ctx.record_marker("activation_code", activation_code(address, matching_id))
     inventory.mark_used(ctx.effect_key)
     return EsimActivated(iccid=iccid)

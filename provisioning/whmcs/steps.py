@@ -95,7 +95,8 @@ def create_whmcs_order(ctx: StepContext) -> WhmcsOrderCreated:
                 notes=note,
             )
             whmcs_order_id = created.order_id
-        ctx.set_marker("whmcs_order_id", str(whmcs_order_id))
+        # With the step's end: a worker dying before it leaves the intent, and the next try finds the order.
+        ctx.record_marker("whmcs_order_id", str(whmcs_order_id))
     else:
         whmcs_order_id = int(order_id_text)
 
@@ -111,5 +112,6 @@ def create_whmcs_order(ctx: StepContext) -> WhmcsOrderCreated:
                 raise WhmcsPermanentError(
                     f"WHMCS order {whmcs_order_id} cannot be accepted: it is {status}"
                 ) from None
-        ctx.set_marker("whmcs_accepted", "1")
+        # With the step's end: a repeat AcceptOrder answers "not Pending", checked above.
+        ctx.record_marker("whmcs_accepted", "1")
     return WhmcsOrderCreated(whmcs_order_id=whmcs_order_id)
