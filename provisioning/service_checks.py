@@ -53,7 +53,7 @@ def _whmcs(settings: Settings) -> str:
     from provisioning.whmcs.client import WhmcsClient
     from provisioning.whmcs.errors import WhmcsClientNotFound
 
-    client = WhmcsClient.from_settings(settings, make_session(settings.tls_ca_bundle))
+    client = WhmcsClient.from_settings(settings)
     # "Client Not Found" is the answer we expect for client 0: the API took our credentials.
     with contextlib.suppress(WhmcsClientNotFound):
         client.get_client(0)

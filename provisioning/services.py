@@ -60,7 +60,7 @@ class Services:
 
         s = self.settings
         return self._once(  # type: ignore[no-any-return]
-            "whmcs", lambda: WhmcsClient.from_settings(s, session=make_session(s.tls_ca_bundle))
+            "whmcs", lambda: WhmcsClient.from_settings(s)
         )
 
     @property
@@ -69,7 +69,7 @@ class Services:
 
         s = self.settings
         return self._once(  # type: ignore[no-any-return]
-            "es2plus", lambda: Es2PlusClient.from_settings(s, session=make_session(s.tls_ca_bundle))
+            "es2plus", lambda: Es2PlusClient.from_settings(s)
         )
 
     @property

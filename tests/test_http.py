@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import requests
 import trustme
+import urllib3
 from pydantic import SecretStr
 
 from provisioning.email.errors import EmailPermanentError
@@ -35,6 +36,7 @@ from provisioning.http import (
     Failure,
     classify,
     connection_retrying,
+    make_pool,
     make_session,
     status_failure,
 )
@@ -231,6 +233,47 @@ def test_a_tls_handshake_cut_short_is_a_lost_connection(raw_server: Callable[...
     assert classify(exc).kind is Failure.CONNECTION_LOST
 
 
+def urllib3_fail(method: str, url: str, *, timeout: float = 5, ca_bundle: Path | None = None) -> Exception:
+    """The exception of one call through :func:`make_pool`'s pools (no retries: raised as it happens)."""
+    pool = make_pool(ca_bundle)
+    try:
+        pool.request(method, url, timeout=timeout)
+    except urllib3.exceptions.HTTPError as exc:
+        return exc
+    finally:
+        pool.clear()
+    raise AssertionError("the call succeeded")
+
+
+def test_urllib3s_exceptions_get_the_same_kinds_as_requests(
+    raw_server: Callable[..., RawServer], server_ca: trustme.CA, other_ca_bundle: Path
+) -> None:
+    def cut_body(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel")
+        conn.close()
+
+    slow = raw_server(read_request_then(lambda conn: time.sleep(2)))
+    closed = raw_server(read_request_then(lambda conn: conn.close()))
+    cut = raw_server(read_request_then(cut_body))
+    no_tls = raw_server(lambda conn: conn.close())
+    tls = raw_server(tls_handshake(server_ca))
+    cases = {
+        Failure.UNREACHABLE: urllib3_fail("GET", f"http://127.0.0.1:{closed_port()}/"),
+        Failure.READ_TIMEOUT: urllib3_fail("POST", f"http://127.0.0.1:{slow.port}/", timeout=SHORT_TIMEOUT_S),
+        Failure.CONNECTION_LOST: urllib3_fail("POST", f"http://127.0.0.1:{closed.port}/"),
+        Failure.TLS_CERTIFICATE: urllib3_fail(
+            "GET", f"https://127.0.0.1:{tls.port}/", ca_bundle=other_ca_bundle
+        ),
+        Failure.INVALID_URL: urllib3_fail("GET", "http://[not a host/"),
+    }
+    for kind, exc in cases.items():
+        assert classify(exc).kind is kind, (kind, repr(exc))
+    for url in (f"http://127.0.0.1:{cut.port}/", f"https://127.0.0.1:{no_tls.port}/"):
+        assert classify(urllib3_fail("GET", url)).kind is Failure.CONNECTION_LOST, url
+    assert classify(cases[Failure.UNREACHABLE]).safe_to_resend
+    assert "TLS_CA_BUNDLE" in classify(cases[Failure.TLS_CERTIFICATE]).describe()
+
+
 def test_an_untrusted_certificate_is_permanent_and_says_why(
     raw_server: Callable[..., RawServer], server_ca: trustme.CA, other_ca_bundle: Path
 ) -> None:
@@ -358,14 +401,12 @@ def test_every_client_maps_every_kind_to_an_error_of_the_same_transience(module:
 
 
 def _whmcs(url: str, bundle: Path) -> Callable[[], object]:
-    client = WhmcsClient(
-        session=make_session(bundle), url=url, identifier=SecretStr("i"), secret=SecretStr("s")
-    )
+    client = WhmcsClient(session=make_pool(bundle), url=url, identifier=SecretStr("i"), secret=SecretStr("s"))
     return lambda: client.get_orders()
 
 
 def _es2plus(url: str, bundle: Path) -> Callable[[], object]:
-    client = Es2PlusClient(session=make_session(bundle), url=url, requester_id="tests")
+    client = Es2PlusClient(session=make_pool(bundle), url=url, requester_id="tests")
     return lambda: client.download_order(iccid="8988299000000000006")
 
 

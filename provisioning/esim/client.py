@@ -16,13 +16,14 @@ could not be opened (the request was never sent).
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import requests
+import urllib3
 
 from provisioning.esim.errors import (
     TRANSIENT_REASON_CODES,
@@ -34,7 +35,14 @@ from provisioning.esim.errors import (
     from_transport,
 )
 from provisioning.esim.iccid import normalize_iccid
-from provisioning.http import TransportFailure, classify, connection_retrying, make_session, status_failure
+from provisioning.http import (
+    TRANSPORT_EXCEPTIONS,
+    TransportFailure,
+    classify,
+    connection_retrying,
+    make_pool,
+    status_failure,
+)
 from provisioning.logs import get_logger
 from provisioning.settings import Settings
 
@@ -48,6 +56,12 @@ ADMIN_PROTOCOL = "gsma/rsp/v2.5.0"
 ADMIN_PROTOCOL_PREFIX = "gsma/rsp/v2."
 API_PATH = "/gsma/rsp2/es2plus/"
 SUCCESS_STATUSES = frozenset({"Executed-Success", "Executed-WithWarning"})
+_HEADERS = {
+    "X-Admin-Protocol": ADMIN_PROTOCOL,
+    "Accept": "application/json",
+    "Content-Type": "application/json",
+}
+_TIMEOUT = urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S)
 
 
 @dataclass(frozen=True)
@@ -83,16 +97,18 @@ def smdp_address_from_settings(settings: Settings) -> str:
 class Es2PlusClient:
     """One operator's ES2+ connection to one SM-DP+."""
 
-    def __init__(self, *, session: requests.Session, url: str, requester_id: str) -> None:
+    def __init__(self, *, session: urllib3.PoolManager, url: str, requester_id: str) -> None:
         self._session = session
         self._base = url.rstrip("/") + API_PATH
         self._requester_id = requester_id
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, session: requests.Session | None = None) -> Es2PlusClient:
+    def from_settings(
+        cls, settings: Settings, *, session: urllib3.PoolManager | None = None
+    ) -> Es2PlusClient:
         settings.require("smdp_url")
         return cls(
-            session=session or make_session(settings.tls_ca_bundle),
+            session=session or make_pool(settings.tls_ca_bundle, url=str(settings.smdp_url)),
             url=str(settings.smdp_url),
             requester_id=settings.smdp_requester_id,
         )
@@ -143,13 +159,13 @@ class Es2PlusClient:
         started = time.monotonic()
         response = self._post(function, payload)
         elapsed_ms = round((time.monotonic() - started) * 1000, 1)
-        status = response.status_code
+        status = response.status
         busy = status_failure(status)
         if busy is not None:
             log.warning("es2plus_http_error", function=function, call_id=call_id, http_status=status)
             raise from_transport(TransportFailure(busy, f"HTTP {status}"), function, status=status)
         try:
-            answer = response.json()
+            answer = json.loads(response.data)
         except ValueError:
             answer = None
         if status != 200:
@@ -184,17 +200,20 @@ class Es2PlusClient:
             raise Es2PlusFunctionFailed(outcome)
         raise Es2PlusProtocolError(f"{function}: unknown status {outcome.status!r}")
 
-    def _post(self, function: str, payload: dict[str, Any]) -> requests.Response:
-        """The one place where requests' exceptions become ours; only a request never sent is sent again."""
+    def _post(self, function: str, payload: dict[str, Any]) -> urllib3.BaseHTTPResponse:
+        """The one place where transport exceptions become ours; only a request never sent is sent again."""
         try:
-            return connection_retrying()(
-                self._session.post,
+            response: urllib3.BaseHTTPResponse = connection_retrying()(
+                self._session.request,
+                "POST",
                 self._base + function,
-                json=payload,
-                headers={"X-Admin-Protocol": ADMIN_PROTOCOL, "Accept": "application/json"},
-                timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+                body=json.dumps(payload).encode(),
+                headers=_HEADERS,
+                timeout=_TIMEOUT,
+                redirect=False,
             )
-        except requests.RequestException as exc:
+            return response
+        except TRANSPORT_EXCEPTIONS as exc:
             raise from_transport(classify(exc), function) from exc
 
 

@@ -1,4 +1,4 @@
-"""WHMCS External API client (``POST <WHMCS_URL>/includes/api.php``), on a ``requests.Session``.
+"""WHMCS External API client (``POST <WHMCS_URL>/includes/api.php``), on urllib3's pools (:func:`make_pool`).
 
 Always asks for ``responsetype=json`` and reads the body, never the status alone (WHMCS answers
 its errors at HTTP 200). Numbers arrive as strings and are coerced by the models here. Errors
@@ -12,6 +12,7 @@ is retried here (the Celery tasks own the retry policy); an auth error never is.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -19,10 +20,18 @@ from datetime import date
 from decimal import Decimal
 from typing import Any
 
-import requests
+import urllib3
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from provisioning.http import Failure, TransportFailure, classify, connection_retrying, status_failure
+from provisioning.http import (
+    TRANSPORT_EXCEPTIONS,
+    Failure,
+    TransportFailure,
+    classify,
+    connection_retrying,
+    make_pool,
+    status_failure,
+)
 from provisioning.logs import get_logger
 from provisioning.settings import Settings
 from provisioning.whmcs.errors import (
@@ -162,7 +171,7 @@ class WhmcsClient:
     def __init__(
         self,
         *,
-        session: requests.Session,
+        session: urllib3.PoolManager,
         url: str,
         identifier: SecretStr,
         secret: SecretStr,
@@ -174,15 +183,15 @@ class WhmcsClient:
         self._session = session
         self._identifier = identifier
         self._secret = secret
-        self._timeout = (connect_timeout_s, read_timeout_s)
+        self._timeout = urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s)
 
     @classmethod
-    def from_settings(cls, settings: Settings, session: requests.Session) -> WhmcsClient:
+    def from_settings(cls, settings: Settings, session: urllib3.PoolManager | None = None) -> WhmcsClient:
         settings.require("whmcs_url", "whmcs_identifier", "whmcs_secret")
         assert settings.whmcs_identifier is not None
         assert settings.whmcs_secret is not None
         return cls(
-            session=session,
+            session=session or make_pool(settings.tls_ca_bundle, url=str(settings.whmcs_url)),
             url=str(settings.whmcs_url),
             identifier=settings.whmcs_identifier,
             secret=settings.whmcs_secret,
@@ -318,10 +327,16 @@ class WhmcsClient:
         started = time.monotonic()
         try:
             response = retrying(
-                self._session.post, self.endpoint, data=data, timeout=self._timeout, allow_redirects=False
+                self._session.request,
+                "POST",
+                self.endpoint,
+                fields=data,
+                encode_multipart=False,
+                timeout=self._timeout,
+                redirect=False,
             )
             body = self._read(action, response)
-        except requests.RequestException as exc:
+        except TRANSPORT_EXCEPTIONS as exc:
             error = from_transport(classify(exc), action)
             log.warning("whmcs_call_failed", action=action, error=type(error).__name__, reason=str(error))
             raise error from exc
@@ -343,8 +358,8 @@ class WhmcsClient:
                 text = text.replace(value, "***")
         return text
 
-    def _read(self, action: str, response: requests.Response) -> dict[str, Any]:
-        status = response.status_code
+    def _read(self, action: str, response: urllib3.BaseHTTPResponse) -> dict[str, Any]:
+        status = response.status
         if 300 <= status < 400:
             raise WhmcsPermanentError(
                 f"WHMCS {action}: unexpected redirect (HTTP {status}) to {response.headers.get('Location')!r}; "
@@ -362,11 +377,11 @@ class WhmcsClient:
         if status >= 400:
             raise WhmcsPermanentError(f"WHMCS {action}: HTTP {status}", action=action, status=status)
         try:
-            body = response.json()
+            body = json.loads(response.data)
         except ValueError:
             kind = response.headers.get("Content-Type", "no content type")
             raise WhmcsTransientError(
-                f"WHMCS {action}: answer is not JSON ({kind}, {len(response.content)} bytes)",
+                f"WHMCS {action}: answer is not JSON ({kind}, {len(response.data)} bytes)",
                 action=action,
                 status=status,
             ) from None

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from provisioning.esim.client import Es2PlusClient
-from provisioning.http import make_session
+from provisioning.http import make_pool, make_session
 from provisioning.sandbox.common import SandboxTLS, ServerThread
 from provisioning.sandbox.smdp import SmdpSimulator
 
@@ -68,6 +68,6 @@ def smdp(smdp_tls: SandboxTLS) -> Iterator[SmdpSandbox]:
 
 @pytest.fixture
 def client(smdp: SmdpSandbox) -> Iterator[Es2PlusClient]:
-    session = make_session(smdp.tls.ca_bundle)
-    yield Es2PlusClient(session=session, url=smdp.url, requester_id=REQUESTER)
-    session.close()
+    pool = make_pool(smdp.tls.ca_bundle)
+    yield Es2PlusClient(session=pool, url=smdp.url, requester_id=REQUESTER)
+    pool.clear()

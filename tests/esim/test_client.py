@@ -7,7 +7,6 @@ import socket
 from typing import TYPE_CHECKING
 
 import pytest
-import requests
 
 from provisioning.errors import PermanentError, TransientError
 from provisioning.esim.client import (
@@ -26,7 +25,7 @@ from provisioning.esim.errors import (
     Es2PlusServerError,
     Es2PlusTlsError,
 )
-from provisioning.http import make_session
+from provisioning.http import make_pool
 from provisioning.settings import Settings
 
 if TYPE_CHECKING:
@@ -236,8 +235,9 @@ def test_an_expired_answer_at_http_200_is_transient_and_carries_its_codes(
 
 
 def test_a_wrong_url_is_a_permanent_protocol_error(smdp: SmdpSandbox) -> None:
-    session = make_session(smdp.tls.ca_bundle)
-    client = Es2PlusClient(session=session, url=smdp.url + "/elsewhere", requester_id=smdp.requester)
+    client = Es2PlusClient(
+        session=make_pool(smdp.tls.ca_bundle), url=smdp.url + "/elsewhere", requester_id=smdp.requester
+    )
     with pytest.raises(Es2PlusProtocolError) as failed:
         client.download_order(iccid="8988299000000000006")
     assert failed.value.status_code == 404
@@ -245,8 +245,8 @@ def test_a_wrong_url_is_a_permanent_protocol_error(smdp: SmdpSandbox) -> None:
 
 
 def test_a_server_certificate_that_does_not_verify_is_a_permanent_tls_error(smdp: SmdpSandbox) -> None:
-    # trust_env stays on: the machine's REQUESTS_CA_BUNDLE (public CAs) applies, which lacks the sandbox CA.
-    client = Es2PlusClient(session=requests.Session(), url=smdp.url, requester_id=smdp.requester)
+    # The default CA bundle (certifi's public CAs), which lacks the sandbox CA.
+    client = Es2PlusClient(session=make_pool(), url=smdp.url, requester_id=smdp.requester)
     with pytest.raises(Es2PlusTlsError) as failed:
         client.download_order(iccid="8988299000000000006")
     assert isinstance(failed.value, PermanentError)
@@ -257,7 +257,7 @@ def test_a_refused_connection_is_transient(smdp: SmdpSandbox) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     client = Es2PlusClient(
-        session=make_session(smdp.tls.ca_bundle), url=f"https://127.0.0.1:{port}", requester_id=smdp.requester
+        session=make_pool(smdp.tls.ca_bundle), url=f"https://127.0.0.1:{port}", requester_id=smdp.requester
     )
     with pytest.raises(Es2PlusConnectionError) as failed:
         client.download_order(iccid="8988299000000000006")

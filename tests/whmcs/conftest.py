@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 import requests
+import urllib3
 from pydantic import SecretStr
 
-from provisioning.http import make_session
+from provisioning.http import make_pool, make_session
 from provisioning.sandbox.common import SandboxTLS, ServerThread
 from provisioning.sandbox.whmcs import WhmcsSimulator
 from provisioning.whmcs.client import WhmcsClient
@@ -20,14 +21,15 @@ from provisioning.whmcs.client import WhmcsClient
 class WhmcsSandbox:
     sim: WhmcsSimulator
     thread: ServerThread
-    session: requests.Session
+    session: requests.Session  # the simulator's admin API
+    pool: urllib3.PoolManager  # the client's transport
     url: str
 
     def client(
         self, *, secret: str | None = None, identifier: str | None = None, **options: Any
     ) -> WhmcsClient:
         return WhmcsClient(
-            session=self.session,
+            session=self.pool,
             url=self.url,
             identifier=SecretStr(identifier or self.sim.identifier),
             secret=SecretStr(secret or self.sim.secret),
@@ -61,11 +63,18 @@ def start_whmcs(whmcs_tls: SandboxTLS) -> Iterator[Callable[..., WhmcsSandbox]]:
         thread = ServerThread(ssl_context=whmcs_tls.server_context)
         thread.add_app("whmcs", sim.build_app())
         thread.start()
-        box = WhmcsSandbox(sim, thread, make_session(whmcs_tls.ca_bundle), thread.url("whmcs"))
+        box = WhmcsSandbox(
+            sim,
+            thread,
+            make_session(whmcs_tls.ca_bundle),
+            make_pool(whmcs_tls.ca_bundle),
+            thread.url("whmcs"),
+        )
         started.append(box)
         return box
 
     yield start
     for box in started:
         box.session.close()
+        box.pool.clear()
         box.thread.stop()

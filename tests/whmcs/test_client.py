@@ -10,13 +10,12 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-import requests
+import urllib3
 from pydantic import SecretStr
-from requests.adapters import BaseAdapter
-from requests.structures import CaseInsensitiveDict
-from urllib3.exceptions import MaxRetryError, NewConnectionError
+from urllib3.exceptions import NewConnectionError, ProtocolError, ReadTimeoutError
 
 from provisioning.errors import PermanentError, TransientError
+from provisioning.http import make_pool
 from provisioning.settings import ConfigError, Settings
 from provisioning.whmcs.client import PayMethod, WhmcsClient, note_matches
 from provisioning.whmcs.errors import (
@@ -321,7 +320,7 @@ def test_a_closed_port_is_transient() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     client = WhmcsClient(
-        session=requests.Session(),
+        session=make_pool(),
         url=f"https://127.0.0.1:{port}",
         identifier=SecretStr("i"),
         secret=SecretStr("s"),
@@ -331,9 +330,8 @@ def test_a_closed_port_is_transient() -> None:
 
 
 def test_an_untrusted_certificate_is_permanent(whmcs: WhmcsSandbox) -> None:
-    session = requests.Session()
-    session.trust_env = False  # the default CA set, which does not hold the sandbox CA
-    client = WhmcsClient(session=session, url=whmcs.url, identifier=SecretStr("i"), secret=SecretStr("s"))
+    # The default CA bundle (certifi's public CAs), which lacks the sandbox CA.
+    client = WhmcsClient(session=make_pool(), url=whmcs.url, identifier=SecretStr("i"), secret=SecretStr("s"))
     with pytest.raises(WhmcsPermanentError, match="TLS certificate verification failed"):
         client.get_orders()
 
@@ -346,12 +344,12 @@ def test_from_settings_builds_a_working_client_from_the_simulator_env(
 ) -> None:
     for name, value in whmcs.sim.env(whmcs.url + "/").items():
         monkeypatch.setenv(name, value)
-    client = WhmcsClient.from_settings(Settings(_env_file=None), whmcs.session)
+    client = WhmcsClient.from_settings(Settings(_env_file=None), whmcs.pool)
     assert client.endpoint == f"{whmcs.url}/includes/api.php"
     assert client.get_client(ACTIVE_CLIENT).status == "Active"
     monkeypatch.delenv("WHMCS_SECRET")
     with pytest.raises(ConfigError, match="WHMCS_SECRET"):
-        WhmcsClient.from_settings(Settings(_env_file=None), whmcs.session)
+        WhmcsClient.from_settings(Settings(_env_file=None), whmcs.pool)
 
 
 def test_secrets_never_show_in_reprs_or_errors(whmcs: WhmcsSandbox) -> None:
@@ -387,43 +385,32 @@ def test_errors_keep_their_attributes_through_pickling() -> None:
 # -- transport-level cases the simulator does not produce ---------------------------------------
 
 
-class CannedAdapter(BaseAdapter):
-    """Answers each request with the next canned (status, body, headers) or raises it."""
+class CannedPool(urllib3.PoolManager):
+    """The transport layer, canned: answers each request with the next (status, body, headers) or raises it."""
 
     def __init__(self, *answers: tuple[int, str, dict[str, str]] | Exception) -> None:
         super().__init__()
         self.answers = list(answers)
-        self.sent: list[requests.PreparedRequest] = []
+        self.sent: list[tuple[str, str | bytes]] = []
 
-    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
-        self.sent.append(request)
+    def urlopen(self, method: str, url: str, redirect: bool = True, **kw: Any) -> urllib3.BaseHTTPResponse:
+        self.sent.append((url, kw.get("body") or b""))
         answer = self.answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
         status, body, headers = answer
-        response = requests.Response()
-        response.status_code = status
-        response._content = body.encode()
-        response.headers = CaseInsensitiveDict(headers)
-        response.url = request.url or ""
-        response.request = request
-        return response
-
-    def close(self) -> None:
-        pass
+        return urllib3.HTTPResponse(body=body.encode(), status=status, headers=headers, preload_content=True)
 
 
-def canned_client(*answers: tuple[int, str, dict[str, str]] | Exception) -> tuple[WhmcsClient, CannedAdapter]:
-    adapter = CannedAdapter(*answers)
-    session = requests.Session()
-    session.mount("https://", adapter)
+def canned_client(*answers: tuple[int, str, dict[str, str]] | Exception) -> tuple[WhmcsClient, CannedPool]:
+    pool = CannedPool(*answers)
     client = WhmcsClient(
-        session=session,
+        session=pool,
         url="https://whmcs.test/billing",
         identifier=SecretStr("ident-1"),
         secret=SecretStr("secret-1"),
     )
-    return client, adapter
+    return client, pool
 
 
 JSON = {"Content-Type": "application/json"}
@@ -432,9 +419,9 @@ JSON = {"Content-Type": "application/json"}
 def test_every_call_asks_for_json_with_the_credentials() -> None:
     client, adapter = canned_client((200, '{"result":"success","totalresults":"0","numreturned":0}', JSON))
     assert client.get_orders(client_id=5) == []
-    [sent] = adapter.sent
-    assert sent.url == "https://whmcs.test/billing/includes/api.php"
-    body = str(sent.body)
+    [(url, sent)] = adapter.sent
+    assert url == "https://whmcs.test/billing/includes/api.php"
+    body = sent.decode() if isinstance(sent, bytes) else sent
     for field in (
         "action=GetOrders",
         "responsetype=json",
@@ -468,7 +455,8 @@ def test_odd_answers_are_classified(
 
 def test_a_read_timeout_is_transient_and_not_resent() -> None:
     client, adapter = canned_client(
-        requests.ReadTimeout("read timed out"), (200, '{"result":"success"}', JSON)
+        ReadTimeoutError(None, "/", "read timed out"),  # type: ignore[arg-type]
+        (200, '{"result":"success"}', JSON),
     )
     with pytest.raises(WhmcsTransientError, match="timed out"):
         client.get_orders()
@@ -476,12 +464,13 @@ def test_a_read_timeout_is_transient_and_not_resent() -> None:
 
 
 def test_a_write_is_resent_only_when_no_connection_was_opened() -> None:
-    refused = requests.ConnectionError(MaxRetryError(None, "/", NewConnectionError(None, "refused")))  # type: ignore[arg-type]
+    refused = NewConnectionError(None, "refused")  # type: ignore[arg-type]
     client, adapter = canned_client(refused, (200, '{"result":"success"}', JSON))
     client.accept_order(1)
     assert len(adapter.sent) == 2
     client, adapter = canned_client(
-        requests.ConnectionError("reset by peer"), (200, '{"result":"success"}', JSON)
+        ProtocolError("Connection aborted.", ConnectionResetError("reset by peer")),
+        (200, '{"result":"success"}', JSON),
     )
     with pytest.raises(WhmcsTransientError):
         client.accept_order(1)
