@@ -23,6 +23,7 @@ nothing stacks under the retry policy of the Celery tasks.
 from __future__ import annotations
 
 import enum
+import os
 import ssl
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -258,15 +259,20 @@ def make_pool(
 ) -> urllib3.PoolManager:
     """urllib3's pools for one client: kept-alive connections, no retries, no redirects followed.
 
-    The CA bundle is ``ca_bundle``, else the one requests uses (certifi's). The proxy
-    is read once, here, from the standard variables (``HTTPS_PROXY``, ``NO_PROXY``) for
-    ``url``'s host, as requests would have for each call.
+    The CA bundle is ``ca_bundle`` (``TLS_CA_BUNDLE``), else the one requests would take:
+    ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE``, else certifi's. The proxy comes from the
+    standard variables (``HTTPS_PROXY``, ``NO_PROXY``) for ``url``'s host. Both are read
+    once, here, where requests reads them on every call.
     """
-    ca_certs = str(ca_bundle) if ca_bundle is not None else DEFAULT_CA_BUNDLE_PATH
+    ca_certs = str(ca_bundle) if ca_bundle is not None else _environment_ca_bundle()
     proxy = _proxy_for(url) if url else None
     if proxy:
         return urllib3.ProxyManager(proxy, maxsize=pool_size, block=False, retries=False, ca_certs=ca_certs)
     return urllib3.PoolManager(maxsize=pool_size, block=False, retries=False, ca_certs=ca_certs)
+
+
+def _environment_ca_bundle() -> str:
+    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or DEFAULT_CA_BUNDLE_PATH
 
 
 def _proxy_for(url: str) -> str | None:

@@ -1,17 +1,21 @@
-"""Sends a built message over SMTP (smtplib), one connection per message.
+"""Sends a built message over SMTP (smtplib), on connections kept for the next message.
 
 SMTP has no idempotency: a connection lost after the message body went out may
 still have delivered it, which :class:`EmailDeliveryUnknownError` says. Nothing
-here retries (the task does, with the same Message-ID). Every smtplib and socket
-error becomes one of :mod:`provisioning.email.errors` in :func:`_translate`.
+here retries (the task does, with the same Message-ID) but a kept connection
+that the server dropped while it was idle: the message goes once more, on a new
+connection, since nothing of it was sent. Every smtplib and socket error becomes
+one of :mod:`provisioning.email.errors` in :func:`_translate`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import queue
 import re
 import smtplib
 import ssl
+import time
 from collections.abc import Iterator
 from email.message import Message
 from pathlib import Path
@@ -32,6 +36,15 @@ log = get_logger(__name__)
 
 # One limit for connecting and for every reply, DATA's included (smtplib has a single timeout).
 SMTP_TIMEOUT_S = 30.0
+# Connections kept open between messages, per sender (a worker process shares one across its
+# threads): a new connection costs a TCP connect, the greeting, EHLO and, with STARTTLS, a TLS
+# handshake. More messages at once than this open more connections, closed after their message.
+SMTP_IDLE_CONNECTIONS = 4
+# A kept connection idle for longer is closed rather than used: servers drop idle clients (Postfix
+# after 300 s), and a connection found dropped costs a reconnect anyway.
+SMTP_IDLE_MAX_S = 60.0
+# "Service not available, closing": what a server says to a client it drops, idle ones included.
+SMTP_CLOSING = 421
 
 _ENHANCED_CODE = re.compile(rb"^\s*([245]\.\d{1,3}\.\d{1,3})\b")
 
@@ -70,6 +83,7 @@ class SmtpSender:
         self.starttls = starttls
         self.timeout_s = timeout_s
         self.ca_bundle = ca_bundle
+        self._idle: queue.LifoQueue[tuple[_TrackedSMTP, float]] = queue.LifoQueue(SMTP_IDLE_CONNECTIONS)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SmtpSender:
@@ -97,26 +111,87 @@ class SmtpSender:
             raise ValueError("message has no Message-ID")
         message_id = str(message_id).strip()
         with _translate() as state:
-            smtp = _TrackedSMTP(self.host, self.port, timeout=self.timeout_s)
-            state["smtp"] = smtp
-            try:
-                if self.starttls:
-                    smtp.starttls(context=self._tls_context())
-                if self.username is not None and self._password is not None:
-                    smtp.login(self.username, self._password.get_secret_value())
-                refused = smtp.send_message(message)
-            except BaseException:
-                # No QUIT after a failure: it could wait a whole timeout, or hide the first error.
-                smtp.close()
-                raise
-            with contextlib.suppress(smtplib.SMTPException, OSError):
-                smtp.quit()
-            smtp.close()
+            smtp = self._kept()
+            if smtp is not None:
+                state["smtp"] = smtp
+                try:
+                    refused = self._send_on(smtp, message)
+                except (smtplib.SMTPServerDisconnected, smtplib.SMTPSenderRefused, OSError) as exc:
+                    if smtp.body_sent or not _dropped(exc):
+                        raise
+                    # The server dropped it while it was idle, before it took anything: a new one.
+                    smtp = None
+            if smtp is None:
+                smtp = self._connect()
+                state["smtp"] = smtp
+                refused = self._send_on(smtp, message)
+            self._keep(smtp)
         if refused:
             # Some recipients took it; retrying would duplicate it for them.
             log.warning("email_recipients_refused", message_id=message_id, refused=len(refused))
         log.info("email_sent", message_id=message_id)
         return message_id
+
+    def close(self) -> None:
+        """QUIT the kept connections."""
+        while True:
+            try:
+                smtp, _ = self._idle.get_nowait()
+            except queue.Empty:
+                return
+            _quit(smtp)
+
+    def _connect(self) -> _TrackedSMTP:
+        smtp = _TrackedSMTP(self.host, self.port, timeout=self.timeout_s)
+        try:
+            if self.starttls:
+                smtp.starttls(context=self._tls_context())
+            if self.username is not None and self._password is not None:
+                smtp.login(self.username, self._password.get_secret_value())
+        except BaseException:
+            smtp.close()
+            raise
+        return smtp
+
+    @staticmethod
+    def _send_on(smtp: _TrackedSMTP, message: Message) -> dict[str, tuple[int, bytes]]:
+        smtp.body_sent = False
+        try:
+            return smtp.send_message(message)
+        except BaseException:
+            # No QUIT after a failure: it could wait a whole timeout, or hide the first error.
+            smtp.close()
+            raise
+
+    def _kept(self) -> _TrackedSMTP | None:
+        """A kept connection idle for less than SMTP_IDLE_MAX_S (older ones are closed), or None."""
+        while True:
+            try:
+                smtp, since = self._idle.get_nowait()
+            except queue.Empty:
+                return None
+            if time.monotonic() - since < SMTP_IDLE_MAX_S:
+                return smtp
+            _quit(smtp)
+
+    def _keep(self, smtp: _TrackedSMTP) -> None:
+        try:
+            self._idle.put_nowait((smtp, time.monotonic()))
+        except queue.Full:
+            _quit(smtp)
+
+
+def _dropped(exc: BaseException) -> bool:
+    """The server closed a kept connection (gone, or a 421 to MAIL FROM) before the message went out."""
+    if isinstance(exc, smtplib.SMTPSenderRefused):
+        return exc.smtp_code == SMTP_CLOSING
+    return isinstance(exc, (smtplib.SMTPServerDisconnected, OSError))
+
+
+def _quit(smtp: smtplib.SMTP) -> None:
+    with contextlib.suppress(smtplib.SMTPException, OSError):
+        smtp.quit()
+    smtp.close()
 
 
 def _reply_summary(code: int, reply: bytes | str) -> str:

@@ -21,7 +21,8 @@ Admin routes (the aiohttp app of :meth:`SmtpSimulator.build_admin_app`; never su
   ``?message_id=<id>`` (angle brackets optional) keeps that Message-ID only.
 - ``GET  /__admin/messages/{id}``  the raw message as received (``text/plain``); 404 if unknown.
 - ``GET  /__admin/messages/summary``  ``{"count", "distinct_message_ids",
-  "without_message_id", "duplicates": {"<message-id>": copies}}`` (Message-IDs seen more than once).
+  "without_message_id", "duplicates": {"<message-id>": copies}, "connections"}`` (Message-IDs seen
+  more than once; connections opened by clients so far).
 - ``POST /__admin/messages/clear``  forgets every message: ``{"cleared": n}``.
 - ``GET/POST /__admin/faults``, ``GET /__admin/calls``, ``POST /__admin/calls/reset``:
   see :mod:`provisioning.sandbox.common`; the operation is ``DATA``, e.g.
@@ -110,12 +111,15 @@ class SmtpSimulator:
         tls_context: ssl.SSLContext | None = None,
         credentials: tuple[str, str] | None = None,
         data_size_limit: int = DEFAULT_DATA_SIZE_LIMIT,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
     ) -> None:
         if credentials is not None and tls_context is None:
             raise ValueError("credentials need a tls_context: AUTH is only offered after STARTTLS")
         self.injector = FaultInjector(Faults(), seed=seed)
         self.tls_context = tls_context
         self.data_size_limit = data_size_limit
+        self.idle_timeout_s = idle_timeout_s
+        self.connections = 0
         self._credentials = credentials
         self.messages: list[StoredMessage] = []
         self._next_id = 1
@@ -123,6 +127,8 @@ class SmtpSimulator:
     # -- server --------------------------------------------------------------------------------
 
     def _protocol(self, loop: asyncio.AbstractEventLoop) -> SMTP:
+        # One protocol per connection a client opens.
+        self.connections += 1
         return SMTP(
             self,
             hostname=SERVER_HOSTNAME,  # also spares a reverse DNS lookup per connection
@@ -131,7 +137,7 @@ class SmtpSimulator:
             require_starttls=self._credentials is not None,
             auth_required=self._credentials is not None,
             authenticator=self._authenticate if self._credentials else None,
-            timeout=IDLE_TIMEOUT_S,
+            timeout=self.idle_timeout_s,
             loop=loop,
         )
 
@@ -232,6 +238,7 @@ class SmtpSimulator:
             "distinct_message_ids": len(copies),
             "without_message_id": sum(1 for m in self.messages if m.message_id is None),
             "duplicates": {mid: n for mid, n in copies.items() if n > 1},
+            "connections": self.connections,
         }
 
     def clear(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from email.message import EmailMessage
 from typing import Any
 
@@ -232,3 +233,30 @@ def test_from_settings_without_a_host_names_the_missing_setting() -> None:
 
     with pytest.raises(ConfigError, match="SMTP_HOST"):
         SmtpSender.from_settings(settings)
+
+
+def test_messages_share_a_kept_connection_and_a_dropped_one_is_replaced_without_a_copy(
+    smtp_sandbox_factory: Any,
+) -> None:
+    sandbox = smtp_sandbox_factory(idle_timeout_s=0.5)
+    sender = sender_for(sandbox)
+    for n in range(3):
+        sender.send(activation_email(f"customer{n}@example.com"))
+    assert sandbox.admin_get("messages/summary")["connections"] == 1
+    # The server drops the idle connection (421, then closes): the next message goes on a new one, once.
+    time.sleep(1.0)
+    sender.send(activation_email("late@example.com"))
+    summary = sandbox.admin_get("messages/summary")
+    assert (summary["count"], summary["connections"]) == (4, 2)
+    assert [m["rcpt_tos"] for m in sandbox.messages()].count(["late@example.com"]) == 1
+    sender.close()
+
+
+def test_a_kept_connection_lost_after_data_is_still_an_unknown_delivery(smtp_sandbox: Any) -> None:
+    sender = sender_for(smtp_sandbox)
+    sender.send(activation_email("first@example.com"))
+    smtp_sandbox.force("ambiguous")
+    # Lost after the body went out on a kept connection: not resent on a new one.
+    with pytest.raises(EmailDeliveryUnknownError):
+        sender.send(activation_email())
+    assert smtp_sandbox.admin_get("messages/summary")["count"] == 2

@@ -245,7 +245,7 @@ def test_a_wrong_url_is_a_permanent_protocol_error(smdp: SmdpSandbox) -> None:
 
 
 def test_a_server_certificate_that_does_not_verify_is_a_permanent_tls_error(smdp: SmdpSandbox) -> None:
-    # The default CA bundle (certifi's public CAs), which lacks the sandbox CA.
+    # The default CA bundle (REQUESTS_CA_BUNDLE's, else certifi's: public CAs), which lacks the sandbox CA.
     client = Es2PlusClient(session=make_pool(), url=smdp.url, requester_id=smdp.requester)
     with pytest.raises(Es2PlusTlsError) as failed:
         client.download_order(iccid="8988299000000000006")

@@ -122,6 +122,7 @@ def test_the_summary_counts_copies_of_one_message_id_as_duplicates(server: Runni
         "distinct_message_ids": 2,
         "without_message_id": 0,
         "duplicates": {"<dup@test.local>": 2},
+        "connections": 1,  # the three went over one connection
     }
 
 

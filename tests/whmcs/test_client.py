@@ -330,7 +330,7 @@ def test_a_closed_port_is_transient() -> None:
 
 
 def test_an_untrusted_certificate_is_permanent(whmcs: WhmcsSandbox) -> None:
-    # The default CA bundle (certifi's public CAs), which lacks the sandbox CA.
+    # The default CA bundle (REQUESTS_CA_BUNDLE's, else certifi's: public CAs), which lacks the sandbox CA.
     client = WhmcsClient(session=make_pool(), url=whmcs.url, identifier=SecretStr("i"), secret=SecretStr("s"))
     with pytest.raises(WhmcsPermanentError, match="TLS certificate verification failed"):
         client.get_orders()
