@@ -424,8 +424,19 @@ class Ledger:
             scripts[index] = (self._enqueue, keys, args)
         return [bool(answer) for answer in execute_scripted(pipe, scripts)]
 
-    def start(self, run_id: RunId, order_snapshot: dict[str, Any], *, note: str | None = None) -> None:
-        """The run acts on its Order now (called under the Order's lease)."""
+    def start(
+        self,
+        run_id: RunId,
+        order_snapshot: dict[str, Any],
+        *,
+        note: str | None = None,
+        attempt: Step | None = None,
+    ) -> tuple[RunRecord, int]:
+        """The run acts on its Order now (called under the Order's lease).
+
+        Returns the run as recorded and, with ``attempt``, that step's attempts counted so far
+        (this one included: :meth:`record_attempt` in the same round trip).
+        """
         now = repr(time.time())
         key = self.run_key(run_id)
         order_key = self.order_key(run_id.order_id)
@@ -442,7 +453,13 @@ class Ledger:
         pipe.zadd(self.active_key, {str(run_id): float(now)})
         pipe.zadd(self.runs_key, {str(run_id): float(now)}, nx=True)
         self.metrics.run_started(pipe)
-        pipe.execute()
+        if attempt is not None:
+            pipe.hincrby(key, f"a:{attempt}", 1)
+        pipe.hgetall(key)
+        replies = pipe.execute()
+        attempts = int(replies[-2]) if attempt is not None else 0
+        run = _decode_run(run_id, {_str(k): _str(v) for k, v in replies[-1].items()})
+        return run, attempts
 
     def claim_step(self, run_id: RunId, step: Step) -> StepClaim:
         """In one round trip: is the step to run, and if so the Order's lease and everything it reads."""

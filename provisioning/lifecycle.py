@@ -147,11 +147,11 @@ def _run_step(services: Services, run_id: RunId, step: Step, action: Action) -> 
         run = claim.run
         attempts = claim.attempts
         if claim.state in (None, RunState.QUEUED):
-            begun = _begin(services, run_id, provisioning)
+            begun = _begin(services, run_id, provisioning, step)
             if begun.run is None or begun.provisioning is None:
                 raise RunEnded(begun.result)
             run, provisioning, snapshot = begun.run, begun.provisioning, begun.snapshot
-            attempts = ledger.record_attempt(run_id, step)
+            attempts = begun.attempts
             recorded = run.step(step, provisioning)
             if recorded.done:  # a re-approval: the Order's effects exist, the chain moves on
                 return recorded.result or {}
@@ -219,10 +219,13 @@ class _Begun:
     run: RunRecord | None = None
     provisioning: Provisioning | None = None
     snapshot: dict[str, Any] | None = None
+    attempts: int = 0  # of the step the run begins in
 
 
-def _begin(services: Services, run_id: RunId, provisioning: Provisioning) -> _Begun:
+def _begin(services: Services, run_id: RunId, provisioning: Provisioning, step: Step) -> _Begun:
     """Under the Order's lease: join a run in flight, or read the Order (ONE query) and start.
+
+    Starting counts the attempt of ``step``, the step it begins in, in the same round trip.
 
     Raises RetryLater (the Order could not be read, for now) or RunFailed (not at all).
     """
@@ -275,12 +278,12 @@ def _begin(services: Services, run_id: RunId, provisioning: Provisioning) -> _Be
     elif provisioning.has_effects and provisioning.active and provisioning.active != str(run_id):
         note = f"continues the provisioning of run {provisioning.active}: no effect is made twice"
     snapshot = order.model_dump(mode="json")
-    ledger.start(run_id, snapshot, note=note)
+    run, attempts = ledger.start(run_id, snapshot, note=note, attempt=step)
     provisioning.active = str(run_id)
-    run = ledger.get(run_id)
-    assert run is not None
     log.info("run_started")
-    return _Begun({"run_id": str(run_id)}, run=run, provisioning=provisioning, snapshot=snapshot)
+    return _Begun(
+        {"run_id": str(run_id)}, run=run, provisioning=provisioning, snapshot=snapshot, attempts=attempts
+    )
 
 
 def _adopt_from_order(services: Services, run_id: RunId, order: Order) -> None:

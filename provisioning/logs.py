@@ -45,7 +45,13 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> None:
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # Below LOG_LEVEL a line is dropped first, before any processor (a debug line on the hot path
+        # would otherwise be stamped and merged, then thrown away by the standard library).
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
