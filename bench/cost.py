@@ -69,6 +69,10 @@ def net_bytes(client: redis.Redis) -> tuple[int, int]:
     return int(stats["total_net_input_bytes"]), int(stats["total_net_output_bytes"])
 
 
+# How long the event tap waits for a message before it looks whether it should stop.
+TAP_POLL_S = 0.5
+
+
 class EventTap:
     """Counts the Celery event messages (PUBLISH on the broker) and their bytes, by event type."""
 
@@ -77,6 +81,7 @@ class EventTap:
         self.counts: Counter[str] = Counter()
         self.bytes: Counter[str] = Counter()
         self.recording = False
+        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -85,9 +90,9 @@ class EventTap:
         self._thread.start()
 
     def _run(self) -> None:
-        while True:
+        while not self._stop.is_set():
             try:
-                message = self.pubsub.get_message(timeout=0.5)
+                message = self.pubsub.get_message(timeout=TAP_POLL_S)
             except (redis.ConnectionError, ValueError, AttributeError):
                 return
             if message is None or not self.recording:
@@ -98,6 +103,10 @@ class EventTap:
             self.bytes[kind] += len(message["data"])
 
     def stop(self) -> None:
+        # The reader first: closing the connection under a read in progress makes it raise.
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(TAP_POLL_S * 4)
         self.pubsub.close()
 
 
