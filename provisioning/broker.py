@@ -13,11 +13,20 @@ message. Inside kombu's ``Producer.batch()`` (the listener publishes a batch of
 events that way) the messages are sent back to back and their acks awaited once
 at the end; outside a batch a publish is confirmed on its own, as before.
 
+A publish is confirmed only where the publishing thread is the one that reads its
+connection. Celery's worker registers its event connection with its event loop (to
+read the broker's heartbeats) while the thread pool's threads publish task events on
+it: a confirm awaited by a pool thread could be read by the loop instead, and the pool
+thread would wait for ever, holding the event dispatcher's lock every other thread
+then waits for (all of a worker's threads stuck, its prefetched tasks unacked). Such a
+publish is sent without waiting; events are Flower's view, the ledger is the record.
+
 ``celeryconfig`` picks them by the broker URL's scheme.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -67,6 +76,14 @@ class AmqpChannel(pyamqp.Channel):
         if self._confirm_selected:
             self.published += 1
         return result
+
+    def basic_publish_confirm(self, *args: Any, **kwargs: Any) -> Any:
+        reader = getattr(self.connection, "event_loop_thread", None)
+        if reader is not None and reader != threading.get_ident():
+            # Another thread reads this connection: the confirm could be read there (module docstring).
+            kwargs.pop("confirm_timeout", None)
+            return self._basic_publish(*args, **kwargs)
+        return super().basic_publish_confirm(*args, **kwargs)
 
     def create_publish_batch(self, max_size: int) -> ConfirmedBatch:
         """kombu's hook for ``Producer.batch()``."""
@@ -135,13 +152,28 @@ class ConfirmedBatch:
 
 class AmqpConnection(pyamqp.Connection):
     Channel = AmqpChannel
+    # The thread of the event loop that reads this connection, once it is registered with one.
+    event_loop_thread: int | None = None
+
+
+def _note_event_loop_reader(connection: Any) -> None:
+    # Registration happens on the loop's own thread (the worker's consumer starting its loop).
+    connection.event_loop_thread = threading.get_ident()
 
 
 class AmqpTransport(pyamqp.Transport):
     Connection = AmqpConnection
     implements = pyamqp.Transport.implements.extend(batch_publish=True)
 
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        _note_event_loop_reader(connection)
+        super().register_with_event_loop(connection, loop)  # type: ignore[no-untyped-call]
+
 
 class AmqpSSLTransport(pyamqp.SSLTransport):
     Connection = AmqpConnection
     implements = pyamqp.Transport.implements.extend(batch_publish=True)
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        _note_event_loop_reader(connection)
+        super().register_with_event_loop(connection, loop)  # type: ignore[no-untyped-call]

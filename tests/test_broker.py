@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import redis
 from amqp.exceptions import MessageNacked
@@ -89,3 +91,51 @@ def test_a_batch_of_runs_on_redis_is_queued_whole_as_first_steps(settings: Setti
         client.close()
     assert len(messages) == 250
     assert all(STEPS[0].task_name.encode() in m for m in messages)
+
+
+def test_publishes_from_other_threads_on_a_connection_an_event_loop_reads_never_hang(namespace: str) -> None:
+    """Celery's worker reads its event connection in its loop while pool threads publish events on it."""
+    from kombu.asynchronous import Hub
+
+    queue = Queue(f"q-{namespace}", Exchange(f"x-{namespace}", type="direct"), routing_key="events")
+    conn = Connection(RABBITMQ_URL, transport=AmqpTransport, transport_options={"confirm_publish": True})
+    hub = Hub()
+    loop_ready = threading.Event()
+    published = threading.Event()
+
+    def event_loop() -> None:
+        # Registered on the loop's own thread, as the worker's consumer does.
+        conn.transport.register_with_event_loop(conn.connection, hub)
+        loop_ready.set()
+        loop = hub.create_loop()
+        while not published.is_set():
+            next(loop)
+
+    try:
+        # Declared before the loop reads: only the publishes' confirms are at stake here.
+        producer = Producer(conn.channel(), exchange=queue.exchange, routing_key="events", auto_declare=False)
+        queue(producer.channel).declare()
+        # The loop's own thread confirms its publishes as usual (it is the one that reads).
+        reader = threading.Thread(target=event_loop, daemon=True)
+        reader.start()
+        assert loop_ready.wait(10)
+
+        def publish_many() -> None:
+            for n in range(300):
+                producer.publish({"n": n})
+            published.set()
+
+        publisher = threading.Thread(target=publish_many, daemon=True)
+        publisher.start()
+        publisher.join(30)
+        assert published.is_set(), "a publish waited for a confirm the event loop had read"
+        reader.join(10)
+        assert _queued(queue.name) == 300
+    finally:
+        published.set()
+        hub.close()
+        with Connection(RABBITMQ_URL) as admin:
+            channel = admin.channel()
+            channel.queue_delete(queue.name)
+            channel.exchange_delete(queue.exchange.name)
+        conn.release()
