@@ -46,8 +46,10 @@ from provisioning.logs import get_logger
 
 log = get_logger(__name__)
 
-# Connections kept per host; a worker with 100 threads shares one session per client.
-DEFAULT_POOL_SIZE = 32
+# Connections kept per host, one per thread of the largest worker documented (100 threads share one
+# pool per client): fewer, and the connections of the threads beyond it are closed after each call
+# (urllib3's "Connection pool is full"), the next call paying a new TLS handshake.
+DEFAULT_POOL_SIZE = 100
 # Tries of one request whose connection could not be opened (the request was never sent).
 CONNECT_ATTEMPTS = 2
 # Wait before that second try (full jitter below it): a load balancer or DNS blip, not an outage.
