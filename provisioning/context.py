@@ -83,8 +83,8 @@ class StepContext:
     def record_marker(self, name: str, value: str) -> None:
         """A marker of an effect that happened (an id, "accepted", "sent"), written with the step's end.
 
-        In the same round trip as the step's result, or its error. Only for effects a retry
-        finds again by itself should this marker be lost with its worker: the intent guarded
+        In the same round trip as the step's result, or its error. Use it only where a retry
+        finds the effect again should the marker be lost with its worker: the intent guarded
         before the effect, or a lookup, covers that instant (see each step).
         """
         self.pending_markers[name] = value

@@ -172,7 +172,8 @@ class SmtpSender:
                 return None
             if time.monotonic() - since < SMTP_IDLE_MAX_S:
                 return smtp
-            _quit(smtp)
+            # No QUIT: the server may be gone, and QUIT would wait for its answer.
+            smtp.close()
 
     def _keep(self, smtp: _TrackedSMTP) -> None:
         try:
