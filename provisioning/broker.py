@@ -156,24 +156,20 @@ class AmqpConnection(pyamqp.Connection):
     event_loop_thread: int | None = None
 
 
-def _note_event_loop_reader(connection: Any) -> None:
-    # Registration happens on the loop's own thread (the worker's consumer starting its loop).
-    connection.event_loop_thread = threading.get_ident()
+class _NotesItsReader:
+    """Marks a connection registered with an event loop with the loop's thread (see AmqpChannel)."""
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        # Registration happens on the loop's own thread (the worker's consumer starting its loop).
+        connection.event_loop_thread = threading.get_ident()
+        super().register_with_event_loop(connection, loop)  # type: ignore[misc]
 
 
-class AmqpTransport(pyamqp.Transport):
+class AmqpTransport(_NotesItsReader, pyamqp.Transport):
     Connection = AmqpConnection
     implements = pyamqp.Transport.implements.extend(batch_publish=True)
 
-    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
-        _note_event_loop_reader(connection)
-        super().register_with_event_loop(connection, loop)  # type: ignore[no-untyped-call]
 
-
-class AmqpSSLTransport(pyamqp.SSLTransport):
+class AmqpSSLTransport(_NotesItsReader, pyamqp.SSLTransport):
     Connection = AmqpConnection
     implements = pyamqp.Transport.implements.extend(batch_publish=True)
-
-    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
-        _note_event_loop_reader(connection)
-        super().register_with_event_loop(connection, loop)  # type: ignore[no-untyped-call]
