@@ -305,7 +305,7 @@ class SalesforceBench:
         _admin(self.admin, "POST", f"{self.url}/__admin/limits", {"api_used": 0, "api_limit": 10**9})
         self.auth = JWTBearerAuth.from_settings(self.settings, self.admin)
         self.token = self.auth.token().access_token.get_secret_value()
-        self.client = SalesforceClient.from_settings(self.settings, self.admin, auth=self.auth)
+        self.client = SalesforceClient.from_settings(self.settings, auth=self.auth)
         seeded = _admin(
             self.admin,
             "POST",

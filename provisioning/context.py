@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis.lock import Lock
 
-from provisioning.ledger import Provisioning
+from provisioning.ledger import Provisioning, Write
 from provisioning.order import Order
 from provisioning.results import RESULT_TYPES, StepResult
 from provisioning.run_id import RunId
@@ -44,6 +44,8 @@ class StepContext:
     lease_set_at: float = field(default_factory=time.monotonic)
     # Markers of effects already made, written with the step's end (see record_marker).
     pending_markers: dict[str, str] = field(default_factory=dict)
+    # Other records of effects made, written with the step's end (see write_with_end).
+    pending_writes: list[Write] = field(default_factory=list)
 
     @property
     def order_id(self) -> str:
@@ -89,6 +91,14 @@ class StepContext:
         """
         self.pending_markers[name] = value
         self.provisioning.markers[name] = value
+
+    def write_with_end(self, write: Write) -> None:
+        """A Redis write recording an effect that happened, queued in the step's end (or its error).
+
+        ``write`` gets the pipeline. The same rule as :meth:`record_marker`: only where losing it
+        with a killed worker is covered by what a retry does.
+        """
+        self.pending_writes.append(write)
 
     def incr_marker(self, name: str) -> int:
         value = self.services.ledger.incr_marker(self.order_id, name)

@@ -31,7 +31,6 @@ from rich.table import Table
 
 from provisioning.backoff import retrying_transient
 from provisioning.clictx import Context, pass_ctx
-from provisioning.http import make_session
 from provisioning.salesforce.client import SalesforceClient
 from provisioning.sandbox import processes
 from provisioning.sandbox.runner import Sandbox
@@ -250,7 +249,7 @@ def run_demo(
 def _publish(
     box: Sandbox, settings: Settings, seeded: list[SeededOrder]
 ) -> tuple[dict[str, float], int, int]:
-    client = SalesforceClient.from_settings(settings, session=make_session(settings.tls_ca_bundle))
+    client = SalesforceClient.from_settings(settings)
     rng = random.Random(7)
     twice = set(rng.sample(range(len(seeded)), min(DUPLICATE_EVENTS, len(seeded))))
     paying = [n for n, o in enumerate(seeded) if o.has_pay_method and n not in twice]

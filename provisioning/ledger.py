@@ -54,7 +54,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -88,7 +88,7 @@ return 1
 
 # A step's start, in one round trip. KEYS: run, the Order's provisioning, the Order's lease, the
 # Order's snapshot, active. ARGV: step, '1' when the Order records the step, lease token, lease ttl
-# in ms, now, run id. Returns {'ended', state} | {'done', result, state} (a run that has begun) | {'busy'} |
+# in ms, now, run id, a marker to set unless the Order has it ('' for none), its value. Returns {'ended', state} | {'done', result, state} (a run that has begun) | {'busy'} |
 # {'go', state, attempts, run hash, provisioning hash, snapshot or false}.
 _CLAIM_STEP = """
 local state = redis.call('HGET', KEYS[1], 'state') or ''
@@ -108,6 +108,7 @@ if state ~= '' and state ~= 'queued' then
   redis.call('HSET', KEYS[1], 'updated_at', ARGV[5])
   redis.call('ZADD', KEYS[5], 'XX', ARGV[5], ARGV[6])
 end
+if ARGV[7] ~= '' then redis.call('HSETNX', KEYS[2], 'x:' .. ARGV[7], ARGV[8]) end
 return {'go', state, attempts, redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]),
         redis.call('GET', KEYS[4])}
 """
@@ -135,6 +136,9 @@ end
 if redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
 return 1
 """
+
+# A write a step queues for its end's round trip (``StepContext.write_with_end``): it gets the pipeline.
+Write = Callable[[Any], object]
 
 # Quarantined events kept for operators.
 QUARANTINE_MAX = 10_000
@@ -461,15 +465,21 @@ class Ledger:
         run = _decode_run(run_id, {_str(k): _str(v) for k, v in replies[-1].items()})
         return run, attempts
 
-    def claim_step(self, run_id: RunId, step: Step) -> StepClaim:
-        """In one round trip: is the step to run, and if so the Order's lease and everything it reads."""
+    def claim_step(self, run_id: RunId, step: Step, *, stamp: tuple[str, str] | None = None) -> StepClaim:
+        """In one round trip: is the step to run, and if so the Order's lease and everything it reads.
+
+        ``stamp`` (marker, value): set on the Order with the lease unless the Order has that marker
+        already, so the step reads a value fixed at its Order's first try without a write of its own.
+        """
         order_id = run_id.order_id
         token = uuid.uuid4().hex
         keys = self._step_keys(run_id)[:5]
         belongs = "1" if step.belongs_to_order else "0"
         now = repr(time.time())
         ttl_ms = str(self.lease_ttl_s * 1000)
-        reply = self._claim_step(keys=keys, args=[step.value, belongs, token, ttl_ms, now, str(run_id)])
+        marker, value = stamp or ("", "")
+        args = [step.value, belongs, token, ttl_ms, now, str(run_id), marker, value]
+        reply = self._claim_step(keys=keys, args=args)
         status = _str(reply[0])
         if status == "ended":
             return StepClaim("ended", state=RunState(_str(reply[1])))
@@ -502,11 +512,14 @@ class Ledger:
         finish: bool,
         observed: StepObservation | None = None,
         markers: Mapping[str, str] | None = None,
+        writes: Sequence[Write] = (),
+        also_done: Mapping[Step, dict[str, Any]] | None = None,
     ) -> None:
         """Record the step's result (finishing the run after its last step) and give the lease back.
 
-        One round trip: the step's ``markers`` (written before its result, so a result is never
-        recorded without them), the script, and the metrics' counters in the same pipeline.
+        One round trip: the step's ``markers`` and ``writes`` (before its result, so a result is
+        never recorded without them), the results of the steps after it that have nothing to do for
+        this Order (``also_done``: no task is sent for them), the script, and the metrics' counters.
         """
         now = time.time()
         keys = self._step_keys(run_id)
@@ -523,10 +536,12 @@ class Ledger:
             str(self.retention_s),
         ]
         pipe = self.redis.pipeline(transaction=False)
-        script_at = 0
-        if markers:
-            self._queue_markers(pipe, run_id.order_id, markers)
-            script_at = 1
+        self._queue_pending(pipe, run_id.order_id, markers, writes)
+        for skipped, skipped_result in (also_done or {}).items():
+            holder = self.order_key(run_id.order_id) if skipped.belongs_to_order else keys[0]
+            record = {"result": skipped_result, "at": now, "run": str(run_id)}
+            pipe.hset(holder, f"s:{skipped.value}", json.dumps(record))
+        script_at = len(pipe.command_stack)
         queue_script(pipe, self._end_step, keys, args)
         if observed is not None:
             self.metrics.step_done(pipe, observed)
@@ -602,12 +617,17 @@ class Ledger:
         return int(attempts)
 
     def record_error(
-        self, run_id: RunId, step: Step | str, error: str, *, markers: Mapping[str, str] | None = None
+        self,
+        run_id: RunId,
+        step: Step | str,
+        error: str,
+        *,
+        markers: Mapping[str, str] | None = None,
+        writes: Sequence[Write] = (),
     ) -> None:
-        """The step's last error, and the markers of what it did before it failed (one round trip)."""
+        """The step's last error, and the markers and writes of what it did before it failed (one round trip)."""
         pipe = self.redis.pipeline(transaction=False)
-        if markers:
-            self._queue_markers(pipe, run_id.order_id, markers)
+        self._queue_pending(pipe, run_id.order_id, markers, writes)
         pipe.hset(self.run_key(run_id), f"e:{step}", error[:ERROR_MAX_CHARS])
         pipe.execute()
 
@@ -714,10 +734,20 @@ class Ledger:
     def set_marker(self, order_id: str, name: str, value: str) -> None:
         self.redis.hset(self.order_key(order_id), f"x:{name}", value)
 
-    def set_markers(self, order_id: str, markers: Mapping[str, str]) -> None:
+    def set_markers(self, order_id: str, markers: Mapping[str, str], writes: Sequence[Write] = ()) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        self._queue_markers(pipe, order_id, markers)
-        pipe.execute()
+        self._queue_pending(pipe, order_id, markers, writes)
+        if pipe.command_stack:
+            pipe.execute()
+
+    def _queue_pending(
+        self, pipe: Any, order_id: str, markers: Mapping[str, str] | None, writes: Sequence[Write]
+    ) -> None:
+        """What a step did before its end or its error, queued first in that round trip."""
+        if markers:
+            self._queue_markers(pipe, order_id, markers)
+        for write in writes:
+            write(pipe)
 
     def _queue_markers(self, pipe: Any, order_id: str, markers: Mapping[str, str]) -> None:
         pipe.hset(self.order_key(order_id), mapping={f"x:{k}": v for k, v in markers.items()})

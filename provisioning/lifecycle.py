@@ -31,9 +31,10 @@ the run done, lists the Order as undelivered and tells the Order's user why.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -45,6 +46,7 @@ from provisioning.chain import ENTRY_STEP, STEPS, Step
 from provisioning.context import StepContext
 from provisioning.errors import PermanentError, TransientError
 from provisioning.esim.steps import is_esim
+from provisioning.esim.steps import nothing_to_do as esim_not_needed
 from provisioning.ledger import Provisioning, RunRecord, RunState
 from provisioning.logs import get_logger
 from provisioning.metrics import FailureCause, StepObservation, observe_step
@@ -52,6 +54,7 @@ from provisioning.order import Order
 from provisioning.results import EsimActivated, PaymentChecked, StepResult, WelcomeEmail, WhmcsOrderCreated
 from provisioning.run_id import RunId
 from provisioning.salesforce.errors import OrderNotFound
+from provisioning.salesforce.steps import ACTIVATED_AT_MARKER, salesforce_now
 from provisioning.services import Services
 from provisioning.settings import Settings
 
@@ -109,7 +112,31 @@ LEDGER_UNREACHABLE_RETRY_BASE_S = 1.0
 LEDGER_UNREACHABLE_RETRY_CAP_S = 5.0
 
 
-def run_step(services: Services, run_id: RunId, step: Step, action: Action) -> dict[str, Any]:
+@dataclass(frozen=True)
+class StepDone:
+    """A step done (now, or before): its result, and the step to send next (None: the run is over)."""
+
+    result: dict[str, Any]
+    next_step: Step | None
+
+
+# Steps that can have nothing to do for an Order: what such a step records, without a task of its own.
+# The step before it records that result with its own and sends the step after it (one message,
+# claim and end fewer per run). Run anyway (an operator's resume), the step records the same.
+NOTHING_TO_DO: Mapping[Step, Callable[[Order], StepResult | None]] = MappingProxyType(
+    {Step.ACTIVATE_ESIM: esim_not_needed}
+)
+
+
+# Markers a step needs fixed at its Order's first try: set by the step's claim unless the Order has
+# them (no round trip of their own). The activation time goes on the Order, and every write of it
+# (a retry after a lost answer, a later run) must send the same value.
+STAMPED_AT_CLAIM: Mapping[Step, tuple[str, Callable[[], str]]] = MappingProxyType(
+    {Step.UPDATE_SALESFORCE: (ACTIVATED_AT_MARKER, salesforce_now)}
+)
+
+
+def run_step(services: Services, run_id: RunId, step: Step, action: Action) -> StepDone:
     """Run one step of one run; the first step of a run that has not begun begins it."""
     try:
         return _run_step(services, run_id, step, action)
@@ -121,10 +148,11 @@ def run_step(services: Services, run_id: RunId, step: Step, action: Action) -> d
         raise RetryLater(countdown, f"the ledger is unreachable: {exc}") from exc
 
 
-def _run_step(services: Services, run_id: RunId, step: Step, action: Action) -> dict[str, Any]:
+def _run_step(services: Services, run_id: RunId, step: Step, action: Action) -> StepDone:
     ledger = services.ledger
     claimed_at = time.monotonic()
-    claim = ledger.claim_step(run_id, step)
+    stamp = STAMPED_AT_CLAIM.get(step)
+    claim = ledger.claim_step(run_id, step, stamp=(stamp[0], stamp[1]()) if stamp else None)
     if claim.status == "ended":
         assert claim.state is not None
         log.warning("step_stopped_run_ended", step=step.value, state=claim.state.value)
@@ -134,7 +162,7 @@ def _run_step(services: Services, run_id: RunId, step: Step, action: Action) -> 
         if step is STEPS[-1] and claim.state is RunState.RUNNING:
             # Its worker died between recording the last step and ending the run.
             ledger.finish(run_id)
-        return claim.result or {}
+        return StepDone(claim.result or {}, step.next)
     if claim.status == "busy":
         log.info("step_lease_busy", step=step.value)
         raise RetryLater(LEASE_BUSY_RETRY_S, "another worker holds the Order's lease")
@@ -154,14 +182,16 @@ def _run_step(services: Services, run_id: RunId, step: Step, action: Action) -> 
             attempts = begun.attempts
             recorded = run.step(step, provisioning)
             if recorded.done:  # a re-approval: the Order's effects exist, the chain moves on
-                return recorded.result or {}
+                return StepDone(recorded.result or {}, step.next)
         assert run is not None
         ctx = StepContext(services, run_id, provisioning, lease, snapshot, lease_set_at=claimed_at)
         started = time.monotonic()
         try:
             result = action(ctx).to_json()
         except TransientError as exc:
-            ledger.record_error(run_id, step, str(exc), markers=ctx.pending_markers)
+            ledger.record_error(
+                run_id, step, str(exc), markers=ctx.pending_markers, writes=ctx.pending_writes
+            )
             settings = services.settings
             age_s = time.time() - run.created_at
             # The budget is the step's attempts in the ledger: waits for the lease do not spend it.
@@ -181,34 +211,67 @@ def _run_step(services: Services, run_id: RunId, step: Step, action: Action) -> 
                 services, run, provisioning, step, reason, FailureCause.TRANSIENT_EXHAUSTED, observed
             )
         except PermanentError as exc:
-            ledger.record_error(run_id, step, str(exc), markers=ctx.pending_markers)
+            ledger.record_error(
+                run_id, step, str(exc), markers=ctx.pending_markers, writes=ctx.pending_writes
+            )
             observed = _observe(run, step, attempts, started)
             return _terminal(services, run, provisioning, step, str(exc), FailureCause.PERMANENT, observed)
         except BaseException:
             # Anything else (the ledger out of reach, a bug): what the step did is still worth keeping.
-            if ctx.pending_markers:
+            if ctx.pending_markers or ctx.pending_writes:
                 with suppress(Exception):
-                    ledger.set_markers(run_id.order_id, ctx.pending_markers)
+                    ledger.set_markers(run_id.order_id, ctx.pending_markers, ctx.pending_writes)
             raise
-        last = step is STEPS[-1]
+        next_step, skipped = _next_step(step, ctx, run)
         ledger.end_step(
             run_id,
             step,
             result,
             lease,
-            finish=last,
+            finish=next_step is None,
             observed=_observe(run, step, attempts, started),
             markers=ctx.pending_markers,
+            writes=ctx.pending_writes,
+            also_done=skipped,
         )
-        log.info("step_done", step=step.value, attempt=attempts, **result)
-        if last:
-            log.info("run_done")
-        return result
+        # DEBUG: the worker's INFO line per task is Celery's, and the run's own lines are its start
+        # and its end (one formatted line costs about as much CPU as a Redis round trip).
+        log.debug("step_done", step=step.value, attempt=attempts, **result)
+        if next_step is None:
+            log.info("run_done", **_ids(run, provisioning, step, result))
+        return StepDone(result, next_step)
     finally:
         # Still ours after a failure (end_step gives it back itself): let the next worker in at once.
         if lease.local.token is not None:
             with suppress(LockError, *LEDGER_UNREACHABLE):
                 lease.release()
+
+
+def _next_step(
+    step: Step, ctx: StepContext, run: RunRecord
+) -> tuple[Step | None, dict[Step, dict[str, Any]]]:
+    """The step to send after ``step``, and the results of those between that have nothing to do."""
+    skipped: dict[Step, dict[str, Any]] = {}
+    following = step.next
+    while following is not None and following in NOTHING_TO_DO:
+        result = NOTHING_TO_DO[following](ctx.order())
+        if result is None:
+            break
+        if not run.step(following, ctx.provisioning).done:
+            skipped[following] = result.to_json()
+        following = following.next
+    return following, skipped
+
+
+def _ids(run: RunRecord, provisioning: Provisioning, last: Step, result: dict[str, Any]) -> dict[str, Any]:
+    """What the run's last line says it got: the ids of its effects, from the recorded results."""
+    ids: dict[str, Any] = {}
+    for s in STEPS:
+        recorded = result if s is last else run.step(s, provisioning).result
+        for key in ("iccid", "whmcs_order_id", "message_id", "delivery"):
+            if recorded and key in recorded:
+                ids[key] = recorded[key]
+    return ids
 
 
 @dataclass
@@ -297,7 +360,7 @@ def _adopt_from_order(services: Services, run_id: RunId, order: Order) -> None:
     }
     markers = {"whmcs_accepted": "1", "outbox": "sent"}
     if order.activated_at:
-        markers["activated_at"] = order.activated_at
+        markers[ACTIVATED_AT_MARKER] = order.activated_at
     services.ledger.adopt(run_id, results, markers)
     log.warning("effects_adopted_from_order", whmcs_order_id=order.whmcs_order_id)
 
@@ -320,12 +383,12 @@ def _terminal(
     reason: str,
     cause: FailureCause = FailureCause.PERMANENT,
     observed: StepObservation | None = None,
-) -> dict[str, Any]:
+) -> StepDone:
     if step is Step.SEND_EMAIL and run.step(Step.UPDATE_SALESFORCE, provisioning).done:
         # The Order is Activated and live: a notification that cannot go out does not undo that.
         email_undelivered(services, run.run_id, reason)
         services.ledger.finish(run.run_id, note=f"done; the welcome e-mail was not delivered: {reason}")
-        return WelcomeEmail(delivery="refused").to_json()
+        return StepDone(WelcomeEmail(delivery="refused").to_json(), None)
     fail_run(services, run.run_id, step.value, reason, cause=cause, observed=observed)
     raise RunFailed(f"{step.value}: {reason}")
 

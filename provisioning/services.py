@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from provisioning.http import make_session
 from provisioning.ledger import Ledger
 from provisioning.redis_client import redis_from_settings
 from provisioning.replication import ReplicaWait
@@ -51,7 +50,7 @@ class Services:
 
         s = self.settings
         return self._once(  # type: ignore[no-any-return]
-            "salesforce", lambda: SalesforceClient.from_settings(s, session=make_session(s.tls_ca_bundle))
+            "salesforce", lambda: SalesforceClient.from_settings(s)
         )
 
     @property

@@ -4,7 +4,8 @@ What a step does and in which order lives in :mod:`provisioning.lifecycle`;
 here a :class:`RetryLater` becomes ``task.retry``, a :class:`RunEnded` becomes a
 result that ends the run (the next step is not sent), a :class:`RunFailed` fails
 the task (an expected failure: one line in the worker's log, the task shown failed
-in Flower), and a step done sends the run's next step.
+in Flower), and a step done sends the run's next step (skipping
+those that have nothing to do for the Order: the lifecycle recorded their results).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def run_step(task: Task, run_id: str, step: Step, action: Action) -> dict[str, A
         return {"ignored": "not a run id"}
     services = task.app.services
     try:
-        result = lifecycle.run_step(services, rid, step, action)
+        done = lifecycle.run_step(services, rid, step, action)
     except RetryLater as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else None
         countdown = max(exc.countdown_s, MIN_COUNTDOWN_S)
@@ -50,9 +51,10 @@ def run_step(task: Task, run_id: str, step: Step, action: Action) -> dict[str, A
         return exc.result
     # The step is done (now, or before: a redelivery must not leave the run stranded): send the next.
     # Before the message is acknowledged, so a worker dying here means a redelivery, not a lost step.
-    if step.next is not None:
-        publish_step(task.app, rid, step.next)
-    return result
+    # The next step that has something to do for this Order (the lifecycle recorded those between).
+    if done.next_step is not None:
+        publish_step(task.app, rid, done.next_step)
+    return done.result
 
 
 def max_retries(task: Task) -> int:

@@ -119,7 +119,7 @@ def _fail(services: Services, run_id: RunId, step: Step, exc: Exception) -> None
 
 def _begin(services: Services, run_id: RunId) -> dict[str, Any]:
     """The run's first step, which begins it."""
-    return run_step(services, run_id, Step.VALIDATE_PAYMENT, _ok(PaymentChecked(whmcs_client_id=1)))
+    return run_step(services, run_id, Step.VALIDATE_PAYMENT, _ok(PaymentChecked(whmcs_client_id=1))).result
 
 
 def test_a_runs_first_step_begins_it_reading_the_order_once_and_holding_it_as_the_active_run(
@@ -185,7 +185,7 @@ def test_a_re_approval_reuses_the_orders_effects_and_only_writes_it_back(sandbox
 
     provisioning = services.ledger.provisioning(order.order_id)
     for step in (Step.VALIDATE_PAYMENT, Step.ACTIVATE_ESIM, Step.CREATE_WHMCS_ORDER):
-        assert run_step(services, second, step, must_not_run) == provisioning.step(step).result
+        assert run_step(services, second, step, must_not_run).result == provisioning.step(step).result
     assert called == []
     run = services.ledger.get(second)
     assert run.state is RunState.RUNNING

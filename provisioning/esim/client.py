@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -183,7 +184,10 @@ class Es2PlusClient:
         outcome = _status_of(function, answer)
         if outcome is None:
             raise Es2PlusProtocolError(f"{function}: the answer has no header.functionExecutionStatus.status")
-        log.info(
+        # A success at DEBUG (the run's last line has the ICCID); any other outcome at INFO, with the
+        # call id the SM-DP+ vendor's support asks for.
+        log.log(
+            logging.DEBUG if outcome.status in SUCCESS_STATUSES else logging.INFO,
             "es2plus_call",
             function=function,
             call_id=call_id,

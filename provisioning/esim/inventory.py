@@ -64,13 +64,14 @@ return added
 """
 
 # KEYS: free, claims. ARGV: the key. Its own claim first: a repeat gets the same ICCID.
+# Returns {ICCID or false, the free ICCIDs left}: the low-stock check costs no round trip of its own.
 _CLAIM = """
-local mine = redis.call('HGET', KEYS[2], ARGV[1])
-if mine then return mine end
-local iccid = redis.call('SPOP', KEYS[1])
-if not iccid then return false end
-redis.call('HSET', KEYS[2], ARGV[1], iccid)
-return iccid
+local iccid = redis.call('HGET', KEYS[2], ARGV[1])
+if not iccid then
+  iccid = redis.call('SPOP', KEYS[1])
+  if iccid then redis.call('HSET', KEYS[2], ARGV[1], iccid) end
+end
+return {iccid, redis.call('SCARD', KEYS[1])}
 """
 
 # KEYS: claims, used. Returns the ICCID, or false when the key has no claim.
@@ -248,17 +249,21 @@ class EsimInventory:
         With replicas the claim (a repeat too) returns once a replica holds it, in the same round
         trip; none in time raises InventoryUnavailable (transient: the step retries, ordering nothing).
         """
+        return self.claim_counting(key)[0]
+
+    def claim_counting(self, key: str) -> tuple[str, int]:
+        """:meth:`claim`, and how many ICCIDs are still free after it (the same round trip)."""
         replicas = self._replicas
         if replicas is not None and _guard(replicas.replicas):
             # EVAL, not EVALSHA: a script cached on a primary that failed over is not on the new one.
             keys = (self.free_key, self.claims_key)
-            value = _guard(replicas.write, lambda pipe: pipe.eval(_CLAIM, len(keys), *keys, key))[0]
+            value, free = _guard(replicas.write, lambda pipe: pipe.eval(_CLAIM, len(keys), *keys, key))[0]
         else:
-            value = _guard(self._claim, keys=[self.free_key, self.claims_key], args=[key])
+            value, free = _guard(self._claim, keys=[self.free_key, self.claims_key], args=[key])
         if value is None:
             log.warning("esim_inventory_empty", key=key)
             raise InventoryEmpty()
-        return _text(value)
+        return _text(value), int(free)
 
     def claimed_by(self, key: str) -> str | None:
         value = _guard(self._redis.hget, self.claims_key, key)
@@ -270,6 +275,10 @@ class EsimInventory:
         if value is None:
             raise InventoryClaimError(f"{key} has no claimed ICCID to mark used")
         return _text(value)
+
+    def queue_mark_used(self, pipe: Any, iccid: str) -> None:
+        """:meth:`mark_used` for the ICCID a claim returned, queued on ``pipe`` (a step's end)."""
+        pipe.sadd(self.used_key, iccid)
 
     def release(self, key: str) -> str | None:
         """Give ``key``'s claimed ICCID back to the free stock; returns it (None: no claim)."""

@@ -15,6 +15,7 @@ from provisioning.context import StepContext
 from provisioning.esim.client import activation_code, matching_id_for, smdp_address_from_settings
 from provisioning.esim.errors import Es2PlusFunctionFailed
 from provisioning.logs import get_logger
+from provisioning.order import Order
 from provisioning.results import EsimActivated
 
 log = get_logger(__name__)
@@ -24,15 +25,21 @@ def is_esim(sim_type: str | None) -> bool:
     return (sim_type or "").strip().lower() == "esim"
 
 
+def nothing_to_do(order: Order) -> EsimActivated | None:
+    """A physical SIM has no eSIM to activate: the step's result, recorded without running it."""
+    return None if is_esim(order.sim_type) else EsimActivated(sim="physical")
+
+
 def activate_esim(ctx: StepContext) -> EsimActivated:
     order = ctx.order()
-    if not is_esim(order.sim_type):
-        return EsimActivated(sim="physical")
+    physical = nothing_to_do(order)
+    if physical is not None:
+        return physical
     inventory = ctx.services.inventory
-    iccid = inventory.claim(ctx.effect_key)
+    iccid, free = inventory.claim_counting(ctx.effect_key)
     threshold = ctx.settings.esim_stock_warn_threshold
-    if inventory.is_low(threshold):
-        log.warning("esim_stock_low", free=inventory.stock().free, threshold=threshold)
+    if free < threshold:
+        log.warning("esim_stock_low", free=free, threshold=threshold)
     es2 = ctx.services.es2plus
 
     if ctx.marker("esim_downloaded") is None:
@@ -43,7 +50,8 @@ def activate_esim(ctx: StepContext) -> EsimActivated:
             if not exc.is_iccid_in_use:
                 raise
             log.info("esim_download_repeat", iccid=iccid)
-        ctx.guard_marker("esim_downloaded", iccid)
+        # With the step's end: a retry orders the same claimed ICCID again, and 8.2.1/3.3 means done.
+        ctx.record_marker("esim_downloaded", iccid)
 
     matching_id = matching_id_for(ctx.effect_key)
     smdp_address = None
@@ -63,5 +71,6 @@ def activate_esim(ctx: StepContext) -> EsimActivated:
         address = smdp_address or smdp_address_from_settings(ctx.settings)
         # With the step's end: a retry confirms again ("invalid transition") and derives the same code.
         ctx.record_marker("activation_code", activation_code(address, matching_id))
-    inventory.mark_used(ctx.effect_key)
+    # With the step's end, before its result: until then the ICCID stays claimed by this Order.
+    ctx.write_with_end(lambda pipe: inventory.queue_mark_used(pipe, iccid))
     return EsimActivated(iccid=iccid)

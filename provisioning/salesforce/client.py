@@ -1,33 +1,42 @@
 """The REST client the workers use: one SOQL query to read an Order, one PATCH to write it.
 
-simple-salesforce does the HTTP, built per call from our token (``instance_url`` +
-``session_id``) and our ``requests.Session``, so the CA bundle of the settings
-applies and a renewed token or instance is picked up at once. Every library
-error is translated in :func:`_translate` (transport failures through
-:func:`provisioning.http.classify`); a 401 ``INVALID_SESSION_ID`` renews the
-token once (through :class:`JWTBearerAuth`, shared by all threads) and repeats
-the call, and a request that was never sent is sent once more: nothing else is
-retried here.
+The REST calls go out on urllib3's pools (:func:`provisioning.http.make_pool`), as
+WHMCS and ES2+ do: on the hot path requests' per-call layers (settings merges,
+cookies, hooks, runtime Protocol checks) cost more CPU than the call itself.
+simple-salesforce builds our SOQL (``format_soql``: its quoting of values);
+the JWT login keeps its ``requests.Session``. Errors are translated in
+:func:`_status_error` (Salesforce's answers) and through
+:func:`provisioning.http.classify` (transport failures); a 401
+``INVALID_SESSION_ID`` renews the token once (through :class:`JWTBearerAuth`,
+shared by all threads) and repeats the call, and a request that was never sent
+is sent once more: nothing else is retried here.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
+from urllib.parse import urlencode
 
-import requests
+import urllib3
 from pydantic import ValidationError
-from simple_salesforce import exceptions as sf_exceptions
-from simple_salesforce.api import Salesforce
 from simple_salesforce.format import format_soql
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
 from provisioning.errors import PicklableError
-from provisioning.http import classify, connection_retrying, make_session, status_failure
+from provisioning.http import (
+    TRANSPORT_EXCEPTIONS,
+    classify,
+    connection_retrying,
+    make_pool,
+    make_session,
+    status_failure,
+)
 from provisioning.logs import get_logger
 from provisioning.order import Order, OrderItem
 from provisioning.salesforce.auth import AccessToken, JWTBearerAuth
@@ -61,8 +70,8 @@ TRANSIENT_ERROR_CODES = frozenset(
 _API_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 # Activation_Error__c is a Text(255) by default.
 ACTIVATION_ERROR_MAX_CHARS = 255
-
-T = TypeVar("T")
+# Characters of a non-JSON error body kept in the error's message.
+ERROR_BODY_MAX_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -130,7 +139,7 @@ class SalesforceClient:
         self,
         *,
         auth: JWTBearerAuth,
-        session: requests.Session,
+        session: urllib3.PoolManager,
         api_version: str = DEFAULT_SF_API_VERSION,
         field_names: OrderFieldNames | None = None,
         event_object: str = DEFAULT_PROVISION_EVENT,
@@ -140,6 +149,7 @@ class SalesforceClient:
         self.api_version = api_version
         self.field_names = field_names or OrderFieldNames()
         self.event_object = event_object
+        self._timeout = urllib3.Timeout(connect=REST_CONNECT_TIMEOUT_S, read=REST_READ_TIMEOUT_S)
         self._lock = threading.Lock()
         self.api_calls = 0
 
@@ -147,14 +157,17 @@ class SalesforceClient:
     def from_settings(
         cls,
         settings: Settings,
-        session: requests.Session | None = None,
+        session: urllib3.PoolManager | None = None,
         *,
         auth: JWTBearerAuth | None = None,
     ) -> SalesforceClient:
-        session = session if session is not None else make_session(settings.tls_ca_bundle)
+        # The proxy is chosen for the login host: an org's instance is under the same domain.
+        login_url = str(settings.sf_login_url)
         return cls(
-            auth=auth if auth is not None else JWTBearerAuth.from_settings(settings, session),
-            session=session,
+            auth=auth
+            if auth is not None
+            else JWTBearerAuth.from_settings(settings, make_session(settings.tls_ca_bundle)),
+            session=session if session is not None else make_pool(settings.tls_ca_bundle, url=login_url),
             api_version=settings.sf_api_version,
             field_names=OrderFieldNames.from_settings(settings),
             event_object=settings.sf_provision_event_channel.removeprefix("/event/"),
@@ -181,11 +194,7 @@ class SalesforceClient:
         """The Order and its items, from ONE SOQL query; OrderNotFound if there is none."""
         order_id = normalize_id(order_id)
         soql = self.order_query(order_id)
-        result = self._call(
-            "query Order",
-            lambda sf: sf.query(soql, timeout=(REST_CONNECT_TIMEOUT_S, REST_READ_TIMEOUT_S)),
-            order_id=order_id,
-        )
+        result = self._call("query Order", "GET", "query/", query={"q": soql}, order_id=order_id)
         records = (result.get("records") or []) if isinstance(result, dict) else []
         if not records:
             raise OrderNotFound(
@@ -199,16 +208,7 @@ class SalesforceClient:
         body = {name: _json_value(value) for name, value in fields.items()}
         if not body:
             return
-        self._call(
-            "update Order",
-            lambda sf: sf.restful(
-                f"sobjects/Order/{order_id}",
-                method="PATCH",
-                json=body,
-                timeout=(REST_CONNECT_TIMEOUT_S, REST_READ_TIMEOUT_S),
-            ),
-            order_id=order_id,
-        )
+        self._call("update Order", "PATCH", f"sobjects/Order/{order_id}", body=body, order_id=order_id)
 
     def waiting_orders_query(self, modified_before: dt.datetime, limit: int) -> str:
         """The backfill's SOQL: Orders in Activating not modified since ``modified_before``, oldest first."""
@@ -228,8 +228,7 @@ class SalesforceClient:
         Each page (2,000 records on a real org) is one API call.
         """
         soql = self.waiting_orders_query(modified_before, limit)
-        timeout = (REST_CONNECT_TIMEOUT_S, REST_READ_TIMEOUT_S)
-        page = self._call("query waiting Orders", lambda sf: sf.query(soql, timeout=timeout))
+        page = self._call("query waiting Orders", "GET", "query/", query={"q": soql})
         found: list[WaitingOrder] = []
         while True:
             for record in page.get("records") or []:
@@ -242,7 +241,8 @@ class SalesforceClient:
             next_url = page.get("nextRecordsUrl")
             if page.get("done", True) or not next_url:
                 return found
-            page = self._call("query waiting Orders (next page)", _query_more(str(next_url), timeout))
+            # nextRecordsUrl is a path on the instance, version included.
+            page = self._call("query waiting Orders (next page)", "GET", str(next_url))
 
     def publish_event(self, order_id: str, idem_key: str | None = None) -> str:
         """Publish the provisioning Platform Event as an org does (REST POST); returns its id.
@@ -253,13 +253,7 @@ class SalesforceClient:
         if idem_key is not None:
             payload["IdemKey__c"] = idem_key
         result = self._call(
-            f"publish {self.event_object}",
-            lambda sf: sf.restful(
-                f"sobjects/{self.event_object}/",
-                method="POST",
-                json=payload,
-                timeout=(REST_CONNECT_TIMEOUT_S, REST_READ_TIMEOUT_S),
-            ),
+            f"publish {self.event_object}", "POST", f"sobjects/{self.event_object}/", body=payload
         )
         if not isinstance(result, dict) or not result.get("success", True) or not result.get("id"):
             raise SalesforceRequestError(f"publishing {self.event_object} failed: {result!r}")
@@ -267,8 +261,20 @@ class SalesforceClient:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _call(self, operation: str, fn: Callable[[Salesforce], T], *, order_id: str | None = None) -> T:
-        """One API call; after a 401 INVALID_SESSION_ID, one fresh login and one repeat."""
+    def _call(
+        self,
+        operation: str,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, str] | None = None,
+        body: object = None,
+        order_id: str | None = None,
+    ) -> Any:
+        """One API call (``path`` under the versioned REST root, or from ``/``); its JSON answer.
+
+        After a 401 INVALID_SESSION_ID, one fresh login and one repeat.
+        """
         renewing = Retrying(
             stop=stop_after_attempt(SESSION_ATTEMPTS),
             retry=retry_if_exception_type(_SessionExpired),
@@ -276,7 +282,7 @@ class SalesforceClient:
             reraise=True,
         )
         try:
-            result: T = renewing(self._call_once, operation, fn, order_id)
+            return renewing(self._call_once, operation, method, path, query, body, order_id)
         except _SessionExpired as expired:
             raise SalesforceAuthError(
                 f"Salesforce {operation}: HTTP 401 {expired.code}: {expired.message}"
@@ -284,38 +290,58 @@ class SalesforceClient:
                 status=401,
                 error_code=expired.code,
             ) from expired
-        return result
 
-    def _call_once(self, operation: str, fn: Callable[[Salesforce], T], order_id: str | None) -> T:
+    def _call_once(
+        self,
+        operation: str,
+        method: str,
+        path: str,
+        query: Mapping[str, str] | None,
+        body: object,
+        order_id: str | None,
+    ) -> Any:
         token = self._auth.token()
-        sf = self._salesforce(token)
+        root = token.instance_url.rstrip("/")
+        url = root + path if path.startswith("/") else f"{root}/services/data/v{self.api_version}/{path}"
+        if query:
+            url = f"{url}?{urlencode(query)}"
+        headers = {"Authorization": f"Bearer {token.bearer()}", "Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
         with self._lock:
             self.api_calls += 1
         try:
-            return connection_retrying()(fn, sf)
-        except sf_exceptions.SalesforceExpiredSession as exc:
-            code, message = _first_error(exc.content)
+            response = connection_retrying()(
+                self._session.request,
+                method,
+                url,
+                body=data,
+                headers=headers,
+                timeout=self._timeout,
+                redirect=False,
+            )
+        except TRANSPORT_EXCEPTIONS as exc:
+            raise from_transport(classify(exc), f"Salesforce {operation}") from exc
+        content = _content(response.data)
+        status = response.status
+        if status == 401:
+            code, message = _first_error(content)
             if code == "INVALID_SESSION_ID":
-                raise _SessionExpired(token, code, message) from exc
+                raise _SessionExpired(token, code, message)
             raise SalesforceAuthError(
                 f"Salesforce {operation}: HTTP 401 {code}: {message}", status=401, error_code=code
-            ) from exc
-        except (sf_exceptions.SalesforceError, requests.RequestException) as exc:
-            raise _translate(operation, exc, order_id=order_id) from exc
+            )
+        if status >= 300:
+            raise _status_error(operation, status, content, order_id=order_id)
+        return content
 
     def _renew(self, state: RetryCallState) -> None:
         expired = state.outcome.exception() if state.outcome is not None else None
         assert isinstance(expired, _SessionExpired)
         log.info("salesforce_session_expired", operation=state.args[0])
         self._auth.renew(expired.token)
-
-    def _salesforce(self, token: AccessToken) -> Salesforce:
-        return Salesforce(
-            instance_url=token.instance_url,
-            session_id=token.bearer(),
-            session=self._session,
-            version=self.api_version,
-        )
 
     def _order_from_record(self, order_id: str, record: Mapping[str, Any]) -> Order:
         n = self.field_names
@@ -348,17 +374,21 @@ class SalesforceClient:
             raise SalesforceRequestError(f"Order {order_id}: unexpected field values ({where})") from None
 
 
-def _query_more(url: str, timeout: tuple[float, float]) -> Callable[[Salesforce], Any]:
-    return lambda sf: sf.query_more(url, identifier_is_url=True, timeout=timeout)
+def _content(data: bytes) -> Any:
+    """An answer's body: its JSON, the text of anything else, None when empty (a 204)."""
+    if not data:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return data.decode("utf-8", "replace")[:ERROR_BODY_MAX_CHARS]
 
 
-def _translate(operation: str, exc: Exception, *, order_id: str | None = None) -> SalesforceError:
-    """THE place where requests and simple-salesforce errors become ours."""
-    if isinstance(exc, requests.RequestException):
-        return from_transport(classify(exc), f"Salesforce {operation}")
-    assert isinstance(exc, sf_exceptions.SalesforceError)
-    status = exc.status
-    code, message = _first_error(exc.content)
+def _status_error(
+    operation: str, status: int, content: object, *, order_id: str | None = None
+) -> SalesforceError:
+    """THE place where an HTTP error answer of Salesforce becomes one of our errors."""
+    code, message = _first_error(content)
     text = f"Salesforce {operation}: HTTP {status} {code or ''}: {message}".replace("  ", " ")
     if code in TRANSIENT_ERROR_CODES or status_failure(status) is not None:
         return SalesforceUnavailable(text, status=status, error_code=code)

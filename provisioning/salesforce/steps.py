@@ -11,13 +11,23 @@ from datetime import UTC, datetime
 from provisioning.context import StepContext
 from provisioning.results import EsimActivated, OrderWrittenBack, WhmcsOrderCreated
 
+# The Order's activation time: set when the step is first claimed for the Order (the lifecycle's
+# STAMPED_AT_CLAIM), or adopted from the Order itself.
+ACTIVATED_AT_MARKER = "activated_at"
+
+
+def salesforce_now() -> str:
+    """Now, as a Salesforce DateTime field takes it (UTC, milliseconds)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
 
 def update_salesforce(ctx: StepContext) -> OrderWrittenBack:
     # The time is fixed on the Order's first activation, so every write sends the very same values.
-    activated_at = ctx.marker("activated_at")
+    activated_at = ctx.marker(ACTIVATED_AT_MARKER)
     if activated_at is None:
-        activated_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        ctx.set_marker("activated_at", activated_at)
+        # Not claimed through the lifecycle (which stamps it): fix it now, before the write.
+        activated_at = salesforce_now()
+        ctx.set_marker(ACTIVATED_AT_MARKER, activated_at)
     salesforce = ctx.services.salesforce
     whmcs = ctx.result(WhmcsOrderCreated)
     esim = ctx.result(EsimActivated)

@@ -21,7 +21,7 @@ from provisioning.salesforce.events import EARLIEST, Batch, Event, EventSource, 
 from provisioning.salesforce.streaming import StreamingClient
 from provisioning.settings import Settings
 
-from .fake import API_VERSION, CHANNEL, CLIENT_ID, LOGIN_URL, USERNAME, FakeSalesforce
+from .fake import API_VERSION, CHANNEL, CLIENT_ID, LOGIN_URL, USERNAME, FakePool, FakeSalesforce
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +53,12 @@ def session(fake: FakeSalesforce) -> requests.Session:
     s = requests.Session()
     s.mount("https://", fake)
     return s
+
+
+@pytest.fixture
+def pool(fake: FakeSalesforce) -> FakePool:
+    """The fake as the REST client's urllib3 transport."""
+    return FakePool(fake)
 
 
 @pytest.fixture

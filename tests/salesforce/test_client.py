@@ -4,7 +4,7 @@ import datetime as dt
 from urllib.parse import parse_qs
 
 import pytest
-import requests
+import urllib3
 
 from provisioning.errors import PermanentError, TransientError
 from provisioning.salesforce.auth import JWTBearerAuth
@@ -20,7 +20,7 @@ from provisioning.salesforce.errors import (
 )
 from provisioning.settings import Settings
 
-from .fake import API_VERSION, INSTANCE_URL, FakeSalesforce
+from .fake import API_VERSION, INSTANCE_URL, FakePool, FakeSalesforce
 
 ORDER_ID = "a0RE000000IJmcNMAT"
 
@@ -49,9 +49,9 @@ def order_record(**overrides: object) -> dict[str, object]:
 
 
 @pytest.fixture
-def client(auth: JWTBearerAuth, session: requests.Session, fake: FakeSalesforce) -> SalesforceClient:
+def client(auth: JWTBearerAuth, pool: FakePool, fake: FakeSalesforce) -> SalesforceClient:
     fake.records[ORDER_ID] = order_record()
-    return SalesforceClient(auth=auth, session=session, api_version=API_VERSION)
+    return SalesforceClient(auth=auth, session=pool, api_version=API_VERSION)
 
 
 def rest_calls(fake: FakeSalesforce) -> list[str]:
@@ -76,11 +76,11 @@ def test_fetch_order_reads_the_order_and_its_items_with_one_query(
 
 
 def test_the_query_uses_the_configured_field_names(
-    auth: JWTBearerAuth, session: requests.Session, fake: FakeSalesforce
+    auth: JWTBearerAuth, pool: FakePool, fake: FakeSalesforce
 ) -> None:
     names = OrderFieldNames(activation_status="Status2__c", whmcs_product_id="Plan__c")
     fake.records[ORDER_ID] = order_record(Status2__c="Activating", Activation_Status__c=None)
-    client = SalesforceClient(auth=auth, session=session, api_version=API_VERSION, field_names=names)
+    client = SalesforceClient(auth=auth, session=pool, api_version=API_VERSION, field_names=names)
     assert client.fetch_order(ORDER_ID).activation_status == "Activating"
     (query,) = [s for s in fake.seen if s.path.endswith("/query/")]
     soql = parse_qs(query.query)["q"][0]
@@ -100,10 +100,10 @@ def test_field_names_come_from_the_settings() -> None:
 
 
 def test_a_client_built_without_settings_has_the_defaults_of_the_settings(
-    auth: JWTBearerAuth, session: requests.Session
+    auth: JWTBearerAuth, pool: FakePool
 ) -> None:
     defaults = Settings(_env_file=None)
-    client = SalesforceClient(auth=auth, session=session)
+    client = SalesforceClient(auth=auth, session=pool)
     assert client.api_version == defaults.sf_api_version
     assert client.field_names == OrderFieldNames.from_settings(defaults)
     assert f"/event/{client.event_object}" == defaults.sf_provision_event_channel
@@ -267,7 +267,13 @@ def test_salesforce_errors_become_transient_or_permanent_errors_with_their_code(
         assert body[0]["message"] in str(caught.value)
 
 
-@pytest.mark.parametrize("exc", [requests.ConnectionError("reset"), requests.ReadTimeout("slow")])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError(104, "reset")),
+        urllib3.exceptions.ReadTimeoutError(None, "/services/data", "Read timed out."),
+    ],
+)
 def test_connection_errors_and_timeouts_are_transient(
     client: SalesforceClient, fake: FakeSalesforce, exc: Exception
 ) -> None:
