@@ -57,6 +57,58 @@ def test_a_claim_takes_the_orders_lease_once_and_reads_what_the_step_needs(servi
     assert ledger.provisioning(ORDER).step(Step.VALIDATE_PAYMENT).result == {"whmcs_client_id": 1}
 
 
+def test_a_claim_stamps_a_marker_the_order_lacks_and_a_later_claim_keeps_the_first_value(
+    services: Services,
+) -> None:
+    ledger = services.ledger
+    run = RunId(ORDER, "k1")
+    ledger.start(run, {"id": ORDER})
+    first = ledger.claim_step(run, Step.UPDATE_SALESFORCE, stamp=("activated_at", "2026-12-02T06:00:00.000Z"))
+    assert first.provisioning is not None
+    assert first.lease is not None
+    assert first.provisioning.markers["activated_at"] == "2026-12-02T06:00:00.000Z"
+    first.lease.release()
+    # A retry (after a lost answer) and a later run of the Order read the value the first try fixed.
+    again = ledger.claim_step(run, Step.UPDATE_SALESFORCE, stamp=("activated_at", "2026-12-02T07:00:00.000Z"))
+    assert again.provisioning is not None
+    assert again.lease is not None
+    assert again.provisioning.markers["activated_at"] == "2026-12-02T06:00:00.000Z"
+    again.lease.release()
+    # Nothing is stamped by a claim that does not take the lease.
+    holder = ledger.claim_step(run, Step.SEND_EMAIL)
+    assert holder.lease is not None
+    busy = ledger.claim_step(RunId(ORDER, "k2"), Step.UPDATE_SALESFORCE, stamp=("other", "x"))
+    assert busy.status == "busy"
+    assert ledger.marker(ORDER, "other") is None
+
+
+def test_a_steps_end_records_the_steps_with_nothing_to_do_and_the_writes_it_carries(
+    services: Services,
+) -> None:
+    ledger = services.ledger
+    run = RunId(ORDER, "k1")
+    ledger.start(run, {"id": ORDER})
+    claim = ledger.claim_step(run, Step.VALIDATE_PAYMENT)
+    assert claim.lease is not None
+    written = f"{ledger.prefix}:test:written"
+    ledger.end_step(
+        run,
+        Step.VALIDATE_PAYMENT,
+        {"whmcs_client_id": 1},
+        claim.lease,
+        finish=False,
+        writes=[lambda pipe: pipe.sadd(written, "yes")],
+        also_done={Step.ACTIVATE_ESIM: {"sim": "physical"}},
+    )
+    assert services.redis.smembers(written) == {b"yes"}
+    provisioning = ledger.provisioning(ORDER)
+    assert provisioning.step(Step.ACTIVATE_ESIM).result == {"sim": "physical"}
+    assert provisioning.step(Step.ACTIVATE_ESIM).done
+    # Its task, if one is sent anyway (an operator's resume), finds it done.
+    assert ledger.claim_step(run, Step.ACTIVATE_ESIM).status == "done"
+    services.redis.delete(written)
+
+
 def test_the_last_step_ends_the_run_drops_the_snapshot_and_sets_the_retention(services: Services) -> None:
     ledger = services.ledger
     run = RunId(ORDER, "k1")

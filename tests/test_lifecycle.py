@@ -18,6 +18,7 @@ from provisioning.chain import Step
 from provisioning.context import StepContext
 from provisioning.email.errors import EmailPermanentError
 from provisioning.errors import TransientError
+from provisioning.esim.steps import activate_esim
 from provisioning.ledger import Origin, RunState
 from provisioning.lifecycle import (
     LEASE_BUSY_RETRY_S,
@@ -39,6 +40,7 @@ from provisioning.results import (
     WhmcsOrderCreated,
 )
 from provisioning.run_id import RunId
+from provisioning.salesforce.steps import update_salesforce
 from provisioning.sandbox.processes import free_port
 from provisioning.sandbox.scenario import seed_orders
 from provisioning.services import Services
@@ -403,3 +405,61 @@ def test_a_lease_is_renewed_before_a_call_only_once_a_quarter_of_its_ttl_has_gon
     run_step(services, run_id, Step.ACTIVATE_ESIM, action)
     assert 0 < seen["fresh"] <= 1_000
     assert seen["later"] > ttl_ms - 1_000
+
+
+def test_a_physical_sim_orders_esim_step_is_recorded_by_the_step_before_and_not_sent(sandbox, services):
+    (physical,) = seed_orders(sandbox, services.inventory, count=1, esim_share=0.0, seed=62)
+    run_id = RunId.parse(physical.run_id)
+    done = run_step(services, run_id, Step.VALIDATE_PAYMENT, _ok(PaymentChecked(whmcs_client_id=1)))
+    assert done.next_step is Step.CREATE_WHMCS_ORDER
+    provisioning = services.ledger.provisioning(physical.order_id)
+    assert provisioning.step(Step.ACTIVATE_ESIM).result == {"sim": "physical"}
+    # Run anyway (an operator's resume at that step), its task finds it done and sends the next.
+    resumed = run_step(services, run_id, Step.ACTIVATE_ESIM, activate_esim)
+    assert (resumed.result, resumed.next_step) == ({"sim": "physical"}, Step.CREATE_WHMCS_ORDER)
+
+
+def test_an_esim_orders_step_claims_downloads_and_marks_its_iccid_used_with_the_steps_end(
+    sandbox, services, order
+):
+    run_id = RunId.parse(order.run_id)
+    assert _begin_done(services, run_id).next_step is Step.ACTIVATE_ESIM
+    before = services.inventory.stock()
+    done = run_step(services, run_id, Step.ACTIVATE_ESIM, activate_esim)
+    assert done.next_step is Step.CREATE_WHMCS_ORDER
+    iccid = done.result["iccid"]
+    provisioning = services.ledger.provisioning(order.order_id)
+    assert provisioning.markers["esim_downloaded"] == iccid
+    assert "activation_code" in provisioning.markers
+    after = services.inventory.stock()
+    assert (after.used, after.free) == (before.used + 1, before.free - 1)
+    assert services.inventory.claimed_by(order.order_id) == iccid
+    calls = sandbox.admin("smdp").get("/__admin/calls")["calls"]
+    assert (calls.get("downloadOrder"), calls.get("confirmOrder")) == (1, 1)
+
+
+def test_the_activation_time_is_fixed_by_the_first_claim_and_sent_unchanged_by_a_repeat(
+    sandbox, services, order
+):
+    run_id = RunId.parse(order.run_id)
+    _run_chain(services, run_id, {Step.UPDATE_SALESFORCE: update_salesforce})
+    first = services.ledger.marker(order.order_id, "activated_at")
+    assert first is not None
+    # Salesforce (and its simulator) answer a DateTime as +0000 where we send Z.
+    sent = first.removesuffix("Z")
+    patches = _sf_order(sandbox, order.order_id)["patches"]
+    assert patches[-1]["fields"]["Activated_At__c"].startswith(sent)
+    # A re-approval writes the Order back with the very same time.
+    sandbox.admin("salesforce").patch(
+        f"/__admin/orders/{order.order_id}", {"activation_status": "Activating"}
+    )
+    second = RunId(order.order_id, "approval-2")
+    _run_chain(services, second, {Step.UPDATE_SALESFORCE: update_salesforce})
+    patches = [p for p in _sf_order(sandbox, order.order_id)["patches"] if p["source"] == "api"]
+    assert len(patches) == 2
+    assert patches[-1]["fields"]["Activated_At__c"].startswith(sent)
+    assert patches[-1]["fields"]["Activation_Status__c"] == "Activated"
+
+
+def _begin_done(services: Services, run_id: RunId) -> Any:
+    return run_step(services, run_id, Step.VALIDATE_PAYMENT, _ok(PaymentChecked(whmcs_client_id=1)))

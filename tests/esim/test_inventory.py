@@ -180,6 +180,27 @@ def test_a_reloaded_batch_does_not_bring_back_used_or_claimed_iccids(inventory: 
     assert inventory.stock() == Stock(free=1, claimed=1, used=1)
 
 
+def test_a_claim_says_how_many_iccids_are_left_free_in_the_same_round_trip(inventory: EsimInventory) -> None:
+    inventory.load(iccids(3))
+    iccid, free = inventory.claim_counting("run-1")
+    assert free == 2
+    assert inventory.claim_counting("run-1") == (iccid, 2)  # a repeat takes nothing more
+    assert inventory.claim_counting("run-2")[1] == 1
+
+
+def test_mark_used_queued_on_a_steps_pipeline_marks_the_claimed_iccid_used(
+    inventory: EsimInventory, redis_client: redis.Redis
+) -> None:
+    inventory.load(iccids(2))
+    iccid = inventory.claim("run-1")
+    pipe = redis_client.pipeline(transaction=False)
+    inventory.queue_mark_used(pipe, iccid)
+    pipe.execute()
+    assert inventory.stock() == Stock(free=1, claimed=0, used=1)
+    with pytest.raises(InventoryClaimError, match="is used"):
+        inventory.release("run-1")
+
+
 def test_the_stock_is_low_below_the_threshold(inventory: EsimInventory) -> None:
     inventory.load(iccids(3))
     assert not inventory.is_low(3)

@@ -469,7 +469,9 @@ class FakePool(urllib3.PoolManager):
         self.fake = fake
 
     def urlopen(self, method: str, url: str, redirect: bool = True, **kw: Any) -> urllib3.BaseHTTPResponse:
-        request = requests.Request(method, url, headers=kw.get("headers") or {}, data=kw.get("body")).prepare()
+        request = requests.Request(
+            method, url, headers=kw.get("headers") or {}, data=kw.get("body")
+        ).prepare()
         answer = self.fake.send(request, timeout=kw.get("timeout"))
         return urllib3.HTTPResponse(
             body=answer.content, status=answer.status_code, headers=dict(answer.headers), preload_content=True
