@@ -6,6 +6,7 @@ Celery-free: the domains' steps depend on this, never on the task plumbing.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -46,6 +47,8 @@ class StepContext:
     pending_markers: dict[str, str] = field(default_factory=dict)
     # Other records of effects made, written with the step's end (see write_with_end).
     pending_writes: list[Write] = field(default_factory=list)
+    # The marker this step's claim set on the Order unless it had one: (name, the value it sent).
+    stamp: tuple[str, str] | None = None
 
     @property
     def order_id(self) -> str:
@@ -75,6 +78,22 @@ class StepContext:
     def set_marker(self, name: str, value: str) -> None:
         self.services.ledger.set_marker(self.order_id, name, value)
         self.provisioning.markers[name] = value
+
+    def stamped_by_this_try(self, name: str) -> bool:
+        """This try's claim set marker ``name`` (the Order had none): no earlier try of the step set it."""
+        return self.stamp is not None and self.stamp[0] == name and self.marker(name) == self.stamp[1]
+
+    def confirm_stamp(self, name: str, make_value: Callable[[], str]) -> None:
+        """With replicas, confirm the marker the claim stamped before the effect it guards (WAIT).
+
+        Without replicas the claim's write is all there is to it: no round trip here. A context
+        the lifecycle did not claim (no stamp) writes it now, with ``make_value()``.
+        """
+        value = self.marker(name)
+        if value is None:
+            self.guard_marker(name, make_value())
+        elif self.services.replicas.replicas() > 0:
+            self.guard_marker(name, value)
 
     def guard_marker(self, name: str, value: str) -> None:
         """``set_marker`` for a marker an external effect follows (an intent, the outbox's ``sending``):

@@ -57,6 +57,7 @@ from provisioning.salesforce.errors import OrderNotFound
 from provisioning.salesforce.steps import ACTIVATED_AT_MARKER, salesforce_now
 from provisioning.services import Services
 from provisioning.settings import Settings
+from provisioning.whmcs.steps import WHMCS_INTENT_MARKER, intent_stamp
 
 log = get_logger(__name__)
 
@@ -128,11 +129,15 @@ NOTHING_TO_DO: Mapping[Step, Callable[[Order], StepResult | None]] = MappingProx
 )
 
 
-# Markers a step needs fixed at its Order's first try: set by the step's claim unless the Order has
+# Markers a step needs set at its Order's first try: set by the step's claim unless the Order has
 # them (no round trip of their own). The activation time goes on the Order, and every write of it
-# (a retry after a lost answer, a later run) must send the same value.
+# (a retry after a lost answer, a later run) must send the same value. The WHMCS intent must be
+# in the ledger before AddOrder: a try that finds another try's intent looks the order up first.
 STAMPED_AT_CLAIM: Mapping[Step, tuple[str, Callable[[], str]]] = MappingProxyType(
-    {Step.UPDATE_SALESFORCE: (ACTIVATED_AT_MARKER, salesforce_now)}
+    {
+        Step.UPDATE_SALESFORCE: (ACTIVATED_AT_MARKER, salesforce_now),
+        Step.CREATE_WHMCS_ORDER: (WHMCS_INTENT_MARKER, intent_stamp),
+    }
 )
 
 
@@ -151,8 +156,9 @@ def run_step(services: Services, run_id: RunId, step: Step, action: Action) -> S
 def _run_step(services: Services, run_id: RunId, step: Step, action: Action) -> StepDone:
     ledger = services.ledger
     claimed_at = time.monotonic()
-    stamp = STAMPED_AT_CLAIM.get(step)
-    claim = ledger.claim_step(run_id, step, stamp=(stamp[0], stamp[1]()) if stamp else None)
+    stamping = STAMPED_AT_CLAIM.get(step)
+    stamp = (stamping[0], stamping[1]()) if stamping else None
+    claim = ledger.claim_step(run_id, step, stamp=stamp)
     if claim.status == "ended":
         assert claim.state is not None
         log.warning("step_stopped_run_ended", step=step.value, state=claim.state.value)
@@ -184,7 +190,9 @@ def _run_step(services: Services, run_id: RunId, step: Step, action: Action) -> 
             if recorded.done:  # a re-approval: the Order's effects exist, the chain moves on
                 return StepDone(recorded.result or {}, step.next)
         assert run is not None
-        ctx = StepContext(services, run_id, provisioning, lease, snapshot, lease_set_at=claimed_at)
+        ctx = StepContext(
+            services, run_id, provisioning, lease, snapshot, lease_set_at=claimed_at, stamp=stamp
+        )
         started = time.monotonic()
         try:
             result = action(ctx).to_json()

@@ -5,7 +5,8 @@ primary dies before a replica got it and that replica is promoted. For most ledg
 writes that costs a repeated, idempotent step. For the few after which we act on
 the outside world it would cost a second effect: the WHMCS intent (a lost intent
 means ``AddOrder`` again without the lookup), the ICCID claim (a lost claim means a
-second profile), the eSIM download marker and the outbox's ``sending``. Those go
+second profile) and the outbox's ``sending``. (The eSIM download marker is not one: a
+lost one means ``downloadOrder`` again for the same claimed ICCID, which answers "in use", read as done.) Those go
 through :meth:`ReplicaWait.write`: the write and ``WAIT 1 <REDIS_WAIT_TIMEOUT_MS>``
 in one pipeline, on one connection (WAIT counts the replicas that acknowledged
 *that connection's* writes), so one round trip that returns once a replica holds

@@ -44,6 +44,7 @@ from provisioning.salesforce.steps import update_salesforce
 from provisioning.sandbox.processes import free_port
 from provisioning.sandbox.scenario import seed_orders
 from provisioning.services import Services
+from provisioning.whmcs.steps import create_whmcs_order, order_note
 
 pytestmark = pytest.mark.fast
 
@@ -463,3 +464,42 @@ def test_the_activation_time_is_fixed_by_the_first_claim_and_sent_unchanged_by_a
 
 def _begin_done(services: Services, run_id: RunId) -> Any:
     return run_step(services, run_id, Step.VALIDATE_PAYMENT, _ok(PaymentChecked(whmcs_client_id=1)))
+
+
+def _whmcs_calls(sandbox) -> dict[str, int]:
+    return dict(sandbox.admin("whmcs").get("/__admin/calls")["calls"])
+
+
+def test_a_first_try_of_the_whmcs_step_orders_at_once_on_the_intent_its_claim_stamped(
+    sandbox, services, order
+):
+    run_id = RunId.parse(order.run_id)
+    _begin(services, run_id)
+    sandbox.admin("whmcs").post("/__admin/calls/reset")
+    done = run_step(services, run_id, Step.CREATE_WHMCS_ORDER, create_whmcs_order)
+    calls = _whmcs_calls(sandbox)
+    assert (calls.get("AddOrder"), calls.get("AcceptOrder"), calls.get("GetOrders", 0)) == (1, 1, 0)
+    markers = services.ledger.provisioning(order.order_id).markers
+    assert markers["whmcs_intent"]
+    assert markers["whmcs_order_id"] == str(done.result["whmcs_order_id"])
+
+
+def test_a_try_that_finds_an_earlier_tries_intent_adopts_the_order_that_try_made(sandbox, services, order):
+    run_id = RunId.parse(order.run_id)
+    _begin(services, run_id)
+    # An earlier try: its claim stamped the intent, AddOrder went through, the answer was lost
+    # with its worker (no step end).
+    earlier = services.ledger.claim_step(run_id, Step.CREATE_WHMCS_ORDER, stamp=("whmcs_intent", "earlier"))
+    assert earlier.lease is not None
+    made = services.whmcs.add_order(
+        client_id=order.whmcs_client_id,
+        payment_method=services.settings.whmcs_payment_method,
+        items=[(1, 1)],
+        notes=order_note(order.order_id),
+    )
+    earlier.lease.release()
+    sandbox.admin("whmcs").post("/__admin/calls/reset")
+    done = run_step(services, run_id, Step.CREATE_WHMCS_ORDER, create_whmcs_order)
+    assert done.result == {"whmcs_order_id": made.order_id}
+    calls = _whmcs_calls(sandbox)
+    assert (calls.get("GetOrders"), calls.get("AddOrder", 0), calls.get("AcceptOrder")) == (1, 0, 1)

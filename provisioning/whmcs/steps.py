@@ -67,6 +67,15 @@ def validate_payment(ctx: StepContext) -> PaymentChecked:
     return PaymentChecked(whmcs_client_id=client_id, pay_methods=len(methods))
 
 
+# The intent recorded before AddOrder: set by the step's claim (the lifecycle's STAMPED_AT_CLAIM).
+WHMCS_INTENT_MARKER = "whmcs_intent"
+
+
+def intent_stamp() -> str:
+    """The intent's value: when the try began, unique to the try (the Order's lease serialises them)."""
+    return repr(time.time())
+
+
 def create_whmcs_order(ctx: StepContext) -> WhmcsOrderCreated:
     """AddOrder once (intent record + run id in notes + lookup), then AcceptOrder once."""
     order = ctx.order()
@@ -77,16 +86,17 @@ def create_whmcs_order(ctx: StepContext) -> WhmcsOrderCreated:
     order_id_text = ctx.marker("whmcs_order_id")
     if order_id_text is None:
         found = None
-        if ctx.marker("whmcs_intent") is not None:
-            # An earlier attempt may have created the order and lost the answer: adopt it.
+        if not ctx.stamped_by_this_try(WHMCS_INTENT_MARKER):
+            # An earlier try's intent: it may have created the order and lost the answer: adopt it.
             found = whmcs.find_order_by_note(client_id, note)
             if found is not None:
                 log.warning("whmcs_order_adopted", whmcs_order_id=found.id)
         if found is not None:
             whmcs_order_id = found.id
         else:
-            # On a replica before AddOrder: a failover must not forget that it may have happened.
-            ctx.guard_marker("whmcs_intent", repr(time.time()))
+            # The intent is in the ledger (the step's claim stamped it); with replicas, on one
+            # before AddOrder: a failover must not forget that it may have happened.
+            ctx.confirm_stamp(WHMCS_INTENT_MARKER, intent_stamp)
             ctx.renew()
             created = whmcs.add_order(
                 client_id=client_id,
