@@ -35,6 +35,7 @@ from string import Template
 import qrcode
 from PIL import Image
 from qrcode.constants import ERROR_CORRECT_M
+from qrcode.util import QRData
 
 # Built with email's classic (compat32) classes: the modern API's header registry cost three times
 # the CPU of the rest of the e-mail step. 7bit transfer encodings only (quoted-printable text,
@@ -85,12 +86,25 @@ def _qr_content_id(key: str, domain: str) -> str:
     return f"qr.{_id_left(key)}@{_check_domain(domain)}"
 
 
+# The smallest QR version that holds data of one encoding mode and length (the same for every such
+# data): found once, by qrcode's own fit, which otherwise encodes the data twice per code (a third of
+# its CPU). Activation codes of one deployment come in one or two lengths.
+_QR_VERSIONS: dict[tuple[int, int], int] = {}
+
+
 def qr_png(data: str) -> bytes:
     """``data`` as a QR code, in PNG."""
+    chunk = QRData(data)
+    key = (chunk.mode, len(chunk))
+    version = _QR_VERSIONS.get(key)
     # A fixed mask: choosing the best of eight costs two thirds of the QR code's CPU, and any mask scans.
-    qr = qrcode.QRCode(error_correction=ERROR_CORRECT_M, border=QR_BORDER_MODULES, mask_pattern=0)
-    qr.add_data(data)
-    qr.make(fit=True)
+    qr = qrcode.QRCode(
+        version=version, error_correction=ERROR_CORRECT_M, border=QR_BORDER_MODULES, mask_pattern=0
+    )
+    qr.add_data(chunk)
+    qr.make(fit=version is None)
+    if version is None:
+        _QR_VERSIONS[key] = int(qr.version)
     matrix = qr.get_matrix()  # modules, quiet zone included; True is dark
     size = len(matrix)
     # One pixel per module, then scaled: drawing each box (qrcode's own image) costs twice as much.

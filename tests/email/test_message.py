@@ -20,6 +20,7 @@ from provisioning.email.message import (
     QR_BOX_PX,
     build_activation_email,
     message_id_for,
+    qr_png,
 )
 
 RUN_ID = "a0RE000000IJmcNMAT:idem-1"
@@ -100,6 +101,30 @@ def test_the_qr_code_holds_the_activation_code() -> None:
         for y in range(len(matrix))
     ]
     assert read == matrix
+
+
+def test_codes_of_one_length_reuse_the_version_found_for_the_first_and_each_holds_its_own_code() -> None:
+    first, second = "LPA:1$smdp.example.com$AAAA-1111", "LPA:1$smdp.example.com$BBBB-2222"
+    for code in (first, second, first):
+        qr = qrcode.QRCode(
+            error_correction=qrcode.constants.ERROR_CORRECT_M, border=QR_BORDER_MODULES, mask_pattern=0
+        )
+        qr.add_data(code)
+        qr.make(fit=True)
+        matrix = qr.get_matrix()
+        picture = Image.open(io.BytesIO(qr_png(code))).convert("L")
+        centre = QR_BOX_PX // 2
+        read = [
+            [
+                picture.getpixel((x * QR_BOX_PX + centre, y * QR_BOX_PX + centre)) == 0
+                for x in range(len(matrix))
+            ]
+            for y in range(len(matrix))
+        ]
+        assert read == matrix
+    # A longer code gets a larger version, not the cached one.
+    longer = first + "-" + "C" * 200
+    assert Image.open(io.BytesIO(qr_png(longer))).size[0] > picture.size[0]
 
 
 def test_the_text_part_gives_the_activation_code_and_the_iccid() -> None:
