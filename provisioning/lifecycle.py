@@ -9,8 +9,10 @@ Each step, in this order (what makes a step safe to run any number of times):
 1. One round trip (:meth:`Ledger.claim_step`): the run ended (failed, joined,
    superseded, skipped): stop, later steps must not run; the step is done (by this
    run, or for the Order by an earlier one): return its result; another worker
-   holds the Order's lease: retry shortly; else take the lease, count the attempt
-   and read the run, the Order's provisioning and its snapshot.
+   holds the Order's lease: retry shortly; else take the lease, count the attempt,
+   set the marker the step needs from its Order's first try (STAMPED_AT_CLAIM: the
+   WHMCS intent, the activation time) unless the Order has it, and read the run,
+   the Order's provisioning and its snapshot.
 2. A run that has not begun begins, in its first step, under that lease: another
    run of the Order in flight means this one joins it (one provisioning per
    Order, whatever the events); a failed run of the Order is superseded by this
@@ -18,8 +20,10 @@ Each step, in this order (what makes a step safe to run any number of times):
    query) and, unless it says ``Activating``, the run is skipped.
 3. Act. Each action is idempotent on its own (intent records, idempotency keys
    derived from the Order, lookups before acting): a worker can die at any instant.
-4. One round trip (:meth:`Ledger.end_step`): record the result (ids only), end the
-   run after its last step, give the lease back; hand the result to the next step.
+4. One round trip (:meth:`Ledger.end_step`): record the result (ids only) and the
+   results of the steps after it that have nothing to do for the Order
+   (NOTHING_TO_DO: a physical SIM's eSIM step), end the run after its last step,
+   give the lease back; name the next step to send.
 
 Transient errors are retried with backoff, bounded by count (TASK_MAX_RETRIES) and
 by the run's age (TASK_MAX_AGE_S); permanent errors and exhausted retries end the

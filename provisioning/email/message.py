@@ -27,10 +27,12 @@ from email.message import Message
 from email.mime.image import MIMEImage
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
+from email.policy import Compat32
 from email.policy import default as default_policy
 from email.utils import formatdate
 from importlib import resources
 from string import Template
+from typing import Any
 
 import qrcode
 from PIL import Image
@@ -56,6 +58,8 @@ _DOMAIN = re.compile(
 )
 # 96 bits of the run id's hash: unique enough, and the header stays on one line.
 _DIGEST_HEX_CHARS = 24
+# A boundary's hash: 80 bits, and "Content-Type: multipart/alternative; boundary=..." fits one line.
+_BOUNDARY_HEX_CHARS = 20
 
 
 def _id_left(key: str) -> str:
@@ -69,6 +73,45 @@ def _id_left(key: str) -> str:
     digest = hashlib.sha256(f"activation:{key}".encode()).hexdigest()[:_DIGEST_HEX_CHARS]
     match = _ORDER_ID.match(key)
     return f"{match.group(0)}.{digest}" if match else f"run.{digest}"
+
+
+class _PlainHeadersCompat32(Compat32):
+    """compat32, writing a header that needs no folding or encoding as it is.
+
+    What compat32's folding makes of a short, single-spaced, printable ASCII value is that
+    value: the same bytes, without building an ``email.header.Header`` per header (a third
+    of the CPU of sending the e-mail). Anything else goes through compat32 itself.
+    """
+
+    def _as_is(self, name: str, value: object) -> str | None:
+        if not isinstance(value, str) or not (value.isascii() and value.isprintable()):
+            return None
+        limit = self.max_line_length
+        if "  " in value or value != value.strip() or (limit and len(name) + 2 + len(value) > limit):
+            return None
+        return f"{name}: {value}{self.linesep}"
+
+    def fold(self, name: str, value: Any) -> str:
+        plain = self._as_is(name, value)
+        return plain if plain is not None else super().fold(name, value)
+
+    def fold_binary(self, name: str, value: Any) -> bytes:
+        plain = self._as_is(name, value)
+        return plain.encode("ascii") if plain is not None else super().fold_binary(name, value)
+
+
+# The policy of every part of the e-mail.
+MESSAGE_POLICY = _PlainHeadersCompat32()
+
+
+def _boundary(key: str, part: str) -> str:
+    """A multipart boundary of our own (the generator otherwise draws one and compiles a regular
+    expression for it per message, to check the parts do not hold it). Ours cannot occur in them:
+    the bodies are quoted-printable (an "=" is always followed by hex digits or a line end) and
+    base64 (no "_"), and the headers hold no "=_". Short enough that its Content-Type needs no
+    folding."""
+    digest = hashlib.sha256(f"boundary:{part}:{key}".encode()).hexdigest()[:_BOUNDARY_HEX_CHARS]
+    return f"=_{digest}_="
 
 
 def _check_domain(domain: str) -> str:
@@ -183,20 +226,20 @@ def build_activation_email(
     parsed_to = default_policy.header_factory("To", to_address)
     if len(parsed_to.addresses) != 1 or parsed_to.defects or not parsed_to.addresses[0].domain:
         raise ValueError("to_address must be exactly one valid e-mail address")
-    msg = MIMEMultipart("alternative")
+    msg = MIMEMultipart("alternative", boundary=_boundary(key, "alternative"), policy=MESSAGE_POLICY)
     msg["Message-ID"] = message_id_for(key, message_id_domain)
     msg["Date"] = formatdate(usegmt=True)
     msg["From"] = _header(sender)
     msg["To"] = _header(str(parsed_to))
     msg["Subject"] = _header(SUBJECT.format(order_number=order_number))
     # typeshed says str, but MIMEText takes a Charset (how the body gets quoted-printable).
-    msg.attach(MIMEText(text, "plain", _UTF8_QP))  # type: ignore[arg-type]
-    html_part = MIMEText(body_html, "html", _UTF8_QP)  # type: ignore[arg-type]
+    msg.attach(MIMEText(text, "plain", _UTF8_QP, policy=MESSAGE_POLICY))  # type: ignore[arg-type]
+    html_part = MIMEText(body_html, "html", _UTF8_QP, policy=MESSAGE_POLICY)  # type: ignore[arg-type]
     if esim:
         assert activation_code is not None
-        related = MIMEMultipart("related")
+        related = MIMEMultipart("related", boundary=_boundary(key, "related"), policy=MESSAGE_POLICY)
         related.attach(html_part)
-        image = MIMEImage(qr_png(activation_code), "png")
+        image = MIMEImage(qr_png(activation_code), "png", policy=MESSAGE_POLICY)
         image["Content-ID"] = f"<{values['qr_cid']}>"
         image["Content-Disposition"] = "inline"
         related.attach(image)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.policy
 import io
 import re
+from email.generator import BytesGenerator
 from email.message import EmailMessage
 from email.parser import BytesParser
 from typing import Any
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from provisioning.email.message import (
+    MESSAGE_POLICY,
     QR_BORDER_MODULES,
     QR_BOX_PX,
     build_activation_email,
@@ -233,3 +235,34 @@ def test_a_bad_recipient_is_rejected_without_quoting_it(address: str) -> None:
         build(to_address=address)
 
     assert address not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"iccid": None, "activation_code": None},
+        {"first_name": "Zoë", "order_number": "00000142  with  spaces", "sender": "Équipe <p@example.com>"},
+        {"order_number": "9" * 90},
+    ],
+    ids=["esim", "physical", "non-ascii-and-double-spaces", "long-subject"],
+)
+def test_the_message_policy_writes_the_very_bytes_compat32_would(overrides: dict[str, Any]) -> None:
+    msg = build(**overrides)
+    ours, theirs = io.BytesIO(), io.BytesIO()
+    BytesGenerator(ours, policy=MESSAGE_POLICY.clone(linesep="\r\n")).flatten(msg)
+    BytesGenerator(theirs, policy=email.policy.compat32.clone(linesep="\r\n")).flatten(msg)
+    assert ours.getvalue() == theirs.getvalue()
+
+
+def test_the_boundaries_are_ours_and_occur_only_as_boundaries() -> None:
+    msg = build()
+    boundaries = [part.get_boundary() for part in msg.walk() if part.is_multipart()]
+    assert len(boundaries) == 2
+    assert all(b is not None and b.startswith("=_") and len(b) <= 70 for b in boundaries)
+    wire = msg.as_bytes()
+    for b in boundaries:
+        assert b is not None
+        # In its Content-Type, then as the delimiter lines (each part's, the closing one); nowhere else.
+        assert wire.count(b.encode()) == wire.count(b"--" + b.encode()) + 1
+    assert len(reparsed(msg).get_payload()) == 2
