@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             notes=[
                 f"One worker process; {sum(o.esim for o in measured)} of {len(measured)} Orders are eSIM "
                 "(9 external calls), the rest physical (7). Medians over the rounds, with their range.",
-                "A run is 5 tasks (its steps; the first begins the run); the floor's chain is 5 no-op tasks, measured "
+                "A run is its steps' tasks (the first begins the run): 5 for an eSIM Order, 4 for a physical one "
+                "(no eSIM step); the floor's chain is 5 no-op tasks, measured "
                 "on a floor worker with the same options right before each round; ratios are per round, "
                 "then the median.",
                 "The sandbox (all four simulators) runs in the benchmark's own process, on the same machine.",
