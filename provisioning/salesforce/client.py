@@ -335,6 +335,13 @@ class SalesforceClient:
             )
         if status >= 300:
             raise _status_error(operation, status, content, order_id=order_id)
+        if isinstance(content, str):
+            # Not Salesforce answering (a proxy's page, say): the same call meets it again.
+            raise SalesforceRequestError(
+                f"Salesforce {operation}: HTTP {status} with a body that is not JSON "
+                "(check SF_LOGIN_URL and any proxy in between)",
+                status=status,
+            )
         return content
 
     def _renew(self, state: RetryCallState) -> None:

@@ -284,6 +284,17 @@ def test_connection_errors_and_timeouts_are_transient(
     assert isinstance(caught.value, TransientError)
 
 
+def test_an_answer_that_is_not_json_is_a_permanent_error_that_says_what_to_check(
+    client: SalesforceClient, fake: FakeSalesforce
+) -> None:
+    client.fetch_order(ORDER_ID)
+    fake.rest_script.append((200, "<html>Sign in to the proxy</html>"))
+    with pytest.raises(SalesforceRequestError, match="not JSON") as caught:
+        client.fetch_order(ORDER_ID)
+    assert isinstance(caught.value, PermanentError)
+    assert "SF_LOGIN_URL" in str(caught.value)
+
+
 def test_every_call_carries_a_timeout(client: SalesforceClient, fake: FakeSalesforce) -> None:
     client.fetch_order(ORDER_ID)
     client.update_order(ORDER_ID, {"Activation_Status__c": "Activated"})
