@@ -74,14 +74,6 @@ end
 return {iccid, redis.call('SCARD', KEYS[1])}
 """
 
-# KEYS: claims, used. Returns the ICCID, or false when the key has no claim.
-_MARK_USED = """
-local iccid = redis.call('HGET', KEYS[1], ARGV[1])
-if not iccid then return false end
-redis.call('SADD', KEYS[2], iccid)
-return iccid
-"""
-
 # KEYS: free, claims, used. Returns {status, iccid}: status 1 released, 0 no claim, -1 used.
 _RELEASE = """
 local iccid = redis.call('HGET', KEYS[2], ARGV[1])
@@ -221,7 +213,6 @@ class EsimInventory:
         self.known_key = f"{prefix}:esim:known"
         self._load = redis.register_script(_LOAD)
         self._claim = redis.register_script(_CLAIM)
-        self._mark_used = redis.register_script(_MARK_USED)
         self._release = redis.register_script(_RELEASE)
         self._stock = redis.register_script(_STOCK)
 
@@ -269,15 +260,11 @@ class EsimInventory:
         value = _guard(self._redis.hget, self.claims_key, key)
         return None if value is None else _text(value)
 
-    def mark_used(self, key: str) -> str:
-        """``key``'s ICCID is activated (idempotent); returns the ICCID."""
-        value = _guard(self._mark_used, keys=[self.claims_key, self.used_key], args=[key])
-        if value is None:
-            raise InventoryClaimError(f"{key} has no claimed ICCID to mark used")
-        return _text(value)
-
     def queue_mark_used(self, pipe: Any, iccid: str) -> None:
-        """:meth:`mark_used` for the ICCID a claim returned, queued on ``pipe`` (a step's end)."""
+        """The ICCID a claim returned is activated (idempotent), queued on ``pipe``: an eSIM step's end.
+
+        Used, it never goes back to stock (:meth:`release`); its claim stays, so a repeat still finds it.
+        """
         pipe.sadd(self.used_key, iccid)
 
     def release(self, key: str) -> str | None:
@@ -299,10 +286,6 @@ class EsimInventory:
             self._stock, keys=[self.free_key, self.claims_key, self.used_key], args=[]
         )
         return Stock(free=int(free), claimed=int(claims) - int(used), used=int(used))
-
-    def is_low(self, threshold: int) -> bool:
-        """Fewer than ``threshold`` free ICCIDs are left."""
-        return self.stock().free < threshold
 
 
 def _guard(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:

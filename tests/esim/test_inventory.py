@@ -35,6 +35,13 @@ def inventory(redis_client: redis.Redis, namespace: str) -> EsimInventory:
     return EsimInventory(redis=redis_client, prefix=namespace)
 
 
+def mark_used(inventory: EsimInventory, redis_client: redis.Redis, iccid: str) -> None:
+    """What an eSIM step's end does (its writes' pipeline)."""
+    pipe = redis_client.pipeline(transaction=False)
+    inventory.queue_mark_used(pipe, iccid)
+    pipe.execute()
+
+
 # -- parse_batch -----------------------------------------------------------------------------
 
 
@@ -146,18 +153,20 @@ def test_an_empty_inventory_is_a_transient_error_that_says_what_to_do(inventory:
     assert inventory.claim("run-1") == A
 
 
-def test_mark_used_is_idempotent_and_keeps_the_claim(inventory: EsimInventory) -> None:
+def test_marking_used_is_idempotent_and_keeps_the_claim(
+    inventory: EsimInventory, redis_client: redis.Redis
+) -> None:
     inventory.load([A, B])
     iccid = inventory.claim("run-1")
-    assert inventory.mark_used("run-1") == iccid
-    assert inventory.mark_used("run-1") == iccid
+    mark_used(inventory, redis_client, iccid)
+    mark_used(inventory, redis_client, iccid)
     assert inventory.claim("run-1") == iccid
     assert inventory.stock() == Stock(free=1, claimed=0, used=1)
-    with pytest.raises(InventoryClaimError):
-        inventory.mark_used("run-without-claim")
 
 
-def test_release_gives_a_claimed_iccid_back_but_never_a_used_one(inventory: EsimInventory) -> None:
+def test_release_gives_a_claimed_iccid_back_but_never_a_used_one(
+    inventory: EsimInventory, redis_client: redis.Redis
+) -> None:
     inventory.load([A])
     iccid = inventory.claim("run-1")
     assert inventory.release("run-1") == iccid
@@ -165,16 +174,17 @@ def test_release_gives_a_claimed_iccid_back_but_never_a_used_one(inventory: Esim
     assert inventory.claimed_by("run-1") is None
     assert inventory.stock() == Stock(free=1, claimed=0, used=0)
     assert inventory.claim("run-2") == iccid
-    inventory.mark_used("run-2")
+    mark_used(inventory, redis_client, iccid)
     with pytest.raises(InventoryClaimError, match="is used"):
         inventory.release("run-2")
     assert inventory.stock() == Stock(free=0, claimed=0, used=1)
 
 
-def test_a_reloaded_batch_does_not_bring_back_used_or_claimed_iccids(inventory: EsimInventory) -> None:
+def test_a_reloaded_batch_does_not_bring_back_used_or_claimed_iccids(
+    inventory: EsimInventory, redis_client: redis.Redis
+) -> None:
     inventory.load([A, B])
-    inventory.claim("run-1")
-    inventory.mark_used("run-1")
+    mark_used(inventory, redis_client, inventory.claim("run-1"))
     inventory.claim("run-2")
     assert inventory.load([A, B, C]) == 1
     assert inventory.stock() == Stock(free=1, claimed=1, used=1)
@@ -186,27 +196,6 @@ def test_a_claim_says_how_many_iccids_are_left_free_in_the_same_round_trip(inven
     assert free == 2
     assert inventory.claim_counting("run-1") == (iccid, 2)  # a repeat takes nothing more
     assert inventory.claim_counting("run-2")[1] == 1
-
-
-def test_mark_used_queued_on_a_steps_pipeline_marks_the_claimed_iccid_used(
-    inventory: EsimInventory, redis_client: redis.Redis
-) -> None:
-    inventory.load(iccids(2))
-    iccid = inventory.claim("run-1")
-    pipe = redis_client.pipeline(transaction=False)
-    inventory.queue_mark_used(pipe, iccid)
-    pipe.execute()
-    assert inventory.stock() == Stock(free=1, claimed=0, used=1)
-    with pytest.raises(InventoryClaimError, match="is used"):
-        inventory.release("run-1")
-
-
-def test_the_stock_is_low_below_the_threshold(inventory: EsimInventory) -> None:
-    inventory.load(iccids(3))
-    assert not inventory.is_low(3)
-    inventory.claim("run-1")
-    assert inventory.is_low(3)
-    assert inventory.stock().total == 3
 
 
 def test_a_client_that_decodes_responses_works_the_same(namespace: str) -> None:
@@ -222,8 +211,7 @@ def test_keys_follow_the_documented_names(
     inventory: EsimInventory, redis_client: redis.Redis, namespace: str
 ) -> None:
     inventory.load([A, B])
-    inventory.claim("run-1")
-    inventory.mark_used("run-1")
+    mark_used(inventory, redis_client, inventory.claim("run-1"))
     assert redis_client.scard(f"{namespace}:esim:free") == 1
     assert redis_client.hget(f"{namespace}:esim:claims", "run-1") in (A.encode(), B.encode())
     assert redis_client.scard(f"{namespace}:esim:used") == 1
