@@ -121,7 +121,7 @@ def message_sizes(settings: Settings, server: BenchRedis, run_id: str) -> list[t
         queue = probe.celery_queue
         for step in STEPS:
             broker.delete(queue)
-            # The listener sends the first; each step, once done, sends the next.
+            # The listener sends the first; a later step's message is sent only when it must wait.
             publish_step(app, run_id, Step(step))
             (raw,) = broker.lrange(queue, 0, -1)
             payload = json.loads(raw)
@@ -295,12 +295,10 @@ def main(argv: list[str] | None = None) -> int:
                 "INFO stats total_net_*_bytes (idle included)",
             )
         broker_cmds = commands.get("broker", commands.get("all", {}))
-        # A physical SIM's run sends no eSIM step (validate_payment records it): 4 messages, not 5.
-        expected = (5 * sum(o.esim for o in measured) + 4 * sum(not o.esim for o in measured)) / n
         summary.add(
             "broker task messages",
             broker_cmds.get("lpush", 0.0),
-            f"LPUSH: 5 steps an eSIM run, 4 a physical one = {expected:.1f} expected",
+            "LPUSH: a run is one task; a step that must wait sends one more (none expected here)",
         )
         summary.add(
             "broker event messages",
@@ -323,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         msg_table = Table(
             "Bytes per task message (as stored in the Redis broker list)",
             ["task", "message bytes", "body bytes (base64)"],
-            notes=["Each step's message carries the run id only: the step that is done sends the next."],
+            notes=[
+                "Each message carries the run id only. The listener sends the first step's; the others are "
+                "sent only for a step that must wait (a retry) or by an operator's requeue."
+            ],
         )
         for task, raw, body in sizes:
             msg_table.add(task, raw, body)

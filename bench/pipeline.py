@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu_ratios = [c / floor["worker_cpu_ms_per_chain"] for c in cpus] if floor else []
             rate_ratios = [r / floor["chains_per_s"] for r in rates] if floor else []
         measured = orders[args.warmup :]
+        steps_per_order = sum(len(TASKS) if o.esim else len(TASKS) - 1 for o in measured) / len(measured)
         states: Counter[str] = Counter()
         for res in results:
             states.update(res.states)
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 "orders/s range",
                 "worker CPU ms/order",
                 "CPU range",
-                "worker CPU ms/task",
+                "worker CPU ms/step",
                 "floor chains/s",
                 "floor CPU ms/chain",
                 "orders/s ÷ floor chains/s",
@@ -167,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             notes=[
                 f"One worker process; {sum(o.esim for o in measured)} of {len(measured)} Orders are eSIM "
                 "(9 external calls), the rest physical (7). Medians over the rounds, with their range.",
-                "A run is its steps' tasks (the first begins the run): 5 for an eSIM Order, 4 for a physical one "
-                "(no eSIM step); the floor's chain is 5 no-op tasks, measured "
+                "A run is one task that goes through its steps (5 for an eSIM Order, 4 for a physical one: no "
+                "eSIM step), a step that must wait becoming a task of its own; the floor's chain is 5 no-op "
+                "tasks, measured "
                 "on a floor worker with the same options right before each round; ratios are per round, "
                 "then the median.",
                 "The sandbox (all four simulators) runs in the benchmark's own process, on the same machine.",
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             spread(rates),
             cpu_order,
             spread(cpus),
-            cpu_order / len(TASKS),
+            cpu_order / steps_per_order,
             floor["chains_per_s"] if floor else float("nan"),
             floor["worker_cpu_ms_per_chain"] if floor else float("nan"),
             median(rate_ratios),

@@ -25,6 +25,8 @@ _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*)\)$")
 _STDLIB = f"/lib/python{sys.version_info.major}.{sys.version_info.minor}/"
 
 REDIS_AREA = "Redis client (redis-py)"
+LIFECYCLE = "in our tasks, outside the actions (the ledger's claims and ends, the run's beginning)"
+OUTSIDE = "outside our tasks (Celery, broker, events)"
 # Leaf-first: a sample's time goes to the innermost frame that belongs to one of these.
 AREAS: list[tuple[str, tuple[str, ...]]] = [
     ("logging (structlog, logging)", ("/structlog/", f"{_STDLIB}logging/")),
@@ -154,8 +156,14 @@ def summarise(raw_file: Path, title: str, *, top: int = 12, steps: tuple[str, ..
         by_area[_area(frames)] += count
         by_leaf[_short(*frames[-1])] += count
         if steps:
-            names = {func for func, path in frames if "/tasks/" in path}
-            step = next((s for s in steps if s in names), "outside our tasks (Celery, broker, events)")
+            # A run's steps share its task: a sample goes to the step whose action is on the stack.
+            actions = {
+                func for func, path in frames if "/provisioning/" in path and path.endswith("/steps.py")
+            }
+            step = next((s for s in steps if s in actions), None)
+            if step is None:
+                in_task = any("/tasks/" in path for _, path in frames)
+                step = LIFECYCLE if in_task else OUTSIDE
             by_step[step] += count
     if not total:
         return []
@@ -168,7 +176,7 @@ def summarise(raw_file: Path, title: str, *, top: int = 12, steps: tuple[str, ..
     )
     tables.append(areas)
     if steps:
-        per_step = Table(f"{title}: CPU by task", ["task", "share of samples"])
+        per_step = Table(f"{title}: CPU by step", ["step", "share of samples"])
         for name, count in by_step.most_common():
             per_step.add(name, f"{100 * count / total:.1f}%")
         tables.append(per_step)

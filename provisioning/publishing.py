@@ -1,10 +1,10 @@
-"""Sending runs to the workers: a step task, which sends the next when it is done.
+"""Sending runs to the workers: the task of a run's first step, or of a step that must wait.
 
-A run is its five step tasks. The listener (and the reconciler, the operators'
-commands) sends the first; each step, once done, sends the next itself, so every
-message is one small task carrying the run id and nothing else (no embedded chain to
-encode and decode at every hop). Tasks are addressed by name, so nothing here imports
-``tasks/``.
+The listener (and the reconciler, the operators' commands) sends a run's first
+step; that task goes through the run's steps itself while each succeeds at once
+(``tasks/steps.py``), and a step that must wait is sent as a task of its own,
+with its countdown. Every message is one small task carrying the run id and
+nothing else. Tasks are addressed by name, so nothing here imports ``tasks/``.
 """
 
 from __future__ import annotations
@@ -29,11 +29,19 @@ def make_publisher(settings: Settings) -> Celery:
     return app
 
 
-def publish_step(app: Celery, run_id: RunId | str, step: Step, *, producer: Any = None) -> str:
-    """Send one step task of the run; returns once the broker accepted it. Flower shows the run id only."""
+def publish_step(
+    app: Celery, run_id: RunId | str, step: Step, *, producer: Any = None, countdown: float | None = None
+) -> str:
+    """Send one step task of the run (to run ``countdown`` seconds from now); returns once the broker
+    accepted it. Flower shows the run id only."""
     text = str(run_id)
     result = app.send_task(
-        step.task_name, args=(text,), argsrepr=repr((text,)), kwargsrepr="{}", producer=producer
+        step.task_name,
+        args=(text,),
+        argsrepr=repr((text,)),
+        kwargsrepr="{}",
+        producer=producer,
+        countdown=countdown,
     )
     return str(result.id)
 

@@ -1,11 +1,19 @@
-"""The step tasks' shared body: the run lifecycle, with its outcomes turned into Celery's.
+"""The step tasks' shared body: a run goes through its steps in one task while each succeeds at once.
 
-What a step does and in which order lives in :mod:`provisioning.lifecycle`;
-here a :class:`RetryLater` becomes ``task.retry``, a :class:`RunEnded` becomes a
-result that ends the run (the next step is not sent), a :class:`RunFailed` fails
-the task (an expected failure: one line in the worker's log, the task shown failed
-in Flower), and a step done sends the run's next step (skipping
-those that have nothing to do for the Order: the lifecycle recorded their results).
+What a step does and in which order lives in :mod:`provisioning.lifecycle`; here
+its outcomes become Celery's. The task of a step runs that step, then the steps
+after it, in the same task, for as long as each is done at its first try: a run
+that meets no trouble is one task message, not five (each message costs the broker
+and the worker more than most steps cost themselves; see ``docs/benchmarks.md``).
+A step that must wait (a transient error, another worker's lease) goes on as a
+task of its own, sent with its countdown, so Flower shows a retry under the name
+of the step that retries. A :class:`RunEnded` becomes a result that ends the run;
+a :class:`RunFailed` fails the task (an expected failure: one line in the
+worker's log, the task shown failed in Flower, the failing step in its reason).
+
+Exactly-once does not depend on the task boundaries: each step is claimed and
+ended in the ledger, so a redelivered message, a retry or an operator's resume
+finds the steps done and goes on from the first that is not.
 """
 
 from __future__ import annotations
@@ -32,29 +40,47 @@ LEASE_WAIT_HEADROOM = 20
 # is between 0 and 1 s ("countdown must be a positive number"); a whole second is always safe.
 MIN_COUNTDOWN_S = 1.0
 
+# What each step does, registered by its domain's task module (all are loaded in a worker).
+_ACTIONS: dict[Step, Action] = {}
 
-def run_step(task: Task, run_id: str, step: Step, action: Action) -> dict[str, Any]:
+
+def register(step: Step, action: Action) -> None:
+    """Make ``action`` the body of ``step``, for its own task and for the tasks that run it inline."""
+    _ACTIONS[step] = action
+
+
+def run_step(task: Task, run_id: str, step: Step) -> dict[str, Any]:
     try:
         rid = RunId.parse(run_id)
     except ValueError as exc:
         log.error("step_with_bad_run_id", step=step.value, error=str(exc))
         return {"ignored": "not a run id"}
     services = task.app.services
-    try:
-        done = lifecycle.run_step(services, rid, step, action)
-    except RetryLater as exc:
-        cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else None
-        countdown = max(exc.countdown_s, MIN_COUNTDOWN_S)
-        raise task.retry(exc=cause, countdown=countdown, max_retries=max_retries(task)) from None
-    except RunEnded as exc:
-        # Success for this task, and the end of the run: no further step is sent.
-        return exc.result
-    # The step is done (now, or before: a redelivery must not leave the run stranded): send the next.
-    # Before the message is acknowledged, so a worker dying here means a redelivery, not a lost step.
-    # The next step that has something to do for this Order (the lifecycle recorded those between).
-    if done.next_step is not None:
-        publish_step(task.app, rid, done.next_step)
-    return done.result
+    ran: list[str] = []
+    current = step
+    while True:
+        try:
+            done = lifecycle.run_step(services, rid, current, _ACTIONS[current])
+        except RetryLater as exc:
+            countdown = max(exc.countdown_s, MIN_COUNTDOWN_S)
+            if current is step:
+                cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else None
+                raise task.retry(exc=cause, countdown=countdown, max_retries=max_retries(task)) from None
+            # A later step must wait: it goes on as its own task; what this task did is done.
+            publish_step(task.app, rid, current, countdown=countdown)
+            return {"steps": ran, "retrying": current.value}
+        except RunEnded as exc:
+            # Success for this task, and the end of the run: no further step runs.
+            return {"steps": ran, **exc.result} if ran else exc.result
+        ran.append(current.value)
+        following = done.next_step
+        if following is None:
+            return {"steps": ran, **done.result}
+        if following not in _ACTIONS:
+            # Not loaded in this process (a partial import): the step's own task runs it.
+            publish_step(task.app, rid, following)
+            return {"steps": ran, **done.result}
+        current = following
 
 
 def max_retries(task: Task) -> int:
