@@ -1,8 +1,9 @@
 """A run's life, without Celery: each step, the run's beginning in its first, its end.
 
-The tasks in ``tasks/`` are thin wrappers around :func:`run_step`: they turn
-:class:`RetryLater` into a Celery retry, :class:`RunEnded` into a result that
-stops the chain, and :class:`RunFailed` into a failed task (an expected one).
+The tasks in ``tasks/`` call :func:`run_step` for one step after another while
+each is done: they turn :class:`RetryLater` into a Celery retry (or a task of the
+step's own, sent with the countdown), :class:`RunEnded` into a result that ends
+the run, and :class:`RunFailed` into a failed task (an expected one).
 
 Each step, in this order (what makes a step safe to run any number of times):
 
@@ -23,7 +24,7 @@ Each step, in this order (what makes a step safe to run any number of times):
 4. One round trip (:meth:`Ledger.end_step`): record the result (ids only) and the
    results of the steps after it that have nothing to do for the Order
    (NOTHING_TO_DO: a physical SIM's eSIM step), end the run after its last step,
-   give the lease back; name the next step to send.
+   give the lease back; name the next step to run.
 
 Transient errors are retried with backoff, bounded by count (TASK_MAX_RETRIES) and
 by the run's age (TASK_MAX_AGE_S); permanent errors and exhausted retries end the
@@ -119,15 +120,15 @@ LEDGER_UNREACHABLE_RETRY_CAP_S = 5.0
 
 @dataclass(frozen=True)
 class StepDone:
-    """A step done (now, or before): its result, and the step to send next (None: the run is over)."""
+    """A step done (now, or before): its result, and the step to run next (None: the run is over)."""
 
     result: dict[str, Any]
     next_step: Step | None
 
 
-# Steps that can have nothing to do for an Order: what such a step records, without a task of its own.
-# The step before it records that result with its own and sends the step after it (one message,
-# claim and end fewer per run). Run anyway (an operator's resume), the step records the same.
+# Steps that can have nothing to do for an Order: what such a step records, without being run.
+# The step before it records that result with its own and the step after it runs next (one claim
+# and one end fewer per run). Run anyway (an operator's resume), the step records the same.
 NOTHING_TO_DO: Mapping[Step, Callable[[Order], StepResult | None]] = MappingProxyType(
     {Step.ACTIVATE_ESIM: esim_not_needed}
 )
@@ -262,7 +263,7 @@ def _run_step(services: Services, run_id: RunId, step: Step, action: Action) -> 
 def _next_step(
     step: Step, ctx: StepContext, run: RunRecord
 ) -> tuple[Step | None, dict[Step, dict[str, Any]]]:
-    """The step to send after ``step``, and the results of those between that have nothing to do."""
+    """The step to run after ``step``, and the results of those between that have nothing to do."""
     skipped: dict[Step, dict[str, Any]] = {}
     following = step.next
     while following is not None and following in NOTHING_TO_DO:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 
+from provisioning.chain import STEPS
 from provisioning.esim.client import matching_id_for
 from provisioning.ledger import RunState
 from provisioning.publishing import make_publisher, publish_run
@@ -75,6 +77,27 @@ def test_a_successful_run_costs_exactly_two_salesforce_api_calls(sandbox, stack_
     calls = sandbox.admin("salesforce").get("/__admin/calls")["calls"]
     api_calls = {k: v for k, v in calls.items() if k != "token"}
     assert sum(api_calls.values()) == 2, calls
+
+
+def test_a_run_that_meets_no_trouble_goes_through_all_its_steps_in_one_task(
+    sandbox, stack_settings, services, workers
+):
+    orders = seed_orders(sandbox, services.inventory, count=2, esim_share=0.5, seed=8)
+    assert {o.esim for o in orders} == {True, False}
+    worker = workers(concurrency=2)
+    app = make_publisher(stack_settings)
+    for o in orders:
+        publish_run(app, o.run_id)
+    wait_for(_finished(sandbox, services, [o.order_id for o in orders]))
+
+    received = re.findall(r"Task (provisioning\.\w+)\[[^\]]+\] received", worker.log_text())
+    assert received == ["provisioning.validate_payment"] * 2
+    for o in orders:
+        run = services.ledger.get(o.run_id)
+        assert run is not None
+        assert run.state is RunState.DONE
+        provisioning = services.ledger.provisioning(o.order_id)
+        assert all(run.step(step, provisioning).done for step in STEPS)
 
 
 def test_the_same_run_submitted_three_times_at_once_has_each_effect_once(
