@@ -21,13 +21,16 @@ def _done(services, run_id):
     return run is not None and run.state is RunState.DONE
 
 
-def test_the_happy_path_runs_on_a_quorum_queue_with_countdown_retries(
+def test_the_happy_path_runs_on_a_quorum_queue_with_countdown_retries_of_the_first_step_and_a_later_one(
     sandbox, rabbit_settings, services, workers
 ):
     orders = seed_orders(sandbox, services.inventory, count=3, esim_share=0.5, seed=5)
     # Each Order's first payment check fails transiently: its retry is a countdown, which a quorum
-    # queue delivers through RabbitMQ's native delayed delivery.
-    sandbox.admin("whmcs").post("/__admin/faults", {"force": {"GetPayMethods": ["error"] * 3}})
+    # queue delivers through RabbitMQ's native delayed delivery. Each Order's AddOrder fails once
+    # too: that later step is sent as a task of its own, with its countdown, the same way.
+    sandbox.admin("whmcs").post(
+        "/__admin/faults", {"force": {"GetPayMethods": ["error"] * 3, "AddOrder": ["error"] * 3}}
+    )
     worker = workers(rabbit_settings, concurrency=4)
     app = make_publisher(rabbit_settings)
     assert app.conf.broker_transport_options["confirm_publish"] is True
@@ -36,9 +39,14 @@ def test_the_happy_path_runs_on_a_quorum_queue_with_countdown_retries(
     wait_for(lambda: all(_done(services, o.run_id) for o in orders))
     effects = count_effects(sandbox)
     assert effects.activated == effects.whmcs_orders == effects.emails == 3
-    assert sandbox.admin("whmcs").get("/__admin/calls")["injected"] == {"GetPayMethods:error": 3}
-    assert worker.log_text().count('"step_retry"') == 3
-    assert "Direct exchanges are not supported" not in worker.log_text()
+    assert sandbox.admin("whmcs").get("/__admin/calls")["injected"] == {
+        "GetPayMethods:error": 3,
+        "AddOrder:error": 3,
+    }
+    log = worker.log_text()
+    assert log.count('"step_retry"') == 6
+    assert log.count("Task provisioning.create_whmcs_order[") >= 3
+    assert "Direct exchanges are not supported" not in log
     # The queue is a quorum queue: declaring it as a classic one is refused.
     with Connection(RABBITMQ_URL) as conn, pytest.raises(PreconditionFailed, match="x-queue-type"):
         conn.channel().queue_declare(rabbit_settings.celery_queue, durable=True, auto_delete=False)
