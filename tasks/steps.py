@@ -66,7 +66,9 @@ def run_step(task: Task, run_id: str, step: Step) -> dict[str, Any]:
             if current is step:
                 cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else None
                 raise task.retry(exc=cause, countdown=countdown, max_retries=max_retries(task)) from None
-            # A later step must wait: it goes on as its own task; what this task did is done.
+            # A later step must wait: it goes on as its own task; what this task did is done. Sent
+            # before this message is acknowledged: a worker dying here means a redelivery (the
+            # steps done are found done), not a lost step.
             publish_step(task.app, rid, current, countdown=countdown)
             return {"steps": ran, "retrying": current.value}
         except RunEnded as exc:
