@@ -40,7 +40,8 @@ LEASE_WAIT_HEADROOM = 20
 # is between 0 and 1 s ("countdown must be a positive number"); a whole second is always safe.
 MIN_COUNTDOWN_S = 1.0
 
-# What each step does, registered by its domain's task module (all are loaded in a worker).
+# What each step does, registered by its domain's task module: a worker imports every one of them
+# (``tasks.app.TASK_MODULES``) before it takes a task, so a run finds each step it goes on to.
 _ACTIONS: dict[Step, Action] = {}
 
 
@@ -75,14 +76,9 @@ def run_step(task: Task, run_id: str, step: Step) -> dict[str, Any]:
             # Success for this task, and the end of the run: no further step runs.
             return {"steps": ran, **exc.result} if ran else exc.result
         ran.append(current.value)
-        following = done.next_step
-        if following is None:
+        if done.next_step is None:
             return {"steps": ran, **done.result}
-        if following not in _ACTIONS:
-            # Not loaded in this process (a partial import): the step's own task runs it.
-            publish_step(task.app, rid, following)
-            return {"steps": ran, **done.result}
-        current = following
+        current = done.next_step
 
 
 def max_retries(task: Task) -> int:

@@ -22,16 +22,22 @@ def _finished(sandbox, services, order_ids):
     return settled(sandbox, services.ledger, order_ids)
 
 
-def test_esim_and_physical_orders_end_activated_with_one_effect_each(
-    sandbox, stack_settings, services, workers
-):
-    orders = seed_orders(sandbox, services.inventory, count=4, esim_share=0.5, seed=3)
+def _run_esim_and_physical(sandbox, stack_settings, services, workers, *, count, seed):
+    """Seed ``count`` Orders of both kinds, run them on one worker, wait until every one settled."""
+    orders = seed_orders(sandbox, services.inventory, count=count, esim_share=0.5, seed=seed)
     assert {o.esim for o in orders} == {True, False}
-    worker = workers(concurrency=4)
+    worker = workers(concurrency=count)
     app = make_publisher(stack_settings)
     for o in orders:
         publish_run(app, o.run_id)
     wait_for(_finished(sandbox, services, [o.order_id for o in orders]))
+    return orders, worker
+
+
+def test_esim_and_physical_orders_end_activated_with_one_effect_each(
+    sandbox, stack_settings, services, workers
+):
+    orders, worker = _run_esim_and_physical(sandbox, stack_settings, services, workers, count=4, seed=3)
 
     for o in orders:
         record = _order(sandbox, o.order_id)
@@ -82,13 +88,7 @@ def test_a_successful_run_costs_exactly_two_salesforce_api_calls(sandbox, stack_
 def test_a_run_that_meets_no_trouble_goes_through_all_its_steps_in_one_task(
     sandbox, stack_settings, services, workers
 ):
-    orders = seed_orders(sandbox, services.inventory, count=2, esim_share=0.5, seed=8)
-    assert {o.esim for o in orders} == {True, False}
-    worker = workers(concurrency=2)
-    app = make_publisher(stack_settings)
-    for o in orders:
-        publish_run(app, o.run_id)
-    wait_for(_finished(sandbox, services, [o.order_id for o in orders]))
+    orders, worker = _run_esim_and_physical(sandbox, stack_settings, services, workers, count=2, seed=8)
 
     received = re.findall(r"Task (provisioning\.\w+)\[[^\]]+\] received", worker.log_text())
     assert received == ["provisioning.validate_payment"] * 2
