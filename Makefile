@@ -1,22 +1,39 @@
-# Every target works from a clean clone: `install` creates .venv when needed.
+# Every target works from a clean clone: `install` creates .venv when needed, from the lock.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The lock (`make lock`): every dependency pinned with its hashes. dev.txt is what `make install`
+# installs (every extra); runtime.txt is a production host's (docs/deployment.md).
+LOCK_DEV     := requirements/dev.txt
+LOCK_RUNTIME := requirements/runtime.txt
+EXTRAS       := dev,flower,sandbox,console
+# `make test-latest`: a throw-away venv with the newest versions setup.cfg's ranges allow.
+LATEST_VENV  ?= .venv-latest
+LINT_PATHS   := provisioning tasks celeryconfig.py bench
 
 .DEFAULT_GOAL := help
-.PHONY: help install system-packages test test-fast lint demo sandbox bench proto clean
+.PHONY: help install lock test test-fast test-latest lint system-packages demo sandbox bench proto clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(STAMP): setup.cfg pyproject.toml
+# The locked set first, hash-checked (it brings pip and setuptools too), then the package itself on
+# top of it without resolving anything again.
+$(STAMP): setup.cfg pyproject.toml $(LOCK_DEV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,flower,sandbox,console]'
+	$(BIN)/pip install --quiet --require-hashes -r $(LOCK_DEV)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install the package with its dev, flower, sandbox and console extras
+install: $(STAMP) ## Create .venv from the lock (requirements/dev.txt) and install the package with every extra
+
+lock: $(STAMP) ## Regenerate requirements/*.txt from setup.cfg's ranges: the newest versions they allow
+	$(BIN)/uv pip compile setup.cfg requirements/build.in --extra dev --extra flower --extra sandbox \
+	  --extra console --universal --python-version 3.11 --generate-hashes --upgrade --quiet -o $(LOCK_DEV)
+	$(BIN)/uv pip compile setup.cfg requirements/build.in --extra flower --extra console \
+	  --constraint $(LOCK_DEV) --universal --python-version 3.11 --generate-hashes --quiet -o $(LOCK_RUNTIME)
+	@echo "Locked. Review 'git diff requirements/', then make install test lint test-latest."
 
 system-packages: ## Debian's prometheus and chromium, which the monitoring and console tests run (apt, when missing)
 	@.ci/system-packages
@@ -30,8 +47,21 @@ test-fast: $(STAMP) ## Only the fast tier: the state machine in-process on real 
 lint: $(STAMP) ## ruff, mypy and the import layers (import-linter)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy provisioning tasks celeryconfig.py bench
+	$(BIN)/mypy $(LINT_PATHS)
 	$(BIN)/lint-imports
+
+test-latest: ## The fast tier and the linters on the newest versions setup.cfg allows (a throw-away venv)
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install --quiet --upgrade pip
+	$(LATEST_VENV)/bin/pip install --quiet --upgrade --upgrade-strategy eager -e '.[$(EXTRAS)]'
+	$(LATEST_VENV)/bin/pip list --format freeze > $(LATEST_VENV)/versions.txt
+	$(LATEST_VENV)/bin/pytest -m fast $(PYTEST_ARGS)
+	$(LATEST_VENV)/bin/ruff check .
+	$(LATEST_VENV)/bin/ruff format --check .
+	$(LATEST_VENV)/bin/mypy --cache-dir $(LATEST_VENV)/.mypy_cache $(LINT_PATHS)
+	$(LATEST_VENV)/bin/lint-imports --no-cache
+	@echo "Green on the newest versions ($(LATEST_VENV)/versions.txt); make lock takes them into the lock."
 
 demo: $(STAMP) ## The end-to-end demo: sandbox, listener, two workers, 50 Orders
 	$(BIN)/provisioning demo
@@ -48,4 +78,4 @@ proto: $(STAMP) ## Regenerate the Pub/Sub API stubs from pubsub_api.proto (commi
 	$(BIN)/python -m provisioning.salesforce.pubsub.generate $(PROTO_DIR)
 
 clean: ## Remove .venv and caches
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .sandbox
+	rm -rf $(VENV) $(LATEST_VENV) .mypy_cache .ruff_cache .pytest_cache .sandbox

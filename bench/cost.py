@@ -77,7 +77,7 @@ class EventTap:
     """Counts the Celery event messages (PUBLISH on the broker) and their bytes, by event type."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self.pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
         self.counts: Counter[str] = Counter()
         self.bytes: Counter[str] = Counter()
         self.recording = False

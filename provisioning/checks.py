@@ -32,9 +32,10 @@ def _redis(settings: Settings) -> str:
     client = _probe_client(settings)
     try:
         client.ping()
-        if settings.sentinel_addresses:
+        master = settings.redis_sentinel_master
+        if settings.sentinel_addresses and master is not None:  # Settings requires both or neither
             sentinel = sentinel_from_settings(settings, timeout_s=PROBE_TIMEOUT_S)
-            host, port = sentinel.discover_master(settings.redis_sentinel_master)
+            host, port = sentinel.discover_master(master)
             return f"{describe(settings)}: master at {host}:{port}"
     finally:
         client.close()

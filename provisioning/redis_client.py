@@ -51,7 +51,7 @@ def redis_from_settings(
     own = {k: v for k, v in parsed.items() if k not in ("host", "port", "path")}
     if own.pop("connection_class", None) is SSLConnection:
         own["connection_class"] = SentinelManagedSSLConnection
-    client: redis.Redis = sentinel_from_settings(settings).master_for(  # type: ignore[no-untyped-call]
+    client: redis.Redis = sentinel_from_settings(settings).master_for(
         settings.redis_sentinel_master, **common, **own
     )
     return client
@@ -62,7 +62,7 @@ def sentinel_from_settings(settings: Settings, *, timeout_s: float = SENTINEL_SO
     sentinel_kwargs: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if settings.redis_sentinel_password is not None:
         sentinel_kwargs["password"] = settings.redis_sentinel_password.get_secret_value()
-    return Sentinel(settings.sentinel_addresses, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    return Sentinel(settings.sentinel_addresses, sentinel_kwargs=sentinel_kwargs)
 
 
 def describe(settings: Settings) -> str:
