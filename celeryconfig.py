@@ -1,4 +1,4 @@
-"""Celery settings, built from :class:`provisioning.settings.Settings`.
+"""Celery settings, built from :class:`provisioning.core.settings.Settings`.
 
 Delivery settings (docs/architecture.md; the reference design's Celery facts): late acks with reject on a
 lost worker, so every task runs at least once (and every task is idempotent);
@@ -12,8 +12,8 @@ from typing import Any
 
 from kombu.entity import Exchange, Queue
 
-from provisioning.redis_client import SENTINEL_SOCKET_TIMEOUT_S
-from provisioning.settings import Settings
+from provisioning.core.redis_client import SENTINEL_SOCKET_TIMEOUT_S
+from provisioning.core.settings import Settings
 
 # The result backend, when one is configured, keeps results this long.
 RESULT_EXPIRES_S = 24 * 3600
@@ -33,11 +33,11 @@ def build(settings: Settings) -> dict[str, Any]:
         # Publisher confirms: a publish returns only once RabbitMQ has the message (quorum queues
         # need them).
         transport["confirm_publish"] = True
-        # py-amqp with the acks of a batch awaited once (see provisioning.broker).
+        # py-amqp with the acks of a batch awaited once (see provisioning.core.broker).
         if settings.celery_broker_url.startswith("amqps://"):
-            extra["broker_transport"] = "provisioning.broker:AmqpSSLTransport"
+            extra["broker_transport"] = "provisioning.core.broker:AmqpSSLTransport"
         elif settings.celery_broker_url.startswith(("amqp://", "pyamqp://")):
-            extra["broker_transport"] = "provisioning.broker:AmqpTransport"
+            extra["broker_transport"] = "provisioning.core.broker:AmqpTransport"
         if settings.celery_queue_type == "quorum":
             # A quorum queue refuses the global QoS that countdown retries relied on; Celery 5.5+
             # then uses per-consumer QoS and RabbitMQ's native delayed delivery for countdowns,
@@ -50,9 +50,9 @@ def build(settings: Settings) -> dict[str, Any]:
             )
             extra.update(task_default_queue_type="quorum", task_default_exchange_type="topic")
     else:
-        # kombu's Redis transport with one redis-py client per channel (see provisioning.broker).
+        # kombu's Redis transport with one redis-py client per channel (see provisioning.core.broker).
         if settings.celery_broker_url.startswith(("redis://", "rediss://")):
-            extra["broker_transport"] = "provisioning.broker:Transport"
+            extra["broker_transport"] = "provisioning.core.broker:Transport"
         transport.update(
             visibility_timeout=settings.celery_visibility_timeout_s,
             # Look for messages of dead workers every few seconds (kombu's default: about every

@@ -53,10 +53,11 @@ from typing import Any
 
 import requests
 
-from provisioning.chain import STEPS
+from provisioning.core.logs import configure_logging
+from provisioning.core.settings import Settings
 from provisioning.email.message import message_id_for
 from provisioning.ledger import RunState
-from provisioning.logs import configure_logging
+from provisioning.runs.services import Services
 from provisioning.sandbox.processes import ManagedProcess, free_port, listener, start_worker, worker
 from provisioning.sandbox.rabbitmq_server import RabbitServer
 from provisioning.sandbox.redis_server import RedisServer
@@ -69,8 +70,7 @@ from provisioning.sandbox.scenario import (
     publish_events_admin,
     seed_orders,
 )
-from provisioning.services import Services
-from provisioning.settings import Settings
+from provisioning.step.chain import STEPS
 from provisioning.whmcs.steps import NOTE_PREFIX
 
 SIMULATORS = ("salesforce", "whmcs", "smdp", "smtp")

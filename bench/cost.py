@@ -33,11 +33,11 @@ from bench.common import (
     workdir_for,
 )
 from bench.stack import Batch, Stack
-from provisioning.chain import STEPS, Step
-from provisioning.publishing import make_publisher, publish_step
+from provisioning.core.settings import Settings
+from provisioning.runs.publishing import make_publisher, publish_step
 from provisioning.sandbox.processes import listener
 from provisioning.sandbox.scenario import event_payload, publish_events_admin, wait_until
-from provisioning.settings import Settings
+from provisioning.step.chain import STEPS, Step
 
 # Background commands are sampled for this long with everything running and nothing to do.
 IDLE_S = 5.0

@@ -35,9 +35,9 @@ from bench.common import (
     workdir_for,
 )
 from bench.floor_tasks import NOOP, NOOP_LAST, done_key, last_key
-from provisioning.publishing import make_publisher
+from provisioning.core.settings import Settings
+from provisioning.runs.publishing import make_publisher
 from provisioning.sandbox.processes import WORKER_READY_TIMEOUT_S, ManagedProcess, worker
-from provisioning.settings import Settings
 
 TASKS_PER_CHAIN = 5
 WAIT_TIMEOUT_S = 300.0

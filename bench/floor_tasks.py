@@ -18,8 +18,8 @@ import redis
 from celery import Celery, signals
 
 import celeryconfig
-from provisioning.logs import configure_logging
-from provisioning.settings import Settings, load_settings
+from provisioning.core.logs import configure_logging
+from provisioning.core.settings import Settings, load_settings
 
 NOOP = "bench.noop"
 NOOP_LAST = "bench.noop_last"

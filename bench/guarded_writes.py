@@ -27,7 +27,7 @@ from bench.common import (
     run_main,
     workdir_for,
 )
-from provisioning.replication import ReplicaWait, online_replicas
+from provisioning.core.replication import ReplicaWait, online_replicas
 from provisioning.sandbox.redis_server import REPLICATION_OPTIONS, RedisServer
 from provisioning.sandbox.scenario import wait_until
 

@@ -60,7 +60,7 @@ def run_config(
     finally:
         for p in procs:
             p.stop()
-    # urllib3 drops connections beyond the pool size (provisioning.http.DEFAULT_POOL_SIZE per host): a new
+    # urllib3 drops connections beyond the pool size (provisioning.core.http.DEFAULT_POOL_SIZE per host): a new
     # TLS handshake each time, logged as a warning.
     discards = sum(p.log_text().count("Connection pool is full") for p in procs)
     calls = result.external_calls()

@@ -33,7 +33,7 @@ from bench.common import (
 from bench.floor import FloorRunner
 from bench.profile import Profiler, summarise
 from bench.stack import Batch, Stack
-from provisioning.chain import STEPS
+from provisioning.step.chain import STEPS
 
 TASKS = tuple(STEPS)
 FLOOR_WARMUP = 20

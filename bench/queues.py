@@ -44,10 +44,10 @@ from bench.common import (
     workdir_for,
 )
 from bench.floor import TASKS_PER_CHAIN, floor_worker, publish_chains, wait_done
-from provisioning.publishing import make_publisher
+from provisioning.core.settings import Settings
+from provisioning.runs.publishing import make_publisher
 from provisioning.sandbox.processes import WORKER_READY_TIMEOUT_S
 from provisioning.sandbox.rabbitmq_server import RabbitServer
-from provisioning.settings import Settings
 
 BROKERS = ("redis", "classic", "quorum")
 WORKER_POOL = "threads"

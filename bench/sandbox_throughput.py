@@ -38,13 +38,13 @@ import jwt
 import requests
 
 from bench.common import Cleanup, Table, emit, log, machine_info, run_main
-from provisioning.http import make_session
+from provisioning.core.http import make_session
+from provisioning.core.settings import Settings
 from provisioning.salesforce.auth import JWTBearerAuth
 from provisioning.salesforce.client import SalesforceClient
 from provisioning.salesforce.streaming import StreamingClient
 from provisioning.sandbox.processes import ManagedProcess
 from provisioning.sandbox.runner import Sandbox
-from provisioning.settings import Settings
 
 TARGET_PER_S = 500.0
 DEFAULT_REQUESTS = 2000

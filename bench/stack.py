@@ -13,13 +13,13 @@ from typing import Any
 from celery import Celery
 
 from bench.common import POLL_S, BenchRedis, Broker, Cleanup, CpuMeter, log, pythonpath_env, unique
+from provisioning.core.settings import Settings
 from provisioning.ledger import RunState
-from provisioning.publishing import make_publisher, publish_run
+from provisioning.runs.publishing import make_publisher, publish_run
+from provisioning.runs.services import Services
 from provisioning.sandbox.processes import WORKER_READY_TIMEOUT_S, ManagedProcess, worker
 from provisioning.sandbox.runner import Sandbox
 from provisioning.sandbox.scenario import SeededOrder, seed_orders
-from provisioning.services import Services
-from provisioning.settings import Settings
 
 # The simulators whose every API call gets the injected latency.
 SIMULATORS = ("salesforce", "whmcs", "smdp", "smtp")

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from provisioning.clictx import Context, pass_ctx
+from provisioning.core.cli_context import Context, pass_ctx
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -24,7 +24,7 @@ def main() -> None:
 @pass_ctx
 def check(ctx: Context) -> None:
     """Validate the settings and reach every configured dependency (one OK/FAIL line each)."""
-    from provisioning.checks import run_checks
+    from provisioning.ops.checks import run_checks
 
     settings = ctx.settings
     # The probes' own log lines (an expected "Client Not Found", say) would only blur the table.
@@ -38,11 +38,11 @@ def check(ctx: Context) -> None:
 
 
 def _add_commands() -> None:
-    from provisioning import operators
-    from provisioning.console.cli import console
-    from provisioning.esim.cli import esim
-    from provisioning.exporter import metrics
     from provisioning.listener import listen
+    from provisioning.ops import commands as operators
+    from provisioning.ops.console.cli import console
+    from provisioning.ops.esim_commands import esim
+    from provisioning.ops.exporter import metrics
     from provisioning.sandbox import missing_sandbox_packages
     from provisioning.sandbox.cli import needs_sandbox_extra, sandbox
 

@@ -29,14 +29,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from provisioning.backoff import retrying_transient
-from provisioning.clictx import Context, pass_ctx
+from provisioning.core.backoff import retrying_transient
+from provisioning.core.cli_context import Context, pass_ctx
+from provisioning.core.settings import Settings
+from provisioning.runs.services import Services
 from provisioning.salesforce.client import SalesforceClient
 from provisioning.sandbox import processes
 from provisioning.sandbox.runner import Sandbox
 from provisioning.sandbox.scenario import SeededOrder, count_effects, seed_orders, settled, wait_until
-from provisioning.services import Services
-from provisioning.settings import Settings
 
 # How long the demo waits for every Order to finish before it gives up.
 SETTLE_TIMEOUT_S = 240.0

@@ -13,9 +13,9 @@ from typing import Any
 from celery import Celery, Task, signals
 
 import celeryconfig
-from provisioning.lifecycle import RunFailed
-from provisioning.logs import bind_run, configure_logging, unbind_run
-from provisioning.settings import Settings, load_settings
+from provisioning.core.logs import bind_run, configure_logging, unbind_run
+from provisioning.core.settings import Settings, load_settings
+from provisioning.runs.lifecycle import RunFailed
 
 TASK_MODULES: tuple[str, ...] = (
     "tasks.whmcs",
@@ -49,7 +49,7 @@ class ProvisioningCelery(Celery):
     def services(self) -> Any:
         """This process's clients, ledger and Redis connection (built on first use, after any fork)."""
         if self._services is None:
-            from provisioning.services import Services
+            from provisioning.runs.services import Services
 
             with self._lock:
                 if self._services is None:

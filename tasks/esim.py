@@ -6,8 +6,8 @@ from typing import Any
 
 from celery import shared_task
 
-from provisioning.chain import Step
 from provisioning.esim import steps
+from provisioning.step.chain import Step
 from tasks.app import ProvisioningTask
 from tasks.steps import register, run_step
 

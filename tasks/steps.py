@@ -1,6 +1,6 @@
 """The step tasks' shared body: a run goes through its steps in one task while each succeeds at once.
 
-What a step does and in which order lives in :mod:`provisioning.lifecycle`; here
+What a step does and in which order lives in :mod:`provisioning.runs.lifecycle`; here
 its outcomes become Celery's. The task of a step runs that step, then the steps
 after it, in the same task, for as long as each is done at its first try: a run
 that meets no trouble is one task message, not five (each message costs the broker
@@ -22,12 +22,12 @@ from typing import Any
 
 from celery import Task
 
-from provisioning import lifecycle
-from provisioning.chain import Step
-from provisioning.lifecycle import Action, RetryLater, RunEnded
-from provisioning.logs import get_logger
-from provisioning.publishing import publish_step
-from provisioning.run_id import RunId
+from provisioning.runs import lifecycle
+from provisioning.core.logs import get_logger
+from provisioning.core.run_id import RunId
+from provisioning.runs.lifecycle import Action, RetryLater, RunEnded
+from provisioning.runs.publishing import publish_step
+from provisioning.step.chain import Step
 
 log = get_logger(__name__)
 

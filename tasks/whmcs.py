@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import shared_task
 
-from provisioning.chain import Step
+from provisioning.step.chain import Step
 from provisioning.whmcs import steps
 from tasks.app import ProvisioningTask
 from tasks.steps import register, run_step

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from provisioning.settings import Settings
+from provisioning.core.settings import Settings
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 BROKER_URL = "redis://127.0.0.1:6379/1"
@@ -60,9 +60,9 @@ def settings(namespace: str, tmp_path: Path) -> Settings:
 
 from collections.abc import Callable  # noqa: E402
 
+from provisioning.runs.services import Services  # noqa: E402
 from provisioning.sandbox.processes import ManagedProcess, start_worker  # noqa: E402
 from provisioning.sandbox.runner import Sandbox  # noqa: E402
-from provisioning.services import Services  # noqa: E402
 
 # End-to-end waits: generous, since CI machines are shared; a pass is usually seconds.
 E2E_TIMEOUT_S = 120.0
@@ -197,7 +197,7 @@ REPLICA_PROBE_TIMEOUT_MS = 10_000
 @pytest.fixture
 def replicated_redis(tmp_path: Path) -> Iterator[tuple[object, object]]:
     """(primary, replica): two private ``redis-server`` processes, the replica in sync."""
-    from provisioning.replication import online_replicas
+    from provisioning.core.replication import online_replicas
     from provisioning.sandbox.redis_server import REPLICATION_OPTIONS, RedisServer
     from provisioning.sandbox.scenario import wait_until
 

@@ -16,7 +16,7 @@ or the server's reply text (which often quotes the recipient's address).
 
 from __future__ import annotations
 
-from provisioning.errors import PermanentError, ProvisioningError, TransientError
+from provisioning.core.errors import PermanentError, ProvisioningError, TransientError
 
 
 class EmailError(ProvisioningError):

@@ -23,14 +23,14 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from provisioning.core.logs import get_logger
+from provisioning.core.settings import Settings
 from provisioning.email.errors import (
     EmailDeliveryUnknownError,
     EmailError,
     EmailPermanentError,
     EmailTransientError,
 )
-from provisioning.logs import get_logger
-from provisioning.settings import Settings
 
 log = get_logger(__name__)
 

@@ -9,19 +9,19 @@ unknown and send nothing). A refusal that proves nothing was delivered (a 4xx
 or 5xx reply, no connection) puts the outbox back to ``pending``, so a retry is
 not counted as a resend; a refusal for good leaves it ``refused`` for the
 operators' ``provisioning resend-email``. With replicas, ``sending`` is on a
-replica before the send (:mod:`provisioning.replication`); unconfirmed, the outbox
+replica before the send (:mod:`provisioning.core.replication`); unconfirmed, the outbox
 goes back to what it was and the step retries without sending.
 """
 
 from __future__ import annotations
 
-from provisioning.context import StepContext
+from provisioning.core.logs import get_logger
+from provisioning.core.replication import ReplicaUnconfirmed
 from provisioning.email.errors import EmailDeliveryUnknownError, EmailError
 from provisioning.email.message import build_activation_email, message_id_for
-from provisioning.logs import get_logger
-from provisioning.order import Order
-from provisioning.replication import ReplicaUnconfirmed
-from provisioning.results import EsimActivated, WelcomeEmail, WhmcsOrderCreated
+from provisioning.step.context import StepContext
+from provisioning.step.order import Order
+from provisioning.step.results import EsimActivated, WelcomeEmail, WhmcsOrderCreated
 
 log = get_logger(__name__)
 

@@ -4,7 +4,7 @@ Every function is an HTTPS POST of JSON to ``{url}/gsma/rsp2/es2plus/<function>`
 with ``X-Admin-Protocol``; the SM-DP+ answers HTTP 200 even when the function
 failed, and ``header.functionExecutionStatus`` says which. Errors are mapped in
 one place (:meth:`Es2PlusClient._call`, transport failures through
-:func:`provisioning.http.classify`) to :mod:`provisioning.esim.errors`.
+:func:`provisioning.core.http.classify`) to :mod:`provisioning.esim.errors`.
 
 Retry safety is the caller's business (docs/architecture.md; the eSIM step): order an
 explicit ``iccid`` claimed from the inventory and confirm with
@@ -26,6 +26,16 @@ from urllib.parse import urlsplit
 
 import urllib3
 
+from provisioning.core.http import (
+    TRANSPORT_EXCEPTIONS,
+    TransportFailure,
+    classify,
+    connection_retrying,
+    make_pool,
+    status_failure,
+)
+from provisioning.core.logs import get_logger
+from provisioning.core.settings import Settings
 from provisioning.esim.errors import (
     TRANSIENT_REASON_CODES,
     Es2PlusFunctionFailed,
@@ -36,16 +46,6 @@ from provisioning.esim.errors import (
     from_transport,
 )
 from provisioning.esim.iccid import normalize_iccid
-from provisioning.http import (
-    TRANSPORT_EXCEPTIONS,
-    TransportFailure,
-    classify,
-    connection_retrying,
-    make_pool,
-    status_failure,
-)
-from provisioning.logs import get_logger
-from provisioning.settings import Settings
 
 log = get_logger(__name__)
 

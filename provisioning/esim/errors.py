@@ -2,7 +2,7 @@
 
 Every ES2+ call raises an :class:`Es2PlusError`; every inventory operation an
 :class:`InventoryError`. Each leaf also derives from
-:class:`provisioning.errors.TransientError` or :class:`~provisioning.errors.PermanentError`::
+:class:`provisioning.core.errors.TransientError` or :class:`~provisioning.core.errors.PermanentError`::
 
     ProvisioningError
     └── EsimError
@@ -24,7 +24,7 @@ Every ES2+ call raises an :class:`Es2PlusError`; every inventory operation an
             ├── InventoryClaimError              (PermanentError) the run has no claim / its ICCID is used
             └── InventoryFileError               (PermanentError) malformed batch file: every bad line
 
-Transport failures of ES2+ calls (classified by :mod:`provisioning.http`) become these
+Transport failures of ES2+ calls (classified by :mod:`provisioning.core.http`) become these
 errors through :data:`TRANSPORT_ERRORS` only.
 """
 
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
-from provisioning.errors import PermanentError, ProvisioningError, TransientError
-from provisioning.http import Failure, TransportFailure
+from provisioning.core.errors import PermanentError, ProvisioningError, TransientError
+from provisioning.core.http import Failure, TransportFailure
 
 # Reason codes that say "not now" rather than "not this": 5.1 = Inaccessible (a backend of the SM-DP+).
 TRANSIENT_REASON_CODES = frozenset({"5.1"})

@@ -30,6 +30,8 @@ from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from provisioning.core.logs import get_logger
+from provisioning.core.replication import ReplicaUnconfirmed, ReplicaWait
 from provisioning.esim.errors import (
     BatchProblem,
     InventoryClaimError,
@@ -38,8 +40,6 @@ from provisioning.esim.errors import (
     InventoryUnavailable,
 )
 from provisioning.esim.iccid import normalize_iccid
-from provisioning.logs import get_logger
-from provisioning.replication import ReplicaUnconfirmed, ReplicaWait
 
 log = get_logger(__name__)
 

@@ -11,12 +11,12 @@ the Order gets the same profile, and a repeated ``confirmOrder`` answering
 
 from __future__ import annotations
 
-from provisioning.context import StepContext
+from provisioning.core.logs import get_logger
 from provisioning.esim.client import activation_code, matching_id_for, smdp_address_from_settings
 from provisioning.esim.errors import Es2PlusFunctionFailed
-from provisioning.logs import get_logger
-from provisioning.order import Order
-from provisioning.results import EsimActivated
+from provisioning.step.context import StepContext
+from provisioning.step.order import Order
+from provisioning.step.results import EsimActivated
 
 log = get_logger(__name__)
 

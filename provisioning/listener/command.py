@@ -8,8 +8,8 @@ from types import FrameType
 
 import click
 
-from provisioning.clictx import Context, pass_ctx
-from provisioning.logs import get_logger
+from provisioning.core.cli_context import Context, pass_ctx
+from provisioning.core.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -40,9 +40,9 @@ def listen(ctx: Context, replay_from: str | None, health_port: int | None) -> No
     """
     from provisioning.listener.health import serve_health
     from provisioning.listener.service import Listener
-    from provisioning.publishing import make_publisher
+    from provisioning.runs.publishing import make_publisher
+    from provisioning.runs.services import Services
     from provisioning.salesforce.events import make_event_source, parse_start
-    from provisioning.services import Services
 
     settings = ctx.settings
     if not settings.sf_events_enabled:

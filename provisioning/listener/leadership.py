@@ -8,7 +8,7 @@ from contextlib import suppress
 
 import redis
 
-from provisioning.logs import get_logger
+from provisioning.core.logs import get_logger
 
 log = get_logger(__name__)
 

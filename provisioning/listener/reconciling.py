@@ -1,4 +1,4 @@
-"""The leader's reconciler: the sweeps of :mod:`provisioning.reconciler`, each on its interval."""
+"""The leader's reconciler: the sweeps of :mod:`provisioning.runs.reconciler`, each on its interval."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import time
 
 from celery import Celery
 
+from provisioning.core.logs import get_logger
+from provisioning.core.settings import Settings
 from provisioning.listener.metrics import ListenerMetrics
-from provisioning.logs import get_logger
-from provisioning.reconciler import backfill_orders, repair_failure_writebacks, resume_stale
-from provisioning.services import Services
-from provisioning.settings import Settings
+from provisioning.runs.reconciler import backfill_orders, repair_failure_writebacks, resume_stale
+from provisioning.runs.services import Services
 
 log = get_logger(__name__)
 

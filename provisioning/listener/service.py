@@ -34,17 +34,19 @@ from typing import Any
 import redis
 from celery import Celery
 
-from provisioning.backoff import backoff_s
+from provisioning.core.backoff import backoff_s
+from provisioning.core.logs import get_logger
+from provisioning.core.replication import ReplicaUnconfirmed
+from provisioning.core.run_id import RunId
+from provisioning.core.settings import Settings
 from provisioning.ledger import Ledger
+from provisioning.ledger.listener import announce_leader
 from provisioning.listener.leadership import Leadership
 from provisioning.listener.metrics import ListenerMetrics
 from provisioning.listener.reconciling import Reconciler
 from provisioning.listener.validation import Rejected, validate_event
-from provisioning.listener_state import announce_leader
-from provisioning.logs import get_logger
-from provisioning.publishing import publish_runs
-from provisioning.replication import ReplicaUnconfirmed
-from provisioning.run_id import RunId
+from provisioning.runs.publishing import publish_runs
+from provisioning.runs.services import Services
 from provisioning.salesforce.events import (
     Batch,
     EventSource,
@@ -52,8 +54,6 @@ from provisioning.salesforce.events import (
     describe_start,
     replay_start_from,
 )
-from provisioning.services import Services
-from provisioning.settings import Settings
 
 log = get_logger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from provisioning.run_id import RunId
+from provisioning.core.run_id import RunId
 from provisioning.salesforce.events import Event
 from provisioning.salesforce.ids import normalize_id
 

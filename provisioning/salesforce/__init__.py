@@ -4,7 +4,7 @@ The event-source seam lives in :mod:`.events`; its transports are :mod:`.streami
 and :mod:`.pubsub` (the Pub/Sub API, imported on demand: it loads gRPC).
 """
 
-from provisioning.order import Order, OrderItem
+from provisioning.core.settings import REPLAY_EARLIEST, REPLAY_LATEST
 from provisioning.salesforce.auth import AccessToken, JWTBearerAuth
 from provisioning.salesforce.client import OrderFieldNames, SalesforceClient
 from provisioning.salesforce.errors import (
@@ -33,7 +33,7 @@ from provisioning.salesforce.events import (
 )
 from provisioning.salesforce.ids import is_valid_id, normalize_id
 from provisioning.salesforce.streaming import StreamCounters, StreamingClient
-from provisioning.settings import REPLAY_EARLIEST, REPLAY_LATEST
+from provisioning.step.order import Order, OrderItem
 
 __all__ = [
     "EARLIEST",

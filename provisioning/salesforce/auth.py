@@ -21,10 +21,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from pydantic import SecretStr
 
-from provisioning.http import TransportFailure, classify, connection_retrying, make_session, status_failure
-from provisioning.logs import get_logger
+from provisioning.core.http import (
+    TransportFailure,
+    classify,
+    connection_retrying,
+    make_session,
+    status_failure,
+)
+from provisioning.core.logs import get_logger
+from provisioning.core.settings import Settings
 from provisioning.salesforce.errors import SalesforceAuthError, from_transport
-from provisioning.settings import Settings
 
 log = get_logger(__name__)
 

@@ -1,12 +1,12 @@
 """The REST client the workers use: one SOQL query to read an Order, one PATCH to write it.
 
-The REST calls go out on urllib3's pools (:func:`provisioning.http.make_pool`), as
+The REST calls go out on urllib3's pools (:func:`provisioning.core.http.make_pool`), as
 WHMCS and ES2+ do: on the hot path requests' per-call layers (settings merges,
 cookies, hooks, runtime Protocol checks) cost more CPU than the call itself.
 simple-salesforce builds our SOQL (``format_soql``: its quoting of values);
 the JWT login keeps its ``requests.Session``. Errors are translated in
 :func:`_status_error` (Salesforce's answers) and through
-:func:`provisioning.http.classify` (transport failures); a 401
+:func:`provisioning.core.http.classify` (transport failures); a 401
 ``INVALID_SESSION_ID`` renews the token once (through :class:`JWTBearerAuth`,
 shared by all threads) and repeats the call, and a request that was never sent
 is sent once more: nothing else is retried here.
@@ -28,8 +28,8 @@ from pydantic import ValidationError
 from simple_salesforce.format import format_soql
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
-from provisioning.errors import PicklableError
-from provisioning.http import (
+from provisioning.core.errors import PicklableError
+from provisioning.core.http import (
     TRANSPORT_EXCEPTIONS,
     classify,
     connection_retrying,
@@ -37,8 +37,13 @@ from provisioning.http import (
     make_session,
     status_failure,
 )
-from provisioning.logs import get_logger
-from provisioning.order import Order, OrderItem
+from provisioning.core.logs import get_logger
+from provisioning.core.settings import (
+    DEFAULT_ORDER_FIELD_NAMES,
+    DEFAULT_PROVISION_EVENT,
+    DEFAULT_SF_API_VERSION,
+    Settings,
+)
 from provisioning.salesforce.auth import AccessToken, JWTBearerAuth
 from provisioning.salesforce.errors import (
     OrderNotFound,
@@ -49,12 +54,7 @@ from provisioning.salesforce.errors import (
     from_transport,
 )
 from provisioning.salesforce.ids import normalize_id
-from provisioning.settings import (
-    DEFAULT_ORDER_FIELD_NAMES,
-    DEFAULT_PROVISION_EVENT,
-    DEFAULT_SF_API_VERSION,
-    Settings,
-)
+from provisioning.step.order import Order, OrderItem
 
 log = get_logger(__name__)
 

@@ -1,10 +1,10 @@
 """Every error the Salesforce package raises, one tree (like httpx ``_exceptions.py``)::
 
-    SalesforceError                     (provisioning.errors.ProvisioningError)
-    ├── SalesforceTransientError        (also provisioning.errors.TransientError)
+    SalesforceError                     (provisioning.core.errors.ProvisioningError)
+    ├── SalesforceTransientError        (also provisioning.core.errors.TransientError)
     │   ├── SalesforceConnectionError   not reached, connection lost, a TLS record cut short, timeout
     │   └── SalesforceUnavailable       HTTP 5xx/429, REQUEST_LIMIT_EXCEEDED, UNABLE_TO_LOCK_ROW
-    └── SalesforcePermanentError        (also provisioning.errors.PermanentError)
+    └── SalesforcePermanentError        (also provisioning.core.errors.PermanentError)
         ├── SalesforceAuthError         login refused, or 401 again right after a fresh login
         ├── SalesforceRequestError      MALFORMED_ID, INVALID_FIELD, validation rules, other 4xx
         │   └── OrderNotFound           no Order with that Id
@@ -14,7 +14,7 @@
         └── SalesforceStreamingError    the Streaming or Pub/Sub API refused the subscription
             └── SalesforceEventPermissionError  the integration user may not subscribe to the event
 
-Transport failures (:mod:`provisioning.http` classifies them) become these errors
+Transport failures (:mod:`provisioning.core.http` classifies them) become these errors
 through :data:`TRANSPORT_ERRORS` only. Messages never hold tokens, keys or
 customer data; ``status`` and ``error_code`` carry the HTTP status and
 Salesforce ``errorCode`` when there was one.
@@ -26,8 +26,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
 
-from provisioning.errors import PermanentError, ProvisioningError, TransientError
-from provisioning.http import Failure, TransportFailure
+from provisioning.core.errors import PermanentError, ProvisioningError, TransientError
+from provisioning.core.http import Failure, TransportFailure
 
 
 class SalesforceError(ProvisioningError):

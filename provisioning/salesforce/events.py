@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
 
 if TYPE_CHECKING:
+    from provisioning.core.settings import Settings
     from provisioning.salesforce.auth import JWTBearerAuth
-    from provisioning.settings import Settings
 
 
 class ReplayPreset(enum.Enum):

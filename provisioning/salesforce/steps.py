@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from provisioning.context import StepContext
-from provisioning.results import EsimActivated, OrderWrittenBack, WhmcsOrderCreated
+from provisioning.step.context import StepContext
+from provisioning.step.results import EsimActivated, OrderWrittenBack, WhmcsOrderCreated
 
 # The Order's activation time: set when the step is first claimed for the Order (the lifecycle's
 # STAMPED_AT_CLAIM), or adopted from the Order itself.

@@ -59,9 +59,10 @@ from typing import Any
 
 import requests
 
-from provisioning.backoff import backoff_s
-from provisioning.http import make_session
-from provisioning.logs import get_logger
+from provisioning.core.backoff import backoff_s
+from provisioning.core.http import make_session
+from provisioning.core.logs import get_logger
+from provisioning.core.settings import Settings
 from provisioning.salesforce.auth import AccessToken, JWTBearerAuth
 from provisioning.salesforce.errors import (
     SalesforceAuthError,
@@ -77,7 +78,6 @@ from provisioning.salesforce.events import (
     replay_fallback_from,
 )
 from provisioning.salesforce.events import Event as SourceEvent
-from provisioning.settings import Settings
 
 log = get_logger(__name__)
 

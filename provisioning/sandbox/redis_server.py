@@ -38,7 +38,7 @@ from typing import Literal
 
 import redis
 
-from provisioning.replication import online_replicas
+from provisioning.core.replication import online_replicas
 from provisioning.sandbox.processes import free_port
 
 HOST = "127.0.0.1"

@@ -15,7 +15,7 @@ from typing import Any
 
 import requests
 
-from provisioning.http import make_session
+from provisioning.core.http import make_session
 from provisioning.sandbox.common import SandboxTLS, ServerThread
 from provisioning.sandbox.salesforce import SalesforceSimulator
 from provisioning.sandbox.salesforce.pubsub import DEFAULT_KEEPALIVE_S

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from provisioning.core.run_id import RunId
 from provisioning.esim.inventory import EsimInventory
 from provisioning.ledger import Ledger
-from provisioning.run_id import RunId
 from provisioning.sandbox.runner import Sandbox
 
 PRODUCTS = [

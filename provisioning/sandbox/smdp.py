@@ -75,7 +75,7 @@ from typing import Any
 
 from aiohttp import web
 
-from provisioning.errors import PicklableError
+from provisioning.core.errors import PicklableError
 from provisioning.esim.iccid import make_iccid, normalize_iccid
 from provisioning.sandbox.common import ADMIN_PREFIX, FaultInjector, new_app
 

@@ -3,7 +3,7 @@
 Always asks for ``responsetype=json`` and reads the body, never the status alone (WHMCS answers
 its errors at HTTP 200). Numbers arrive as strings and are coerced by the models here. Errors
 are those of :mod:`provisioning.whmcs.errors`, translated in :meth:`WhmcsClient._call` only
-(transport failures through :func:`provisioning.http.classify`).
+(transport failures through :func:`provisioning.core.http.classify`).
 
 Retries: one, and only when resending cannot apply anything twice: any action whose
 connection could not even be opened, or a read action whose connection was lost. Nothing else
@@ -23,7 +23,7 @@ from typing import Any
 import urllib3
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from provisioning.http import (
+from provisioning.core.http import (
     TRANSPORT_EXCEPTIONS,
     Failure,
     TransportFailure,
@@ -32,8 +32,8 @@ from provisioning.http import (
     make_pool,
     status_failure,
 )
-from provisioning.logs import get_logger
-from provisioning.settings import Settings
+from provisioning.core.logs import get_logger
+from provisioning.core.settings import Settings
 from provisioning.whmcs.errors import (
     WhmcsAuthError,
     WhmcsClientNotFound,

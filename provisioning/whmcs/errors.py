@@ -16,7 +16,7 @@
         └── WhmcsOrderNotPending      AcceptOrder's "Order ID not found or Status not Pending":
                                       after a retry, confirm with GetOrders that the order is Active
 
-Transport failures (classified by :mod:`provisioning.http`) become these errors through
+Transport failures (classified by :mod:`provisioning.core.http`) become these errors through
 :data:`TRANSPORT_ERRORS` only. A transient error of a write (AddOrder, AcceptOrder) may come after WHMCS applied it: look the
 order up (``find_order_by_note``) before calling AddOrder again.
 
@@ -30,8 +30,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
 
-from provisioning.errors import PermanentError, ProvisioningError, TransientError
-from provisioning.http import RULES, Failure, TransportFailure
+from provisioning.core.errors import PermanentError, ProvisioningError, TransientError
+from provisioning.core.http import RULES, Failure, TransportFailure
 
 
 class WhmcsError(ProvisioningError):

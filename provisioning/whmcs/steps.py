@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-from provisioning.context import StepContext
-from provisioning.errors import OrderRejected
-from provisioning.logs import get_logger
-from provisioning.order import Order
-from provisioning.results import PaymentChecked, WhmcsOrderCreated
+from provisioning.core.errors import OrderRejected
+from provisioning.core.logs import get_logger
+from provisioning.step.context import StepContext
+from provisioning.step.order import Order
+from provisioning.step.results import PaymentChecked, WhmcsOrderCreated
 from provisioning.whmcs.errors import WhmcsOrderNotPending, WhmcsPermanentError
 
 log = get_logger(__name__)

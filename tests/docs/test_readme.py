@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from provisioning.settings import Settings
+from provisioning.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

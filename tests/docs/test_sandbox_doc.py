@@ -26,7 +26,8 @@ from aiohttp import web
 from click.testing import CliRunner
 
 from provisioning.cli import main
-from provisioning.http import make_session
+from provisioning.core.http import make_session
+from provisioning.core.settings import ENV_FILE_VARIABLE, Settings
 from provisioning.salesforce.auth import JWTBearerAuth
 from provisioning.salesforce.pubsub import PubSubClient
 from provisioning.sandbox import smdp, smtp, whmcs
@@ -35,7 +36,6 @@ from provisioning.sandbox.common import FAULT_KINDS, FaultInjector, Faults, new_
 from provisioning.sandbox.salesforce import SalesforceSimulator
 from provisioning.sandbox.salesforce.cometd import CometD
 from provisioning.sandbox.salesforce.pubsub import PubSub
-from provisioning.settings import ENV_FILE_VARIABLE, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "sandbox.md"

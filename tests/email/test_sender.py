@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
+from provisioning.core.errors import PermanentError, TransientError
+from provisioning.core.settings import ConfigError, Settings
 from provisioning.email.errors import (
     EmailDeliveryUnknownError,
     EmailError,
@@ -18,9 +20,7 @@ from provisioning.email.errors import (
 )
 from provisioning.email.message import build_activation_email, message_id_for
 from provisioning.email.sender import SmtpSender
-from provisioning.errors import PermanentError, TransientError
 from provisioning.sandbox.common import SandboxTLS
-from provisioning.settings import ConfigError, Settings
 
 RUN_ID = "a0RE000000IJmcNMAT:idem-1"
 DOMAIN = "provisioning.local"

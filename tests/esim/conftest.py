@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import requests
 
+from provisioning.core.http import make_pool, make_session
 from provisioning.esim.client import Es2PlusClient
-from provisioning.http import make_pool, make_session
 from provisioning.sandbox.common import SandboxTLS, ServerThread
 from provisioning.sandbox.smdp import SmdpSimulator
 

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from provisioning.errors import PermanentError, TransientError
+from provisioning.core.errors import PermanentError, TransientError
+from provisioning.core.http import make_pool
+from provisioning.core.settings import Settings
 from provisioning.esim.client import (
     ConfirmResult,
     Es2PlusClient,
@@ -25,8 +27,6 @@ from provisioning.esim.errors import (
     Es2PlusServerError,
     Es2PlusTlsError,
 )
-from provisioning.http import make_pool
-from provisioning.settings import Settings
 
 if TYPE_CHECKING:
     from tests.esim.conftest import SmdpSandbox

@@ -10,7 +10,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from provisioning.errors import PermanentError, TransientError
+from provisioning.core.errors import PermanentError, TransientError
 from provisioning.esim.errors import (
     InventoryClaimError,
     InventoryEmpty,
@@ -251,7 +251,7 @@ def test_a_file_that_is_not_utf8_is_a_file_error_naming_the_line(tmp_path: Path)
 def test_with_replicas_a_claim_is_confirmed_or_unavailable_and_a_retry_gets_the_same_iccid(
     replicated_redis,
 ) -> None:
-    from provisioning.replication import ReplicaWait
+    from provisioning.core.replication import ReplicaWait
     from provisioning.sandbox.scenario import wait_until
 
     primary, replica = replicated_redis

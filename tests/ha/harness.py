@@ -15,7 +15,9 @@ from typing import Any
 
 import requests
 
+from provisioning.core.settings import Settings
 from provisioning.ledger import RunState
+from provisioning.runs.services import Services
 from provisioning.sandbox.netns import Host
 from provisioning.sandbox.processes import ManagedProcess, free_port, listener, worker
 from provisioning.sandbox.runner import Sandbox
@@ -26,8 +28,6 @@ from provisioning.sandbox.scenario import (
     publish_events_admin,
     seed_orders,
 )
-from provisioning.services import Services
-from provisioning.settings import Settings
 
 # Settings for runs with failovers and partitions: short backoffs, leases and redelivery, and
 # retries enough that an outage of tens of seconds never exhausts them.

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
+from provisioning.core.run_id import RunId
 from provisioning.listener.validation import Rejected, validate_event
-from provisioning.run_id import RunId
 from provisioning.salesforce.events import Event
 from provisioning.sandbox.salesforce import ids
 

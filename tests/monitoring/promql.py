@@ -11,12 +11,12 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from provisioning.exporter import LedgerCollector, exported_names
+from provisioning.core.settings import Settings
 from provisioning.listener.metrics import ListenerMetrics
+from provisioning.ops.exporter import LedgerCollector, exported_names
+from provisioning.runs.services import Services
 from provisioning.salesforce.pubsub.client import COUNTER_NAMES as PUBSUB_COUNTERS
 from provisioning.salesforce.streaming import StreamCounters
-from provisioning.services import Services
-from provisioning.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "monitoring" / "prometheus" / "alerts.yml"

@@ -15,11 +15,11 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from provisioning.logs import configure_logging
+from provisioning.core.logs import configure_logging
+from provisioning.core.settings import Settings
 from provisioning.salesforce.auth import JWTBearerAuth
 from provisioning.salesforce.events import EARLIEST, Batch, Event, EventSource, ReplayStart
 from provisioning.salesforce.streaming import StreamingClient
-from provisioning.settings import Settings
 
 from .fake import API_VERSION, CHANNEL, CLIENT_ID, LOGIN_URL, USERNAME, FakePool, FakeSalesforce
 

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import requests
 
-from provisioning.errors import PermanentError
-from provisioning.http import make_session
+from provisioning.core.errors import PermanentError
+from provisioning.core.http import make_session
+from provisioning.core.settings import Settings
 from provisioning.salesforce.auth import JWTBearerAuth
 from provisioning.salesforce.client import SalesforceClient
 from provisioning.salesforce.errors import (
@@ -27,7 +28,6 @@ from provisioning.salesforce.events import EARLIEST, LATEST, ReplayPreset
 from provisioning.salesforce.streaming import StreamingClient
 from provisioning.sandbox.common import SandboxTLS, ServerThread
 from provisioning.sandbox.salesforce import EVENT_CHANNEL, SalesforceSimulator
-from provisioning.settings import Settings
 
 from .conftest import wait_until
 

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import SecretStr
 
-from provisioning.errors import PermanentError, TransientError
+from provisioning.core.errors import PermanentError, TransientError
 from provisioning.salesforce.auth import AccessToken, JWTBearerAuth
 from provisioning.salesforce.errors import (
     SalesforceAuthError,

@@ -6,7 +6,8 @@ from urllib.parse import parse_qs
 import pytest
 import urllib3
 
-from provisioning.errors import PermanentError, TransientError
+from provisioning.core.errors import PermanentError, TransientError
+from provisioning.core.settings import Settings
 from provisioning.salesforce.auth import JWTBearerAuth
 from provisioning.salesforce.client import OrderFieldNames, SalesforceClient
 from provisioning.salesforce.errors import (
@@ -18,7 +19,6 @@ from provisioning.salesforce.errors import (
     SalesforceRequestError,
     SalesforceUnavailable,
 )
-from provisioning.settings import Settings
 
 from .fake import API_VERSION, INSTANCE_URL, FakePool, FakeSalesforce
 

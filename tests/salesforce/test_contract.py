@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from provisioning.http import make_session
+from provisioning.core.http import make_session
 from provisioning.salesforce.auth import JWTBearerAuth
 from provisioning.salesforce.events import EARLIEST, Event, ReplayStart
 from provisioning.salesforce.streaming import StreamingClient

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from provisioning.http import make_session
+from provisioning.core.http import make_session
 from provisioning.salesforce.auth import JWTBearerAuth
 from provisioning.salesforce.errors import SalesforceEventPermissionError
 from provisioning.salesforce.events import EARLIEST, LATEST, EventSource, ReplayPreset, ReplayStart

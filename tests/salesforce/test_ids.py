@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from provisioning.errors import PermanentError
+from provisioning.core.errors import PermanentError
 from provisioning.salesforce.errors import InvalidSalesforceId
 from provisioning.salesforce.ids import CHECKSUM_ALPHABET, id_checksum, is_valid_id, normalize_id
 

@@ -45,8 +45,8 @@ def test_with_the_extra_installed_nothing_is_missing() -> None:
 def test_without_the_extra_the_workers_and_the_listener_import_cleanly() -> None:
     done = run_without_extra(
         "import importlib\n"
-        "for name in ('tasks', 'celeryconfig', 'provisioning.listener', 'provisioning.operators',\n"
-        "             'provisioning.services', 'provisioning.checks', 'provisioning.cli',\n"
+        "for name in ('tasks', 'celeryconfig', 'provisioning.listener', 'provisioning.ops.commands',\n"
+        "             'provisioning.runs.services', 'provisioning.ops.checks', 'provisioning.cli',\n"
         "             'provisioning.sandbox.redis_server', 'provisioning.sandbox.processes'):\n"
         "    importlib.import_module(name)\n"
         "from provisioning.sandbox import missing_sandbox_packages\n"

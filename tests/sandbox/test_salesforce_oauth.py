@@ -11,9 +11,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from provisioning.core.settings import Settings
 from provisioning.sandbox.salesforce import SalesforceSimulator
 from provisioning.sandbox.salesforce.driver import SalesforceDriver
-from provisioning.settings import Settings
 
 StartSalesforce = Callable[..., SalesforceDriver]
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import requests
 
-from provisioning.http import make_session
+from provisioning.core.http import make_session
 from provisioning.sandbox.common import SandboxTLS, ServerThread
 from provisioning.sandbox.smtp import SmtpSimulator
 

@@ -6,12 +6,12 @@ import json
 import re
 import threading
 
-from provisioning.chain import STEPS
 from provisioning.esim.client import matching_id_for
 from provisioning.ledger import RunState
-from provisioning.publishing import make_publisher, publish_run
+from provisioning.runs.publishing import make_publisher, publish_run
 from provisioning.sandbox.scenario import count_effects, seed_orders, settled
 from provisioning.sandbox.scenario import wait_until as wait_for
+from provisioning.step.chain import STEPS
 
 
 def _order(sandbox, order_id):

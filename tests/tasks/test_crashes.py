@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from provisioning.ledger import RunState
-from provisioning.publishing import make_publisher, publish_run
+from provisioning.runs.publishing import make_publisher, publish_run
 from provisioning.sandbox.scenario import count_effects, seed_orders
 from provisioning.sandbox.scenario import wait_until as wait_for
 

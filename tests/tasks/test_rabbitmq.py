@@ -7,7 +7,7 @@ from amqp.exceptions import PreconditionFailed
 from kombu.connection import Connection
 
 from provisioning.ledger import RunState
-from provisioning.publishing import make_publisher, publish_run
+from provisioning.runs.publishing import make_publisher, publish_run
 from provisioning.sandbox.scenario import count_effects, seed_orders
 from provisioning.sandbox.scenario import wait_until as wait_for
 

@@ -11,7 +11,7 @@ import requests
 import urllib3
 from pydantic import SecretStr
 
-from provisioning.http import make_pool, make_session
+from provisioning.core.http import make_pool, make_session
 from provisioning.sandbox.common import SandboxTLS, ServerThread
 from provisioning.sandbox.whmcs import WhmcsSimulator
 from provisioning.whmcs.client import WhmcsClient

@@ -14,9 +14,9 @@ import urllib3
 from pydantic import SecretStr
 from urllib3.exceptions import NewConnectionError, ProtocolError, ReadTimeoutError
 
-from provisioning.errors import PermanentError, TransientError
-from provisioning.http import make_pool
-from provisioning.settings import ConfigError, Settings
+from provisioning.core.errors import PermanentError, TransientError
+from provisioning.core.http import make_pool
+from provisioning.core.settings import ConfigError, Settings
 from provisioning.whmcs.client import PayMethod, WhmcsClient, note_matches
 from provisioning.whmcs.errors import (
     WhmcsAuthError,

@@ -63,8 +63,9 @@ from typing import Any, TypeVar
 import fastavro
 import grpc
 
-from provisioning.backoff import backoff_s
-from provisioning.logs import get_logger
+from provisioning.core.backoff import backoff_s
+from provisioning.core.logs import get_logger
+from provisioning.core.settings import Settings
 from provisioning.salesforce.auth import AccessToken, JWTBearerAuth
 from provisioning.salesforce.errors import (
     SalesforceAuthError,
@@ -87,7 +88,6 @@ from provisioning.salesforce.events import (
 )
 from provisioning.salesforce.pubsub import pubsub_api_pb2 as pb
 from provisioning.salesforce.pubsub import pubsub_api_pb2_grpc as pb_grpc
-from provisioning.settings import Settings
 
 log = get_logger(__name__)
 

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from provisioning.errors import PicklableError
+from provisioning.core.errors import PicklableError
 
 GRANT_TYPE_JWT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 RSA_KEY_BITS = 2048

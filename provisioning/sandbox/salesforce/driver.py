@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import jwt
 import requests
 
-from provisioning.http import make_session
+from provisioning.core.http import make_session
 from provisioning.sandbox.salesforce.auth import GRANT_TYPE_JWT
 
 if TYPE_CHECKING:

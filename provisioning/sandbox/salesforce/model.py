@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from provisioning.errors import PicklableError
+from provisioning.core.errors import PicklableError
 from provisioning.sandbox.salesforce import ids
 
 

@@ -53,7 +53,7 @@ import fastavro
 import grpc
 from grpc import aio
 
-from provisioning.errors import PicklableError
+from provisioning.core.errors import PicklableError
 from provisioning.salesforce.pubsub import pubsub_api_pb2 as pb
 from provisioning.salesforce.pubsub import pubsub_api_pb2_grpc as pb_grpc
 from provisioning.sandbox.common import FaultInjector

@@ -1,0 +1,559 @@
+"""Every setting of every process, validated once at process start and passed down.
+
+Nothing here reads the environment at import time: call :func:`load_settings`
+(or build ``Settings()`` yourself in a test) in the process's entry point.
+The environment wins over the env file; the env file is ``.env`` unless
+``PROVISIONING_ENV_FILE`` names another (the sandbox writes one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Annotated, Any, Final, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import (
+    AfterValidator,
+    AnyUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from provisioning.core.errors import PicklableError
+
+ENV_FILE_VARIABLE = "PROVISIONING_ENV_FILE"
+DEFAULT_ENV_FILE = ".env"
+
+# The one home of these defaults: the clients, the listener and the sandbox import them from here.
+DEFAULT_SF_API_VERSION = "64.0"
+DEFAULT_PROVISION_EVENT = "OrderProvisionRequested__e"
+# Replay presets of the Streaming API (any other start is an opaque replayId).
+REPLAY_LATEST = -1
+REPLAY_EARLIEST = -2
+REPLAY_PRESETS: Final[Mapping[str, int]] = MappingProxyType(
+    {"LATEST": REPLAY_LATEST, "EARLIEST": REPLAY_EARLIEST}
+)
+REPLAY_PRESET_NAMES: Final[Mapping[int, str]] = MappingProxyType({v: k for k, v in REPLAY_PRESETS.items()})
+# API names of the Order fields we read and write, by logical name (SF_FIELD_<NAME> overrides each).
+DEFAULT_ORDER_FIELD_NAMES: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "activation_status": "Activation_Status__c",
+        "whmcs_client_id": "WHMCS_Client_ID__c",
+        "sim_type": "SIM_Type__c",
+        "eid": "EID__c",
+        "whmcs_product_id": "WHMCS_Product_ID__c",
+        "whmcs_order_id": "WHMCS_Order_ID__c",
+        "esim_iccid": "ESIM_ICCID__c",
+        "activation_error": "Activation_Error__c",
+        "activated_at": "Activated_At__c",
+    }
+)
+
+
+def _replay_start(value: str) -> str:
+    text = str(value).strip()
+    if text.upper() in REPLAY_PRESETS:
+        return text.upper()
+    if text.lstrip("-").isdigit() and int(text) >= -2:
+        return str(int(text))
+    hex_text = text.lower().removeprefix("0x")
+    if hex_text and len(hex_text) % 2 == 0 and all(c in string.hexdigits for c in hex_text):
+        return hex_text
+    raise ValueError(
+        "expected LATEST, EARLIEST or a replayId: an integer for CometD (-1 = LATEST, -2 = EARLIEST), "
+        "the hex of the replay id's bytes for Pub/Sub"
+    )
+
+
+def _replay_preset(value: str) -> str:
+    text = str(value).strip().upper()
+    if text in REPLAY_PRESETS:
+        return text
+    raise ValueError("expected LATEST or EARLIEST")
+
+
+ReplayStart = Annotated[str, AfterValidator(_replay_start)]
+ReplayPreset = Annotated[str, AfterValidator(_replay_preset)]
+HttpUrl = Annotated[AnyUrl, AfterValidator(lambda u: _require_scheme(u, ("http", "https")))]
+RedisUrl = Annotated[AnyUrl, AfterValidator(lambda u: _require_scheme(u, ("redis", "rediss", "unix")))]
+
+
+def parse_host_ports(value: str) -> list[tuple[str, int]]:
+    """``host:port,host:port`` as (host, port) pairs; ValueError naming the entry that is not one."""
+    pairs: list[tuple[str, int]] = []
+    for entry in (part.strip() for part in value.split(",")):
+        if not entry:
+            continue
+        host, _, port = entry.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"{entry!r} is not host:port; expected host:port,host:port,... (e.g. 10.0.0.5:26379)"
+            )
+        pairs.append((host.strip("[]"), int(port)))
+    if not pairs:
+        raise ValueError("expected host:port,host:port,... (e.g. 10.0.0.5:26379,10.0.0.6:26379)")
+    return pairs
+
+
+def _host_ports(value: str) -> str:
+    return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in parse_host_ports(value))
+
+
+HostPorts = Annotated[str, AfterValidator(_host_ports)]
+
+
+def _require_scheme(url: AnyUrl, schemes: tuple[str, ...]) -> AnyUrl:
+    if url.scheme not in schemes:
+        raise ValueError(f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
+    return url
+
+
+def redact_url(url: object) -> str:
+    """A URL fit for logs: any password replaced by ``***`` (in each of kombu's ``;``-separated URLs)."""
+    text = str(url)
+    if ";" in text:
+        return ";".join(redact_url(part) for part in text.split(";"))
+    parts = urlsplit(text)
+    if parts.password is None:
+        return text
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc = f"{netloc}:{parts.port}"
+    user = parts.username or ""
+    netloc = f"{user}:***@{netloc}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+# What `provisioning console hash-password` makes (argon2id, PHC string format).
+PASSWORD_HASH_PREFIX = "$argon2"  # noqa: S105 (a format marker, not a password)
+
+
+class ConsoleUser(BaseModel):
+    """One user of the operators' console: a role and the hash of the password."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    role: Literal["viewer", "operator"]
+    # None: the user logs in only through the auth proxy (CONSOLE_AUTH_PROXY_HEADER).
+    password_hash: SecretStr | None = None
+
+    @field_validator("password_hash")
+    @classmethod
+    def _is_a_hash(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(PASSWORD_HASH_PREFIX):
+            raise ValueError(
+                "password_hash must be an argon2 hash (make one with `provisioning console hash-password`), "
+                "never the password itself"
+            )
+        return value
+
+    def to_env(self) -> dict[str, str]:
+        out: dict[str, str] = {"role": self.role}
+        if self.password_hash is not None:
+            out["password_hash"] = self.password_hash.get_secret_value()
+        return out
+
+
+class Settings(BaseSettings):
+    """Configuration of the listener, the workers, the CLI and the sandbox clients."""
+
+    model_config = SettingsConfigDict(
+        env_file=DEFAULT_ENV_FILE,
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        validate_default=True,
+    )
+
+    # -- Redis, broker, results --------------------------------------------------------------
+    redis_url: RedisUrl = Field(
+        AnyUrl("redis://127.0.0.1:6379/0"),
+        description="Redis for the ledger, leases, checkpoints and the failed registry.",
+    )
+    celery_broker_url: str = Field(
+        "redis://127.0.0.1:6379/1",
+        description="Celery broker: redis://..., sentinel://host:port;sentinel://... (Redis behind Sentinel) "
+        "or amqp://... (RabbitMQ).",
+    )
+    celery_result_backend: str | None = Field(
+        None,
+        description="Celery result backend; empty: results are not stored (the ledger is the record).",
+    )
+    celery_queue: str = Field("provisioning", description="Queue the tasks are sent to.")
+    celery_queue_type: Literal["quorum", "classic"] = Field(
+        "quorum",
+        description="RabbitMQ: quorum (replicated; the production choice) or classic queue. Redis: ignored.",
+    )
+    celery_visibility_timeout_s: int = Field(
+        3600,
+        ge=10,
+        description="Redis broker: seconds before an unacked message is redelivered.",
+    )
+    celery_task_sent_events: bool = Field(
+        False,
+        description="Send a task-sent event per publish (Flower's 'sent' state); it doubles a publish's cost.",
+    )
+    redis_sentinels: HostPorts | None = Field(
+        None,
+        description="Redis Sentinel addresses (host:port,host:port,...): the ledger asks them for the master "
+        "REDIS_SENTINEL_MASTER and follows it through a failover; REDIS_URL then gives only the db and password.",
+    )
+    redis_sentinel_master: str | None = Field(
+        None, description="Name of the master the sentinels monitor (required with REDIS_SENTINELS)."
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        None,
+        description="Password of the sentinels themselves (requirepass in sentinel.conf); Redis's own is in "
+        "REDIS_URL. Also used for a sentinel:// broker.",
+    )
+    redis_wait_timeout_ms: int = Field(
+        1000,
+        ge=1,
+        description="When the ledger's Redis has replicas: how long a write that guards an external effect "
+        "waits for a replica to confirm it (WAIT) before the step is retried instead of acting.",
+    )
+    celery_broker_sentinel_master: str | None = Field(
+        None,
+        description="sentinel://... broker: the master name the sentinels monitor; default REDIS_SENTINEL_MASTER.",
+    )
+    ledger_prefix: str = Field(
+        "prov", pattern=r"^[A-Za-z0-9_.-]+$", description="Namespace of every ledger key."
+    )
+    run_retention_days: int = Field(
+        30, ge=1, description="Days a finished run stays in the ledger (failed runs stay)."
+    )
+    run_lease_ttl_s: int = Field(60, ge=5, description="Seconds a run's lease lasts unless renewed.")
+
+    # -- retries ---------------------------------------------------------------------------
+    task_max_retries: int = Field(8, ge=0, description="Retries of a step on transient errors.")
+    task_max_age_s: int = Field(
+        3600, ge=10, description="A step is not retried once its run is older than this."
+    )
+    task_retry_backoff_s: float = Field(
+        1.0, gt=0, description="First retry delay; doubles each retry, with full jitter."
+    )
+    task_retry_backoff_max_s: float = Field(
+        300.0, gt=0, description="Cap of one retry delay (kept below the visibility timeout)."
+    )
+
+    # -- Salesforce ------------------------------------------------------------------------
+    sf_login_url: HttpUrl | None = Field(
+        None, description="OAuth login host, e.g. https://login.salesforce.com."
+    )
+    sf_client_id: SecretStr | None = Field(None, description="Connected App consumer key.")
+    sf_username: str | None = Field(None, description="Integration user the JWT is issued for.")
+    sf_private_key_file: Path | None = Field(
+        None, description="PEM private key whose certificate is on the Connected App."
+    )
+    sf_api_version: str = Field(
+        DEFAULT_SF_API_VERSION, pattern=r"^\d{2,3}\.0$", description="REST and CometD API version."
+    )
+    sf_events_enabled: bool = Field(True, description="Whether `provisioning listen` subscribes.")
+    sf_provision_event_channel: str = Field(
+        f"/event/{DEFAULT_PROVISION_EVENT}",
+        pattern=r"^/event/[A-Za-z0-9_]+__e$",
+        description="Platform Event channel.",
+    )
+    sf_events_transport: Literal["pubsub", "cometd"] = Field(
+        "pubsub",
+        description="How the listener receives events: pubsub (Pub/Sub API, gRPC) or cometd (Streaming API).",
+    )
+    sf_events_replay: ReplayStart = Field(
+        "LATEST",
+        description="Start position without a checkpoint: LATEST, EARLIEST or a replay id "
+        "(CometD: an integer; Pub/Sub: the hex of its bytes).",
+    )
+    sf_events_replay_fallback: ReplayPreset = Field(
+        "EARLIEST", description="Where to start when the stored replayId is too old: LATEST or EARLIEST."
+    )
+    sf_pubsub_endpoint: str = Field(
+        "api.pubsub.salesforce.com:7443",
+        pattern=r"^[A-Za-z0-9.-]+:\d{1,5}$",
+        description="Pub/Sub API host:port (gRPC over TLS; TLS_CA_BUNDLE applies).",
+    )
+    sf_pubsub_batch_size: int = Field(
+        100,
+        ge=1,
+        le=100,
+        description="Events requested per Pub/Sub FetchRequest (num_requested), 1 to 100.",
+    )
+    sf_pubsub_keepalive_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Pub/Sub stall watchdog: seconds without any response (keepalives included) "
+        "before the stream is torn down and resubscribed (Salesforce promises one within 270 s).",
+    )
+
+    # Order field names (API names), in case an org named them differently.
+    sf_field_activation_status: str = Field(
+        DEFAULT_ORDER_FIELD_NAMES["activation_status"],
+        description="Order field: Activating / Activated / Failed.",
+    )
+    sf_field_whmcs_client_id: str = Field(
+        DEFAULT_ORDER_FIELD_NAMES["whmcs_client_id"], description="Account field: the WHMCS client id."
+    )
+    sf_field_sim_type: str = Field(
+        DEFAULT_ORDER_FIELD_NAMES["sim_type"], description="Order field: eSIM or Physical."
+    )
+    sf_field_eid: str = Field(
+        DEFAULT_ORDER_FIELD_NAMES["eid"], description="Order field: the device's EID (eSIM)."
+    )
+    sf_field_whmcs_product_id: str = Field(
+        DEFAULT_ORDER_FIELD_NAMES["whmcs_product_id"], description="Product2 field: the WHMCS product id."
+    )
+    sf_field_whmcs_order_id: str = Field(
+        DEFAULT_ORDER_FIELD_NAMES["whmcs_order_id"], description="Order field written: the WHMCS order id."
+    )
+    sf_field_esim_iccid: str = Field(
+        DEFAULT_ORDER_FIELD_NAMES["esim_iccid"], description="Order field written: the eSIM's ICCID."
+    )
+    sf_field_activation_error: str = Field(
+        DEFAULT_ORDER_FIELD_NAMES["activation_error"], description="Order field written: why it failed."
+    )
+    sf_field_activated_at: str = Field(
+        DEFAULT_ORDER_FIELD_NAMES["activated_at"], description="Order field written: when it was activated."
+    )
+
+    # -- WHMCS -----------------------------------------------------------------------------
+    whmcs_url: HttpUrl | None = Field(None, description="WHMCS base URL (…/includes/api.php is appended).")
+    whmcs_identifier: SecretStr | None = Field(None, description="WHMCS API credential identifier.")
+    whmcs_secret: SecretStr | None = Field(None, description="WHMCS API credential secret.")
+    whmcs_payment_method: str = Field("stripe", description="Gateway system name for AddOrder.")
+
+    # -- SM-DP+ (ES2+) ----------------------------------------------------------------------
+    smdp_url: HttpUrl | None = Field(None, description="SM-DP+ ES2+ base URL.")
+    smdp_requester_id: str = Field("provisioning", description="functionRequesterIdentifier.")
+    smdp_address: str | None = Field(
+        None, description="SM-DP+ FQDN in activation codes; default: the host of SMDP_URL."
+    )
+    esim_stock_warn_threshold: int = Field(
+        20, ge=0, description="`provisioning esim stock` warns below this many free ICCIDs."
+    )
+
+    # -- e-mail ----------------------------------------------------------------------------
+    smtp_host: str | None = Field(None, description="SMTP server host.")
+    smtp_port: int = Field(25, ge=1, le=65535, description="SMTP server port.")
+    smtp_username: str | None = Field(None, description="SMTP login (with SMTP_PASSWORD); empty: no login.")
+    smtp_password: SecretStr | None = Field(None, description="SMTP password.")
+    smtp_starttls: bool = Field(False, description="Upgrade the SMTP connection with STARTTLS.")
+    email_sender: str = Field("Provisioning <provisioning@example.com>", description="From: header.")
+    email_message_id_domain: str = Field(
+        "provisioning.local", description="Right-hand side of our deterministic Message-IDs."
+    )
+    email_resend_policy: Literal["resend", "skip"] = Field(
+        "resend",
+        description="A send found in 'sending' after a crash: resend (same Message-ID) or skip.",
+    )
+
+    # -- TLS, logging, listener --------------------------------------------------------------
+    tls_ca_bundle: Path | None = Field(
+        None, description="CA bundle for every HTTPS client; wins over REQUESTS_CA_BUNDLE."
+    )
+    log_format: Literal["text", "json"] = Field("text", description="text or json lines.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="DEBUG, INFO, WARNING or ERROR."
+    )
+    listener_health_host: str = Field(
+        "127.0.0.1", description="Address of the listener's /healthz and /metrics."
+    )
+    listener_health_port: int = Field(
+        9108, ge=0, le=65535, description="Port of /healthz, /livez, /metrics; 0 turns it off."
+    )
+    listener_lock_ttl_s: int = Field(15, ge=3, description="Leader lock expiry; renewed at a third.")
+    reconcile_interval_s: int = Field(30, ge=1, description="Seconds between reconciler sweeps.")
+    reconcile_idle_s: int = Field(
+        600,
+        ge=1,
+        description="The reconciler resumes an unfinished, unleased run not updated for this long.",
+    )
+    reconcile_orders_interval_s: int = Field(
+        300,
+        ge=0,
+        description="Seconds between the backfill's Salesforce queries for Orders left in Activating; 0: off.",
+    )
+    reconcile_orders_grace_s: int = Field(
+        300,
+        ge=0,
+        description="The backfill starts a run for an Order left in Activating this long with no run of ours.",
+    )
+
+    # -- metrics and the operators' console --------------------------------------------------
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address of `provisioning metrics` (the runs' /metrics for Prometheus)."
+    )
+    metrics_port: int = Field(9109, ge=1, le=65535, description="Port of `provisioning metrics`.")
+    console_host: str = Field(
+        "127.0.0.1", description="Address of `provisioning console`; keep it local or behind a proxy."
+    )
+    console_port: int = Field(8088, ge=1, le=65535, description="Port of `provisioning console`.")
+    console_users: dict[str, ConsoleUser] = Field(
+        default_factory=dict,
+        description='Console users, JSON: {"name": {"role": "viewer" or "operator", "password_hash": "..."}}.',
+    )
+    console_secret_key: SecretStr | None = Field(
+        None,
+        description="Signs console sessions and CSRF tokens; empty: a random key per start (log in again).",
+    )
+    console_auth_proxy_header: str | None = Field(
+        None,
+        description="Header naming the user, set by an auth proxy (e.g. X-Forwarded-User); empty: passwords.",
+    )
+    console_trusted_proxies: str = Field(
+        "127.0.0.1,::1",
+        description="Comma-separated addresses whose CONSOLE_AUTH_PROXY_HEADER the console believes.",
+    )
+    console_session_ttl_s: int = Field(28800, ge=60, description="Seconds a console login lasts.")
+    console_cookie_secure: bool = Field(
+        False, description="Send the console's session cookie over HTTPS only (set it behind TLS)."
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("sf_events_replay")
+    @classmethod
+    def _replay_id_fits_the_transport(cls, value: str, info: ValidationInfo) -> str:
+        transport = info.data.get("sf_events_transport")
+        if value in REPLAY_PRESETS or value in ("-1", "-2"):
+            return value
+        if transport == "cometd" and not value.isdigit():
+            raise ValueError(
+                "not a CometD replayId: with SF_EVENTS_TRANSPORT=cometd give LATEST, EARLIEST or an integer"
+            )
+        if transport == "pubsub" and (len(value) % 2 or not set(value) <= set(string.hexdigits)):
+            raise ValueError(
+                "not a Pub/Sub replay id: with SF_EVENTS_TRANSPORT=pubsub give LATEST, EARLIEST or the hex "
+                "of the replay id's bytes (an even number of hex digits)"
+            )
+        return value
+
+    @field_validator("celery_broker_url")
+    @classmethod
+    def _broker_scheme(cls, value: str) -> str:
+        if value.split("://", 1)[0] not in {
+            "redis",
+            "rediss",
+            "sentinel",
+            "amqp",
+            "amqps",
+            "pyamqp",
+            "memory",
+        }:
+            raise ValueError(
+                "expected a broker URL starting with redis://, sentinel://, amqp:// or memory://"
+            )
+        return value
+
+    @field_validator("sf_private_key_file", "tls_ca_bundle")
+    @classmethod
+    def _file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file not found: {value}")
+        return value
+
+    @field_validator("redis_sentinel_master")
+    @classmethod
+    def _ledger_sentinel_master(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("redis_sentinels") and not value:
+            raise ValueError(
+                "REDIS_SENTINELS is set: name the master the sentinels monitor "
+                "(the <name> of `sentinel monitor <name> ...`)"
+            )
+        return value
+
+    @field_validator("celery_broker_sentinel_master")
+    @classmethod
+    def _broker_sentinel_master(cls, value: str | None, info: ValidationInfo) -> str | None:
+        broker = str(info.data.get("celery_broker_url") or "")
+        if broker.startswith("sentinel://") and not (value or info.data.get("redis_sentinel_master")):
+            raise ValueError(
+                "CELERY_BROKER_URL is sentinel://...: name the master the sentinels monitor here "
+                "or in REDIS_SENTINEL_MASTER"
+            )
+        return value
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def broker_is_rabbitmq(self) -> bool:
+        return self.celery_broker_url.startswith(("amqp", "pyamqp"))
+
+    @property
+    def broker_is_sentinel(self) -> bool:
+        return self.celery_broker_url.startswith("sentinel://")
+
+    @property
+    def broker_sentinel_master(self) -> str | None:
+        return self.celery_broker_sentinel_master or self.redis_sentinel_master
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """The sentinels of the ledger's Redis (empty: REDIS_URL names the server itself)."""
+        return parse_host_ports(self.redis_sentinels) if self.redis_sentinels else []
+
+    def to_env(self) -> dict[str, str]:
+        """Every set value as environment variables (secrets revealed): for child processes and env files."""
+        env: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            elif isinstance(value, dict):
+                value = json.dumps(
+                    {k: v.to_env() if isinstance(v, ConsoleUser) else v for k, v in value.items()}
+                )
+            env[name.upper()] = str(value)
+        return env
+
+    def require(self, *names: str) -> None:
+        """Raise ConfigError naming every one of ``names`` that is not set."""
+        missing = [n for n in names if getattr(self, n) in (None, "")]
+        if missing:
+            raise ConfigError([(n.upper(), "is required here but not set") for n in missing])
+
+
+class ConfigError(PicklableError):
+    """Configuration that cannot be used; ``problems`` holds (VARIABLE, what is wrong)."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = ["Invalid configuration:"]
+        lines += [f"  {var}: {why}" for var, why in self.problems]
+        lines.append("Set these in the environment or in the env file (.env or $PROVISIONING_ENV_FILE).")
+        return "\n".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings from the environment and the env file; ConfigError lists every problem."""
+    env_file = os.environ.get(ENV_FILE_VARIABLE, DEFAULT_ENV_FILE)
+    try:
+        return Settings(_env_file=env_file, **overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            var = ".".join(str(p) for p in err["loc"]).upper() or "?"
+            msg = err["msg"].removeprefix("Value error, ")
+            given = err.get("input")
+            if isinstance(given, str) and "secret" not in var.lower() and "password" not in var.lower():
+                msg = f"{msg} (got {given!r})"
+            problems.append((var, msg))
+        raise ConfigError(problems) from None

@@ -1,0 +1,265 @@
+"""``provisioning check``: reach every configured dependency, one result each."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+from kombu.connection import Connection
+
+import celeryconfig
+from provisioning.core.redis_client import describe, redis_from_settings, sentinel_from_settings
+from provisioning.core.settings import Settings, redact_url
+from provisioning.ops.checks.external import NotRunning, external_probes
+
+# Each probe gives up after this long, so `check` answers quickly when something is down.
+PROBE_TIMEOUT_S = 3.0
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: str  # OK, FAIL, WARN or SKIP
+    detail: str
+
+
+def _probe_client(settings: Settings) -> redis.Redis:
+    return redis_from_settings(settings, socket_timeout_s=PROBE_TIMEOUT_S, connect_timeout_s=PROBE_TIMEOUT_S)
+
+
+def _redis(settings: Settings) -> str:
+    client = _probe_client(settings)
+    try:
+        client.ping()
+        master = settings.redis_sentinel_master
+        if settings.sentinel_addresses and master is not None:  # Settings requires both or neither
+            sentinel = sentinel_from_settings(settings, timeout_s=PROBE_TIMEOUT_S)
+            host, port = sentinel.discover_master(master)
+            return f"{describe(settings)}: master at {host}:{port}"
+    finally:
+        client.close()
+    return describe(settings)
+
+
+class Degraded(Exception):
+    """Reachable and working, but not as it should be for production: a WARN with what to set."""
+
+
+def ledger_durability(client: redis.Redis) -> tuple[bool, str]:
+    """(safe, what it is): whether a write the ledger was told is done survives a restart or a failover.
+
+    The ledger decides whether an effect already happened; a lost write means a second WHMCS
+    order or eSIM profile. AOF with ``appendfsync everysec`` loses at most about a second
+    (on a crash of the machine), ``always`` nothing; RDB snapshots alone lose everything since
+    the last one. An evicted key is a lost write too, and so is one on a replica that is
+    promoted by a failover and then restarts without an AOF of its own.
+    """
+    info = client.info("persistence")
+    replication = client.info("replication")
+    replicas = int(replication.get("connected_slaves", 0))
+    fsync, save, policy, maxmemory = _config(client, "appendfsync", "save", "maxmemory-policy", "maxmemory")
+    aof = bool(int(info.get("aof_enabled", 0)))
+    role = replication.get("role", "master")
+    problems: list[str] = []
+    if role != "master":
+        problems.append(
+            f"REDIS_URL points at a {role}, which refuses the ledger's writes; point it at the primary "
+            "or set REDIS_SENTINELS and REDIS_SENTINEL_MASTER"
+        )
+    if aof and fsync in ("always", "everysec"):
+        loss = "nothing" if fsync == "always" else "at most ~1 s of writes"
+        summary = f"AOF on (appendfsync {fsync}: a crash loses {loss})"
+    elif aof:
+        summary = f"AOF on, appendfsync {fsync}"
+        problems.append(
+            f"AOF on but appendfsync {fsync}: a crash can lose acknowledged ledger writes; "
+            "set appendfsync everysec (or always)"
+        )
+    else:
+        kept = f"RDB snapshots only (save {save!r})" if save and save != "?" else "no persistence at all"
+        summary = kept
+        problems.append(
+            f"{kept}: a restart loses acknowledged ledger writes (a second WHMCS order or eSIM profile "
+            "can follow); set appendonly yes and appendfsync everysec"
+        )
+    if maxmemory not in ("0", "?") and policy not in ("noeviction", "?"):
+        problems.append(
+            f"maxmemory-policy {policy} evicts keys when memory runs out: an evicted ledger key is a lost "
+            "write; set maxmemory-policy noeviction"
+        )
+    for address, problem in _replica_persistence(client, replication):
+        if problem:
+            problems.append(
+                f"replica {address} {problem}: promoted by a failover, a restart of it loses acknowledged "
+                "writes; set appendonly yes and appendfsync everysec there too"
+            )
+    if replicas:
+        where = (
+            f"role {role}, {replicas} replica(s): writes that guard an external effect wait for one (WAIT)"
+        )
+    else:
+        where = f"role {role}, 0 replica(s): no failover possible"
+    # The persistence summary, unless a problem above already says it.
+    said = any(p.startswith(summary) for p in problems)
+    detail = "; ".join([*problems, where] if said else [*problems, summary, where])
+    return not problems, detail
+
+
+def _config(client: redis.Redis, *names: str) -> list[str]:
+    """CONFIG GET of each name ("?" where CONFIG is disabled, as on managed Redis: INFO is all we know)."""
+    try:
+        return [str(client.config_get(name).get(name, "")).strip() for name in names]
+    except redis.exceptions.ResponseError:
+        return ["?" for _ in names]
+
+
+def _replica_persistence(client: redis.Redis, replication: dict[str, object]) -> list[tuple[str, str]]:
+    """(address, problem or "") for each replica INFO names, asked with the primary's credentials."""
+    kwargs = client.connection_pool.connection_kwargs
+    out = []
+    for key, value in sorted(replication.items()):
+        if not (key.startswith("slave") and isinstance(value, dict) and "ip" in value):
+            continue
+        address = f"{value['ip']}:{value['port']}"
+        replica = redis.Redis(
+            host=str(value["ip"]),
+            port=int(value["port"]),
+            username=kwargs.get("username"),
+            password=kwargs.get("password"),
+            socket_timeout=PROBE_TIMEOUT_S,
+            socket_connect_timeout=PROBE_TIMEOUT_S,
+        )
+        try:
+            aof = bool(int(replica.info("persistence").get("aof_enabled", 0)))
+            (fsync,) = _config(replica, "appendfsync")
+        except redis.exceptions.RedisError:
+            out.append((address, ""))  # not reachable from here: its persistence is unknown, not wrong
+            continue
+        finally:
+            replica.close()
+        if not aof:
+            out.append((address, "keeps no AOF"))
+        elif fsync == "no":
+            out.append((address, "has appendfsync no"))
+        else:
+            out.append((address, ""))
+    return out
+
+
+def _ledger(settings: Settings) -> str:
+    client = _probe_client(settings)
+    try:
+        safe, detail = ledger_durability(client)
+    finally:
+        client.close()
+    if not safe:
+        raise Degraded(detail)
+    return detail
+
+
+def sentinel_health(settings: Settings) -> tuple[bool, str]:
+    """(healthy, what it is): every sentinel answers, they agree on the master, a failover can happen."""
+    assert settings.redis_sentinel_master is not None
+    name = settings.redis_sentinel_master
+    sentinel = sentinel_from_settings(settings, timeout_s=PROBE_TIMEOUT_S)
+    views: list[dict[str, object]] = []
+    unreachable: list[str] = []
+    try:
+        for node in sentinel.sentinels:
+            where = f"{node.connection_pool.connection_kwargs['host']}:{node.connection_pool.connection_kwargs['port']}"
+            try:
+                view = node.sentinel_master(name)
+            except redis.exceptions.ResponseError as exc:
+                raise RuntimeError(f"sentinel {where}: {exc} (is REDIS_SENTINEL_MASTER right?)") from None
+            except redis.exceptions.RedisError:
+                unreachable.append(where)
+                continue
+            if isinstance(view, dict):
+                views.append(view)
+    finally:
+        for node in sentinel.sentinels:
+            node.close()
+    if not views:
+        raise RuntimeError(f"no sentinel answered ({', '.join(unreachable)})")
+    masters = {f"{v['ip']}:{v['port']}" for v in views}
+    quorum = int(str(views[0].get("quorum", 0)))
+    replicas = max(int(str(v.get("num-slaves", 0))) for v in views)
+    known = 1 + max(int(str(v.get("num-other-sentinels", 0))) for v in views)
+    problems = []
+    if unreachable:
+        problems.append(f"sentinel(s) {', '.join(unreachable)} did not answer")
+    if len(masters) > 1:
+        problems.append(f"the sentinels disagree on the master ({', '.join(sorted(masters))})")
+    if any("down" in str(v.get("flags", "")) for v in views):
+        problems.append("a sentinel sees the master down")
+    if replicas == 0:
+        problems.append("the master has no replica: a failover has nothing to promote; add a replica")
+    if len(views) < quorum or known < 3:
+        problems.append(
+            f"{len(views)} of {known} sentinels answer, quorum {quorum}: run at least three sentinels "
+            "on separate hosts, with a quorum of a majority"
+        )
+    detail = (
+        f"master {name!r} at {', '.join(sorted(masters))}; {len(views)}/{known} sentinels answer, "
+        f"quorum {quorum}; {replicas} replica(s)"
+    )
+    return not problems, "; ".join([*problems, detail])
+
+
+def _sentinel(settings: Settings) -> str:
+    healthy, detail = sentinel_health(settings)
+    if not healthy:
+        raise Degraded(detail)
+    return detail
+
+
+def _broker(settings: Settings) -> str:
+    options = celeryconfig.build(settings)["broker_transport_options"]
+    with Connection(
+        settings.celery_broker_url, connect_timeout=PROBE_TIMEOUT_S, transport_options=options
+    ) as conn:
+        conn.ensure_connection(max_retries=1, timeout=PROBE_TIMEOUT_S)
+    return redact_url(settings.celery_broker_url)
+
+
+Probe = Callable[[Settings], str]
+
+
+def probes(settings: Settings) -> list[tuple[str, Probe | None]]:
+    """(name, probe) for every dependency; probe None when it is not configured."""
+
+    return [
+        ("redis", _redis),
+        ("sentinel", _sentinel if settings.sentinel_addresses else None),
+        ("ledger durability", _ledger),
+        ("broker", _broker),
+        *external_probes(settings),
+    ]
+
+
+def run_checks(settings: Settings) -> list[CheckResult]:
+    results = [CheckResult("settings", "OK", "valid")]
+    for name, probe in probes(settings):
+        if probe is None:
+            results.append(CheckResult(name, "SKIP", "not configured"))
+            continue
+        try:
+            detail = probe(settings)
+        except (NotRunning, Degraded) as exc:
+            results.append(CheckResult(name, "WARN", str(exc)))
+        except Exception as exc:  # every failure becomes a FAIL line, never a traceback
+            where = {
+                "redis": describe(settings),
+                "broker": redact_url(settings.celery_broker_url),
+            }
+            prefix = f"{where[name]}: " if name in where else ""
+            results.append(CheckResult(name, "FAIL", f"{prefix}{type(exc).__name__}: {_short(exc)}"))
+        else:
+            results.append(CheckResult(name, "OK", detail))
+    return results
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return text[:200]

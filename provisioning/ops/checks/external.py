@@ -1,0 +1,110 @@
+"""Probes of the external services for ``provisioning check``: each proves reachability and credentials."""
+
+from __future__ import annotations
+
+import contextlib
+import smtplib
+from collections.abc import Callable
+
+from provisioning.core.http import make_session
+from provisioning.core.settings import Settings
+
+# Each probe gives up after this long.
+PROBE_TIMEOUT_S = 5.0
+
+Probe = Callable[[Settings], str]
+
+
+class NotRunning(Exception):
+    """Nothing is wrong with the configuration, but a process is not up: a WARN, not a FAIL."""
+
+
+def _salesforce(settings: Settings) -> str:
+    from provisioning.salesforce.auth import JWTBearerAuth
+
+    auth = JWTBearerAuth.from_settings(settings, make_session(settings.tls_ca_bundle))
+    token = auth.token()
+    return f"JWT login OK as {settings.sf_username}; instance {token.instance_url}"
+
+
+def _events(settings: Settings) -> str:
+    """The event channel on the transport in use: Pub/Sub GetTopic says whether we may subscribe."""
+    channel = settings.sf_provision_event_channel
+    if settings.sf_events_transport == "cometd":
+        # A CometD subscription can only be tried by subscribing; the listener reports a refusal
+        # (with the permission to grant) on its first subscribe.
+        return f"transport cometd: {channel} is subscribed by the listener (provisioning listen)"
+    from provisioning.salesforce.pubsub import PubSubClient
+
+    client = PubSubClient.from_settings(settings)
+    try:
+        info = client.topic_info()
+    finally:
+        client.close()
+    if not info.can_subscribe:
+        raise PermissionError(
+            f"Pub/Sub topic {info.topic_name}: the integration user cannot subscribe; grant it read "
+            "access to the Platform Event in its permission set (README, Setting up Salesforce)"
+        )
+    return f"transport pubsub ({settings.sf_pubsub_endpoint}): {info.topic_name} can be subscribed to"
+
+
+def _whmcs(settings: Settings) -> str:
+    from provisioning.whmcs.client import WhmcsClient
+    from provisioning.whmcs.errors import WhmcsClientNotFound
+
+    client = WhmcsClient.from_settings(settings)
+    # "Client Not Found" is the answer we expect for client 0: the API took our credentials.
+    with contextlib.suppress(WhmcsClientNotFound):
+        client.get_client(0)
+    return f"{settings.whmcs_url} API credentials accepted"
+
+
+def _smdp(settings: Settings) -> str:
+    session = make_session(settings.tls_ca_bundle)
+    # Any HTTP answer proves TLS and reachability; no ES2+ function is called (they all have effects).
+    response = session.get(str(settings.smdp_url), timeout=PROBE_TIMEOUT_S)
+    return f"{settings.smdp_url} reachable over TLS (HTTP {response.status_code})"
+
+
+def _smtp(settings: Settings) -> str:
+    assert settings.smtp_host is not None
+    with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=PROBE_TIMEOUT_S) as smtp:
+        code, _ = smtp.noop()
+    return f"{settings.smtp_host}:{settings.smtp_port} answers (NOOP {code})"
+
+
+def _workers(settings: Settings) -> str:
+    from provisioning.runs.publishing import make_publisher
+
+    app = make_publisher(settings)
+    replies = app.control.ping(timeout=PROBE_TIMEOUT_S / 5)
+    if not replies:
+        raise NotRunning("no Celery worker answered a ping (start one: celery -A tasks worker)")
+    return f"{len(replies)} worker(s) answering: {', '.join(sorted(n for r in replies for n in r))}"
+
+
+def external_probes(settings: Settings) -> list[tuple[str, Probe | None]]:
+    s = settings
+    return [
+        (
+            "salesforce",
+            _salesforce
+            if s.sf_login_url and s.sf_client_id and s.sf_username and s.sf_private_key_file
+            else None,
+        ),
+        (
+            "events",
+            _events
+            if s.sf_events_enabled
+            and s.sf_login_url
+            and s.sf_client_id
+            and s.sf_username
+            and s.sf_private_key_file
+            else None,
+        ),
+        ("whmcs", _whmcs if s.whmcs_url and s.whmcs_identifier and s.whmcs_secret else None),
+        ("smdp", _smdp if s.smdp_url else None),
+        ("smtp", _smtp if s.smtp_host else None),
+        ("workers", _workers),
+    ]

@@ -1,0 +1,180 @@
+"""What became of a run, and what an Order got, in words an operator understands.
+
+Shared by ``provisioning status``, ``provisioning runs`` and the console.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from provisioning.ledger import Ledger, Provisioning, RunRecord, RunState
+from provisioning.step.chain import ENTRY_STEP, STEPS, Step
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration_s(text: str) -> float:
+    """Seconds in ``30m``, ``12h``, ``7d``; ValueError saying what is expected otherwise."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise ValueError(f"{text!r}: expected a number and a unit, like 30m, 12h or 7d")
+    return int(match.group(1)) * _UNITS_S[match.group(2)]
+
+
+_ORIGIN_WORDS = {"event": "an event", "reconciler": "the reconciler", "operator": "an operator"}
+
+
+def describe_run(run: RunRecord, provisioning: Provisioning) -> str:
+    """One sentence: the run's outcome (done, joined, superseded, skipped, failed) or where it is."""
+    if run.state is RunState.FAILED:
+        return f"failed at {run.failed_step}: {run.error}"
+    if run.state is RunState.QUEUED:
+        return "queued: waiting for a worker"
+    if run.state is RunState.RUNNING:
+        step = run.first_unfinished_step(provisioning)
+        return f"running: at {step.value}" if step else "running: ending"
+    if run.note:
+        return run.note
+    if run.state is RunState.DONE:
+        return "done: the Order is provisioned and written back Activated"
+    return run.state.value
+
+
+def started_by(run: RunRecord) -> str:
+    who = _ORIGIN_WORDS.get(run.origin.value, run.origin.value)
+    return f"{who} ({run.reason})" if run.reason else who
+
+
+def describe_effects(provisioning: Provisioning) -> dict[str, str]:
+    """The Order's effects, by name: what exists (ids) and the e-mail's state."""
+    esim = provisioning.step(Step.ACTIVATE_ESIM).result or {}
+    whmcs = provisioning.step(Step.CREATE_WHMCS_ORDER).result or {}
+    outbox = provisioning.markers.get("outbox")
+    email = {"sent": "sent", "refused": f"refused: {provisioning.email_error}", "sending": "being sent"}.get(
+        outbox or "", outbox or "not sent"
+    )
+    return {
+        "provisioning": str(provisioning.gen),
+        "whmcs_order_id": str(whmcs.get("whmcs_order_id", "-")),
+        "iccid": str(esim.get("iccid") or ("physical SIM" if esim.get("sim") == "physical" else "-")),
+        "email": email,
+    }
+
+
+@dataclass
+class OrderStatus:
+    order_id: str
+    provisioning: Provisioning
+    runs: list[RunRecord]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "order_id": self.order_id,
+            "effects": describe_effects(self.provisioning),
+            "runs": [
+                {
+                    **r.to_json(self.provisioning),
+                    "outcome": describe_run(r, self.provisioning),
+                    "started_by": started_by(r),
+                }
+                for r in self.runs
+            ],
+        }
+
+
+def order_status(ledger: Ledger, order_id: str) -> OrderStatus:
+    runs = [r for r in (ledger.get(i) for i in ledger.runs_for_order(order_id)) if r is not None]
+    return OrderStatus(order_id, ledger.provisioning(order_id), runs)
+
+
+# -- lists of runs ---------------------------------------------------------------------------------
+
+# How many of the most recent runs a list looks through (newest first) before filtering.
+LIST_SCAN_MAX_RUNS = 5000
+# Runs read per round trip.
+LIST_READ_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """Which runs a list shows; every field that is set must match."""
+
+    states: frozenset[RunState] = frozenset()
+    # The step a running run is at, or a failed run failed at.
+    step: str | None = None
+    older_than_s: float | None = None
+    newer_than_s: float | None = None
+    order_id: str | None = None
+
+
+@dataclass
+class RunRow:
+    run: RunRecord
+    step: str | None
+    outcome: str
+    started_by: str
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.run
+        return {
+            "run_id": str(r.run_id),
+            "order_id": r.order_id,
+            "state": r.state.value,
+            "step": self.step,
+            "started_by": self.started_by,
+            "created_at": r.created_at,
+            "updated_at": r.updated_at,
+            "outcome": self.outcome,
+        }
+
+
+def current_step(run: RunRecord, provisioning: Provisioning) -> str | None:
+    """Where the run is (running), or where it failed; None once it ended otherwise."""
+    if run.state is RunState.FAILED:
+        return run.failed_step
+    if run.state is RunState.RUNNING:
+        step = run.first_unfinished_step(provisioning)
+        return step.value if step else STEPS[-1].value
+    if run.state is RunState.QUEUED:
+        return ENTRY_STEP
+    return None
+
+
+def list_runs(ledger: Ledger, flt: RunFilter, *, limit: int, now: float | None = None) -> list[RunRow]:
+    """Runs matching ``flt``, newest first: the CLI's ``provisioning runs`` and the console's list.
+
+    Without an Order, it looks through the ``LIST_SCAN_MAX_RUNS`` most recent runs (and every
+    unfinished or failed one); with one, through every run of that Order.
+    """
+    now = time.time() if now is None else now
+    if flt.order_id:
+        ids = [str(r) for r in reversed(ledger.runs_for_order(flt.order_id))]
+    else:
+        since = now - flt.newer_than_s if flt.newer_than_s is not None else None
+        ids = ledger.run_ids(since=since, limit=LIST_SCAN_MAX_RUNS)
+    rows: list[RunRow] = []
+    for start in range(0, len(ids), LIST_READ_CHUNK):
+        runs = [r for r in ledger.get_many(ids[start : start + LIST_READ_CHUNK]) if _matches(r, flt, now)]
+        provisionings = {
+            oid: ledger.provisioning(oid) for oid in {r.order_id for r in runs if r.state is RunState.RUNNING}
+        }
+        for run in runs:
+            prov = provisionings.get(run.order_id) or Provisioning(run.order_id)
+            step = current_step(run, prov)
+            if flt.step and step != flt.step:
+                continue
+            rows.append(RunRow(run, step, describe_run(run, prov), started_by(run)))
+    rows.sort(key=lambda row: row.run.created_at, reverse=True)
+    return rows[:limit]
+
+
+def _matches(run: RunRecord, flt: RunFilter, now: float) -> bool:
+    if flt.states and run.state not in flt.states:
+        return False
+    if flt.older_than_s is not None and run.created_at > now - flt.older_than_s:
+        return False
+    return flt.newer_than_s is None or run.created_at >= now - flt.newer_than_s

@@ -1,0 +1,67 @@
+"""Sending runs to the workers: the task of a run's first step, or of a step that must wait.
+
+The listener (and the reconciler, the operators' commands) sends a run's first
+step; that task goes through the run's steps itself while each succeeds at once
+(``tasks/steps.py``), and a step that must wait is sent as a task of its own,
+with its countdown. Every message is one small task carrying the run id and
+nothing else. Tasks are addressed by name, so nothing here imports ``tasks/``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+import celeryconfig
+from provisioning.core.run_id import RunId
+from provisioning.core.settings import Settings
+from provisioning.step.chain import ENTRY_STEP, STEPS, Step
+
+# Messages buffered (Redis) or awaiting their confirms (RabbitMQ) before a batch is flushed early.
+PUBLISH_BATCH_MAX = 1000
+
+
+def make_publisher(settings: Settings) -> Celery:
+    """A Celery app that only sends (the listener, the CLI): same broker and delivery settings."""
+    app = Celery("provisioning-publisher", set_as_current=False)
+    app.conf.update(celeryconfig.build(settings))
+    return app
+
+
+def publish_step(
+    app: Celery, run_id: RunId | str, step: Step, *, producer: Any = None, countdown: float | None = None
+) -> str:
+    """Send one step task of the run (to run ``countdown`` seconds from now); returns once the broker
+    accepted it. Flower shows the run id only."""
+    text = str(run_id)
+    result = app.send_task(
+        step.task_name,
+        args=(text,),
+        argsrepr=repr((text,)),
+        kwargsrepr="{}",
+        producer=producer,
+        countdown=countdown,
+    )
+    return str(result.id)
+
+
+def publish_run(app: Celery, run_id: RunId | str, *, producer: Any = None) -> str:
+    """Start the run: its first step, which begins it."""
+    return publish_step(app, run_id, STEPS[0], producer=producer)
+
+
+def publish_runs(app: Celery, run_ids: list[RunId]) -> None:
+    """Start a batch of runs through one producer; returns once the broker accepted every one.
+
+    In one kombu batch: one pipeline on Redis, the publisher confirms awaited once on RabbitMQ
+    (``provisioning.core.broker``). A failure raises, and the whole batch is sent again by the caller.
+    """
+    with app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH_MAX):
+        for run_id in run_ids:
+            publish_run(app, run_id, producer=producer)
+
+
+def resume(app: Celery, run_id: RunId | str, step: str) -> None:
+    """Send the run on from ``step``: from the start (a run not begun), or that step."""
+    publish_step(app, run_id, STEPS[0] if step == ENTRY_STEP else Step(step))

@@ -1,0 +1,89 @@
+"""One process's connections and clients, built once from Settings and shared by its threads."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from provisioning.core.redis_client import redis_from_settings
+from provisioning.core.replication import ReplicaWait
+from provisioning.core.settings import Settings
+from provisioning.ledger import Ledger
+
+if TYPE_CHECKING:
+    from provisioning.email.sender import SmtpSender
+    from provisioning.esim.client import Es2PlusClient
+    from provisioning.esim.inventory import EsimInventory
+    from provisioning.salesforce.client import SalesforceClient
+    from provisioning.whmcs.client import WhmcsClient
+
+T = TypeVar("T")
+
+
+class Services:
+    """Lazily built clients: a worker builds only what its steps use, once, after any fork."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = redis_from_settings(settings)
+        self.ledger = Ledger(
+            redis=self.redis,
+            prefix=settings.ledger_prefix,
+            retention_s=settings.run_retention_days * 86400,
+            lease_ttl_s=settings.run_lease_ttl_s,
+        )
+        # Writes that guard an external effect wait for a replica (when there are replicas).
+        self.replicas = ReplicaWait(redis=self.redis, timeout_ms=settings.redis_wait_timeout_ms)
+        self._built: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def _once(self, name: str, build: Any) -> Any:
+        if name not in self._built:
+            with self._lock:
+                if name not in self._built:
+                    self._built[name] = build()
+        return self._built[name]
+
+    @property
+    def salesforce(self) -> SalesforceClient:
+        from provisioning.salesforce.client import SalesforceClient
+
+        s = self.settings
+        return self._once(  # type: ignore[no-any-return]
+            "salesforce", lambda: SalesforceClient.from_settings(s)
+        )
+
+    @property
+    def whmcs(self) -> WhmcsClient:
+        from provisioning.whmcs.client import WhmcsClient
+
+        s = self.settings
+        return self._once(  # type: ignore[no-any-return]
+            "whmcs", lambda: WhmcsClient.from_settings(s)
+        )
+
+    @property
+    def es2plus(self) -> Es2PlusClient:
+        from provisioning.esim.client import Es2PlusClient
+
+        s = self.settings
+        return self._once(  # type: ignore[no-any-return]
+            "es2plus", lambda: Es2PlusClient.from_settings(s)
+        )
+
+    @property
+    def inventory(self) -> EsimInventory:
+        from provisioning.esim.inventory import EsimInventory
+
+        return self._once(  # type: ignore[no-any-return]
+            "inventory",
+            lambda: EsimInventory(
+                redis=self.redis, prefix=self.settings.ledger_prefix, replicas=self.replicas
+            ),
+        )
+
+    @property
+    def email(self) -> SmtpSender:
+        from provisioning.email.sender import SmtpSender
+
+        return self._once("email", lambda: SmtpSender.from_settings(self.settings))  # type: ignore[no-any-return]

@@ -1,0 +1,53 @@
+"""What each step records and hands on: ids only, typed, the same shape in the ledger and in Flower.
+
+Shared by the domains (the Salesforce step writes the WHMCS order id and the
+ICCID back; the e-mail quotes them), hence one module they all import.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from provisioning.step.chain import Step
+
+
+class StepResult(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class PaymentChecked(StepResult):
+    whmcs_client_id: int | None = None
+    pay_methods: int | None = None
+    adopted: bool | None = None  # found on the Order (the ledger had forgotten it)
+
+
+class EsimActivated(StepResult):
+    iccid: str | None = None
+    sim: Literal["physical"] | None = None
+
+
+class WhmcsOrderCreated(StepResult):
+    whmcs_order_id: int
+
+
+class OrderWrittenBack(StepResult):
+    activated_at: str
+
+
+class WelcomeEmail(StepResult):
+    message_id: str | None = None
+    delivery: str | None = None  # "unknown", "refused", "not resent (adopted)"; None: sent
+
+
+RESULT_TYPES: dict[Step, type[StepResult]] = {
+    Step.VALIDATE_PAYMENT: PaymentChecked,
+    Step.ACTIVATE_ESIM: EsimActivated,
+    Step.CREATE_WHMCS_ORDER: WhmcsOrderCreated,
+    Step.UPDATE_SALESFORCE: OrderWrittenBack,
+    Step.SEND_EMAIL: WelcomeEmail,
+}

@@ -1,0 +1,141 @@
+"""The broker transports as the listener uses them: a batch of runs on a real RabbitMQ and a real Redis."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import redis
+from amqp.exceptions import MessageNacked
+from kombu import Connection, Exchange, Producer, Queue
+
+from provisioning.core.broker import AmqpChannel, AmqpTransport
+from provisioning.core.run_id import RunId
+from provisioning.core.settings import Settings
+from provisioning.runs.publishing import make_publisher, publish_run, publish_runs
+from provisioning.step.chain import STEPS
+
+# The machine's servers, as in conftest's settings.
+BROKER_URL = "redis://127.0.0.1:6379/1"
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def _runs(count: int) -> list[RunId]:
+    return [RunId.parse(f"801000000000{i:03d}AAA:key-{i}") for i in range(count)]
+
+
+def _queued(queue: str) -> int:
+    with Connection(RABBITMQ_URL) as conn:
+        _, count, _ = conn.channel().queue_declare(queue, passive=True)
+        return int(count)
+
+
+def test_a_batch_of_runs_on_rabbitmq_is_confirmed_at_once_and_every_message_is_queued(
+    rabbit_settings: Settings,
+) -> None:
+    app = make_publisher(rabbit_settings)
+    runs = _runs(300)
+    publish_runs(app, runs)
+    # Returned after the confirms: RabbitMQ holds every message, none of them waits in a buffer.
+    assert _queued(rabbit_settings.celery_queue) == 300
+    with app.producer_or_acquire() as producer:
+        assert isinstance(producer.channel, AmqpChannel)
+        # Numbered like RabbitMQ's delivery tags: every publish of the batch was a confirmed one.
+        assert producer.channel.published >= 300
+    # A lone publish (confirmed on its own) between two batches keeps the numbering of the next.
+    publish_run(app, runs[0])
+    publish_runs(app, runs[:10])
+    assert _queued(rabbit_settings.celery_queue) == 311
+
+
+def test_a_batch_rabbitmq_refuses_in_part_raises_instead_of_returning(namespace: str) -> None:
+    # A queue that refuses what exceeds 5 messages: RabbitMQ nacks the rest of the batch.
+    exchange = Exchange(f"x-{namespace}", type="direct")
+    queue = Queue(
+        f"q-{namespace}",
+        exchange,
+        routing_key="full",
+        queue_arguments={"x-max-length": 5, "x-overflow": "reject-publish"},
+    )
+    conn = Connection(RABBITMQ_URL, transport=AmqpTransport, transport_options={"confirm_publish": True})
+    try:
+        channel = conn.channel()
+        queue(channel).declare()
+        producer = Producer(channel, exchange=exchange, routing_key="full")
+
+        def publish_twelve() -> None:
+            with producer.batch(max_size=100):
+                for n in range(12):
+                    producer.publish({"n": n})
+
+        with pytest.raises(MessageNacked, match="refused 7 messages"):
+            publish_twelve()
+        # The channel is usable after: a lone publish is confirmed on its own, and refused too.
+        with pytest.raises(MessageNacked):
+            producer.publish({"n": 12})
+        assert _queued(queue.name) == 5
+    finally:
+        channel = conn.channel()
+        channel.queue_delete(queue.name)
+        channel.exchange_delete(exchange.name)
+        conn.release()
+
+
+def test_a_batch_of_runs_on_redis_is_queued_whole_as_first_steps(settings: Settings) -> None:
+    app = make_publisher(settings)
+    publish_runs(app, _runs(250))
+    client = redis.Redis.from_url(BROKER_URL)
+    try:
+        messages = client.lrange(settings.celery_queue, 0, -1)
+    finally:
+        client.close()
+    assert len(messages) == 250
+    assert all(STEPS[0].task_name.encode() in m for m in messages)
+
+
+def test_publishes_from_other_threads_on_a_connection_an_event_loop_reads_never_hang(namespace: str) -> None:
+    """Celery's worker reads its event connection in its loop while pool threads publish events on it."""
+    from kombu.asynchronous import Hub
+
+    queue = Queue(f"q-{namespace}", Exchange(f"x-{namespace}", type="direct"), routing_key="events")
+    conn = Connection(RABBITMQ_URL, transport=AmqpTransport, transport_options={"confirm_publish": True})
+    hub = Hub()
+    loop_ready = threading.Event()
+    published = threading.Event()
+
+    def event_loop() -> None:
+        # Registered on the loop's own thread, as the worker's consumer does.
+        conn.transport.register_with_event_loop(conn.connection, hub)
+        loop_ready.set()
+        loop = hub.create_loop()
+        while not published.is_set():
+            next(loop)
+
+    try:
+        # Declared before the loop reads: only the publishes' confirms are at stake here.
+        producer = Producer(conn.channel(), exchange=queue.exchange, routing_key="events", auto_declare=False)
+        queue(producer.channel).declare()
+        # The loop's own thread confirms its publishes as usual (it is the one that reads).
+        reader = threading.Thread(target=event_loop, daemon=True)
+        reader.start()
+        assert loop_ready.wait(10)
+
+        def publish_many() -> None:
+            for n in range(300):
+                producer.publish({"n": n})
+            published.set()
+
+        publisher = threading.Thread(target=publish_many, daemon=True)
+        publisher.start()
+        publisher.join(30)
+        assert published.is_set(), "a publish waited for a confirm the event loop had read"
+        reader.join(10)
+        assert _queued(queue.name) == 300
+    finally:
+        published.set()
+        hub.close()
+        with Connection(RABBITMQ_URL) as admin:
+            channel = admin.channel()
+            channel.queue_delete(queue.name)
+            channel.exchange_delete(queue.exchange.name)
+        conn.release()

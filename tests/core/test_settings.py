@@ -1,0 +1,216 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from provisioning.core.settings import ConfigError, Settings, load_settings, redact_url
+from provisioning.salesforce.events import EARLIEST, LATEST, replay_fallback_from, replay_start_from
+
+
+def _load(monkeypatch, tmp_path, **env):
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    for key in list(os.environ):
+        if key.startswith(("SF_", "WHMCS_", "SMDP_", "SMTP_", "CELERY_", "REDIS_", "LOG_")):
+            monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return load_settings()
+
+
+def test_defaults_are_valid_without_any_environment(monkeypatch, tmp_path):
+    settings = _load(monkeypatch, tmp_path)
+    assert settings.sf_provision_event_channel == "/event/OrderProvisionRequested__e"
+    assert replay_start_from(settings) is LATEST
+    assert replay_fallback_from(settings) is EARLIEST
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("SF_EVENTS_REPLAY", "sometimes", "LATEST, EARLIEST or a replayId"),
+        ("SF_EVENTS_REPLAY_FALLBACK", "42", "LATEST or EARLIEST"),
+        ("REDIS_URL", "http://localhost", "redis://"),
+        ("CELERY_BROKER_URL", "kafka://x", "redis://, sentinel://, amqp://"),
+        ("SF_LOGIN_URL", "login.salesforce.com", "URL"),
+        ("SF_PRIVATE_KEY_FILE", "/nonexistent/key.pem", "file not found"),
+        ("SMTP_PORT", "70000", "65535"),
+        ("LOG_FORMAT", "xml", "text"),
+        ("SF_PROVISION_EVENT_CHANNEL", "/topic/Orders", "/event/"),
+        ("REDIS_SENTINELS", "sentinel-a", "host:port,host:port"),
+        ("REDIS_SENTINELS", "sentinel-a:26379,sentinel-b:port", "'sentinel-b:port' is not host:port"),
+        ("REDIS_WAIT_TIMEOUT_MS", "0", "greater than or equal to 1"),
+    ],
+)
+def test_each_bad_value_is_named_with_what_is_expected(monkeypatch, tmp_path, variable, value, expected):
+    with pytest.raises(ConfigError) as info:
+        _load(monkeypatch, tmp_path, **{variable: value})
+    text = info.value.render()
+    assert variable in text
+    assert expected in text
+
+
+def test_every_bad_variable_is_listed_in_one_message(monkeypatch, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        _load(monkeypatch, tmp_path, SF_EVENTS_REPLAY="x", SMTP_PORT="0", LOG_LEVEL="LOUD")
+    variables = [var for var, _ in info.value.problems]
+    assert sorted(variables) == ["LOG_LEVEL", "SF_EVENTS_REPLAY", "SMTP_PORT"]
+
+
+def test_a_secret_value_is_never_echoed_in_the_error(monkeypatch, tmp_path):
+    # A secret with an invalid type cannot happen for SecretStr, so check the repr of a valid one instead.
+    settings = _load(monkeypatch, tmp_path, WHMCS_SECRET="s3cr3t-value", SMTP_PASSWORD="pw-value")
+    assert "s3cr3t-value" not in repr(settings)
+    assert "pw-value" not in str(settings)
+    assert settings.to_env()["WHMCS_SECRET"] == "s3cr3t-value"
+
+
+def test_the_env_file_named_by_provisioning_env_file_is_read(monkeypatch, tmp_path):
+    env_file = tmp_path / "custom.env"
+    env_file.write_text("CELERY_QUEUE=from-file\n")
+    settings = _load(monkeypatch, tmp_path, PROVISIONING_ENV_FILE=str(env_file))
+    assert settings.celery_queue == "from-file"
+
+
+def test_the_environment_wins_over_the_env_file(monkeypatch, tmp_path):
+    (tmp_path / ".env").write_text("CELERY_QUEUE=from-file\n")
+    settings = _load(monkeypatch, tmp_path, CELERY_QUEUE="from-env")
+    assert settings.celery_queue == "from-env"
+
+
+def test_redact_url_hides_the_password_only():
+    assert redact_url("redis://:pw@host:6379/0") == "redis://:***@host:6379/0"
+    # kombu's failover lists (sentinel://...;sentinel://...): every URL's password.
+    assert redact_url("sentinel://:pw@a:26379/1;sentinel://:pw@b:26379/1") == (
+        "sentinel://:***@a:26379/1;sentinel://:***@b:26379/1"
+    )
+    assert redact_url("amqp://guest:guest@127.0.0.1:5672//") == "amqp://guest:***@127.0.0.1:5672//"
+    assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_settings_are_not_read_when_the_package_is_imported(tmp_path):
+    # A broken environment must not break an import (only the process entry point reads it).
+    env = {**os.environ, "SF_EVENTS_REPLAY": "sometimes"}
+    code = "import provisioning.core.settings, provisioning.cli, tasks, celeryconfig; print('imported')"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert "imported" in out.stdout
+
+
+def test_require_names_every_missing_variable():
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    with pytest.raises(ConfigError) as info:
+        settings.require("whmcs_url", "smtp_host")
+    assert [v for v, _ in info.value.problems] == ["WHMCS_URL", "SMTP_HOST"]
+
+
+def test_the_pubsub_transport_is_the_default_with_salesforces_endpoint(monkeypatch, tmp_path):
+    settings = _load(monkeypatch, tmp_path)
+    assert settings.sf_events_transport == "pubsub"
+    assert settings.sf_pubsub_endpoint == "api.pubsub.salesforce.com:7443"
+    assert settings.sf_pubsub_batch_size == 100
+    assert settings.sf_pubsub_keepalive_timeout_s > 270
+
+
+@pytest.mark.parametrize(
+    ("transport", "value", "expected"),
+    [
+        ("pubsub", "LATEST", "LATEST"),
+        ("pubsub", "earliest", "EARLIEST"),
+        ("pubsub", "-2", "EARLIEST"),
+        ("pubsub", "00000000000018AF", bytes.fromhex("00000000000018af")),
+        ("pubsub", "0x00ff", b"\x00\xff"),
+        ("pubsub", "1234", b"\x12\x34"),
+        ("cometd", "1234", b"1234"),
+        ("cometd", "-1", "LATEST"),
+    ],
+)
+def test_an_explicit_replay_id_is_read_as_the_transport_spells_it(
+    monkeypatch, tmp_path, transport, value, expected
+):
+    settings = _load(monkeypatch, tmp_path, SF_EVENTS_TRANSPORT=transport, SF_EVENTS_REPLAY=value)
+    start = replay_start_from(settings)
+    assert (start if isinstance(start, bytes) else start.value) == expected
+
+
+@pytest.mark.parametrize(
+    ("transport", "value", "expected"),
+    [
+        ("cometd", "00ff", "not a CometD replayId"),
+        ("pubsub", "123", "not a Pub/Sub replay id"),
+        ("pubsub", "-7", "LATEST, EARLIEST or a replayId"),
+    ],
+)
+def test_a_replay_id_the_transport_cannot_use_is_refused_naming_the_variable(
+    monkeypatch, tmp_path, transport, value, expected
+):
+    with pytest.raises(ConfigError) as info:
+        _load(monkeypatch, tmp_path, SF_EVENTS_TRANSPORT=transport, SF_EVENTS_REPLAY=value)
+    assert [var for var, _ in info.value.problems] == ["SF_EVENTS_REPLAY"]
+    assert expected in info.value.render()
+
+
+@pytest.mark.parametrize("value", ["0", "101", "x"])
+def test_a_pubsub_batch_size_outside_1_to_100_is_refused(monkeypatch, tmp_path, value):
+    with pytest.raises(ConfigError) as info:
+        _load(monkeypatch, tmp_path, SF_PUBSUB_BATCH_SIZE=value)
+    assert "SF_PUBSUB_BATCH_SIZE" in info.value.render()
+
+
+def test_a_transport_other_than_pubsub_or_cometd_is_refused(monkeypatch, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        _load(monkeypatch, tmp_path, SF_EVENTS_TRANSPORT="websocket")
+    assert "'pubsub' or 'cometd'" in info.value.render()
+
+
+def test_sentinels_without_the_master_name_are_refused_naming_what_to_set(monkeypatch, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        _load(monkeypatch, tmp_path, REDIS_SENTINELS="10.0.0.5:26379,10.0.0.6:26379")
+    assert [v for v, _ in info.value.problems] == ["REDIS_SENTINEL_MASTER"]
+    assert "sentinel monitor <name>" in info.value.render()
+    with pytest.raises(ConfigError) as info:
+        _load(monkeypatch, tmp_path, CELERY_BROKER_URL="sentinel://10.0.0.5:26379;sentinel://10.0.0.6:26379")
+    assert [v for v, _ in info.value.problems] == ["CELERY_BROKER_SENTINEL_MASTER"]
+    assert "REDIS_SENTINEL_MASTER" in info.value.render()
+
+
+def test_sentinel_settings_give_the_addresses_and_the_broker_its_master_name_and_sentinel_password(
+    monkeypatch, tmp_path
+):
+    import celeryconfig
+
+    settings = _load(
+        monkeypatch,
+        tmp_path,
+        REDIS_SENTINELS=" 10.0.0.5:26379, [fd00::7]:26380 ",
+        REDIS_SENTINEL_MASTER="ledger",
+        REDIS_SENTINEL_PASSWORD="sentinel-pw-value",
+        CELERY_BROKER_URL="sentinel://10.0.0.5:26379/1;sentinel://10.0.0.6:26379/1",
+    )
+    assert settings.sentinel_addresses == [("10.0.0.5", 26379), ("fd00::7", 26380)]
+    assert settings.redis_sentinels == "10.0.0.5:26379,[fd00::7]:26380"
+    assert "sentinel-pw-value" not in repr(settings)
+    config = celeryconfig.build(settings)
+    options = config["broker_transport_options"]
+    assert options["master_name"] == "ledger"  # the ledger's, unless CELERY_BROKER_SENTINEL_MASTER
+    assert options["sentinel_kwargs"]["password"] == "sentinel-pw-value"
+    # kombu's own Sentinel transport (the one-client-per-channel one is for redis:// only).
+    assert "broker_transport" not in config
+    assert options["visibility_timeout"] == settings.celery_visibility_timeout_s
+
+
+@pytest.mark.parametrize(
+    ("url", "transport"),
+    [
+        ("redis://127.0.0.1:6379/1", "provisioning.core.broker:Transport"),
+        ("amqp://guest:guest@127.0.0.1:5672//", "provisioning.core.broker:AmqpTransport"),
+        ("amqps://guest:guest@rabbit.example:5671//", "provisioning.core.broker:AmqpSSLTransport"),
+    ],
+)
+def test_each_broker_url_gets_the_transport_that_batches_its_publishes(monkeypatch, tmp_path, url, transport):
+    import celeryconfig
+
+    config = celeryconfig.build(_load(monkeypatch, tmp_path, CELERY_BROKER_URL=url))
+    assert config["broker_transport"] == transport
