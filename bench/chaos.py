@@ -57,6 +57,7 @@ from provisioning.core.logs import configure_logging
 from provisioning.core.settings import Settings
 from provisioning.email.message import message_id_for
 from provisioning.ledger import RunState
+from provisioning.runs.chain import CHAIN
 from provisioning.runs.services import Services
 from provisioning.sandbox.processes import ManagedProcess, free_port, listener, start_worker, worker
 from provisioning.sandbox.rabbitmq_server import RabbitServer
@@ -70,7 +71,6 @@ from provisioning.sandbox.scenario import (
     publish_events_admin,
     seed_orders,
 )
-from provisioning.step.chain import STEPS
 from provisioning.whmcs.steps import NOTE_PREFIX
 
 SIMULATORS = ("salesforce", "whmcs", "smdp", "smtp")
@@ -549,7 +549,7 @@ def check_effects(
         and NO_PAY_METHOD_REASON in (records[o.order_id].get("Activation_Error__c") or "")
     ]
     check(f'Orders Failed with "{NO_PAY_METHOD_REASON}"', len(expect_failed), len(failed_right))
-    registry = {str(r.run_id): r for r in services.ledger.failed_runs()}
+    registry = {str(r.run_id): r for r in services.ledger.registries.failed()}
     at_payment = {r for r, rec in registry.items() if rec.failed_step == "validate_payment"}
     check(
         "failed registry: the permanent cases, at validate_payment",
@@ -610,7 +610,7 @@ def check_effects(
     unexplained = []
     for mid, copies in duplicates.items():
         order_id = expected_ids.get(mid)
-        resends = int(services.ledger.marker(order_id, "email_resends") or 0) if order_id else 0
+        resends = int(services.ledger.orders.marker(order_id, "email_resends") or 0) if order_id else 0
         if copies - 1 > resends:
             unexplained.append(mid)
     check(
@@ -622,7 +622,7 @@ def check_effects(
 
     # Ledger: a run for every published Order, none left unfinished; per Order exactly one run
     # that acted (done, or failed for the permanent cases), the others joined, skipped or superseded.
-    runs = {o.run_id: services.ledger.get(o.run_id) for o in orders}
+    runs = {o.run_id: services.ledger.runs.get(o.run_id) for o in orders}
     check(
         "Orders with a run in the ledger (no event lost)",
         len(orders),
@@ -631,7 +631,7 @@ def check_effects(
     acted: Counter[str] = Counter()
     others: Counter[str] = Counter()
     for o in orders:
-        order_runs = [services.ledger.get(r) for r in services.ledger.runs_for_order(o.order_id)]
+        order_runs = [services.ledger.runs.get(r) for r in services.ledger.orders.runs(o.order_id)]
         finals = [r for r in order_runs if r is not None and r.state in (RunState.DONE, RunState.FAILED)]
         acted[" + ".join(sorted(r.state.value for r in finals)) or "none"] += 1
         others.update(r.state.value for r in order_runs if r is not None and r not in finals)
@@ -645,26 +645,26 @@ def check_effects(
         dict(others),
         ok=set(others) <= {"joined", "skipped", "superseded"},
     )
-    check("ledger unfinished runs (active set)", 0, int(services.redis.zcard(services.ledger.active_key)))
-    check("quarantined events", 0, len(services.ledger.quarantined()))
+    check("ledger unfinished runs (active set)", 0, services.ledger.registries.unfinished())
+    check("quarantined events", 0, len(services.ledger.registries.quarantined()))
     return Snapshot(effects=effects, checks=checks, emails_extra=extra, email_duplicates=duplicates)
 
 
 def ledger_attempts(services: Services, orders: Iterable[SeededOrder]) -> dict[str, dict[str, int]]:
     """Per step: how many runs did it, and how many attempts it took in all (retries included)."""
-    out: dict[str, dict[str, int]] = {s: {"runs": 0, "attempts": 0, "max": 0} for s in STEPS}
+    out: dict[str, dict[str, int]] = {s: {"runs": 0, "attempts": 0, "max": 0} for s in CHAIN.names}
     resends = 0
     for o in orders:
-        provisioning = services.ledger.provisioning(o.order_id)
+        provisioning = services.ledger.orders.provisioning(o.order_id)
         resends += int(provisioning.markers.get("email_resends", 0))
-        runs = [services.ledger.get(r) for r in services.ledger.runs_for_order(o.order_id)]
-        for step in STEPS:
+        runs = services.ledger.runs.get_many(services.ledger.orders.runs(o.order_id))
+        for spec in CHAIN:
             # Attempts are counted per run; the Order's step may have taken several runs.
-            tries = sum(r.step(step, provisioning).attempts for r in runs if r is not None)
+            tries = sum(CHAIN.record(r, provisioning, spec).attempts for r in runs)
             if tries:
-                out[step]["runs"] += 1
-                out[step]["attempts"] += tries
-                out[step]["max"] = max(out[step]["max"], tries)
+                out[spec.name]["runs"] += 1
+                out[spec.name]["attempts"] += tries
+                out[spec.name]["max"] = max(out[spec.name]["max"], tries)
     out["email_resends"] = {"runs": 0, "attempts": resends, "max": 0}
     return out
 
@@ -855,9 +855,9 @@ def run(cfg: Config) -> Summary:
             records = sf_orders(sandbox).values()
             if any(r["Activation_Status__c"] not in TERMINAL_STATUSES for r in records):
                 return False
-            if services.redis.zcard(services.ledger.active_key):
+            if services.ledger.registries.unfinished():
                 return False
-            return all(services.ledger.get(o.run_id) is not None for o in orders)
+            return all(services.ledger.runs.get(o.run_id) is not None for o in orders)
 
         last_report = [time.monotonic()]
 
@@ -865,7 +865,7 @@ def run(cfg: Config) -> Summary:
             fleet.supervise()
             if time.monotonic() - last_report[0] >= SETTLE_REPORT_S:
                 last_report[0] = time.monotonic()
-                active = services.redis.zcard(services.ledger.active_key)
+                active = services.ledger.registries.unfinished()
                 log(
                     f"settling: {terminal_share(sandbox, len(orders)):.1%} of the Orders finished, {active} runs active"
                 )
@@ -904,7 +904,7 @@ def run(cfg: Config) -> Summary:
             )
 
         def requeued_done() -> bool:
-            runs = [services.ledger.get(run_id) for run_id in permanent]
+            runs = [services.ledger.runs.get(run_id) for run_id in permanent]
             return all(r is not None and r.state is RunState.DONE for r in runs)
 
         if not wait_for(requeued_done, cfg.settle_timeout_s, SETTLE_POLL_S, tick):
@@ -965,11 +965,11 @@ def run(cfg: Config) -> Summary:
 def describe_stuck(services: Services, orders: list[SeededOrder]) -> str:
     stuck = []
     for o in orders:
-        run = services.ledger.get(o.run_id)
+        run = services.ledger.runs.get(o.run_id)
         if run is None:
             stuck.append(f"{o.run_id}: no run")
         elif run.state not in (RunState.DONE, RunState.FAILED):
-            step = run.first_unfinished_step(services.ledger.provisioning(o.order_id))
+            step = CHAIN.first_unfinished(run, services.ledger.orders.provisioning(o.order_id))
             stuck.append(f"{o.run_id}: {run.state.value} at {step} {run.markers}")
     return f"{len(stuck)} runs unfinished: " + "; ".join(stuck[:10])
 
@@ -1045,7 +1045,7 @@ def render(s: Summary) -> str:
     rows += [
         (f"ledger: attempts of {k}", f"{v['attempts']} for {v['runs']} runs (max {v['max']})")
         for k, v in rec["ledger_step_attempts"].items()
-        if k in STEPS
+        if k in CHAIN
     ]
     rows.append(
         (

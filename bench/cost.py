@@ -33,11 +33,12 @@ from bench.common import (
     workdir_for,
 )
 from bench.stack import Batch, Stack
+from provisioning.core.run_id import RunId
 from provisioning.core.settings import Settings
+from provisioning.runs.chain import CHAIN
 from provisioning.runs.publishing import make_publisher, publish_step
 from provisioning.sandbox.processes import listener
 from provisioning.sandbox.scenario import event_payload, publish_events_admin, wait_until
-from provisioning.step.chain import STEPS, Step
 
 # Background commands are sampled for this long with everything running and nothing to do.
 IDLE_S = 5.0
@@ -119,13 +120,13 @@ def message_sizes(settings: Settings, server: BenchRedis, run_id: str) -> list[t
     sizes = []
     try:
         queue = probe.celery_queue
-        for step in STEPS:
+        for spec in CHAIN:
             broker.delete(queue)
-            # The listener sends the first; a later step's message is sent only when it must wait.
-            publish_step(app, run_id, Step(step))
+            # The listener sends the first; each step's task sends the next.
+            publish_step(app, run_id, spec)
             (raw,) = broker.lrange(queue, 0, -1)
             payload = json.loads(raw)
-            sizes.append((f"provisioning.{step}", len(raw), len(payload.get("body", ""))))
+            sizes.append((spec.task_name, len(raw), len(payload.get("body", ""))))
         broker.delete(queue)
     finally:
         broker.close()
@@ -217,37 +218,22 @@ def main(argv: list[str] | None = None) -> int:
         calls = stack.calls()
         log(f"cost: {n} runs in {elapsed:.1f}s")
 
-        states = Counter(services.ledger.get(o.run_id).state.value for o in measured)  # type: ignore[union-attr]
+        states = Counter(r.state.value for r in services.ledger.runs.get_many([o.run_id for o in measured]))
         commands = {name: per_run(after[name], {}, idle[name], elapsed, n) for name in servers}
 
         # -- memory of finished runs ------------------------------------------------------
         ledger = services.ledger
-        run_bytes, order_set_bytes, ttls = [], [], []
-        for o in measured:
-            run_bytes.append(
-                int(ledger.redis.memory_usage(ledger.run_key(o.run_id), samples=0) or 0)
-                + int(ledger.redis.memory_usage(ledger.order_key(o.order_id), samples=0) or 0)
-            )
-            order_set_bytes.append(
-                int(ledger.redis.memory_usage(ledger.order_runs_key(o.order_id), samples=0) or 0)
-            )
-            ttls.append(int(ledger.redis.ttl(ledger.run_key(o.run_id))))
+        footprints = [ledger.footprint(RunId.parse(o.run_id)) for o in measured]
+        run_bytes = [f.run_bytes + f.order_bytes for f in footprints]
+        order_set_bytes = [f.order_runs_bytes for f in footprints]
+        ttls = [f.run_ttl_s for f in footprints]
         leftovers = {
-            "order snapshots": sum(
-                int(ledger.redis.exists(ledger.snapshot_key(o.order_id))) for o in measured
-            ),
-            "leases": sum(int(ledger.redis.exists(ledger.lease_key(o.order_id))) for o in measured),
-            "active runs": int(ledger.redis.zcard(ledger.active_key)),
-            "failed runs": int(ledger.redis.zcard(ledger.failed_key)),
+            "order snapshots": sum(f.snapshot_left for f in footprints),
+            "leases": sum(f.lease_left for f in footprints),
+            "active runs": ledger.registries.unfinished(),
+            "failed runs": len(ledger.registries.failed()),
         }
-        esim_keys = {}
-        prefix = settings.ledger_prefix
-        for key in ("claims", "used", "known", "free"):
-            full = f"{prefix}:esim:{key}"
-            raw_kind = ledger.redis.type(full)
-            kind = raw_kind.decode() if isinstance(raw_kind, bytes) else str(raw_kind)
-            size = int(ledger.redis.hlen(full) if kind == "hash" else ledger.redis.scard(full))
-            esim_keys[key] = (size, int(ledger.redis.memory_usage(full, samples=0) or 0))
+        esim_keys = ledger.inventory.footprint()
         memory_after = int(ledger_server.client.info("memory")["used_memory"])
         sizes = message_sizes(settings, broker_server, measured[0].run_id)
 
@@ -338,8 +324,16 @@ def main(argv: list[str] | None = None) -> int:
                 "Left after the runs: " + ", ".join(f"{k} {v}" for k, v in leftovers.items()) + ".",
             ],
         )
-        mem.add(f"{prefix}:run:{{run_id}} (hash)", sum(run_bytes) / n, "state, steps' results, markers")
-        mem.add(f"{prefix}:order:{{order_id}} (set)", sum(order_set_bytes) / n, "run ids of the Order")
+        mem.add(
+            f"{settings.ledger_prefix}:run:{{run_id}} (hash)",
+            sum(run_bytes) / n,
+            "state, steps' results, markers",
+        )
+        mem.add(
+            f"{settings.ledger_prefix}:order:{{order_id}} (set)",
+            sum(order_set_bytes) / n,
+            "run ids of the Order",
+        )
         esim_runs = max(sum(o.esim for o in orders), 1)
         claims_n, claims_b = esim_keys["claims"]
         used_n, used_b = esim_keys["used"]

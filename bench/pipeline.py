@@ -33,9 +33,9 @@ from bench.common import (
 from bench.floor import FloorRunner
 from bench.profile import Profiler, summarise
 from bench.stack import Batch, Stack
-from provisioning.step.chain import STEPS
+from provisioning.runs.chain import CHAIN
 
-TASKS = tuple(STEPS)
+TASKS = CHAIN.names
 FLOOR_WARMUP = 20
 
 

@@ -179,15 +179,12 @@ class Batch:
         final: dict[str, tuple[str, float | None]] = {}
         last_progress = time.monotonic()
         while pending:
-            pipe = ledger.redis.pipeline(transaction=False)
-            for run_id in pending:
-                pipe.hmget(ledger.run_key(run_id), "state", "finished_at")
-            answers = pipe.execute()
+            runs = {str(r.run_id): r for r in ledger.runs.get_many(pending)}
             still = []
-            for run_id, (raw_state, raw_at) in zip(pending, answers, strict=True):
-                state = raw_state.decode() if raw_state is not None else None
-                if state in FINAL_STATES:
-                    final[run_id] = (state, float(raw_at) if raw_at is not None else None)
+            for run_id in pending:
+                run = runs.get(run_id)
+                if run is not None and run.state.value in FINAL_STATES:
+                    final[run_id] = (run.state.value, run.finished_at)
                 else:
                     still.append(run_id)
             if len(still) < len(pending):

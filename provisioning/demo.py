@@ -322,7 +322,7 @@ def _summary(
         table.add_column(col)
     for o in seeded:
         v = views[o.order_id]
-        run = services.ledger.get(o.run_id)
+        run = services.ledger.runs.get(o.run_id)
         attempts = sum(r.attempts for r in run.own_steps.values()) if run else 0
         table.add_row(
             o.order_id,

@@ -15,24 +15,22 @@ from celery import Celery, Task, signals
 import celeryconfig
 from provisioning.core.logs import bind_run, configure_logging, unbind_run
 from provisioning.core.settings import Settings, load_settings
+from provisioning.runs.chain import CHAIN, Chain
 from provisioning.runs.lifecycle import RunFailed
 
-TASK_MODULES: tuple[str, ...] = (
-    "tasks.whmcs",
-    "tasks.esim",
-    "tasks.salesforce",
-    "tasks.email",
-)
+# The step tasks (tasks/steps.py registers one per row of the step table).
+TASK_MODULES: tuple[str, ...] = ("tasks.steps",)
 
 
 class ProvisioningCelery(Celery):
     """A Celery app that carries the process's Settings and its lazily built services."""
 
-    def __init__(self, settings: Settings | None = None, **kwargs: Any) -> None:
+    def __init__(self, settings: Settings | None = None, chain: Chain = CHAIN, **kwargs: Any) -> None:
         kwargs.setdefault("include", list(TASK_MODULES))
         kwargs.setdefault("task_cls", "tasks.app:ProvisioningTask")
         super().__init__("provisioning", **kwargs)
         self._settings = settings
+        self.chain = chain
         self._services: Any = None
         self._lock = threading.Lock()
         self.add_defaults(lambda: celeryconfig.build(self.settings))
@@ -53,7 +51,7 @@ class ProvisioningCelery(Celery):
 
             with self._lock:
                 if self._services is None:
-                    self._services = Services(self.settings)
+                    self._services = Services(self.settings, self.chain)
         return self._services
 
     def reset_services(self) -> None:
@@ -78,9 +76,9 @@ class ProvisioningTask(Task):
             unbind_run()
 
 
-def create_app(settings: Settings | None = None) -> ProvisioningCelery:
+def create_app(settings: Settings | None = None, chain: Chain = CHAIN) -> ProvisioningCelery:
     """The Celery app; without ``settings`` they are loaded from the environment on first use."""
-    app = ProvisioningCelery(settings)
+    app = ProvisioningCelery(settings, chain)
 
     @signals.setup_logging.connect(weak=False)
     def _logging(**_: Any) -> None:

@@ -1,85 +1,110 @@
-"""The step tasks' shared body: a run goes through its steps in one task while each succeeds at once.
+"""The step tasks: one Celery task per row of the step table, named after its step.
 
-What a step does and in which order lives in :mod:`provisioning.runs.lifecycle`; here
-its outcomes become Celery's. The task of a step runs that step, then the steps
-after it, in the same task, for as long as each is done at its first try: a run
-that meets no trouble is one task message, not five (each message costs the broker
-and the worker more than most steps cost themselves; see ``docs/benchmarks.md``).
-A step that must wait (a transient error, another worker's lease) goes on as a
-task of its own, sent with its countdown, so Flower shows a retry under the name
-of the step that retries. A :class:`RunEnded` becomes a result that ends the run;
-a :class:`RunFailed` fails the task (an expected failure: one line in the
-worker's log, the task shown failed in Flower, the failing step in its reason).
+A run is a chain of these tasks: each runs its step (:func:`provisioning.runs.lifecycle.run_step`)
+and, once the step is done, sends the task of the next one itself, before its own
+message is acknowledged (a worker dying in between means a redelivery, which finds
+the step done and sends the next again: never a lost step). The ledger, not a
+canvas, decides what comes next: a run's steps stop where the run ends (joined,
+skipped, failed), a physical SIM's run sends no eSIM task, and a requeue resumes
+at the step that failed. Flower shows each step under its own name: its runtime,
+its retries (``task-retried``), its failure.
 
-Exactly-once does not depend on the task boundaries: each step is claimed and
-ended in the ledger, so a redelivered message, a retry or an operator's resume
-finds the steps done and goes on from the first that is not.
+How each outcome of a step becomes Celery's:
+
+- done: the task's result is the step's (ids only), with ``next``, the step it sent;
+- must wait (:class:`Wait`: a transient error, the Order's lease, the ledger out of
+  reach, the system's rate limit or circuit breaker): a retry of this task, with the
+  countdown the retry policy chose;
+- the run ended before (:class:`RunEnded`): a result that says so, and no next step;
+- failed (:class:`RunFailed`): a failed task, the step and the reason in its error.
+
+Every step task is idempotent: a step is claimed and ended in the ledger, so a
+redelivered message, a retry or a requeue finds it done and only sends the next.
+What makes each step's action safe to repeat is said beside its task below.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from celery import Task
+from celery import Task, shared_task
 
-from provisioning.runs import lifecycle
 from provisioning.core.logs import get_logger
 from provisioning.core.run_id import RunId
-from provisioning.runs.lifecycle import Action, RetryLater, RunEnded
+from provisioning.runs import lifecycle
+from provisioning.runs.chain import CHAIN
+from provisioning.runs.lifecycle import RunEnded, Wait
 from provisioning.runs.publishing import publish_step
-from provisioning.step.chain import Step
+from provisioning.step.spec import StepSpec
+from tasks.app import ProvisioningTask
 
 log = get_logger(__name__)
 
-# Celery counts every retry of a message: lease waits, the run's beginning and the step's errors.
-# The lifecycle bounds the errors itself (TASK_MAX_RETRIES each, counted in the ledger); this
-# bound only keeps Celery from giving up first.
-LEASE_WAIT_HEADROOM = 20
-# The shortest countdown of a retry. On RabbitMQ quorum queues Celery 5.7 routes a countdown through
-# native delayed delivery with int(countdown) seconds, and rejects (drops) a task whose countdown
-# is between 0 and 1 s ("countdown must be a positive number"); a whole second is always safe.
-MIN_COUNTDOWN_S = 1.0
-
-# What each step does, registered by its domain's task module: a worker imports every one of them
-# (``tasks.app.TASK_MODULES``) before it takes a task, so a run finds each step it goes on to.
-_ACTIONS: dict[Step, Action] = {}
+# Celery counts every retry of a message. Transient errors are bounded by the lifecycle itself
+# (TASK_MAX_RETRIES each, counted in the ledger); this bound only keeps Celery from giving up first.
+# Waits that spend no budget (the lease, the ledger, a rate limit, a breaker) are not bounded here.
+TRANSIENT_RETRIES_HEADROOM = 20
 
 
-def register(step: Step, action: Action) -> None:
-    """Make ``action`` the body of ``step``, for its own task and for the tasks that run it inline."""
-    _ACTIONS[step] = action
-
-
-def run_step(task: Task, run_id: str, step: Step) -> dict[str, Any]:
+def run(task: ProvisioningTask, run_id: str, spec: StepSpec) -> dict[str, Any]:
+    """The body of every step task."""
     try:
         rid = RunId.parse(run_id)
     except ValueError as exc:
-        log.error("step_with_bad_run_id", step=step.value, error=str(exc))
+        log.error("step_with_bad_run_id", step=spec.name, error=str(exc))
         return {"ignored": "not a run id"}
-    services = task.app.services
-    ran: list[str] = []
-    current = step
-    while True:
-        try:
-            done = lifecycle.run_step(services, rid, current, _ACTIONS[current])
-        except RetryLater as exc:
-            countdown = max(exc.countdown_s, MIN_COUNTDOWN_S)
-            if current is step:
-                cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else None
-                raise task.retry(exc=cause, countdown=countdown, max_retries=max_retries(task)) from None
-            # A later step must wait: it goes on as its own task; what this task did is done. Sent
-            # before this message is acknowledged: a worker dying here means a redelivery (the
-            # steps done are found done), not a lost step.
-            publish_step(task.app, rid, current, countdown=countdown)
-            return {"steps": ran, "retrying": current.value}
-        except RunEnded as exc:
-            # Success for this task, and the end of the run: no further step runs.
-            return {"steps": ran, **exc.result} if ran else exc.result
-        ran.append(current.value)
-        if done.next_step is None:
-            return {"steps": ran, **done.result}
-        current = done.next_step
+    app = task.app
+    try:
+        done = lifecycle.run_step(app.services, rid, spec)
+    except Wait as wait:
+        cause = wait.__cause__ if isinstance(wait.__cause__, Exception) else wait
+        budget = 2 * int(app.services.settings.task_max_retries) + TRANSIENT_RETRIES_HEADROOM
+        # A wait that spends no budget retries without a bound (None: the task's own, which is none).
+        raise task.retry(
+            exc=cause, countdown=wait.countdown_s, max_retries=budget if wait.cause.spends_budget else None
+        ) from None
+    except RunEnded as exc:
+        return exc.result
+    if done.next_step is None:
+        return done.result
+    publish_step(app, rid, done.next_step)
+    return {**done.result, "next": done.next_step.name}
 
 
-def max_retries(task: Task) -> int:
-    return 2 * int(task.app.services.settings.task_max_retries) + LEASE_WAIT_HEADROOM
+def step_task(spec: StepSpec) -> Task:
+    """The task of ``spec``'s step, registered on every app (``celery -A tasks``, and a test's own).
+
+    It runs the step as its app's chain declares it (``ProvisioningCelery.chain``: the step table,
+    or a test's own table with the same names).
+    """
+    name = spec.name
+
+    def body(self: ProvisioningTask, run_id: str) -> dict[str, Any]:
+        return run(self, run_id, self.app.chain[name])
+
+    body.__name__ = spec.name
+    body.__qualname__ = spec.name
+    body.__doc__ = f"The {spec.name} step of a run (the step table's row)."
+    # max_retries=None: a wait that spends no budget is not bounded by Celery (a transient error's
+    # retry passes its own bound, see run()).
+    task: Task = shared_task(
+        name=spec.task_name, bind=True, base=ProvisioningTask, time_limit=spec.time_limit_s, max_retries=None
+    )(body)
+    return task
+
+
+# One line per step: what makes the step's action safe to run again.
+
+# Read-only calls; the ledger records the outcome once per Order.
+validate_payment = step_task(CHAIN["validate_payment"])
+# The Order's ICCID is claimed from our inventory before downloadOrder (a repeat answers "in use" for
+# our own ICCID); the matchingId derives from the Order.
+activate_esim = step_task(CHAIN["activate_esim"])
+# An intent record before AddOrder, the Order's effect key in the order's notes and a GetOrders lookup
+# before any second AddOrder; AcceptOrder's "not Pending" is checked with GetOrders.
+create_whmcs_order = step_task(CHAIN["create_whmcs_order"])
+# One PATCH of absolute values (the activation time is fixed on the Order's first activation).
+update_salesforce = step_task(CHAIN["update_salesforce"])
+# The ledger's outbox (sending -> sent) and a Message-ID derived from the Order; an unknown outcome
+# follows EMAIL_RESEND_POLICY (default: resend with the same Message-ID).
+send_email = step_task(CHAIN["send_email"])

@@ -22,8 +22,18 @@ from provisioning.email.message import build_activation_email, message_id_for
 from provisioning.step.context import StepContext
 from provisioning.step.order import Order
 from provisioning.step.results import EsimActivated, WelcomeEmail, WhmcsOrderCreated
+from provisioning.step.spec import Adoption
 
 log = get_logger(__name__)
+
+# The outbox: pending, sending, sent, unknown (skipped after an unknown outcome), refused.
+OUTBOX_MARKER = "outbox"
+RESENDS_MARKER = "email_resends"
+
+
+def adopt(order: Order) -> Adoption:
+    """An Order provisioned before the ledger forgot it: its welcome e-mail is not sent again."""
+    return Adoption(WelcomeEmail(delivery="not resent (adopted)"), {OUTBOX_MARKER: "sent"})
 
 
 def send_email(ctx: StepContext) -> WelcomeEmail:
@@ -34,15 +44,15 @@ def deliver(ctx: StepContext, order: Order) -> WelcomeEmail:
     """Send the Order's welcome e-mail unless it went out already (the step, and the operators' resend)."""
     settings = ctx.settings
     message_id = message_id_for(ctx.effect_key, settings.email_message_id_domain)
-    outbox = ctx.marker("outbox")
+    outbox = ctx.marker(OUTBOX_MARKER)
     if outbox == "sent":
         return WelcomeEmail(message_id=message_id)
     if outbox == "sending":
         if settings.email_resend_policy == "skip":
             log.warning("email_delivery_unknown_not_resent", message_id=message_id)
-            ctx.set_marker("outbox", "unknown")
+            ctx.set_marker(OUTBOX_MARKER, "unknown")
             return WelcomeEmail(message_id=message_id, delivery="unknown")
-        resends = ctx.incr_marker("email_resends")
+        resends = ctx.incr_marker(RESENDS_MARKER)
         log.warning("email_resent_after_unknown_outcome", message_id=message_id, resends=resends)
 
     esim = ctx.result(EsimActivated)
@@ -61,10 +71,10 @@ def deliver(ctx: StepContext, order: Order) -> WelcomeEmail:
     )
     try:
         # On a replica before the send: after a failover the Order must still say "sending".
-        ctx.guard_marker("outbox", "sending")
+        ctx.guard_marker(OUTBOX_MARKER, "sending")
     except ReplicaUnconfirmed:
         # Nothing left our hands: a retry must not count this attempt as a resend.
-        ctx.set_marker("outbox", outbox or "pending")
+        ctx.set_marker(OUTBOX_MARKER, outbox or "pending")
         raise
     ctx.renew()
     try:
@@ -73,8 +83,8 @@ def deliver(ctx: StepContext, order: Order) -> WelcomeEmail:
         raise
     except EmailError:
         # Refused outright (4xx, 5xx, no connection): nothing left our hands.
-        ctx.set_marker("outbox", "pending")
+        ctx.set_marker(OUTBOX_MARKER, "pending")
         raise
     # With the step's end: a worker dying before it leaves "sending", as one dying mid-send does.
-    ctx.record_marker("outbox", "sent")
+    ctx.record_marker(OUTBOX_MARKER, "sent")
     return WelcomeEmail(message_id=message_id)

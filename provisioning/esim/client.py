@@ -34,6 +34,7 @@ from provisioning.core.http import (
     make_pool,
     status_failure,
 )
+from provisioning.core.iccid import normalize_iccid
 from provisioning.core.logs import get_logger
 from provisioning.core.settings import Settings
 from provisioning.esim.errors import (
@@ -45,7 +46,6 @@ from provisioning.esim.errors import (
     FunctionStatus,
     from_transport,
 )
-from provisioning.esim.iccid import normalize_iccid
 
 log = get_logger(__name__)
 

@@ -1,7 +1,8 @@
-"""Errors of the eSIM domain: the ES2+ client and the ICCID inventory.
+"""Errors of the eSIM domain: the ES2+ client and the profile batch files.
 
-Every ES2+ call raises an :class:`Es2PlusError`; every inventory operation an
-:class:`InventoryError`. Each leaf also derives from
+Every ES2+ call raises an :class:`Es2PlusError`; a malformed batch file an
+:class:`InventoryFileError` (the inventory's own errors, Redis-side, are in
+:mod:`provisioning.ledger.inventory`). Each leaf also derives from
 :class:`provisioning.core.errors.TransientError` or :class:`~provisioning.core.errors.PermanentError`::
 
     ProvisioningError
@@ -17,12 +18,7 @@ Every ES2+ call raises an :class:`Es2PlusError`; every inventory operation an
         │       ├── Es2PlusProtocolError         other HTTP status, missing header/fields, bad X-Admin-Protocol,
         │       │                                invalid URL, redirect loop
         │       └── Es2PlusTlsError              the server certificate does not verify (configuration)
-        └── InventoryError
-            ├── InventoryEmpty                   (TransientError) no free ICCID: load a batch
-            ├── InventoryUnavailable             (TransientError) Redis did not answer, or no replica
-            │                                    confirmed a claim in time
-            ├── InventoryClaimError              (PermanentError) the run has no claim / its ICCID is used
-            └── InventoryFileError               (PermanentError) malformed batch file: every bad line
+        └── InventoryFileError                   (PermanentError) malformed batch file: every bad line
 
 Transport failures of ES2+ calls (classified by :mod:`provisioning.core.http`) become these
 errors through :data:`TRANSPORT_ERRORS` only.
@@ -183,28 +179,7 @@ class Es2PlusFunctionFailed(_WithFunctionStatus, Es2PlusPermanentError):
         return self.has_code("8.2.1", "3.5")
 
 
-# -- inventory --------------------------------------------------------------------------------
-
-
-class InventoryError(EsimError):
-    """The operator's ICCID inventory cannot do what was asked."""
-
-
-class InventoryEmpty(InventoryError, TransientError):
-    """No free ICCID is left; a run waits (retries) until an operator loads a batch."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            "no free ICCID in the eSIM inventory; load a batch with `provisioning esim load FILE`"
-        )
-
-
-class InventoryUnavailable(InventoryError, TransientError):
-    """Redis did not answer, or no replica confirmed a claim within REDIS_WAIT_TIMEOUT_MS."""
-
-
-class InventoryClaimError(InventoryError, PermanentError):
-    """The run has no claimed ICCID, or its ICCID is already used and cannot be released."""
+# -- batch files ------------------------------------------------------------------------------
 
 
 # Bad lines spelled out in the message of an InventoryFileError (all of them stay in ``problems``).
@@ -220,7 +195,7 @@ class BatchProblem:
     reason: str
 
 
-class InventoryFileError(InventoryError, PermanentError):
+class InventoryFileError(EsimError, PermanentError):
     """A batch file with malformed lines; nothing of it was loaded."""
 
     def __init__(self, problems: list[BatchProblem], *, source: str | None = None) -> None:

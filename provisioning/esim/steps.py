@@ -17,8 +17,13 @@ from provisioning.esim.errors import Es2PlusFunctionFailed
 from provisioning.step.context import StepContext
 from provisioning.step.order import Order
 from provisioning.step.results import EsimActivated
+from provisioning.step.spec import Adoption
 
 log = get_logger(__name__)
+
+# The ICCID downloadOrder ordered (a repeat then means done), and the activation code the e-mail quotes.
+DOWNLOADED_MARKER = "esim_downloaded"
+ACTIVATION_CODE_MARKER = "activation_code"
 
 
 def is_esim(sim_type: str | None) -> bool:
@@ -28,6 +33,13 @@ def is_esim(sim_type: str | None) -> bool:
 def nothing_to_do(order: Order) -> EsimActivated | None:
     """A physical SIM has no eSIM to activate: the step's result, recorded without running it."""
     return None if is_esim(order.sim_type) else EsimActivated(sim="physical")
+
+
+def adopt(order: Order) -> Adoption:
+    """The ICCID the Order shows (an eSIM), or the physical SIM, from before the ledger forgot it."""
+    return Adoption(
+        EsimActivated(iccid=order.esim_iccid) if is_esim(order.sim_type) else EsimActivated(sim="physical")
+    )
 
 
 def activate_esim(ctx: StepContext) -> EsimActivated:
@@ -42,7 +54,7 @@ def activate_esim(ctx: StepContext) -> EsimActivated:
         log.warning("esim_stock_low", free=free, threshold=threshold)
     es2 = ctx.services.es2plus
 
-    if ctx.marker("esim_downloaded") is None:
+    if ctx.marker(DOWNLOADED_MARKER) is None:
         ctx.renew()
         try:
             es2.download_order(iccid=iccid, eid=order.eid or None)
@@ -51,7 +63,7 @@ def activate_esim(ctx: StepContext) -> EsimActivated:
                 raise
             log.info("esim_download_repeat", iccid=iccid)
         # With the step's end: a retry orders the same claimed ICCID again, and 8.2.1/3.3 means done.
-        ctx.record_marker("esim_downloaded", iccid)
+        ctx.record_marker(DOWNLOADED_MARKER, iccid)
 
     matching_id = matching_id_for(ctx.effect_key)
     smdp_address = None
@@ -65,12 +77,12 @@ def activate_esim(ctx: StepContext) -> EsimActivated:
         if not exc.is_invalid_transition:
             raise
         log.info("esim_confirm_repeat", iccid=iccid)
-    if smdp_address or ctx.marker("activation_code") is None:
+    if smdp_address or ctx.marker(ACTIVATION_CODE_MARKER) is None:
         # The code lets anyone download the profile: it stays in the ledger for the e-mail,
         # and only the ICCID goes on (task results and Flower show results).
         address = smdp_address or smdp_address_from_settings(ctx.settings)
         # With the step's end: a retry confirms again ("invalid transition") and derives the same code.
-        ctx.record_marker("activation_code", activation_code(address, matching_id))
+        ctx.record_marker(ACTIVATION_CODE_MARKER, activation_code(address, matching_id))
     # With the step's end, before its result: until then the ICCID stays claimed by this Order.
     ctx.write_with_end(lambda pipe: inventory.queue_mark_used(pipe, iccid))
     return EsimActivated(iccid=iccid)

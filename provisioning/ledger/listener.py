@@ -1,12 +1,10 @@
-"""The listener's state as Redis holds it: who leads the channel, until when, and the checkpoint.
+"""The listener's state as Redis holds it: who leads the channel, until when, and the checkpoints.
 
-Read by the console and ``provisioning metrics`` (any process, no listener needed);
-written by the listener when it takes the lead (:func:`announce_leader`). Keys
-(``p`` is ``LEDGER_PREFIX``): ``p:listener:{channel}:lock`` (the leader lock, its
-value an opaque token, with expiry), ``...:checkpoint:<transport>`` (the last batch handled,
-an opaque replay id per transport)
-and ``...:leader`` (JSON: host, pid, since; kept after the leader goes, so the
-console can say who led last).
+Written by the listener (the leader lock, the checkpoint after each batch, who
+took the lead); read by the console and ``provisioning metrics`` (any process, no
+listener needed). The leader record (host, pid, since) is kept after the leader
+goes, so the console can say who led last. A checkpoint is an opaque replay id,
+one per transport: the ids of one never start the other.
 """
 
 from __future__ import annotations
@@ -18,7 +16,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from provisioning.ledger import Ledger
+import redis
+from redis.lock import Lock
+
+from provisioning.ledger.keys import Keys
 
 TRANSPORTS = ("pubsub", "cometd")
 
@@ -42,39 +43,63 @@ class ListenerState:
         return self.__dict__.copy()
 
 
-def announce_leader(ledger: Ledger, channel: str) -> None:
-    """Record this process as the channel's leader (called once it holds the lock)."""
-    info = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-    ledger.redis.set(ledger.listener_key(channel, "leader"), json.dumps(info))
+class ListenerStore:
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self._redis = client
+        self._keys = keys
 
+    def leader_lock(self, channel: str, ttl_s: int) -> Lock:
+        """The channel's leader lock (not taken yet): one active listener per channel."""
+        lock: Lock = self._redis.lock(
+            self._keys.listener(channel, "lock"), timeout=ttl_s, blocking=False, thread_local=False
+        )
+        return lock
 
-def read_listener_state(ledger: Ledger, channel: str) -> ListenerState:
-    """One round trip."""
-    pipe = ledger.redis.pipeline(transaction=False)
-    pipe.get(ledger.listener_key(channel, "lock"))
-    pipe.pttl(ledger.listener_key(channel, "lock"))
-    for transport in TRANSPORTS:
-        pipe.get(ledger.listener_key(channel, f"checkpoint:{transport}"))
-    pipe.get(ledger.listener_key(channel, "leader"))
-    token, pttl, *stored, leader = pipe.execute()
-    info: dict[str, Any] = {}
-    if leader:
-        try:
-            info = json.loads(leader)
-        except ValueError:
-            info = {}
-    return ListenerState(
-        channel=channel,
-        lock_held=token is not None,
-        lock_expires_in_s=pttl / 1000 if token is not None and pttl and pttl > 0 else None,
-        lock_token=_text(token)[:8] if token is not None else None,
-        checkpoints={
-            t: bytes(raw).hex() for t, raw in zip(TRANSPORTS, stored, strict=True) if raw is not None
-        },
-        leader_host=info.get("host"),
-        leader_pid=info.get("pid"),
-        leader_since=info.get("since"),
-    )
+    def checkpoint(self, channel: str, transport: str) -> bytes | None:
+        """The last batch handled on ``transport`` (None: none yet)."""
+        stored = self._redis.get(self._keys.listener(channel, f"checkpoint:{transport}"))
+        return None if stored is None else stored if isinstance(stored, bytes) else stored.encode()
+
+    def queue_checkpoint(self, pipe: Any, channel: str, transport: str, position: bytes) -> None:
+        """Queue the checkpoint's write on ``pipe`` (a replica may confirm it: see replication)."""
+        pipe.set(self._keys.listener(channel, f"checkpoint:{transport}"), position)
+
+    def announce_leader(self, channel: str) -> None:
+        """Record this process as the channel's leader (called once it holds the lock)."""
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        self._redis.set(self._keys.listener(channel, "leader"), json.dumps(info))
+
+    def state(self, channel: str) -> ListenerState:
+        """One round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.get(self._keys.listener(channel, "lock"))
+        pipe.pttl(self._keys.listener(channel, "lock"))
+        for transport in TRANSPORTS:
+            pipe.get(self._keys.listener(channel, f"checkpoint:{transport}"))
+        pipe.get(self._keys.listener(channel, "leader"))
+        token, pttl, *stored, leader = pipe.execute()
+        info: dict[str, Any] = {}
+        if leader:
+            try:
+                info = json.loads(leader)
+            except ValueError:
+                info = {}
+        return ListenerState(
+            channel=channel,
+            lock_held=token is not None,
+            lock_expires_in_s=pttl / 1000 if token is not None and pttl and pttl > 0 else None,
+            lock_token=_text(token)[:8] if token is not None else None,
+            checkpoints={
+                t: bytes(raw).hex() for t, raw in zip(TRANSPORTS, stored, strict=True) if raw is not None
+            },
+            leader_host=info.get("host"),
+            leader_pid=info.get("pid"),
+            leader_since=info.get("since"),
+        )
+
+    def queue_leader_held(self, pipe: Any, channel: str) -> None:
+        """Queue whether a listener holds the channel's lock (for the metrics' one round trip)."""
+        pipe.exists(self._keys.listener(channel, "lock"))
 
 
 def _text(value: Any) -> str:

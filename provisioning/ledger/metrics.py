@@ -9,16 +9,11 @@ worker's restart. ``provisioning metrics`` (:mod:`provisioning.ops.exporter`) re
 them at scrape time; it is the one scrape target for runs, whatever the number of
 workers.
 
-Keys (``p`` is ``LEDGER_PREFIX``; listed with every other key in :mod:`provisioning.ledger`):
-
-==========================  ======  ========================================================
-``p:metrics:counters``      hash    ``<name>|<label>=<value>,...`` → count
-``p:metrics:h:<name>``      hash    ``<labels>|<bucket index>`` → observations in that
-                                    bucket alone (not cumulative), ``<labels>|sum`` → sum
-``p:metrics:activating``    hash    what the last backfill sweep saw in Salesforce: Orders
-                                    waiting in Activating, the oldest's LastModifiedDate,
-                                    when the sweep ran
-==========================  ======  ========================================================
+Keys (with every other key in :mod:`provisioning.ledger.keys`): ``p:metrics:counters``
+(``<name>|<label>=<value>,...`` → count), ``p:metrics:h:<name>`` (``<labels>|<bucket
+index>`` → observations in that bucket alone, not cumulative; ``<labels>|sum`` → the
+sum) and ``p:metrics:activating`` (what the last backfill sweep saw in Salesforce:
+Orders waiting in Activating, the oldest's LastModifiedDate, when the sweep ran).
 
 Label values are step names, outcomes, causes and origins: a small, fixed set.
 """
@@ -32,7 +27,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from provisioning.step.chain import Step
+from provisioning.ledger.keys import Keys
 
 # The writer: a redis.Redis (each command one round trip) or a pipeline (sent with the caller's).
 Writer = Any
@@ -107,16 +102,18 @@ class StepObservation:
 
 
 def observe_step(
-    step: Step | str,
+    step: str,
     *,
     attempts: int,
     started_monotonic: float,
     run_created_at: float,
     origin: str,
+    activates: bool = False,
 ) -> StepObservation:
-    """The observation of a step that ends now (``started_monotonic``: when its last attempt began)."""
-    name = str(step)
-    activated = time.time() - run_created_at if name == Step.UPDATE_SALESFORCE.value else None
+    """The observation of a step that ends now (``started_monotonic``: when its last attempt began);
+    ``activates``: the step wrote the Order Activated (the activation latency ends here)."""
+    name = step
+    activated = time.time() - run_created_at if activates else None
     return StepObservation(
         step=name,
         attempts=attempts,
@@ -168,13 +165,16 @@ class Snapshot:
 class RunMetrics:
     """Adds metric writes to a Redis pipeline (or sends them on a client); reads them back."""
 
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.counters_key = f"{prefix}:metrics:counters"
-        self.activating_key = f"{prefix}:metrics:activating"
+    def __init__(self, keys: Keys, client: Any = None) -> None:
+        self.counters_key = keys.metrics_counters
+        self.activating_key = keys.metrics_activating
+        self._keys = keys
+        # Where the counts that go alone are sent (the reconciler's, the operators'); the ledger's own
+        # go in the pipelines it sends anyway.
+        self._client = client
 
     def histogram_key(self, spec: HistogramSpec) -> str:
-        return f"{self.prefix}:metrics:h:{spec.name}"
+        return self._keys.histogram(spec.name)
 
     # -- writing -------------------------------------------------------------------------------
     def count(self, pipe: Writer, name: str, n: int = 1, **labels: str) -> None:
@@ -225,6 +225,19 @@ class RunMetrics:
                 "checked_at": repr(time.time()),
             },
         )
+
+    # -- sent alone: the reconciler's sweeps ------------------------------------------------------
+    def count_sweep(self, action: ReconcilerAction, n: int) -> None:
+        """What one sweep did (resumed, wrote back): one round trip, none when it did nothing."""
+        if n:
+            self.reconciler_action(self._client, action, n)
+
+    def count_backfill(self, *, waiting: int, oldest_modified_at: float | None, started: int) -> None:
+        """What a backfill sweep saw in Salesforce and how many runs it started: one round trip."""
+        pipe = self._client.pipeline(transaction=False)
+        self.activating_seen(pipe, waiting=waiting, oldest_modified_at=oldest_modified_at)
+        self.reconciler_action(pipe, ReconcilerAction.BACKFILL, started)
+        pipe.execute()
 
     # -- reading -------------------------------------------------------------------------------
     def read_commands(self, pipe: Writer) -> int:

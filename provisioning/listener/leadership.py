@@ -7,6 +7,7 @@ from collections.abc import Callable
 from contextlib import suppress
 
 import redis
+from redis.lock import Lock
 
 from provisioning.core.logs import get_logger
 
@@ -17,11 +18,12 @@ POLL_FRACTION = 1 / 3
 
 
 class Leadership:
-    def __init__(self, client: redis.Redis, key: str, *, ttl_s: int, channel: str) -> None:
+    def __init__(self, lock: Lock, *, ttl_s: int, channel: str) -> None:
+        """``lock``: the channel's leader lock (``ledger.listener.leader_lock``), not taken yet."""
         self.ttl_s = ttl_s
         self.channel = channel
         self.lost = threading.Event()
-        self._lock = client.lock(key, timeout=ttl_s, blocking=False, thread_local=False)
+        self._lock = lock
 
     def acquire(self, stopping: threading.Event) -> bool:
         """Wait as a standby until the lock is ours (True) or ``stopping`` is set (False)."""

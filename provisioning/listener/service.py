@@ -40,7 +40,6 @@ from provisioning.core.replication import ReplicaUnconfirmed
 from provisioning.core.run_id import RunId
 from provisioning.core.settings import Settings
 from provisioning.ledger import Ledger
-from provisioning.ledger.listener import announce_leader
 from provisioning.listener.leadership import Leadership
 from provisioning.listener.metrics import ListenerMetrics
 from provisioning.listener.reconciling import Reconciler
@@ -95,8 +94,7 @@ class Listener:
         self.publish_ok = True
         self.is_leader = False
         self.leadership = Leadership(
-            services.redis,
-            self.ledger.listener_key(self.channel, "lock"),
+            self.ledger.listener.leader_lock(self.channel, settings.listener_lock_ttl_s),
             ttl_s=settings.listener_lock_ttl_s,
             channel=self.channel,
         )
@@ -108,11 +106,6 @@ class Listener:
             idle_s=reconcile_idle_s if reconcile_idle_s is not None else settings.reconcile_idle_s,
         )
         self._rng = random.Random()
-
-    @property
-    def checkpoint_key(self) -> str:
-        """The checkpoint of this transport (replay ids of one never start the other)."""
-        return self.ledger.listener_key(self.channel, f"checkpoint:{self.source.transport}")
 
     # -- lifecycle --------------------------------------------------------------------------
     def stop(self) -> None:
@@ -129,7 +122,7 @@ class Listener:
             log.info("listener_leader", channel=self.channel, transport=self.source.transport)
             # Who leads, for the console (best effort: the lock, not this record, is the lead).
             with suppress(redis.exceptions.RedisError):
-                announce_leader(self.ledger, self.channel)
+                self.ledger.listener.announce_leader(self.channel)
             threads = [
                 threading.Thread(
                     target=self.leadership.keep, args=(self.source.stop,), name="lease", daemon=True
@@ -159,9 +152,12 @@ class Listener:
     def start_position(self) -> ReplayStart:
         if self.replay_from is not None:
             return self.replay_from
-        stored = self._with_redis(lambda: self.services.redis.get(self.checkpoint_key))
+        # The checkpoint of this transport (replay ids of one never start the other).
+        stored: bytes | None = self._with_redis(
+            lambda: self.ledger.listener.checkpoint(self.channel, self.source.transport)
+        )
         if stored is not None:
-            return bytes(stored)
+            return stored
         return replay_start_from(self.settings)
 
     def _consume(self) -> None:
@@ -214,7 +210,7 @@ class Listener:
             else:
                 runs.append(checked)
         if rejected:
-            self._with_redis(lambda: self.ledger.quarantine_many(rejected))
+            self._with_redis(lambda: self.ledger.registries.quarantine(rejected))
             self.metrics.quarantined.inc(len(rejected))
             for entry in rejected:
                 log.error("event_quarantined", replay_id=entry["replay_id"], reason=entry["reason"])
@@ -227,7 +223,7 @@ class Listener:
                 # Queued in the ledger before the publish: a chain lost after it (a worker killed between
                 # the broker's pop and its unacked record) leaves a stale queued run the reconciler resumes.
                 # A run still queued is published again (a listener may have died before publishing it).
-                decisions = self._with_redis(lambda: self.ledger.enqueue_many(runs))
+                decisions = self._with_redis(lambda: self.ledger.runs.enqueue_many(runs))
                 published = [r for r, new in zip(runs, decisions, strict=True) if new]
                 duplicates = [r for r, new in zip(runs, decisions, strict=True) if not new]
                 if published:
@@ -266,7 +262,11 @@ class Listener:
         if self.stopping.is_set() and redo:
             raise _Abandoned()
         try:
-            self.services.replicas.write(lambda pipe: pipe.set(self.checkpoint_key, position))
+            self.services.replicas.write(
+                lambda pipe: self.ledger.listener.queue_checkpoint(
+                    pipe, self.channel, self.source.transport, position
+                )
+            )
         except (ReplicaUnconfirmed, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             self.publish_ok = False
             delay = backoff_s(redo, base_s=OUTAGE_BACKOFF_BASE_S, cap_s=OUTAGE_BACKOFF_MAX_S, rng=self._rng)

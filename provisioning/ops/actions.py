@@ -15,7 +15,7 @@ from celery import Celery
 from provisioning.core.logs import get_logger
 from provisioning.core.run_id import RunId
 from provisioning.email.errors import EmailError
-from provisioning.email.steps import deliver
+from provisioning.email.steps import OUTBOX_MARKER, deliver
 from provisioning.ledger import NotRequeueable, Origin, RunState
 from provisioning.runs.lifecycle import write_order
 from provisioning.runs.publishing import publish_run, resume
@@ -51,24 +51,24 @@ def requeue(
         except ValueError as exc:
             outcomes.append(Outcome(text, "skipped", None, str(exc)))
             continue
-        run = ledger.get(run_id)
+        run = ledger.runs.get(run_id)
         if run is None or run.state is not RunState.FAILED:
             why = "it is not in the ledger" if run is None else f"it is {run.state.value}, not failed"
             if run is not None and run.superseded_by:
                 why += f" (run {run.superseded_by} continued its work)"
             outcomes.append(Outcome(text, "skipped", None, f"nothing to requeue: {why}"))
             continue
-        others = [r for r in ledger.runs_in_flight(run_id.order_id) if r != run_id]
+        others = [r for r in ledger.orders.in_flight(run_id.order_id) if r != run_id]
         if others:
             detail = f"nothing to requeue: run {others[0]} of the same Order is in flight"
             outcomes.append(Outcome(text, "skipped", None, detail))
             continue
-        step = ledger.resume_step(run)
+        step = services.chain.resume_point(run, ledger.orders.provisioning(run_id.order_id))
         if dry_run:
             outcomes.append(Outcome(text, "would requeue", step, f"would resume at {step}: {run.error}"))
             continue
         try:
-            step = ledger.reopen(run_id, by=user)
+            ledger.runs.reopen(run_id, by=user)
         except NotRequeueable as exc:
             outcomes.append(Outcome(text, "skipped", None, str(exc)))
             continue
@@ -98,12 +98,12 @@ def reprovision(
     reason = reason.strip()
     if not reason:
         return Outcome(order_id, "skipped", None, "a reprovision needs a reason (--reason)")
-    in_flight = ledger.runs_in_flight(order_id)
+    in_flight = ledger.orders.in_flight(order_id)
     if in_flight:
         return Outcome(
             order_id, "skipped", None, f"run {in_flight[0]} of this Order is in flight; wait for it"
         )
-    current = ledger.provisioning(order_id)
+    current = ledger.orders.provisioning(order_id)
     if current.active is None:
         return Outcome(
             order_id,
@@ -120,12 +120,12 @@ def reprovision(
             None,
             f"would archive provisioning {current.gen} (run {current.active}) and start run {run_id}",
         )
-    with ledger.holding(order_id) as lease:
+    with ledger.leases.holding(order_id) as lease:
         if lease is None:
             return Outcome(order_id, "skipped", None, "a worker holds the Order's lease; try again shortly")
-        gen = ledger.new_generation(order_id)
+        gen = ledger.orders.new_generation(order_id)
         run_id = RunId(order_id, f"{REPROVISION_KEY_PREFIX}{gen}")
-        ledger.enqueue(run_id, Origin.OPERATOR, reason=f"{reason} (by {user})")
+        ledger.runs.enqueue(run_id, Origin.OPERATOR, reason=f"{reason} (by {user})")
     fields = services.salesforce.field_names.patch(activation_status="Activating", activation_error=None)
     write_order(services, order_id, fields, what="reprovision")
     publish_run(app, run_id)
@@ -138,8 +138,8 @@ def resend_email(services: Services, order_ids: list[str], *, dry_run: bool, use
     ledger = services.ledger
     outcomes = []
     for order_id in order_ids:
-        provisioning = ledger.provisioning(order_id)
-        state = provisioning.markers.get("outbox")
+        provisioning = ledger.orders.provisioning(order_id)
+        state = provisioning.markers.get(OUTBOX_MARKER)
         if state != "refused" or provisioning.active is None:
             detail = f"its welcome e-mail is {state or 'not sent yet'}, not refused: nothing to resend"
             outcomes.append(Outcome(order_id, "skipped", None, detail))
@@ -148,7 +148,7 @@ def resend_email(services: Services, order_ids: list[str], *, dry_run: bool, use
             detail = f"would send it again (refused before: {provisioning.email_error})"
             outcomes.append(Outcome(order_id, "would send", None, detail))
             continue
-        with ledger.holding(order_id) as lease:
+        with ledger.leases.holding(order_id) as lease:
             if lease is None:
                 outcomes.append(
                     Outcome(order_id, "skipped", None, "a worker holds the Order's lease; try again")
@@ -160,11 +160,11 @@ def resend_email(services: Services, order_ids: list[str], *, dry_run: bool, use
             try:
                 result = deliver(ctx, order)
             except EmailError as exc:
-                ledger.email_refused(order_id, str(exc))
+                ledger.orders.email_refused(order_id, str(exc), {OUTBOX_MARKER: "refused"})
                 outcomes.append(Outcome(order_id, "refused", None, str(exc)))
                 log.warning("email_resend_refused", order_id=order_id, error=str(exc), user=user)
                 continue
-        ledger.email_delivered(order_id, ctx.pending_markers)
+        ledger.orders.email_delivered(order_id, ctx.pending_markers)
         write_order(
             services,
             order_id,

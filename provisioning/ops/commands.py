@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from provisioning.core.cli_context import Context, pass_ctx
-from provisioning.ledger import RunRecord, RunState
+from provisioning.ledger import BEGIN, RunRecord, RunState
 from provisioning.ops.status import (
     RunFilter,
     describe_effects,
@@ -29,9 +29,9 @@ from provisioning.ops.status import (
     parse_duration_s,
     started_by,
 )
+from provisioning.runs.chain import CHAIN
 from provisioning.runs.services import Services
 from provisioning.salesforce.ids import normalize_id
-from provisioning.step.chain import ENTRY_STEP, STEPS
 
 
 def parse_duration(text: str) -> float:
@@ -106,10 +106,10 @@ def status(ctx: Context, run_or_order_id: str, as_json: bool) -> None:
         if run.state in (RunState.JOINED, RunState.SKIPPED):
             continue
         table = Table("step", "done at", "attempts", "result", "last error")
-        for step in STEPS:
-            rec = run.step(step, state.provisioning)
+        for spec in CHAIN:
+            rec = CHAIN.record(run, state.provisioning, spec)
             result = ", ".join(f"{k}={v}" for k, v in (rec.result or {}).items())
-            table.add_row(step.value, _when(rec.at), str(rec.attempts or ""), result, rec.last_error or "")
+            table.add_row(spec.name, _when(rec.at), str(rec.attempts or ""), result, rec.last_error or "")
         console.print(table)
 
 
@@ -127,7 +127,7 @@ RUNS_LIST_DEFAULT = 100
 )
 @click.option(
     "--step",
-    type=click.Choice([ENTRY_STEP, *(s.value for s in STEPS)]),
+    type=click.Choice([BEGIN, *CHAIN.names]),
     help="Only runs at (running) or failed at this step.",
 )
 @click.option(
@@ -201,7 +201,7 @@ def failed(ctx: Context, since: str | None, as_json: bool) -> None:
     """List failed runs with the step and the reason (the failed-runs registry)."""
     services = _services(ctx)
     cutoff = time.time() - parse_duration(since) if since else None
-    rows = _failed_rows(services.ledger.failed_runs(cutoff))
+    rows = _failed_rows(services.ledger.registries.failed(cutoff))
     if as_json:
         _emit_json(rows)
         return
@@ -231,7 +231,7 @@ def requeue(ctx: Context, run_ids: tuple[str, ...], all_failed: bool, dry_run: b
     if bool(run_ids) == all_failed:
         raise click.UsageError("give RUN_ID... or --all (not both)")
     services = _services(ctx)
-    ids = [str(r.run_id) for r in services.ledger.failed_runs()] if all_failed else list(run_ids)
+    ids = [str(r.run_id) for r in services.ledger.registries.failed()] if all_failed else list(run_ids)
     app = make_publisher(ctx.settings)
     outcomes = do_requeue(services, app, ids, dry_run=dry_run, user=_user())
     if as_json:
@@ -281,7 +281,8 @@ def emails(ctx: Context, as_json: bool) -> None:
     """Orders whose welcome e-mail the SMTP server refused, with its reply (the Orders stay Activated)."""
     services = _services(ctx)
     found = [
-        (oid, at, services.ledger.provisioning(oid).email_error) for oid, at in services.ledger.undelivered()
+        (oid, at, services.ledger.orders.provisioning(oid).email_error)
+        for oid, at in services.ledger.registries.undelivered()
     ]
     if as_json:
         _emit_json([{"order_id": oid, "refused_at": at, "reply": reply} for oid, at, reply in found])
@@ -311,7 +312,7 @@ def resend_email(
         raise click.UsageError("give ORDER_ID... or --all (not both)")
     services = _services(ctx)
     ids = (
-        [oid for oid, _ in services.ledger.undelivered()]
+        [oid for oid, _ in services.ledger.registries.undelivered()]
         if all_undelivered
         else [_resolve_order_ids(o)[0] for o in order_ids]
     )
@@ -347,7 +348,7 @@ def _user() -> str:
 @pass_ctx
 def quarantine(ctx: Context, limit: int, as_json: bool) -> None:
     """Events the listener rejected, with their replay id and the reason."""
-    entries = _services(ctx).ledger.quarantined(limit)
+    entries = _services(ctx).ledger.registries.quarantined(limit)
     if as_json:
         _emit_json(entries)
         return

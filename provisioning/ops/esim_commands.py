@@ -11,7 +11,7 @@ import click
 from provisioning.core.cli_context import Context, pass_ctx
 from provisioning.core.settings import Settings
 from provisioning.esim.errors import InventoryFileError
-from provisioning.esim.inventory import EsimInventory
+from provisioning.ledger.inventory import EsimInventory
 
 
 @click.group()
@@ -28,7 +28,7 @@ def load(ctx: Context, file: Path) -> None:
     Malformed ICCIDs are listed with their line numbers and nothing is loaded;
     ICCIDs already known are skipped, so loading a batch twice adds nothing.
     """
-    from provisioning.esim.inventory import parse_batch
+    from provisioning.esim.batch import parse_batch
 
     try:
         iccids = parse_batch(file)
@@ -79,4 +79,4 @@ def stock(ctx: Context, as_json: bool) -> None:
 def _inventory(settings: Settings) -> EsimInventory:
     from provisioning.core.redis_client import redis_from_settings
 
-    return EsimInventory(redis=redis_from_settings(settings), prefix=settings.ledger_prefix)
+    return EsimInventory.on(redis_from_settings(settings), settings.ledger_prefix)

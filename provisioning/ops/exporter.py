@@ -31,8 +31,8 @@ from prometheus_client.registry import Collector
 
 from provisioning.core.cli_context import Context, pass_ctx
 from provisioning.core.logs import get_logger
-from provisioning.esim.errors import InventoryUnavailable
-from provisioning.ledger import Origin, RunState
+from provisioning.ledger import BEGIN, Origin, RunState
+from provisioning.ledger.inventory import InventoryUnavailable
 from provisioning.ledger.metrics import (
     ACTIVATION_LATENCY,
     HISTOGRAMS,
@@ -45,17 +45,15 @@ from provisioning.ledger.metrics import (
     ReconcilerAction,
     Snapshot,
 )
+from provisioning.runs.chain import CHAIN
 from provisioning.runs.services import Services
-from provisioning.step.chain import ENTRY_STEP, STEPS
 
 log = get_logger(__name__)
 
-# The oldest unfinished run is looked for among this many least recently updated ones.
-OLDEST_SCAN_MAX_RUNS = 1000
 # How often the exporter's main thread looks whether it was asked to stop.
 STOP_POLL_S = 1.0
 
-_FAILED_STEPS = (ENTRY_STEP, *(s.value for s in STEPS))
+_FAILED_STEPS = (BEGIN, *CHAIN.names)
 _ENDED = tuple(s.value for s in RunState if not s.unfinished)
 
 
@@ -83,33 +81,17 @@ class LedgerCollector(Collector):
         yield from self._families(data)
 
     def _read(self) -> dict[str, Any]:
-        ledger = self.ledger
-        pipe = ledger.redis.pipeline(transaction=False)
-        n = ledger.metrics.read_commands(pipe)
-        for key in (ledger.active_key, ledger.failed_key, ledger.writeback_key, ledger.undelivered_key):
-            pipe.zcard(key)
-        pipe.llen(ledger.quarantine_key)
-        pipe.zrange(ledger.active_key, 0, OLDEST_SCAN_MAX_RUNS - 1)
-        pipe.exists(ledger.listener_key(self.channel, "lock"))
-        answers = pipe.execute()
-        snapshot = ledger.metrics.parse(answers[:n])
-        unfinished, failed, writebacks, undelivered, quarantined, active, lock = answers[n:]
-        oldest = None
-        if active:
-            reader = ledger.redis.pipeline(transaction=False)
-            for member in active:
-                reader.hget(ledger.run_key(member.decode()), "created_at")
-            created = [float(v) for v in reader.execute() if v is not None]
-            oldest = min(created) if created else None
+        scrape = self.ledger.scrape(self.channel)
+        sizes = scrape.sizes
         return {
-            "snapshot": snapshot,
-            "unfinished": unfinished,
-            "failed": failed,
-            "writebacks": writebacks,
-            "undelivered": undelivered,
-            "quarantined": quarantined,
-            "oldest_created": oldest,
-            "leader": bool(lock),
+            "snapshot": scrape.metrics,
+            "unfinished": sizes.unfinished,
+            "failed": sizes.failed,
+            "writebacks": sizes.writebacks,
+            "undelivered": sizes.undelivered,
+            "quarantined": sizes.quarantined,
+            "oldest_created": sizes.oldest_unfinished_created,
+            "leader": scrape.leader,
             "stock": self.services.inventory.stock(),
         }
 
@@ -179,7 +161,7 @@ class LedgerCollector(Collector):
             family = HistogramMetricFamily(spec.name, spec.help, labels=[spec.label])
             if snap is not None:
                 hist = snap.histograms[spec.name]
-                known = [o.value for o in Origin] if spec is ACTIVATION_LATENCY else [s.value for s in STEPS]
+                known = [o.value for o in Origin] if spec is ACTIVATION_LATENCY else list(CHAIN.names)
                 for value in dict.fromkeys([*known, *hist.buckets]):
                     family.add_metric([value], hist.cumulative(value), sum_value=hist.sums.get(value, 0.0))
             yield family

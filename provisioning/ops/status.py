@@ -10,8 +10,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from provisioning.ledger import Ledger, Provisioning, RunRecord, RunState
-from provisioning.step.chain import ENTRY_STEP, STEPS, Step
+from provisioning.email.steps import OUTBOX_MARKER
+from provisioning.ledger import BEGIN, Ledger, Provisioning, RunRecord, RunState
+from provisioning.runs.chain import CHAIN
+from provisioning.step.results import EsimActivated, WhmcsOrderCreated
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -35,8 +37,8 @@ def describe_run(run: RunRecord, provisioning: Provisioning) -> str:
     if run.state is RunState.QUEUED:
         return "queued: waiting for a worker"
     if run.state is RunState.RUNNING:
-        step = run.first_unfinished_step(provisioning)
-        return f"running: at {step.value}" if step else "running: ending"
+        step = CHAIN.first_unfinished(run, provisioning)
+        return f"running: at {step.name}" if step else "running: ending"
     if run.note:
         return run.note
     if run.state is RunState.DONE:
@@ -51,9 +53,9 @@ def started_by(run: RunRecord) -> str:
 
 def describe_effects(provisioning: Provisioning) -> dict[str, str]:
     """The Order's effects, by name: what exists (ids) and the e-mail's state."""
-    esim = provisioning.step(Step.ACTIVATE_ESIM).result or {}
-    whmcs = provisioning.step(Step.CREATE_WHMCS_ORDER).result or {}
-    outbox = provisioning.markers.get("outbox")
+    esim = provisioning.step(CHAIN.recording(EsimActivated).name).result or {}
+    whmcs = provisioning.step(CHAIN.recording(WhmcsOrderCreated).name).result or {}
+    outbox = provisioning.markers.get(OUTBOX_MARKER)
     email = {"sent": "sent", "refused": f"refused: {provisioning.email_error}", "sending": "being sent"}.get(
         outbox or "", outbox or "not sent"
     )
@@ -77,7 +79,7 @@ class OrderStatus:
             "effects": describe_effects(self.provisioning),
             "runs": [
                 {
-                    **r.to_json(self.provisioning),
+                    **run_json(r, self.provisioning),
                     "outcome": describe_run(r, self.provisioning),
                     "started_by": started_by(r),
                 }
@@ -86,9 +88,38 @@ class OrderStatus:
         }
 
 
+def run_json(run: RunRecord, provisioning: Provisioning) -> dict[str, Any]:
+    """A run as ``provisioning status --json`` and the console show it: its record and each step's."""
+    return {
+        "run_id": str(run.run_id),
+        "order_id": run.order_id,
+        "state": run.state.value,
+        "origin": run.origin.value,
+        "reason": run.reason,
+        "note": run.note,
+        "joined": run.joined,
+        "superseded_by": run.superseded_by,
+        "created_at": run.created_at,
+        "updated_at": run.updated_at,
+        "finished_at": run.finished_at,
+        "failed_step": run.failed_step,
+        "error": run.error,
+        "steps": {
+            spec.name: {
+                "done": rec.done,
+                "at": rec.at,
+                "result": rec.result,
+                "attempts": rec.attempts,
+                "last_error": rec.last_error,
+            }
+            for spec, rec in ((spec, CHAIN.record(run, provisioning, spec)) for spec in CHAIN)
+        },
+    }
+
+
 def order_status(ledger: Ledger, order_id: str) -> OrderStatus:
-    runs = [r for r in (ledger.get(i) for i in ledger.runs_for_order(order_id)) if r is not None]
-    return OrderStatus(order_id, ledger.provisioning(order_id), runs)
+    runs = ledger.runs.get_many(ledger.orders.runs(order_id))
+    return OrderStatus(order_id, ledger.orders.provisioning(order_id), runs)
 
 
 # -- lists of runs ---------------------------------------------------------------------------------
@@ -137,10 +168,10 @@ def current_step(run: RunRecord, provisioning: Provisioning) -> str | None:
     if run.state is RunState.FAILED:
         return run.failed_step
     if run.state is RunState.RUNNING:
-        step = run.first_unfinished_step(provisioning)
-        return step.value if step else STEPS[-1].value
+        step = CHAIN.first_unfinished(run, provisioning)
+        return (step or CHAIN.specs[-1]).name
     if run.state is RunState.QUEUED:
-        return ENTRY_STEP
+        return BEGIN
     return None
 
 
@@ -152,15 +183,18 @@ def list_runs(ledger: Ledger, flt: RunFilter, *, limit: int, now: float | None =
     """
     now = time.time() if now is None else now
     if flt.order_id:
-        ids = [str(r) for r in reversed(ledger.runs_for_order(flt.order_id))]
+        ids = [str(r) for r in reversed(ledger.orders.runs(flt.order_id))]
     else:
         since = now - flt.newer_than_s if flt.newer_than_s is not None else None
-        ids = ledger.run_ids(since=since, limit=LIST_SCAN_MAX_RUNS)
+        ids = ledger.registries.recent(since=since, limit=LIST_SCAN_MAX_RUNS)
     rows: list[RunRow] = []
     for start in range(0, len(ids), LIST_READ_CHUNK):
-        runs = [r for r in ledger.get_many(ids[start : start + LIST_READ_CHUNK]) if _matches(r, flt, now)]
+        runs = [
+            r for r in ledger.runs.get_many(ids[start : start + LIST_READ_CHUNK]) if _matches(r, flt, now)
+        ]
         provisionings = {
-            oid: ledger.provisioning(oid) for oid in {r.order_id for r in runs if r.state is RunState.RUNNING}
+            oid: ledger.orders.provisioning(oid)
+            for oid in {r.order_id for r in runs if r.state is RunState.RUNNING}
         }
         for run in runs:
             prov = provisionings.get(run.order_id) or Provisioning(run.order_id)

@@ -1,19 +1,20 @@
-"""A run's life, without Celery: each step, the run's beginning in its first, its end.
+"""A run's life, without Celery: one step at a time, the run's beginning in its first, its end.
 
-The tasks in ``tasks/`` call :func:`run_step` for one step after another while
-each is done: they turn :class:`RetryLater` into a Celery retry (or a task of the
-step's own, sent with the countdown), :class:`RunEnded` into a result that ends
-the run, and :class:`RunFailed` into a failed task (an expected one).
+Each step's task (``tasks/steps.py``) calls :func:`run_step` for its step and
+turns the outcome into Celery's: :class:`StepDone` into a result (and the next
+step's task, sent before the message is acknowledged), :class:`Wait` into a
+retry of the same task with the countdown the retry policy chose, :class:`RunEnded`
+into a result that ends the run, :class:`RunFailed` into a failed task (an
+expected one).
 
 Each step, in this order (what makes a step safe to run any number of times):
 
-1. One round trip (:meth:`Ledger.claim_step`): the run ended (failed, joined,
+1. One round trip (``ledger.runs.claim``): the run ended (failed, joined,
    superseded, skipped): stop, later steps must not run; the step is done (by this
    run, or for the Order by an earlier one): return its result; another worker
-   holds the Order's lease: retry shortly; else take the lease, count the attempt,
-   set the marker the step needs from its Order's first try (STAMPED_AT_CLAIM: the
-   WHMCS intent, the activation time) unless the Order has it, and read the run,
-   the Order's provisioning and its snapshot.
+   holds the Order's lease: wait; else take the lease, count the attempt, set the
+   marker the step stamps at its Order's first try (its row's ``stamp``) unless the
+   Order has it, and read the run, the Order's provisioning and its snapshot.
 2. A run that has not begun begins, in its first step, under that lease: another
    run of the Order in flight means this one joins it (one provisioning per
    Order, whatever the events); a failed run of the Order is superseded by this
@@ -21,77 +22,73 @@ Each step, in this order (what makes a step safe to run any number of times):
    query) and, unless it says ``Activating``, the run is skipped.
 3. Act. Each action is idempotent on its own (intent records, idempotency keys
    derived from the Order, lookups before acting): a worker can die at any instant.
-4. One round trip (:meth:`Ledger.end_step`): record the result (ids only) and the
-   results of the steps after it that have nothing to do for the Order
-   (NOTHING_TO_DO: a physical SIM's eSIM step), end the run after its last step,
-   give the lease back; name the next step to run.
+4. One round trip (``ledger.runs.end_step``): record the result (ids only) and the
+   results of the steps after it that have nothing to do for the Order (a physical
+   SIM's eSIM step), end the run after its last step, give the lease back; name
+   the next step to run.
 
 Transient errors are retried with backoff, bounded by count (TASK_MAX_RETRIES) and
 by the run's age (TASK_MAX_AGE_S); permanent errors and exhausted retries end the
-run: failed in the ledger, Failed on the Order. The welcome e-mail is the
-exception: it is sent after the Order says Activated, so a refused e-mail ends
-the run done, lists the Order as undelivered and tells the Order's user why.
+run: failed in the ledger, Failed on the Order. A notification step (the welcome
+e-mail) is the exception: it is sent after the Order says Activated, so its
+refusal ends the run done, lists the Order as undelivered and tells the Order's
+user why.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import LockError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from provisioning.core.backoff import backoff_s, retrying_transient
+from provisioning.core.backoff import retrying_transient
 from provisioning.core.errors import PermanentError, TransientError
 from provisioning.core.logs import get_logger
+from provisioning.core.retry import Cause
 from provisioning.core.run_id import RunId
-from provisioning.core.settings import Settings
-from provisioning.esim.steps import is_esim
-from provisioning.esim.steps import nothing_to_do as esim_not_needed
-from provisioning.ledger import Provisioning, RunRecord, RunState
+from provisioning.email.steps import OUTBOX_MARKER
+from provisioning.ledger import BEGIN, ClaimStatus, Provisioning, Recorded, RunRecord, RunState
 from provisioning.ledger.metrics import FailureCause, StepObservation, observe_step
+from provisioning.runs.chain import Chain
 from provisioning.runs.services import Services
 from provisioning.salesforce.errors import OrderNotFound
-from provisioning.salesforce.steps import ACTIVATED_AT_MARKER, salesforce_now
-from provisioning.step.chain import ENTRY_STEP, STEPS, Step
 from provisioning.step.context import StepContext
 from provisioning.step.order import Order
-from provisioning.step.results import (
-    EsimActivated,
-    PaymentChecked,
-    StepResult,
-    WelcomeEmail,
-    WhmcsOrderCreated,
-)
-from provisioning.whmcs.steps import WHMCS_INTENT_MARKER, intent_stamp
+from provisioning.step.results import WelcomeEmail
+from provisioning.step.spec import StepSpec
 
 log = get_logger(__name__)
 
 ACTIVATING = "Activating"
-# Another worker holds the Order's lease: look again after about this long.
-LEASE_BUSY_RETRY_S = 2.0
 # Writes of the Order where no task retry can take over (a failure, a requeue): a few quick tries.
 WRITEBACK_ATTEMPTS = 3
 WRITEBACK_BACKOFF_S = 1.0
 WRITEBACK_BACKOFF_MAX_S = 4.0
 
+# The ledger out of reach: a Sentinel failover (a few seconds), a network cut (longer), a demoted
+# primary still answering. Nothing could be recorded, so the wait spends none of the step's budget;
+# Celery's own bound on a message's retries still ends an outage that lasts, and the reconciler
+# resumes the run.
+LEDGER_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
 
-class RetryLater(Exception):
-    """Try the same task again in ``countdown_s`` seconds."""
 
-    def __init__(self, countdown_s: float, reason: str) -> None:
-        super().__init__(countdown_s, reason)
+class Wait(Exception):
+    """Try the same step again in ``countdown_s`` seconds (``cause``: why; the retry policy's)."""
+
+    def __init__(self, cause: Cause, countdown_s: float, reason: str) -> None:
+        super().__init__(cause, countdown_s, reason)
+        self.cause = cause
         self.countdown_s = countdown_s
         self.reason = reason
 
 
 class RunEnded(Exception):
-    """The run ends here without failing here (joined, skipped, ended before): its chain stops.
+    """The run ends here without failing here (joined, skipped, ended before): no later step runs.
 
     ``result`` is what the step reports instead of a result of its own.
     """
@@ -105,84 +102,50 @@ class RunFailed(Exception):
     """The run ended at this step; the reason is on the Order and in the ledger (an expected failure)."""
 
 
-def retry_backoff_s(settings: Settings, attempts: int) -> float:
-    """The countdown after ``attempts`` failed attempts, kept below the broker's visibility timeout."""
-    cap = min(settings.task_retry_backoff_max_s, settings.celery_visibility_timeout_s / 2)
-    return backoff_s(max(attempts - 1, 0), base_s=settings.task_retry_backoff_s, cap_s=cap)
-
-
-# -- one step (and the run's beginning, in its first step) -------------------------------------
-
-Action = Callable[[StepContext], StepResult]
-
-# The ledger out of reach: a Sentinel failover (a few seconds), a network cut (longer), a demoted
-# primary still answering. The step is tried again after a short jittered wait. Nothing could be
-# recorded, so it spends none of the step's budget; Celery's own bound on a message's retries
-# (tasks.steps.max_retries) still ends an outage that lasts, and the reconciler resumes the run.
-LEDGER_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
-LEDGER_UNREACHABLE_RETRY_BASE_S = 1.0
-LEDGER_UNREACHABLE_RETRY_CAP_S = 5.0
-
-
 @dataclass(frozen=True)
 class StepDone:
     """A step done (now, or before): its result, and the step to run next (None: the run is over)."""
 
     result: dict[str, Any]
-    next_step: Step | None
+    next_step: StepSpec | None
 
 
-# Steps that can have nothing to do for an Order: what such a step records, without being run.
-# The step before it records that result with its own and the step after it runs next (one claim
-# and one end fewer per run). Run anyway (an operator's resume), the step records the same.
-NOTHING_TO_DO: Mapping[Step, Callable[[Order], StepResult | None]] = MappingProxyType(
-    {Step.ACTIVATE_ESIM: esim_not_needed}
-)
-
-
-# Markers a step needs set at its Order's first try: set by the step's claim unless the Order has
-# them (no round trip of their own). The activation time goes on the Order, and every write of it
-# (a retry after a lost answer, a later run) must send the same value. The WHMCS intent must be
-# in the ledger before AddOrder: a try that finds another try's intent looks the order up first.
-STAMPED_AT_CLAIM: Mapping[Step, tuple[str, Callable[[], str]]] = MappingProxyType(
-    {
-        Step.UPDATE_SALESFORCE: (ACTIVATED_AT_MARKER, salesforce_now),
-        Step.CREATE_WHMCS_ORDER: (WHMCS_INTENT_MARKER, intent_stamp),
-    }
-)
-
-
-def run_step(services: Services, run_id: RunId, step: Step, action: Action) -> StepDone:
+def run_step(services: Services, run_id: RunId, spec: StepSpec) -> StepDone:
     """Run one step of one run; the first step of a run that has not begun begins it."""
     try:
-        return _run_step(services, run_id, step, action)
+        return _run_step(services, run_id, spec)
     except LEDGER_UNREACHABLE as exc:
-        countdown = backoff_s(2, base_s=LEDGER_UNREACHABLE_RETRY_BASE_S, cap_s=LEDGER_UNREACHABLE_RETRY_CAP_S)
+        countdown = services.retry.wait_s(Cause.LEDGER_DOWN)
         log.warning(
-            "step_ledger_unreachable", step=step.value, countdown_s=round(countdown, 2), error=str(exc)
+            "step_ledger_unreachable", step=spec.name, countdown_s=round(countdown, 2), error=str(exc)
         )
-        raise RetryLater(countdown, f"the ledger is unreachable: {exc}") from exc
+        raise Wait(Cause.LEDGER_DOWN, countdown, f"the ledger is unreachable: {exc}") from exc
 
 
-def _run_step(services: Services, run_id: RunId, step: Step, action: Action) -> StepDone:
+def _run_step(services: Services, run_id: RunId, spec: StepSpec) -> StepDone:
     ledger = services.ledger
+    chain = services.chain
     claimed_at = time.monotonic()
-    stamping = STAMPED_AT_CLAIM.get(step)
-    stamp = (stamping[0], stamping[1]()) if stamping else None
-    claim = ledger.claim_step(run_id, step, stamp=stamp)
-    if claim.status == "ended":
+    stamp = (spec.stamp.marker, spec.stamp.make()) if spec.stamp else None
+    claim = ledger.runs.claim(run_id, spec.name, owned_by_order=spec.owned_by_order, stamp=stamp)
+    if claim.status is ClaimStatus.ENDED:
         assert claim.state is not None
-        log.warning("step_stopped_run_ended", step=step.value, state=claim.state.value)
+        log.warning("step_stopped_run_ended", step=spec.name, state=claim.state.value)
         raise RunEnded({"ended": claim.state.value})
-    if claim.status == "done":
-        log.debug("step_already_done", step=step.value)
-        if step is STEPS[-1] and claim.state is RunState.RUNNING:
+    if claim.status is ClaimStatus.DONE:
+        log.debug("step_already_done", step=spec.name)
+        following = chain.after(spec.name)
+        if following is None and claim.state is RunState.RUNNING:
             # Its worker died between recording the last step and ending the run.
-            ledger.finish(run_id)
-        return StepDone(claim.result or {}, step.next)
-    if claim.status == "busy":
-        log.info("step_lease_busy", step=step.value)
-        raise RetryLater(LEASE_BUSY_RETRY_S, "another worker holds the Order's lease")
+            ledger.runs.finish(run_id)
+        return StepDone(claim.result or {}, following)
+    if claim.status is ClaimStatus.BUSY:
+        log.info("step_lease_busy", step=spec.name)
+        raise Wait(
+            Cause.LEASE_BUSY,
+            services.retry.wait_s(Cause.LEASE_BUSY),
+            "another worker holds the Order's lease",
+        )
     assert claim.lease is not None
     assert claim.provisioning is not None
     lease = claim.lease
@@ -192,73 +155,72 @@ def _run_step(services: Services, run_id: RunId, step: Step, action: Action) -> 
         run = claim.run
         attempts = claim.attempts
         if claim.state in (None, RunState.QUEUED):
-            begun = _begin(services, run_id, provisioning, step)
+            begun = _begin(services, run_id, provisioning, spec)
             if begun.run is None or begun.provisioning is None:
                 raise RunEnded(begun.result)
             run, provisioning, snapshot = begun.run, begun.provisioning, begun.snapshot
             attempts = begun.attempts
-            recorded = run.step(step, provisioning)
+            recorded = chain.record(run, provisioning, spec)
             if recorded.done:  # a re-approval: the Order's effects exist, the chain moves on
-                return StepDone(recorded.result or {}, step.next)
+                return StepDone(recorded.result or {}, chain.after(spec.name))
         assert run is not None
         ctx = StepContext(
             services, run_id, provisioning, lease, snapshot, lease_set_at=claimed_at, stamp=stamp
         )
         started = time.monotonic()
         try:
-            result = action(ctx).to_json()
+            result = spec.action(ctx).to_json()
         except TransientError as exc:
-            ledger.record_error(
-                run_id, step, str(exc), markers=ctx.pending_markers, writes=ctx.pending_writes
+            ledger.runs.record_error(
+                run_id, spec.name, str(exc), markers=ctx.pending_markers, writes=ctx.pending_writes
             )
             settings = services.settings
             age_s = time.time() - run.created_at
             # The budget is the step's attempts in the ledger: waits for the lease do not spend it.
             if attempts <= settings.task_max_retries and age_s < settings.task_max_age_s:
-                countdown = retry_backoff_s(settings, attempts)
+                countdown = services.retry.wait_s(Cause.TRANSIENT, attempts=attempts)
                 log.warning(
                     "step_retry",
-                    step=step.value,
+                    step=spec.name,
                     attempt=attempts,
                     countdown_s=round(countdown, 2),
                     error=str(exc),
                 )
-                raise RetryLater(countdown, str(exc)) from exc
+                raise Wait(Cause.TRANSIENT, countdown, str(exc)) from exc
             reason = f"gave up after {attempts} attempts: {exc}"
-            observed = _observe(run, step, attempts, started)
+            observed = _observe(run, spec, attempts, started)
             return _terminal(
-                services, run, provisioning, step, reason, FailureCause.TRANSIENT_EXHAUSTED, observed
+                services, run, provisioning, spec, reason, FailureCause.TRANSIENT_EXHAUSTED, observed
             )
         except PermanentError as exc:
-            ledger.record_error(
-                run_id, step, str(exc), markers=ctx.pending_markers, writes=ctx.pending_writes
+            ledger.runs.record_error(
+                run_id, spec.name, str(exc), markers=ctx.pending_markers, writes=ctx.pending_writes
             )
-            observed = _observe(run, step, attempts, started)
-            return _terminal(services, run, provisioning, step, str(exc), FailureCause.PERMANENT, observed)
+            observed = _observe(run, spec, attempts, started)
+            return _terminal(services, run, provisioning, spec, str(exc), FailureCause.PERMANENT, observed)
         except BaseException:
             # Anything else (the ledger out of reach, a bug): what the step did is still worth keeping.
             if ctx.pending_markers or ctx.pending_writes:
                 with suppress(Exception):
-                    ledger.set_markers(run_id.order_id, ctx.pending_markers, ctx.pending_writes)
+                    ledger.orders.set_markers(run_id.order_id, ctx.pending_markers, ctx.pending_writes)
             raise
-        next_step, skipped = _next_step(step, ctx, run)
-        ledger.end_step(
+        following, skipped = _next_step(chain, spec, ctx, run)
+        ledger.runs.end_step(
             run_id,
-            step,
-            result,
+            Recorded(spec.name, spec.owned_by_order, result),
             lease,
-            finish=next_step is None,
-            observed=_observe(run, step, attempts, started),
+            finish=following is None,
+            observed=_observe(run, spec, attempts, started),
             markers=ctx.pending_markers,
             writes=ctx.pending_writes,
             also_done=skipped,
         )
         # DEBUG: the worker's INFO line per task is Celery's, and the run's own lines are its start
         # and its end (one formatted line costs about as much CPU as a Redis round trip).
-        log.debug("step_done", step=step.value, attempt=attempts, **result)
-        if next_step is None:
-            log.info("run_done", **_ids(run, provisioning, step, result))
-        return StepDone(result, next_step)
+        log.debug("step_done", step=spec.name, attempt=attempts, **result)
+        if following is None:
+            log.info("run_done", **_ids(chain, run, provisioning, spec, result))
+        return StepDone(result, following)
     finally:
         # Still ours after a failure (end_step gives it back itself): let the next worker in at once.
         if lease.local.token is not None:
@@ -267,29 +229,29 @@ def _run_step(services: Services, run_id: RunId, step: Step, action: Action) -> 
 
 
 def _next_step(
-    step: Step, ctx: StepContext, run: RunRecord
-) -> tuple[Step | None, dict[Step, dict[str, Any]]]:
-    """The step to run after ``step``, and the results of those between that have nothing to do."""
-    skipped: dict[Step, dict[str, Any]] = {}
-    following = step.next
-    while following is not None and following in NOTHING_TO_DO:
-        result = NOTHING_TO_DO[following](ctx.order())
+    chain: Chain, spec: StepSpec, ctx: StepContext, run: RunRecord
+) -> tuple[StepSpec | None, list[Recorded]]:
+    """The step to run after ``spec``, and the results of those between that have nothing to do."""
+    skipped: list[Recorded] = []
+    following = chain.after(spec.name)
+    while following is not None and following.nothing_to_do is not None:
+        result = following.nothing_to_do(ctx.order())
         if result is None:
             break
-        if not run.step(following, ctx.provisioning).done:
-            skipped[following] = result.to_json()
-        following = following.next
+        if not chain.record(run, ctx.provisioning, following).done:
+            skipped.append(Recorded(following.name, following.owned_by_order, result.to_json()))
+        following = chain.after(following.name)
     return following, skipped
 
 
-def _ids(run: RunRecord, provisioning: Provisioning, last: Step, result: dict[str, Any]) -> dict[str, Any]:
-    """What the run's last line says it got: the ids of its effects, from the recorded results."""
+def _ids(
+    chain: Chain, run: RunRecord, provisioning: Provisioning, last: StepSpec, result: dict[str, Any]
+) -> dict[str, Any]:
+    """What the run's last line says it got: every id its steps recorded."""
     ids: dict[str, Any] = {}
-    for s in STEPS:
-        recorded = result if s is last else run.step(s, provisioning).result
-        for key in ("iccid", "whmcs_order_id", "message_id", "delivery"):
-            if recorded and key in recorded:
-                ids[key] = recorded[key]
+    for spec in chain:
+        recorded = result if spec.name == last.name else chain.record(run, provisioning, spec).result
+        ids.update(recorded or {})
     return ids
 
 
@@ -304,20 +266,21 @@ class _Begun:
     attempts: int = 0  # of the step the run begins in
 
 
-def _begin(services: Services, run_id: RunId, provisioning: Provisioning, step: Step) -> _Begun:
+def _begin(services: Services, run_id: RunId, provisioning: Provisioning, spec: StepSpec) -> _Begun:
     """Under the Order's lease: join a run in flight, or read the Order (ONE query) and start.
 
-    Starting counts the attempt of ``step``, the step it begins in, in the same round trip.
+    Starting counts the attempt of ``spec``, the step it begins in, in the same round trip.
 
-    Raises RetryLater (the Order could not be read, for now) or RunFailed (not at all).
+    Raises Wait (the Order could not be read, for now) or RunFailed (not at all).
     """
     ledger = services.ledger
+    chain = services.chain
     superseded: RunId | None = None
     if provisioning.active and provisioning.active != str(run_id):
         other_id = RunId.parse(provisioning.active)
-        other = ledger.get(other_id)
+        other = ledger.runs.get(other_id)
         if other is not None and other.state.unfinished:
-            ledger.join(run_id, other_id)
+            ledger.runs.join(run_id, other_id)
             log.info("run_joined", joined=str(other_id))
             return _Begun({"joined": str(other_id)})
         if other is not None and other.state is RunState.FAILED:
@@ -325,42 +288,45 @@ def _begin(services: Services, run_id: RunId, provisioning: Provisioning, step: 
     try:
         order = services.salesforce.fetch_order(run_id.order_id)
     except OrderNotFound as exc:
-        ledger.skip(run_id, f"skipped: {exc}")
+        ledger.runs.skip(run_id, f"skipped: {exc}")
         log.warning("order_not_found_run_skipped", error=str(exc))
         return _Begun({"skipped": "order not found"})
     except TransientError as exc:
         # The beginning has a retry budget of its own, counted in the ledger like a step's.
-        attempts = ledger.record_attempt(run_id, ENTRY_STEP)
+        attempts = ledger.runs.record_attempt(run_id, BEGIN)
         if attempts <= services.settings.task_max_retries:
-            raise RetryLater(retry_backoff_s(services.settings, attempts), str(exc)) from exc
+            raise Wait(
+                Cause.TRANSIENT, services.retry.wait_s(Cause.TRANSIENT, attempts=attempts), str(exc)
+            ) from exc
         fail_run(
             services,
             run_id,
-            ENTRY_STEP,
+            BEGIN,
             f"gave up reading the Order after {attempts} attempts: {exc}",
             cause=FailureCause.TRANSIENT_EXHAUSTED,
         )
-        raise RunFailed(f"{ENTRY_STEP}: {exc}") from None
+        raise RunFailed(f"{BEGIN}: {exc}") from None
     except PermanentError as exc:
-        fail_run(services, run_id, ENTRY_STEP, str(exc))
-        raise RunFailed(f"{ENTRY_STEP}: {exc}") from None
+        fail_run(services, run_id, BEGIN, str(exc))
+        raise RunFailed(f"{BEGIN}: {exc}") from None
     if order.activation_status != ACTIVATING:
         reason = f"skipped: the Order is {order.activation_status!r}, not {ACTIVATING!r}: nothing to do"
-        ledger.skip(run_id, reason)
+        ledger.runs.skip(run_id, reason)
         log.warning("order_not_activating", status=order.activation_status, reason=reason)
         return _Begun({"skipped": reason})
     if superseded is not None:
-        ledger.supersede(superseded, by=run_id)
+        ledger.runs.supersede(superseded, by=run_id)
         log.warning("failed_run_superseded", superseded=str(superseded))
     note = None
-    if provisioning.gen == 1 and not provisioning.has_effects and order.whmcs_order_id:
+    if provisioning.gen == 1 and not chain.has_effects(provisioning) and order.whmcs_order_id:
+        # The Order shows a WHMCS order the ledger does not know: provisioned before the ledger forgot.
         _adopt_from_order(services, run_id, order)
-        provisioning = ledger.provisioning(run_id.order_id)
+        provisioning = ledger.orders.provisioning(run_id.order_id)
         note = "the Order already had its effects (found on the Order): no new effect"
-    elif provisioning.has_effects and provisioning.active and provisioning.active != str(run_id):
+    elif chain.has_effects(provisioning) and provisioning.active and provisioning.active != str(run_id):
         note = f"continues the provisioning of run {provisioning.active}: no effect is made twice"
     snapshot = order.model_dump(mode="json")
-    run, attempts = ledger.start(run_id, snapshot, note=note, attempt=step)
+    run, attempts = ledger.runs.begin(run_id, snapshot, note=note, attempt=spec.name)
     provisioning.active = str(run_id)
     log.info("run_started")
     return _Begun(
@@ -370,27 +336,27 @@ def _begin(services: Services, run_id: RunId, provisioning: Provisioning, step: 
 
 def _adopt_from_order(services: Services, run_id: RunId, order: Order) -> None:
     """The ledger forgot this Order (past its retention), but the Order says what it got: keep that."""
-    esim = EsimActivated(iccid=order.esim_iccid) if is_esim(order.sim_type) else EsimActivated(sim="physical")
-    results: dict[Step, dict[str, Any]] = {
-        Step.VALIDATE_PAYMENT: PaymentChecked(adopted=True).to_json(),
-        Step.ACTIVATE_ESIM: esim.to_json(),
-        Step.CREATE_WHMCS_ORDER: WhmcsOrderCreated(whmcs_order_id=int(order.whmcs_order_id or 0)).to_json(),
-        Step.SEND_EMAIL: WelcomeEmail(delivery="not resent (adopted)").to_json(),
-    }
-    markers = {"whmcs_accepted": "1", "outbox": "sent"}
-    if order.activated_at:
-        markers[ACTIVATED_AT_MARKER] = order.activated_at
-    services.ledger.adopt(run_id, results, markers)
+    results: dict[str, dict[str, Any]] = {}
+    markers: dict[str, str] = {}
+    for spec in services.chain:
+        if spec.adopt is None:
+            continue
+        adopted = spec.adopt(order)
+        if adopted.result is not None and spec.owned_by_order:
+            results[spec.name] = adopted.result.to_json()
+        markers.update(adopted.markers)
+    services.ledger.orders.adopt(run_id, results, markers)
     log.warning("effects_adopted_from_order", whmcs_order_id=order.whmcs_order_id)
 
 
-def _observe(run: RunRecord, step: Step, attempts: int, started: float) -> StepObservation:
+def _observe(run: RunRecord, spec: StepSpec, attempts: int, started: float) -> StepObservation:
     return observe_step(
-        step,
+        spec.name,
         attempts=attempts,
         started_monotonic=started,
         run_created_at=run.created_at,
         origin=run.origin.value,
+        activates=spec.activates,
     )
 
 
@@ -398,18 +364,20 @@ def _terminal(
     services: Services,
     run: RunRecord,
     provisioning: Provisioning,
-    step: Step,
+    spec: StepSpec,
     reason: str,
     cause: FailureCause = FailureCause.PERMANENT,
     observed: StepObservation | None = None,
 ) -> StepDone:
-    if step is Step.SEND_EMAIL and run.step(Step.UPDATE_SALESFORCE, provisioning).done:
+    chain = services.chain
+    activated = any(chain.record(run, provisioning, s).done for s in chain if s.activates)
+    if spec.notification and activated:
         # The Order is Activated and live: a notification that cannot go out does not undo that.
         email_undelivered(services, run.run_id, reason)
-        services.ledger.finish(run.run_id, note=f"done; the welcome e-mail was not delivered: {reason}")
+        services.ledger.runs.finish(run.run_id, note=f"done; the welcome e-mail was not delivered: {reason}")
         return StepDone(WelcomeEmail(delivery="refused").to_json(), None)
-    fail_run(services, run.run_id, step.value, reason, cause=cause, observed=observed)
-    raise RunFailed(f"{step.value}: {reason}")
+    fail_run(services, run.run_id, spec.name, reason, cause=cause, observed=observed)
+    raise RunFailed(f"{spec.name}: {reason}")
 
 
 # -- ending badly --------------------------------------------------------------------------------
@@ -427,12 +395,12 @@ def fail_run(
     """Terminal failure: ledger first (the operators' record), then the Order shows Failed.
 
     Should the write-back not happen (Salesforce keeps refusing, or the worker dies first),
-    the run stays in the ledger's write-back set and the reconciler writes it later.
+    the run stays in the ledger's write-backs and the reconciler writes it later.
     """
-    services.ledger.fail(run_id, step, reason, cause=cause, observed=observed)
+    services.ledger.runs.fail(run_id, step, reason, cause=cause, observed=observed)
     log.warning("run_failed", run_id=str(run_id), order_id=run_id.order_id, step=step, reason=reason)
     if write_order(services, run_id.order_id, failure_fields(services, step, reason), what="failure"):
-        services.ledger.writeback_done(run_id)
+        services.ledger.registries.writeback_done(run_id)
 
 
 def failure_fields(services: Services, step: str, reason: str) -> dict[str, object]:
@@ -443,7 +411,7 @@ def failure_fields(services: Services, step: str, reason: str) -> dict[str, obje
 
 def email_undelivered(services: Services, run_id: RunId, reason: str) -> None:
     """List the Order for operators and tell the Order's user, leaving it Activated."""
-    services.ledger.email_refused(run_id.order_id, reason)
+    services.ledger.orders.email_refused(run_id.order_id, reason, {OUTBOX_MARKER: "refused"})
     log.warning("email_undelivered", run_id=str(run_id), order_id=run_id.order_id, reason=reason)
     fields = services.salesforce.field_names.patch(
         activation_error=f"Activated; the welcome e-mail was not delivered: {reason}"

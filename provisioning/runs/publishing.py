@@ -1,9 +1,8 @@
-"""Sending runs to the workers: the task of a run's first step, or of a step that must wait.
+"""Sending runs to the workers: the task of a run's first step, or of the step it goes on from.
 
 The listener (and the reconciler, the operators' commands) sends a run's first
-step; that task goes through the run's steps itself while each succeeds at once
-(``tasks/steps.py``), and a step that must wait is sent as a task of its own,
-with its countdown. Every message is one small task carrying the run id and
+step; each step's task, once its step is done, sends the next one
+(``tasks/steps.py``). Every message is one small task carrying the run id and
 nothing else. Tasks are addressed by name, so nothing here imports ``tasks/``.
 """
 
@@ -16,7 +15,9 @@ from celery import Celery
 import celeryconfig
 from provisioning.core.run_id import RunId
 from provisioning.core.settings import Settings
-from provisioning.step.chain import ENTRY_STEP, STEPS, Step
+from provisioning.ledger import BEGIN
+from provisioning.runs.chain import CHAIN
+from provisioning.step.spec import StepSpec
 
 # Messages buffered (Redis) or awaiting their confirms (RabbitMQ) before a batch is flushed early.
 PUBLISH_BATCH_MAX = 1000
@@ -30,10 +31,11 @@ def make_publisher(settings: Settings) -> Celery:
 
 
 def publish_step(
-    app: Celery, run_id: RunId | str, step: Step, *, producer: Any = None, countdown: float | None = None
+    app: Celery, run_id: RunId | str, step: StepSpec, *, producer: Any = None, countdown: float | None = None
 ) -> str:
     """Send one step task of the run (to run ``countdown`` seconds from now); returns once the broker
-    accepted it. Flower shows the run id only."""
+    accepted it. Flower shows the run id only. Sent from a task, it is that task's child in Flower
+    (Celery sets the parent and root ids)."""
     text = str(run_id)
     result = app.send_task(
         step.task_name,
@@ -48,7 +50,7 @@ def publish_step(
 
 def publish_run(app: Celery, run_id: RunId | str, *, producer: Any = None) -> str:
     """Start the run: its first step, which begins it."""
-    return publish_step(app, run_id, STEPS[0], producer=producer)
+    return publish_step(app, run_id, CHAIN.first, producer=producer)
 
 
 def publish_runs(app: Celery, run_ids: list[RunId]) -> None:
@@ -63,5 +65,5 @@ def publish_runs(app: Celery, run_ids: list[RunId]) -> None:
 
 
 def resume(app: Celery, run_id: RunId | str, step: str) -> None:
-    """Send the run on from ``step``: from the start (a run not begun), or that step."""
-    publish_step(app, run_id, STEPS[0] if step == ENTRY_STEP else Step(step))
+    """Send the run on from ``step``: from the start (BEGIN: a run not begun), or that step."""
+    publish_step(app, run_id, CHAIN.first if step == BEGIN else CHAIN[step])

@@ -26,12 +26,11 @@ from celery import Celery
 from provisioning.core.errors import TransientError
 from provisioning.core.logs import get_logger
 from provisioning.core.run_id import RunId
-from provisioning.ledger import Origin, RunState
+from provisioning.ledger import BEGIN, Origin, RunState
 from provisioning.ledger.metrics import ReconcilerAction
 from provisioning.runs.lifecycle import failure_fields
 from provisioning.runs.publishing import publish_run, resume
 from provisioning.runs.services import Services
-from provisioning.step.chain import ENTRY_STEP
 
 log = get_logger(__name__)
 
@@ -43,23 +42,22 @@ BACKFILL_KEY_PREFIX = "backfill-"
 def resume_stale(services: Services, app: Celery, idle_s: float) -> list[RunId]:
     """Unfinished runs whose Order nobody holds and that nobody touched for ``idle_s``."""
     ledger = services.ledger
+    chain = services.chain
     resumed = []
-    for run_id in ledger.stale_runs(idle_s):
-        run = ledger.get(run_id)
+    for run_id in ledger.registries.stale(idle_s):
+        run = ledger.runs.get(run_id)
         if run is None or not run.state.unfinished:
             continue
-        if (
-            run.state is RunState.RUNNING
-            and run.first_unfinished_step(ledger.provisioning(run_id.order_id)) is None
-        ):
-            ledger.finish(run_id)
+        provisioning = ledger.orders.provisioning(run_id.order_id)
+        if run.state is RunState.RUNNING and chain.first_unfinished(run, provisioning) is None:
+            ledger.runs.finish(run_id)
             continue
-        step = ledger.resume_step(run)
-        ledger.touch(run_id)
+        step = chain.resume_point(run, provisioning)
+        ledger.runs.touch(run_id)
         resume(app, run_id, step)
         resumed.append(run_id)
         log.warning("run_resumed_by_reconciler", run_id=str(run_id), order_id=run_id.order_id, step=step)
-    ledger.metrics.reconciler_action(ledger.redis, ReconcilerAction.RESUME, len(resumed))
+    ledger.metrics.count_sweep(ReconcilerAction.RESUME, len(resumed))
     return resumed
 
 
@@ -67,17 +65,17 @@ def repair_failure_writebacks(services: Services, idle_s: float) -> list[RunId]:
     """Failed runs whose Order may not show Failed yet; one PATCH each."""
     ledger = services.ledger
     repaired = []
-    for run_id in ledger.pending_writebacks(idle_s):
+    for run_id in ledger.registries.pending_writebacks(idle_s):
         # Under the Order's lease: a newer run of the Order (a re-approval) must not be overwritten
         # with this run's failure after it has started.
-        with ledger.holding(run_id.order_id) as lease:
+        with ledger.leases.holding(run_id.order_id) as lease:
             if lease is None:
                 continue
-            run = ledger.get(run_id)
+            run = ledger.runs.get(run_id)
             if run is None or run.state is not RunState.FAILED:
-                ledger.writeback_done(run_id)
+                ledger.registries.writeback_done(run_id)
                 continue
-            fields = failure_fields(services, run.failed_step or ENTRY_STEP, run.error or "")
+            fields = failure_fields(services, run.failed_step or BEGIN, run.error or "")
             try:
                 services.salesforce.update_order(run.order_id, fields)
             except TransientError as exc:
@@ -85,12 +83,12 @@ def repair_failure_writebacks(services: Services, idle_s: float) -> list[RunId]:
                 continue
             except Exception as exc:
                 log.error("failure_writeback_failed", run_id=str(run_id), error=str(exc))
-                ledger.writeback_done(run_id)
+                ledger.registries.writeback_done(run_id)
                 continue
-            ledger.writeback_done(run_id)
+            ledger.registries.writeback_done(run_id)
         repaired.append(run_id)
         log.warning("failure_writeback_repaired", run_id=str(run_id), step=run.failed_step)
-    ledger.metrics.reconciler_action(ledger.redis, ReconcilerAction.WRITEBACK, len(repaired))
+    ledger.metrics.count_sweep(ReconcilerAction.WRITEBACK, len(repaired))
     return repaired
 
 
@@ -102,20 +100,20 @@ def backfill_orders(services: Services, app: Celery, grace_s: float) -> list[Run
     found = services.salesforce.waiting_orders(before, limit=BACKFILL_MAX_ORDERS)
     for waiting in found:
         order_id = waiting.order_id
-        if ledger.runs_in_flight(order_id):
+        if ledger.orders.in_flight(order_id):
             continue
-        provisioning = ledger.provisioning(order_id)
-        last = ledger.get(provisioning.active) if provisioning.active else None
+        provisioning = ledger.orders.provisioning(order_id)
+        last = ledger.runs.get(provisioning.active) if provisioning.active else None
         if (
             last is not None
             and last.state is RunState.FAILED
-            and services.redis.zscore(ledger.writeback_key, str(last.run_id)) is not None
+            and ledger.registries.awaiting_writeback(last.run_id)
         ):
             # Failed, and the Order does not say so yet: the write-back sweep's business.
             continue
         # One id per modification of the Order: another sweep (or replica) finds the same run.
         run_id = RunId(order_id, BACKFILL_KEY_PREFIX + (re.sub(r"\D", "", waiting.last_modified) or "0"))
-        if not ledger.enqueue(run_id, Origin.RECONCILER):
+        if not ledger.runs.enqueue(run_id, Origin.RECONCILER):
             continue
         publish_run(app, run_id)
         started.append(run_id)
@@ -127,11 +125,8 @@ def backfill_orders(services: Services, app: Celery, grace_s: float) -> list[Run
             done_before=provisioning.active is not None,
         )
     # One round trip per sweep: what operators' dashboards and alerts show as Orders waiting.
-    pipe = ledger.redis.pipeline(transaction=False)
     oldest = _timestamp(found[0].last_modified) if found else None
-    ledger.metrics.activating_seen(pipe, waiting=len(found), oldest_modified_at=oldest)
-    ledger.metrics.reconciler_action(pipe, ReconcilerAction.BACKFILL, len(started))
-    pipe.execute()
+    ledger.metrics.count_backfill(waiting=len(found), oldest_modified_at=oldest, started=len(started))
     return started
 
 

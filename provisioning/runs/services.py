@@ -7,13 +7,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from provisioning.core.redis_client import redis_from_settings
 from provisioning.core.replication import ReplicaWait
+from provisioning.core.retry import RetryPolicy
 from provisioning.core.settings import Settings
 from provisioning.ledger import Ledger
+from provisioning.ledger.inventory import EsimInventory
+from provisioning.runs.chain import CHAIN, Chain
 
 if TYPE_CHECKING:
     from provisioning.email.sender import SmtpSender
     from provisioning.esim.client import Es2PlusClient
-    from provisioning.esim.inventory import EsimInventory
     from provisioning.salesforce.client import SalesforceClient
     from provisioning.whmcs.client import WhmcsClient
 
@@ -23,17 +25,21 @@ T = TypeVar("T")
 class Services:
     """Lazily built clients: a worker builds only what its steps use, once, after any fork."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, chain: Chain = CHAIN) -> None:
         self.settings = settings
+        # The steps the runs go through (a test may add one: see docs/architecture.md).
+        self.chain = chain
+        self.retry = RetryPolicy.from_settings(settings)
         self.redis = redis_from_settings(settings)
+        # Writes that guard an external effect wait for a replica (when there are replicas).
+        self.replicas = ReplicaWait(redis=self.redis, timeout_ms=settings.redis_wait_timeout_ms)
         self.ledger = Ledger(
             redis=self.redis,
             prefix=settings.ledger_prefix,
             retention_s=settings.run_retention_days * 86400,
             lease_ttl_s=settings.run_lease_ttl_s,
+            replicas=self.replicas,
         )
-        # Writes that guard an external effect wait for a replica (when there are replicas).
-        self.replicas = ReplicaWait(redis=self.redis, timeout_ms=settings.redis_wait_timeout_ms)
         self._built: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -73,14 +79,7 @@ class Services:
 
     @property
     def inventory(self) -> EsimInventory:
-        from provisioning.esim.inventory import EsimInventory
-
-        return self._once(  # type: ignore[no-any-return]
-            "inventory",
-            lambda: EsimInventory(
-                redis=self.redis, prefix=self.settings.ledger_prefix, replicas=self.replicas
-            ),
-        )
+        return self.ledger.inventory
 
     @property
     def email(self) -> SmtpSender:

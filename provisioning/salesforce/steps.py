@@ -9,16 +9,23 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from provisioning.step.context import StepContext
+from provisioning.step.order import Order
 from provisioning.step.results import EsimActivated, OrderWrittenBack, WhmcsOrderCreated
+from provisioning.step.spec import Adoption
 
-# The Order's activation time: set when the step is first claimed for the Order (the lifecycle's
-# STAMPED_AT_CLAIM), or adopted from the Order itself.
+# The Order's activation time: set when the step is first claimed for the Order (its row's
+# ``stamp``), or adopted from the Order itself.
 ACTIVATED_AT_MARKER = "activated_at"
 
 
 def salesforce_now() -> str:
     """Now, as a Salesforce DateTime field takes it (UTC, milliseconds)."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def adopt(order: Order) -> Adoption:
+    """Every run writes the Order back itself; what it keeps is the activation time the Order shows."""
+    return Adoption(markers={ACTIVATED_AT_MARKER: order.activated_at} if order.activated_at else {})
 
 
 def update_salesforce(ctx: StepContext) -> OrderWrittenBack:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from provisioning.core.run_id import RunId
-from provisioning.esim.inventory import EsimInventory
 from provisioning.ledger import Ledger
+from provisioning.ledger.inventory import EsimInventory
 from provisioning.sandbox.runner import Sandbox
 
 PRODUCTS = [
@@ -129,7 +129,7 @@ def settled(sandbox: Sandbox, ledger: Ledger, order_ids: list[str]) -> Callable[
         views = {o["Id"]: o for o in sandbox.admin("salesforce").get("/__admin/orders")["orders"]}
         if any(views[oid]["Activation_Status__c"] not in ("Activated", "Failed") for oid in order_ids):
             return False
-        return not any(ledger.runs_in_flight(oid) for oid in order_ids)
+        return not any(ledger.orders.in_flight(oid) for oid in order_ids)
 
     return check
 

@@ -76,7 +76,7 @@ from typing import Any
 from aiohttp import web
 
 from provisioning.core.errors import PicklableError
-from provisioning.esim.iccid import make_iccid, normalize_iccid
+from provisioning.core.iccid import make_iccid, normalize_iccid
 from provisioning.sandbox.common import ADMIN_PREFIX, FaultInjector, new_app
 
 API_PREFIX = "/gsma/rsp2/es2plus"

@@ -16,7 +16,7 @@ from provisioning.core.run_id import RunId
 from provisioning.core.settings import Settings
 from provisioning.ledger import Provisioning, Write
 from provisioning.step.order import Order
-from provisioning.step.results import RESULT_TYPES, StepResult
+from provisioning.step.results import StepResult
 
 if TYPE_CHECKING:
     # Only for the annotation: the domains that take a context must not depend on every client.
@@ -27,7 +27,6 @@ R = TypeVar("R", bound=StepResult)
 # trip, and the three quarters left (45 s of the default RUN_LEASE_TTL_S=60) outlast the slowest call
 # (a connect timeout plus a read timeout: 40 s).
 LEASE_RENEW_AFTER_SHARE = 0.25
-_STEP_OF = {kind: step for step, kind in RESULT_TYPES.items()}
 
 
 @dataclass
@@ -64,19 +63,23 @@ class StepContext:
         return self.services.settings
 
     def order(self) -> Order:
-        data = self.snapshot if self.snapshot is not None else self.services.ledger.load_order(self.order_id)
+        data = (
+            self.snapshot
+            if self.snapshot is not None
+            else self.services.ledger.orders.snapshot(self.order_id)
+        )
         return Order.model_validate(data)
 
     def result(self, kind: type[R]) -> R | None:
         """An earlier step's recorded result, typed (None when that step has none)."""
-        raw = self.provisioning.step(_STEP_OF[kind]).result
+        raw = self.provisioning.step(self.services.chain.recording(kind).name).result
         return kind.model_validate(raw) if raw is not None else None
 
     def marker(self, name: str) -> str | None:
         return self.provisioning.markers.get(name)
 
     def set_marker(self, name: str, value: str) -> None:
-        self.services.ledger.set_marker(self.order_id, name, value)
+        self.services.ledger.orders.set_marker(self.order_id, name, value)
         self.provisioning.markers[name] = value
 
     def stamped_by_this_try(self, name: str) -> bool:
@@ -98,7 +101,7 @@ class StepContext:
     def guard_marker(self, name: str, value: str) -> None:
         """``set_marker`` for a marker an external effect follows (an intent, the outbox's ``sending``):
         with replicas, confirmed by one before it returns; else ReplicaUnconfirmed (transient: retry)."""
-        self.services.ledger.guard_marker(self.order_id, name, value, self.services.replicas)
+        self.services.ledger.orders.guard_marker(self.order_id, name, value, self.services.replicas)
         self.provisioning.markers[name] = value
 
     def record_marker(self, name: str, value: str) -> None:
@@ -120,7 +123,7 @@ class StepContext:
         self.pending_writes.append(write)
 
     def incr_marker(self, name: str) -> int:
-        value = self.services.ledger.incr_marker(self.order_id, name)
+        value = self.services.ledger.orders.incr_marker(self.order_id, name)
         self.provisioning.markers[name] = str(value)
         return value
 
@@ -130,7 +133,7 @@ class StepContext:
         Only once a quarter of its TTL has gone by: until then it outlasts any call as it is.
         """
         now = time.monotonic()
-        ttl_s = self.services.ledger.lease_ttl_s
+        ttl_s = self.services.ledger.leases.ttl_s
         if now - self.lease_set_at < ttl_s * LEASE_RENEW_AFTER_SHARE:
             return
         self.lease.reacquire()

@@ -10,8 +10,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from provisioning.step.chain import Step
-
 
 class StepResult(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -42,12 +40,3 @@ class OrderWrittenBack(StepResult):
 class WelcomeEmail(StepResult):
     message_id: str | None = None
     delivery: str | None = None  # "unknown", "refused", "not resent (adopted)"; None: sent
-
-
-RESULT_TYPES: dict[Step, type[StepResult]] = {
-    Step.VALIDATE_PAYMENT: PaymentChecked,
-    Step.ACTIVATE_ESIM: EsimActivated,
-    Step.CREATE_WHMCS_ORDER: WhmcsOrderCreated,
-    Step.UPDATE_SALESFORCE: OrderWrittenBack,
-    Step.SEND_EMAIL: WelcomeEmail,
-}

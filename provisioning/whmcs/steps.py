@@ -10,6 +10,7 @@ from provisioning.core.logs import get_logger
 from provisioning.step.context import StepContext
 from provisioning.step.order import Order
 from provisioning.step.results import PaymentChecked, WhmcsOrderCreated
+from provisioning.step.spec import Adoption
 from provisioning.whmcs.errors import WhmcsOrderNotPending, WhmcsPermanentError
 
 log = get_logger(__name__)
@@ -67,8 +68,23 @@ def validate_payment(ctx: StepContext) -> PaymentChecked:
     return PaymentChecked(whmcs_client_id=client_id, pay_methods=len(methods))
 
 
-# The intent recorded before AddOrder: set by the step's claim (the lifecycle's STAMPED_AT_CLAIM).
+def adopt_payment(order: Order) -> Adoption:
+    """An Order the ledger forgot but that shows its WHMCS order: its payment was checked then."""
+    return Adoption(PaymentChecked(adopted=True))
+
+
+def adopt_order(order: Order) -> Adoption:
+    """The WHMCS order the Order shows, created and accepted before the ledger forgot it."""
+    return Adoption(
+        WhmcsOrderCreated(whmcs_order_id=int(order.whmcs_order_id or 0)), {WHMCS_ACCEPTED_MARKER: "1"}
+    )
+
+
+# The intent recorded before AddOrder: set by the step's claim (its row's ``stamp``).
 WHMCS_INTENT_MARKER = "whmcs_intent"
+# The order AddOrder made, and that AcceptOrder accepted it.
+WHMCS_ORDER_MARKER = "whmcs_order_id"
+WHMCS_ACCEPTED_MARKER = "whmcs_accepted"
 
 
 def intent_stamp() -> str:
@@ -83,7 +99,7 @@ def create_whmcs_order(ctx: StepContext) -> WhmcsOrderCreated:
     whmcs = ctx.services.whmcs
     note = order_note(ctx.effect_key)
 
-    order_id_text = ctx.marker("whmcs_order_id")
+    order_id_text = ctx.marker(WHMCS_ORDER_MARKER)
     if order_id_text is None:
         found = None
         if not ctx.stamped_by_this_try(WHMCS_INTENT_MARKER):
@@ -106,11 +122,11 @@ def create_whmcs_order(ctx: StepContext) -> WhmcsOrderCreated:
             )
             whmcs_order_id = created.order_id
         # With the step's end: a worker dying before it leaves the intent, and the next try finds the order.
-        ctx.record_marker("whmcs_order_id", str(whmcs_order_id))
+        ctx.record_marker(WHMCS_ORDER_MARKER, str(whmcs_order_id))
     else:
         whmcs_order_id = int(order_id_text)
 
-    if ctx.marker("whmcs_accepted") is None:
+    if ctx.marker(WHMCS_ACCEPTED_MARKER) is None:
         ctx.renew()
         try:
             whmcs.accept_order(whmcs_order_id)
@@ -123,5 +139,5 @@ def create_whmcs_order(ctx: StepContext) -> WhmcsOrderCreated:
                     f"WHMCS order {whmcs_order_id} cannot be accepted: it is {status}"
                 ) from None
         # With the step's end: a repeat AcceptOrder answers "not Pending", checked above.
-        ctx.record_marker("whmcs_accepted", "1")
+        ctx.record_marker(WHMCS_ACCEPTED_MARKER, "1")
     return WhmcsOrderCreated(whmcs_order_id=whmcs_order_id)

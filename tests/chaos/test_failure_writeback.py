@@ -24,7 +24,7 @@ def test_a_failure_salesforce_refused_to_record_is_written_on_the_order_by_the_r
     listeners(settings)
     publish_events_admin(sandbox, [event_payload(order)])
     wait_for(lambda: "order_writeback_failed" in worker.log_text(), timeout_s=60)
-    run = services.ledger.get(order.run_id)
+    run = services.ledger.runs.get(order.run_id)
     assert run is not None
     assert run.state is RunState.FAILED
     assert _status(sandbox, order.order_id)["Activation_Status__c"] == "Activating"
@@ -33,4 +33,4 @@ def test_a_failure_salesforce_refused_to_record_is_written_on_the_order_by_the_r
     wait_for(lambda: _status(sandbox, order.order_id)["Activation_Status__c"] == "Failed", timeout_s=30)
     record = _status(sandbox, order.order_id)
     assert record["Activation_Error__c"].startswith("validate_payment: no valid payment method")
-    assert services.ledger.pending_writebacks(0) == []
+    assert services.ledger.registries.pending_writebacks(0) == []

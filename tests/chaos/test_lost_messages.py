@@ -15,7 +15,7 @@ from provisioning.sandbox.scenario import wait_until as wait_for
 
 
 def _state(services, run_id):
-    run = services.ledger.get(run_id)
+    run = services.ledger.runs.get(run_id)
     return run.state if run is not None else None
 
 
@@ -44,7 +44,7 @@ def test_a_runs_chain_lost_after_the_listener_published_it_is_republished_by_the
     assert effects.activated == 1
     assert effects.whmcs_orders == 1
     assert effects.emails == 1
-    assert services.redis.zcard(services.ledger.active_key) == 0
+    assert services.ledger.registries.unfinished() == 0
 
 
 def test_a_run_skipped_because_its_order_is_not_activating_leaves_nothing_for_the_reconciler(
@@ -61,7 +61,7 @@ def test_a_run_skipped_because_its_order_is_not_activating_leaves_nothing_for_th
     listeners(settings)
     publish_events_admin(sandbox, [event_payload(order)])
     wait_for(lambda: _state(services, order.run_id) is RunState.SKIPPED, timeout_s=30)
-    assert services.redis.zcard(services.ledger.active_key) == 0
+    assert services.ledger.registries.unfinished() == 0
     assert count_effects(sandbox).whmcs_orders == 0
 
 
@@ -71,7 +71,7 @@ def test_an_event_whose_run_is_still_queued_is_published_again_without_waiting_f
     settings = stack_settings.model_copy(update={"listener_lock_ttl_s": 3, "reconcile_idle_s": 3600})
     (order,) = seed_orders(sandbox, services.inventory, count=1, esim_share=0.0)
     # A listener died after recording the run as queued and before publishing its task.
-    assert services.ledger.enqueue(order.run_id)
+    assert services.ledger.runs.enqueue(order.run_id)
     workers(settings, concurrency=2)
     listeners(settings)
     publish_events_admin(sandbox, [event_payload(order)])

@@ -12,8 +12,8 @@ from kombu import Connection, Exchange, Producer, Queue
 from provisioning.core.broker import AmqpChannel, AmqpTransport
 from provisioning.core.run_id import RunId
 from provisioning.core.settings import Settings
+from provisioning.runs.chain import CHAIN
 from provisioning.runs.publishing import make_publisher, publish_run, publish_runs
-from provisioning.step.chain import STEPS
 
 # The machine's servers, as in conftest's settings.
 BROKER_URL = "redis://127.0.0.1:6379/1"
@@ -90,7 +90,7 @@ def test_a_batch_of_runs_on_redis_is_queued_whole_as_first_steps(settings: Setti
     finally:
         client.close()
     assert len(messages) == 250
-    assert all(STEPS[0].task_name.encode() in m for m in messages)
+    assert all(CHAIN.first.task_name.encode() in m for m in messages)
 
 
 def test_publishes_from_other_threads_on_a_connection_an_event_loop_reads_never_hang(namespace: str) -> None:

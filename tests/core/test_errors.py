@@ -23,6 +23,7 @@ from pydantic import SecretStr
 import provisioning
 import tasks
 from provisioning.core.errors import OrderRejected, PermanentError, ProvisioningError, TransientError
+from provisioning.core.retry import Cause
 from provisioning.core.settings import ConfigError
 from provisioning.email.errors import EmailError
 from provisioning.esim.errors import (
@@ -31,12 +32,12 @@ from provisioning.esim.errors import (
     Es2PlusProtocolError,
     Es2PlusServerError,
     FunctionStatus,
-    InventoryEmpty,
     InventoryFileError,
     _WithFunctionStatus,
 )
+from provisioning.ledger.inventory import InventoryEmpty
 from provisioning.ops.console.app import Refused
-from provisioning.runs.lifecycle import RetryLater, RunEnded
+from provisioning.runs.lifecycle import RunEnded, Wait
 from provisioning.salesforce.auth import AccessToken
 from provisioning.salesforce.client import _SessionExpired
 from provisioning.salesforce.errors import SalesforceError
@@ -81,7 +82,7 @@ SAMPLES: dict[type[BaseException], Build] = {
     ),
     smdp_simulator.FunctionFailed: lambda cls: cls("8.2.1", "3.9", "unknown ICCID", "8988299000000000006"),
     whmcs_simulator.ApiError: lambda cls: cls("Invoice ID Not Found", key="status"),
-    RetryLater: lambda cls: cls(2.0, "another worker holds the Order's lease"),
+    Wait: lambda cls: cls(Cause.LEASE_BUSY, 2.0, "another worker holds the Order's lease"),
     RunEnded: lambda cls: cls({"joined": "801Dn0000HeJ6rrIQC:approval-1"}),
     sf_model.ApiError: lambda cls: cls(400, "MALFORMED_ID", "bad id", ["Id"]),
     sf_auth.OAuthError: lambda cls: cls("invalid_grant", "audience is invalid"),

@@ -11,15 +11,11 @@ from provisioning.core.errors import TransientError
 from provisioning.core.replication import REPLICAS_NEEDED, ReplicaUnconfirmed, ReplicaWait
 from provisioning.core.run_id import RunId
 from provisioning.core.settings import Settings
-from provisioning.email.steps import send_email
-from provisioning.esim.steps import activate_esim
-from provisioning.runs.lifecycle import RetryLater, run_step
+from provisioning.runs.chain import CHAIN
+from provisioning.runs.lifecycle import Wait, run_step
 from provisioning.runs.services import Services
-from provisioning.salesforce.steps import update_salesforce
 from provisioning.sandbox.redis_server import RedisServer
 from provisioning.sandbox.scenario import effects_by_order, seed_orders, wait_until
-from provisioning.step.chain import Step
-from provisioning.whmcs.steps import create_whmcs_order, validate_payment
 
 # The production default: a busy machine can stall a replica's acknowledgement for a few 100 ms.
 TIMEOUT_MS = 1000
@@ -141,13 +137,13 @@ def test_with_the_replica_paused_no_guarded_step_acts_and_each_acts_once_when_it
     services = replicated_services
     (order,) = seed_orders(sandbox, services.inventory, count=1, esim_share=1.0, seed=83)
     run_id = RunId.parse(order.run_id)
-    run_step(services, run_id, Step.VALIDATE_PAYMENT, validate_payment)
+    run_step(services, run_id, CHAIN["validate_payment"])
 
-    def unconfirmed(step: Step, action) -> RetryLater:  # type: ignore[no-untyped-def]
+    def unconfirmed(step: str) -> Wait:
         replica.pause()
         try:
-            with pytest.raises(RetryLater) as caught:
-                run_step(services, run_id, step, action)
+            with pytest.raises(Wait) as caught:
+                run_step(services, run_id, CHAIN[step])
         finally:
             replica.resume()
         # Back: the replica catches up before the retry (on a busy machine, more than the timeout).
@@ -155,26 +151,26 @@ def test_with_the_replica_paused_no_guarded_step_acts_and_each_acts_once_when_it
         assert isinstance(caught.value.__cause__, TransientError)
         return caught.value
 
-    retry = unconfirmed(Step.ACTIVATE_ESIM, activate_esim)
+    retry = unconfirmed("activate_esim")
     assert "REDIS_WAIT_TIMEOUT_MS" in retry.reason
     assert "downloadOrder" not in _calls(sandbox, "smdp")  # the claim was not confirmed: nothing ordered
-    run_step(services, run_id, Step.ACTIVATE_ESIM, activate_esim)
+    run_step(services, run_id, CHAIN["activate_esim"])
 
-    unconfirmed(Step.CREATE_WHMCS_ORDER, create_whmcs_order)
+    unconfirmed("create_whmcs_order")
     assert "AddOrder" not in _calls(sandbox, "whmcs")
-    run_step(services, run_id, Step.CREATE_WHMCS_ORDER, create_whmcs_order)
-    run_step(services, run_id, Step.UPDATE_SALESFORCE, update_salesforce)
+    run_step(services, run_id, CHAIN["create_whmcs_order"])
+    run_step(services, run_id, CHAIN["update_salesforce"])
 
-    unconfirmed(Step.SEND_EMAIL, send_email)
+    unconfirmed("send_email")
     assert sandbox.admin("smtp").get("/__admin/messages/summary")["count"] == 0
     # Nothing was sent: the outbox is back where it was, so the retry is no "resend".
-    assert services.ledger.marker(order.order_id, "outbox") == "pending"
-    run_step(services, run_id, Step.SEND_EMAIL, send_email)
+    assert services.ledger.orders.marker(order.order_id, "outbox") == "pending"
+    run_step(services, run_id, CHAIN["send_email"])
 
     assert effects_by_order(sandbox)[order.order_id].problems() == []
     assert _calls(sandbox, "whmcs")["AddOrder"] == 1
     assert _calls(sandbox, "smdp")["downloadOrder"] == 1
-    assert services.ledger.marker(order.order_id, "email_resends") is None
+    assert services.ledger.orders.marker(order.order_id, "email_resends") is None
 
 
 def test_where_an_acl_forbids_info_nothing_waits_and_the_write_goes_through(replicated_redis) -> None:

@@ -165,7 +165,7 @@ class Stack:
         def settled() -> bool:
             if self.activated() < len(orders):
                 return False
-            return not self.services.redis.zcard(ledger.active_key)
+            return not ledger.registries.unfinished()
 
         self._wait(
             settled,
@@ -184,7 +184,7 @@ class Stack:
         statuses = self.statuses()
         unfinished = []
         for o in orders:
-            run = self.services.ledger.get(o.run_id)
+            run = self.services.ledger.runs.get(o.run_id)
             if run is None or run.state not in (RunState.DONE, RunState.FAILED):
                 unfinished.append(f"{o.run_id}: {run.state.value if run else 'no run'}")
         return f"statuses {dict(statuses)}; {len(unfinished)} runs unfinished: {unfinished[:5]}"

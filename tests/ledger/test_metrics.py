@@ -17,15 +17,16 @@ from provisioning.core.errors import PermanentError, TransientError
 from provisioning.core.run_id import RunId
 from provisioning.core.settings import Settings
 from provisioning.ledger import Origin
+from provisioning.ledger.keys import Keys
 from provisioning.ledger.metrics import STEP_DURATION, FailureCause, RunMetrics
 from provisioning.ops.actions import requeue
 from provisioning.ops.exporter import LedgerCollector, exported_names
-from provisioning.runs.lifecycle import RetryLater, RunEnded, RunFailed, run_step
+from provisioning.runs.chain import CHAIN
+from provisioning.runs.lifecycle import RunEnded, RunFailed, Wait, run_step
 from provisioning.runs.publishing import make_publisher
 from provisioning.runs.reconciler import backfill_orders, resume_stale
 from provisioning.runs.services import Services
 from provisioning.sandbox.scenario import seed_orders
-from provisioning.step.chain import Step
 from provisioning.step.context import StepContext
 from provisioning.step.results import (
     EsimActivated,
@@ -35,15 +36,16 @@ from provisioning.step.results import (
     WelcomeEmail,
     WhmcsOrderCreated,
 )
+from tests.steps import at
 
 pytestmark = pytest.mark.fast
 
-RESULTS: dict[Step, StepResult] = {
-    Step.VALIDATE_PAYMENT: PaymentChecked(whmcs_client_id=1, pay_methods=1),
-    Step.ACTIVATE_ESIM: EsimActivated(iccid="8988211000000000001"),
-    Step.CREATE_WHMCS_ORDER: WhmcsOrderCreated(whmcs_order_id=7),
-    Step.UPDATE_SALESFORCE: OrderWrittenBack(activated_at="2026-12-02T06:00:00.000Z"),
-    Step.SEND_EMAIL: WelcomeEmail(message_id="<x@y>"),
+RESULTS: dict[str, StepResult] = {
+    "validate_payment": PaymentChecked(whmcs_client_id=1, pay_methods=1),
+    "activate_esim": EsimActivated(iccid="8988211000000000001"),
+    "create_whmcs_order": WhmcsOrderCreated(whmcs_order_id=7),
+    "update_salesforce": OrderWrittenBack(activated_at="2026-12-02T06:00:00.000Z"),
+    "send_email": WelcomeEmail(message_id="<x@y>"),
 }
 
 
@@ -99,11 +101,11 @@ def test_a_done_run_counts_its_start_its_end_each_steps_duration_and_retries_and
 ):
     run_id = RunId.parse(orders[0].run_id)
     # The first step begins the run, then its first attempt fails for now.
-    with pytest.raises(RetryLater):
-        run_step(services, run_id, Step.VALIDATE_PAYMENT, _raise(Flaky("WHMCS answered 503")))
-    for step in Step:
-        action = _slow_ok(RESULTS[step], 0.3) if step is Step.ACTIVATE_ESIM else _ok(RESULTS[step])
-        run_step(services, run_id, step, action)
+    with pytest.raises(Wait):
+        run_step(services, run_id, at("validate_payment", _raise(Flaky("WHMCS answered 503"))))
+    for step in CHAIN.names:
+        action = _slow_ok(RESULTS[step], 0.3) if step == "activate_esim" else _ok(RESULTS[step])
+        run_step(services, run_id, at(step, action))
     # A second event with another key after it: the Order says Activated, the run is skipped.
     sandbox.admin("salesforce").patch(
         f"/__admin/orders/{orders[0].order_id}", {"activation_status": "Activated"}
@@ -112,8 +114,7 @@ def test_a_done_run_counts_its_start_its_end_each_steps_duration_and_retries_and
         run_step(
             services,
             RunId(orders[0].order_id, "approval-2"),
-            Step.VALIDATE_PAYMENT,
-            _ok(RESULTS[Step.VALIDATE_PAYMENT]),
+            at("validate_payment", _ok(RESULTS["validate_payment"])),
         )
 
     s = scrape(services)
@@ -121,8 +122,8 @@ def test_a_done_run_counts_its_start_its_end_each_steps_duration_and_retries_and
     assert value(s, "provisioning_runs_ended_total", outcome="done") == 1
     assert value(s, "provisioning_runs_ended_total", outcome="skipped") == 1
     assert value(s, "provisioning_runs_ended_total", outcome="failed") == 0
-    for step in Step:
-        assert value(s, "provisioning_step_duration_seconds_count", step=step.value) == 1
+    for step in CHAIN.names:
+        assert value(s, "provisioning_step_duration_seconds_count", step=step) == 1
     # The eSIM step slept 0.3 s: in the 0.5 s bucket, not in the 0.25 s one.
     assert value(s, "provisioning_step_duration_seconds_bucket", step="activate_esim", le="0.25") == 0
     assert value(s, "provisioning_step_duration_seconds_bucket", step="activate_esim", le="0.5") == 1
@@ -143,14 +144,14 @@ def test_failures_are_counted_by_step_and_cause_and_a_requeue_is_counted(
 ):
     permanent, exhausted = (RunId.parse(o.run_id) for o in orders[:2])
     with pytest.raises(RunFailed):
-        run_step(services, permanent, Step.VALIDATE_PAYMENT, _raise(Refused("no pay method")))
-    run_step(services, exhausted, Step.VALIDATE_PAYMENT, _ok(RESULTS[Step.VALIDATE_PAYMENT]))
+        run_step(services, permanent, at("validate_payment", _raise(Refused("no pay method"))))
+    run_step(services, exhausted, at("validate_payment", _ok(RESULTS["validate_payment"])))
     # Transient failures until the step's retries are spent.
     for _ in range(services.settings.task_max_retries):
-        with pytest.raises(RetryLater):
-            run_step(services, exhausted, Step.ACTIVATE_ESIM, _raise(Flaky("SM-DP+ down")))
+        with pytest.raises(Wait):
+            run_step(services, exhausted, at("activate_esim", _raise(Flaky("SM-DP+ down"))))
     with pytest.raises(RunFailed):
-        run_step(services, exhausted, Step.ACTIVATE_ESIM, _raise(Flaky("SM-DP+ down")))
+        run_step(services, exhausted, at("activate_esim", _raise(Flaky("SM-DP+ down"))))
 
     s = scrape(services)
     assert value(s, "provisioning_runs_failed_total", step="validate_payment", cause="permanent") == 1
@@ -173,17 +174,17 @@ def test_failures_are_counted_by_step_and_cause_and_a_requeue_is_counted(
 
 def test_joined_and_superseded_runs_are_counted(sandbox, services, orders):
     first = RunId.parse(orders[0].run_id)
-    ok = _ok(RESULTS[Step.VALIDATE_PAYMENT])
-    run_step(services, first, Step.VALIDATE_PAYMENT, ok)
+    ok = _ok(RESULTS["validate_payment"])
+    run_step(services, first, at("validate_payment", ok))
     with pytest.raises(RunEnded):  # joins the first, in flight
-        run_step(services, RunId(orders[0].order_id, "approval-2"), Step.VALIDATE_PAYMENT, ok)
+        run_step(services, RunId(orders[0].order_id, "approval-2"), at("validate_payment", ok))
     with pytest.raises(RunFailed):
-        run_step(services, first, Step.ACTIVATE_ESIM, _raise(Refused("no such profile type")))
+        run_step(services, first, at("activate_esim", _raise(Refused("no such profile type"))))
     # A re-approval: the Order back in Activating, a new run continues and supersedes the failed one.
     sandbox.admin("salesforce").patch(
         f"/__admin/orders/{orders[0].order_id}", {"activation_status": "Activating"}
     )
-    run_step(services, RunId(orders[0].order_id, "approval-3"), Step.VALIDATE_PAYMENT, ok)
+    run_step(services, RunId(orders[0].order_id, "approval-3"), at("validate_payment", ok))
     s = scrape(services)
     assert value(s, "provisioning_runs_ended_total", outcome="joined") == 1
     assert value(s, "provisioning_runs_ended_total", outcome="superseded") == 1
@@ -196,7 +197,7 @@ def test_the_reconcilers_resumes_and_backfill_are_counted_with_the_orders_waitin
 ):
     app = make_publisher(stack_settings)
     stale = RunId.parse(orders[0].run_id)
-    services.ledger.enqueue(stale, Origin.EVENT)
+    services.ledger.runs.enqueue(stale, Origin.EVENT)
     assert resume_stale(services, app, idle_s=0) == [stale]
     time.sleep(1.1)  # the query compares LastModifiedDate to the second
     started = backfill_orders(services, app, grace_s=0)
@@ -214,8 +215,8 @@ def test_the_reconcilers_resumes_and_backfill_are_counted_with_the_orders_waitin
 
 def test_the_registries_stock_and_listener_lock_are_read_at_scrape_time(services, orders):
     ledger = services.ledger
-    ledger.quarantine({"replay_id": 1, "reason": "OrderId__c is missing", "payload": {}})
-    ledger.email_refused(orders[0].order_id, "550 mailbox unavailable")
+    ledger.registries.quarantine([{"replay_id": 1, "reason": "OrderId__c is missing", "payload": {}}])
+    ledger.orders.email_refused(orders[0].order_id, "550 mailbox unavailable", {"outbox": "refused"})
     channel = services.settings.sf_provision_event_channel
     s = scrape(services)
     assert value(s, "provisioning_quarantined_events") == 1
@@ -224,7 +225,8 @@ def test_the_registries_stock_and_listener_lock_are_read_at_scrape_time(services
     assert value(s, "provisioning_esim_stock", state="free") == stock.free > 0
     assert value(s, "provisioning_esim_stock_warn_threshold") == services.settings.esim_stock_warn_threshold
     assert value(s, "provisioning_listener_leader", channel=channel) == 0
-    services.redis.set(ledger.listener_key(channel, "lock"), "token", ex=30)
+    lock = ledger.listener.leader_lock(channel, 30)
+    assert lock.acquire(blocking=False)
     assert value(scrape(services), "provisioning_listener_leader", channel=channel) == 1
 
 
@@ -259,7 +261,7 @@ def test_a_histogram_bucket_index_matches_prometheus_le_semantics():
     assert STEP_DURATION.bucket_index(0.05) == 0  # le="0.05" holds 0.05 itself
     assert STEP_DURATION.bucket_index(0.051) == 1
     assert STEP_DURATION.bucket_index(10_000) == len(STEP_DURATION.buckets)
-    metrics = RunMetrics("x")
+    metrics = RunMetrics(Keys("x"))
     assert metrics.histogram_key(STEP_DURATION) == "x:metrics:h:provisioning_step_duration_seconds"
     assert FailureCause("transient_exhausted") is FailureCause.TRANSIENT_EXHAUSTED
 

@@ -20,19 +20,19 @@ from provisioning.sandbox.scenario import wait_until as wait_for
 
 
 def _done(services, run_id):
-    run = services.ledger.get(run_id)
+    run = services.ledger.runs.get(run_id)
     return run is not None and run.state is RunState.DONE
 
 
-def _checkpoint_key(services, settings):
-    return services.ledger.listener_key(
-        settings.sf_provision_event_channel, f"checkpoint:{settings.sf_events_transport}"
+def _stored_checkpoint(services, settings):
+    return services.ledger.listener.checkpoint(
+        settings.sf_provision_event_channel, settings.sf_events_transport
     )
 
 
 def _checkpoint(services, settings):
     """The stored checkpoint, as the bus's replay id (each transport stores its own opaque bytes)."""
-    raw = services.redis.get(_checkpoint_key(services, settings))
+    raw = _stored_checkpoint(services, settings)
     if raw is None:
         return None
     return int(raw) if settings.sf_events_transport == "cometd" else int.from_bytes(raw, "big")
@@ -43,7 +43,8 @@ def _log_lines(proc, event):
 
 
 def _lock_holder(services, settings):
-    return services.redis.get(services.ledger.listener_key(settings.sf_provision_event_channel, "lock"))
+    state = services.ledger.listener.state(settings.sf_provision_event_channel)
+    return state.lock_token if state.lock_held else None
 
 
 @pytest.fixture(params=["pubsub", "cometd"])
@@ -79,8 +80,8 @@ def test_malformed_events_are_quarantined_with_reasons_and_every_good_one_is_pro
     ]
     publish_events_admin(sandbox, payloads)
     wait_for(lambda: all(_done(services, o.run_id) for o in orders))
-    wait_for(lambda: len(services.ledger.quarantined()) == 5)
-    reasons = sorted(e["reason"] for e in services.ledger.quarantined())
+    wait_for(lambda: len(services.ledger.registries.quarantined()) == 5)
+    reasons = sorted(e["reason"] for e in services.ledger.registries.quarantined())
     assert any("OrderId__c is missing" in r for r in reasons)
     assert sum("not a valid Salesforce Id" in r for r in reasons) == 2
     assert any("IdemKey__c is longer than 80" in r for r in reasons)
@@ -88,7 +89,7 @@ def test_malformed_events_are_quarantined_with_reasons_and_every_good_one_is_pro
     # The Account's Id cost nothing in Salesforce: one query per good Order, none for it.
     assert sandbox.admin("salesforce").get("/__admin/calls")["calls"].get("query") == 4
     # Each entry names its replay id (the transport's opaque bytes, in hex) and the transport.
-    for entry in services.ledger.quarantined():
+    for entry in services.ledger.registries.quarantined():
         assert entry["transport"] == listen_settings.sf_events_transport
         assert bytes.fromhex(entry["replay_id"])
     assert count_effects(sandbox).whmcs_orders == 4
@@ -161,7 +162,7 @@ def test_a_thousand_events_survive_three_listener_kills_with_one_whmcs_order_eac
     for chunk in range(4):
         publish_events_admin(sandbox, [event_payload(o) for o in orders[chunk * 250 : (chunk + 1) * 250]])
         if chunk < 3:
-            wait_for(lambda: services.redis.exists(_checkpoint_key(services, listen_settings)))
+            wait_for(lambda: _stored_checkpoint(services, listen_settings) is not None)
             time.sleep(0.5)
             listener.kill()
             listener = listeners(listen_settings)

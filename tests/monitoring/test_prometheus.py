@@ -152,7 +152,7 @@ def test_prometheus_reads_run_counts_that_match_the_ledger_during_a_sandbox_run(
     wait_until(settled(sandbox, services.ledger, order_ids), timeout_s=120)
 
     ledger = services.ledger
-    runs = [r for oid in order_ids for r in ledger.get_many([str(i) for i in ledger.runs_for_order(oid)])]
+    runs = [r for oid in order_ids for r in ledger.runs.get_many([str(i) for i in ledger.orders.runs(oid)])]
     assert len(runs) == 6
     by_state = Counter(r.state.value for r in runs)
     assert by_state[RunState.FAILED.value] == 1

@@ -21,7 +21,7 @@ def _cli(settings, *args):
 
 
 def _state(services, run_id):
-    run = services.ledger.get(run_id)
+    run = services.ledger.runs.get(run_id)
     return run.state if run else None
 
 
@@ -86,8 +86,8 @@ def test_failed_status_and_requeue_bring_a_fixed_order_to_activated_without_repe
 
 
 def test_quarantine_lists_rejected_events_with_reasons(stack_settings, services):
-    services.ledger.quarantine(
-        {"replay_id": 7, "uuid": "u", "reason": "OrderId__c is missing", "payload": {}, "received_at": 1.0}
+    services.ledger.registries.quarantine(
+        [{"replay_id": 7, "uuid": "u", "reason": "OrderId__c is missing", "payload": {}, "received_at": 1.0}]
     )
     out = _cli(stack_settings, "quarantine", "--json")
     assert json.loads(out.stdout)[0]["reason"] == "OrderId__c is missing"
@@ -115,7 +115,7 @@ def test_a_refused_welcome_email_leaves_the_order_activated_and_resend_email_del
     assert view["WHMCS_Order_ID__c"]
     assert "welcome e-mail was not delivered" in view["Activation_Error__c"]
     assert "550" in view["Activation_Error__c"]
-    assert services.ledger.failed_runs() == []
+    assert services.ledger.registries.failed() == []
     listed = json.loads(_cli(stack_settings, "emails", "--json").stdout)
     assert [row["order_id"] for row in listed] == [order.order_id]
     assert "550" in listed[0]["reply"]
@@ -183,8 +183,8 @@ def test_reprovision_makes_new_effects_only_on_an_operators_request_with_a_reaso
 def test_runs_lists_runs_by_state_step_age_and_order_as_the_console_does(sandbox, stack_settings, services):
     from provisioning.core.errors import PermanentError, TransientError
     from provisioning.core.run_id import RunId
-    from provisioning.runs.lifecycle import RetryLater, RunFailed, run_step
-    from provisioning.step.chain import Step
+    from provisioning.runs.lifecycle import RunFailed, Wait, run_step
+    from tests.steps import at
 
     class Refused(PermanentError):
         pass
@@ -200,10 +200,10 @@ def test_runs_lists_runs_by_state_step_age_and_order_as_the_console_does(sandbox
 
     failing, waiting = seed_orders(sandbox, services.inventory, count=2, esim_share=1.0, seed=43)
     with pytest.raises(RunFailed):
-        run_step(services, RunId.parse(failing.run_id), Step.VALIDATE_PAYMENT, refuse)
+        run_step(services, RunId.parse(failing.run_id), at("validate_payment", refuse))
     # Begun, its first step to be tried again: running at validate_payment.
-    with pytest.raises(RetryLater):
-        run_step(services, RunId.parse(waiting.run_id), Step.VALIDATE_PAYMENT, flaky)
+    with pytest.raises(Wait):
+        run_step(services, RunId.parse(waiting.run_id), at("validate_payment", flaky))
 
     def listed(*args):
         out = _cli(stack_settings, "runs", "--json", *args)

@@ -7,6 +7,7 @@ Delivery and crashes are the worker-process tests' business (``tests/tasks``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -15,26 +16,26 @@ import pytest
 import redis
 
 from provisioning.core.errors import TransientError
+from provisioning.core.retry import (
+    LEASE_BUSY_BASE_S,
+    LEASE_BUSY_CAP_S,
+    LEDGER_DOWN_BASE_S,
+    LEDGER_DOWN_CAP_S,
+    Cause,
+)
 from provisioning.core.run_id import RunId
 from provisioning.email.errors import EmailPermanentError
 from provisioning.esim.steps import activate_esim
 from provisioning.ledger import Origin, RunState
 from provisioning.ops.actions import requeue
-from provisioning.runs.lifecycle import (
-    LEASE_BUSY_RETRY_S,
-    LEDGER_UNREACHABLE_RETRY_CAP_S,
-    RetryLater,
-    RunEnded,
-    RunFailed,
-    run_step,
-)
+from provisioning.runs.chain import CHAIN
+from provisioning.runs.lifecycle import RunEnded, RunFailed, Wait, run_step
 from provisioning.runs.publishing import make_publisher
 from provisioning.runs.reconciler import resume_stale
 from provisioning.runs.services import Services
 from provisioning.salesforce.steps import update_salesforce
 from provisioning.sandbox.processes import free_port
 from provisioning.sandbox.scenario import seed_orders
-from provisioning.step.chain import Step
 from provisioning.step.context import StepContext
 from provisioning.step.results import (
     EsimActivated,
@@ -44,6 +45,7 @@ from provisioning.step.results import (
     WelcomeEmail,
     WhmcsOrderCreated,
 )
+from provisioning.step.spec import StepSpec
 from provisioning.whmcs.steps import create_whmcs_order, order_note
 
 pytestmark = pytest.mark.fast
@@ -51,6 +53,11 @@ pytestmark = pytest.mark.fast
 
 class Flaky(TransientError):
     """What a test action raises to look like a transient failure of an API."""
+
+
+def at(name: str, action: Any) -> StepSpec:
+    """The step table's row ``name``, acting with ``action``."""
+    return dataclasses.replace(CHAIN[name], action=action)
 
 
 def _ok(result: StepResult) -> Any:
@@ -94,26 +101,26 @@ def _sf_order(sandbox, order_id):
     return sandbox.admin("salesforce").get(f"/__admin/orders/{order_id}")
 
 
-def _run_chain(services: Services, run_id: RunId, actions: dict[Step, Any] | None = None) -> None:
+def _run_chain(services: Services, run_id: RunId, actions: dict[str, Any] | None = None) -> None:
     """Every step once, in order, with the given (or trivial) actions."""
-    results: dict[Step, StepResult] = {
-        Step.VALIDATE_PAYMENT: PaymentChecked(whmcs_client_id=1, pay_methods=1),
-        Step.ACTIVATE_ESIM: EsimActivated(iccid="8988211000000000001"),
-        Step.CREATE_WHMCS_ORDER: WhmcsOrderCreated(whmcs_order_id=7),
-        Step.UPDATE_SALESFORCE: OrderWrittenBack(activated_at="2026-12-02T06:00:00.000Z"),
-        Step.SEND_EMAIL: WelcomeEmail(message_id="<x@y>"),
+    results: dict[str, StepResult] = {
+        "validate_payment": PaymentChecked(whmcs_client_id=1, pay_methods=1),
+        "activate_esim": EsimActivated(iccid="8988211000000000001"),
+        "create_whmcs_order": WhmcsOrderCreated(whmcs_order_id=7),
+        "update_salesforce": OrderWrittenBack(activated_at="2026-12-02T06:00:00.000Z"),
+        "send_email": WelcomeEmail(message_id="<x@y>"),
     }
-    for step in Step:
-        action = (actions or {}).get(step) or _ok(results[step])
-        run_step(services, run_id, step, action)
+    for name in CHAIN.names:
+        action = (actions or {}).get(name) or _ok(results[name])
+        run_step(services, run_id, at(name, action))
 
 
-def _fail(services: Services, run_id: RunId, step: Step, exc: Exception) -> None:
+def _fail(services: Services, run_id: RunId, step: str, exc: Exception) -> None:
     """Run ``step`` with an action that always raises ``exc`` until the run fails (retries spent)."""
     for _ in range(services.settings.task_max_retries + 1):
         try:
-            run_step(services, run_id, step, _raise(exc))
-        except RetryLater:
+            run_step(services, run_id, at(step, _raise(exc)))
+        except Wait:
             continue
         except RunFailed:
             return
@@ -122,7 +129,7 @@ def _fail(services: Services, run_id: RunId, step: Step, exc: Exception) -> None
 
 def _begin(services: Services, run_id: RunId) -> dict[str, Any]:
     """The run's first step, which begins it."""
-    return run_step(services, run_id, Step.VALIDATE_PAYMENT, _ok(PaymentChecked(whmcs_client_id=1))).result
+    return run_step(services, run_id, at("validate_payment", _ok(PaymentChecked(whmcs_client_id=1)))).result
 
 
 def test_a_runs_first_step_begins_it_reading_the_order_once_and_holding_it_as_the_active_run(
@@ -132,11 +139,11 @@ def test_a_runs_first_step_begins_it_reading_the_order_once_and_holding_it_as_th
     sandbox.admin("salesforce").post("/__admin/calls/reset")
     assert _begin(services, run_id) == {"whmcs_client_id": 1}
     assert _api_calls(sandbox) == {"query": 1}
-    run = services.ledger.get(run_id)
+    run = services.ledger.runs.get(run_id)
     assert run.state is RunState.RUNNING
-    assert services.ledger.provisioning(order.order_id).active == str(run_id)
-    assert services.ledger.load_order(order.order_id)["id"] == order.order_id
-    assert services.redis.exists(services.ledger.lease_key(order.order_id)) == 0  # given back
+    assert services.ledger.orders.provisioning(order.order_id).active == str(run_id)
+    assert services.ledger.orders.snapshot(order.order_id)["id"] == order.order_id
+    assert services.ledger.leases.is_held(order.order_id) == 0  # given back
     # The same step again (a redelivery, a duplicate event's chain) returns the recorded result.
     assert _begin(services, run_id) == {"whmcs_client_id": 1}
     assert _api_calls(sandbox) == {"query": 1}
@@ -151,11 +158,11 @@ def test_a_second_run_of_an_order_in_flight_joins_it_without_a_query(sandbox, se
         _begin(services, second)
     assert ended.value.result == {"joined": str(first)}
     assert _api_calls(sandbox) == {}
-    joined = services.ledger.get(second)
+    joined = services.ledger.runs.get(second)
     assert joined.state is RunState.JOINED
     assert joined.joined == str(first)
     with pytest.raises(RunEnded) as again:
-        run_step(services, second, Step.ACTIVATE_ESIM, _ok(EsimActivated(iccid="1")))
+        run_step(services, second, at("activate_esim", _ok(EsimActivated(iccid="1"))))
     assert again.value.result == {"ended": "joined"}
 
 
@@ -165,16 +172,16 @@ def test_a_run_whose_order_is_not_activating_is_skipped_with_the_reason(sandbox,
     with pytest.raises(RunEnded) as ended:
         _begin(services, run_id)
     assert "skipped" in ended.value.result
-    run = services.ledger.get(run_id)
+    run = services.ledger.runs.get(run_id)
     assert run.state is RunState.SKIPPED
     assert run.note == "skipped: the Order is 'Activated', not 'Activating': nothing to do"
-    assert services.redis.zscore(services.ledger.active_key, str(run_id)) is None
+    assert services.ledger.orders.in_flight(order.order_id) == []
 
 
 def test_a_re_approval_reuses_the_orders_effects_and_only_writes_it_back(sandbox, services, order):
     first = RunId.parse(order.run_id)
     _run_chain(services, first)
-    assert services.ledger.get(first).state is RunState.DONE
+    assert services.ledger.runs.get(first).state is RunState.DONE
     sandbox.admin("salesforce").patch(
         f"/__admin/orders/{order.order_id}", {"activation_status": "Activating"}
     )
@@ -186,14 +193,15 @@ def test_a_re_approval_reuses_the_orders_effects_and_only_writes_it_back(sandbox
         called.append(ctx.run_id)
         return PaymentChecked()
 
-    provisioning = services.ledger.provisioning(order.order_id)
-    for step in (Step.VALIDATE_PAYMENT, Step.ACTIVATE_ESIM, Step.CREATE_WHMCS_ORDER):
-        assert run_step(services, second, step, must_not_run).result == provisioning.step(step).result
+    provisioning = services.ledger.orders.provisioning(order.order_id)
+    for step in ("validate_payment", "activate_esim", "create_whmcs_order"):
+        assert run_step(services, second, at(step, must_not_run)).result == provisioning.step(step).result
     assert called == []
-    run = services.ledger.get(second)
+    run = services.ledger.runs.get(second)
     assert run.state is RunState.RUNNING
     assert run.note == f"continues the provisioning of run {first}: no effect is made twice"
-    assert run.first_unfinished_step(services.ledger.provisioning(order.order_id)) is Step.UPDATE_SALESFORCE
+    first_unfinished = CHAIN.first_unfinished(run, services.ledger.orders.provisioning(order.order_id))
+    assert first_unfinished is CHAIN["update_salesforce"]
 
 
 def test_a_transient_error_is_retried_with_a_bounded_backoff_then_fails_the_run_and_the_order(
@@ -204,12 +212,15 @@ def test_a_transient_error_is_retried_with_a_bounded_backoff_then_fails_the_run_
     flaky = _raise(Flaky("WHMCS answered 503"))
     countdowns = []
     for attempt in range(1, settings.task_max_retries + 1):
-        with pytest.raises(RetryLater) as caught:
-            run_step(services, run_id, Step.VALIDATE_PAYMENT, flaky)
+        with pytest.raises(Wait) as caught:
+            run_step(services, run_id, at("validate_payment", flaky))
         countdowns.append(caught.value.countdown_s)
-        run = services.ledger.get(run_id)
+        run = services.ledger.runs.get(run_id)
         assert (
-            run.step(Step.VALIDATE_PAYMENT, services.ledger.provisioning(order.order_id)).attempts == attempt
+            CHAIN.record(
+                run, services.ledger.orders.provisioning(order.order_id), CHAIN["validate_payment"]
+            ).attempts
+            == attempt
         )
     # Full jitter under a ceiling that doubles from TASK_RETRY_BACKOFF_S, capped.
     ceilings = [
@@ -221,11 +232,11 @@ def test_a_transient_error_is_retried_with_a_bounded_backoff_then_fails_the_run_
     with pytest.raises(
         RunFailed, match=f"validate_payment: gave up after {attempts} attempts: WHMCS answered 503"
     ):
-        run_step(services, run_id, Step.VALIDATE_PAYMENT, flaky)
-    run = services.ledger.get(run_id)
+        run_step(services, run_id, at("validate_payment", flaky))
+    run = services.ledger.runs.get(run_id)
     assert run.state is RunState.FAILED
     assert run.failed_step == "validate_payment"
-    assert [str(r.run_id) for r in services.ledger.failed_runs()] == [order.run_id]
+    assert [str(r.run_id) for r in services.ledger.registries.failed()] == [order.run_id]
     view = _sf_order(sandbox, order.order_id)
     assert view["Activation_Status__c"] == "Failed"
     assert (
@@ -233,23 +244,24 @@ def test_a_transient_error_is_retried_with_a_bounded_backoff_then_fails_the_run_
         == f"validate_payment: gave up after {attempts} attempts: WHMCS answered 503"
     )
     # The failure reached the Order: nothing left for the reconciler's write-back sweep.
-    assert services.ledger.pending_writebacks(0) == []
-    assert services.redis.exists(services.ledger.lease_key(order.order_id)) == 0
+    assert services.ledger.registries.pending_writebacks(0) == []
+    assert services.ledger.leases.is_held(order.order_id) == 0
     with pytest.raises(RunEnded) as ended:
-        run_step(services, run_id, Step.ACTIVATE_ESIM, _ok(EsimActivated(iccid="1")))
+        run_step(services, run_id, at("activate_esim", _ok(EsimActivated(iccid="1"))))
     assert ended.value.result == {"ended": "failed"}
 
 
 def test_another_worker_holding_the_orders_lease_means_retry_shortly(sandbox, services, order):
     run_id = RunId.parse(order.run_id)
     _begin(services, run_id)
-    other = services.ledger.lease(order.order_id)
+    other = services.ledger.leases.lease(order.order_id)
     assert other.acquire(blocking=False)
     try:
-        with pytest.raises(RetryLater) as caught:
-            run_step(services, run_id, Step.ACTIVATE_ESIM, _ok(EsimActivated(iccid="1")))
-        assert caught.value.countdown_s == LEASE_BUSY_RETRY_S
-        with pytest.raises(RetryLater):
+        with pytest.raises(Wait) as caught:
+            run_step(services, run_id, at("activate_esim", _ok(EsimActivated(iccid="1"))))
+        assert caught.value.cause is Cause.LEASE_BUSY
+        assert LEASE_BUSY_BASE_S <= caught.value.countdown_s <= LEASE_BUSY_CAP_S
+        with pytest.raises(Wait):
             _begin(services, RunId(order.order_id, "approval-2"))
     finally:
         other.release()
@@ -262,37 +274,43 @@ def test_a_step_that_cannot_reach_the_ledger_is_retried_shortly_without_spending
     _begin(services, run_id)
     # The same worker a moment later, its ledger gone (a failover under way): nothing listens there.
     cut_off = Services(stack_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"}))
-    called: list[Step] = []
+    called: list[str] = []
 
     def action(ctx: StepContext) -> StepResult:
-        called.append(Step.ACTIVATE_ESIM)
+        called.append("activate_esim")
         return EsimActivated(iccid="8988211000000000001")
 
     try:
-        with pytest.raises(RetryLater) as caught:
-            run_step(cut_off, run_id, Step.ACTIVATE_ESIM, action)
+        with pytest.raises(Wait) as caught:
+            run_step(cut_off, run_id, at("activate_esim", action))
     finally:
         cut_off.redis.close()
     assert isinstance(caught.value.__cause__, redis.ConnectionError)
-    assert 0 <= caught.value.countdown_s <= LEDGER_UNREACHABLE_RETRY_CAP_S
+    assert caught.value.cause is Cause.LEDGER_DOWN
+    assert LEDGER_DOWN_BASE_S <= caught.value.countdown_s <= LEDGER_DOWN_CAP_S
     assert called == []
     # Back on the ledger, the step runs once and counts one attempt: the outage cost none.
-    run_step(services, run_id, Step.ACTIVATE_ESIM, action)
-    assert called == [Step.ACTIVATE_ESIM]
-    run = services.ledger.get(run_id)
-    assert run.step(Step.ACTIVATE_ESIM, services.ledger.provisioning(order.order_id)).attempts == 1
+    run_step(services, run_id, at("activate_esim", action))
+    assert called == ["activate_esim"]
+    run = services.ledger.runs.get(run_id)
+    assert (
+        CHAIN.record(
+            run, services.ledger.orders.provisioning(order.order_id), CHAIN["activate_esim"]
+        ).attempts
+        == 1
+    )
 
 
 def test_a_refused_email_ends_the_run_done_and_leaves_the_order_activated(sandbox, services, order):
     run_id = RunId.parse(order.run_id)
     refused = EmailPermanentError("RCPT TO refused: 550 5.1.1", code=550)
-    _run_chain(services, run_id, {Step.SEND_EMAIL: _raise(refused)})
-    run = services.ledger.get(run_id)
+    _run_chain(services, run_id, {"send_email": _raise(refused)})
+    run = services.ledger.runs.get(run_id)
     assert run.state is RunState.DONE
     assert "welcome e-mail was not delivered" in run.note
-    assert services.ledger.failed_runs() == []
-    assert [oid for oid, _ in services.ledger.undelivered()] == [order.order_id]
-    provisioning = services.ledger.provisioning(order.order_id)
+    assert services.ledger.registries.failed() == []
+    assert [oid for oid, _ in services.ledger.registries.undelivered()] == [order.order_id]
+    provisioning = services.ledger.orders.provisioning(order.order_id)
     assert provisioning.markers["outbox"] == "refused"
     assert provisioning.email_error == "RCPT TO refused: 550 5.1.1"
     view = _sf_order(sandbox, order.order_id)
@@ -306,18 +324,18 @@ def test_requeue_shows_a_dry_run_first_then_resumes_the_failed_run_at_its_step(
 ):
     run_id = RunId.parse(order.run_id)
     _begin(services, run_id)
-    _fail(services, run_id, Step.ACTIVATE_ESIM, Flaky("SM-DP+ down"))
+    _fail(services, run_id, "activate_esim", Flaky("SM-DP+ down"))
     app = make_publisher(stack_settings)
 
     (dry,) = requeue(services, app, [order.run_id], dry_run=True, user="ops")
     assert (dry.action, dry.step) == ("would requeue", "activate_esim")
-    assert services.ledger.get(run_id).state is RunState.FAILED
+    assert services.ledger.runs.get(run_id).state is RunState.FAILED
     assert _queued_tasks(broker, stack_settings.celery_queue) == []
 
     (done,) = requeue(services, app, [order.run_id], dry_run=False, user="ops")
     assert (done.action, done.step) == ("requeued", "activate_esim")
-    assert services.ledger.get(run_id).state is RunState.RUNNING
-    assert services.ledger.failed_runs() == []
+    assert services.ledger.runs.get(run_id).state is RunState.RUNNING
+    assert services.ledger.registries.failed() == []
     assert _sf_order(sandbox, order.order_id)["Activation_Status__c"] == "Activating"
     assert _queued_tasks(broker, stack_settings.celery_queue) == ["provisioning.activate_esim"]
 
@@ -340,7 +358,7 @@ def test_the_reconciler_resumes_an_idle_run_nobody_holds_where_it_stopped(
     assert _queued_tasks(broker, stack_settings.celery_queue) == ["provisioning.activate_esim"]
     # A run queued whose chain was lost is sent again from the start.
     lost = RunId(order.order_id, "approval-9")
-    services.ledger.enqueue(lost, Origin.EVENT)
+    services.ledger.runs.enqueue(lost, Origin.EVENT)
     broker.delete(stack_settings.celery_queue)
     assert lost in resume_stale(services, app, idle_s=0)
     assert "provisioning.validate_payment" in _queued_tasks(broker, stack_settings.celery_queue)
@@ -351,12 +369,17 @@ def test_the_runs_beginning_and_its_first_step_each_have_their_own_retry_budget(
     # Reading the Order fails twice: the beginning retries, its first step has spent nothing.
     sandbox.admin("salesforce").post("/__admin/faults", {"force": {"query": ["error", "error"]}})
     for _ in range(2):
-        with pytest.raises(RetryLater):
+        with pytest.raises(Wait):
             _begin(services, run_id)
     assert _begin(services, run_id) == {"whmcs_client_id": 1}
-    run = services.ledger.get(run_id)
+    run = services.ledger.runs.get(run_id)
     assert run.own_steps["provision_order"].attempts == 2
-    assert run.step(Step.VALIDATE_PAYMENT, services.ledger.provisioning(order.order_id)).attempts == 1
+    assert (
+        CHAIN.record(
+            run, services.ledger.orders.provisioning(order.order_id), CHAIN["validate_payment"]
+        ).attempts
+        == 1
+    )
 
 
 def test_markers_of_effects_made_are_written_with_the_steps_end_or_its_error(sandbox, services, order):
@@ -366,23 +389,23 @@ def test_markers_of_effects_made_are_written_with_the_steps_end_or_its_error(san
     def accepted_then_flaky(ctx: StepContext) -> StepResult:
         ctx.record_marker("whmcs_order_id", "42")
         # Not in Redis yet: it goes with the step's end (or error), in that same round trip.
-        assert services.ledger.marker(order.order_id, "whmcs_order_id") is None
+        assert services.ledger.orders.marker(order.order_id, "whmcs_order_id") is None
         raise Flaky("AcceptOrder: HTTP 503")
 
-    with pytest.raises(RetryLater):
-        run_step(services, run_id, Step.CREATE_WHMCS_ORDER, accepted_then_flaky)
+    with pytest.raises(Wait):
+        run_step(services, run_id, at("create_whmcs_order", accepted_then_flaky))
     # The retry finds the order it made, instead of looking for it or making another.
-    assert services.ledger.marker(order.order_id, "whmcs_order_id") == "42"
+    assert services.ledger.orders.marker(order.order_id, "whmcs_order_id") == "42"
 
     def accepted(ctx: StepContext) -> StepResult:
         assert ctx.marker("whmcs_order_id") == "42"
         ctx.record_marker("whmcs_accepted", "1")
         return WhmcsOrderCreated(whmcs_order_id=42)
 
-    run_step(services, run_id, Step.CREATE_WHMCS_ORDER, accepted)
-    provisioning = services.ledger.provisioning(order.order_id)
+    run_step(services, run_id, at("create_whmcs_order", accepted))
+    provisioning = services.ledger.orders.provisioning(order.order_id)
     assert provisioning.markers["whmcs_accepted"] == "1"
-    assert provisioning.step(Step.CREATE_WHMCS_ORDER).result == {"whmcs_order_id": 42}
+    assert provisioning.step("create_whmcs_order").result == {"whmcs_order_id": 42}
 
 
 def test_a_lease_is_renewed_before_a_call_only_once_a_quarter_of_its_ttl_has_gone_by(
@@ -390,20 +413,20 @@ def test_a_lease_is_renewed_before_a_call_only_once_a_quarter_of_its_ttl_has_gon
 ):
     run_id = RunId.parse(order.run_id)
     _begin(services, run_id)
-    lease_key = services.ledger.lease_key(order.order_id)
-    ttl_ms = services.ledger.lease_ttl_s * 1000
+    ttl_ms = services.ledger.leases.ttl_s * 1000
     seen: dict[str, int] = {}
 
     def action(ctx: StepContext) -> StepResult:
+        lease_key = ctx.lease.name  # the lease knows its own key
         services.redis.pexpire(lease_key, 1_000)
         ctx.renew()  # just claimed: not renewed, no round trip
         seen["fresh"] = services.redis.pttl(lease_key)
-        ctx.lease_set_at -= ctx.services.ledger.lease_ttl_s * 0.3
+        ctx.lease_set_at -= ctx.services.ledger.leases.ttl_s * 0.3
         ctx.renew()
         seen["later"] = services.redis.pttl(lease_key)
         return EsimActivated(iccid="8988211000000000001")
 
-    run_step(services, run_id, Step.ACTIVATE_ESIM, action)
+    run_step(services, run_id, at("activate_esim", action))
     assert 0 < seen["fresh"] <= 1_000
     assert seen["later"] > ttl_ms - 1_000
 
@@ -411,25 +434,26 @@ def test_a_lease_is_renewed_before_a_call_only_once_a_quarter_of_its_ttl_has_gon
 def test_a_physical_sim_orders_esim_step_is_recorded_by_the_step_before_and_not_sent(sandbox, services):
     (physical,) = seed_orders(sandbox, services.inventory, count=1, esim_share=0.0, seed=62)
     run_id = RunId.parse(physical.run_id)
-    done = run_step(services, run_id, Step.VALIDATE_PAYMENT, _ok(PaymentChecked(whmcs_client_id=1)))
-    assert done.next_step is Step.CREATE_WHMCS_ORDER
-    provisioning = services.ledger.provisioning(physical.order_id)
-    assert provisioning.step(Step.ACTIVATE_ESIM).result == {"sim": "physical"}
+    done = run_step(services, run_id, at("validate_payment", _ok(PaymentChecked(whmcs_client_id=1))))
+    assert done.next_step.name == "create_whmcs_order"
+    provisioning = services.ledger.orders.provisioning(physical.order_id)
+    assert provisioning.step("activate_esim").result == {"sim": "physical"}
     # Run anyway (an operator's resume at that step), its task finds it done and sends the next.
-    resumed = run_step(services, run_id, Step.ACTIVATE_ESIM, activate_esim)
-    assert (resumed.result, resumed.next_step) == ({"sim": "physical"}, Step.CREATE_WHMCS_ORDER)
+    resumed = run_step(services, run_id, at("activate_esim", activate_esim))
+    assert resumed.result == {"sim": "physical"}
+    assert resumed.next_step.name == "create_whmcs_order"
 
 
 def test_an_esim_orders_step_claims_downloads_and_marks_its_iccid_used_with_the_steps_end(
     sandbox, services, order
 ):
     run_id = RunId.parse(order.run_id)
-    assert _begin_done(services, run_id).next_step is Step.ACTIVATE_ESIM
+    assert _begin_done(services, run_id).next_step.name == "activate_esim"
     before = services.inventory.stock()
-    done = run_step(services, run_id, Step.ACTIVATE_ESIM, activate_esim)
-    assert done.next_step is Step.CREATE_WHMCS_ORDER
+    done = run_step(services, run_id, at("activate_esim", activate_esim))
+    assert done.next_step.name == "create_whmcs_order"
     iccid = done.result["iccid"]
-    provisioning = services.ledger.provisioning(order.order_id)
+    provisioning = services.ledger.orders.provisioning(order.order_id)
     assert provisioning.markers["esim_downloaded"] == iccid
     assert "activation_code" in provisioning.markers
     after = services.inventory.stock()
@@ -443,8 +467,8 @@ def test_the_activation_time_is_fixed_by_the_first_claim_and_sent_unchanged_by_a
     sandbox, services, order
 ):
     run_id = RunId.parse(order.run_id)
-    _run_chain(services, run_id, {Step.UPDATE_SALESFORCE: update_salesforce})
-    first = services.ledger.marker(order.order_id, "activated_at")
+    _run_chain(services, run_id, {"update_salesforce": update_salesforce})
+    first = services.ledger.orders.marker(order.order_id, "activated_at")
     assert first is not None
     # Salesforce (and its simulator) answer a DateTime as +0000 where we send Z.
     sent = first.removesuffix("Z")
@@ -455,7 +479,7 @@ def test_the_activation_time_is_fixed_by_the_first_claim_and_sent_unchanged_by_a
         f"/__admin/orders/{order.order_id}", {"activation_status": "Activating"}
     )
     second = RunId(order.order_id, "approval-2")
-    _run_chain(services, second, {Step.UPDATE_SALESFORCE: update_salesforce})
+    _run_chain(services, second, {"update_salesforce": update_salesforce})
     patches = [p for p in _sf_order(sandbox, order.order_id)["patches"] if p["source"] == "api"]
     assert len(patches) == 2
     assert patches[-1]["fields"]["Activated_At__c"].startswith(sent)
@@ -463,7 +487,7 @@ def test_the_activation_time_is_fixed_by_the_first_claim_and_sent_unchanged_by_a
 
 
 def _begin_done(services: Services, run_id: RunId) -> Any:
-    return run_step(services, run_id, Step.VALIDATE_PAYMENT, _ok(PaymentChecked(whmcs_client_id=1)))
+    return run_step(services, run_id, at("validate_payment", _ok(PaymentChecked(whmcs_client_id=1))))
 
 
 def _whmcs_calls(sandbox) -> dict[str, int]:
@@ -476,10 +500,10 @@ def test_a_first_try_of_the_whmcs_step_orders_at_once_on_the_intent_its_claim_st
     run_id = RunId.parse(order.run_id)
     _begin(services, run_id)
     sandbox.admin("whmcs").post("/__admin/calls/reset")
-    done = run_step(services, run_id, Step.CREATE_WHMCS_ORDER, create_whmcs_order)
+    done = run_step(services, run_id, at("create_whmcs_order", create_whmcs_order))
     calls = _whmcs_calls(sandbox)
     assert (calls.get("AddOrder"), calls.get("AcceptOrder"), calls.get("GetOrders", 0)) == (1, 1, 0)
-    markers = services.ledger.provisioning(order.order_id).markers
+    markers = services.ledger.orders.provisioning(order.order_id).markers
     assert markers["whmcs_intent"]
     assert markers["whmcs_order_id"] == str(done.result["whmcs_order_id"])
 
@@ -489,7 +513,9 @@ def test_a_try_that_finds_an_earlier_tries_intent_adopts_the_order_that_try_made
     _begin(services, run_id)
     # An earlier try: its claim stamped the intent, AddOrder went through, the answer was lost
     # with its worker (no step end).
-    earlier = services.ledger.claim_step(run_id, Step.CREATE_WHMCS_ORDER, stamp=("whmcs_intent", "earlier"))
+    earlier = services.ledger.runs.claim(
+        run_id, "create_whmcs_order", owned_by_order=True, stamp=("whmcs_intent", "earlier")
+    )
     assert earlier.lease is not None
     made = services.whmcs.add_order(
         client_id=order.whmcs_client_id,
@@ -499,7 +525,7 @@ def test_a_try_that_finds_an_earlier_tries_intent_adopts_the_order_that_try_made
     )
     earlier.lease.release()
     sandbox.admin("whmcs").post("/__admin/calls/reset")
-    done = run_step(services, run_id, Step.CREATE_WHMCS_ORDER, create_whmcs_order)
+    done = run_step(services, run_id, at("create_whmcs_order", create_whmcs_order))
     assert done.result == {"whmcs_order_id": made.order_id}
     calls = _whmcs_calls(sandbox)
     assert (calls.get("GetOrders"), calls.get("AddOrder", 0), calls.get("AcceptOrder")) == (1, 0, 1)

@@ -37,7 +37,7 @@ def test_orders_left_activating_without_an_event_are_provisioned_once_by_the_bac
     started = time.monotonic()
     listeners(fast)
     listeners(fast, wait="standby")  # a second replica must not double anything
-    wait_for(lambda: all(services.ledger.runs_for_order(o.order_id) for o in orphans))
+    wait_for(lambda: all(services.ledger.orders.runs(o.order_id) for o in orphans))
     wait_for(settled(sandbox, services.ledger, ids))
     waited_s = time.monotonic() - started
     print(
@@ -49,16 +49,16 @@ def test_orders_left_activating_without_an_event_are_provisioned_once_by_the_bac
     effects = effects_by_order(sandbox)
     assert all(not effects[oid].problems() for oid in ids), {oid: effects[oid].problems() for oid in ids}
     for o in orphans:
-        (run_id,) = services.ledger.runs_for_order(o.order_id)
-        run = services.ledger.get(run_id)
+        (run_id,) = services.ledger.orders.runs(o.order_id)
+        run = services.ledger.runs.get(run_id)
         assert run.origin is Origin.RECONCILER
         assert run.state is RunState.DONE
         assert run_id.idem_key.startswith("backfill-")
-    runs = [services.ledger.get(r) for r in services.ledger.runs_for_order(repaired.order_id)]
+    runs = [services.ledger.runs.get(r) for r in services.ledger.orders.runs(repaired.order_id)]
     assert [r.origin for r in runs] == [Origin.EVENT, Origin.RECONCILER]
     assert runs[1].state is RunState.DONE
     assert "no effect is made twice" in runs[1].note
     assert effects[repaired.order_id].emails == 1
     # Further sweeps find nothing to do: still one run per orphan.
     time.sleep(3)
-    assert all(len(services.ledger.runs_for_order(o.order_id)) == 1 for o in orphans)
+    assert all(len(services.ledger.orders.runs(o.order_id)) == 1 for o in orphans)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import requests
 
-from provisioning.esim.iccid import is_valid_iccid
+from provisioning.core.iccid import is_valid_iccid
 from provisioning.sandbox.common import SandboxTLS, ServerThread
 from provisioning.sandbox.smdp import SmdpSimulator
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections import Counter
 
 from provisioning.esim.client import matching_id_for
 from provisioning.ledger import RunState
+from provisioning.runs.chain import CHAIN
 from provisioning.runs.publishing import make_publisher, publish_run
 from provisioning.sandbox.scenario import count_effects, seed_orders, settled
 from provisioning.sandbox.scenario import wait_until as wait_for
-from provisioning.step.chain import STEPS
 
 
 def _order(sandbox, order_id):
@@ -44,7 +45,7 @@ def test_esim_and_physical_orders_end_activated_with_one_effect_each(
         assert record["Activation_Status__c"] == "Activated", record
         assert record["WHMCS_Order_ID__c"]
         assert bool(record["ESIM_ICCID__c"]) == o.esim
-        run = services.ledger.get(o.run_id)
+        run = services.ledger.runs.get(o.run_id)
         assert run is not None
         assert run.state is RunState.DONE
     effects = count_effects(sandbox)
@@ -85,19 +86,26 @@ def test_a_successful_run_costs_exactly_two_salesforce_api_calls(sandbox, stack_
     assert sum(api_calls.values()) == 2, calls
 
 
-def test_a_run_that_meets_no_trouble_goes_through_all_its_steps_in_one_task(
+def test_a_run_is_a_chain_of_step_tasks_and_a_physical_sims_run_sends_no_esim_task(
     sandbox, stack_settings, services, workers
 ):
     orders, worker = _run_esim_and_physical(sandbox, stack_settings, services, workers, count=2, seed=8)
 
     received = re.findall(r"Task (provisioning\.\w+)\[[^\]]+\] received", worker.log_text())
-    assert received == ["provisioning.validate_payment"] * 2
+    # One task per step, named after it: the eSIM Order's five, the physical SIM's four.
+    assert Counter(received) == {
+        "provisioning.validate_payment": 2,
+        "provisioning.activate_esim": 1,
+        "provisioning.create_whmcs_order": 2,
+        "provisioning.update_salesforce": 2,
+        "provisioning.send_email": 2,
+    }
     for o in orders:
-        run = services.ledger.get(o.run_id)
+        run = services.ledger.runs.get(o.run_id)
         assert run is not None
         assert run.state is RunState.DONE
-        provisioning = services.ledger.provisioning(o.order_id)
-        assert all(run.step(step, provisioning).done for step in STEPS)
+        provisioning = services.ledger.orders.provisioning(o.order_id)
+        assert all(CHAIN.record(run, provisioning, spec).done for spec in CHAIN)
 
 
 def test_the_same_run_submitted_three_times_at_once_has_each_effect_once(
@@ -112,7 +120,7 @@ def test_the_same_run_submitted_three_times_at_once_has_each_effect_once(
     for t in threads:
         t.join()
     wait_for(_finished(sandbox, services, [order.order_id]))
-    wait_for(lambda: services.ledger.get(order.run_id).state is RunState.DONE)
+    wait_for(lambda: services.ledger.runs.get(order.run_id).state is RunState.DONE)
     effects = count_effects(sandbox)
     assert effects.whmcs_orders == 1
     assert effects.esim_confirmed == 1
@@ -143,10 +151,10 @@ def test_a_client_without_a_pay_method_fails_the_order_with_a_reason_and_nothing
     record = _order(sandbox, order.order_id)
     assert record["Activation_Status__c"] == "Failed"
     assert "no valid payment method" in record["Activation_Error__c"]
-    run = services.ledger.get(order.run_id)
+    run = services.ledger.runs.get(order.run_id)
     assert run.state is RunState.FAILED
     assert run.failed_step == "validate_payment"
-    assert [str(r.run_id) for r in services.ledger.failed_runs()] == [order.run_id]
+    assert [str(r.run_id) for r in services.ledger.registries.failed()] == [order.run_id]
     effects = count_effects(sandbox)
     assert effects.whmcs_orders == 0
     assert effects.esim_confirmed == 0
@@ -160,8 +168,8 @@ def test_an_order_that_is_not_activating_is_left_alone_and_the_log_says_why(
     sandbox.admin("salesforce").patch(f"/__admin/orders/{order.order_id}", {"activation_status": "Activated"})
     worker = workers(concurrency=2)
     publish_run(make_publisher(stack_settings), order.run_id)
-    wait_for(lambda: services.ledger.get(order.run_id) is not None)
-    run = services.ledger.get(order.run_id)
+    wait_for(lambda: services.ledger.runs.get(order.run_id) is not None)
+    run = services.ledger.runs.get(order.run_id)
     assert run.state is RunState.SKIPPED
     assert "not 'Activating'" in run.note
     wait_for(lambda: "order_not_activating" in worker.log_text())

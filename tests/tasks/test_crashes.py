@@ -29,7 +29,7 @@ def _activated(sandbox, order_id):
 
 
 def _done(services, run_id):
-    run = services.ledger.get(run_id)
+    run = services.ledger.runs.get(run_id)
     return run is not None and run.state is RunState.DONE
 
 
@@ -45,7 +45,7 @@ def _assert_each_effect_once(sandbox, services, order):
     assert effects.esim_reserved_unconfirmed == 0
     assert services.inventory.stock().claimed == 0
     assert effects.distinct_message_ids == 1
-    resends = int(services.ledger.marker(order.order_id, "email_resends") or 0)
+    resends = int(services.ledger.orders.marker(order.order_id, "email_resends") or 0)
     # At-least-once for e-mail: a copy beyond the first only after an unknown outcome, same Message-ID.
     assert 1 <= effects.emails <= 1 + resends
 
@@ -62,7 +62,7 @@ def test_a_worker_killed_inside_a_step_leaves_a_run_that_completes_with_each_eff
     publish_run(make_publisher(stack_settings), order.run_id)
     wait_for(lambda: _calls(sandbox, sim, operation) >= 1, timeout_s=60)
     victim.kill()
-    assert services.ledger.get(order.run_id).state is RunState.RUNNING
+    assert services.ledger.runs.get(order.run_id).state is RunState.RUNNING
     sandbox.admin(sim).post("/__admin/faults", {})
     workers(name="rescuer", concurrency=2)
     wait_for(lambda: _activated(sandbox, order.order_id), timeout_s=180)
@@ -89,7 +89,7 @@ def test_an_ambiguous_failure_is_absorbed_with_each_effect_once(
     else:
         assert _calls(sandbox, sim, operation) >= 2  # the repeat that recognised its own effect
     if sim == "smtp":
-        assert int(services.ledger.marker(order.order_id, "email_resends")) == 1
+        assert int(services.ledger.orders.marker(order.order_id, "email_resends")) == 1
 
 
 def test_thirty_percent_transient_errors_on_every_service_still_complete_every_run(
@@ -138,7 +138,8 @@ def test_an_unknown_product_fails_the_order_with_a_readable_reason(
     publish_run(make_publisher(stack_settings), order.run_id)
     wait_for(
         lambda: (
-            services.ledger.get(order.run_id) and services.ledger.get(order.run_id).state is RunState.FAILED
+            services.ledger.runs.get(order.run_id)
+            and services.ledger.runs.get(order.run_id).state is RunState.FAILED
         )
     )
     record = sandbox.admin("salesforce").get(f"/__admin/orders/{order.order_id}")
@@ -161,4 +162,4 @@ def test_an_expired_salesforce_token_mid_run_means_a_new_login_not_a_failure(
     publish_run(app, orders[1].run_id)
     wait_for(lambda: _activated(sandbox, orders[1].order_id))
     assert _calls(sandbox, "salesforce", "token") == tokens_before + 1
-    assert services.ledger.failed_runs() == []
+    assert services.ledger.registries.failed() == []

@@ -32,7 +32,7 @@ def _assert_provisioned_once(sandbox, orders):
 
 
 def _state(services, run_id):
-    run = services.ledger.get(run_id)
+    run = services.ledger.runs.get(run_id)
     return run.state if run is not None else None
 
 
@@ -41,7 +41,7 @@ def _status(sandbox, order_id):
 
 
 def _runs(services, order_id):
-    return [services.ledger.get(r) for r in services.ledger.runs_for_order(order_id)]
+    return [services.ledger.runs.get(r) for r in services.ledger.orders.runs(order_id)]
 
 
 def _ended(runs, count):
@@ -104,7 +104,7 @@ def test_a_re_approval_after_activated_writes_the_order_back_with_the_same_effec
         activated = [p for p in after[o.order_id].patches if p.get("Activation_Status__c") == "Activated"]
         assert len(activated) == 2
         assert activated[0] == activated[1]
-        second = services.ledger.get(f"{o.order_id}:approval-2")
+        second = services.ledger.runs.get(f"{o.order_id}:approval-2")
         assert second.state is RunState.DONE
         assert "no effect is made twice" in second.note
 
@@ -121,7 +121,7 @@ def test_a_re_approval_after_a_failed_run_continues_where_it_stopped(
     listeners(strict)
     publish_events_admin(sandbox, [_payload(order.order_id, "approval-1")])
     wait_for(lambda: _state(services, order.run_id) is RunState.FAILED)
-    assert services.ledger.get(order.run_id).failed_step == "update_salesforce"
+    assert services.ledger.runs.get(order.run_id).failed_step == "update_salesforce"
     wait_for(lambda: _status(sandbox, order.order_id) == "Failed")
 
     sandbox.admin("salesforce").patch(
@@ -134,11 +134,11 @@ def test_a_re_approval_after_a_failed_run_continues_where_it_stopped(
     _assert_provisioned_once(sandbox, [order])
     assert sandbox.admin("whmcs").get("/__admin/calls")["calls"].get("AddOrder") == 1
     assert sandbox.admin("smdp").get("/__admin/calls")["calls"].get("downloadOrder") == 1
-    first = services.ledger.get(order.run_id)
+    first = services.ledger.runs.get(order.run_id)
     assert first.state is RunState.SUPERSEDED
     assert first.superseded_by == f"{order.order_id}:approval-2"
-    assert services.ledger.failed_runs() == []
-    second = services.ledger.get(f"{order.order_id}:approval-2")
+    assert services.ledger.registries.failed() == []
+    second = services.ledger.runs.get(f"{order.order_id}:approval-2")
     assert second.state is RunState.DONE
     # It did only what was missing (the write-back and the e-mail): no second payment check either.
     assert second.own_steps["update_salesforce"].attempts == 1

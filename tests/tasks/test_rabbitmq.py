@@ -17,7 +17,7 @@ pytestmark = pytest.mark.rabbitmq
 
 
 def _done(services, run_id):
-    run = services.ledger.get(run_id)
+    run = services.ledger.runs.get(run_id)
     return run is not None and run.state is RunState.DONE
 
 

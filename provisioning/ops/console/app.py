@@ -29,8 +29,7 @@ from provisioning.core.errors import PicklableError
 from provisioning.core.logs import get_logger
 from provisioning.core.run_id import RunId
 from provisioning.core.settings import Settings
-from provisioning.ledger import Provisioning, RunRecord, RunState
-from provisioning.ledger.listener import read_listener_state
+from provisioning.ledger import BEGIN, Provisioning, RunRecord, RunState
 from provisioning.ops.actions import Outcome, requeue, resend_email
 from provisioning.ops.console.auth import Principal, check_password, principal_from_proxy, trusted_proxies
 from provisioning.ops.status import (
@@ -42,9 +41,9 @@ from provisioning.ops.status import (
     parse_duration_s,
     started_by,
 )
+from provisioning.runs.chain import CHAIN
 from provisioning.runs.services import Services
 from provisioning.salesforce.ids import normalize_id
-from provisioning.step.chain import ENTRY_STEP, STEPS
 
 log = get_logger(__name__)
 
@@ -105,10 +104,10 @@ def timeline(run: RunRecord, provisioning: Provisioning) -> list[TimelineEntry]:
     """A run's life in the chain's order: created (by whom), each step (its last error, then when it was
     done, with the result ids and this run's attempts), a requeue (by whom, from which failure), the end."""
     entries = [TimelineEntry(run.created_at, f"created by {started_by(run)}")]
-    for step in STEPS:
-        rec = run.step(step, provisioning)
+    for spec in CHAIN:
+        rec = CHAIN.record(run, provisioning, spec)
         if rec.last_error:
-            entries.append(TimelineEntry(None, f"{step.value}: error", rec.last_error, "error"))
+            entries.append(TimelineEntry(None, f"{spec.name}: error", rec.last_error, "error"))
         if rec.done:
             ids = ", ".join(f"{k}={v}" for k, v in (rec.result or {}).items())
             attempts = (
@@ -117,10 +116,10 @@ def timeline(run: RunRecord, provisioning: Provisioning) -> list[TimelineEntry]:
                 else ""
             )
             detail = "; ".join(x for x in (ids, attempts) if x) or "done by an earlier run of the Order"
-            entries.append(TimelineEntry(rec.at, f"{step.value} done", detail, "step", free_text=False))
+            entries.append(TimelineEntry(rec.at, f"{spec.name} done", detail, "step", free_text=False))
         elif rec.attempts:
             entries.append(
-                TimelineEntry(None, f"{step.value} not done yet", f"{rec.attempts} attempts", "step")
+                TimelineEntry(None, f"{spec.name} not done yet", f"{rec.attempts} attempts", "step")
             )
     if run.state is RunState.FAILED:
         entries.append(
@@ -192,9 +191,7 @@ def create_app(
         return publisher_app[0]
 
     app.jinja_env.filters.update(mask=mask_emails, when=when, age=age)
-    app.jinja_env.globals.update(
-        steps=[ENTRY_STEP, *(s.value for s in STEPS)], states=[s.value for s in RunState]
-    )
+    app.jinja_env.globals.update(steps=[BEGIN, *CHAIN.names], states=[s.value for s in RunState])
 
     # -- who is asking ------------------------------------------------------------------------
     def current_user() -> Principal | None:
@@ -321,7 +318,7 @@ def create_app(
                 f"The ledger holds no run of Order {oid} (unknown, or past the retention period).", 404
             )
         try:
-            email = services.ledger.load_order(oid).get("email")
+            email = services.ledger.orders.snapshot(oid).get("email")
         except LookupError:
             email = None
         in_flight = any(r.state.unfinished for r in state.runs)
@@ -348,23 +345,26 @@ def create_app(
             rid = RunId.parse(run_id)
         except ValueError as exc:
             raise Refused(f"{run_id!r} is not a run id (OrderId:IdemKey): {exc}", 404) from None
-        if services.ledger.get(rid) is None:
+        if services.ledger.runs.get(rid) is None:
             raise Refused(f"Run {rid} is not in the ledger (unknown, or past the retention period).", 404)
         return redirect(url_for("order", order_id=rid.order_id, _anchor=f"run-{rid}"))  # type: ignore[return-value]
 
     @app.get("/failed")
     def failed() -> Response:
-        return _page("failed.html", runs=services.ledger.failed_runs())
+        return _page("failed.html", runs=services.ledger.registries.failed())
 
     @app.get("/emails")
     def emails() -> Response:
         ledger = services.ledger
-        found = [(oid, at, ledger.provisioning(oid).email_error) for oid, at in ledger.undelivered()]
+        found = [
+            (oid, at, ledger.orders.provisioning(oid).email_error)
+            for oid, at in ledger.registries.undelivered()
+        ]
         return _page("emails.html", found=found)
 
     @app.get("/quarantine")
     def quarantine() -> Response:
-        return _page("quarantine.html", entries=services.ledger.quarantined(QUARANTINE_PAGE_ROWS))
+        return _page("quarantine.html", entries=services.ledger.registries.quarantined(QUARANTINE_PAGE_ROWS))
 
     @app.get("/esim")
     def esim() -> Response:
@@ -374,7 +374,7 @@ def create_app(
 
     @app.get("/listener")
     def listener() -> Response:
-        state = read_listener_state(services.ledger, settings.sf_provision_event_channel)
+        state = services.ledger.listener.state(settings.sf_provision_event_channel)
         return _page("listener.html", state=state, lock_ttl_s=settings.listener_lock_ttl_s)
 
     # -- acting: a dry run first, then the confirmation of exactly what it showed ---------------
@@ -499,7 +499,7 @@ def _run_filter(chosen: dict[str, str]) -> RunFilter:
     step = chosen["step"]
     if state and state not in {s.value for s in RunState}:
         raise ValueError(f"unknown state {state!r}: choose one of the list")
-    if step and step not in {ENTRY_STEP, *(s.value for s in STEPS)}:
+    if step and step not in {BEGIN, *CHAIN.names}:
         raise ValueError(f"unknown step {step!r}: choose one of the list")
     order_id = None
     if chosen["order"]:

@@ -12,16 +12,16 @@ import re
 from typing import Any
 
 import pytest
-from tests.ops.console.conftest import PASSWORDS, console_settings, csrf_token
 
 from provisioning.core.errors import PermanentError, TransientError
 from provisioning.core.run_id import RunId
 from provisioning.ledger import RunState
 from provisioning.ops.console.app import create_app, mask_emails
-from provisioning.runs.lifecycle import RetryLater, RunFailed, run_step
+from provisioning.runs.lifecycle import RunFailed, Wait, run_step
 from provisioning.sandbox.scenario import seed_orders
-from provisioning.step.chain import Step
 from provisioning.step.results import PaymentChecked
+from tests.ops.console.conftest import PASSWORDS, console_settings, csrf_token
+from tests.steps import at
 
 PAGES = ["/runs", "/failed", "/emails", "/quarantine", "/esim", "/listener", "/orders/801Dn0000HeJ6rrIQC"]
 
@@ -70,7 +70,7 @@ def failed_run(sandbox, services) -> RunId:
         raise NoPayMethod("no valid payment method: the card of customer0@example.test expired")
 
     with pytest.raises(RunFailed):
-        run_step(services, run_id, Step.VALIDATE_PAYMENT, refuse)
+        run_step(services, run_id, at("validate_payment", refuse))
     return run_id
 
 
@@ -87,7 +87,7 @@ def test_an_action_without_a_user_answers_401_and_changes_nothing(app, services,
     form = client.get("/login").get_data(as_text=True)
     answer = client.post("/failed/dry-run", data={"run_id": str(failed_run), "csrf_token": csrf_token(form)})
     assert answer.status_code == 401
-    assert services.ledger.get(failed_run).state is RunState.FAILED
+    assert services.ledger.runs.get(failed_run).state is RunState.FAILED
 
 
 def test_a_wrong_password_and_an_unknown_user_get_the_same_answer(app):
@@ -140,7 +140,7 @@ def test_a_viewer_reads_every_page_but_cannot_requeue(app, services, failed_run)
     )
     assert answer.status_code == 403
     assert "Your role (viewer) cannot requeue runs" in alert(answer)
-    assert services.ledger.get(failed_run).state is RunState.FAILED
+    assert services.ledger.runs.get(failed_run).state is RunState.FAILED
 
 
 def test_an_operators_form_without_the_csrf_token_changes_nothing(app, services, failed_run):
@@ -150,7 +150,7 @@ def test_an_operators_form_without_the_csrf_token_changes_nothing(app, services,
     assert answer.status_code == 400
     assert "The CSRF token is missing" in alert(answer)
     assert "Nothing was changed" in alert(answer)
-    assert services.ledger.get(failed_run).state is RunState.FAILED
+    assert services.ledger.runs.get(failed_run).state is RunState.FAILED
 
 
 def test_a_requeue_needs_the_confirmation_of_a_dry_run_of_the_same_runs(app, services, failed_run):
@@ -162,7 +162,7 @@ def test_a_requeue_needs_the_confirmation_of_a_dry_run_of_the_same_runs(app, ser
     )
     assert forged.status_code == 400
     assert "run the dry run again" in alert(forged)
-    assert services.ledger.get(failed_run).state is RunState.FAILED
+    assert services.ledger.runs.get(failed_run).state is RunState.FAILED
 
     dry = client.post(
         "/failed/dry-run", data={"run_id": [str(failed_run), "801Dn0000HeJ6rrIQC:nope"], "csrf_token": token}
@@ -171,7 +171,7 @@ def test_a_requeue_needs_the_confirmation_of_a_dry_run_of_the_same_runs(app, ser
     body = text(dry)
     assert "would requeue" in body
     assert "nothing to requeue: it is not in the ledger" in body
-    assert services.ledger.get(failed_run).state is RunState.FAILED
+    assert services.ledger.runs.get(failed_run).state is RunState.FAILED
     confirmation = re.search(r'name="confirmation" value="([^"]+)"', body).group(1)
     # The confirmation covers exactly what the dry run found requeueable, by this user.
     widened = client.post(
@@ -183,13 +183,13 @@ def test_a_requeue_needs_the_confirmation_of_a_dry_run_of_the_same_runs(app, ser
         },
     )
     assert widened.status_code == 400
-    assert services.ledger.get(failed_run).state is RunState.FAILED
+    assert services.ledger.runs.get(failed_run).state is RunState.FAILED
     done = client.post(
         "/failed/requeue", data={"run_id": str(failed_run), "csrf_token": token, "confirmation": confirmation}
     )
     assert done.status_code == 200
     assert "resumed at validate_payment" in text(done)
-    assert services.ledger.get(failed_run).state is RunState.RUNNING
+    assert services.ledger.runs.get(failed_run).state is RunState.RUNNING
 
 
 def test_nothing_selected_and_unknown_ids_get_a_clear_message(app):
@@ -216,8 +216,8 @@ def test_the_runs_list_filters_by_state_step_and_order(app, services, failed_run
     login(client, "victor")
     (other,) = seed_orders(sandbox, services.inventory, count=1, esim_share=1.0, seed=82)
     # Begun, its first step to be tried again: running at validate_payment.
-    with pytest.raises(RetryLater):
-        run_step(services, RunId.parse(other.run_id), Step.VALIDATE_PAYMENT, _flaky)
+    with pytest.raises(Wait):
+        run_step(services, RunId.parse(other.run_id), at("validate_payment", _flaky))
     all_runs = text(client.get("/runs"))
     assert str(failed_run) in all_runs
     assert other.run_id in all_runs

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import requests
 from playwright.sync_api import Browser, Page, expect, sync_playwright
-from tests.ops.console.conftest import PASSWORDS, console_settings
 
 from provisioning.ledger import RunState
 from provisioning.sandbox.processes import ManagedProcess, free_port
 from provisioning.sandbox.scenario import event_payload, publish_events_admin, seed_orders, wait_until
+from tests.ops.console.conftest import PASSWORDS, console_settings
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -111,14 +111,16 @@ def test_operators_find_a_failed_run_requeue_it_after_its_dry_run_and_see_it_fin
             and _state(services, bad.run_id) is RunState.FAILED
         )
     )
-    services.ledger.quarantine(
-        {
-            "replay_id": 7,
-            "uuid": "u-1",
-            "reason": "OrderId__c is missing",
-            "payload": {"IdemKey__c": "k"},
-            "received_at": 1.0,
-        }
+    services.ledger.registries.quarantine(
+        [
+            {
+                "replay_id": 7,
+                "uuid": "u-1",
+                "reason": "OrderId__c is missing",
+                "payload": {"IdemKey__c": "k"},
+                "received_at": 1.0,
+            }
+        ]
     )
 
     # Without credentials: 401, for a browser and for a script.
@@ -212,5 +214,5 @@ def test_operators_find_a_failed_run_requeue_it_after_its_dry_run_and_see_it_fin
 
 
 def _state(services, run_id):
-    run = services.ledger.get(run_id)
+    run = services.ledger.runs.get(run_id)
     return run.state if run else None

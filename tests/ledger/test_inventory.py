@@ -1,24 +1,23 @@
-"""The ICCID inventory on the real Redis: batch parsing, atomic claims per run, stock."""
+"""The ICCID inventory on the real Redis: atomic claims per Order, loading, release, stock."""
 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from provisioning.core.errors import PermanentError, TransientError
-from provisioning.esim.errors import (
+from provisioning.core.errors import TransientError
+from provisioning.core.iccid import make_iccid
+from provisioning.ledger.inventory import (
+    EsimInventory,
     InventoryClaimError,
     InventoryEmpty,
-    InventoryFileError,
     InventoryUnavailable,
+    Stock,
 )
-from provisioning.esim.iccid import make_iccid
-from provisioning.esim.inventory import EsimInventory, Stock, parse_batch
 
 
 def iccids(count: int, start: int = 0) -> list[str]:
@@ -32,7 +31,7 @@ BAD_CHECK = A[:-1] + str((int(A[-1]) + 1) % 10)
 
 @pytest.fixture
 def inventory(redis_client: redis.Redis, namespace: str) -> EsimInventory:
-    return EsimInventory(redis=redis_client, prefix=namespace)
+    return EsimInventory.on(redis_client, namespace)
 
 
 def mark_used(inventory: EsimInventory, redis_client: redis.Redis, iccid: str) -> None:
@@ -40,58 +39,6 @@ def mark_used(inventory: EsimInventory, redis_client: redis.Redis, iccid: str) -
     pipe = redis_client.pipeline(transaction=False)
     inventory.queue_mark_used(pipe, iccid)
     pipe.execute()
-
-
-# -- parse_batch -----------------------------------------------------------------------------
-
-
-def test_a_plain_batch_skips_blank_lines_and_comments_and_drops_the_f_pad() -> None:
-    text = f"# batch 2024-07 from the vendor\n{A}\n\n  {B}F  \n# end\n{C}\n"
-    assert parse_batch(text) == [A, B, C]
-
-
-def test_malformed_lines_are_all_reported_with_their_line_numbers() -> None:
-    text = f"{A}\n# comment\n{BAD_CHECK}\n12345\n{B}\n8988-2991\n{A}\n"
-    with pytest.raises(InventoryFileError) as failed:
-        parse_batch(text)
-    problems = failed.value.problems
-    assert [(p.line, p.value) for p in problems] == [(3, BAD_CHECK), (4, "12345"), (6, "8988-2991"), (7, A)]
-    assert "Luhn" in problems[0].reason
-    assert "digits" in problems[1].reason
-    assert "duplicate of line 1" in problems[3].reason
-    message = str(failed.value)
-    assert "4 malformed line(s); nothing loaded" in message
-    assert f"line 3: '{BAD_CHECK}'" in message
-    assert isinstance(failed.value, PermanentError)
-
-
-def test_a_vendor_csv_is_read_from_its_iccid_column_whatever_the_case() -> None:
-    text = f"Imsi;Iccid;Profile\n# a comment\n001010000000001;{A};gold\n\n001010000000002;{B};gold\n"
-    assert parse_batch(text) == [A, B]
-
-
-def test_a_csv_row_without_an_iccid_is_reported_with_its_line_number() -> None:
-    text = f"ICCID,IMSI\n{A},001010000000001\n,001010000000002\n{BAD_CHECK},001010000000003\n"
-    with pytest.raises(InventoryFileError) as failed:
-        parse_batch(text)
-    assert [(p.line, p.value) for p in failed.value.problems] == [(3, ""), (4, BAD_CHECK)]
-
-
-def test_a_batch_is_read_from_a_path_and_its_name_is_in_the_error(tmp_path: Path) -> None:
-    good = tmp_path / "good.csv"
-    good.write_text(f"\ufeffICCID,PIN\n{A},1234\n{B},5678\n", encoding="utf-8")
-    assert parse_batch(good) == [A, B]
-    bad = tmp_path / "bad.txt"
-    bad.write_text(f"{A}\nnot an iccid\n")
-    with pytest.raises(InventoryFileError, match=r"bad\.txt"):
-        parse_batch(bad)
-
-
-def test_an_empty_batch_has_no_iccids() -> None:
-    assert parse_batch("# nothing yet\n\n") == []
-
-
-# -- load, claim, use, release -----------------------------------------------------------------
 
 
 def test_load_adds_only_iccids_it_has_not_seen(inventory: EsimInventory) -> None:
@@ -120,13 +67,13 @@ def test_fifty_threads_claiming_for_distinct_runs_get_distinct_iccids(
     redis_client: redis.Redis, namespace: str
 ) -> None:
     loaded = iccids(60)
-    EsimInventory(redis=redis_client, prefix=namespace).load(loaded)
+    EsimInventory.on(redis_client, namespace).load(loaded)
     claims: dict[str, str] = {}
     barrier = threading.Barrier(50)
 
     def claim(n: int) -> None:
         client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-        inventory = EsimInventory(redis=client, prefix=namespace)
+        inventory = EsimInventory.on(client, namespace)
         barrier.wait()
         claims[f"run-{n}"] = inventory.claim(f"run-{n}")
         client.close()
@@ -139,7 +86,7 @@ def test_fifty_threads_claiming_for_distinct_runs_get_distinct_iccids(
     assert len(claims) == 50
     assert len(set(claims.values())) == 50
     assert set(claims.values()) <= set(loaded)
-    assert EsimInventory(redis=redis_client, prefix=namespace).stock() == Stock(free=10, claimed=50, used=0)
+    assert EsimInventory.on(redis_client, namespace).stock() == Stock(free=10, claimed=50, used=0)
 
 
 def test_an_empty_inventory_is_a_transient_error_that_says_what_to_do(inventory: EsimInventory) -> None:
@@ -200,7 +147,7 @@ def test_a_claim_says_how_many_iccids_are_left_free_in_the_same_round_trip(inven
 
 def test_a_client_that_decodes_responses_works_the_same(namespace: str) -> None:
     client = redis.Redis.from_url("redis://127.0.0.1:6379/0", decode_responses=True)
-    inventory = EsimInventory(redis=client, prefix=namespace)
+    inventory = EsimInventory.on(client, namespace)
     inventory.load([A])
     assert inventory.claim("run-1") == A
     assert inventory.claimed_by("run-1") == A
@@ -219,33 +166,10 @@ def test_keys_follow_the_documented_names(
 
 def test_redis_not_answering_is_a_transient_inventory_error() -> None:
     client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
-    inventory = EsimInventory(redis=client, prefix="unreachable")
+    inventory = EsimInventory.on(client, "unreachable")
     with pytest.raises(InventoryUnavailable) as failed:
         inventory.claim("run-1")
     assert isinstance(failed.value, TransientError)
-
-
-def test_a_csv_without_an_iccid_column_is_refused_with_a_hint() -> None:
-    with pytest.raises(InventoryFileError) as failed:
-        parse_batch(f"serial,imsi\n{A},001010000000001\n")
-    assert [p.line for p in failed.value.problems] == [1, 2]
-    assert "header line with an ICCID column" in failed.value.problems[1].reason
-
-
-def test_the_message_of_a_very_bad_file_lists_the_first_lines_only() -> None:
-    with pytest.raises(InventoryFileError) as failed:
-        parse_batch("x\n" * 80)
-    assert len(failed.value.problems) == 80
-    assert "... and 30 more" in str(failed.value)
-    assert "line 51:" not in str(failed.value)
-
-
-def test_a_file_that_is_not_utf8_is_a_file_error_naming_the_line(tmp_path: Path) -> None:
-    batch = tmp_path / "latin1.csv"
-    batch.write_bytes(f"ICCID,Name\n{A},ok\n{B},Caf\xe9\n".encode("latin-1"))
-    with pytest.raises(InventoryFileError) as failed:
-        parse_batch(batch)
-    assert [(p.line, p.reason) for p in failed.value.problems] == [(3, "not UTF-8 text")]
 
 
 def test_with_replicas_a_claim_is_confirmed_or_unavailable_and_a_retry_gets_the_same_iccid(
@@ -256,9 +180,7 @@ def test_with_replicas_a_claim_is_confirmed_or_unavailable_and_a_retry_gets_the_
 
     primary, replica = replicated_redis
     client = primary.client()
-    inventory = EsimInventory(
-        redis=client, prefix="ha", replicas=ReplicaWait(redis=client, timeout_ms=1000, refresh_s=0.0)
-    )
+    inventory = EsimInventory.on(client, "ha", ReplicaWait(redis=client, timeout_ms=1000, refresh_s=0.0))
     inventory.load([A, B])
     replica.pause()
     try:

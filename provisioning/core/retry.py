@@ -1,0 +1,113 @@
+"""The one retry policy of a step: how long it waits before it is tried again, for each cause.
+
+A step that cannot go on now is sent again with a countdown; this module alone
+decides the countdown (the task layer only applies it). Every wait is jittered
+(:func:`provisioning.core.backoff.backoff_s`, full jitter, or a spread added to a
+known wait), at least the broker's shortest safe countdown (a second on RabbitMQ,
+none on Redis) and at most the policy's cap, which stays below the Redis broker's
+visibility timeout (a countdown past it would run the task twice).
+
+========================  ===========================================  ==============
+cause                     wait                                         spends budget
+========================  ===========================================  ==============
+``TRANSIENT``             exponential from TASK_RETRY_BACKOFF_S,       yes
+                          capped at TASK_RETRY_BACKOFF_MAX_S
+``LEASE_BUSY``            1 to 4 s: another worker holds the Order     no
+``LEDGER_DOWN``           1 to 5 s: Redis out of reach (a failover)    no
+``RATE_LIMITED``          until the system's next free call, spread    no
+                          over the others waiting for one
+``BREAKER_OPEN``          until the system's circuit lets a probe in   no
+========================  ===========================================  ==============
+
+"Spends budget": the wait follows a try that counted against the step's retries
+(TASK_MAX_RETRIES, in the ledger); the others wait for something that is not the
+step's fault, and a step may wait for them as often as it must.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from provisioning.core.backoff import backoff_s
+
+if TYPE_CHECKING:
+    from provisioning.core.settings import Settings
+
+# The shortest wait on RabbitMQ. On quorum queues Celery 5.7 routes a countdown through native
+# delayed delivery with int(countdown) seconds, and drops a task whose countdown is between 0 and
+# 1 s ("countdown must be a positive number"): a whole second is always safe. On Redis (and in
+# memory) the worker holds a countdown's message itself, to the millisecond.
+RABBITMQ_MIN_WAIT_S = 1.0
+LEASE_BUSY_BASE_S = 1.0
+LEASE_BUSY_CAP_S = 4.0
+LEDGER_DOWN_BASE_S = 1.0
+LEDGER_DOWN_CAP_S = 5.0
+# A wait for a known time (the next token, a breaker's probe) gets up to this much on top, so the
+# steps told the same time do not all come back at once.
+KNOWN_WAIT_JITTER_S = 1.0
+
+
+_RANDOM = random.Random()
+
+
+class Cause(StrEnum):
+    TRANSIENT = "transient"
+    LEASE_BUSY = "lease_busy"
+    LEDGER_DOWN = "ledger_down"
+    RATE_LIMITED = "rate_limited"
+    BREAKER_OPEN = "breaker_open"
+
+    @property
+    def spends_budget(self) -> bool:
+        return self is Cause.TRANSIENT
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    transient_base_s: float
+    transient_cap_s: float
+    # No wait is longer (below the broker's visibility timeout).
+    max_wait_s: float
+    # No wait is shorter (what the broker can take).
+    min_wait_s: float = 0.0
+    rng: random.Random | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, rng: random.Random | None = None) -> RetryPolicy:
+        max_wait = settings.celery_visibility_timeout_s / 2
+        return cls(
+            transient_base_s=settings.task_retry_backoff_s,
+            transient_cap_s=min(settings.task_retry_backoff_max_s, max_wait),
+            max_wait_s=max_wait,
+            min_wait_s=RABBITMQ_MIN_WAIT_S if settings.broker_is_rabbitmq else 0.0,
+            rng=rng,
+        )
+
+    def wait_s(
+        self, cause: Cause, *, attempts: int = 1, known_s: float = 0.0, spread_s: float = 0.0
+    ) -> float:
+        """Seconds to wait before the next try.
+
+        ``attempts``: the step's tries so far that spent budget (TRANSIENT); ``known_s``: how long
+        the cause is known to last (RATE_LIMITED, BREAKER_OPEN); ``spread_s``: over how long the
+        others waiting for the same thing should be spread (RATE_LIMITED).
+        """
+        rng = self.rng or _RANDOM
+        if cause is Cause.TRANSIENT:
+            wait = backoff_s(
+                max(attempts - 1, 0), base_s=self.transient_base_s, cap_s=self.transient_cap_s, rng=rng
+            )
+        elif cause is Cause.LEASE_BUSY:
+            wait = LEASE_BUSY_BASE_S + backoff_s(
+                1, base_s=LEASE_BUSY_BASE_S, cap_s=LEASE_BUSY_CAP_S - LEASE_BUSY_BASE_S, rng=rng
+            )
+        elif cause is Cause.LEDGER_DOWN:
+            wait = LEDGER_DOWN_BASE_S + backoff_s(
+                2, base_s=LEDGER_DOWN_BASE_S, cap_s=LEDGER_DOWN_CAP_S - LEDGER_DOWN_BASE_S, rng=rng
+            )
+        else:
+            wait = known_s + rng.uniform(0, max(spread_s, KNOWN_WAIT_JITTER_S))
+        return min(max(wait, self.min_wait_s), self.max_wait_s)

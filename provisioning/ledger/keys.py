@@ -1,0 +1,100 @@
+"""Every Redis key the ledger writes, named in this one place (private to the ledger package).
+
+Every key lives under the ``LEDGER_PREFIX`` namespace (``p`` below):
+
+===================================  ======  ==================================================
+key                                  type    holds
+===================================  ======  ==================================================
+``p:run:{run_id}``                   hash    state, origin, timestamps, outcome; per step:
+                                             attempts (``a:``), last error (``e:``), the run's
+                                             own step results (``s:``), markers (``x:``)
+``p:order:{order_id}``               hash    the Order's provisioning: generation, the run
+                                             acting on it, step results, effect markers
+                                             (intents, ICCID, outbox), the e-mail error
+``p:order:{order_id}:runs``          zset    every run of the Order, scored by creation time
+``p:order:{order_id}:snapshot``      string  JSON of the Order fields the steps need
+                                             (personal data: deleted when the run is done)
+``p:order:{order_id}:g{n}``          hash    provisioning ``n`` after ``provisioning reprovision``
+``p:lease:{order_id}``               string  the lease holder's token, with expiry
+``p:active``                         zset    unfinished runs, scored by last update (reconciler)
+``p:failed``                         zset    failed runs, scored by failure time
+``p:writeback``                      zset    failed runs whose Order may not show Failed yet (the
+                                             reconciler writes it), scored by failure time
+``p:undelivered``                    zset    Orders whose welcome e-mail was refused, by time
+``p:quarantine``                     list    JSON of events the listener rejected (newest first)
+``p:runs``                           zset    every run that began or ended, scored by when (the
+                                             operators' list of runs; trimmed after the retention)
+``p:metrics:counters``               hash    run metrics: ``<name>|<labels>`` → count
+``p:metrics:h:{name}``               hash    a histogram: ``<label>|<bucket>`` → count, ``|sum``
+``p:metrics:activating``             hash    what the last backfill sweep saw in Salesforce
+``p:listener:{channel}:lock``        string  the leader lock's token, with expiry
+``p:listener:{channel}:checkpoint:{transport}``  string  the last batch handled (opaque replay id)
+``p:listener:{channel}:leader``      string  JSON: who took the lead last (host, pid, since)
+``p:esim:free``                      set     ICCIDs nobody claimed yet
+``p:esim:claims``                    hash    the Order's effect key → its ICCID (kept once used)
+``p:esim:used``                      set     ICCIDs whose run activated them
+``p:esim:known``                     set     every ICCID ever loaded (a reload adds nothing twice)
+===================================  ======  ==================================================
+"""
+
+from __future__ import annotations
+
+from provisioning.core.run_id import RunId
+
+
+class Keys:
+    """The key names under one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        p = prefix
+        self.active = f"{p}:active"
+        self.failed = f"{p}:failed"
+        self.writeback = f"{p}:writeback"
+        self.undelivered = f"{p}:undelivered"
+        self.quarantine = f"{p}:quarantine"
+        self.runs = f"{p}:runs"
+        self.metrics_counters = f"{p}:metrics:counters"
+        self.metrics_activating = f"{p}:metrics:activating"
+        self.esim_free = f"{p}:esim:free"
+        self.esim_claims = f"{p}:esim:claims"
+        self.esim_used = f"{p}:esim:used"
+        self.esim_known = f"{p}:esim:known"
+
+    def run(self, run_id: RunId | str) -> str:
+        return f"{self.prefix}:run:{run_id}"
+
+    def order(self, order_id: str) -> str:
+        return f"{self.prefix}:order:{order_id}"
+
+    def order_runs(self, order_id: str) -> str:
+        return f"{self.prefix}:order:{order_id}:runs"
+
+    def snapshot(self, order_id: str) -> str:
+        return f"{self.prefix}:order:{order_id}:snapshot"
+
+    def archive(self, order_id: str, gen: int) -> str:
+        return f"{self.prefix}:order:{order_id}:g{gen}"
+
+    def lease(self, order_id: str) -> str:
+        return f"{self.prefix}:lease:{order_id}"
+
+    def histogram(self, name: str) -> str:
+        return f"{self.prefix}:metrics:h:{name}"
+
+    def listener(self, channel: str, what: str) -> str:
+        return f"{self.prefix}:listener:{channel}:{what}"
+
+    def end_run(self, run_id: RunId) -> list[str]:
+        """KEYS of end_run.lua, in its order."""
+        order_id = run_id.order_id
+        return [
+            self.run(run_id),
+            self.order(order_id),
+            self.order_runs(order_id),
+            self.snapshot(order_id),
+            self.active,
+            self.failed,
+            self.writeback,
+            self.runs,
+        ]
