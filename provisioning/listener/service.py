@@ -36,6 +36,7 @@ from celery import Celery
 
 from provisioning.core.backoff import backoff_s
 from provisioning.core.logs import get_logger
+from provisioning.core.replay_id import ReplayId, ReplayStart, Transport, describe_start
 from provisioning.core.replication import ReplicaUnconfirmed
 from provisioning.core.run_id import RunId
 from provisioning.core.settings import Settings
@@ -47,13 +48,7 @@ from provisioning.listener.reconciling import Reconciler
 from provisioning.listener.validation import Rejected, validate_event
 from provisioning.runs.publishing import publish_runs
 from provisioning.runs.services import Services
-from provisioning.salesforce.events import (
-    Batch,
-    EventSource,
-    ReplayStart,
-    describe_start,
-    replay_start_from,
-)
+from provisioning.salesforce.events import Batch, EventSource
 
 log = get_logger(__name__)
 
@@ -112,7 +107,10 @@ class Listener:
     @property
     def checkpoint_key(self) -> str:
         """The checkpoint of this transport (replay ids of one never start the other)."""
-        return self.ledger.listener_key(self.channel, f"checkpoint:{self.source.transport}")
+        return self._checkpoint_key(Transport(self.source.transport))
+
+    def _checkpoint_key(self, transport: Transport) -> str:
+        return self.ledger.listener_key(self.channel, f"checkpoint:{transport.value}")
 
     # -- lifecycle --------------------------------------------------------------------------
     def stop(self) -> None:
@@ -157,12 +155,22 @@ class Listener:
 
     # -- the batches --------------------------------------------------------------------------
     def start_position(self) -> ReplayStart:
+        """--replay-from once, else this transport's checkpoint, else SF_EVENTS_REPLAY."""
         if self.replay_from is not None:
             return self.replay_from
         stored = self._with_redis(lambda: self.services.redis.get(self.checkpoint_key))
         if stored is not None:
-            return bytes(stored)
-        return replay_start_from(self.settings)
+            try:
+                return ReplayId.from_stored(stored, self.source.transport)
+            except ValueError as exc:
+                log.error(
+                    "listener_checkpoint_unreadable",
+                    key=self.checkpoint_key,
+                    stored=bytes(stored)[:64].hex(),
+                    error=str(exc),
+                    starts_from=self.settings.sf_events_replay,
+                )
+        return self.settings.replay_start()
 
     def _consume(self) -> None:
         while not self.stopping.is_set() and not self.leadership.lost.is_set():
@@ -203,7 +211,7 @@ class Listener:
             if isinstance(checked, Rejected):
                 rejected.append(
                     {
-                        "replay_id": event.replay_id.hex(),
+                        "replay_id": str(event.replay_id),
                         "transport": self.source.transport,
                         "uuid": event.uuid,
                         "reason": checked.reason,
@@ -247,7 +255,7 @@ class Listener:
                 published=[str(r) for r in published],
                 duplicates=[str(r) for r in duplicates],
                 quarantined=len(rejected),
-                checkpoint=position.hex() if position is not None else None,
+                checkpoint=str(position) if position is not None else None,
             )
         self.metrics.batches.inc()
         created = [e.created_at for e in batch.events if e.created_at is not None]
@@ -255,7 +263,7 @@ class Listener:
             self.metrics.lag.set(max(0.0, now - created[-1]))
 
     # -- high availability: the checkpoint on a replica before it counts -------------------------
-    def _checkpoint_confirmed(self, position: bytes, redo: int) -> bool:
+    def _checkpoint_confirmed(self, position: ReplayId, redo: int) -> bool:
         """Write the checkpoint; with replicas, confirmed by one (WAIT) in the same round trip.
 
         WAIT confirms every earlier write with it (replication is one ordered stream), so the batch's
@@ -266,7 +274,7 @@ class Listener:
         if self.stopping.is_set() and redo:
             raise _Abandoned()
         try:
-            self.services.replicas.write(lambda pipe: pipe.set(self.checkpoint_key, position))
+            self.services.replicas.write(lambda pipe: pipe.set(self.checkpoint_key, position.value))
         except (ReplicaUnconfirmed, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             self.publish_ok = False
             delay = backoff_s(redo, base_s=OUTAGE_BACKOFF_BASE_S, cap_s=OUTAGE_BACKOFF_MAX_S, rng=self._rng)

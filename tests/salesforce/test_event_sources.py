@@ -19,8 +19,9 @@ import pytest
 from provisioning.core.http import make_session
 from provisioning.salesforce.auth import JWTBearerAuth
 from provisioning.salesforce.errors import SalesforceEventPermissionError
-from provisioning.salesforce.events import EARLIEST, LATEST, EventSource, ReplayPreset, ReplayStart
+from provisioning.salesforce.events import EARLIEST, LATEST, EventSource, ReplayId, ReplayPreset, ReplayStart
 from provisioning.salesforce.pubsub import PubSubClient
+from provisioning.salesforce.reconnect import ReconnectPolicy
 from provisioning.salesforce.streaming import StreamingClient
 from provisioning.sandbox.salesforce import EVENT_CHANNEL
 
@@ -32,8 +33,7 @@ LONG_POLL_S = 1.0
 KEEPALIVE_S = 0.5
 # The client's stall watchdog: three missed keepalives.
 KEEPALIVE_TIMEOUT_S = 1.5
-BACKOFF_BASE_S = 0.05
-BACKOFF_MAX_S = 0.2
+RECONNECT = ReconnectPolicy(base_s=0.05, cap_s=0.2)
 RECEIVE_TIMEOUT_S = 20.0
 # stop() must end an iteration within this: the seam promises about 0.1-0.5 s; the margin is for a
 # machine shared with other test runs.
@@ -73,27 +73,25 @@ class Kit:
 
 
 def _make(transport: str, org: Org, auth: JWTBearerAuth) -> Callable[..., EventSource]:
-    def make(fallback: ReplayPreset = EARLIEST, **options: Any) -> EventSource:
+    def make(fallback: ReplayPreset = EARLIEST, channel: str = EVENT_CHANNEL, **options: Any) -> EventSource:
         if transport == "pubsub":
             return PubSubClient(
                 auth=auth,
                 endpoint=org.pubsub_endpoint,
-                topic=EVENT_CHANNEL,
+                topic=channel,
                 ca_bundle=org.settings.tls_ca_bundle,
                 keepalive_timeout_s=options.pop("keepalive_timeout_s", KEEPALIVE_TIMEOUT_S),
                 replay_fallback=fallback,
-                backoff_base_s=BACKOFF_BASE_S,
-                backoff_max_s=BACKOFF_MAX_S,
+                reconnect=RECONNECT,
                 **options,
             )
         return StreamingClient(
             auth=auth,
             session=make_session(org.settings.tls_ca_bundle),
             api_version=org.settings.sf_api_version,
-            channel=EVENT_CHANNEL,
+            channel=channel,
             replay_fallback=fallback,
-            backoff_base_s=BACKOFF_BASE_S,
-            backoff_max_s=BACKOFF_MAX_S,
+            reconnect=RECONNECT,
             **options,
         )
 
@@ -144,7 +142,8 @@ def test_earliest_delivers_every_retained_event_in_order_once(kit: Kit) -> None:
     consumer = take(kit.source, EARLIEST, 30)
     assert keys(consumer) == [f"k{i}" for i in range(30)]
     assert len({e.replay_id for e in consumer.events}) == 30
-    assert all(isinstance(e.replay_id, bytes) for e in consumer.events)
+    assert all(isinstance(e.replay_id, ReplayId) for e in consumer.events)
+    assert all(e.replay_id.transport == kit.transport for e in consumer.events)
     assert all(e.uuid and e.created_at and e.decode_error is None for e in consumer.events)
     batch = consumer.batches[-1]
     assert batch.position == batch.events[-1].replay_id
@@ -263,7 +262,16 @@ def test_stop_from_another_thread_ends_an_idle_iteration_promptly(kit: Kit, cons
 
 def test_the_counters_hold_the_names_metrics_expect(kit: Kit) -> None:
     counters = kit.source.counters()
-    expected = {"events", "reconnects", "replay_fallbacks", "auth_renewals", "stalls", "decode_errors"}
+    expected = {
+        "events",
+        "reconnects",
+        "replay_fallbacks",
+        "auth_renewals",
+        "stalls",
+        "decode_errors",
+        "network_errors",
+        "delivery_limit_backoffs",
+    }
     assert expected <= set(counters)
     assert all(isinstance(v, int) for v in counters.values())
 

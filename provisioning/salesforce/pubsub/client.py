@@ -24,7 +24,8 @@ owed itself: a buffered response's ``pending_num_requested`` is stale by the tim
 
 Recovery, each followed by a new Subscribe call from the last acknowledged position (never
 LATEST after the first subscription: without an ack, an empty keepalive's
-``latest_replay_id`` anchors a LATEST start; failing that, the replay fallback applies):
+``latest_replay_id`` anchors a LATEST start; failing that, the replay fallback applies). How
+long to wait is :mod:`provisioning.salesforce.reconnect`'s, shared with CometD:
 
 - UNAUTHENTICATED: renew the token through the auth (once per failure), resubscribe at once.
 - INVALID_ARGUMENT with the ``error-code`` trailer ``…fetch.replayid.corrupted`` or
@@ -43,6 +44,9 @@ Avro payloads are decoded with the schema ``GetSchema`` returns for the event's
 is fetched in the middle of the stream. A payload that does not decode is delivered with
 ``decode_error`` set and ``payload`` None.
 
+Replay ids are :class:`~provisioning.core.replay_id.ReplayId` of transport ``pubsub``: the
+server's bytes unchanged (logged in hex, the form ``--replay-from`` takes).
+
 Stopping: :meth:`stop` cancels the call in progress from any thread; the iteration ends at once.
 """
 
@@ -51,7 +55,6 @@ from __future__ import annotations
 import io
 import json
 import queue
-import random
 import threading
 import time
 from collections import Counter
@@ -63,7 +66,6 @@ from typing import Any, TypeVar
 import fastavro
 import grpc
 
-from provisioning.core.backoff import backoff_s
 from provisioning.core.logs import get_logger
 from provisioning.core.settings import Settings
 from provisioning.salesforce.auth import AccessToken, JWTBearerAuth
@@ -81,13 +83,15 @@ from provisioning.salesforce.events import (
     LATEST,
     Batch,
     Event,
+    ReplayId,
     ReplayPreset,
     ReplayStart,
+    Transport,
     describe_start,
-    replay_fallback_from,
 )
 from provisioning.salesforce.pubsub import pubsub_api_pb2 as pb
 from provisioning.salesforce.pubsub import pubsub_api_pb2_grpc as pb_grpc
+from provisioning.salesforce.reconnect import Failure, ReconnectPolicy, Reconnects
 
 log = get_logger(__name__)
 
@@ -108,7 +112,7 @@ COUNTER_NAMES = (
     "unanchored_resubscribes",
 )
 
-TRANSPORT = "pubsub"
+TRANSPORT = Transport.PUBSUB
 DEFAULT_ENDPOINT = "api.pubsub.salesforce.com:7443"
 MAX_BATCH_SIZE = 100
 # Salesforce promises an empty keepalive response within 270 s; 30 s more absorbs a slow network
@@ -117,10 +121,6 @@ MAX_BATCH_SIZE = 100
 DEFAULT_KEEPALIVE_TIMEOUT_S = 300.0
 # How often the watchdog looks at the wait in progress.
 WATCHDOG_TICK_S = 0.1
-RECONNECT_BACKOFF_BASE_S = 0.5
-RECONNECT_BACKOFF_MAX_S = 60.0
-# The org's daily event delivery allocation: events stay retained for 72 h, so waiting loses nothing.
-DELIVERY_LIMIT_BACKOFF_S = 900.0
 # GetSchema and GetTopic are answered at once; a slow one means trouble.
 UNARY_TIMEOUT_S = 30.0
 
@@ -166,7 +166,7 @@ class TopicInfo:
 class _Failure:
     """Why a Subscribe call ended, and what the recovery needs."""
 
-    kind: str  # auth, invalid_replay, stall, delivery_limit, network
+    kind: Failure
     detail: str
     token: AccessToken | None = None
 
@@ -190,9 +190,7 @@ class PubSubClient:
         batch_size: int = MAX_BATCH_SIZE,
         keepalive_timeout_s: float = DEFAULT_KEEPALIVE_TIMEOUT_S,
         replay_fallback: ReplayPreset = EARLIEST,
-        backoff_base_s: float = RECONNECT_BACKOFF_BASE_S,
-        backoff_max_s: float = RECONNECT_BACKOFF_MAX_S,
-        delivery_limit_backoff_s: float = DELIVERY_LIMIT_BACKOFF_S,
+        reconnect: ReconnectPolicy | None = None,
     ) -> None:
         if (
             isinstance(batch_size, bool)
@@ -213,13 +211,10 @@ class PubSubClient:
         self.batch_size = batch_size
         self.keepalive_timeout_s = keepalive_timeout_s
         self.replay_fallback = replay_fallback
-        self._backoff_base_s = backoff_base_s
-        self._backoff_max_s = backoff_max_s
-        self._delivery_limit_backoff_s = delivery_limit_backoff_s
+        self._reconnects = Reconnects(reconnect)
         root_certificates = Path(ca_bundle).read_bytes() if ca_bundle is not None else None
         self._channel = grpc.secure_channel(endpoint, grpc.ssl_channel_credentials(root_certificates))
         self._stub = pb_grpc.PubSubStub(self._channel)  # type: ignore[no-untyped-call]
-        self._rng = random.Random()
         self._counts: Counter[str] = Counter()
         self._schemas: dict[str, Any] = {}
         self._stop = threading.Event()
@@ -231,11 +226,10 @@ class PubSubClient:
         self._stall_detected = False
         self._waiting_since: float | None = None
         self._last_response_at: float | None = None
-        self._failures = 0
         # Positions: where the iteration started, the last ack, a keepalive anchor, the one in use.
         self._start: ReplayStart = LATEST
-        self._acked: bytes | None = None
-        self._anchor: bytes | None = None
+        self._acked: ReplayId | None = None
+        self._anchor: ReplayId | None = None
         self._position: ReplayStart = LATEST
         self._subscribed_once = False
         self._events_handed_out = False
@@ -249,7 +243,7 @@ class PubSubClient:
             ca_bundle=settings.tls_ca_bundle,
             batch_size=settings.sf_pubsub_batch_size,
             keepalive_timeout_s=settings.sf_pubsub_keepalive_timeout_s,
-            replay_fallback=replay_fallback_from(settings),
+            replay_fallback=settings.replay_fallback(),
         )
 
     def __repr__(self) -> str:
@@ -274,8 +268,8 @@ class PubSubClient:
     def counters(self) -> dict[str, int]:
         return {name: self._counts[name] for name in COUNTER_NAMES}
 
-    def ack(self, position: bytes) -> None:
-        self._acked = bytes(position)
+    def ack(self, position: ReplayId) -> None:
+        self._acked = _own(position)
 
     def stop(self) -> None:
         """End the iteration in progress (or the next one) at once; never blocks; any thread."""
@@ -291,8 +285,11 @@ class PubSubClient:
         self._channel.close()
 
     def batches(self, start: ReplayStart) -> Iterator[Batch]:
-        """Batches from ``start`` until :meth:`stop`; see the module docstring."""
-        return self._iterate(start)
+        """Batches from ``start`` until :meth:`stop`; see the module docstring.
+
+        ``ValueError`` at once for a replay id of another transport.
+        """
+        return self._iterate(start if isinstance(start, ReplayPreset) else _own(start))
 
     def _iterate(self, start: ReplayStart) -> Generator[Batch, None, None]:
         if not self._running.acquire(blocking=False):
@@ -302,7 +299,7 @@ class PubSubClient:
         self._anchor = None
         self._subscribed_once = False
         self._events_handed_out = False
-        self._failures = 0
+        self._reconnects.reset()
         done = threading.Event()
         watchdog = threading.Thread(target=self._watch, args=(done,), name="pubsub-watchdog", daemon=True)
         watchdog.start()
@@ -315,7 +312,7 @@ class PubSubClient:
         finally:
             done.set()
             self._connected = False
-            log.info("pubsub_stopped", topic=self.topic, acked=self._acked.hex() if self._acked else None)
+            log.info("pubsub_stopped", topic=self.topic, acked=str(self._acked) if self._acked else None)
             self._stop.clear()
             self._running.release()
 
@@ -338,7 +335,7 @@ class PubSubClient:
         try:
             token = self._auth.token()
         except SalesforceTransientError as exc:
-            return _Failure("network", f"login: {exc}")
+            return _Failure(Failure.NETWORK, f"login: {exc}")
         position = self._next_position()
         self._position = position
         first = pb.FetchRequest(topic_name=self.topic, num_requested=self.batch_size)
@@ -346,7 +343,7 @@ class PubSubClient:
             first.replay_preset = _PRESETS[position]
         else:
             first.replay_preset = pb.CUSTOM
-            first.replay_id = position
+            first.replay_id = position.value
         outbox: queue.SimpleQueue[pb.FetchRequest | None] = queue.SimpleQueue()
         outbox.put(first)
         # Events requested and not yet received, by our own count: a response's pending_num_requested
@@ -367,18 +364,18 @@ class PubSubClient:
                 try:
                     response = next(call)
                 except StopIteration:
-                    return _Failure("network", "the server ended the stream")
+                    return _Failure(Failure.NETWORK, "the server ended the stream")
                 except grpc.RpcError as exc:
                     return self._classify(exc, token)
                 finally:
                     self._waiting_since = None
                 self._last_response_at = time.time()
                 self._stalled = False
-                self._failures = 0
+                self._reconnects.reset()
                 try:
                     batch = self._batch(response, token)
                 except _SchemaUnavailable as exc:
-                    return _Failure("network", f"GetSchema: {exc}")
+                    return _Failure(Failure.NETWORK, f"GetSchema: {exc}")
                 owed -= len(response.events)
                 if owed <= 0:
                     # The caller takes this batch now: ask for the next one so the stream never idles out.
@@ -434,11 +431,12 @@ class PubSubClient:
         events = tuple(self._decode(consumer, token) for consumer in response.events)
         if events:
             return Batch(events, events[-1].replay_id)
-        return Batch((), bytes(response.latest_replay_id) or None)
+        latest = bytes(response.latest_replay_id)
+        return Batch((), ReplayId(TRANSPORT, latest) if latest else None)
 
     def _decode(self, consumer: pb.ConsumerEvent, token: AccessToken) -> Event:
         producer = consumer.event
-        replay_id = bytes(consumer.replay_id)
+        replay_id = ReplayId(TRANSPORT, bytes(consumer.replay_id))
         uuid = producer.id or None
         try:
             schema = self._schema(producer.schema_id, token)
@@ -457,9 +455,9 @@ class PubSubClient:
         created_at = created / 1000.0 if isinstance(created, int) and not isinstance(created, bool) else None
         return Event(replay_id=replay_id, uuid=uuid, payload=record, created_at=created_at, raw=consumer)
 
-    def _undecodable(self, replay_id: bytes, uuid: str | None, reason: str, raw: Any) -> Event:
+    def _undecodable(self, replay_id: ReplayId, uuid: str | None, reason: str, raw: Any) -> Event:
         self._counts["decode_errors"] += 1
-        log.warning("pubsub_event_undecodable", topic=self.topic, replay_id=replay_id.hex(), reason=reason)
+        log.warning("pubsub_event_undecodable", topic=self.topic, replay_id=str(replay_id), reason=reason)
         return Event(replay_id=replay_id, uuid=uuid, payload=None, decode_error=reason, raw=raw)
 
     def _schema(self, schema_id: str, token: AccessToken) -> Any:
@@ -529,25 +527,23 @@ class PubSubClient:
         detail = f"{code.name} {error_code or ''} {details}".strip()
         if code == grpc.StatusCode.CANCELLED and self._stall_detected:
             self._stall_detected = False
-            return _Failure("stall", f"no response for {self.keepalive_timeout_s:g} s")
+            return _Failure(Failure.STALL, f"no response for {self.keepalive_timeout_s:g} s")
         if code == grpc.StatusCode.UNAUTHENTICATED:
-            return _Failure("auth", detail, token)
+            return _Failure(Failure.AUTH, detail, token)
         if code == grpc.StatusCode.INVALID_ARGUMENT and error_code in REPLAY_ERROR_CODES:
-            return _Failure("invalid_replay", detail)
+            return _Failure(Failure.INVALID_REPLAY, detail)
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and error_code and "limit.exceeded" in error_code:
-            return _Failure("delivery_limit", detail)
+            return _Failure(Failure.DELIVERY_LIMIT, detail)
         if code in _TRANSIENT:
-            return _Failure("network", detail)
+            return _Failure(Failure.NETWORK, detail)
         raise self._translate(exc, f"Subscribe to {self.topic}")
 
     def _recover(self, failure: _Failure) -> None:
         """Do what ``failure`` needs (renew, fall back, count), then wait before the next Subscribe."""
-        self._failures += 1
         self._counts["reconnects"] += 1
-        # A first auth failure or stall is routine: subscribe again at once.
-        delay = 0.0 if self._failures == 1 else self._backoff()
-        resume = self._acked.hex() if self._acked else None
-        if failure.kind == "auth":
+        delay = self._reconnects.wait_s(failure.kind)
+        resume = str(self._acked) if self._acked else None
+        if failure.kind is Failure.AUTH:
             self._counts["auth_renewals"] += 1
             log.warning(
                 "pubsub_auth_invalid", topic=self.topic, error=failure.detail, resubscribe_from=resume
@@ -557,8 +553,8 @@ class PubSubClient:
                     self._auth.renew(failure.token)
                 except SalesforceTransientError as exc:
                     log.warning("pubsub_login_failed", topic=self.topic, error=str(exc))
-                    delay = self._backoff()
-        elif failure.kind == "invalid_replay":
+                    delay = self._reconnects.backoff_s()
+        elif failure.kind is Failure.INVALID_REPLAY:
             position = self._position
             if isinstance(position, ReplayPreset):
                 raise SalesforceStreamingError(
@@ -570,7 +566,7 @@ class PubSubClient:
             log.error(
                 "pubsub_replay_id_invalid",
                 topic=self.topic,
-                replay_id=position.hex(),
+                replay_id=str(position),
                 fallback=self.replay_fallback.value,
                 error=failure.detail,
             )
@@ -579,19 +575,16 @@ class PubSubClient:
             self._start = self.replay_fallback
             self._subscribed_once = False
             self._events_handed_out = False
-            delay = 0.0
-        elif failure.kind == "stall":
+        elif failure.kind is Failure.STALL:
             self._counts["stalls"] += 1
             log.warning(
                 "pubsub_stall_recovered", topic=self.topic, error=failure.detail, resubscribe_from=resume
             )
-        elif failure.kind == "delivery_limit":
+        elif failure.kind is Failure.DELIVERY_LIMIT:
             self._counts["delivery_limit_backoffs"] += 1
-            delay = self._delivery_limit_backoff_s
             log.warning("pubsub_delivery_limit", topic=self.topic, error=failure.detail, retry_in_s=delay)
         else:
             self._counts["network_errors"] += 1
-            delay = self._backoff()
             log.warning(
                 "pubsub_reconnect",
                 topic=self.topic,
@@ -601,11 +594,6 @@ class PubSubClient:
             )
         if delay > 0:
             self._stop.wait(delay)
-
-    def _backoff(self) -> float:
-        return backoff_s(
-            max(self._failures - 1, 0), base_s=self._backoff_base_s, cap_s=self._backoff_max_s, rng=self._rng
-        )
 
     def _watch(self, done: threading.Event) -> None:
         """The stall watchdog: cancel a call that has been silent for keepalive_timeout_s."""
@@ -624,6 +612,15 @@ class PubSubClient:
             self._stalled = True
             log.warning("pubsub_stalled", topic=self.topic, silent_s=round(silent_s, 1))
             call.cancel()
+
+
+def _own(position: ReplayId) -> ReplayId:
+    """``position`` if it is a Pub/Sub replay id; a CometD one is refused, never converted."""
+    if not isinstance(position, ReplayId) or position.transport is not TRANSPORT:
+        raise ValueError(
+            f"{position!r} is not a Pub/Sub replay id: a CometD replay id cannot start a Pub/Sub subscription"
+        )
+    return position
 
 
 def _drain(outbox: queue.SimpleQueue[pb.FetchRequest | None]) -> Iterator[pb.FetchRequest]:
