@@ -274,6 +274,15 @@ class Settings(BaseSettings):
         description="Pub/Sub stall watchdog: seconds without any response (keepalives included) "
         "before the stream is torn down and resubscribed (Salesforce promises one within 270 s).",
     )
+    sf_refused_retry_max_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest wait before the listener tries again what Salesforce refused for a reason only "
+        "a person can fix (a subscription to an event the org does not have or the user may not read, a "
+        "login with a key the app does not know, the backfill query): the waits grow from 1 s to this, "
+        "jittered. Also how often such a refusal that goes on is summarized in the log (one line with "
+        "the count).",
+    )
 
     # Order field names (API names), in case an org named them differently.
     sf_field_activation_status: str = Field(

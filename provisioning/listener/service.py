@@ -18,6 +18,8 @@ A crash before 4 replays the whole batch after a restart; the run ids absorb the
 duplicates. Broker or Redis down: the batch in hand is retried with backoff, nothing
 is checkpointed, the source waits (delivery is pull-based). Checkpoints are per
 transport: a Pub/Sub replay id never starts a CometD subscription, nor the reverse.
+A source that gives up (a refusal only a person can fix) is tried again slowly
+(:mod:`provisioning.listener.refusals`), and /healthz says why meanwhile.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from celery import Celery
 
 from provisioning.core.backoff import backoff_s
 from provisioning.core.logs import get_logger
-from provisioning.core.replay_id import ReplayId, ReplayStart, Transport, describe_start
+from provisioning.core.replay_id import ReplayId, ReplayStart, describe_start
 from provisioning.core.replication import ReplicaUnconfirmed
 from provisioning.core.run_id import RunId
 from provisioning.core.settings import Settings
@@ -45,6 +47,7 @@ from provisioning.ledger.listener import announce_leader
 from provisioning.listener.leadership import Leadership
 from provisioning.listener.metrics import ListenerMetrics
 from provisioning.listener.reconciling import Reconciler
+from provisioning.listener.refusals import SourceRefusals
 from provisioning.listener.validation import Rejected, validate_event
 from provisioning.runs.publishing import publish_runs
 from provisioning.runs.services import Services
@@ -55,8 +58,8 @@ log = get_logger(__name__)
 # Waiting for the broker or Redis to come back: capped exponential backoff with jitter.
 OUTAGE_BACKOFF_BASE_S = 0.5
 OUTAGE_BACKOFF_MAX_S = 10.0
-# After the source gave up (a refused login, a refused subscription), wait this long before subscribing again.
-SOURCE_RESTART_DELAY_S = 1.0
+# How often the leader looks whether a source that gave up is subscribed again (the recovery line).
+SOURCE_WATCH_INTERVAL_S = 0.5
 # How long stopping waits for the leader's helper threads.
 THREAD_JOIN_TIMEOUT_S = 5.0
 
@@ -102,15 +105,13 @@ class Listener:
             metrics=self.metrics,
             idle_s=reconcile_idle_s if reconcile_idle_s is not None else settings.reconcile_idle_s,
         )
+        self.refusals = SourceRefusals(settings)
         self._rng = random.Random()
 
     @property
     def checkpoint_key(self) -> str:
         """The checkpoint of this transport (replay ids of one never start the other)."""
-        return self._checkpoint_key(Transport(self.source.transport))
-
-    def _checkpoint_key(self, transport: Transport) -> str:
-        return self.ledger.listener_key(self.channel, f"checkpoint:{transport.value}")
+        return self.ledger.listener_key(self.channel, f"checkpoint:{self.source.transport}")
 
     # -- lifecycle --------------------------------------------------------------------------
     def stop(self) -> None:
@@ -135,6 +136,9 @@ class Listener:
                 threading.Thread(
                     target=self.reconciler.loop, args=(self.leadership.lost,), name="reconciler", daemon=True
                 ),
+                threading.Thread(
+                    target=self._watch_source, args=(self.leadership.lost,), name="source-watch", daemon=True
+                ),
             ]
             for t in threads:
                 t.start()
@@ -152,6 +156,24 @@ class Listener:
 
     def healthy(self) -> bool:
         return self.is_leader and self.source.connected and not self.source.stalled and self.publish_ok
+
+    def unhealthy_reason(self) -> str | None:
+        """Why :meth:`healthy` is false, in words for /healthz (None while healthy)."""
+        if not self.is_leader:
+            return "standby: another listener holds the channel's lock (or this one is stopping)"
+        if not self.source.connected:
+            return self.refusals.reason or "not subscribed yet: subscribing to the channel"
+        if self.source.stalled:
+            return "the stream is silent past its keepalive promise: subscribing again from the checkpoint"
+        if not self.publish_ok:
+            return "cannot publish or checkpoint: the broker or Redis is not answering (retrying)"
+        return None
+
+    def _watch_source(self, done: threading.Event) -> None:
+        """A source that gave up and is subscribed again: the recovery, logged once, off /healthz."""
+        while not done.wait(SOURCE_WATCH_INTERVAL_S):
+            if self.refusals.failing and self.source.connected:
+                self.refusals.recovered()
 
     # -- the batches --------------------------------------------------------------------------
     def start_position(self) -> ReplayStart:
@@ -177,7 +199,8 @@ class Listener:
             start = self.start_position()
             # An explicit start applies once; later restarts resume from the checkpoint.
             self.replay_from = None
-            log.info(
+            # While the source keeps giving up, its summary lines say it: not one line per try.
+            (log.debug if self.refusals.failing else log.info)(
                 "listener_subscribing",
                 channel=self.channel,
                 transport=self.source.transport,
@@ -193,8 +216,7 @@ class Listener:
             except _Abandoned:
                 return
             except Exception as exc:
-                log.error("listener_source_failed", error=f"{type(exc).__name__}: {exc}")
-                self.stopping.wait(SOURCE_RESTART_DELAY_S)
+                self.stopping.wait(self.refusals.failed(exc))
             finally:
                 self.metrics.subscribed.set(0)
 

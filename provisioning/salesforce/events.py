@@ -113,7 +113,10 @@ class EventSource(Protocol):
         """Batches from ``start`` until :meth:`stop`; fetched only when the caller asks for the next.
 
         Recoverable trouble (network, expired token, unknown client, a replay id too old, a
-        stall) is handled inside; an error that retrying cannot fix is raised.
+        stall) is handled inside. A refusal only a person can fix (an event the org does not
+        have, no read permission on it, a refused login) is raised, a
+        :class:`~provisioning.salesforce.errors.SalesforcePermanentError` whose ``remedy`` says
+        what to fix; the caller decides when to try again.
         """
         ...
 

@@ -33,7 +33,10 @@ disconnected for the policy's long wait), network errors and timeouts (capped
 exponential backoff with jitter), a connect that outlives the long poll plus its
 margin (the CometD form of a silent stall: counted in ``stalls``, ``stalled``
 until the next answer, then handshake and resubscribe). Cookies (``BAYEUX_BROWSER``,
-load-balancer cookies) live in the session's cookie jar.
+load-balancer cookies) live in the session's cookie jar. A subscription refused for
+good is raised: ``400::The channel you requested to subscribe to does not exist``
+as :class:`~provisioning.salesforce.errors.SalesforceEventNotFound` with its remedy,
+any other 4xx as :class:`~provisioning.salesforce.errors.SalesforceStreamingError`.
 
 Stopping: each Bayeux request runs in a short-lived daemon thread while the
 iterating thread waits for it in steps of ``STOP_POLL_INTERVAL_S``, checking
@@ -67,8 +70,10 @@ from provisioning.core.settings import Settings
 from provisioning.salesforce.auth import AccessToken, JWTBearerAuth
 from provisioning.salesforce.errors import (
     SalesforceAuthError,
+    SalesforceEventNotFound,
     SalesforceStreamingError,
     SalesforceTransientError,
+    event_not_found_remedy,
 )
 from provisioning.salesforce.events import (
     EARLIEST,
@@ -103,6 +108,8 @@ DISCONNECT_TIMEOUT_S = 2.0
 STOP_POLL_INTERVAL_S = 0.1
 
 _INVALID_REPLAY_MARKER = "you provided was invalid"
+# The Streaming API's answer for a channel the org does not have (its error codes page: 400).
+_NO_SUCH_CHANNEL_MARKER = "does not exist"
 
 
 @dataclass
@@ -215,6 +222,7 @@ class StreamingClient:
         self._client_id: str | None = None
         self._subscribed_client: str | None = None
         self._last_token: AccessToken | None = None
+        self._subscribed_once = False
         self._long_poll_s = DEFAULT_LONG_POLL_S
         self._interval_s = 0.0
         self._position: int = REPLAY_LATEST
@@ -290,6 +298,7 @@ class StreamingClient:
         self._position = replay_from
         self._pending.clear()
         self._client_id = None
+        self._subscribed_once = False
         self._reconnects.reset()
         try:
             while True:
@@ -308,7 +317,10 @@ class StreamingClient:
         except _Stopped:
             return
         finally:
-            log.info("streaming_stopped", channel=self.channel, position=self._position)
+            # Only an iteration that subscribed has something to report (a refused one: its error says).
+            (log.info if self._subscribed_once else log.debug)(
+                "streaming_stopped", channel=self.channel, position=self._position
+            )
             self._disconnect_in_background()
             self._pending.clear()
             self._stop.clear()
@@ -351,6 +363,7 @@ class StreamingClient:
                 return
             if reply.successful:
                 self._subscribed_client = self._client_id
+                self._subscribed_once = True
                 self.counters.subscribes += 1
                 log.info("streaming_subscribed", channel=self.channel, replay_from=position)
                 return
@@ -370,9 +383,7 @@ class StreamingClient:
                 self._position = self.replay_fallback
                 continue
             if kind is Failure.INVALID_REPLAY or (kind is Failure.NETWORK and reply.refused):
-                raise SalesforceStreamingError(
-                    f"subscribing to {self.channel} (replay from {position}) was refused: {reply.error}"
-                )
+                raise self._refused(reply, position)
             self._recover(kind, reply, "subscribe")
 
     def _connect(self) -> None:
@@ -503,6 +514,17 @@ class StreamingClient:
         )
 
     # -- recovery ---------------------------------------------------------------------------
+
+    def _refused(self, reply: _Reply, position: int) -> SalesforceStreamingError:
+        """The error for a subscription refused for good (the table of refusals is this method)."""
+        message = f"subscribing to {self.channel} (replay from {position}) was refused: {reply.error}"
+        if _NO_SUCH_CHANNEL_MARKER in reply.error.lower():
+            return SalesforceEventNotFound(
+                f"{message}. The org has no Platform Event {self.channel}",
+                error_code=reply.error.split("::", 1)[0] or None,
+                remedy=event_not_found_remedy(self.channel),
+            )
+        return SalesforceStreamingError(message, error_code=reply.error.split("::", 1)[0] or None)
 
     def _recover(self, kind: Failure, reply: _Reply | None, step: str) -> None:
         """Drop the Bayeux session, do what ``kind`` needs, wait; the loop then handshakes again."""

@@ -101,6 +101,7 @@ def test_malformed_events_are_quarantined_with_reasons_and_every_good_one_is_pro
         "subscribed": True,
         "stalled": False,
         "can_publish": True,
+        "reason": None,
     }
     metrics = requests.get(base + "/metrics", timeout=5).text
     assert "listener_events_received_total 9.0" in metrics

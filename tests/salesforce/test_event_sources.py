@@ -18,7 +18,7 @@ import pytest
 
 from provisioning.core.http import make_session
 from provisioning.salesforce.auth import JWTBearerAuth
-from provisioning.salesforce.errors import SalesforceEventPermissionError
+from provisioning.salesforce.errors import SalesforceEventNotFound, SalesforceEventPermissionError
 from provisioning.salesforce.events import EARLIEST, LATEST, EventSource, ReplayId, ReplayPreset, ReplayStart
 from provisioning.salesforce.pubsub import PubSubClient
 from provisioning.salesforce.reconnect import ReconnectPolicy
@@ -260,6 +260,19 @@ def test_stop_from_another_thread_ends_an_idle_iteration_promptly(kit: Kit, cons
     assert not kit.source.connected
 
 
+def test_a_channel_the_org_does_not_have_is_refused_not_found_with_the_remedy(
+    kit: Kit, log_lines: Any
+) -> None:
+    source = kit.make(channel="/event/NotDeployed__e")
+    with pytest.raises(SalesforceEventNotFound) as caught:
+        next(source.batches(LATEST))
+    assert caught.value.remedy is not None
+    assert "deploy the Platform Event NotDeployed__e" in caught.value.remedy
+    assert "SF_PROVISION_EVENT_CHANNEL" in caught.value.remedy
+    assert not source.connected
+    assert log_lines.at("error") == []  # the source raises; its caller logs (once)
+
+
 def test_the_counters_hold_the_names_metrics_expect(kit: Kit) -> None:
     counters = kit.source.counters()
     expected = {
@@ -421,13 +434,16 @@ def test_a_silent_stall_is_noticed_after_the_keepalive_timeout_and_healed_from_t
     assert healed_s < KEEPALIVE_TIMEOUT_S + 2.0
 
 
-def test_permission_denied_names_the_missing_permission(pubsub: Kit) -> None:
+def test_permission_denied_names_the_missing_permission_without_spending_a_subscribe(pubsub: Kit) -> None:
     pubsub.org.streaming(pubsub_permission_denied=True)
     assert pubsub.source.topic_info().can_subscribe is False
     with pytest.raises(SalesforceEventPermissionError, match="read access to the Platform Event") as caught:
         next(pubsub.source.batches(LATEST))
     assert "Setting up Salesforce" in str(caught.value)
-    assert caught.value.error_code == "sfdc.platform.eventbus.grpc.subscription.topic.cannot.subscribe"
+    assert caught.value.remedy is not None
+    assert "grant Read on the Platform Event OrderProvisionRequested__e" in caught.value.remedy
+    # GetTopic said so: no Subscribe call was spent on it.
+    assert pubsub.org.get("/__admin/stats")["pubsub"]["subscribes"] == 0
 
 
 def test_stop_before_the_first_response_ends_at_once(pubsub: Kit) -> None:

@@ -19,6 +19,8 @@ from provisioning.salesforce.auth import JWTBearerAuth
 from provisioning.salesforce.errors import (
     SalesforceAuthError,
     SalesforceConnectionError,
+    SalesforceEventNotFound,
+    SalesforceEventPermissionError,
     SalesforceStreamingError,
 )
 from provisioning.salesforce.events import EARLIEST, LATEST, Batch, EventSource, ReplayId, Transport
@@ -265,6 +267,8 @@ def test_a_stream_that_ends_or_resets_is_resubscribed_from_the_last_ack(
     assert (second.replay_preset, second.replay_id) == (pb.CUSTOM, (21).to_bytes(8, "big"))
     assert client.counters()["reconnects"] == 1
     assert client.counters()["network_errors"] == 1
+    # The topic is asked about once per iteration, not again on each reconnect.
+    assert server.topic_requests == [TOPIC]
 
 
 def test_the_delivery_limit_keeps_the_client_away_for_its_backoff(
@@ -339,6 +343,43 @@ def test_a_refusal_retrying_cannot_fix_raises_with_the_salesforce_error_code(
         first_batches(make(), EARLIEST, 1)
     assert caught.value.error_code == error_code
     assert code.name in str(caught.value)
+    assert len(server.calls) == 1
+
+
+def test_a_topic_the_org_does_not_have_raises_not_found_with_the_remedy_before_any_subscribe(
+    make: Callable[..., PubSubClient], server: FakePubSub, log_lines: Any
+) -> None:
+    server.topic_answers.append("not_found")
+    with pytest.raises(SalesforceEventNotFound, match="NOT_FOUND") as caught:
+        first_batches(make(), LATEST, 1)
+    assert caught.value.error_code == "sfdc.platform.eventbus.grpc.topic.not.found"
+    assert caught.value.remedy is not None
+    assert "deploy the Platform Event OrderProvisionRequested__e" in caught.value.remedy
+    assert server.calls == []
+    assert log_lines.named("pubsub_stopped") == []
+
+
+def test_get_topic_saying_cannot_subscribe_raises_the_permission_error_before_any_subscribe(
+    make: Callable[..., PubSubClient], server: FakePubSub
+) -> None:
+    server.topic_answers.append("cannot_subscribe")
+    with pytest.raises(SalesforceEventPermissionError, match="can_subscribe is false") as caught:
+        first_batches(make(), LATEST, 1)
+    assert caught.value.remedy is not None
+    assert "grant Read on the Platform Event OrderProvisionRequested__e" in caught.value.remedy
+    assert server.calls == []
+
+
+def test_permission_denied_on_subscribe_raises_with_the_code_and_the_remedy(
+    make: Callable[..., PubSubClient], server: FakePubSub
+) -> None:
+    cannot = "sfdc.platform.eventbus.grpc.subscription.topic.cannot.subscribe"
+    server.scripts.append(serve(then="abort", code=grpc.StatusCode.PERMISSION_DENIED, error_code=cannot))
+    with pytest.raises(SalesforceEventPermissionError, match="read access to the Platform Event") as caught:
+        first_batches(make(), LATEST, 1)
+    assert caught.value.error_code == cannot
+    assert caught.value.remedy is not None
+    assert "permission set" in caught.value.remedy
     assert len(server.calls) == 1
 
 

@@ -7,7 +7,11 @@ from typing import Any
 
 import pytest
 
-from provisioning.salesforce.errors import SalesforceAuthError, SalesforceStreamingError
+from provisioning.salesforce.errors import (
+    SalesforceAuthError,
+    SalesforceEventNotFound,
+    SalesforceStreamingError,
+)
 from provisioning.salesforce.events import EARLIEST, LATEST, EventSource, ReplayId
 from provisioning.salesforce.reconnect import ReconnectPolicy
 from provisioning.salesforce.streaming import (
@@ -229,6 +233,20 @@ def test_a_subscription_refused_for_good_raises(stream: StreamingClient, fake: F
     fake.faults["subscribe"].append("denied")
     with pytest.raises(SalesforceStreamingError, match="403::Unknown channel"):
         next(stream.batches(LATEST))
+
+
+def test_a_channel_the_org_does_not_have_raises_not_found_with_the_remedy_after_one_subscribe(
+    stream: StreamingClient, fake: FakeSalesforce, log_lines: Any
+) -> None:
+    fake.faults["subscribe"].append("no_such_channel")
+    with pytest.raises(SalesforceEventNotFound, match="does not exist") as caught:
+        next(stream.batches(LATEST))
+    assert caught.value.remedy is not None
+    assert "deploy the Platform Event OrderProvisionRequested__e" in caught.value.remedy
+    assert "SF_PROVISION_EVENT_CHANNEL" in caught.value.remedy
+    assert len(fake.bayeux("/meta/subscribe")) == 1
+    # An iteration that never subscribed says nothing of its own: the caller logs the refusal.
+    assert log_lines.named("streaming_stopped") == []
 
 
 def test_a_subscription_failing_with_a_server_error_is_retried(

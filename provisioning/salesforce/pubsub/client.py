@@ -22,6 +22,11 @@ further events wait in gRPC's buffers while the caller works. The client counts 
 owed itself: a buffered response's ``pending_num_requested`` is stale by the time it is read
 (a keepalive saying 0 after the next request already left would otherwise double it).
 
+Before its first Subscribe call, an iteration asks ``GetTopic``: a topic the org does not have
+(NOT_FOUND ``…topic.not.found``) raises :class:`SalesforceEventNotFound`, ``can_subscribe``
+false raises :class:`SalesforceEventPermissionError`, both with their ``remedy`` and without a
+Subscribe call spent.
+
 Recovery, each followed by a new Subscribe call from the last acknowledged position (never
 LATEST after the first subscription: without an ack, an empty keepalive's
 ``latest_replay_id`` anchors a LATEST start; failing that, the replay fallback applies). How
@@ -36,8 +41,9 @@ long to wait is :mod:`provisioning.salesforce.reconnect`'s, shared with CometD:
 - The silent stall: no response at all (keepalives included) for ``keepalive_timeout_s`` while
   waiting for one. A watchdog thread cancels the call; ``stalled`` stays true until the next
   response; counted in ``stalls``.
-- PERMISSION_DENIED: :class:`SalesforceEventPermissionError` naming the missing permission.
-  Other refusals (unknown topic, a bad request): :class:`SalesforceStreamingError`.
+- PERMISSION_DENIED: :class:`SalesforceEventPermissionError` naming the missing permission;
+  NOT_FOUND: :class:`SalesforceEventNotFound`; other refusals (a bad request):
+  :class:`SalesforceStreamingError`. :meth:`PubSubClient._translate` is the one table.
 
 Avro payloads are decoded with the schema ``GetSchema`` returns for the event's
 ``schema_id``, parsed once and cached; an unknown ``schema_id`` (a field added in Salesforce)
@@ -47,7 +53,8 @@ is fetched in the middle of the stream. A payload that does not decode is delive
 Replay ids are :class:`~provisioning.core.replay_id.ReplayId` of transport ``pubsub``: the
 server's bytes unchanged (logged in hex, the form ``--replay-from`` takes).
 
-Stopping: :meth:`stop` cancels the call in progress from any thread; the iteration ends at once.
+Stopping: :meth:`stop` cancels the call in progress (the stream, or a GetTopic or GetSchema on
+the way) from any thread; the iteration ends at once.
 """
 
 from __future__ import annotations
@@ -58,10 +65,10 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import fastavro
 import grpc
@@ -73,10 +80,13 @@ from provisioning.salesforce.errors import (
     SalesforceAuthError,
     SalesforceConnectionError,
     SalesforceError,
+    SalesforceEventNotFound,
     SalesforceEventPermissionError,
     SalesforceStreamingError,
     SalesforceTransientError,
     SalesforceUnavailable,
+    event_not_found_remedy,
+    event_permission_remedy,
 )
 from provisioning.salesforce.events import (
     EARLIEST,
@@ -125,6 +135,7 @@ WATCHDOG_TICK_S = 0.1
 UNARY_TIMEOUT_S = 30.0
 
 ERROR_CODE_KEY = "error-code"
+TOPIC_NOT_FOUND_CODE = "sfdc.platform.eventbus.grpc.topic.not.found"
 REPLAY_ERROR_CODES = frozenset(
     {
         "sfdc.platform.eventbus.grpc.subscription.fetch.replayid.corrupted",
@@ -148,7 +159,6 @@ _TRANSIENT = frozenset(
     }
 )
 _PRESETS = {LATEST: pb.LATEST, EARLIEST: pb.EARLIEST}
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -173,6 +183,10 @@ class _Failure:
 
 class _SchemaUnavailable(Exception):
     """GetSchema failed for a reason a new attempt may cure."""
+
+
+class _Cancelled(Exception):
+    """A unary call was cancelled by stop()."""
 
 
 class PubSubClient:
@@ -221,6 +235,7 @@ class PubSubClient:
         self._running = threading.Lock()
         self._call_lock = threading.Lock()
         self._call: Any = None
+        self._unary_call: Any = None
         self._connected = False
         self._stalled = False
         self._stall_detected = False
@@ -232,6 +247,7 @@ class PubSubClient:
         self._anchor: ReplayId | None = None
         self._position: ReplayStart = LATEST
         self._subscribed_once = False
+        self._topic_checked = False
         self._events_handed_out = False
 
     @classmethod
@@ -275,9 +291,10 @@ class PubSubClient:
         """End the iteration in progress (or the next one) at once; never blocks; any thread."""
         self._stop.set()
         with self._call_lock:
-            call = self._call
-        if call is not None:
-            call.cancel()
+            calls = (self._call, self._unary_call)
+        for call in calls:
+            if call is not None:
+                call.cancel()
 
     def close(self) -> None:
         """Close the gRPC channel (the client is unusable afterwards)."""
@@ -298,6 +315,7 @@ class PubSubClient:
         self._acked = None
         self._anchor = None
         self._subscribed_once = False
+        self._topic_checked = False
         self._events_handed_out = False
         self._reconnects.reset()
         done = threading.Event()
@@ -312,15 +330,21 @@ class PubSubClient:
         finally:
             done.set()
             self._connected = False
-            log.info("pubsub_stopped", topic=self.topic, acked=str(self._acked) if self._acked else None)
+            # Only an iteration that subscribed has something to report (a refused one: its error says).
+            (log.info if self._subscribed_once else log.debug)(
+                "pubsub_stopped", topic=self.topic, acked=str(self._acked) if self._acked else None
+            )
             self._stop.clear()
             self._running.release()
 
     # -- GetTopic -----------------------------------------------------------------------------
 
-    def topic_info(self) -> TopicInfo:
-        """GetTopic for our topic: does it exist, and may the integration user subscribe?"""
-        info = self._unary(self._stub.GetTopic, pb.TopicRequest(topic_name=self.topic), "GetTopic")
+    def topic_info(self, token: AccessToken | None = None) -> TopicInfo:
+        """GetTopic for our topic: does it exist, and may the integration user subscribe?
+
+        :class:`SalesforceEventNotFound` when the org has no such topic.
+        """
+        info = self._unary(self._stub.GetTopic, pb.TopicRequest(topic_name=self.topic), "GetTopic", token)
         return TopicInfo(
             topic_name=info.topic_name,
             tenant_guid=info.tenant_guid,
@@ -336,6 +360,13 @@ class PubSubClient:
             token = self._auth.token()
         except SalesforceTransientError as exc:
             return _Failure(Failure.NETWORK, f"login: {exc}")
+        if not self._topic_checked:
+            try:
+                self._check_topic(token)
+            except SalesforceTransientError as exc:
+                return _Failure(Failure.NETWORK, f"GetTopic: {exc}")
+            except _Cancelled:
+                return None
         position = self._next_position()
         self._position = position
         first = pb.FetchRequest(topic_name=self.topic, num_requested=self.batch_size)
@@ -376,6 +407,8 @@ class PubSubClient:
                     batch = self._batch(response, token)
                 except _SchemaUnavailable as exc:
                     return _Failure(Failure.NETWORK, f"GetSchema: {exc}")
+                except _Cancelled:
+                    return None
                 owed -= len(response.events)
                 if owed <= 0:
                     # The caller takes this batch now: ask for the next one so the stream never idles out.
@@ -398,6 +431,17 @@ class PubSubClient:
             with self._call_lock:
                 self._call = None
             self._connected = False
+
+    def _check_topic(self, token: AccessToken) -> None:
+        """GetTopic before the iteration's first Subscribe: a missing topic or permission raises."""
+        info = self.topic_info(token)
+        if not info.can_subscribe:
+            raise SalesforceEventPermissionError(
+                f"Pub/Sub GetTopic ({self.endpoint}) says the integration user cannot subscribe to "
+                f"{self.topic} (can_subscribe is false). Likely cause: {PERMISSION_HINT.format(topic=self.topic)}",
+                remedy=event_permission_remedy(self.topic),
+            )
+        self._topic_checked = True
 
     def _next_position(self) -> ReplayStart:
         if self._acked is not None:
@@ -484,22 +528,38 @@ class PubSubClient:
         log.info("pubsub_schema_loaded", topic=self.topic, schema_id=schema_id)
         return parsed
 
-    def _unary(
-        self, method: Callable[..., _T], request: Any, what: str, token: AccessToken | None = None
-    ) -> _T:
-        """A unary call with our metadata; one token renewal on UNAUTHENTICATED; errors translated."""
+    def _unary(self, method: Any, request: Any, what: str, token: AccessToken | None = None) -> Any:
+        """A unary call with our metadata; one token renewal on UNAUTHENTICATED; errors translated.
+
+        ``_Cancelled`` when stop() cancelled it.
+        """
         token = token if token is not None else self._auth.token()
         try:
-            return method(request, metadata=self._metadata(token), timeout=UNARY_TIMEOUT_S)
+            return self._cancellable(method, request, token)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
                 raise self._translate(exc, what) from None
         self._counts["auth_renewals"] += 1
         token = self._auth.renew(token)
         try:
-            return method(request, metadata=self._metadata(token), timeout=UNARY_TIMEOUT_S)
+            return self._cancellable(method, request, token)
         except grpc.RpcError as exc:
             raise self._translate(exc, what) from None
+
+    def _cancellable(self, method: Any, request: Any, token: AccessToken) -> Any:
+        """The call as a future stop() can cancel (a GetTopic or GetSchema must not hold a stop up)."""
+        future = method.future(request, metadata=self._metadata(token), timeout=UNARY_TIMEOUT_S)
+        with self._call_lock:
+            self._unary_call = future
+        try:
+            if self._stop.is_set():
+                future.cancel()
+            return future.result()
+        except grpc.FutureCancelledError:
+            raise _Cancelled() from None
+        finally:
+            with self._call_lock:
+                self._unary_call = None
 
     def _translate(self, exc: grpc.RpcError, what: str) -> SalesforceError:
         """The one place gRPC errors become ours."""
@@ -509,7 +569,17 @@ class PubSubClient:
             return SalesforceAuthError(message + " (even with a fresh token)", error_code=error_code)
         if code == grpc.StatusCode.PERMISSION_DENIED:
             return SalesforceEventPermissionError(
-                f"{message}. Likely cause: {PERMISSION_HINT.format(topic=self.topic)}", error_code=error_code
+                f"{message}. Likely cause: {PERMISSION_HINT.format(topic=self.topic)}",
+                error_code=error_code,
+                remedy=event_permission_remedy(self.topic),
+            )
+        if code == grpc.StatusCode.NOT_FOUND and (
+            error_code == TOPIC_NOT_FOUND_CODE or "topic.not.found" in details
+        ):
+            return SalesforceEventNotFound(
+                f"{message}. The org has no Platform Event {self.topic}",
+                error_code=error_code,
+                remedy=event_not_found_remedy(self.topic),
             )
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return SalesforceConnectionError(message, error_code=error_code)
