@@ -4,7 +4,7 @@ Read by the console and ``provisioning metrics`` (any process, no listener neede
 written by the listener when it takes the lead (:func:`announce_leader`). Keys
 (``p`` is ``LEDGER_PREFIX``): ``p:listener:{channel}:lock`` (the leader lock, its
 value an opaque token, with expiry), ``...:checkpoint:<transport>`` (the last batch handled,
-an opaque replay id per transport)
+an opaque replay id per transport: :class:`~provisioning.core.replay_id.ReplayId`'s bytes)
 and ``...:leader`` (JSON: host, pid, since; kept after the leader goes, so the
 console can say who led last).
 """
@@ -18,9 +18,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from provisioning.core.replay_id import ReplayId, Transport
 from provisioning.ledger import Ledger
 
-TRANSPORTS = ("pubsub", "cometd")
+TRANSPORTS = tuple(t.value for t in Transport)
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,8 @@ class ListenerState:
     lock_expires_in_s: float | None
     # The lock's token, shortened: it tells holders apart, it names no host.
     lock_token: str | None
-    # Per transport (pubsub, cometd): the stored checkpoint, an opaque replay id in hex.
+    # Per transport (pubsub, cometd): the stored checkpoint as --replay-from takes it (CometD the
+    # integer, Pub/Sub the hex of its bytes).
     checkpoints: dict[str, str]
     # Who took the lead last, and when (the current leader while the lock is held).
     leader_host: str | None
@@ -69,12 +71,20 @@ def read_listener_state(ledger: Ledger, channel: str) -> ListenerState:
         lock_expires_in_s=pttl / 1000 if token is not None and pttl and pttl > 0 else None,
         lock_token=_text(token)[:8] if token is not None else None,
         checkpoints={
-            t: bytes(raw).hex() for t, raw in zip(TRANSPORTS, stored, strict=True) if raw is not None
+            t: _replay_text(raw, t) for t, raw in zip(TRANSPORTS, stored, strict=True) if raw is not None
         },
         leader_host=info.get("host"),
         leader_pid=info.get("pid"),
         leader_since=info.get("since"),
     )
+
+
+def _replay_text(raw: bytes, transport: str) -> str:
+    """A checkpoint in its transport's form; the hex of what is stored when it is not one."""
+    try:
+        return str(ReplayId.from_stored(raw, transport))
+    except ValueError:
+        return f"unreadable: {bytes(raw)[:64].hex()}"
 
 
 def _text(value: Any) -> str:

@@ -17,7 +17,8 @@ For each batch (one Pub/Sub fetch response, one CometD connect reply), in this o
 A crash before 4 replays the whole batch after a restart; the run ids absorb the
 duplicates. Broker or Redis down: the batch in hand is retried with backoff, nothing
 is checkpointed, the source waits (delivery is pull-based). Checkpoints are per
-transport: a Pub/Sub replay id never starts a CometD subscription, nor the reverse.
+transport: a Pub/Sub replay id never starts a CometD subscription, nor the reverse; the
+other transport's checkpoint, when Redis holds one, is named once in the log as ignored.
 A source that gives up (a refusal only a person can fix) is tried again slowly
 (:mod:`provisioning.listener.refusals`), and /healthz says why meanwhile.
 """
@@ -38,7 +39,7 @@ from celery import Celery
 
 from provisioning.core.backoff import backoff_s
 from provisioning.core.logs import get_logger
-from provisioning.core.replay_id import ReplayId, ReplayStart, describe_start
+from provisioning.core.replay_id import ReplayId, ReplayStart, Transport, describe_start
 from provisioning.core.replication import ReplicaUnconfirmed
 from provisioning.core.run_id import RunId
 from provisioning.core.settings import Settings
@@ -106,12 +107,16 @@ class Listener:
             idle_s=reconcile_idle_s if reconcile_idle_s is not None else settings.reconcile_idle_s,
         )
         self.refusals = SourceRefusals(settings)
+        self._other_checkpoints_told = False
         self._rng = random.Random()
 
     @property
     def checkpoint_key(self) -> str:
         """The checkpoint of this transport (replay ids of one never start the other)."""
-        return self.ledger.listener_key(self.channel, f"checkpoint:{self.source.transport}")
+        return self._checkpoint_key(Transport(self.source.transport))
+
+    def _checkpoint_key(self, transport: Transport) -> str:
+        return self.ledger.listener_key(self.channel, f"checkpoint:{transport.value}")
 
     # -- lifecycle --------------------------------------------------------------------------
     def stop(self) -> None:
@@ -178,12 +183,24 @@ class Listener:
     # -- the batches --------------------------------------------------------------------------
     def start_position(self) -> ReplayStart:
         """--replay-from once, else this transport's checkpoint, else SF_EVENTS_REPLAY."""
+        transport = Transport(self.source.transport)
+        others = [t for t in Transport if t is not transport]
+        keys = [self._checkpoint_key(t) for t in (transport, *others)]
+        mine, *theirs = self._with_redis(lambda: self.services.redis.mget(keys))
+        start = self._stored_start(mine, transport)
+        if not self._other_checkpoints_told:
+            self._other_checkpoints_told = True
+            for other, raw in zip(others, theirs, strict=True):
+                if raw is not None:
+                    self._tell_other_checkpoint(other, bytes(raw), start)
+        return start
+
+    def _stored_start(self, stored: bytes | None, transport: Transport) -> ReplayStart:
         if self.replay_from is not None:
             return self.replay_from
-        stored = self._with_redis(lambda: self.services.redis.get(self.checkpoint_key))
         if stored is not None:
             try:
-                return ReplayId.from_stored(stored, self.source.transport)
+                return ReplayId.from_stored(stored, transport)
             except ValueError as exc:
                 log.error(
                     "listener_checkpoint_unreadable",
@@ -193,6 +210,24 @@ class Listener:
                     starts_from=self.settings.sf_events_replay,
                 )
         return self.settings.replay_start()
+
+    def _tell_other_checkpoint(self, other: Transport, raw: bytes, start: ReplayStart) -> None:
+        """Once per process: the other transport's checkpoint is in Redis and is not used (and why)."""
+        try:
+            shown = str(ReplayId.from_stored(raw, other))
+        except ValueError:
+            shown = raw[:64].hex()
+        log.warning(
+            "listener_other_checkpoint_ignored",
+            channel=self.channel,
+            transport=other.value,
+            checkpoint=shown,
+            using=self.source.transport,
+            starts_from=describe_start(start),
+            reason=f"replay ids are per transport: a {other.value} replay id cannot start a "
+            f"{self.source.transport} subscription, so this listener starts from its own checkpoint, "
+            "SF_EVENTS_REPLAY or --replay-from (switching back resumes the other from that checkpoint)",
+        )
 
     def _consume(self) -> None:
         while not self.stopping.is_set() and not self.leadership.lost.is_set():

@@ -257,3 +257,24 @@ def test_the_checkpoint_is_logged_in_its_transport_s_form_and_replay_from_takes_
         run for line in _log_lines(again, "batch_handled") for run in line["published"] + line["duplicates"]
     ]
     assert sorted(replayed) == sorted(o.run_id for o in orders[1:])
+
+
+def test_the_other_transport_s_checkpoint_is_named_once_as_ignored_in_its_own_form(
+    sandbox, listen_settings, services, listeners
+):
+    mine = listen_settings.sf_events_transport
+    other, stored, shown = (
+        ("pubsub", bytes.fromhex("00000000000018af"), "00000000000018af")
+        if mine == "cometd"
+        else ("cometd", b"8230", "8230")
+    )
+    key = services.ledger.listener_key(listen_settings.sf_provision_event_channel, f"checkpoint:{other}")
+    services.redis.set(key, stored)
+    listener = listeners(listen_settings)
+    (line,) = _log_lines(listener, "listener_other_checkpoint_ignored")
+    assert (line["transport"], line["checkpoint"], line["using"]) == (other, shown, mine)
+    assert line["starts_from"] == "LATEST"
+    assert f"a {other} replay id cannot start a {mine} subscription" in line["reason"]
+    (subscribing,) = _log_lines(listener, "listener_subscribing")
+    assert subscribing["replay_from"] == "LATEST"
+    assert services.redis.get(key) == stored  # left for a switch back
