@@ -39,6 +39,7 @@ import requests
 
 from bench.common import Cleanup, Table, emit, log, machine_info, run_main
 from provisioning.core.http import make_session
+from provisioning.core.replay_id import ReplayId
 from provisioning.core.settings import Settings
 from provisioning.salesforce.auth import JWTBearerAuth
 from provisioning.salesforce.client import SalesforceClient
@@ -464,7 +465,7 @@ class SalesforceBench:
         stream = StreamingClient.from_settings(self.settings, self.target.session(), auth=self.auth)
         cpu0, server0, t0 = time.process_time(), self.target.server_cpu_s(), time.perf_counter()
         received = 0
-        for answer in stream.batches(str(start).encode("ascii")):  # a CometD replay id as the seam's bytes
+        for answer in stream.batches(ReplayId.cometd(start)):
             for event in answer.events:
                 if not str((event.payload or {}).get("IdemKey__c", "")).startswith(run):
                     raise BenchError(f"cometd delivery: unexpected event {event.payload}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import string
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -31,6 +30,13 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from provisioning.core.errors import PicklableError
+from provisioning.core.replay_id import (
+    ReplayPreset,
+    ReplayStart,
+    describe_start,
+    parse_preset,
+    parse_start,
+)
 
 ENV_FILE_VARIABLE = "PROVISIONING_ENV_FILE"
 DEFAULT_ENV_FILE = ".env"
@@ -38,13 +44,6 @@ DEFAULT_ENV_FILE = ".env"
 # The one home of these defaults: the clients, the listener and the sandbox import them from here.
 DEFAULT_SF_API_VERSION = "64.0"
 DEFAULT_PROVISION_EVENT = "OrderProvisionRequested__e"
-# Replay presets of the Streaming API (any other start is an opaque replayId).
-REPLAY_LATEST = -1
-REPLAY_EARLIEST = -2
-REPLAY_PRESETS: Final[Mapping[str, int]] = MappingProxyType(
-    {"LATEST": REPLAY_LATEST, "EARLIEST": REPLAY_EARLIEST}
-)
-REPLAY_PRESET_NAMES: Final[Mapping[int, str]] = MappingProxyType({v: k for k, v in REPLAY_PRESETS.items()})
 # API names of the Order fields we read and write, by logical name (SF_FIELD_<NAME> overrides each).
 DEFAULT_ORDER_FIELD_NAMES: Final[Mapping[str, str]] = MappingProxyType(
     {
@@ -61,30 +60,11 @@ DEFAULT_ORDER_FIELD_NAMES: Final[Mapping[str, str]] = MappingProxyType(
 )
 
 
-def _replay_start(value: str) -> str:
-    text = str(value).strip()
-    if text.upper() in REPLAY_PRESETS:
-        return text.upper()
-    if text.lstrip("-").isdigit() and int(text) >= -2:
-        return str(int(text))
-    hex_text = text.lower().removeprefix("0x")
-    if hex_text and len(hex_text) % 2 == 0 and all(c in string.hexdigits for c in hex_text):
-        return hex_text
-    raise ValueError(
-        "expected LATEST, EARLIEST or a replayId: an integer for CometD (-1 = LATEST, -2 = EARLIEST), "
-        "the hex of the replay id's bytes for Pub/Sub"
-    )
-
-
 def _replay_preset(value: str) -> str:
-    text = str(value).strip().upper()
-    if text in REPLAY_PRESETS:
-        return text
-    raise ValueError("expected LATEST or EARLIEST")
+    return parse_preset(value).value
 
 
-ReplayStart = Annotated[str, AfterValidator(_replay_start)]
-ReplayPreset = Annotated[str, AfterValidator(_replay_preset)]
+ReplayPresetName = Annotated[str, AfterValidator(_replay_preset)]
 HttpUrl = Annotated[AnyUrl, AfterValidator(lambda u: _require_scheme(u, ("http", "https")))]
 RedisUrl = Annotated[AnyUrl, AfterValidator(lambda u: _require_scheme(u, ("redis", "rediss", "unix")))]
 
@@ -269,12 +249,12 @@ class Settings(BaseSettings):
         "pubsub",
         description="How the listener receives events: pubsub (Pub/Sub API, gRPC) or cometd (Streaming API).",
     )
-    sf_events_replay: ReplayStart = Field(
+    sf_events_replay: str = Field(
         "LATEST",
         description="Start position without a checkpoint: LATEST, EARLIEST or a replay id "
         "(CometD: an integer; Pub/Sub: the hex of its bytes).",
     )
-    sf_events_replay_fallback: ReplayPreset = Field(
+    sf_events_replay_fallback: ReplayPresetName = Field(
         "EARLIEST", description="Where to start when the stored replayId is too old: LATEST or EARLIEST."
     )
     sf_pubsub_endpoint: str = Field(
@@ -293,6 +273,15 @@ class Settings(BaseSettings):
         gt=0,
         description="Pub/Sub stall watchdog: seconds without any response (keepalives included) "
         "before the stream is torn down and resubscribed (Salesforce promises one within 270 s).",
+    )
+    sf_refused_retry_max_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest wait before the listener tries again what Salesforce refused for a reason only "
+        "a person can fix (a subscription to an event the org does not have or the user may not read, a "
+        "login with a key the app does not know, the backfill query): the waits grow from 1 s to this, "
+        "jittered. Also how often such a refusal that goes on is summarized in the log (one line with "
+        "the count).",
     )
 
     # Order field names (API names), in case an org named them differently.
@@ -425,20 +414,12 @@ class Settings(BaseSettings):
 
     @field_validator("sf_events_replay")
     @classmethod
-    def _replay_id_fits_the_transport(cls, value: str, info: ValidationInfo) -> str:
+    def _replay_start_of_the_transport(cls, value: str, info: ValidationInfo) -> str:
+        """Parsed as the transport in use takes it (core.replay_id), kept in that canonical text."""
         transport = info.data.get("sf_events_transport")
-        if value in REPLAY_PRESETS or value in ("-1", "-2"):
+        if transport is None:  # itself invalid: that error is reported
             return value
-        if transport == "cometd" and not value.isdigit():
-            raise ValueError(
-                "not a CometD replayId: with SF_EVENTS_TRANSPORT=cometd give LATEST, EARLIEST or an integer"
-            )
-        if transport == "pubsub" and (len(value) % 2 or not set(value) <= set(string.hexdigits)):
-            raise ValueError(
-                "not a Pub/Sub replay id: with SF_EVENTS_TRANSPORT=pubsub give LATEST, EARLIEST or the hex "
-                "of the replay id's bytes (an even number of hex digits)"
-            )
-        return value
+        return describe_start(parse_start(value, transport))
 
     @field_validator("celery_broker_url")
     @classmethod
@@ -520,6 +501,14 @@ class Settings(BaseSettings):
                 )
             env[name.upper()] = str(value)
         return env
+
+    def replay_start(self) -> ReplayStart:
+        """SF_EVENTS_REPLAY for the transport in use: a preset or a replay id of that transport."""
+        return parse_start(self.sf_events_replay, self.sf_events_transport)
+
+    def replay_fallback(self) -> ReplayPreset:
+        """SF_EVENTS_REPLAY_FALLBACK: where to start when the stored replay id is too old."""
+        return parse_preset(self.sf_events_replay_fallback)
 
     def require(self, *names: str) -> None:
         """Raise ConfigError naming every one of ``names`` that is not set."""

@@ -19,9 +19,10 @@ from typing import Any
 import redis
 from redis.lock import Lock
 
+from provisioning.core.replay_id import ReplayId, Transport
 from provisioning.ledger.keys import Keys
 
-TRANSPORTS = ("pubsub", "cometd")
+TRANSPORTS = tuple(t.value for t in Transport)
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class ListenerState:
     lock_expires_in_s: float | None
     # The lock's token, shortened: it tells holders apart, it names no host.
     lock_token: str | None
-    # Per transport (pubsub, cometd): the stored checkpoint, an opaque replay id in hex.
+    # Per transport (pubsub, cometd): the stored checkpoint as --replay-from takes it (CometD the
+    # integer, Pub/Sub the hex of its bytes).
     checkpoints: dict[str, str]
     # Who took the lead last, and when (the current leader while the lock is held).
     leader_host: str | None
@@ -58,7 +60,13 @@ class ListenerStore:
     def checkpoint(self, channel: str, transport: str) -> bytes | None:
         """The last batch handled on ``transport`` (None: none yet)."""
         stored = self._redis.get(self._keys.listener(channel, f"checkpoint:{transport}"))
-        return None if stored is None else stored if isinstance(stored, bytes) else stored.encode()
+        return None if stored is None else _bytes(stored)
+
+    def checkpoints(self, channel: str) -> dict[str, bytes]:
+        """Every transport's checkpoint that Redis holds (one round trip), by transport."""
+        keys = [self._keys.listener(channel, f"checkpoint:{t}") for t in TRANSPORTS]
+        stored = self._redis.mget(keys)
+        return {t: _bytes(raw) for t, raw in zip(TRANSPORTS, stored, strict=True) if raw is not None}
 
     def queue_checkpoint(self, pipe: Any, channel: str, transport: str, position: bytes) -> None:
         """Queue the checkpoint's write on ``pipe`` (a replica may confirm it: see replication)."""
@@ -90,7 +98,7 @@ class ListenerStore:
             lock_expires_in_s=pttl / 1000 if token is not None and pttl and pttl > 0 else None,
             lock_token=_text(token)[:8] if token is not None else None,
             checkpoints={
-                t: bytes(raw).hex() for t, raw in zip(TRANSPORTS, stored, strict=True) if raw is not None
+                t: _replay_text(raw, t) for t, raw in zip(TRANSPORTS, stored, strict=True) if raw is not None
             },
             leader_host=info.get("host"),
             leader_pid=info.get("pid"),
@@ -100,6 +108,18 @@ class ListenerStore:
     def queue_leader_held(self, pipe: Any, channel: str) -> None:
         """Queue whether a listener holds the channel's lock (for the metrics' one round trip)."""
         pipe.exists(self._keys.listener(channel, "lock"))
+
+
+def _replay_text(raw: bytes, transport: str) -> str:
+    """A checkpoint in its transport's form; the hex of what is stored when it is not one."""
+    try:
+        return str(ReplayId.from_stored(raw, transport))
+    except ValueError:
+        return f"unreadable: {bytes(raw)[:64].hex()}"
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
 
 
 def _text(value: Any) -> str:

@@ -19,7 +19,8 @@ log = get_logger(__name__)
     "--replay-from",
     metavar="LATEST|EARLIEST|REPLAY_ID",
     help="Ignore the stored checkpoint once and subscribe from here (e.g. to replay after an incident): "
-    "an integer replayId for CometD, the hex of the replay id for Pub/Sub.",
+    "an integer replayId for CometD, the hex of the replay id for Pub/Sub (as the log's checkpoint= "
+    "and the console show them).",
 )
 @click.option(
     "--health-port",
@@ -38,11 +39,12 @@ def listen(ctx: Context, replay_from: str | None, health_port: int | None) -> No
     SF_EVENTS_REPLAY_FALLBACK. Other replicas wait as hot standbys. The leader
     also runs the reconciler (every RECONCILE_INTERVAL_S) and the backfill.
     """
+    from provisioning.core.replay_id import parse_start
     from provisioning.listener.health import serve_health
     from provisioning.listener.service import Listener
+    from provisioning.listener.sources import make_event_source
     from provisioning.runs.publishing import make_publisher
     from provisioning.runs.services import Services
-    from provisioning.salesforce.events import make_event_source, parse_start
 
     settings = ctx.settings
     if not settings.sf_events_enabled:

@@ -1,5 +1,5 @@
-"""The listener's HTTP endpoints: ``/healthz`` (leader, subscribed, not stalled, can publish),
-``/livez`` (the process runs) and ``/metrics`` (Prometheus).
+"""The listener's HTTP endpoints: ``/healthz`` (leader, subscribed, not stalled, can publish, and
+in ``reason`` why not), ``/livez`` (the process runs) and ``/metrics`` (Prometheus).
 
 A small stdlib server on its own thread: three read-only routes, no input to parse.
 """
@@ -24,6 +24,7 @@ def health_report(listener: Listener) -> dict[str, Any]:
         "subscribed": listener.source.connected,
         "stalled": listener.source.stalled,
         "can_publish": listener.publish_ok,
+        "reason": listener.unhealthy_reason(),
     }
 
 

@@ -17,7 +17,10 @@ For each batch (one Pub/Sub fetch response, one CometD connect reply), in this o
 A crash before 4 replays the whole batch after a restart; the run ids absorb the
 duplicates. Broker or Redis down: the batch in hand is retried with backoff, nothing
 is checkpointed, the source waits (delivery is pull-based). Checkpoints are per
-transport: a Pub/Sub replay id never starts a CometD subscription, nor the reverse.
+transport: a Pub/Sub replay id never starts a CometD subscription, nor the reverse; the
+other transport's checkpoint, when Redis holds one, is named once in the log as ignored.
+A source that gives up (a refusal only a person can fix) is tried again slowly
+(:mod:`provisioning.listener.refusals`), and /healthz says why meanwhile.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from celery import Celery
 
 from provisioning.core.backoff import backoff_s
 from provisioning.core.logs import get_logger
+from provisioning.core.replay_id import ReplayId, ReplayStart, Transport, describe_start
 from provisioning.core.replication import ReplicaUnconfirmed
 from provisioning.core.run_id import RunId
 from provisioning.core.settings import Settings
@@ -43,24 +47,19 @@ from provisioning.ledger import Ledger
 from provisioning.listener.leadership import Leadership
 from provisioning.listener.metrics import ListenerMetrics
 from provisioning.listener.reconciling import Reconciler
+from provisioning.listener.refusals import SourceRefusals
 from provisioning.listener.validation import Rejected, validate_event
 from provisioning.runs.publishing import publish_runs
 from provisioning.runs.services import Services
-from provisioning.salesforce.events import (
-    Batch,
-    EventSource,
-    ReplayStart,
-    describe_start,
-    replay_start_from,
-)
+from provisioning.salesforce.events import Batch, EventSource
 
 log = get_logger(__name__)
 
 # Waiting for the broker or Redis to come back: capped exponential backoff with jitter.
 OUTAGE_BACKOFF_BASE_S = 0.5
 OUTAGE_BACKOFF_MAX_S = 10.0
-# After the source gave up (a refused login, a refused subscription), wait this long before subscribing again.
-SOURCE_RESTART_DELAY_S = 1.0
+# How often the leader looks whether a source that gave up is subscribed again (the recovery line).
+SOURCE_WATCH_INTERVAL_S = 0.5
 # How long stopping waits for the leader's helper threads.
 THREAD_JOIN_TIMEOUT_S = 5.0
 
@@ -105,6 +104,8 @@ class Listener:
             metrics=self.metrics,
             idle_s=reconcile_idle_s if reconcile_idle_s is not None else settings.reconcile_idle_s,
         )
+        self.refusals = SourceRefusals(settings)
+        self._other_checkpoints_told = False
         self._rng = random.Random()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -130,6 +131,9 @@ class Listener:
                 threading.Thread(
                     target=self.reconciler.loop, args=(self.leadership.lost,), name="reconciler", daemon=True
                 ),
+                threading.Thread(
+                    target=self._watch_source, args=(self.leadership.lost,), name="source-watch", daemon=True
+                ),
             ]
             for t in threads:
                 t.start()
@@ -148,24 +152,78 @@ class Listener:
     def healthy(self) -> bool:
         return self.is_leader and self.source.connected and not self.source.stalled and self.publish_ok
 
+    def unhealthy_reason(self) -> str | None:
+        """Why :meth:`healthy` is false, in words for /healthz (None while healthy)."""
+        if not self.is_leader:
+            return "standby: another listener holds the channel's lock (or this one is stopping)"
+        if not self.source.connected:
+            return self.refusals.reason or "not subscribed yet: subscribing to the channel"
+        if self.source.stalled:
+            return "the stream is silent past its keepalive promise: subscribing again from the checkpoint"
+        if not self.publish_ok:
+            return "cannot publish or checkpoint: the broker or Redis is not answering (retrying)"
+        return None
+
+    def _watch_source(self, done: threading.Event) -> None:
+        """A source that gave up and is subscribed again: the recovery, logged once, off /healthz."""
+        while not done.wait(SOURCE_WATCH_INTERVAL_S):
+            if self.refusals.failing and self.source.connected:
+                self.refusals.recovered()
+
     # -- the batches --------------------------------------------------------------------------
     def start_position(self) -> ReplayStart:
+        """--replay-from once, else this transport's checkpoint, else SF_EVENTS_REPLAY."""
+        transport = Transport(self.source.transport)
+        stored: dict[str, bytes] = self._with_redis(lambda: self.ledger.listener.checkpoints(self.channel))
+        start = self._stored_start(stored.get(transport.value), transport)
+        if not self._other_checkpoints_told:
+            self._other_checkpoints_told = True
+            for other in Transport:
+                if other is not transport and other.value in stored:
+                    self._tell_other_checkpoint(other, stored[other.value], start)
+        return start
+
+    def _stored_start(self, stored: bytes | None, transport: Transport) -> ReplayStart:
         if self.replay_from is not None:
             return self.replay_from
-        # The checkpoint of this transport (replay ids of one never start the other).
-        stored: bytes | None = self._with_redis(
-            lambda: self.ledger.listener.checkpoint(self.channel, self.source.transport)
-        )
         if stored is not None:
-            return stored
-        return replay_start_from(self.settings)
+            try:
+                return ReplayId.from_stored(stored, transport)
+            except ValueError as exc:
+                log.error(
+                    "listener_checkpoint_unreadable",
+                    transport=transport.value,
+                    stored=bytes(stored)[:64].hex(),
+                    error=str(exc),
+                    starts_from=self.settings.sf_events_replay,
+                )
+        return self.settings.replay_start()
+
+    def _tell_other_checkpoint(self, other: Transport, raw: bytes, start: ReplayStart) -> None:
+        """Once per process: the other transport's checkpoint is in Redis and is not used (and why)."""
+        try:
+            shown = str(ReplayId.from_stored(raw, other))
+        except ValueError:
+            shown = raw[:64].hex()
+        log.warning(
+            "listener_other_checkpoint_ignored",
+            channel=self.channel,
+            transport=other.value,
+            checkpoint=shown,
+            using=self.source.transport,
+            starts_from=describe_start(start),
+            reason=f"replay ids are per transport: a {other.value} replay id cannot start a "
+            f"{self.source.transport} subscription, so this listener starts from its own checkpoint, "
+            "SF_EVENTS_REPLAY or --replay-from (switching back resumes the other from that checkpoint)",
+        )
 
     def _consume(self) -> None:
         while not self.stopping.is_set() and not self.leadership.lost.is_set():
             start = self.start_position()
             # An explicit start applies once; later restarts resume from the checkpoint.
             self.replay_from = None
-            log.info(
+            # While the source keeps giving up, its summary lines say it: not one line per try.
+            (log.debug if self.refusals.failing else log.info)(
                 "listener_subscribing",
                 channel=self.channel,
                 transport=self.source.transport,
@@ -181,8 +239,7 @@ class Listener:
             except _Abandoned:
                 return
             except Exception as exc:
-                log.error("listener_source_failed", error=f"{type(exc).__name__}: {exc}")
-                self.stopping.wait(SOURCE_RESTART_DELAY_S)
+                self.stopping.wait(self.refusals.failed(exc))
             finally:
                 self.metrics.subscribed.set(0)
 
@@ -199,7 +256,7 @@ class Listener:
             if isinstance(checked, Rejected):
                 rejected.append(
                     {
-                        "replay_id": event.replay_id.hex(),
+                        "replay_id": str(event.replay_id),
                         "transport": self.source.transport,
                         "uuid": event.uuid,
                         "reason": checked.reason,
@@ -243,7 +300,7 @@ class Listener:
                 published=[str(r) for r in published],
                 duplicates=[str(r) for r in duplicates],
                 quarantined=len(rejected),
-                checkpoint=position.hex() if position is not None else None,
+                checkpoint=str(position) if position is not None else None,
             )
         self.metrics.batches.inc()
         created = [e.created_at for e in batch.events if e.created_at is not None]
@@ -251,7 +308,7 @@ class Listener:
             self.metrics.lag.set(max(0.0, now - created[-1]))
 
     # -- high availability: the checkpoint on a replica before it counts -------------------------
-    def _checkpoint_confirmed(self, position: bytes, redo: int) -> bool:
+    def _checkpoint_confirmed(self, position: ReplayId, redo: int) -> bool:
         """Write the checkpoint; with replicas, confirmed by one (WAIT) in the same round trip.
 
         WAIT confirms every earlier write with it (replication is one ordered stream), so the batch's
@@ -264,7 +321,7 @@ class Listener:
         try:
             self.services.replicas.write(
                 lambda pipe: self.ledger.listener.queue_checkpoint(
-                    pipe, self.channel, self.source.transport, position
+                    pipe, self.channel, self.source.transport, position.value
                 )
             )
         except (ReplicaUnconfirmed, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:

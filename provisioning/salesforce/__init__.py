@@ -1,10 +1,11 @@
 """Salesforce connectivity: JWT bearer auth, the REST client, the event sources, Id checks.
 
 The event-source seam lives in :mod:`.events`; its transports are :mod:`.streaming` (CometD)
-and :mod:`.pubsub` (the Pub/Sub API, imported on demand: it loads gRPC).
+and :mod:`.pubsub` (the Pub/Sub API, imported on demand: it loads gRPC), sharing the reconnect
+policy of :mod:`.reconnect`. The listener builds the one in use
+(:func:`provisioning.listener.sources.make_event_source`).
 """
 
-from provisioning.core.settings import REPLAY_EARLIEST, REPLAY_LATEST
 from provisioning.salesforce.auth import AccessToken, JWTBearerAuth
 from provisioning.salesforce.client import OrderFieldNames, SalesforceClient
 from provisioning.salesforce.errors import (
@@ -14,6 +15,7 @@ from provisioning.salesforce.errors import (
     SalesforceConnectionError,
     SalesforceEndpointError,
     SalesforceError,
+    SalesforceEventNotFound,
     SalesforceEventPermissionError,
     SalesforcePermanentError,
     SalesforceRequestError,
@@ -27,9 +29,10 @@ from provisioning.salesforce.events import (
     Batch,
     Event,
     EventSource,
+    ReplayId,
     ReplayPreset,
     ReplayStart,
-    make_event_source,
+    Transport,
 )
 from provisioning.salesforce.ids import is_valid_id, normalize_id
 from provisioning.salesforce.streaming import StreamCounters, StreamingClient
@@ -38,8 +41,6 @@ from provisioning.step.order import Order, OrderItem
 __all__ = [
     "EARLIEST",
     "LATEST",
-    "REPLAY_EARLIEST",
-    "REPLAY_LATEST",
     "AccessToken",
     "Batch",
     "Event",
@@ -50,6 +51,7 @@ __all__ = [
     "OrderFieldNames",
     "OrderItem",
     "OrderNotFound",
+    "ReplayId",
     "ReplayPreset",
     "ReplayStart",
     "SalesforceAuthError",
@@ -57,6 +59,7 @@ __all__ = [
     "SalesforceConnectionError",
     "SalesforceEndpointError",
     "SalesforceError",
+    "SalesforceEventNotFound",
     "SalesforceEventPermissionError",
     "SalesforcePermanentError",
     "SalesforceRequestError",
@@ -65,7 +68,7 @@ __all__ = [
     "SalesforceUnavailable",
     "StreamCounters",
     "StreamingClient",
+    "Transport",
     "is_valid_id",
-    "make_event_source",
     "normalize_id",
 ]

@@ -29,6 +29,7 @@ from provisioning.core.http import (
     status_failure,
 )
 from provisioning.core.logs import get_logger
+from provisioning.core.repeating import RepeatingFailure
 from provisioning.core.settings import Settings
 from provisioning.salesforce.errors import SalesforceAuthError, from_transport
 
@@ -40,43 +41,77 @@ LOGIN_READ_TIMEOUT_S = 30.0
 # Salesforce wants exp within 3 minutes of now.
 ASSERTION_LIFETIME_S = 180
 
-# (substring of "error error_description", likely cause); first match wins.
-_LIKELY_CAUSES: tuple[tuple[str, str], ...] = (
+KEY_REMEDY = (
+    "upload the certificate of SF_PRIVATE_KEY_FILE's key to the connected app (or point "
+    "SF_PRIVATE_KEY_FILE at the key of the certificate it has)"
+)
+CLIENT_ID_REMEDY = "set SF_CLIENT_ID to the consumer key of the org's connected app"
+DEFAULT_REMEDY = "check SF_LOGIN_URL, SF_CLIENT_ID, SF_USERNAME and SF_PRIVATE_KEY_FILE against the org"
+
+# The one table of login refusals: (substring of "error error_description", likely cause, remedy);
+# first match wins. The cause goes in the error's message, the remedy on the error and in the log.
+_REFUSALS: tuple[tuple[str, str, str], ...] = (
     (
         "user hasn't approved this consumer",
         "the integration user is not pre-authorized for the connected app (Permitted Users: "
         "'Admin approved users are pre-authorized', and the user's profile or permission set added to "
         "the app), or the JWT audience (SF_LOGIN_URL) does not match the org's login host",
+        "pre-authorize the integration user for the connected app (add its profile or permission set), "
+        "and check that SF_LOGIN_URL is the org's login host",
     ),
     (
         "not admin approved",
         "the integration user is not pre-authorized for the connected app: add the user's profile or "
         "permission set to the app's approved users",
+        "add the integration user's profile or permission set to the connected app's approved users",
     ),
     (
         "audience",
         "the JWT audience does not match the login URL: SF_LOGIN_URL must be https://login.salesforce.com "
         "(production), https://test.salesforce.com (sandbox) or the org's My Domain URL, and it is used "
         "both as the host and as aud",
+        "set SF_LOGIN_URL to https://login.salesforce.com, https://test.salesforce.com or the org's "
+        "My Domain URL",
     ),
     (
         "invalid assertion",
         "the JWT signature does not verify: the private key (SF_PRIVATE_KEY_FILE) does not match the "
         "certificate uploaded to the connected app (or the assertion expired: check this machine's clock)",
+        KEY_REMEDY,
     ),
     (
         "signature",
         "the private key (SF_PRIVATE_KEY_FILE) does not match the certificate uploaded to the connected app",
+        KEY_REMEDY,
     ),
-    ("expired", "the assertion had expired on arrival: check this machine's clock"),
+    (
+        "expired",
+        "the assertion had expired on arrival: check this machine's clock",
+        "set this machine's clock right (NTP)",
+    ),
     (
         "client identifier invalid",
         "SF_CLIENT_ID is not the consumer key of a connected app in this org",
+        CLIENT_ID_REMEDY,
     ),
-    ("invalid_client", "SF_CLIENT_ID is not the consumer key of a connected app in this org"),
-    ("inactive", "the integration user (SF_USERNAME) is inactive or frozen"),
-    ("user", "SF_USERNAME is not a user of this org, or not allowed to use the connected app"),
+    (
+        "invalid_client",
+        "SF_CLIENT_ID is not the consumer key of a connected app in this org",
+        CLIENT_ID_REMEDY,
+    ),
+    (
+        "inactive",
+        "the integration user (SF_USERNAME) is inactive or frozen",
+        "reactivate or unfreeze the integration user (SF_USERNAME)",
+    ),
+    (
+        "user",
+        "SF_USERNAME is not a user of this org, or not allowed to use the connected app",
+        "set SF_USERNAME to a user of this org that may use the connected app",
+    ),
 )
+# A refused login logged once, then summarized this often (SF_REFUSED_RETRY_MAX_S from the settings).
+REFUSAL_SUMMARY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -115,6 +150,7 @@ class JWTBearerAuth:
         username: str,
         private_key_file: Path,
         session: requests.Session,
+        refusal_summary_s: float = REFUSAL_SUMMARY_S,
     ) -> None:
         self.login_url = str(login_url).rstrip("/")
         self._client_id = client_id if isinstance(client_id, SecretStr) else SecretStr(client_id)
@@ -124,6 +160,8 @@ class JWTBearerAuth:
         self._lock = threading.Lock()
         self._token: AccessToken | None = None
         self.logins = 0
+        # Every thread that logs in meets the same refusal: one ERROR line, then a summary per interval.
+        self._refusals = RepeatingFailure(log, "salesforce_login_refused", interval_s=refusal_summary_s)
 
     @classmethod
     def from_settings(cls, settings: Settings, session: requests.Session | None = None) -> JWTBearerAuth:
@@ -137,6 +175,7 @@ class JWTBearerAuth:
             username=settings.sf_username,
             private_key_file=settings.sf_private_key_file,
             session=session if session is not None else make_session(settings.tls_ca_bundle),
+            refusal_summary_s=settings.sf_refused_retry_max_s,
         )
 
     def __repr__(self) -> str:
@@ -189,7 +228,8 @@ class JWTBearerAuth:
             raise from_transport(classify(exc), f"Salesforce login at {self.token_url}") from None
         body = _json_object(response)
         if response.status_code == 200 and body.get("access_token") and body.get("instance_url"):
-            log.info("salesforce_login", login_url=self.login_url, instance_url=body["instance_url"])
+            if not self._refusals.recovered(login_url=self.login_url):
+                log.info("salesforce_login", login_url=self.login_url, instance_url=body["instance_url"])
             return AccessToken(
                 access_token=SecretStr(str(body["access_token"])),
                 instance_url=str(body["instance_url"]).rstrip("/"),
@@ -207,30 +247,39 @@ class JWTBearerAuth:
             )
         error = str(body.get("error") or f"HTTP {status}")
         description = str(body.get("error_description") or "").strip()
-        log.error(
-            "salesforce_login_refused",
+        cause, remedy = _likely_cause(error, description)
+        self._refusals.failed(
+            f"{status} {error} {description}",
             login_url=self.login_url,
             status=status,
             error=error,
             error_description=description,
+            remedy=remedy,
         )
         raise SalesforceAuthError(
             f"Salesforce login refused at {self.token_url}: {error}"
             + (f" ({description})" if description else "")
-            + f". Likely cause: {_likely_cause(error, description)}.",
+            + f". Likely cause: {cause}.",
             status=status,
             error_code=error,
+            remedy=remedy,
         )
 
 
-def _likely_cause(error: str, description: str) -> str:
+def _likely_cause(error: str, description: str) -> tuple[str, str]:
+    """(likely cause, remedy) of a refused login, from :data:`_REFUSALS`."""
     text = f"{error} {description}".lower()
-    for needle, cause in _LIKELY_CAUSES:
+    for needle, cause, remedy in _REFUSALS:
         if needle in text:
-            return cause
+            return cause, remedy
     if error == "HTTP 200":
-        return "the answer has no access_token or instance_url: is SF_LOGIN_URL a Salesforce login host?"
-    return "see the error above; check SF_LOGIN_URL, SF_CLIENT_ID, SF_USERNAME and SF_PRIVATE_KEY_FILE"
+        return (
+            "the answer has no access_token or instance_url: is SF_LOGIN_URL a Salesforce login host?",
+            "set SF_LOGIN_URL to the org's login host",
+        )
+    return "see the error above; check SF_LOGIN_URL, SF_CLIENT_ID, SF_USERNAME and SF_PRIVATE_KEY_FILE", (
+        DEFAULT_REMEDY
+    )
 
 
 def _json_object(response: requests.Response) -> dict[str, Any]:

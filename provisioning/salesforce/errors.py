@@ -12,12 +12,14 @@
         │                               invalid URL, redirect loop
         ├── InvalidSalesforceId         (also ValueError) not a 15/18-character Id
         └── SalesforceStreamingError    the Streaming or Pub/Sub API refused the subscription
-            └── SalesforceEventPermissionError  the integration user may not subscribe to the event
+            ├── SalesforceEventPermissionError  the integration user may not subscribe to the event
+            └── SalesforceEventNotFound     the org has no such Platform Event (NOT_FOUND)
 
 Transport failures (:mod:`provisioning.core.http` classifies them) become these errors
 through :data:`TRANSPORT_ERRORS` only. Messages never hold tokens, keys or
 customer data; ``status`` and ``error_code`` carry the HTTP status and
-Salesforce ``errorCode`` when there was one.
+Salesforce ``errorCode`` when there was one; ``remedy``, when set, says in a few words what a
+person must fix (a refusal no retry cures: the listener logs it once and serves it on /healthz).
 """
 
 from __future__ import annotations
@@ -33,10 +35,18 @@ from provisioning.core.http import Failure, TransportFailure
 class SalesforceError(ProvisioningError):
     """Root of every error of the Salesforce package."""
 
-    def __init__(self, message: str, *, status: int | None = None, error_code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        error_code: str | None = None,
+        remedy: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.error_code = error_code
+        self.remedy = remedy
 
 
 class SalesforceTransientError(SalesforceError, TransientError):
@@ -81,6 +91,26 @@ class SalesforceStreamingError(SalesforcePermanentError):
 
 class SalesforceEventPermissionError(SalesforceStreamingError):
     """The integration user lacks read access to the Platform Event (it cannot subscribe)."""
+
+
+class SalesforceEventNotFound(SalesforceStreamingError):
+    """The org has no Platform Event of that name: never deployed, or the channel is misspelt."""
+
+
+def event_not_found_remedy(channel: str) -> str:
+    """What to fix when the org has no event ``channel`` (both transports say so)."""
+    return (
+        f"deploy the Platform Event {channel.removeprefix('/event/')} to the org, or set "
+        "SF_PROVISION_EVENT_CHANNEL to the channel of an event it has"
+    )
+
+
+def event_permission_remedy(channel: str) -> str:
+    """What to fix when the integration user may not subscribe to ``channel``."""
+    return (
+        f"grant Read on the Platform Event {channel.removeprefix('/event/')} in the integration user's "
+        "permission set (Platform Event Permissions); README, 'Setting up Salesforce'"
+    )
 
 
 TRANSPORT_ERRORS: Final[Mapping[Failure, type[SalesforceError]]] = MappingProxyType(

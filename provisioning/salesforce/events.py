@@ -3,10 +3,10 @@
 Two transports implement :class:`EventSource`: the Pub/Sub API (gRPC, Avro;
 :class:`provisioning.salesforce.pubsub.PubSubClient`, ``transport == "pubsub"``) and the
 Streaming API (CometD; :class:`provisioning.salesforce.streaming.StreamingClient`,
-``transport == "cometd"``)::
+``transport == "cometd"``). The listener builds the one ``SF_EVENTS_TRANSPORT`` names
+(:func:`provisioning.listener.sources.make_event_source`)::
 
-    source = make_event_source(settings)
-    for batch in source.batches(start):          # start: LATEST, EARLIEST or a stored replay id
+    for batch in source.batches(start):          # start: LATEST, EARLIEST or a stored ReplayId
         for event in batch.events:
             handle(event)                         # validate, record, publish the task
         if batch.position is not None:
@@ -17,81 +17,39 @@ Delivery is pull-based: the next batch is fetched from the server only when the 
 for it, so at most one batch is in the caller's hands. ``stop()`` (from any thread) ends the
 iteration within about half a second.
 
-Replay ids are opaque ``bytes`` outside a transport: store them, compare them for equality,
-never compute with them, and never hand one transport's id to the other (a CometD id is the
-ASCII decimal of its integer; a Pub/Sub id is the server's bytes unchanged).
+This module is the seam and nothing else: models and the protocol, importing no transport
+(import-linter keeps it so). Replay ids are :class:`~provisioning.core.replay_id.ReplayId`:
+a transport's opaque bytes with the transport's name on them, never handed to the other.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-if TYPE_CHECKING:
-    from provisioning.core.settings import Settings
-    from provisioning.salesforce.auth import JWTBearerAuth
+from provisioning.core.replay_id import (
+    EARLIEST,
+    LATEST,
+    ReplayId,
+    ReplayPreset,
+    ReplayStart,
+    Transport,
+    describe_start,
+)
 
-
-class ReplayPreset(enum.Enum):
-    """A start position that is not a stored replay id."""
-
-    LATEST = "LATEST"  # only events published after subscribing
-    EARLIEST = "EARLIEST"  # every event still retained (72 h for high-volume platform events)
-
-
-LATEST = ReplayPreset.LATEST
-EARLIEST = ReplayPreset.EARLIEST
-
-ReplayStart: TypeAlias = ReplayPreset | bytes
-"""Where a subscription starts: a preset, or after a stored (opaque) replay id."""
-
-
-def replay_start_from(settings: Settings) -> ReplayStart:
-    """SF_EVENTS_REPLAY for the transport in use: a preset, or the replay id's opaque bytes.
-
-    CometD ids are the ASCII decimal of the integer; Pub/Sub ids are the bytes the hex names.
-    """
-    value = settings.sf_events_replay
-    if value in ("LATEST", "-1"):
-        return LATEST
-    if value in ("EARLIEST", "-2"):
-        return EARLIEST
-    if settings.sf_events_transport == "cometd":
-        return value.encode("ascii")
-    return bytes.fromhex(value.removeprefix("0x"))
-
-
-def replay_fallback_from(settings: Settings) -> ReplayPreset:
-    """SF_EVENTS_REPLAY_FALLBACK as a preset."""
-    return ReplayPreset(settings.sf_events_replay_fallback)
-
-
-def parse_start(text: str, transport: str) -> ReplayStart:
-    """A start position typed by an operator (``--replay-from``): LATEST, EARLIEST or a replay id.
-
-    ``ValueError`` naming the form the transport expects.
-    """
-    value = text.strip()
-    if value.upper() in ("LATEST", "-1"):
-        return LATEST
-    if value.upper() in ("EARLIEST", "-2"):
-        return EARLIEST
-    if transport == "cometd":
-        if not value.isdigit():
-            raise ValueError("a CometD replay id is an integer (or LATEST, EARLIEST)")
-        return value.encode("ascii")
-    hexed = value.removeprefix("0x")
-    try:
-        return bytes.fromhex(hexed)
-    except ValueError:
-        raise ValueError("a Pub/Sub replay id is the hex of its bytes (or LATEST, EARLIEST)") from None
-
-
-def describe_start(start: ReplayStart) -> str:
-    """A log-friendly text for a start position: ``LATEST``, ``EARLIEST`` or the id in hex."""
-    return start.value if isinstance(start, ReplayPreset) else f"0x{start.hex()}"
+__all__ = [
+    "EARLIEST",
+    "LATEST",
+    "Batch",
+    "Event",
+    "EventSource",
+    "ReplayId",
+    "ReplayPreset",
+    "ReplayStart",
+    "Transport",
+    "describe_start",
+]
 
 
 @dataclass(frozen=True)
@@ -103,7 +61,7 @@ class Event:
     ``created_at`` is the payload's ``CreatedDate`` in epoch seconds, when known.
     """
 
-    replay_id: bytes
+    replay_id: ReplayId
     uuid: str | None
     payload: dict[str, Any] | None
     decode_error: str | None = None
@@ -120,7 +78,7 @@ class Batch:
     """
 
     events: tuple[Event, ...]
-    position: bytes | None
+    position: ReplayId | None
 
     def __len__(self) -> int:
         """The number of events (so an empty keepalive batch is falsy: test ``position`` too)."""
@@ -132,8 +90,8 @@ class EventSource(Protocol):
     """A subscription to one Platform Event channel, with replay and recovery built in."""
 
     @property
-    def transport(self) -> str:
-        """``"pubsub"`` or ``"cometd"``."""
+    def transport(self) -> Transport:
+        """``pubsub`` or ``cometd``: the transport of every replay id this source hands out and takes."""
         ...
 
     @property
@@ -155,11 +113,14 @@ class EventSource(Protocol):
         """Batches from ``start`` until :meth:`stop`; fetched only when the caller asks for the next.
 
         Recoverable trouble (network, expired token, unknown client, a replay id too old, a
-        stall) is handled inside; an error that retrying cannot fix is raised.
+        stall) is handled inside. A refusal only a person can fix (an event the org does not
+        have, no read permission on it, a refused login) is raised, a
+        :class:`~provisioning.salesforce.errors.SalesforcePermanentError` whose ``remedy`` says
+        what to fix; the caller decides when to try again.
         """
         ...
 
-    def ack(self, position: bytes) -> None:
+    def ack(self, position: ReplayId) -> None:
         """Everything up to ``position`` is processed: every later (re)subscription starts after it."""
         ...
 
@@ -170,14 +131,3 @@ class EventSource(Protocol):
     def counters(self) -> dict[str, int]:
         """Monotonic counts for /metrics: events, reconnects, replay_fallbacks, auth_renewals, ..."""
         ...
-
-
-def make_event_source(settings: Settings, *, auth: JWTBearerAuth | None = None) -> EventSource:
-    """The event source ``SF_EVENTS_TRANSPORT`` names, built from the settings (sharing ``auth``)."""
-    if settings.sf_events_transport == "cometd":
-        from provisioning.salesforce.streaming import StreamingClient
-
-        return StreamingClient.from_settings(settings, auth=auth)
-    from provisioning.salesforce.pubsub import PubSubClient
-
-    return PubSubClient.from_settings(settings, auth=auth)

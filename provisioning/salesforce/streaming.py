@@ -9,8 +9,9 @@ An :class:`~provisioning.salesforce.events.EventSource` (``transport == "cometd"
         stream.ack(batch.position)        # processed: never delivered again
 
 One :class:`~provisioning.salesforce.events.Batch` per Bayeux answer that carried events
-(the events of one ``/meta/connect`` reply). Replay ids leave this module as opaque bytes:
-the ASCII decimal of the integer CometD uses (``b"2112"``), turned back here only.
+(the events of one ``/meta/connect`` reply). Replay ids leave this module as
+:class:`~provisioning.core.replay_id.ReplayId` of transport ``cometd`` (the integer CometD
+uses, logged and typed as that integer); a Pub/Sub id is refused, never converted.
 
 Delivery is pull-based: the next ``/meta/connect`` is sent only once the caller
 asks for the next batch, so nothing is fetched ahead of what the caller holds.
@@ -21,16 +22,21 @@ event is never delivered again. Any failed or lost ``/meta/connect`` leads to a
 new handshake and a resubscription from that point: a lost response cannot lose
 events, and a re-handshake is never left without its subscription.
 
-Handled: ``403::Unknown client`` / ``advice.reconnect=handshake`` (handshake,
+Handled (each answer sorted into a :class:`~provisioning.salesforce.reconnect.Failure`
+by :meth:`_Reply.kind`, the wait :mod:`provisioning.salesforce.reconnect`'s, shared with
+Pub/Sub): ``403::Unknown client`` / ``advice.reconnect=handshake`` (handshake,
 resubscribe), ``401::Authentication invalid`` and HTTP 401 (renew the token
 once through the auth, handshake, resubscribe), an invalid or too-old replay id
 on subscribe (resubscribe with ``replay_fallback``: one error line, counted),
-``403::Organization total events daily limit exceeded`` (stay disconnected for
-``daily_limit_backoff_s``), network errors and timeouts (capped exponential
-backoff with jitter), a connect that outlives the long poll plus its margin (the
-CometD form of a silent stall: counted in ``stalls``, ``stalled`` until the next
-answer, then handshake and resubscribe). Cookies (``BAYEUX_BROWSER``,
-load-balancer cookies) live in the session's cookie jar.
+``403::Organization total events daily limit exceeded`` (the delivery limit: stay
+disconnected for the policy's long wait), network errors and timeouts (capped
+exponential backoff with jitter), a connect that outlives the long poll plus its
+margin (the CometD form of a silent stall: counted in ``stalls``, ``stalled``
+until the next answer, then handshake and resubscribe). Cookies (``BAYEUX_BROWSER``,
+load-balancer cookies) live in the session's cookie jar. A subscription refused for
+good is raised: ``400::The channel you requested to subscribe to does not exist``
+as :class:`~provisioning.salesforce.errors.SalesforceEventNotFound` with its remedy,
+any other 4xx as :class:`~provisioning.salesforce.errors.SalesforceStreamingError`.
 
 Stopping: each Bayeux request runs in a short-lived daemon thread while the
 iterating thread waits for it in steps of ``STOP_POLL_INTERVAL_S``, checking
@@ -49,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import itertools
-import random
 import threading
 import time
 from collections import deque
@@ -59,29 +64,33 @@ from typing import Any
 
 import requests
 
-from provisioning.core.backoff import backoff_s
 from provisioning.core.http import make_session
 from provisioning.core.logs import get_logger
 from provisioning.core.settings import Settings
 from provisioning.salesforce.auth import AccessToken, JWTBearerAuth
 from provisioning.salesforce.errors import (
     SalesforceAuthError,
+    SalesforceEventNotFound,
     SalesforceStreamingError,
     SalesforceTransientError,
+    event_not_found_remedy,
 )
 from provisioning.salesforce.events import (
     EARLIEST,
     LATEST,
     Batch,
+    ReplayId,
     ReplayPreset,
     ReplayStart,
-    replay_fallback_from,
+    Transport,
 )
 from provisioning.salesforce.events import Event as SourceEvent
+from provisioning.salesforce.reconnect import Failure, ReconnectPolicy, Reconnects
 
 log = get_logger(__name__)
 
-TRANSPORT = "cometd"
+TRANSPORT = Transport.COMETD
+# The replay extension's presets: CometD's own numbers, on the wire only.
 REPLAY_LATEST = -1
 REPLAY_EARLIEST = -2
 REPLAY_PRESET_NAMES = {REPLAY_LATEST: "LATEST", REPLAY_EARLIEST: "EARLIEST"}
@@ -97,12 +106,10 @@ LONG_POLL_MARGIN_S = 15.0
 DISCONNECT_TIMEOUT_S = 2.0
 # How often a waiting iterator looks at stop(): bounds how long stopping takes.
 STOP_POLL_INTERVAL_S = 0.1
-RECONNECT_BACKOFF_BASE_S = 0.5
-RECONNECT_BACKOFF_MAX_S = 60.0
-# Events stay retained for 72 h, so waiting out a daily-limit error loses nothing.
-DAILY_LIMIT_BACKOFF_S = 900.0
 
 _INVALID_REPLAY_MARKER = "you provided was invalid"
+# The Streaming API's answer for a channel the org does not have (its error codes page: 400).
+_NO_SUCH_CHANNEL_MARKER = "does not exist"
 
 
 @dataclass
@@ -116,7 +123,7 @@ class StreamCounters:
     reconnects: int = 0
     replay_fallbacks: int = 0
     auth_renewals: int = 0
-    daily_limit_backoffs: int = 0
+    delivery_limit_backoffs: int = 0
     network_errors: int = 0
     stalls: int = 0
     malformed_events: int = 0
@@ -168,18 +175,18 @@ class _Reply:
         code = self.code
         return code is not None and 400 <= code < 500 and self.http_status < 500
 
-    def kind(self) -> str:
-        """auth, daily_limit, rehandshake, invalid_replay or other."""
+    def kind(self) -> Failure:
+        """The one table of Bayeux errors: what this failed reply means for the reconnect policy."""
         text = self.error.lower()
         if self.http_status == 401 or text.startswith("401") or "(401" in text:
-            return "auth"
+            return Failure.AUTH
         if "daily limit" in text:
-            return "daily_limit"
+            return Failure.DELIVERY_LIMIT
         if _INVALID_REPLAY_MARKER in text:
-            return "invalid_replay"
+            return Failure.INVALID_REPLAY
         if "unknown client" in text or self.advice.get("reconnect") == "handshake":
-            return "rehandshake"
-        return "other"
+            return Failure.REHANDSHAKE
+        return Failure.NETWORK
 
 
 class StreamingClient:
@@ -195,9 +202,7 @@ class StreamingClient:
         api_version: str,
         channel: str,
         replay_fallback: ReplayPreset | int = EARLIEST,
-        backoff_base_s: float = RECONNECT_BACKOFF_BASE_S,
-        backoff_max_s: float = RECONNECT_BACKOFF_MAX_S,
-        daily_limit_backoff_s: float = DAILY_LIMIT_BACKOFF_S,
+        reconnect: ReconnectPolicy | None = None,
     ) -> None:
         if isinstance(replay_fallback, ReplayPreset):
             replay_fallback = _PRESET_IDS[replay_fallback]
@@ -208,19 +213,16 @@ class StreamingClient:
         self.api_version = api_version
         self.channel = channel
         self.replay_fallback = replay_fallback
-        self._backoff_base_s = backoff_base_s
-        self._backoff_max_s = backoff_max_s
-        self._daily_limit_backoff_s = daily_limit_backoff_s
+        self._reconnects = Reconnects(reconnect)
         self.counters = StreamCounters()
         self._stop = threading.Event()
         self._running = threading.Lock()
         self._ids = itertools.count(1)
-        self._rng = random.Random()
         self._pending: deque[SourceEvent] = deque()
         self._client_id: str | None = None
         self._subscribed_client: str | None = None
         self._last_token: AccessToken | None = None
-        self._failures = 0
+        self._subscribed_once = False
         self._long_poll_s = DEFAULT_LONG_POLL_S
         self._interval_s = 0.0
         self._position: int = REPLAY_LATEST
@@ -243,7 +245,7 @@ class StreamingClient:
             session=session,
             api_version=settings.sf_api_version,
             channel=settings.sf_provision_event_channel,
-            replay_fallback=replay_fallback_from(settings),
+            replay_fallback=settings.replay_fallback(),
         )
 
     def __repr__(self) -> str:
@@ -252,9 +254,9 @@ class StreamingClient:
     # -- public -----------------------------------------------------------------------------
 
     @property
-    def last_acked(self) -> bytes | None:
-        """The position the caller acknowledged last in this client's life (opaque bytes)."""
-        return None if self._last_acked is None else _id_bytes(self._last_acked)
+    def last_acked(self) -> ReplayId | None:
+        """The position the caller acknowledged last in this client's life."""
+        return None if self._last_acked is None else ReplayId.cometd(self._last_acked)
 
     @property
     def connected(self) -> bool:
@@ -271,7 +273,7 @@ class StreamingClient:
         """Wall-clock time of the server's last answer."""
         return self._last_response_at
 
-    def ack(self, position: bytes) -> None:
+    def ack(self, position: ReplayId) -> None:
         """Mark everything up to ``position`` (a Batch's) processed: every later subscription starts after it."""
         replay_id = _id_int(position)
         self._position = replay_id
@@ -296,7 +298,8 @@ class StreamingClient:
         self._position = replay_from
         self._pending.clear()
         self._client_id = None
-        self._failures = 0
+        self._subscribed_once = False
+        self._reconnects.reset()
         try:
             while True:
                 if self._pending and not self._stop.is_set():
@@ -314,7 +317,10 @@ class StreamingClient:
         except _Stopped:
             return
         finally:
-            log.info("streaming_stopped", channel=self.channel, position=self._position)
+            # Only an iteration that subscribed has something to report (a refused one: its error says).
+            (log.info if self._subscribed_once else log.debug)(
+                "streaming_stopped", channel=self.channel, position=self._position
+            )
             self._disconnect_in_background()
             self._pending.clear()
             self._stop.clear()
@@ -357,11 +363,12 @@ class StreamingClient:
                 return
             if reply.successful:
                 self._subscribed_client = self._client_id
+                self._subscribed_once = True
                 self.counters.subscribes += 1
                 log.info("streaming_subscribed", channel=self.channel, replay_from=position)
                 return
             kind = reply.kind()
-            if kind == "invalid_replay" and position != self.replay_fallback:
+            if kind is Failure.INVALID_REPLAY and position != self.replay_fallback:
                 self.counters.replay_fallbacks += 1
                 # The one error line an operator needs: events between the stored id and the fallback
                 # are replayed again (EARLIEST) or skipped (LATEST).
@@ -375,10 +382,8 @@ class StreamingClient:
                 )
                 self._position = self.replay_fallback
                 continue
-            if kind == "invalid_replay" or (kind == "other" and reply.refused):
-                raise SalesforceStreamingError(
-                    f"subscribing to {self.channel} (replay from {position}) was refused: {reply.error}"
-                )
+            if kind is Failure.INVALID_REPLAY or (kind is Failure.NETWORK and reply.refused):
+                raise self._refused(reply, position)
             self._recover(kind, reply, "subscribe")
 
     def _connect(self) -> None:
@@ -396,7 +401,7 @@ class StreamingClient:
         if not reply.successful:
             self._recover(reply.kind(), reply, "connect")
             return
-        self._failures = 0
+        self._reconnects.reset()
         if advice.get("reconnect") == "handshake":
             self._client_id = None
             return
@@ -415,17 +420,17 @@ class StreamingClient:
         except SalesforceAuthError:
             raise
         except SalesforceTransientError as exc:
-            self._recover("network", None, f"login: {exc}")
+            self._recover(Failure.NETWORK, None, f"login: {exc}")
             return None
         self._last_token = token
         try:
             response = self._post(token, [message], read_timeout_s)
         except requests.ReadTimeout:
-            kind = "stall" if meta_channel == "/meta/connect" else "network"
+            kind = Failure.STALL if meta_channel == "/meta/connect" else Failure.NETWORK
             self._recover(kind, None, f"{meta_channel}: no answer within {read_timeout_s:g} s")
             return None
         except requests.RequestException as exc:
-            self._recover("network", None, f"{meta_channel}: {type(exc).__name__}")
+            self._recover(Failure.NETWORK, None, f"{meta_channel}: {type(exc).__name__}")
             return None
         messages = _json_array(response)
         self._last_response_at = time.time()
@@ -440,7 +445,9 @@ class StreamingClient:
             elif channel == self.channel and "data" in item:
                 self._queue_event(item)
         if reply is None:
-            self._recover("network", None, f"{meta_channel}: HTTP {response.status_code} without a reply")
+            self._recover(
+                Failure.NETWORK, None, f"{meta_channel}: HTTP {response.status_code} without a reply"
+            )
             return None
         return _Reply(reply, token, response.status_code)
 
@@ -482,7 +489,7 @@ class StreamingClient:
         data = message.get("data")
         meta = data.get("event") if isinstance(data, dict) else None
         replay_id = meta.get("replayId") if isinstance(meta, dict) else None
-        if not isinstance(replay_id, int) or isinstance(replay_id, bool):
+        if not isinstance(replay_id, int) or isinstance(replay_id, bool) or replay_id < 0:
             self.counters.malformed_events += 1
             log.warning("streaming_event_without_replay_id", channel=self.channel)
             return
@@ -497,7 +504,7 @@ class StreamingClient:
         uuid = meta.get("EventUuid")
         self._pending.append(
             SourceEvent(
-                replay_id=_id_bytes(int(replay_id)),
+                replay_id=ReplayId.cometd(replay_id),
                 uuid=uuid if isinstance(uuid, str) else None,
                 payload=payload,
                 decode_error=error,
@@ -508,15 +515,24 @@ class StreamingClient:
 
     # -- recovery ---------------------------------------------------------------------------
 
-    def _recover(self, kind: str, reply: _Reply | None, step: str) -> None:
+    def _refused(self, reply: _Reply, position: int) -> SalesforceStreamingError:
+        """The error for a subscription refused for good (the table of refusals is this method)."""
+        message = f"subscribing to {self.channel} (replay from {position}) was refused: {reply.error}"
+        if _NO_SUCH_CHANNEL_MARKER in reply.error.lower():
+            return SalesforceEventNotFound(
+                f"{message}. The org has no Platform Event {self.channel}",
+                error_code=reply.error.split("::", 1)[0] or None,
+                remedy=event_not_found_remedy(self.channel),
+            )
+        return SalesforceStreamingError(message, error_code=reply.error.split("::", 1)[0] or None)
+
+    def _recover(self, kind: Failure, reply: _Reply | None, step: str) -> None:
         """Drop the Bayeux session, do what ``kind`` needs, wait; the loop then handshakes again."""
         self._client_id = None
-        self._failures += 1
         self.counters.reconnects += 1
         error = reply.error if reply is not None else step
-        # A first unknown-client or auth failure is routine: handshake again at once.
-        delay = 0.0 if self._failures == 1 else self._backoff()
-        if kind == "auth":
+        delay = self._reconnects.wait_s(kind)
+        if kind is Failure.AUTH:
             self.counters.auth_renewals += 1
             log.warning("streaming_auth_invalid", channel=self.channel, step=step, error=error)
             if reply is not None:
@@ -524,18 +540,17 @@ class StreamingClient:
                     self._auth.renew(reply.token)
                 except SalesforceTransientError as exc:
                     log.warning("streaming_login_failed", channel=self.channel, error=str(exc))
-                    delay = self._backoff()
-        elif kind == "daily_limit":
-            self.counters.daily_limit_backoffs += 1
-            delay = self._daily_limit_backoff_s
+                    delay = self._reconnects.backoff_s()
+        elif kind is Failure.DELIVERY_LIMIT:
+            self.counters.delivery_limit_backoffs += 1
             log.warning(
                 "streaming_daily_limit", channel=self.channel, step=step, error=error, retry_in_s=delay
             )
-        elif kind == "stall":
+        elif kind is Failure.STALL:
             self.counters.stalls += 1
             self._stalled = True
             log.warning("streaming_stalled", channel=self.channel, step=step, resubscribe_from=self._position)
-        elif kind == "rehandshake":
+        elif kind is Failure.REHANDSHAKE:
             log.warning(
                 "streaming_rehandshake",
                 channel=self.channel,
@@ -545,7 +560,6 @@ class StreamingClient:
             )
         else:
             self.counters.network_errors += 1
-            delay = self._backoff()
             log.warning(
                 "streaming_reconnect",
                 channel=self.channel,
@@ -555,11 +569,6 @@ class StreamingClient:
             )
         if delay > 0:
             self._stop.wait(delay)
-
-    def _backoff(self) -> float:
-        return backoff_s(
-            max(self._failures - 1, 0), base_s=self._backoff_base_s, cap_s=self._backoff_max_s, rng=self._rng
-        )
 
     def _disconnect_in_background(self) -> None:
         """Tell the server we are gone (it then releases a held long poll); never waits for it."""
@@ -583,23 +592,13 @@ class StreamingClient:
         threading.Thread(target=send, name="cometd-disconnect", daemon=True).start()
 
 
-def _id_bytes(replay_id: int) -> bytes:
-    """A CometD replay id as the seam's opaque bytes: its ASCII decimal."""
-    return str(replay_id).encode("ascii")
-
-
-def _id_int(position: bytes) -> int:
-    """The integer of a CometD replay id given as bytes; ValueError for anything else."""
-    try:
-        text = bytes(position).decode("ascii")
-        if not text.lstrip("-").isdigit():
-            raise ValueError(text)
-        return int(text)
-    except (UnicodeDecodeError, ValueError):
+def _id_int(position: ReplayId) -> int:
+    """The integer of a CometD replay id; ValueError for a Pub/Sub one (never converted)."""
+    if not isinstance(position, ReplayId) or position.transport is not TRANSPORT:
         raise ValueError(
-            f"{bytes(position)[:32]!r} is not a CometD replay id (the ASCII decimal of an integer): "
-            "a Pub/Sub replay id cannot start a CometD subscription"
-        ) from None
+            f"{position!r} is not a CometD replay id: a Pub/Sub replay id cannot start a CometD subscription"
+        )
+    return position.number
 
 
 def _created_at(payload: dict[str, Any] | None) -> float | None:

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
+from provisioning.core.replay_id import EARLIEST, LATEST, ReplayId
 from provisioning.core.settings import ConfigError, Settings, load_settings, redact_url
-from provisioning.salesforce.events import EARLIEST, LATEST, replay_fallback_from, replay_start_from
 
 
 def _load(monkeypatch, tmp_path, **env):
@@ -21,14 +21,14 @@ def _load(monkeypatch, tmp_path, **env):
 def test_defaults_are_valid_without_any_environment(monkeypatch, tmp_path):
     settings = _load(monkeypatch, tmp_path)
     assert settings.sf_provision_event_channel == "/event/OrderProvisionRequested__e"
-    assert replay_start_from(settings) is LATEST
-    assert replay_fallback_from(settings) is EARLIEST
+    assert settings.replay_start() is LATEST
+    assert settings.replay_fallback() is EARLIEST
 
 
 @pytest.mark.parametrize(
     ("variable", "value", "expected"),
     [
-        ("SF_EVENTS_REPLAY", "sometimes", "LATEST, EARLIEST or a replayId"),
+        ("SF_EVENTS_REPLAY", "sometimes", "a Pub/Sub replay id is the hex of its bytes"),
         ("SF_EVENTS_REPLAY_FALLBACK", "42", "LATEST or EARLIEST"),
         ("REDIS_URL", "http://localhost", "redis://"),
         ("CELERY_BROKER_URL", "kafka://x", "redis://, sentinel://, amqp://"),
@@ -131,16 +131,32 @@ def test_an_explicit_replay_id_is_read_as_the_transport_spells_it(
     monkeypatch, tmp_path, transport, value, expected
 ):
     settings = _load(monkeypatch, tmp_path, SF_EVENTS_TRANSPORT=transport, SF_EVENTS_REPLAY=value)
-    start = replay_start_from(settings)
-    assert (start if isinstance(start, bytes) else start.value) == expected
+    start = settings.replay_start()
+    if isinstance(start, ReplayId):
+        assert start.transport == transport
+    assert start.value == expected
+
+
+@pytest.mark.parametrize(
+    ("transport", "value", "kept"),
+    [
+        ("pubsub", "0x00FF", "00ff"),
+        ("pubsub", "-2", "EARLIEST"),
+        ("cometd", "0042", "42"),
+        ("cometd", "latest", "LATEST"),
+    ],
+)
+def test_the_replay_setting_is_kept_in_the_form_the_logs_print(monkeypatch, tmp_path, transport, value, kept):
+    settings = _load(monkeypatch, tmp_path, SF_EVENTS_TRANSPORT=transport, SF_EVENTS_REPLAY=value)
+    assert settings.sf_events_replay == kept
 
 
 @pytest.mark.parametrize(
     ("transport", "value", "expected"),
     [
-        ("cometd", "00ff", "not a CometD replayId"),
-        ("pubsub", "123", "not a Pub/Sub replay id"),
-        ("pubsub", "-7", "LATEST, EARLIEST or a replayId"),
+        ("cometd", "00ff", "a CometD replay id is an integer"),
+        ("pubsub", "123", "a Pub/Sub replay id is the hex of its bytes"),
+        ("pubsub", "-7", "a Pub/Sub replay id is the hex of its bytes"),
     ],
 )
 def test_a_replay_id_the_transport_cannot_use_is_refused_naming_the_variable(

@@ -186,9 +186,10 @@ def test_the_publish_and_receive_example_runs_as_written(
     )
     assert found, result.stdout
     assert found[2] == transport
-    raw, order_id = bytes.fromhex(found[3]), found[4]
-    # The sandbox's own encodings (a client must never rely on them): 8 bytes big-endian, ASCII digits.
-    replay_id = int.from_bytes(raw, "big") if transport == "pubsub" else int(raw.decode())
+    printed, order_id = found[3], found[4]
+    # Printed as --replay-from takes it: Pub/Sub the hex of the sandbox's 8 bytes big-endian (its own
+    # encoding: a client must never rely on it), CometD the integer itself.
+    replay_id = int.from_bytes(bytes.fromhex(printed), "big") if transport == "pubsub" else int(printed)
     calls = running_sandbox.get("SF_LOGIN_URL", "/__admin/calls")["calls"]
     assert calls["event_publish"] == published_before + 1
     events = running_sandbox.get("SF_LOGIN_URL", "/__admin/events")["events"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from provisioning.core.replay_id import ReplayId
 from provisioning.ledger import RunState
 from provisioning.runs.services import Services
 from provisioning.sandbox.redis_server import RedisServer
@@ -88,10 +89,10 @@ def test_malformed_events_are_quarantined_with_reasons_and_every_good_one_is_pro
     assert any(f"{account_id} is the Id of another kind of record (key prefix 001)" in r for r in reasons)
     # The Account's Id cost nothing in Salesforce: one query per good Order, none for it.
     assert sandbox.admin("salesforce").get("/__admin/calls")["calls"].get("query") == 4
-    # Each entry names its replay id (the transport's opaque bytes, in hex) and the transport.
+    # Each entry names its replay id (in its transport's form, as --replay-from takes it) and the transport.
     for entry in services.ledger.registries.quarantined():
         assert entry["transport"] == listen_settings.sf_events_transport
-        assert bytes.fromhex(entry["replay_id"])
+        assert ReplayId.parse(entry["replay_id"], entry["transport"])
     assert count_effects(sandbox).whmcs_orders == 4
     base = f"http://127.0.0.1:{listener.health_port}"
     assert requests.get(base + "/healthz", timeout=5).json() == {
@@ -101,6 +102,7 @@ def test_malformed_events_are_quarantined_with_reasons_and_every_good_one_is_pro
         "subscribed": True,
         "stalled": False,
         "can_publish": True,
+        "reason": None,
     }
     metrics = requests.get(base + "/metrics", timeout=5).text
     assert "listener_events_received_total 9.0" in metrics
@@ -228,3 +230,54 @@ def test_redis_stopped_for_30_seconds_mid_stream_loses_no_event(
         assert count_effects(sandbox).whmcs_orders == 60
     finally:
         server.stop()
+
+
+def _logged_replay_id(replay_id: int, transport: str) -> str:
+    """The sandbox's replay id as our logs print it (the sandbox's own encodings: tests only)."""
+    return str(replay_id) if transport == "cometd" else replay_id.to_bytes(8, "big").hex()
+
+
+def test_the_checkpoint_is_logged_in_its_transport_s_form_and_replay_from_takes_it_back(
+    sandbox, listen_settings, services, listeners
+):
+    orders = seed_orders(sandbox, services.inventory, count=3, esim_share=0.0)
+    listener = listeners(listen_settings)
+    (first_id,) = publish_events_admin(sandbox, [event_payload(orders[0])])
+    wait_for(lambda: _checkpoint(services, listen_settings) == first_id)
+    logged = _log_lines(listener, "batch_handled")[-1]["checkpoint"]
+    assert logged == _logged_replay_id(first_id, listen_settings.sf_events_transport)
+    later = publish_events_admin(sandbox, [event_payload(o) for o in orders[1:]])
+    wait_for(lambda: _checkpoint(services, listen_settings) == later[-1])
+    listener.stop()
+
+    again = listeners(listen_settings, extra=["--replay-from", logged])
+    wait_for(lambda: sum(line["events"] for line in _log_lines(again, "batch_handled")) >= 2)
+    (subscribing,) = _log_lines(again, "listener_subscribing")
+    assert subscribing["replay_from"] == logged
+    replayed = [
+        run for line in _log_lines(again, "batch_handled") for run in line["published"] + line["duplicates"]
+    ]
+    assert sorted(replayed) == sorted(o.run_id for o in orders[1:])
+
+
+def test_the_other_transport_s_checkpoint_is_named_once_as_ignored_in_its_own_form(
+    sandbox, listen_settings, services, listeners
+):
+    mine = listen_settings.sf_events_transport
+    other, stored, shown = (
+        ("pubsub", bytes.fromhex("00000000000018af"), "00000000000018af")
+        if mine == "cometd"
+        else ("cometd", b"8230", "8230")
+    )
+    channel = listen_settings.sf_provision_event_channel
+    pipe = services.redis.pipeline()
+    services.ledger.listener.queue_checkpoint(pipe, channel, other, stored)
+    pipe.execute()
+    listener = listeners(listen_settings)
+    (line,) = _log_lines(listener, "listener_other_checkpoint_ignored")
+    assert (line["transport"], line["checkpoint"], line["using"]) == (other, shown, mine)
+    assert line["starts_from"] == "LATEST"
+    assert f"a {other} replay id cannot start a {mine} subscription" in line["reason"]
+    (subscribing,) = _log_lines(listener, "listener_subscribing")
+    assert subscribing["replay_from"] == "LATEST"
+    assert services.ledger.listener.checkpoint(channel, other) == stored  # left for a switch back

@@ -8,7 +8,7 @@ import pytest
 
 from provisioning.core.run_id import RunId
 from provisioning.listener.validation import Rejected, validate_event
-from provisioning.salesforce.events import Event
+from provisioning.salesforce.events import Event, ReplayId
 from provisioning.sandbox.salesforce import ids
 
 pytestmark = pytest.mark.fast
@@ -18,7 +18,7 @@ ACCOUNT_ID = ids.IdFactory(random.Random(6)).new(ids.PREFIX_ACCOUNT)
 
 
 def _event(payload: object, decode_error: str | None = None) -> Event:
-    return Event(replay_id=b"\x01", uuid="u", payload=payload, decode_error=decode_error)  # type: ignore[arg-type]
+    return Event(replay_id=ReplayId.cometd(1), uuid="u", payload=payload, decode_error=decode_error)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

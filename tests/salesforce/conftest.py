@@ -18,10 +18,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from provisioning.core.logs import configure_logging
 from provisioning.core.settings import Settings
 from provisioning.salesforce.auth import JWTBearerAuth
-from provisioning.salesforce.events import EARLIEST, Batch, Event, EventSource, ReplayStart
+from provisioning.salesforce.events import EARLIEST, Batch, Event, EventSource, ReplayId, ReplayStart
+from provisioning.salesforce.reconnect import ReconnectPolicy
 from provisioning.salesforce.streaming import StreamingClient
 
 from .fake import API_VERSION, CHANNEL, CLIENT_ID, LOGIN_URL, USERNAME, FakePool, FakeSalesforce
+
+# The transports' waits, short enough for a test: a few ms between tries, 50 ms at most.
+FAST_RECONNECT = ReconnectPolicy(base_s=0.01, cap_s=0.05, delivery_limit_wait_s=0.05)
 
 
 @pytest.fixture(scope="session")
@@ -80,9 +84,7 @@ def stream(auth: JWTBearerAuth, session: requests.Session) -> StreamingClient:
         api_version=API_VERSION,
         channel=CHANNEL,
         replay_fallback=EARLIEST,
-        backoff_base_s=0.01,
-        backoff_max_s=0.05,
-        daily_limit_backoff_s=0.05,
+        reconnect=FAST_RECONNECT,
     )
 
 
@@ -98,12 +100,12 @@ def wait_until(predicate: Any, timeout: float = 10.0) -> None:
 
 def int_ids(events: list[Event]) -> list[int]:
     """CometD replay ids as the integers the server used (tests only: callers treat them as opaque)."""
-    return [int(e.replay_id.decode("ascii")) for e in events]
+    return [e.replay_id.number for e in events]
 
 
-def rid(replay_id: int) -> bytes:
-    """A CometD replay id as the seam's bytes."""
-    return str(replay_id).encode("ascii")
+def rid(replay_id: int) -> ReplayId:
+    """A CometD replay id as the seam has it."""
+    return ReplayId.cometd(replay_id)
 
 
 class Consumer:

@@ -322,6 +322,9 @@ class FakeSalesforce(HTTPAdapter):
             )
         if fault == "denied":
             return _reply(message, **base, successful=False, error="403::Unknown channel")
+        if fault == "no_such_channel":
+            error = f"400::The channel you requested to subscribe to does not exist {{{message.get('subscription')}}}"
+            return _reply(message, **base, successful=False, error=error)
         if fault == "unknown_client":
             return _reply(
                 message,

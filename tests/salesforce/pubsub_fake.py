@@ -92,6 +92,9 @@ class FakePubSub(pb_grpc.PubSubServicer):
         self.schemas: dict[str, str] = {SCHEMA_ID: json.dumps(SCHEMA)}
         self.schema_errors: deque[grpc.StatusCode] = deque()
         self.schema_requests: list[str] = []
+        self.topic_requests: list[str] = []
+        # What the next GetTopic calls answer instead of the topic: "not_found" or "cannot_subscribe".
+        self.topic_answers: deque[str] = deque()
         self.lock = threading.Lock()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         pb_grpc.add_PubSubServicer_to_server(self, self.server)
@@ -137,8 +140,15 @@ class FakePubSub(pb_grpc.PubSubServicer):
         )
 
     def GetTopic(self, request: pb.TopicRequest, context: grpc.ServicerContext) -> pb.TopicInfo:
+        self.topic_requests.append(request.topic_name)
+        answer = self.topic_answers.popleft() if self.topic_answers else "ok"
+        if answer == "not_found":
+            abort(context, grpc.StatusCode.NOT_FOUND, "sfdc.platform.eventbus.grpc.topic.not.found")
         return pb.TopicInfo(
-            topic_name=request.topic_name, tenant_guid="00Dfake", can_subscribe=True, schema_id=SCHEMA_ID
+            topic_name=request.topic_name,
+            tenant_guid="00Dfake",
+            can_subscribe=answer != "cannot_subscribe",
+            schema_id=SCHEMA_ID,
         )
 
 

@@ -25,6 +25,7 @@ from provisioning.salesforce.errors import (
     SalesforceUnavailable,
 )
 from provisioning.salesforce.events import EARLIEST, LATEST, ReplayPreset
+from provisioning.salesforce.reconnect import ReconnectPolicy
 from provisioning.salesforce.streaming import StreamingClient
 from provisioning.sandbox.common import SandboxTLS, ServerThread
 from provisioning.sandbox.salesforce import EVENT_CHANNEL, SalesforceSimulator
@@ -119,9 +120,7 @@ def streaming_client(org: Org, auth: JWTBearerAuth, fallback: ReplayPreset = EAR
         api_version=org.settings.sf_api_version,
         channel=org.settings.sf_provision_event_channel,
         replay_fallback=fallback,
-        backoff_base_s=0.05,
-        backoff_max_s=0.2,
-        daily_limit_backoff_s=0.2,
+        reconnect=ReconnectPolicy(base_s=0.05, cap_s=0.2, delivery_limit_wait_s=0.2),
     )
 
 
@@ -393,7 +392,7 @@ def test_a_replay_id_older_than_retention_falls_back_and_logs_one_error_line(
     assert errors[0]["event"] == "streaming_replay_id_invalid"
     assert errors[0]["channel"] == EVENT_CHANNEL
     assert checkpoint is not None
-    assert errors[0]["replay_id"] == int(checkpoint.decode())
+    assert errors[0]["replay_id"] == checkpoint.number
     assert errors[0]["fallback"] == -2
     assert errors[0]["fallback_name"] == "EARLIEST"
 
@@ -406,7 +405,7 @@ def test_the_daily_limit_keeps_the_subscriber_down_until_it_lifts(
     org.publish(["a"])
     consumer.wait_for(1)
     org.streaming(daily_limit=True)
-    wait_until(lambda: stream.counters.daily_limit_backoffs >= 2)
+    wait_until(lambda: stream.counters.delivery_limit_backoffs >= 2)
     org.publish(["b"])
     org.streaming(daily_limit=False)
     consumer.wait_for(2)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -128,6 +129,30 @@ def test_a_key_that_does_not_match_the_certificate_is_explained(
     )
     with pytest.raises(SalesforceAuthError, match=r"does not match the\s+certificate uploaded"):
         auth.token()
+
+
+def test_a_refused_key_carries_its_remedy_and_is_logged_once_however_often_it_is_tried(
+    session: requests.Session, tmp_path: Path, log_lines: Any
+) -> None:
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = tmp_path / "other.key"
+    path.write_bytes(
+        other.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    auth = JWTBearerAuth(
+        login_url=LOGIN_URL, client_id=CLIENT_ID, username=USERNAME, private_key_file=path, session=session
+    )
+    for _ in range(5):
+        with pytest.raises(SalesforceAuthError) as caught:
+            auth.token()
+        assert caught.value.remedy is not None
+        assert "upload the certificate of SF_PRIVATE_KEY_FILE's key" in caught.value.remedy
+    (refused,) = log_lines.at("error")
+    assert refused["event"] == "salesforce_login_refused"
+    assert refused["remedy"] == caught.value.remedy
+    assert auth.logins == 5
 
 
 def test_an_unknown_consumer_key_is_explained(session: requests.Session, key_file: Path) -> None:

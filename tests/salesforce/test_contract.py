@@ -17,12 +17,14 @@ import requests
 from provisioning.core.http import make_session
 from provisioning.salesforce.auth import JWTBearerAuth
 from provisioning.salesforce.events import EARLIEST, Event, ReplayStart
+from provisioning.salesforce.reconnect import ReconnectPolicy
 from provisioning.salesforce.streaming import StreamingClient
 
 from .fake import API_VERSION, CHANNEL, CLIENT_ID, LOGIN_URL, USERNAME, FakeSalesforce
 from .test_against_simulator import start_org
 
 RECEIVE_TIMEOUT_S = 20.0
+RECONNECT = ReconnectPolicy(base_s=0.05, cap_s=0.2)
 
 
 @dataclass
@@ -51,8 +53,7 @@ def backend(request: pytest.FixtureRequest, rsa_key, key_file: Path, tmp_path: P
             api_version=API_VERSION,
             channel=CHANNEL,
             replay_fallback=EARLIEST,
-            backoff_base_s=0.05,
-            backoff_max_s=0.2,
+            reconnect=RECONNECT,
         )
         yield Backend(
             stream,
@@ -70,8 +71,7 @@ def backend(request: pytest.FixtureRequest, rsa_key, key_file: Path, tmp_path: P
             api_version=org.settings.sf_api_version,
             channel=org.settings.sf_provision_event_channel,
             replay_fallback=EARLIEST,
-            backoff_base_s=0.05,
-            backoff_max_s=0.2,
+            reconnect=RECONNECT,
         )
         yield Backend(stream, org.publish, lambda: org.streaming(unknown_client=1))
         org.server.stop()
@@ -107,7 +107,7 @@ def test_events_arrive_in_order_and_a_resubscription_starts_after_the_last_acked
     backend.publish(["a", "b", "c"])
     first = _consume(backend.stream, EARLIEST, 3)
     assert [e.payload["IdemKey__c"] for e in first if e.payload] == ["a", "b", "c"]
-    ids = [int(e.replay_id) for e in first]
+    ids = [e.replay_id.number for e in first]
     assert ids == sorted(ids)
     assert len(set(ids)) == 3
 

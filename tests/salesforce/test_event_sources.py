@@ -18,9 +18,10 @@ import pytest
 
 from provisioning.core.http import make_session
 from provisioning.salesforce.auth import JWTBearerAuth
-from provisioning.salesforce.errors import SalesforceEventPermissionError
-from provisioning.salesforce.events import EARLIEST, LATEST, EventSource, ReplayPreset, ReplayStart
+from provisioning.salesforce.errors import SalesforceEventNotFound, SalesforceEventPermissionError
+from provisioning.salesforce.events import EARLIEST, LATEST, EventSource, ReplayId, ReplayPreset, ReplayStart
 from provisioning.salesforce.pubsub import PubSubClient
+from provisioning.salesforce.reconnect import ReconnectPolicy
 from provisioning.salesforce.streaming import StreamingClient
 from provisioning.sandbox.salesforce import EVENT_CHANNEL
 
@@ -32,8 +33,7 @@ LONG_POLL_S = 1.0
 KEEPALIVE_S = 0.5
 # The client's stall watchdog: three missed keepalives.
 KEEPALIVE_TIMEOUT_S = 1.5
-BACKOFF_BASE_S = 0.05
-BACKOFF_MAX_S = 0.2
+RECONNECT = ReconnectPolicy(base_s=0.05, cap_s=0.2)
 RECEIVE_TIMEOUT_S = 20.0
 # stop() must end an iteration within this: the seam promises about 0.1-0.5 s; the margin is for a
 # machine shared with other test runs.
@@ -73,27 +73,25 @@ class Kit:
 
 
 def _make(transport: str, org: Org, auth: JWTBearerAuth) -> Callable[..., EventSource]:
-    def make(fallback: ReplayPreset = EARLIEST, **options: Any) -> EventSource:
+    def make(fallback: ReplayPreset = EARLIEST, channel: str = EVENT_CHANNEL, **options: Any) -> EventSource:
         if transport == "pubsub":
             return PubSubClient(
                 auth=auth,
                 endpoint=org.pubsub_endpoint,
-                topic=EVENT_CHANNEL,
+                topic=channel,
                 ca_bundle=org.settings.tls_ca_bundle,
                 keepalive_timeout_s=options.pop("keepalive_timeout_s", KEEPALIVE_TIMEOUT_S),
                 replay_fallback=fallback,
-                backoff_base_s=BACKOFF_BASE_S,
-                backoff_max_s=BACKOFF_MAX_S,
+                reconnect=RECONNECT,
                 **options,
             )
         return StreamingClient(
             auth=auth,
             session=make_session(org.settings.tls_ca_bundle),
             api_version=org.settings.sf_api_version,
-            channel=EVENT_CHANNEL,
+            channel=channel,
             replay_fallback=fallback,
-            backoff_base_s=BACKOFF_BASE_S,
-            backoff_max_s=BACKOFF_MAX_S,
+            reconnect=RECONNECT,
             **options,
         )
 
@@ -144,7 +142,8 @@ def test_earliest_delivers_every_retained_event_in_order_once(kit: Kit) -> None:
     consumer = take(kit.source, EARLIEST, 30)
     assert keys(consumer) == [f"k{i}" for i in range(30)]
     assert len({e.replay_id for e in consumer.events}) == 30
-    assert all(isinstance(e.replay_id, bytes) for e in consumer.events)
+    assert all(isinstance(e.replay_id, ReplayId) for e in consumer.events)
+    assert all(e.replay_id.transport == kit.transport for e in consumer.events)
     assert all(e.uuid and e.created_at and e.decode_error is None for e in consumer.events)
     batch = consumer.batches[-1]
     assert batch.position == batch.events[-1].replay_id
@@ -261,9 +260,31 @@ def test_stop_from_another_thread_ends_an_idle_iteration_promptly(kit: Kit, cons
     assert not kit.source.connected
 
 
+def test_a_channel_the_org_does_not_have_is_refused_not_found_with_the_remedy(
+    kit: Kit, log_lines: Any
+) -> None:
+    source = kit.make(channel="/event/NotDeployed__e")
+    with pytest.raises(SalesforceEventNotFound) as caught:
+        next(source.batches(LATEST))
+    assert caught.value.remedy is not None
+    assert "deploy the Platform Event NotDeployed__e" in caught.value.remedy
+    assert "SF_PROVISION_EVENT_CHANNEL" in caught.value.remedy
+    assert not source.connected
+    assert log_lines.at("error") == []  # the source raises; its caller logs (once)
+
+
 def test_the_counters_hold_the_names_metrics_expect(kit: Kit) -> None:
     counters = kit.source.counters()
-    expected = {"events", "reconnects", "replay_fallbacks", "auth_renewals", "stalls", "decode_errors"}
+    expected = {
+        "events",
+        "reconnects",
+        "replay_fallbacks",
+        "auth_renewals",
+        "stalls",
+        "decode_errors",
+        "network_errors",
+        "delivery_limit_backoffs",
+    }
     assert expected <= set(counters)
     assert all(isinstance(v, int) for v in counters.values())
 
@@ -413,13 +434,16 @@ def test_a_silent_stall_is_noticed_after_the_keepalive_timeout_and_healed_from_t
     assert healed_s < KEEPALIVE_TIMEOUT_S + 2.0
 
 
-def test_permission_denied_names_the_missing_permission(pubsub: Kit) -> None:
+def test_permission_denied_names_the_missing_permission_without_spending_a_subscribe(pubsub: Kit) -> None:
     pubsub.org.streaming(pubsub_permission_denied=True)
     assert pubsub.source.topic_info().can_subscribe is False
     with pytest.raises(SalesforceEventPermissionError, match="read access to the Platform Event") as caught:
         next(pubsub.source.batches(LATEST))
     assert "Setting up Salesforce" in str(caught.value)
-    assert caught.value.error_code == "sfdc.platform.eventbus.grpc.subscription.topic.cannot.subscribe"
+    assert caught.value.remedy is not None
+    assert "grant Read on the Platform Event OrderProvisionRequested__e" in caught.value.remedy
+    # GetTopic said so: no Subscribe call was spent on it.
+    assert pubsub.org.get("/__admin/stats")["pubsub"]["subscribes"] == 0
 
 
 def test_stop_before_the_first_response_ends_at_once(pubsub: Kit) -> None:

@@ -19,18 +19,26 @@ from provisioning.salesforce.auth import JWTBearerAuth
 from provisioning.salesforce.errors import (
     SalesforceAuthError,
     SalesforceConnectionError,
+    SalesforceEventNotFound,
+    SalesforceEventPermissionError,
     SalesforceStreamingError,
 )
-from provisioning.salesforce.events import EARLIEST, LATEST, Batch, EventSource
+from provisioning.salesforce.events import EARLIEST, LATEST, Batch, EventSource, ReplayId, Transport
 from provisioning.salesforce.pubsub import PubSubClient
 from provisioning.salesforce.pubsub import pubsub_api_pb2 as pb
+from provisioning.salesforce.reconnect import ReconnectPolicy
 from provisioning.sandbox.common import SandboxTLS
 
-from .conftest import wait_until
+from .conftest import FAST_RECONNECT, wait_until
 from .fake import INSTANCE_URL, FakeSalesforce
 from .pubsub_fake import CREATED_MS, SCHEMA_ID, FakePubSub, event, respond, serve
 
 TOPIC = "/event/OrderProvisionRequested__e"
+
+
+def pid(number: int) -> ReplayId:
+    """The fake server's replay id ``number`` as the client hands it out (8 bytes, like the sandbox's)."""
+    return ReplayId(Transport.PUBSUB, number.to_bytes(8, "big"))
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +63,7 @@ def make(auth: JWTBearerAuth, server: FakePubSub, tls: SandboxTLS) -> Iterator[C
             "endpoint": server.endpoint,
             "topic": TOPIC,
             "ca_bundle": tls.ca_bundle,
-            "backoff_base_s": 0.01,
-            "backoff_max_s": 0.05,
+            "reconnect": FAST_RECONNECT,
             **options,
         }
         client = PubSubClient(**options)
@@ -102,17 +109,25 @@ def test_the_first_request_names_topic_start_and_batch_size_and_every_call_carri
     assert call.metadata["instanceurl"] == INSTANCE_URL
     assert call.metadata["tenantid"] == "00Dfake"
     assert isinstance(client, EventSource)
-    assert batch.position == (11).to_bytes(8, "big")
+    assert batch.position == pid(11)
 
 
 def test_a_stored_replay_id_is_sent_unchanged_with_the_custom_preset(
     make: Callable[..., PubSubClient], server: FakePubSub
 ) -> None:
-    stored = bytes.fromhex("00ff00ee00dd00cc99")
+    stored = ReplayId.parse("00ff00ee00dd00cc99", "pubsub")
     server.scripts.append(serve(respond(event("a", 12))))
     first_batches(make(), stored, 1)
     first = server.calls[0].requests[0]
-    assert (first.replay_preset, first.replay_id) == (pb.CUSTOM, stored)
+    assert (first.replay_preset, first.replay_id) == (pb.CUSTOM, bytes.fromhex("00ff00ee00dd00cc99"))
+
+
+def test_a_cometd_replay_id_is_refused_never_converted(make: Callable[..., PubSubClient]) -> None:
+    client = make()
+    with pytest.raises(ValueError, match="CometD replay id cannot start a Pub/Sub subscription"):
+        client.batches(ReplayId.cometd(8230))
+    with pytest.raises(ValueError, match="CometD replay id cannot start a Pub/Sub subscription"):
+        client.ack(ReplayId.cometd(8230))
 
 
 def test_latest_is_the_latest_preset(make: Callable[..., PubSubClient], server: FakePubSub) -> None:
@@ -138,7 +153,7 @@ def test_decoded_events_carry_uuid_payload_and_created_at_and_keep_raw_out_of_re
     assert first.decode_error is None
     assert isinstance(first.raw, pb.ConsumerEvent)
     assert "raw" not in repr(first)
-    assert [e.replay_id for e in batch.events] == [(11).to_bytes(8, "big"), (14).to_bytes(8, "big")]
+    assert [e.replay_id for e in batch.events] == [pid(11), pid(14)]
 
 
 def test_a_schema_is_fetched_once_per_schema_id(
@@ -176,7 +191,7 @@ def test_a_payload_that_does_not_decode_is_delivered_with_the_reason(
     assert bad.payload is None
     assert bad.decode_error is not None
     assert bad.decode_error.startswith(f"the payload does not decode with schema {SCHEMA_ID}")
-    assert batch.position == (1).to_bytes(8, "big")
+    assert batch.position == pid(1)
 
 
 def test_a_schema_fetch_that_fails_transiently_resubscribes_and_the_batch_comes_again(
@@ -252,6 +267,8 @@ def test_a_stream_that_ends_or_resets_is_resubscribed_from_the_last_ack(
     assert (second.replay_preset, second.replay_id) == (pb.CUSTOM, (21).to_bytes(8, "big"))
     assert client.counters()["reconnects"] == 1
     assert client.counters()["network_errors"] == 1
+    # The topic is asked about once per iteration, not again on each reconnect.
+    assert server.topic_requests == [TOPIC]
 
 
 def test_the_delivery_limit_keeps_the_client_away_for_its_backoff(
@@ -267,7 +284,7 @@ def test_the_delivery_limit_keeps_the_client_away_for_its_backoff(
             serve(respond(event("a", 1))),
         ]
     )
-    client = make(delivery_limit_backoff_s=0.4)
+    client = make(reconnect=ReconnectPolicy(base_s=0.01, cap_s=0.05, delivery_limit_wait_s=0.4))
     started = time.monotonic()
     first_batches(client, EARLIEST, 1)
     assert time.monotonic() - started >= 0.4
@@ -292,7 +309,7 @@ def test_a_keepalive_anchors_a_latest_start(make: Callable[..., PubSubClient], s
     client = make()
     batches = first_batches(client, LATEST, 2)
     assert batches[0].events == ()
-    assert batches[0].position == (40).to_bytes(8, "big")
+    assert batches[0].position == pid(40)
     second = server.calls[1].requests[0]
     assert (second.replay_preset, second.replay_id) == (pb.CUSTOM, (40).to_bytes(8, "big"))
 
@@ -326,6 +343,43 @@ def test_a_refusal_retrying_cannot_fix_raises_with_the_salesforce_error_code(
         first_batches(make(), EARLIEST, 1)
     assert caught.value.error_code == error_code
     assert code.name in str(caught.value)
+    assert len(server.calls) == 1
+
+
+def test_a_topic_the_org_does_not_have_raises_not_found_with_the_remedy_before_any_subscribe(
+    make: Callable[..., PubSubClient], server: FakePubSub, log_lines: Any
+) -> None:
+    server.topic_answers.append("not_found")
+    with pytest.raises(SalesforceEventNotFound, match="NOT_FOUND") as caught:
+        first_batches(make(), LATEST, 1)
+    assert caught.value.error_code == "sfdc.platform.eventbus.grpc.topic.not.found"
+    assert caught.value.remedy is not None
+    assert "deploy the Platform Event OrderProvisionRequested__e" in caught.value.remedy
+    assert server.calls == []
+    assert log_lines.named("pubsub_stopped") == []
+
+
+def test_get_topic_saying_cannot_subscribe_raises_the_permission_error_before_any_subscribe(
+    make: Callable[..., PubSubClient], server: FakePubSub
+) -> None:
+    server.topic_answers.append("cannot_subscribe")
+    with pytest.raises(SalesforceEventPermissionError, match="can_subscribe is false") as caught:
+        first_batches(make(), LATEST, 1)
+    assert caught.value.remedy is not None
+    assert "grant Read on the Platform Event OrderProvisionRequested__e" in caught.value.remedy
+    assert server.calls == []
+
+
+def test_permission_denied_on_subscribe_raises_with_the_code_and_the_remedy(
+    make: Callable[..., PubSubClient], server: FakePubSub
+) -> None:
+    cannot = "sfdc.platform.eventbus.grpc.subscription.topic.cannot.subscribe"
+    server.scripts.append(serve(then="abort", code=grpc.StatusCode.PERMISSION_DENIED, error_code=cannot))
+    with pytest.raises(SalesforceEventPermissionError, match="read access to the Platform Event") as caught:
+        first_batches(make(), LATEST, 1)
+    assert caught.value.error_code == cannot
+    assert caught.value.remedy is not None
+    assert "permission set" in caught.value.remedy
     assert len(server.calls) == 1
 
 

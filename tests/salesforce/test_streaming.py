@@ -7,8 +7,13 @@ from typing import Any
 
 import pytest
 
-from provisioning.salesforce.errors import SalesforceAuthError, SalesforceStreamingError
-from provisioning.salesforce.events import EARLIEST, LATEST, EventSource
+from provisioning.salesforce.errors import (
+    SalesforceAuthError,
+    SalesforceEventNotFound,
+    SalesforceStreamingError,
+)
+from provisioning.salesforce.events import EARLIEST, LATEST, EventSource, ReplayId
+from provisioning.salesforce.reconnect import ReconnectPolicy
 from provisioning.salesforce.streaming import (
     DEFAULT_LONG_POLL_S,
     LONG_POLL_MARGIN_S,
@@ -198,7 +203,7 @@ def test_a_replay_id_too_old_falls_back_and_logs_one_error_line(
         api_version="64.0",
         channel=CHANNEL,
         replay_fallback=fallback,
-        backoff_base_s=0.01,
+        reconnect=ReconnectPolicy(base_s=0.01),
     )
     ids = fake.publish(5)
     fake.retained_from = 3
@@ -230,6 +235,20 @@ def test_a_subscription_refused_for_good_raises(stream: StreamingClient, fake: F
         next(stream.batches(LATEST))
 
 
+def test_a_channel_the_org_does_not_have_raises_not_found_with_the_remedy_after_one_subscribe(
+    stream: StreamingClient, fake: FakeSalesforce, log_lines: Any
+) -> None:
+    fake.faults["subscribe"].append("no_such_channel")
+    with pytest.raises(SalesforceEventNotFound, match="does not exist") as caught:
+        next(stream.batches(LATEST))
+    assert caught.value.remedy is not None
+    assert "deploy the Platform Event OrderProvisionRequested__e" in caught.value.remedy
+    assert "SF_PROVISION_EVENT_CHANNEL" in caught.value.remedy
+    assert len(fake.bayeux("/meta/subscribe")) == 1
+    # An iteration that never subscribed says nothing of its own: the caller logs the refusal.
+    assert log_lines.named("streaming_stopped") == []
+
+
 def test_a_subscription_failing_with_a_server_error_is_retried(
     stream: StreamingClient, fake: FakeSalesforce, consume: Any
 ) -> None:
@@ -247,7 +266,7 @@ def test_the_daily_limit_keeps_the_client_down_then_it_resumes(
     fake.faults["connect"].extend(["daily_limit", "daily_limit"])
     events = consume(stream, EARLIEST).wait_for(2)
     assert int_ids(events) == first
-    assert stream.counters.daily_limit_backoffs == 2
+    assert stream.counters.delivery_limit_backoffs == 2
     channels = [r.body[0]["channel"] for r in fake.cometd_requests()]
     assert channels[:8] == ["/meta/handshake", "/meta/subscribe", "/meta/connect"] * 2 + [
         "/meta/handshake",
@@ -346,16 +365,17 @@ def test_one_batch_holds_the_events_of_one_connect_reply_and_ends_at_the_last(
     assert isinstance(stream, EventSource)
 
 
-def test_a_stored_replay_id_is_ascii_decimal_bytes_and_anything_else_is_refused(
+def test_a_stored_replay_id_is_a_cometd_one_and_a_pubsub_one_is_refused_never_converted(
     stream: StreamingClient, fake: FakeSalesforce, consume: Any
 ) -> None:
     ids = fake.publish(3)
     assert int_ids(consume(stream, rid(ids[0])).wait_for(2)) == ids[1:]
     assert replay_maps(fake) == [{CHANNEL: ids[0]}]
+    pubsub_id = ReplayId.parse("00000000000018af", "pubsub")
     with pytest.raises(ValueError, match="not a CometD replay id"):
-        stream.batches(bytes.fromhex("00000000000018af"))
-    with pytest.raises(ValueError, match="Pub/Sub replay id"):
-        stream.ack(b"\x00\x01")
+        stream.batches(pubsub_id)
+    with pytest.raises(ValueError, match="Pub/Sub replay id cannot start a CometD subscription"):
+        stream.ack(pubsub_id)
 
 
 def test_a_payload_that_is_not_an_object_is_delivered_with_a_decode_error(

@@ -303,6 +303,21 @@ def test_a_replay_map_without_the_subscribed_channel_fails_the_subscription(sf: 
     )
 
 
+def test_subscribing_to_an_event_the_org_does_not_have_fails_with_salesforces_message(
+    sf: SalesforceDriver,
+) -> None:
+    client = Bayeux(sf)
+    client.handshake()
+    reply = client.subscribe(channel="/event/NotDeployed__e")
+    assert reply["successful"] is False
+    assert reply["subscription"] == "/event/NotDeployed__e"
+    assert reply["error"] == (
+        "400::The channel you requested to subscribe to does not exist {/event/NotDeployed__e}"
+    )
+    assert sf.ok("GET", "stats")["subscribe_failures"] == 1
+    assert client.subscribe()["successful"] is True
+
+
 # -- streaming faults -------------------------------------------------------------------------
 
 

@@ -69,6 +69,26 @@ def test_an_assertion_signed_with_another_key_is_an_invalid_assertion(sf: Salesf
     assert response.json() == {"error": "invalid_grant", "error_description": "invalid assertion"}
 
 
+def test_a_foreign_certificate_on_the_app_refuses_our_key_until_it_is_put_back(sf: SalesforceDriver) -> None:
+    token = sf.login()
+    assert sf.ok("POST", "app", {"foreign_certificate": True}) == {"foreign_certificate": True}
+    refused = sf.token_response(sf.assertion())
+    assert refused.status_code == 400
+    assert refused.json() == {"error": "invalid_grant", "error_description": "invalid assertion"}
+    # A token issued before stays valid: only logins are refused.
+    assert sf.rest("GET", f"sobjects/Order/{sf.seed()}", token).status_code == 200
+    assert sf.ok("POST", "app", {"foreign_certificate": False}) == {"foreign_certificate": False}
+    assert sf.token_response(sf.assertion()).status_code == 200
+    sf.ok("POST", "app", {"foreign_certificate": True})
+    sf.ok("POST", "reset")
+    assert sf.ok("GET", "app") == {"foreign_certificate": False}
+
+
+@pytest.mark.parametrize("body", [{"foreign_certificate": "yes"}, {"certificate": True}, []])
+def test_bad_app_settings_are_refused(sf: SalesforceDriver, body: Any) -> None:
+    assert sf.admin("POST", "app", body).status_code == 400
+
+
 def test_garbage_instead_of_a_jwt_is_an_invalid_assertion(sf: SalesforceDriver) -> None:
     response = sf.token_response("not.a.jwt")
     assert response.json() == {"error": "invalid_grant", "error_description": "invalid assertion"}

@@ -178,6 +178,25 @@ def test_an_unknown_schema_or_topic_is_not_found(stub: Any, md: Any) -> None:
     assert error_code(caught.value) == "sfdc.platform.eventbus.grpc.topic.not.found"
 
 
+def test_a_well_formed_topic_the_org_does_not_have_is_not_found_for_get_topic_and_subscribe(
+    sf: SalesforceDriver, stub: Any, md: Any
+) -> None:
+    missing = "/event/NotDeployed__e"
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.GetTopic(pb.TopicRequest(topic_name=missing), metadata=md)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_code(caught.value) == "sfdc.platform.eventbus.grpc.topic.not.found"
+    assert "topic.not.found" in (caught.value.details() or "")
+    first = pb.FetchRequest(topic_name=missing, replay_preset=pb.LATEST, num_requested=1)
+    with pytest.raises(grpc.RpcError) as caught:
+        Stream(stub, md, first).next()
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_code(caught.value) == "sfdc.platform.eventbus.grpc.topic.not.found"
+    stats = sf.ok("GET", "stats")["pubsub"]
+    assert stats["topic_not_found"] == 2
+    assert stats["open_streams"] == 0
+
+
 # -- auth ------------------------------------------------------------------------------------------
 
 

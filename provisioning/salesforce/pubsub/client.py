@@ -22,9 +22,15 @@ further events wait in gRPC's buffers while the caller works. The client counts 
 owed itself: a buffered response's ``pending_num_requested`` is stale by the time it is read
 (a keepalive saying 0 after the next request already left would otherwise double it).
 
+Before its first Subscribe call, an iteration asks ``GetTopic``: a topic the org does not have
+(NOT_FOUND ``…topic.not.found``) raises :class:`SalesforceEventNotFound`, ``can_subscribe``
+false raises :class:`SalesforceEventPermissionError`, both with their ``remedy`` and without a
+Subscribe call spent.
+
 Recovery, each followed by a new Subscribe call from the last acknowledged position (never
 LATEST after the first subscription: without an ack, an empty keepalive's
-``latest_replay_id`` anchors a LATEST start; failing that, the replay fallback applies):
+``latest_replay_id`` anchors a LATEST start; failing that, the replay fallback applies). How
+long to wait is :mod:`provisioning.salesforce.reconnect`'s, shared with CometD:
 
 - UNAUTHENTICATED: renew the token through the auth (once per failure), resubscribe at once.
 - INVALID_ARGUMENT with the ``error-code`` trailer ``…fetch.replayid.corrupted`` or
@@ -35,15 +41,20 @@ LATEST after the first subscription: without an ack, an empty keepalive's
 - The silent stall: no response at all (keepalives included) for ``keepalive_timeout_s`` while
   waiting for one. A watchdog thread cancels the call; ``stalled`` stays true until the next
   response; counted in ``stalls``.
-- PERMISSION_DENIED: :class:`SalesforceEventPermissionError` naming the missing permission.
-  Other refusals (unknown topic, a bad request): :class:`SalesforceStreamingError`.
+- PERMISSION_DENIED: :class:`SalesforceEventPermissionError` naming the missing permission;
+  NOT_FOUND: :class:`SalesforceEventNotFound`; other refusals (a bad request):
+  :class:`SalesforceStreamingError`. :meth:`PubSubClient._translate` is the one table.
 
 Avro payloads are decoded with the schema ``GetSchema`` returns for the event's
 ``schema_id``, parsed once and cached; an unknown ``schema_id`` (a field added in Salesforce)
 is fetched in the middle of the stream. A payload that does not decode is delivered with
 ``decode_error`` set and ``payload`` None.
 
-Stopping: :meth:`stop` cancels the call in progress from any thread; the iteration ends at once.
+Replay ids are :class:`~provisioning.core.replay_id.ReplayId` of transport ``pubsub``: the
+server's bytes unchanged (logged in hex, the form ``--replay-from`` takes).
+
+Stopping: :meth:`stop` cancels the call in progress (the stream, or a GetTopic or GetSchema on
+the way) from any thread; the iteration ends at once.
 """
 
 from __future__ import annotations
@@ -51,19 +62,17 @@ from __future__ import annotations
 import io
 import json
 import queue
-import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import fastavro
 import grpc
 
-from provisioning.core.backoff import backoff_s
 from provisioning.core.logs import get_logger
 from provisioning.core.settings import Settings
 from provisioning.salesforce.auth import AccessToken, JWTBearerAuth
@@ -71,23 +80,28 @@ from provisioning.salesforce.errors import (
     SalesforceAuthError,
     SalesforceConnectionError,
     SalesforceError,
+    SalesforceEventNotFound,
     SalesforceEventPermissionError,
     SalesforceStreamingError,
     SalesforceTransientError,
     SalesforceUnavailable,
+    event_not_found_remedy,
+    event_permission_remedy,
 )
 from provisioning.salesforce.events import (
     EARLIEST,
     LATEST,
     Batch,
     Event,
+    ReplayId,
     ReplayPreset,
     ReplayStart,
+    Transport,
     describe_start,
-    replay_fallback_from,
 )
 from provisioning.salesforce.pubsub import pubsub_api_pb2 as pb
 from provisioning.salesforce.pubsub import pubsub_api_pb2_grpc as pb_grpc
+from provisioning.salesforce.reconnect import Failure, ReconnectPolicy, Reconnects
 
 log = get_logger(__name__)
 
@@ -108,7 +122,7 @@ COUNTER_NAMES = (
     "unanchored_resubscribes",
 )
 
-TRANSPORT = "pubsub"
+TRANSPORT = Transport.PUBSUB
 DEFAULT_ENDPOINT = "api.pubsub.salesforce.com:7443"
 MAX_BATCH_SIZE = 100
 # Salesforce promises an empty keepalive response within 270 s; 30 s more absorbs a slow network
@@ -117,14 +131,11 @@ MAX_BATCH_SIZE = 100
 DEFAULT_KEEPALIVE_TIMEOUT_S = 300.0
 # How often the watchdog looks at the wait in progress.
 WATCHDOG_TICK_S = 0.1
-RECONNECT_BACKOFF_BASE_S = 0.5
-RECONNECT_BACKOFF_MAX_S = 60.0
-# The org's daily event delivery allocation: events stay retained for 72 h, so waiting loses nothing.
-DELIVERY_LIMIT_BACKOFF_S = 900.0
 # GetSchema and GetTopic are answered at once; a slow one means trouble.
 UNARY_TIMEOUT_S = 30.0
 
 ERROR_CODE_KEY = "error-code"
+TOPIC_NOT_FOUND_CODE = "sfdc.platform.eventbus.grpc.topic.not.found"
 REPLAY_ERROR_CODES = frozenset(
     {
         "sfdc.platform.eventbus.grpc.subscription.fetch.replayid.corrupted",
@@ -148,7 +159,6 @@ _TRANSIENT = frozenset(
     }
 )
 _PRESETS = {LATEST: pb.LATEST, EARLIEST: pb.EARLIEST}
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -166,13 +176,17 @@ class TopicInfo:
 class _Failure:
     """Why a Subscribe call ended, and what the recovery needs."""
 
-    kind: str  # auth, invalid_replay, stall, delivery_limit, network
+    kind: Failure
     detail: str
     token: AccessToken | None = None
 
 
 class _SchemaUnavailable(Exception):
     """GetSchema failed for a reason a new attempt may cure."""
+
+
+class _Cancelled(Exception):
+    """A unary call was cancelled by stop()."""
 
 
 class PubSubClient:
@@ -190,9 +204,7 @@ class PubSubClient:
         batch_size: int = MAX_BATCH_SIZE,
         keepalive_timeout_s: float = DEFAULT_KEEPALIVE_TIMEOUT_S,
         replay_fallback: ReplayPreset = EARLIEST,
-        backoff_base_s: float = RECONNECT_BACKOFF_BASE_S,
-        backoff_max_s: float = RECONNECT_BACKOFF_MAX_S,
-        delivery_limit_backoff_s: float = DELIVERY_LIMIT_BACKOFF_S,
+        reconnect: ReconnectPolicy | None = None,
     ) -> None:
         if (
             isinstance(batch_size, bool)
@@ -213,31 +225,29 @@ class PubSubClient:
         self.batch_size = batch_size
         self.keepalive_timeout_s = keepalive_timeout_s
         self.replay_fallback = replay_fallback
-        self._backoff_base_s = backoff_base_s
-        self._backoff_max_s = backoff_max_s
-        self._delivery_limit_backoff_s = delivery_limit_backoff_s
+        self._reconnects = Reconnects(reconnect)
         root_certificates = Path(ca_bundle).read_bytes() if ca_bundle is not None else None
         self._channel = grpc.secure_channel(endpoint, grpc.ssl_channel_credentials(root_certificates))
         self._stub = pb_grpc.PubSubStub(self._channel)  # type: ignore[no-untyped-call]
-        self._rng = random.Random()
         self._counts: Counter[str] = Counter()
         self._schemas: dict[str, Any] = {}
         self._stop = threading.Event()
         self._running = threading.Lock()
         self._call_lock = threading.Lock()
         self._call: Any = None
+        self._unary_call: Any = None
         self._connected = False
         self._stalled = False
         self._stall_detected = False
         self._waiting_since: float | None = None
         self._last_response_at: float | None = None
-        self._failures = 0
         # Positions: where the iteration started, the last ack, a keepalive anchor, the one in use.
         self._start: ReplayStart = LATEST
-        self._acked: bytes | None = None
-        self._anchor: bytes | None = None
+        self._acked: ReplayId | None = None
+        self._anchor: ReplayId | None = None
         self._position: ReplayStart = LATEST
         self._subscribed_once = False
+        self._topic_checked = False
         self._events_handed_out = False
 
     @classmethod
@@ -249,7 +259,7 @@ class PubSubClient:
             ca_bundle=settings.tls_ca_bundle,
             batch_size=settings.sf_pubsub_batch_size,
             keepalive_timeout_s=settings.sf_pubsub_keepalive_timeout_s,
-            replay_fallback=replay_fallback_from(settings),
+            replay_fallback=settings.replay_fallback(),
         )
 
     def __repr__(self) -> str:
@@ -274,16 +284,17 @@ class PubSubClient:
     def counters(self) -> dict[str, int]:
         return {name: self._counts[name] for name in COUNTER_NAMES}
 
-    def ack(self, position: bytes) -> None:
-        self._acked = bytes(position)
+    def ack(self, position: ReplayId) -> None:
+        self._acked = _own(position)
 
     def stop(self) -> None:
         """End the iteration in progress (or the next one) at once; never blocks; any thread."""
         self._stop.set()
         with self._call_lock:
-            call = self._call
-        if call is not None:
-            call.cancel()
+            calls = (self._call, self._unary_call)
+        for call in calls:
+            if call is not None:
+                call.cancel()
 
     def close(self) -> None:
         """Close the gRPC channel (the client is unusable afterwards)."""
@@ -291,8 +302,11 @@ class PubSubClient:
         self._channel.close()
 
     def batches(self, start: ReplayStart) -> Iterator[Batch]:
-        """Batches from ``start`` until :meth:`stop`; see the module docstring."""
-        return self._iterate(start)
+        """Batches from ``start`` until :meth:`stop`; see the module docstring.
+
+        ``ValueError`` at once for a replay id of another transport.
+        """
+        return self._iterate(start if isinstance(start, ReplayPreset) else _own(start))
 
     def _iterate(self, start: ReplayStart) -> Generator[Batch, None, None]:
         if not self._running.acquire(blocking=False):
@@ -301,8 +315,9 @@ class PubSubClient:
         self._acked = None
         self._anchor = None
         self._subscribed_once = False
+        self._topic_checked = False
         self._events_handed_out = False
-        self._failures = 0
+        self._reconnects.reset()
         done = threading.Event()
         watchdog = threading.Thread(target=self._watch, args=(done,), name="pubsub-watchdog", daemon=True)
         watchdog.start()
@@ -315,15 +330,21 @@ class PubSubClient:
         finally:
             done.set()
             self._connected = False
-            log.info("pubsub_stopped", topic=self.topic, acked=self._acked.hex() if self._acked else None)
+            # Only an iteration that subscribed has something to report (a refused one: its error says).
+            (log.info if self._subscribed_once else log.debug)(
+                "pubsub_stopped", topic=self.topic, acked=str(self._acked) if self._acked else None
+            )
             self._stop.clear()
             self._running.release()
 
     # -- GetTopic -----------------------------------------------------------------------------
 
-    def topic_info(self) -> TopicInfo:
-        """GetTopic for our topic: does it exist, and may the integration user subscribe?"""
-        info = self._unary(self._stub.GetTopic, pb.TopicRequest(topic_name=self.topic), "GetTopic")
+    def topic_info(self, token: AccessToken | None = None) -> TopicInfo:
+        """GetTopic for our topic: does it exist, and may the integration user subscribe?
+
+        :class:`SalesforceEventNotFound` when the org has no such topic.
+        """
+        info = self._unary(self._stub.GetTopic, pb.TopicRequest(topic_name=self.topic), "GetTopic", token)
         return TopicInfo(
             topic_name=info.topic_name,
             tenant_guid=info.tenant_guid,
@@ -338,7 +359,14 @@ class PubSubClient:
         try:
             token = self._auth.token()
         except SalesforceTransientError as exc:
-            return _Failure("network", f"login: {exc}")
+            return _Failure(Failure.NETWORK, f"login: {exc}")
+        if not self._topic_checked:
+            try:
+                self._check_topic(token)
+            except SalesforceTransientError as exc:
+                return _Failure(Failure.NETWORK, f"GetTopic: {exc}")
+            except _Cancelled:
+                return None
         position = self._next_position()
         self._position = position
         first = pb.FetchRequest(topic_name=self.topic, num_requested=self.batch_size)
@@ -346,7 +374,7 @@ class PubSubClient:
             first.replay_preset = _PRESETS[position]
         else:
             first.replay_preset = pb.CUSTOM
-            first.replay_id = position
+            first.replay_id = position.value
         outbox: queue.SimpleQueue[pb.FetchRequest | None] = queue.SimpleQueue()
         outbox.put(first)
         # Events requested and not yet received, by our own count: a response's pending_num_requested
@@ -367,18 +395,20 @@ class PubSubClient:
                 try:
                     response = next(call)
                 except StopIteration:
-                    return _Failure("network", "the server ended the stream")
+                    return _Failure(Failure.NETWORK, "the server ended the stream")
                 except grpc.RpcError as exc:
                     return self._classify(exc, token)
                 finally:
                     self._waiting_since = None
                 self._last_response_at = time.time()
                 self._stalled = False
-                self._failures = 0
+                self._reconnects.reset()
                 try:
                     batch = self._batch(response, token)
                 except _SchemaUnavailable as exc:
-                    return _Failure("network", f"GetSchema: {exc}")
+                    return _Failure(Failure.NETWORK, f"GetSchema: {exc}")
+                except _Cancelled:
+                    return None
                 owed -= len(response.events)
                 if owed <= 0:
                     # The caller takes this batch now: ask for the next one so the stream never idles out.
@@ -401,6 +431,17 @@ class PubSubClient:
             with self._call_lock:
                 self._call = None
             self._connected = False
+
+    def _check_topic(self, token: AccessToken) -> None:
+        """GetTopic before the iteration's first Subscribe: a missing topic or permission raises."""
+        info = self.topic_info(token)
+        if not info.can_subscribe:
+            raise SalesforceEventPermissionError(
+                f"Pub/Sub GetTopic ({self.endpoint}) says the integration user cannot subscribe to "
+                f"{self.topic} (can_subscribe is false). Likely cause: {PERMISSION_HINT.format(topic=self.topic)}",
+                remedy=event_permission_remedy(self.topic),
+            )
+        self._topic_checked = True
 
     def _next_position(self) -> ReplayStart:
         if self._acked is not None:
@@ -434,11 +475,12 @@ class PubSubClient:
         events = tuple(self._decode(consumer, token) for consumer in response.events)
         if events:
             return Batch(events, events[-1].replay_id)
-        return Batch((), bytes(response.latest_replay_id) or None)
+        latest = bytes(response.latest_replay_id)
+        return Batch((), ReplayId(TRANSPORT, latest) if latest else None)
 
     def _decode(self, consumer: pb.ConsumerEvent, token: AccessToken) -> Event:
         producer = consumer.event
-        replay_id = bytes(consumer.replay_id)
+        replay_id = ReplayId(TRANSPORT, bytes(consumer.replay_id))
         uuid = producer.id or None
         try:
             schema = self._schema(producer.schema_id, token)
@@ -457,9 +499,9 @@ class PubSubClient:
         created_at = created / 1000.0 if isinstance(created, int) and not isinstance(created, bool) else None
         return Event(replay_id=replay_id, uuid=uuid, payload=record, created_at=created_at, raw=consumer)
 
-    def _undecodable(self, replay_id: bytes, uuid: str | None, reason: str, raw: Any) -> Event:
+    def _undecodable(self, replay_id: ReplayId, uuid: str | None, reason: str, raw: Any) -> Event:
         self._counts["decode_errors"] += 1
-        log.warning("pubsub_event_undecodable", topic=self.topic, replay_id=replay_id.hex(), reason=reason)
+        log.warning("pubsub_event_undecodable", topic=self.topic, replay_id=str(replay_id), reason=reason)
         return Event(replay_id=replay_id, uuid=uuid, payload=None, decode_error=reason, raw=raw)
 
     def _schema(self, schema_id: str, token: AccessToken) -> Any:
@@ -486,22 +528,38 @@ class PubSubClient:
         log.info("pubsub_schema_loaded", topic=self.topic, schema_id=schema_id)
         return parsed
 
-    def _unary(
-        self, method: Callable[..., _T], request: Any, what: str, token: AccessToken | None = None
-    ) -> _T:
-        """A unary call with our metadata; one token renewal on UNAUTHENTICATED; errors translated."""
+    def _unary(self, method: Any, request: Any, what: str, token: AccessToken | None = None) -> Any:
+        """A unary call with our metadata; one token renewal on UNAUTHENTICATED; errors translated.
+
+        ``_Cancelled`` when stop() cancelled it.
+        """
         token = token if token is not None else self._auth.token()
         try:
-            return method(request, metadata=self._metadata(token), timeout=UNARY_TIMEOUT_S)
+            return self._cancellable(method, request, token)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
                 raise self._translate(exc, what) from None
         self._counts["auth_renewals"] += 1
         token = self._auth.renew(token)
         try:
-            return method(request, metadata=self._metadata(token), timeout=UNARY_TIMEOUT_S)
+            return self._cancellable(method, request, token)
         except grpc.RpcError as exc:
             raise self._translate(exc, what) from None
+
+    def _cancellable(self, method: Any, request: Any, token: AccessToken) -> Any:
+        """The call as a future stop() can cancel (a GetTopic or GetSchema must not hold a stop up)."""
+        future = method.future(request, metadata=self._metadata(token), timeout=UNARY_TIMEOUT_S)
+        with self._call_lock:
+            self._unary_call = future
+        try:
+            if self._stop.is_set():
+                future.cancel()
+            return future.result()
+        except grpc.FutureCancelledError:
+            raise _Cancelled() from None
+        finally:
+            with self._call_lock:
+                self._unary_call = None
 
     def _translate(self, exc: grpc.RpcError, what: str) -> SalesforceError:
         """The one place gRPC errors become ours."""
@@ -511,7 +569,17 @@ class PubSubClient:
             return SalesforceAuthError(message + " (even with a fresh token)", error_code=error_code)
         if code == grpc.StatusCode.PERMISSION_DENIED:
             return SalesforceEventPermissionError(
-                f"{message}. Likely cause: {PERMISSION_HINT.format(topic=self.topic)}", error_code=error_code
+                f"{message}. Likely cause: {PERMISSION_HINT.format(topic=self.topic)}",
+                error_code=error_code,
+                remedy=event_permission_remedy(self.topic),
+            )
+        if code == grpc.StatusCode.NOT_FOUND and (
+            error_code == TOPIC_NOT_FOUND_CODE or "topic.not.found" in details
+        ):
+            return SalesforceEventNotFound(
+                f"{message}. The org has no Platform Event {self.topic}",
+                error_code=error_code,
+                remedy=event_not_found_remedy(self.topic),
             )
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return SalesforceConnectionError(message, error_code=error_code)
@@ -529,25 +597,23 @@ class PubSubClient:
         detail = f"{code.name} {error_code or ''} {details}".strip()
         if code == grpc.StatusCode.CANCELLED and self._stall_detected:
             self._stall_detected = False
-            return _Failure("stall", f"no response for {self.keepalive_timeout_s:g} s")
+            return _Failure(Failure.STALL, f"no response for {self.keepalive_timeout_s:g} s")
         if code == grpc.StatusCode.UNAUTHENTICATED:
-            return _Failure("auth", detail, token)
+            return _Failure(Failure.AUTH, detail, token)
         if code == grpc.StatusCode.INVALID_ARGUMENT and error_code in REPLAY_ERROR_CODES:
-            return _Failure("invalid_replay", detail)
+            return _Failure(Failure.INVALID_REPLAY, detail)
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and error_code and "limit.exceeded" in error_code:
-            return _Failure("delivery_limit", detail)
+            return _Failure(Failure.DELIVERY_LIMIT, detail)
         if code in _TRANSIENT:
-            return _Failure("network", detail)
+            return _Failure(Failure.NETWORK, detail)
         raise self._translate(exc, f"Subscribe to {self.topic}")
 
     def _recover(self, failure: _Failure) -> None:
         """Do what ``failure`` needs (renew, fall back, count), then wait before the next Subscribe."""
-        self._failures += 1
         self._counts["reconnects"] += 1
-        # A first auth failure or stall is routine: subscribe again at once.
-        delay = 0.0 if self._failures == 1 else self._backoff()
-        resume = self._acked.hex() if self._acked else None
-        if failure.kind == "auth":
+        delay = self._reconnects.wait_s(failure.kind)
+        resume = str(self._acked) if self._acked else None
+        if failure.kind is Failure.AUTH:
             self._counts["auth_renewals"] += 1
             log.warning(
                 "pubsub_auth_invalid", topic=self.topic, error=failure.detail, resubscribe_from=resume
@@ -557,8 +623,8 @@ class PubSubClient:
                     self._auth.renew(failure.token)
                 except SalesforceTransientError as exc:
                     log.warning("pubsub_login_failed", topic=self.topic, error=str(exc))
-                    delay = self._backoff()
-        elif failure.kind == "invalid_replay":
+                    delay = self._reconnects.backoff_s()
+        elif failure.kind is Failure.INVALID_REPLAY:
             position = self._position
             if isinstance(position, ReplayPreset):
                 raise SalesforceStreamingError(
@@ -570,7 +636,7 @@ class PubSubClient:
             log.error(
                 "pubsub_replay_id_invalid",
                 topic=self.topic,
-                replay_id=position.hex(),
+                replay_id=str(position),
                 fallback=self.replay_fallback.value,
                 error=failure.detail,
             )
@@ -579,19 +645,16 @@ class PubSubClient:
             self._start = self.replay_fallback
             self._subscribed_once = False
             self._events_handed_out = False
-            delay = 0.0
-        elif failure.kind == "stall":
+        elif failure.kind is Failure.STALL:
             self._counts["stalls"] += 1
             log.warning(
                 "pubsub_stall_recovered", topic=self.topic, error=failure.detail, resubscribe_from=resume
             )
-        elif failure.kind == "delivery_limit":
+        elif failure.kind is Failure.DELIVERY_LIMIT:
             self._counts["delivery_limit_backoffs"] += 1
-            delay = self._delivery_limit_backoff_s
             log.warning("pubsub_delivery_limit", topic=self.topic, error=failure.detail, retry_in_s=delay)
         else:
             self._counts["network_errors"] += 1
-            delay = self._backoff()
             log.warning(
                 "pubsub_reconnect",
                 topic=self.topic,
@@ -601,11 +664,6 @@ class PubSubClient:
             )
         if delay > 0:
             self._stop.wait(delay)
-
-    def _backoff(self) -> float:
-        return backoff_s(
-            max(self._failures - 1, 0), base_s=self._backoff_base_s, cap_s=self._backoff_max_s, rng=self._rng
-        )
 
     def _watch(self, done: threading.Event) -> None:
         """The stall watchdog: cancel a call that has been silent for keepalive_timeout_s."""
@@ -624,6 +682,15 @@ class PubSubClient:
             self._stalled = True
             log.warning("pubsub_stalled", topic=self.topic, silent_s=round(silent_s, 1))
             call.cancel()
+
+
+def _own(position: ReplayId) -> ReplayId:
+    """``position`` if it is a Pub/Sub replay id; a CometD one is refused, never converted."""
+    if not isinstance(position, ReplayId) or position.transport is not TRANSPORT:
+        raise ValueError(
+            f"{position!r} is not a Pub/Sub replay id: a CometD replay id cannot start a Pub/Sub subscription"
+        )
+    return position
 
 
 def _drain(outbox: queue.SimpleQueue[pb.FetchRequest | None]) -> Iterator[pb.FetchRequest]:

@@ -50,8 +50,11 @@ API (what real Salesforce does; field names are the project defaults)
   long_poll_s*1000, reconnect: "retry"}``; later connects are held up to ``long_poll_s`` and answered as
   soon as events are pending: up to 500 events, then the connect reply, in one array. Replay ids grow
   by 1-3 (never contiguous); replay ``N`` must be the replayId of a retained event. Subscribing to a
-  channel that is not ``/event/<Name>__e`` → ``403::Unknown channel``. A client silent for 40 s after
-  a response is forgotten (``403::Unknown client``).
+  channel that is not ``/event/<Name>__e`` → ``403::Unknown channel``; to an event the org does not
+  have (any but ``/event/OrderProvisionRequested__e``) → ``400::The channel you requested to subscribe
+  to does not exist {<channel>}``. A client silent for 40 s after a response is forgotten
+  (``403::Unknown client``).
+- Pub/Sub: see :mod:`.pubsub`; a topic the org does not have is NOT_FOUND ``…topic.not.found``.
 
 Fault-injector operations (``/__admin/faults``, ``/__admin/calls``): ``token``, ``query``, ``order_get``,
 ``order_patch``, ``event_publish``, ``other`` (unknown REST paths), ``cometd_handshake``,
@@ -93,6 +96,10 @@ Admin routes (JSON, no auth, never faulted)
   drops every retained event (their replay ids become invalid); ``forget_clients: true`` forgets every
   client. A held connect notices at once.
 - ``POST /__admin/tokens/revoke`` → ``{"revoked": n}``: every token stops working (REST 401, CometD 401).
+- ``GET /__admin/app`` → ``{"foreign_certificate": false}``; ``POST /__admin/app`` body
+  ``{"foreign_certificate": true}``: the Connected App holds the certificate of another key, so every
+  login with the key file is refused (400 ``invalid_grant``/``invalid assertion``, as when the
+  certificate uploaded to the app is not the key's) until ``false``; tokens already issued stay valid.
 - ``GET /__admin/limits`` → ``{"api_used", "api_limit"}``; ``POST /__admin/limits`` body
   ``{"api_used"?, "api_limit"?}`` → the same.
 - ``GET /__admin/stats`` → ``{"handshakes", "handshakes_denied", "subscribes", "subscribe_failures",
@@ -101,8 +108,8 @@ Admin routes (JSON, no auth, never faulted)
   "subscriptions": {channel: last delivered replayId}, "holding", "delivered"}], "tokens_issued",
   "tokens_active", "orders", "api_used", "api_limit"}``.
 - ``POST /__admin/reset`` → ``{"reset": true, "at"}``: drops orders, events, clients, streaming knobs,
-  stats, API usage, fault settings, call counts and forced faults (replay ids keep growing; tokens stay
-  valid).
+  stats, API usage, the app's certificate, fault settings, call counts and forced faults (replay ids
+  keep growing; tokens stay valid).
 - ``GET/POST /__admin/faults``, ``GET /__admin/calls``, ``POST /__admin/calls/reset``: see
   :mod:`provisioning.sandbox.common`.
 """

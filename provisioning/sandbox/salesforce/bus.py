@@ -47,11 +47,20 @@ class InvalidReplayId(Exception):
 
 
 class EventBus:
-    """Every published event, kept for ``retention_s``; replay ids grow by 1 to 3, never contiguous."""
+    """Every published event, kept for ``retention_s``; replay ids grow by 1 to 3, never contiguous.
 
-    def __init__(self, rng: random.Random, retention_s: float, created_by: str) -> None:
+    ``topics`` are the Platform Events the org has (their channels, ``/event/<Name>__e``): a
+    subscription to any other is refused, as Salesforce refuses one to an event never deployed.
+    Publishing is not checked here (the admin route publishes anywhere; the REST route knows its
+    one event).
+    """
+
+    def __init__(
+        self, rng: random.Random, retention_s: float, created_by: str, topics: Iterable[str] = ()
+    ) -> None:
         self.retention_s = retention_s
         self.created_by = created_by
+        self.topics = frozenset(topics)
         self.published = 0
         self._rng = rng
         self._last_replay_id = rng.randint(1_000, 9_999)
@@ -61,6 +70,10 @@ class EventBus:
         # Positions handed out that are not an event of the channel (the Pub/Sub keepalive's
         # latest_replay_id of a subscription that has seen no event yet): channel -> id -> when.
         self._anchors: dict[str, dict[int, float]] = {}
+
+    def has_topic(self, channel: str) -> bool:
+        """Whether the org has this Platform Event (may it be subscribed to)."""
+        return channel in self.topics
 
     # -- publishing ---------------------------------------------------------------------------
 

@@ -3,8 +3,10 @@
 Salesforce's behaviour, not a stock CometD server's: JSON array bodies only, a
 bearer token on every request, the ``BAYEUX_BROWSER`` cookie after the
 handshake, ``403::Unknown client`` (advice handshake), ``401::Authentication
-invalid`` (advice none), the replay extension keyed by exact channel, and
-events sent in the connect response before the connect reply.
+invalid`` (advice none), the replay extension keyed by exact channel, events
+sent in the connect response before the connect reply, and a subscription to an
+event the org does not have refused with ``400::The channel you requested to
+subscribe to does not exist {<channel>}`` (the Streaming API's error codes page).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ REPLAY_MAP_MISMATCH = (
     "Ensure that the channel name you provided in the replay map is valid and matches the channel name used "
     "for subscribing."
 )
+# Salesforce's answer for a channel that does not exist (Streaming API Error Codes: 400).
+NO_SUCH_CHANNEL = "400::The channel you requested to subscribe to does not exist {{{channel}}}"
 NO_COOKIE = "400::Client {client_id} has established a session, but no BAYEUX_BROWSER cookie present"
 UNKNOWN_CLIENT = "403::Unknown client"
 AUTH_INVALID = "401::Authentication invalid"
@@ -258,6 +262,15 @@ class CometD:
                 subscription=channel,
                 successful=False,
                 error="403::Unknown channel",
+            )
+        if not self.bus.has_topic(channel):
+            self.stats["subscribe_failures"] += 1
+            return _reply(
+                message,
+                client_id=client_id,
+                subscription=channel,
+                successful=False,
+                error=NO_SUCH_CHANNEL.format(channel=channel),
             )
         replay: Any = REPLAY_NEW
         ext = message.get("ext") or {}

@@ -26,6 +26,9 @@ the same :class:`~.bus.EventBus` as CometD, so an event published once reaches b
   route does not validate) is sent as bytes that do not decode: how a test gets a decode error.
 - ``GetTopic`` answers the topic name, the org as ``tenant_guid``, ``can_subscribe``,
   ``can_publish`` and the current ``schema_id``. ``Publish`` publishes Avro-encoded events.
+- A topic the org does not have (any but the bus's ``topics``: its one Platform Event) is
+  NOT_FOUND ``sfdc.platform.eventbus.grpc.topic.not.found`` for ``GetTopic``, ``Subscribe`` and
+  ``Publish`` alike (the code in the message too).
 
 Faults (``POST /__admin/streaming`` of the simulator; see :meth:`PubSub.configure`): kill every
 stream (UNAVAILABLE ``…service.unavailable``), a silent stall (nothing sent, keepalives included,
@@ -471,12 +474,13 @@ class PubSub:
         return token
 
     def _topic(self, name: str) -> str:
-        if (
-            not name.startswith(TOPIC_PREFIX)
-            or not name.endswith("__e")
-            or len(name) <= len(TOPIC_PREFIX) + 3
-        ):
-            raise _Abort(grpc.StatusCode.NOT_FOUND, TOPIC_NOT_FOUND, f"Topic {name!r} not found")
+        """``name`` if the org has that Platform Event; NOT_FOUND ``…topic.not.found`` otherwise."""
+        if not self.bus.has_topic(name):
+            self.stats["topic_not_found"] += 1
+            # The code is in the message too, not only in the trailer: what a log line shows.
+            raise _Abort(
+                grpc.StatusCode.NOT_FOUND, TOPIC_NOT_FOUND, f"Topic {name!r} not found ({TOPIC_NOT_FOUND})"
+            )
         return name
 
     async def _abort(self, context: aio.ServicerContext[Any, Any], abort: _Abort, rpc_id: str) -> None:
@@ -562,6 +566,7 @@ class PubSub:
             "unauthenticated": self.stats["unauthenticated"],
             "invalid_replay": self.stats["invalid_replay"],
             "permission_denied": self.stats["permission_denied"],
+            "topic_not_found": self.stats["topic_not_found"],
             "undecodable_events": self.stats["undecodable_events"],
             "streams": [
                 {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -87,10 +88,15 @@ class SalesforceSimulator:
         self.user_id = self.ids.new(ids.PREFIX_USER)
         self.app = ConnectedApp.create(self._rng, DEFAULT_USERNAME)
         self.app.write(self.private_key_file, self.certificate_file)
+        # The app as created (its certificate matches the key file) and, once asked for, the same app
+        # holding another key's certificate (the admin knob foreign_certificate).
+        self._own_app = self.app
+        self._foreign_app: ConnectedApp | None = None
         self.tokens = TokenStore(self._rng, self.org_id, token_lifetime_s)
         self.orders = OrderStore(self._rng, self.ids)
         # Event payloads name their creator with a 15-character Id, as in the documentation's example.
-        self.bus = EventBus(self._rng, retention_s, created_by=self.user_id[:15])
+        # The org's one Platform Event is the only topic it has.
+        self.bus = EventBus(self._rng, retention_s, created_by=self.user_id[:15], topics=(EVENT_CHANNEL,))
         self.cometd = CometD(
             bus=self.bus, tokens=self.tokens, injector=self.injector, rng=self._rng, long_poll_s=long_poll_s
         )
@@ -370,6 +376,8 @@ class SalesforceSimulator:
             web.get(f"{p}/streaming", self._admin_get_streaming),
             web.post(f"{p}/streaming", self._admin_set_streaming),
             web.post(f"{p}/tokens/revoke", self._admin_revoke),
+            web.get(f"{p}/app", self._admin_get_app),
+            web.post(f"{p}/app", self._admin_set_app),
             web.get(f"{p}/limits", self._admin_get_limits),
             web.post(f"{p}/limits", self._admin_set_limits),
             web.get(f"{p}/stats", self._admin_stats),
@@ -482,6 +490,28 @@ class SalesforceSimulator:
         self.bus.notify()  # held connects notice at once
         return web.json_response({"revoked": revoked})
 
+    async def _admin_get_app(self, _: web.Request) -> web.Response:
+        return web.json_response({"foreign_certificate": self.app is not self._own_app})
+
+    async def _admin_set_app(self, request: web.Request) -> web.Response:
+        body = await _admin_json(request)
+        if (
+            not isinstance(body, dict)
+            or set(body) - {"foreign_certificate"}
+            or not isinstance(body.get("foreign_certificate", False), bool)
+        ):
+            return _admin_error(400, 'expected {"foreign_certificate": true | false}')
+        if "foreign_certificate" in body:
+            self.app = self._foreign() if body["foreign_certificate"] else self._own_app
+        return await self._admin_get_app(request)
+
+    def _foreign(self) -> ConnectedApp:
+        """The Connected App with the certificate of a key nobody was given: every assertion is refused."""
+        if self._foreign_app is None:
+            other = ConnectedApp.create(self._rng, self.app.username)
+            self._foreign_app = dataclasses.replace(self._own_app, certificate_pem=other.certificate_pem)
+        return self._foreign_app
+
     async def _admin_get_limits(self, _: web.Request) -> web.Response:
         return web.json_response(
             {"api_used": self.api_used, "api_limit": self.api_limit, "query_page_size": self.query_page_size}
@@ -539,6 +569,7 @@ class SalesforceSimulator:
         self.pubsub.reset()
         self.bus.schema_version = 0
         self.api_used = 0
+        self.app = self._own_app
         self.injector.faults = Faults()
         self.injector.calls.clear()
         self.injector.injected.clear()
