@@ -196,8 +196,8 @@ def test_sentinel_settings_give_the_addresses_and_the_broker_its_master_name_and
     options = config["broker_transport_options"]
     assert options["master_name"] == "ledger"  # the ledger's, unless CELERY_BROKER_SENTINEL_MASTER
     assert options["sentinel_kwargs"]["password"] == "sentinel-pw-value"
-    # kombu's own Sentinel transport (the one-client-per-channel one is for redis:// only).
-    assert "broker_transport" not in config
+    # kombu's Sentinel transport, closing a lost connection without stopping the worker.
+    assert config["broker_transport"] == "provisioning.core.broker:SentinelTransport"
     assert options["visibility_timeout"] == settings.celery_visibility_timeout_s
 
 
