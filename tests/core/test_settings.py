@@ -4,7 +4,13 @@ import sys
 
 import pytest
 
-from provisioning.core.settings import ConfigError, Settings, load_settings, redact_url
+from provisioning.core.settings import (
+    ConfigError,
+    Settings,
+    load_settings,
+    load_settings_leniently,
+    redact_url,
+)
 from provisioning.salesforce.events import EARLIEST, LATEST, replay_fallback_from, replay_start_from
 
 
@@ -48,6 +54,89 @@ def test_each_bad_value_is_named_with_what_is_expected(monkeypatch, tmp_path, va
     text = info.value.render()
     assert variable in text
     assert expected in text
+
+
+@pytest.mark.parametrize("variable", ["SF_PRIVATE_KEY_FILE", "TLS_CA_BUNDLE"])
+def test_a_directory_given_as_a_file_is_named_a_directory_not_a_file(monkeypatch, tmp_path, variable):
+    with pytest.raises(ConfigError) as info:
+        _load(monkeypatch, tmp_path, **{variable: str(tmp_path)})
+    assert info.value.problems == [(variable, f"is a directory, not a file: {tmp_path}")]
+
+
+def test_a_key_file_this_user_cannot_read_is_named_permission_denied(tmp_path):
+    key = tmp_path / "key.pem"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    key.chmod(0o000)
+    code = (
+        "import sys; from pathlib import Path; from provisioning.core.settings import unreadable_file; "
+        "print(unreadable_file(Path(sys.argv[1])))"
+    )
+    argv = [sys.executable, "-c", code, str(key)]
+    if os.geteuid() == 0:
+        # root reads any file: without the capabilities that let it, it is refused like anyone.
+        argv = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *argv]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True)
+    assert (
+        out.stdout.strip()
+        == f"permission denied: {key} cannot be read by this user (check its owner and mode)"
+    )
+
+
+def test_a_missing_file_is_named_not_found_and_a_readable_one_passes(tmp_path):
+    from provisioning.core.settings import unreadable_file
+
+    assert unreadable_file(tmp_path / "nope.pem") == f"file not found: {tmp_path / 'nope.pem'}"
+    (tmp_path / "key.pem").write_text("key")
+    assert unreadable_file(tmp_path / "key.pem") is None
+
+
+def test_leniently_every_invalid_setting_is_listed_and_the_valid_ones_are_kept(monkeypatch, tmp_path):
+    for key in list(os.environ):
+        if key.startswith(("SF_", "WHMCS_", "SMDP_", "SMTP_", "CELERY_", "REDIS_", "LOG_", "TLS_")):
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(tmp_path)
+    env = {
+        "SF_PRIVATE_KEY_FILE": str(tmp_path / "missing.pem"),
+        "SMTP_PORT": "70000",
+        "SMTP_HOST": "mail.example.test",
+        "REDIS_SENTINELS": "10.0.0.5:26379",  # no REDIS_SENTINEL_MASTER
+        "WHMCS_URL": "https://billing.example.test",
+        "LOG_LEVEL": "LOUD",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings, error = load_settings_leniently()
+    assert error is not None
+    assert sorted(var for var, _ in error.problems) == [
+        "LOG_LEVEL",
+        "REDIS_SENTINEL_MASTER",
+        "SF_PRIVATE_KEY_FILE",
+        "SMTP_PORT",
+    ]
+    # Not used: the invalid ones, and the sentinels, which mean nothing without their master's name.
+    assert error.fields == {
+        "log_level",
+        "redis_sentinel_master",
+        "redis_sentinels",
+        "sf_private_key_file",
+        "smtp_port",
+    }
+    assert settings.sentinel_addresses == []
+    assert settings.sf_private_key_file is None
+    # What is valid is kept, for the probes that use only that.
+    assert str(settings.whmcs_url) == "https://billing.example.test/"
+    assert settings.smtp_host == "mail.example.test"
+    # The strict load (every other command) refuses the same environment, listing the same problems.
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert sorted(info.value.problems) == sorted(error.problems)
+
+
+def test_leniently_valid_settings_give_no_error(monkeypatch, tmp_path):
+    _load(monkeypatch, tmp_path)
+    settings, error = load_settings_leniently()
+    assert error is None
+    assert settings.celery_queue == "provisioning"
 
 
 def test_every_bad_variable_is_listed_in_one_message(monkeypatch, tmp_path):
