@@ -160,6 +160,9 @@ def redact_url(url: object) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+# The schemes a broker URL may have (kombu's transports that Celery runs on here).
+BROKER_SCHEMES: Final = frozenset({"redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp", "memory"})
+
 # What `provisioning console hash-password` makes (argon2id, PHC string format).
 PASSWORD_HASH_PREFIX = "$argon2"  # noqa: S105 (a format marker, not a password)
 
@@ -209,7 +212,7 @@ class Settings(BaseSettings):
     celery_broker_url: str = Field(
         "redis://127.0.0.1:6379/1",
         description="Celery broker: redis://..., sentinel://host:port;sentinel://... (Redis behind Sentinel) "
-        "or amqp://... (RabbitMQ).",
+        "or amqp://... (RabbitMQ; a cluster's nodes ';'-separated: amqp://h1//;amqp://h2//;amqp://h3//).",
     )
     celery_result_backend: str | None = Field(
         None,
@@ -468,17 +471,17 @@ class Settings(BaseSettings):
     @field_validator("celery_broker_url")
     @classmethod
     def _broker_scheme(cls, value: str) -> str:
-        if value.split("://", 1)[0] not in {
-            "redis",
-            "rediss",
-            "sentinel",
-            "amqp",
-            "amqps",
-            "pyamqp",
-            "memory",
-        }:
+        # kombu's failover list: the nodes of one broker, ';'-separated (the sentinels, RabbitMQ's nodes).
+        schemes = [url.strip().split("://", 1)[0] for url in value.split(";") if url.strip()]
+        if not schemes or not set(schemes) <= BROKER_SCHEMES:
             raise ValueError(
-                "expected a broker URL starting with redis://, sentinel://, amqp:// or memory://"
+                "expected a broker URL starting with redis://, sentinel://, amqp:// or memory:// (the nodes "
+                "of one broker separated by ';': amqp://h1:5672//;amqp://h2:5672//;amqp://h3:5672//)"
+            )
+        if len(set(schemes)) > 1:
+            raise ValueError(
+                f"the ';'-separated URLs are of different brokers ({', '.join(sorted(set(schemes)))}): "
+                "list the nodes of one broker"
             )
         return value
 

@@ -290,6 +290,35 @@ def test_sentinel_settings_give_the_addresses_and_the_broker_its_master_name_and
     assert options["visibility_timeout"] == settings.celery_visibility_timeout_s
 
 
+def test_a_rabbitmq_cluster_is_given_as_every_nodes_url_and_gets_the_confirming_transport(
+    monkeypatch, tmp_path
+):
+    import celeryconfig
+
+    url = "amqp://u:pw@10.0.0.10:5672//;amqp://u:pw@10.0.0.11:5672//;amqp://u:pw@10.0.0.12:5672//"
+    settings = _load(monkeypatch, tmp_path, CELERY_BROKER_URL=url, CELERY_QUEUE_TYPE="quorum")
+    assert settings.broker_is_rabbitmq
+    config = celeryconfig.build(settings)
+    assert config["broker_url"] == url  # kombu fails over along the list
+    assert config["broker_transport"] == "provisioning.core.broker:AmqpTransport"
+    assert config["broker_transport_options"]["confirm_publish"] is True
+    assert redact_url(url).count("u:***@") == 3
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("amqp://10.0.0.10//;redis://10.0.0.11:6379/1", "are of different brokers (amqp, redis)"),
+        ("amqp://10.0.0.10//;10.0.0.11:5672", "the nodes of one broker separated by ';'"),
+    ],
+)
+def test_a_broker_list_mixing_brokers_or_without_schemes_is_refused(monkeypatch, tmp_path, url, expected):
+    with pytest.raises(ConfigError) as info:
+        _load(monkeypatch, tmp_path, CELERY_BROKER_URL=url)
+    assert [var for var, _ in info.value.problems] == ["CELERY_BROKER_URL"]
+    assert expected in info.value.render()
+
+
 @pytest.mark.parametrize(
     ("url", "transport"),
     [
