@@ -49,6 +49,8 @@ def build(settings: Settings) -> dict[str, Any]:
                 queue_arguments={"x-queue-type": "quorum"},
             )
             extra.update(task_default_queue_type="quorum", task_default_exchange_type="topic")
+            # The delayed delivery set up on one node of a cluster, not on each (provisioning.core.worker_consumer).
+            extra["worker_consumer"] = "provisioning.core.worker_consumer:Consumer"
     else:
         # kombu's Redis transport with one redis-py client per channel, and a lost connection closed
         # without stopping the worker (see provisioning.core.broker).

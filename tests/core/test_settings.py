@@ -302,6 +302,8 @@ def test_a_rabbitmq_cluster_is_given_as_every_nodes_url_and_gets_the_confirming_
     assert config["broker_url"] == url  # kombu fails over along the list
     assert config["broker_transport"] == "provisioning.core.broker:AmqpTransport"
     assert config["broker_transport_options"]["confirm_publish"] is True
+    # The delayed delivery (countdown retries) set up on one node of the cluster, not on each.
+    assert config["worker_consumer"] == "provisioning.core.worker_consumer:Consumer"
     assert redact_url(url).count("u:***@") == 3
 
 
