@@ -49,8 +49,11 @@ def build(settings: Settings) -> dict[str, Any]:
                 queue_arguments={"x-queue-type": "quorum"},
             )
             extra.update(task_default_queue_type="quorum", task_default_exchange_type="topic")
+            # The delayed delivery set up on one node of a cluster, not on each (provisioning.core.worker_consumer).
+            extra["worker_consumer"] = "provisioning.core.worker_consumer:Consumer"
     else:
-        # kombu's Redis transport with one redis-py client per channel (see provisioning.core.broker).
+        # kombu's Redis transport with one redis-py client per channel, and a lost connection closed
+        # without stopping the worker (see provisioning.core.broker).
         if settings.celery_broker_url.startswith(("redis://", "rediss://")):
             extra["broker_transport"] = "provisioning.core.broker:Transport"
         transport.update(
@@ -67,7 +70,9 @@ def build(settings: Settings) -> dict[str, Any]:
             health_check_interval=30,
         )
         if settings.broker_is_sentinel:
-            # kombu's Sentinel transport asks the sentinels for the master on every (re)connection.
+            # kombu's Sentinel transport asks the sentinels for the master on every (re)connection;
+            # ours closes a lost connection without stopping the worker (provisioning.core.broker).
+            extra["broker_transport"] = "provisioning.core.broker:SentinelTransport"
             sentinel_kwargs: dict[str, Any] = {
                 "socket_timeout": SENTINEL_SOCKET_TIMEOUT_S,
                 "socket_connect_timeout": SENTINEL_SOCKET_TIMEOUT_S,

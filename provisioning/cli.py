@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 
 import click
-
-from provisioning.core.cli_context import Context, pass_ctx
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -21,18 +20,30 @@ def main() -> None:
 
 
 @main.command()
-@pass_ctx
-def check(ctx: Context) -> None:
-    """Validate the settings and reach every configured dependency (one OK/FAIL line each)."""
-    from provisioning.ops.checks import run_checks
+def check() -> None:
+    """Validate the settings and reach every configured dependency: every problem, one line each.
 
-    settings = ctx.settings
+    Exits 2 when a setting is invalid (the probes still run for what is valid), 1 when a probe
+    failed, 0 otherwise.
+    """
+    from provisioning.core.cli_context import EXIT_CONFIG
+    from provisioning.core.logs import configure_logging
+    from provisioning.core.settings import ConfigError, load_settings_leniently
+    from provisioning.ops.checks import format_results, run_checks
+
+    try:
+        settings, config_error = load_settings_leniently()
+    except ConfigError as exc:  # not even the defaults in place of the invalid values make settings
+        click.echo(exc.render(), err=True)
+        sys.exit(EXIT_CONFIG)
+    configure_logging(settings)
     # The probes' own log lines (an expected "Client Not Found", say) would only blur the table.
     logging.getLogger().setLevel(logging.ERROR)
-    results = run_checks(settings)
-    width = max(len(r.name) for r in results)
-    for r in results:
-        click.echo(f"{r.status:<4}  {r.name:<{width}}  {r.detail}")
+    results = run_checks(settings, config_error)
+    for line in format_results(results, shutil.get_terminal_size().columns):
+        click.echo(line)
+    if config_error is not None:
+        sys.exit(EXIT_CONFIG)
     if any(r.status == "FAIL" for r in results):
         sys.exit(1)
 

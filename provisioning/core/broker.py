@@ -21,6 +21,21 @@ thread would wait for ever, holding the event dispatcher's lock every other thre
 then waits for (all of a worker's threads stuck, its prefetched tasks unacked). Such a
 publish is sent without waiting; events are Flower's view, the ledger is the record.
 
+Redis and Sentinel (``Transport``, ``SentinelTransport``): a worker must outlive the
+loss of its broker. When the connection fails, Celery ``collect()``s it (every channel
+closed, then the transport detached from its kombu connection) and ``close()``s it.
+kombu's ``close_connection`` closes the channels in a loop that stops at the first
+error, and a dead Redis gives one at once (the pidbox channel's queue delete); the
+consumer's channel, whose close had already failed reading its pending BRPOP, was
+left open. ``close()`` then closed it after the detach: restoring its unacked
+messages, it built a pool from the detached transport's connection parameters and
+raised ``AttributeError: 'NoneType' object has no attribute 'hostname'``, not a
+connection error, so Celery stopped the worker ("Unrecoverable error"). Here every
+channel is closed even when one fails, so the restore is tried while the transport
+still knows its broker (it works once the broker, or the new master, answers), and a
+channel closed after the detach fails as a connection error does: Celery reconnects.
+Messages not restored stay in the unacked hash until the visibility timeout.
+
 ``celeryconfig`` picks them by the broker URL's scheme.
 """
 
@@ -30,6 +45,7 @@ import threading
 import time
 from typing import Any
 
+import redis
 from amqp import spec
 from amqp.exceptions import MessageNacked
 from kombu.transport import pyamqp
@@ -39,7 +55,44 @@ from kombu.transport import redis as kombu_redis
 BATCH_CONFIRM_TIMEOUT_S = 30.0
 
 
-class Channel(kombu_redis.Channel):
+# Raised by a Redis channel used after its connection was collected (module docstring).
+DETACHED = "the broker connection was closed after an error; reconnecting"
+
+
+class _FailsAsConnectionErrorOnceDetached:
+    """A Redis channel used after ``Connection.collect()`` raises a connection error, not AttributeError."""
+
+    connection: Any
+
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        transport = self.connection
+        if transport is None or transport.client is None:
+            raise redis.exceptions.ConnectionError(DETACHED)
+        return super()._connparams(asynchronous)  # type: ignore[misc]
+
+
+class _ClosesEveryChannel:
+    """kombu's ``close_connection``, but a channel that fails to close does not leave the rest open."""
+
+    cycle: Any
+    channels: list[Any]
+    _avail_channels: list[Any]
+
+    def close_connection(self, connection: Any) -> None:
+        self.cycle.close()
+        errors: list[Exception] = []
+        for channels in self._avail_channels, self.channels:
+            while channels:
+                channel = channels.pop()
+                try:
+                    channel.close()
+                except Exception as exc:  # the others are still closed; the first error is raised after
+                    errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+class Channel(_FailsAsConnectionErrorOnceDetached, kombu_redis.Channel):
     _sync_client: Any = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:
@@ -52,8 +105,16 @@ class Channel(kombu_redis.Channel):
         return client
 
 
-class Transport(kombu_redis.Transport):
+class Transport(_ClosesEveryChannel, kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(_FailsAsConnectionErrorOnceDetached, kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel (a pool that asks the sentinels for the master), closed safely."""
+
+
+class SentinelTransport(_ClosesEveryChannel, kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
 
 
 class BatchNotConfirmed(Exception):

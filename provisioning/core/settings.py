@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -93,6 +94,30 @@ def _host_ports(value: str) -> str:
 HostPorts = Annotated[str, AfterValidator(_host_ports)]
 
 
+def unreadable_file(path: Path) -> str | None:
+    """Why this process cannot read ``path`` as a file, in words an operator acts on; None if it can."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return f"file not found: {path}"
+    except PermissionError:
+        return f"permission denied: a directory on the path to {path} cannot be searched by this user"
+    except OSError as exc:
+        return f"cannot be read: {path}: {exc.strerror}"
+    if stat.S_ISDIR(mode):
+        return f"is a directory, not a file: {path}"
+    if not stat.S_ISREG(mode):
+        return f"not a regular file: {path}"
+    try:
+        with path.open("rb"):
+            pass
+    except PermissionError:
+        return f"permission denied: {path} cannot be read by this user (check its owner and mode)"
+    except OSError as exc:
+        return f"cannot be read: {path}: {exc.strerror}"
+    return None
+
+
 def _require_scheme(url: AnyUrl, schemes: tuple[str, ...]) -> AnyUrl:
     if url.scheme not in schemes:
         raise ValueError(f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
@@ -114,6 +139,9 @@ def redact_url(url: object) -> str:
     netloc = f"{user}:***@{netloc}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
+
+# The schemes a broker URL may have (kombu's transports that Celery runs on here).
+BROKER_SCHEMES: Final = frozenset({"redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp", "memory"})
 
 # What `provisioning console hash-password` makes (argon2id, PHC string format).
 PASSWORD_HASH_PREFIX = "$argon2"  # noqa: S105 (a format marker, not a password)
@@ -164,7 +192,7 @@ class Settings(BaseSettings):
     celery_broker_url: str = Field(
         "redis://127.0.0.1:6379/1",
         description="Celery broker: redis://..., sentinel://host:port;sentinel://... (Redis behind Sentinel) "
-        "or amqp://... (RabbitMQ).",
+        "or amqp://... (RabbitMQ; a cluster's nodes ';'-separated: amqp://h1//;amqp://h2//;amqp://h3//).",
     )
     celery_result_backend: str | None = Field(
         None,
@@ -424,25 +452,27 @@ class Settings(BaseSettings):
     @field_validator("celery_broker_url")
     @classmethod
     def _broker_scheme(cls, value: str) -> str:
-        if value.split("://", 1)[0] not in {
-            "redis",
-            "rediss",
-            "sentinel",
-            "amqp",
-            "amqps",
-            "pyamqp",
-            "memory",
-        }:
+        # kombu's failover list: the nodes of one broker, ';'-separated (the sentinels, RabbitMQ's nodes).
+        schemes = [url.strip().split("://", 1)[0] for url in value.split(";") if url.strip()]
+        if not schemes or not set(schemes) <= BROKER_SCHEMES:
             raise ValueError(
-                "expected a broker URL starting with redis://, sentinel://, amqp:// or memory://"
+                "expected a broker URL starting with redis://, sentinel://, amqp:// or memory:// (the nodes "
+                "of one broker separated by ';': amqp://h1:5672//;amqp://h2:5672//;amqp://h3:5672//)"
+            )
+        if len(set(schemes)) > 1:
+            raise ValueError(
+                f"the ';'-separated URLs are of different brokers ({', '.join(sorted(set(schemes)))}): "
+                "list the nodes of one broker"
             )
         return value
 
     @field_validator("sf_private_key_file", "tls_ca_bundle")
     @classmethod
-    def _file_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"file not found: {value}")
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            problem = unreadable_file(value)
+            if problem:
+                raise ValueError(problem)
         return value
 
     @field_validator("redis_sentinel_master")
@@ -518,10 +548,15 @@ class Settings(BaseSettings):
 
 
 class ConfigError(PicklableError):
-    """Configuration that cannot be used; ``problems`` holds (VARIABLE, what is wrong)."""
+    """Configuration that cannot be used; ``problems`` holds (VARIABLE, what is wrong).
 
-    def __init__(self, problems: list[tuple[str, str]]):
+    ``fields`` names the settings (field names) that could not be used: the invalid ones and
+    those tied to them (``load_settings_leniently``).
+    """
+
+    def __init__(self, problems: list[tuple[str, str]], fields: frozenset[str] = frozenset()):
         self.problems = problems
+        self.fields = fields
         super().__init__(self.render())
 
     def render(self) -> str:
@@ -531,18 +566,63 @@ class ConfigError(PicklableError):
         return "\n".join(lines)
 
 
+# A setting that means nothing without another: when one of them is invalid, neither is used.
+TIED_SETTINGS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {
+        "redis_sentinel_master": ("redis_sentinels",),
+        "celery_broker_sentinel_master": ("celery_broker_url",),
+    }
+)
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build Settings from the environment and the env file; ConfigError lists every problem."""
-    env_file = os.environ.get(ENV_FILE_VARIABLE, DEFAULT_ENV_FILE)
     try:
-        return Settings(_env_file=env_file, **overrides)
+        return Settings(_env_file=_env_file(), **overrides)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            var = ".".join(str(p) for p in err["loc"]).upper() or "?"
-            msg = err["msg"].removeprefix("Value error, ")
-            given = err.get("input")
-            if isinstance(given, str) and "secret" not in var.lower() and "password" not in var.lower():
-                msg = f"{msg} (got {given!r})"
-            problems.append((var, msg))
-        raise ConfigError(problems) from None
+        raise ConfigError([(var, why) for _, var, why in _problems(exc)]) from None
+
+
+def load_settings_leniently(**overrides: Any) -> tuple[Settings, ConfigError | None]:
+    """Settings with every invalid value (and any setting tied to one) at its default, and the error.
+
+    For ``provisioning check``, which reports every problem in one run: the invalid settings are
+    listed by the error (with the fields not used, ``ConfigError.fields``), and whatever is valid
+    can still be probed. ConfigError is raised only when no such Settings can be built.
+    """
+    env_file = _env_file()
+    replaced: dict[str, Any] = {}
+    problems: list[tuple[str, str]] = []
+    while True:
+        try:
+            settings = Settings(_env_file=env_file, **{**overrides, **replaced})
+        except ValidationError as exc:
+            found = _problems(exc)
+            fresh = [(field, var, why) for field, var, why in found if field not in replaced]
+            if not fresh:  # invalid at its default too: nothing left to fall back on
+                raise ConfigError(problems + [(var, why) for _, var, why in found]) from None
+            for field, var, why in fresh:
+                problems.append((var, why))
+                for name in (field, *TIED_SETTINGS.get(field, ())):
+                    replaced[name] = Settings.model_fields[name].get_default(call_default_factory=True)
+            continue
+        return settings, ConfigError(problems, frozenset(replaced)) if problems else None
+
+
+def _env_file() -> str:
+    return os.environ.get(ENV_FILE_VARIABLE, DEFAULT_ENV_FILE)
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str, str]]:
+    """(field, VARIABLE, what is wrong) per error; a value is quoted unless it may be a secret."""
+    problems = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        var = ".".join(str(p) for p in err["loc"]).upper() or "?"
+        why = err["msg"].removeprefix("Value error, ")
+        given = err.get("input")
+        secret = "secret" in var.lower() or "password" in var.lower()
+        if isinstance(given, str) and not secret and not (given and given in why):
+            why = f"{why} (got {given!r})"
+        problems.append((field, var, why))
+    return problems

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import threading
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from amqp.exceptions import MessageNacked
 from kombu import Connection, Exchange, Producer, Queue
+from kombu.common import ignore_errors
 
-from provisioning.core.broker import AmqpChannel, AmqpTransport
+from provisioning.core.broker import AmqpChannel, AmqpTransport, Transport
 from provisioning.core.run_id import RunId
 from provisioning.core.settings import Settings
 from provisioning.runs.chain import CHAIN
 from provisioning.runs.publishing import make_publisher, publish_run, publish_runs
+from provisioning.sandbox.redis_server import RedisServer, SentinelGroup
 
 # The machine's servers, as in conftest's settings.
 BROKER_URL = "redis://127.0.0.1:6379/1"
@@ -139,3 +145,99 @@ def test_publishes_from_other_threads_on_a_connection_an_event_loop_reads_never_
             channel.queue_delete(queue.name)
             channel.exchange_delete(queue.exchange.name)
         conn.release()
+
+
+# -- a worker's Redis connection lost: Celery collects it, then closes it ------------------------
+
+
+def _consume_one_and_wait_in_brpop(conn: Connection, queue: Queue) -> Any:
+    """A worker's consumer connection: one message delivered and unacked, the next BRPOP sent, and
+    a second channel consuming a fanout queue that is deleted on close (Celery's pidbox)."""
+    delivered: list[Any] = []
+    conn.Consumer([queue], callbacks=[lambda body, message: delivered.append(message)]).consume()
+    broadcast = Queue(
+        f"{queue.name}.pidbox", Exchange(f"{queue.name}.bcast", type="fanout"), auto_delete=True
+    )
+    conn.Consumer([broadcast], channel=conn.channel(), no_ack=True).consume()
+    channel = conn.default_channel
+    for _ in range(50):
+        with contextlib.suppress(TimeoutError):
+            conn.drain_events(timeout=0.2)
+        if delivered and channel._in_poll:
+            return channel
+    raise AssertionError(f"not consuming: {len(delivered)} delivered, BRPOP pending {channel._in_poll}")
+
+
+def _collect_then_close(conn: Connection) -> None:
+    """What Celery's consumer does with its connection after a connection error (consumer.py)."""
+    with contextlib.suppress(Exception):
+        conn.collect(socket_timeout=5)
+    ignore_errors(conn, conn.close)
+
+
+@pytest.mark.parametrize(
+    ("transport", "survives"),
+    [("kombu.transport.redis:Transport", False), ("provisioning.core.broker:Transport", True)],
+)
+def test_a_connection_collected_after_its_redis_died_closes_without_an_error_that_stops_a_worker(
+    tmp_path: Path, transport: str, survives: bool
+) -> None:
+    queue = Queue("tasks", Exchange("tasks"), routing_key="tasks")
+    with RedisServer(tmp_path / "redis", appendonly=True) as server:
+        with Connection(server.url(1), transport=transport) as publisher:
+            publisher.Producer().publish(
+                {"n": 1}, exchange=queue.exchange, routing_key="tasks", declare=[queue]
+            )
+        conn = Connection(server.url(1), transport=transport)
+        channel = _consume_one_and_wait_in_brpop(conn, queue)
+        server.stop(signal.SIGKILL)
+        if survives:
+            _collect_then_close(conn)
+            assert channel.closed
+        else:
+            # kombu's own: the consumer's channel is closed after the detach, and the restore of its
+            # unacked message raises what Celery cannot recover from.
+            with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'hostname'"):
+                _collect_then_close(conn)
+
+
+def test_a_channel_that_reaches_for_redis_after_its_connection_was_collected_gets_a_connection_error(
+    tmp_path: Path,
+) -> None:
+    with RedisServer(tmp_path / "redis") as server:
+        conn = Connection(server.url(1), transport="provisioning.core.broker:Transport")
+        channel = conn.channel()
+        conn.collect()
+        # A restore of unacked messages after the detach (kombu's raises AttributeError here).
+        with pytest.raises(redis.exceptions.ConnectionError, match="closed after an error") as info:
+            channel.qos.restore_unacked()
+        assert isinstance(info.value, tuple(Transport.connection_errors))
+
+
+def test_after_a_sentinel_failover_a_collected_channel_gives_its_unacked_message_back_at_once(
+    tmp_path: Path,
+) -> None:
+    queue = Queue("tasks", Exchange("tasks"), routing_key="tasks")
+    options = {"master_name": "broker", "visibility_timeout": 3600}
+    transport = "provisioning.core.broker:SentinelTransport"
+    with SentinelGroup(tmp_path / "ha", master_name="broker") as group:
+        url = group.broker_url(1)
+        with Connection(url, transport=transport, transport_options=options) as publisher:
+            publisher.Producer().publish(
+                {"n": 1}, exchange=queue.exchange, routing_key="tasks", declare=[queue]
+            )
+        conn = Connection(url, transport=transport, transport_options=options)
+        _consume_one_and_wait_in_brpop(conn, queue)
+        old = group.master()
+        # The unacked record is on the replica too: the failover keeps it.
+        assert old.client(1).wait(1, 5000) == 1
+        old.stop(signal.SIGKILL)
+        new = group.wait_for_failover()
+        _collect_then_close(conn)
+        # Restored on the new master by the close, not an hour later by the visibility timeout.
+        client = new.client(1)
+        try:
+            assert client.llen("tasks") == 1
+            assert client.hlen("unacked") == 0
+        finally:
+            client.close()

@@ -5,7 +5,13 @@ import sys
 import pytest
 
 from provisioning.core.replay_id import EARLIEST, LATEST, ReplayId
-from provisioning.core.settings import ConfigError, Settings, load_settings, redact_url
+from provisioning.core.settings import (
+    ConfigError,
+    Settings,
+    load_settings,
+    load_settings_leniently,
+    redact_url,
+)
 
 
 def _load(monkeypatch, tmp_path, **env):
@@ -48,6 +54,89 @@ def test_each_bad_value_is_named_with_what_is_expected(monkeypatch, tmp_path, va
     text = info.value.render()
     assert variable in text
     assert expected in text
+
+
+@pytest.mark.parametrize("variable", ["SF_PRIVATE_KEY_FILE", "TLS_CA_BUNDLE"])
+def test_a_directory_given_as_a_file_is_named_a_directory_not_a_file(monkeypatch, tmp_path, variable):
+    with pytest.raises(ConfigError) as info:
+        _load(monkeypatch, tmp_path, **{variable: str(tmp_path)})
+    assert info.value.problems == [(variable, f"is a directory, not a file: {tmp_path}")]
+
+
+def test_a_key_file_this_user_cannot_read_is_named_permission_denied(tmp_path):
+    key = tmp_path / "key.pem"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    key.chmod(0o000)
+    code = (
+        "import sys; from pathlib import Path; from provisioning.core.settings import unreadable_file; "
+        "print(unreadable_file(Path(sys.argv[1])))"
+    )
+    argv = [sys.executable, "-c", code, str(key)]
+    if os.geteuid() == 0:
+        # root reads any file: without the capabilities that let it, it is refused like anyone.
+        argv = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *argv]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True)
+    assert (
+        out.stdout.strip()
+        == f"permission denied: {key} cannot be read by this user (check its owner and mode)"
+    )
+
+
+def test_a_missing_file_is_named_not_found_and_a_readable_one_passes(tmp_path):
+    from provisioning.core.settings import unreadable_file
+
+    assert unreadable_file(tmp_path / "nope.pem") == f"file not found: {tmp_path / 'nope.pem'}"
+    (tmp_path / "key.pem").write_text("key")
+    assert unreadable_file(tmp_path / "key.pem") is None
+
+
+def test_leniently_every_invalid_setting_is_listed_and_the_valid_ones_are_kept(monkeypatch, tmp_path):
+    for key in list(os.environ):
+        if key.startswith(("SF_", "WHMCS_", "SMDP_", "SMTP_", "CELERY_", "REDIS_", "LOG_", "TLS_")):
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(tmp_path)
+    env = {
+        "SF_PRIVATE_KEY_FILE": str(tmp_path / "missing.pem"),
+        "SMTP_PORT": "70000",
+        "SMTP_HOST": "mail.example.test",
+        "REDIS_SENTINELS": "10.0.0.5:26379",  # no REDIS_SENTINEL_MASTER
+        "WHMCS_URL": "https://billing.example.test",
+        "LOG_LEVEL": "LOUD",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings, error = load_settings_leniently()
+    assert error is not None
+    assert sorted(var for var, _ in error.problems) == [
+        "LOG_LEVEL",
+        "REDIS_SENTINEL_MASTER",
+        "SF_PRIVATE_KEY_FILE",
+        "SMTP_PORT",
+    ]
+    # Not used: the invalid ones, and the sentinels, which mean nothing without their master's name.
+    assert error.fields == {
+        "log_level",
+        "redis_sentinel_master",
+        "redis_sentinels",
+        "sf_private_key_file",
+        "smtp_port",
+    }
+    assert settings.sentinel_addresses == []
+    assert settings.sf_private_key_file is None
+    # What is valid is kept, for the probes that use only that.
+    assert str(settings.whmcs_url) == "https://billing.example.test/"
+    assert settings.smtp_host == "mail.example.test"
+    # The strict load (every other command) refuses the same environment, listing the same problems.
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert sorted(info.value.problems) == sorted(error.problems)
+
+
+def test_leniently_valid_settings_give_no_error(monkeypatch, tmp_path):
+    _load(monkeypatch, tmp_path)
+    settings, error = load_settings_leniently()
+    assert error is None
+    assert settings.celery_queue == "provisioning"
 
 
 def test_every_bad_variable_is_listed_in_one_message(monkeypatch, tmp_path):
@@ -212,9 +301,40 @@ def test_sentinel_settings_give_the_addresses_and_the_broker_its_master_name_and
     options = config["broker_transport_options"]
     assert options["master_name"] == "ledger"  # the ledger's, unless CELERY_BROKER_SENTINEL_MASTER
     assert options["sentinel_kwargs"]["password"] == "sentinel-pw-value"
-    # kombu's own Sentinel transport (the one-client-per-channel one is for redis:// only).
-    assert "broker_transport" not in config
+    # kombu's Sentinel transport, closing a lost connection without stopping the worker.
+    assert config["broker_transport"] == "provisioning.core.broker:SentinelTransport"
     assert options["visibility_timeout"] == settings.celery_visibility_timeout_s
+
+
+def test_a_rabbitmq_cluster_is_given_as_every_nodes_url_and_gets_the_confirming_transport(
+    monkeypatch, tmp_path
+):
+    import celeryconfig
+
+    url = "amqp://u:pw@10.0.0.10:5672//;amqp://u:pw@10.0.0.11:5672//;amqp://u:pw@10.0.0.12:5672//"
+    settings = _load(monkeypatch, tmp_path, CELERY_BROKER_URL=url, CELERY_QUEUE_TYPE="quorum")
+    assert settings.broker_is_rabbitmq
+    config = celeryconfig.build(settings)
+    assert config["broker_url"] == url  # kombu fails over along the list
+    assert config["broker_transport"] == "provisioning.core.broker:AmqpTransport"
+    assert config["broker_transport_options"]["confirm_publish"] is True
+    # The delayed delivery (countdown retries) set up on one node of the cluster, not on each.
+    assert config["worker_consumer"] == "provisioning.core.worker_consumer:Consumer"
+    assert redact_url(url).count("u:***@") == 3
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("amqp://10.0.0.10//;redis://10.0.0.11:6379/1", "are of different brokers (amqp, redis)"),
+        ("amqp://10.0.0.10//;10.0.0.11:5672", "the nodes of one broker separated by ';'"),
+    ],
+)
+def test_a_broker_list_mixing_brokers_or_without_schemes_is_refused(monkeypatch, tmp_path, url, expected):
+    with pytest.raises(ConfigError) as info:
+        _load(monkeypatch, tmp_path, CELERY_BROKER_URL=url)
+    assert [var for var, _ in info.value.problems] == ["CELERY_BROKER_URL"]
+    assert expected in info.value.render()
 
 
 @pytest.mark.parametrize(

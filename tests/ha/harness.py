@@ -53,6 +53,8 @@ PUBLISH_EVERY_S = 0.5
 POLL_S = 0.5
 # After settling, wait this long past the visibility timeout: late redeliveries must find nothing.
 QUIET_EXTRA_S = 3.0
+# Celery's log messages counted by Stack.log_events as "celery: <message>".
+CELERY_MESSAGES = ("Unrecoverable error", "Connection to broker lost")
 
 
 @dataclass
@@ -200,6 +202,10 @@ class Stack:
         counts: Counter[str] = Counter()
         for path in sorted(self.log_dir.glob(f"{prefix}*.log")):
             for line in path.read_text(errors="replace").splitlines():
+                # Celery's own messages, in a JSON line's event or a plain line alike.
+                for message in CELERY_MESSAGES:
+                    if message in line:
+                        counts[f"celery: {message}"] += 1
                 if line.startswith("{"):
                     try:
                         event = json.loads(line).get("event")
@@ -207,10 +213,6 @@ class Stack:
                         continue
                     if isinstance(event, str) and " " not in event:
                         counts[event] += 1
-                elif "Unrecoverable error" in line:
-                    counts["celery: Unrecoverable error"] += 1
-                elif "Connection to broker lost" in line:
-                    counts["celery: Connection to broker lost"] += 1
         return counts
 
     def logs_of(self, name: str) -> list[dict[str, Any]]:

@@ -1,9 +1,25 @@
+import itertools
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 CLI = str(Path(sys.executable).with_name("provisioning"))
+
+
+def _entries(out):
+    """Each result of the table as one line: a wrapped detail's lines joined again."""
+    entries = []
+    for line in out.stdout.splitlines():
+        if line.startswith(" ") and entries:
+            entries[-1] += " " + line.strip()
+        else:
+            entries.append(line)
+    return entries
+
+
+def _line(out, name):
+    return next(entry for entry in _entries(out) if entry[6:].startswith(f"{name} "))
 
 
 def _run(tmp_path, **env):
@@ -17,28 +33,115 @@ def _run(tmp_path, **env):
 def test_check_passes_when_redis_and_the_broker_answer(tmp_path):
     out = _run(tmp_path, REDIS_URL="redis://127.0.0.1:6379/0", CELERY_BROKER_URL="redis://127.0.0.1:6379/1")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "OK    redis" in out.stdout
+    assert _line(out, "redis").startswith("OK    redis")
     # This machine's Redis keeps nothing on disk: check says what a restart would cost, and what to set.
-    line = next(line for line in out.stdout.splitlines() if "ledger durability" in line)
+    line = _line(out, "ledger durability")
     assert line.startswith("WARN")
     assert "no persistence at all: a restart loses acknowledged ledger writes" in line
     assert "set appendonly yes and appendfsync everysec" in line
 
 
 def test_check_with_redis_down_names_redis_and_its_url_without_the_password(tmp_path):
-    out = _run(tmp_path, REDIS_URL="redis://:hunter2@127.0.0.1:1/0")
+    out = _run(
+        tmp_path,
+        REDIS_URL="redis://:hunter2@127.0.0.1:1/0",
+        CELERY_BROKER_URL="redis://:hunter2@127.0.0.1:1/1",
+    )
     assert out.returncode == 1
-    line = next(line for line in out.stdout.splitlines() if "redis" in line and line.startswith("FAIL"))
+    line = _line(out, "redis")
+    assert line.startswith("FAIL")
     assert "redis://:***@127.0.0.1:1/0" in line
     assert "hunter2" not in out.stdout + out.stderr
+    # Said once: what needs that Redis says it was not checked, not the same error again.
+    assert "\n".join(_entries(out)).count("Connection refused") == 1, out.stdout
+    assert _line(out, "ledger durability").startswith("SKIP  ledger durability  not checked: redis failed")
+    # The broker is the same Redis (another db), and the workers are reached through the broker.
+    assert "not checked: redis failed (above)" in _line(out, "broker")
+    assert "not checked: broker could not be checked (above)" in _line(out, "workers")
 
 
-def test_an_invalid_replay_setting_exits_2_naming_the_variable_without_a_traceback(tmp_path):
-    out = _run(tmp_path, SF_EVENTS_REPLAY="sometimes")
+def test_an_invalid_replay_setting_exits_2_naming_the_variable_and_the_rest_is_still_checked(tmp_path):
+    out = _run(tmp_path, SF_EVENTS_REPLAY="sometimes", CELERY_BROKER_URL="redis://127.0.0.1:6379/1")
     assert out.returncode == 2
-    assert "SF_EVENTS_REPLAY" in out.stderr
-    assert "LATEST, EARLIEST" in out.stderr
-    assert "Traceback" not in out.stderr
+    line = _line(out, "settings")
+    assert line.startswith("FAIL  settings")
+    assert "SF_EVENTS_REPLAY: " in line and "LATEST, EARLIEST" in line
+    assert "Traceback" not in out.stdout + out.stderr
+    assert _line(out, "redis").startswith("OK")
+    assert _line(out, "broker").startswith("OK")
+
+
+def test_several_problems_are_each_reported_once_in_one_run_and_none_hides_another(tmp_path):
+    key_dir = tmp_path / "keys"
+    key_dir.mkdir()
+    out = _run(
+        tmp_path,
+        REDIS_URL="redis://127.0.0.1:6379/0",
+        CELERY_BROKER_URL="redis://127.0.0.1:6379/1",
+        SF_LOGIN_URL="https://login.example.test",
+        SF_CLIENT_ID="consumer-key",
+        SF_USERNAME="integration@example.test",
+        SF_PRIVATE_KEY_FILE=str(key_dir),  # a directory: invalid
+        SMTP_HOST="127.0.0.1",
+        SMTP_PORT="70000",  # invalid
+        REDIS_SENTINELS="10.0.0.5:26379",  # without REDIS_SENTINEL_MASTER: invalid
+        WHMCS_URL="http://127.0.0.1:1/whmcs",  # valid, but nothing answers there
+        WHMCS_IDENTIFIER="identifier",
+        WHMCS_SECRET="secret-value",
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    settings = [line for line in out.stdout.splitlines() if line.startswith("FAIL  settings")]
+    assert [line.split()[2] for line in settings] == [
+        "REDIS_SENTINEL_MASTER:",
+        "SF_PRIVATE_KEY_FILE:",
+        "SMTP_PORT:",
+    ], out.stdout
+    assert f"SF_PRIVATE_KEY_FILE: is a directory, not a file: {key_dir}" in "\n".join(_entries(out))
+    # The invalid key file hides neither the WHMCS URL nor anything else: each probe that uses only
+    # valid settings ran, and each that uses an invalid one says which.
+    whmcs = _line(out, "whmcs")
+    assert whmcs.startswith("FAIL  whmcs")
+    assert "http://127.0.0.1:1/whmcs" in whmcs
+    assert "connection failed" in whmcs
+    assert "not checked: SF_PRIVATE_KEY_FILE is invalid (above)" in _line(out, "salesforce")
+    assert "not checked: SMTP_PORT is invalid (above)" in _line(out, "smtp")
+    # Sentinels named without their master: the ledger's Redis is not probed as if they were not.
+    assert "REDIS_SENTINELS and REDIS_SENTINEL_MASTER are invalid (above)" in _line(out, "redis")
+    assert _line(out, "broker").startswith("OK")
+    # One line per problem: no problem's text twice.
+    table = "\n".join(_entries(out))
+    assert table.count("is a directory") == 1
+    assert table.count("connection failed") == 1
+
+
+def test_a_refused_salesforce_login_is_said_once_whole_and_wrapped_and_the_events_were_not_checked(
+    tmp_path, sandbox
+):
+    env = {
+        **sandbox.env(),
+        "REDIS_URL": "redis://127.0.0.1:6379/0",
+        "CELERY_BROKER_URL": "redis://127.0.0.1:6379/1",
+        "SF_CLIENT_ID": "not-the-consumer-key",
+        "COLUMNS": "72",
+    }
+    out = _run(tmp_path, **env)
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("FAIL  salesforce"))
+    indent = lines[start].index("SalesforceAuthError")
+    block = [
+        lines[start],
+        *itertools.takewhile(lambda line: line.startswith(" " * indent), lines[start + 1 :]),
+    ]
+    assert all(len(line) <= 72 or " " not in line[indent:] for line in block), block
+    said = " ".join(line[indent:] for line in block)
+    # The remedy in full (it used to end at 200 characters: "...of a connected app in this ").
+    assert said.endswith(
+        "Likely cause: SF_CLIENT_ID is not the consumer key of a connected app in this org."
+    ), said
+    assert _line(out, "events").startswith("SKIP  events")
+    assert "not checked: salesforce failed (above)" in _line(out, "events")
+    assert "\n".join(_entries(out)).count("consumer key") == 1
 
 
 def test_check_reaches_every_external_service_of_the_sandbox_and_fails_a_wrong_whmcs_secret(
@@ -52,21 +155,15 @@ def test_check_reaches_every_external_service_of_the_sandbox_and_fails_a_wrong_w
     out = _run(tmp_path, **env)
     assert out.returncode == 0, out.stdout + out.stderr
     for name in ("salesforce", "events", "whmcs", "smdp", "smtp"):
-        assert any(line.startswith("OK") and f"  {name} " in line for line in out.stdout.splitlines()), (
-            out.stdout
-        )
-    events = next(line for line in out.stdout.splitlines() if "  events " in line)
+        assert _line(out, name).startswith("OK"), out.stdout
+    events = _line(out, "events")
     assert "transport pubsub" in events
     assert "/event/OrderProvisionRequested__e can be subscribed to" in events
     bad = _run(tmp_path, **{**env, "WHMCS_SECRET": "wrong-secret-value"})
     assert bad.returncode == 1
-    assert any(line.startswith("FAIL") and "whmcs" in line for line in bad.stdout.splitlines())
+    assert _line(bad, "whmcs").startswith("FAIL")
     assert "wrong-secret-value" not in bad.stdout + bad.stderr
     sandbox.admin("whmcs").post("/__admin/bans/reset")
-
-
-def _line(out, name):
-    return next(line for line in out.stdout.splitlines() if f"  {name} " in line)
 
 
 def test_check_warns_about_a_replica_without_aof_and_an_evicting_policy_saying_what_to_set(tmp_path):

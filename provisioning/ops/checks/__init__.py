@@ -1,20 +1,34 @@
-"""``provisioning check``: reach every configured dependency, one result each."""
+"""``provisioning check``: every problem of the configuration in one run, one line each.
+
+The settings first: each invalid one is a line of its own, and the rest are still used
+(``load_settings_leniently``). Then a probe per dependency, which reaches it with the
+settings it uses. A probe whose settings are invalid is not run, nor one that needs a
+probe that failed (the events need the Salesforce login, the ledger's durability needs
+Redis, the workers' ping needs the broker): the problem is said once, where it is, and
+the lines after it say what could not be checked because of it. A detail is never cut:
+``format_results`` wraps it to the terminal's width.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import textwrap
+from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import redis
 from kombu.connection import Connection
 
 import celeryconfig
 from provisioning.core.redis_client import describe, redis_from_settings, sentinel_from_settings
-from provisioning.core.settings import Settings, redact_url
-from provisioning.ops.checks.external import NotRunning, external_probes
+from provisioning.core.settings import ConfigError, Settings, redact_url
+from provisioning.ops.checks.external import NotRunning, Probe, ProbeFn, external_probes
 
 # Each probe gives up after this long, so `check` answers quickly when something is down.
 PROBE_TIMEOUT_S = 3.0
+REDIS_PORT = 6379
+# Below this many columns for the details, the table is wrapped as if the terminal were wider.
+MIN_DETAIL_WIDTH = 30
 
 
 @dataclass
@@ -223,43 +237,111 @@ def _broker(settings: Settings) -> str:
     return redact_url(settings.celery_broker_url)
 
 
-Probe = Callable[[Settings], str]
+REDIS_SETTINGS = ("redis_url", "redis_sentinels", "redis_sentinel_master", "redis_sentinel_password")
 
 
-def probes(settings: Settings) -> list[tuple[str, Probe | None]]:
-    """(name, probe) for every dependency; probe None when it is not configured."""
+def broker_settings(settings: Settings) -> tuple[str, ...]:
+    """The settings the broker's connection is made of (a sentinel:// broker's master name too)."""
+    used: tuple[str, ...] = ("celery_broker_url", "celery_queue_type", "celery_visibility_timeout_s")
+    if settings.broker_is_sentinel:
+        used += ("celery_broker_sentinel_master", "redis_sentinel_master", "redis_sentinel_password")
+    return used
 
+
+def probes(settings: Settings) -> list[Probe]:
+    """Every dependency's probe, in the order of the table (a probe after the ones it needs)."""
+    sentinel: ProbeFn | None = _sentinel if settings.sentinel_addresses else None
     return [
-        ("redis", _redis),
-        ("sentinel", _sentinel if settings.sentinel_addresses else None),
-        ("ledger durability", _ledger),
-        ("broker", _broker),
-        *external_probes(settings),
+        # The sentinels first: without them the ledger cannot find its master.
+        Probe("sentinel", sentinel, uses=REDIS_SETTINGS),
+        Probe("redis", _redis, uses=REDIS_SETTINGS, needs=("sentinel",), where=describe),
+        Probe("ledger durability", _ledger, uses=REDIS_SETTINGS, needs=("redis",)),
+        Probe(
+            "broker",
+            _broker,
+            uses=broker_settings(settings),
+            # The ledger's Redis, with another db: its failure is the same one, said once.
+            needs=("redis",) if _broker_is_the_ledgers_redis(settings) else (),
+            where=lambda s: redact_url(s.celery_broker_url),
+        ),
+        *external_probes(settings, broker_settings=broker_settings(settings)),
     ]
 
 
-def run_checks(settings: Settings) -> list[CheckResult]:
-    results = [CheckResult("settings", "OK", "valid")]
-    for name, probe in probes(settings):
-        if probe is None:
-            results.append(CheckResult(name, "SKIP", "not configured"))
+def _broker_is_the_ledgers_redis(settings: Settings) -> bool:
+    broker = settings.celery_broker_url
+    if settings.sentinel_addresses or not broker.startswith(("redis://", "rediss://")):
+        return False
+    ledger, other = urlsplit(str(settings.redis_url)), urlsplit(broker)
+    return ledger.hostname is not None and (ledger.hostname, ledger.port or REDIS_PORT) == (
+        other.hostname,
+        other.port or REDIS_PORT,
+    )
+
+
+def run_checks(settings: Settings, config_error: ConfigError | None = None) -> list[CheckResult]:
+    """One result per invalid setting (or one OK), then one per probe; ``config_error`` from
+    ``load_settings_leniently``: the probes that use one of its settings are not run."""
+    if config_error is None:
+        results = [CheckResult("settings", "OK", "valid")]
+        unusable: frozenset[str] = frozenset()
+    else:
+        results = [CheckResult("settings", "FAIL", f"{var}: {why}") for var, why in config_error.problems]
+        unusable = config_error.fields
+    # Probes that failed, or were not run because one they need failed: what needs them is not run
+    # either. (One not run for an invalid setting blocks nothing: what needs it uses that setting.)
+    blocked: dict[str, str] = {}
+    for probe in probes(settings):
+        invalid = [name.upper() for name in probe.uses if name in unusable]
+        if invalid:
+            results.append(
+                CheckResult(probe.name, "SKIP", f"not checked: {_listed(invalid)} invalid (above)")
+            )
+            continue
+        if probe.run is None:
+            results.append(CheckResult(probe.name, "SKIP", "not configured"))
+            continue
+        cause = next((name for name in probe.needs if name in blocked), None)
+        if cause is not None:
+            blocked[probe.name] = "could not be checked"
+            results.append(CheckResult(probe.name, "SKIP", f"not checked: {cause} {blocked[cause]} (above)"))
             continue
         try:
-            detail = probe(settings)
+            detail = probe.run(settings)
         except (NotRunning, Degraded) as exc:
-            results.append(CheckResult(name, "WARN", str(exc)))
+            results.append(CheckResult(probe.name, "WARN", _text(exc)))
         except Exception as exc:  # every failure becomes a FAIL line, never a traceback
-            where = {
-                "redis": describe(settings),
-                "broker": redact_url(settings.celery_broker_url),
-            }
-            prefix = f"{where[name]}: " if name in where else ""
-            results.append(CheckResult(name, "FAIL", f"{prefix}{type(exc).__name__}: {_short(exc)}"))
+            blocked[probe.name] = "failed"
+            prefix = f"{probe.where(settings)}: " if probe.where is not None else ""
+            results.append(CheckResult(probe.name, "FAIL", f"{prefix}{type(exc).__name__}: {_text(exc)}"))
         else:
-            results.append(CheckResult(name, "OK", detail))
+            results.append(CheckResult(probe.name, "OK", detail))
     return results
 
 
-def _short(exc: Exception) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return text[:200]
+def format_results(results: Iterable[CheckResult], width: int) -> list[str]:
+    """The table's lines: status, name, then the detail wrapped to ``width`` columns, never cut (a
+    word longer than the column, a URL say, overflows it)."""
+    results = list(results)
+    name_width = max(len(r.name) for r in results)
+    lines = []
+    for r in results:
+        head = f"{r.status:<4}  {r.name:<{name_width}}  "
+        wrapper = textwrap.TextWrapper(
+            width=max(width, len(head) + MIN_DETAIL_WIDTH),
+            initial_indent=head,
+            subsequent_indent=" " * len(head),
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+        lines += wrapper.wrap(r.detail) or [head.rstrip()]
+    return lines
+
+
+def _listed(names: list[str]) -> str:
+    return names[0] + " is" if len(names) == 1 else ", ".join(names[:-1]) + f" and {names[-1]} are"
+
+
+def _text(exc: BaseException) -> str:
+    """The whole message on one line (the table wraps it)."""
+    return " ".join(str(exc).split())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import smtplib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from provisioning.core.http import make_session
 from provisioning.core.settings import Settings
@@ -12,7 +13,23 @@ from provisioning.core.settings import Settings
 # Each probe gives up after this long.
 PROBE_TIMEOUT_S = 5.0
 
-Probe = Callable[[Settings], str]
+# Reaches one dependency: what it found (OK), or raises what is wrong.
+ProbeFn = Callable[[Settings], str]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One line of ``provisioning check``: a dependency and how it is reached."""
+
+    name: str
+    # None: the dependency is not configured.
+    run: ProbeFn | None
+    # The settings (field names) it reads: one of them invalid, it is not run.
+    uses: tuple[str, ...] = ()
+    # Probes it cannot do without: one of them failed, it is not run (the failure is said once).
+    needs: tuple[str, ...] = ()
+    # Where it failed, for the start of a FAIL line (a URL without its password).
+    where: Callable[[Settings], str] | None = None
 
 
 class NotRunning(Exception):
@@ -84,27 +101,41 @@ def _workers(settings: Settings) -> str:
     return f"{len(replies)} worker(s) answering: {', '.join(sorted(n for r in replies for n in r))}"
 
 
-def external_probes(settings: Settings) -> list[tuple[str, Probe | None]]:
+SALESFORCE_SETTINGS = ("sf_login_url", "sf_client_id", "sf_username", "sf_private_key_file", "tls_ca_bundle")
+EVENTS_SETTINGS = (
+    *SALESFORCE_SETTINGS,
+    "sf_events_enabled",
+    "sf_events_transport",
+    "sf_provision_event_channel",
+    "sf_pubsub_endpoint",
+    "sf_api_version",
+)
+
+
+def external_probes(settings: Settings, *, broker_settings: tuple[str, ...]) -> list[Probe]:
     s = settings
+    login = bool(s.sf_login_url and s.sf_client_id and s.sf_username and s.sf_private_key_file)
     return [
-        (
-            "salesforce",
-            _salesforce
-            if s.sf_login_url and s.sf_client_id and s.sf_username and s.sf_private_key_file
-            else None,
-        ),
-        (
+        Probe("salesforce", _salesforce if login else None, uses=SALESFORCE_SETTINGS),
+        # Subscribing needs the login: when it fails, the events are not checked (one problem, one line).
+        Probe(
             "events",
-            _events
-            if s.sf_events_enabled
-            and s.sf_login_url
-            and s.sf_client_id
-            and s.sf_username
-            and s.sf_private_key_file
-            else None,
+            _events if login and s.sf_events_enabled else None,
+            uses=EVENTS_SETTINGS,
+            needs=("salesforce",),
         ),
-        ("whmcs", _whmcs if s.whmcs_url and s.whmcs_identifier and s.whmcs_secret else None),
-        ("smdp", _smdp if s.smdp_url else None),
-        ("smtp", _smtp if s.smtp_host else None),
-        ("workers", _workers),
+        Probe(
+            "whmcs",
+            _whmcs if s.whmcs_url and s.whmcs_identifier and s.whmcs_secret else None,
+            uses=("whmcs_url", "whmcs_identifier", "whmcs_secret", "tls_ca_bundle"),
+            where=lambda s: str(s.whmcs_url),
+        ),
+        Probe("smdp", _smdp if s.smdp_url else None, uses=("smdp_url", "tls_ca_bundle")),
+        Probe(
+            "smtp",
+            _smtp if s.smtp_host else None,
+            uses=("smtp_host", "smtp_port"),
+            where=lambda s: f"{s.smtp_host}:{s.smtp_port}",
+        ),
+        Probe("workers", _workers, uses=broker_settings, needs=("broker",)),
     ]
