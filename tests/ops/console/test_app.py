@@ -12,7 +12,6 @@ import re
 from typing import Any
 
 import pytest
-from tests.ops.console.conftest import PASSWORDS, console_settings, csrf_token
 
 from provisioning.core.errors import PermanentError, TransientError
 from provisioning.core.run_id import RunId
@@ -22,6 +21,7 @@ from provisioning.runs.lifecycle import RetryLater, RunFailed, run_step
 from provisioning.sandbox.scenario import seed_orders
 from provisioning.step.chain import Step
 from provisioning.step.results import PaymentChecked
+from tests.ops.console.conftest import PASSWORDS, console_settings, csrf_token
 
 PAGES = ["/runs", "/failed", "/emails", "/quarantine", "/esim", "/listener", "/orders/801Dn0000HeJ6rrIQC"]
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import requests
 from playwright.sync_api import Browser, Page, expect, sync_playwright
-from tests.ops.console.conftest import PASSWORDS, console_settings
 
 from provisioning.ledger import RunState
 from provisioning.sandbox.processes import ManagedProcess, free_port
 from provisioning.sandbox.scenario import event_payload, publish_events_admin, seed_orders, wait_until
+from tests.ops.console.conftest import PASSWORDS, console_settings
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
