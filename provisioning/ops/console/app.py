@@ -3,8 +3,9 @@
 Every page reads through the functions the CLI uses (:mod:`provisioning.ops.status`,
 :mod:`provisioning.ops.actions`, the ledger, the inventory); nothing here decides
 what a run is or what an action does. Every request but the login form needs a
-user (401 otherwise, :mod:`~provisioning.ops.console.guard`); every form carries
-a CSRF token (Flask-WTF); requeue and resend
+user (401 otherwise, :mod:`~provisioning.ops.console.guard`); a login is a session
+kept on the server (:mod:`~provisioning.ops.console.sessions`) and login attempts
+are throttled; every form carries a CSRF token (Flask-WTF); requeue and resend
 need the operator role and a dry run of the same items by the same user first
 (:mod:`~provisioning.ops.console.views.actions`); every action is logged with the user.
 
@@ -15,6 +16,7 @@ need the operator role and a dry run of the same items by the same user first
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable
 
 from celery import Celery
@@ -26,14 +28,16 @@ from provisioning.core.settings import Settings
 from provisioning.ledger import RunState
 from provisioning.ops.console import guard
 from provisioning.ops.console.formatting import age, mask_emails, when
+from provisioning.ops.console.sessions import ConsoleSessionInterface
 from provisioning.ops.console.state import EXTENSION, ConsoleState
+from provisioning.ops.console.stores import console_sessions, login_throttle
 from provisioning.ops.console.views import actions, auth, pages
 from provisioning.runs.services import Services
 from provisioning.step.chain import ENTRY_STEP, STEPS
 
 __all__ = ["create_app", "mask_emails"]
 
-# The session cookie's name.
+# The session cookie's name (it carries a server-side session's id, or the login form's CSRF secret).
 SESSION_COOKIE = "provisioning_console"
 
 
@@ -43,8 +47,10 @@ def create_app(
     services: Services | None = None,
     publisher: Callable[[], Celery] | None = None,
     secret_key: bytes | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> Flask:
-    """The console. ``publisher`` builds the Celery app that sends requeued runs (on first use)."""
+    """The console. ``publisher`` builds the Celery app that sends requeued runs (on first use);
+    ``clock`` is what sessions and the login throttle take as now (tests move it)."""
     if not settings.console_users:
         raise ValueError(
             'CONSOLE_USERS has no user: add one, e.g. CONSOLE_USERS=\'{"alice": {"role": "operator", '
@@ -71,10 +77,14 @@ def create_app(
     state = ConsoleState(
         settings=settings,
         services=services,
+        sessions=console_sessions(settings, services.redis, clock),
+        throttle=login_throttle(settings, services.redis, clock),
         confirmations=URLSafeTimedSerializer(key, salt="provisioning-console-dry-run"),
         make_publisher=publisher or (lambda: _make_publisher(settings)),
+        clock=clock,
     )
     app.extensions[EXTENSION] = state
+    app.session_interface = ConsoleSessionInterface(state.sessions)
 
     app.jinja_env.filters.update(mask=mask_emails, when=when, age=age)
     app.jinja_env.globals.update(

@@ -4,12 +4,13 @@ request without a user gets 401 before any CSRF answer."""
 
 from __future__ import annotations
 
-from flask import Flask, Response, g, request, session
+from flask import Flask, Response, g, request
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
 from provisioning.core.logs import get_logger
 from provisioning.ops.console.auth import Principal, principal_from_proxy, trusted_proxies
+from provisioning.ops.console.sessions import current_session
 from provisioning.ops.console.state import console
 from provisioning.ops.console.web import Refused, page
 
@@ -35,7 +36,7 @@ def install(app: Flask) -> None:
 
 
 def current_user() -> Principal | None:
-    """The auth proxy's user (from a trusted address), else the session's."""
+    """The auth proxy's user (from a trusted address), else the user of the server-side session."""
     settings = console().settings
     header = settings.console_auth_proxy_header
     if header and request.headers.get(header) and request.remote_addr in trusted_proxies(settings):
@@ -44,11 +45,11 @@ def current_user() -> Principal | None:
         if principal is None:
             raise Refused(f"The auth proxy names {named!r}, who is not in CONSOLE_USERS.", 403)
         return principal
-    name = session.get("user")
-    user = settings.console_users.get(name) if isinstance(name, str) else None
-    if user is None or user.password_hash is None:
+    name = current_session().user
+    user = settings.console_users.get(name) if name is not None else None
+    if name is None or user is None or user.password_hash is None:
         return None
-    return Principal(str(name), user.role, "password")
+    return Principal(name, user.role, "password")
 
 
 def authenticate() -> Response | None:

@@ -1,4 +1,4 @@
-"""What the whole console shares, kept on the Flask app: settings, services, the publisher.
+"""What the whole console shares, kept on the Flask app: settings, services, stores, the publisher.
 
 One typed object in ``app.extensions`` instead of closures over ``create_app``'s
 locals: a view is a plain module-level function that asks :func:`console` for
@@ -17,6 +17,8 @@ from flask import current_app
 from itsdangerous import URLSafeTimedSerializer
 
 from provisioning.core.settings import Settings
+from provisioning.ledger.console_sessions import ConsoleSessions
+from provisioning.ledger.login_throttle import LoginThrottle
 from provisioning.runs.services import Services
 
 EXTENSION = "provisioning_console"
@@ -26,10 +28,13 @@ EXTENSION = "provisioning_console"
 class ConsoleState:
     settings: Settings
     services: Services
+    sessions: ConsoleSessions
+    throttle: LoginThrottle
     # Signs a dry run's confirmation (what it found actionable, for whom).
     confirmations: URLSafeTimedSerializer
     # Builds the Celery app that sends requeued runs, on first use.
     make_publisher: Callable[[], Celery]
+    clock: Callable[[], float]
     _publisher: Celery | None = field(default=None, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
