@@ -420,7 +420,7 @@ class Settings(BaseSettings):
     )
     console_secret_key: SecretStr | None = Field(
         None,
-        description="Signs console sessions and CSRF tokens; empty: a random key per start (log in again).",
+        description="Signs the console's CSRF tokens and dry-run confirmations; empty: a random key per start.",
     )
     console_auth_proxy_header: str | None = Field(
         None,
@@ -428,11 +428,42 @@ class Settings(BaseSettings):
     )
     console_trusted_proxies: str = Field(
         "127.0.0.1,::1",
-        description="Comma-separated addresses whose CONSOLE_AUTH_PROXY_HEADER the console believes.",
+        description="Comma-separated addresses whose CONSOLE_AUTH_PROXY_HEADER and X-Forwarded-For the console "
+        "believes.",
     )
-    console_session_ttl_s: int = Field(28800, ge=60, description="Seconds a console login lasts.")
+    console_session_ttl_s: int = Field(
+        28800,
+        ge=60,
+        description="Seconds a console login lasts (from the login, on the server; logout ends it sooner).",
+    )
     console_cookie_secure: bool = Field(
         False, description="Send the console's session cookie over HTTPS only (set it behind TLS)."
+    )
+    console_login_free_failures: int = Field(
+        3,
+        ge=0,
+        description="Wrong passwords for one console user answered at once; each one after makes the next "
+        "try wait CONSOLE_LOGIN_DELAY_S, doubled each time.",
+    )
+    console_login_delay_s: float = Field(
+        1.0, ge=0, description="The first wait after CONSOLE_LOGIN_FREE_FAILURES, in seconds (then doubled)."
+    )
+    console_login_max_failures: int = Field(
+        10,
+        ge=1,
+        description="Wrong passwords for one console user (known or not) that lock its logins for "
+        "CONSOLE_LOGIN_LOCK_S.",
+    )
+    console_login_max_failures_per_address: int = Field(
+        30,
+        ge=1,
+        description="Wrong passwords from one client address, whatever the users, that lock its logins for "
+        "CONSOLE_LOGIN_LOCK_S.",
+    )
+    console_login_lock_s: int = Field(
+        900,
+        ge=1,
+        description="Seconds a console login lock lasts; failures are forgotten this long after the last try.",
     )
 
     @field_validator("log_level", mode="before")

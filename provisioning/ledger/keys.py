@@ -34,6 +34,12 @@ key                                  type    holds
 ``p:esim:claims``                    hash    the Order's effect key → its ICCID (kept once used)
 ``p:esim:used``                      set     ICCIDs whose run activated them
 ``p:esim:known``                     set     every ICCID ever loaded (a reload adds nothing twice)
+``p:console:session:{sha256(id)}``   string  JSON of a console session (user, created_at, expires_at,
+                                             data); expires with the session
+``p:console:user:{user}:sessions``   zset    the user's hashed session ids by expiry (what a
+                                             revocation deletes)
+``p:console:login:user:{user}``      hash    failed logins of a user: failures, last_ms, until_ms
+``p:console:login:address:{addr}``   hash    the same, for one client address
 ===================================  ======  ==================================================
 """
 
@@ -84,6 +90,15 @@ class Keys:
 
     def listener(self, channel: str, what: str) -> str:
         return f"{self.prefix}:listener:{channel}:{what}"
+
+    def console_session(self, hashed_id: str) -> str:
+        return f"{self.prefix}:console:session:{hashed_id}"
+
+    def console_user_sessions(self, user: str) -> str:
+        return f"{self.prefix}:console:user:{user}:sessions"
+
+    def login(self, scope: str, value: str) -> str:
+        return f"{self.prefix}:console:login:{scope}:{value}"
 
     def end_run(self, run_id: RunId) -> list[str]:
         """KEYS of end_run.lua, in its order."""

@@ -4,8 +4,10 @@ Two ways in, both documented in docs/operations.md:
 
 - a password: ``CONSOLE_USERS`` holds each user's role and the argon2id hash of
   the password (``provisioning console hash-password`` makes it); the login form
-  checks it and the session cookie (signed, HttpOnly, SameSite=Strict) carries the
-  user until ``CONSOLE_SESSION_TTL_S``;
+  checks it (throttled per user and per client address:
+  :mod:`provisioning.ledger.login_throttle`) and starts a session kept on the server
+  (:mod:`provisioning.ops.console.sessions`), whose opaque id the cookie (HttpOnly,
+  SameSite=Strict) carries until logout, revocation or ``CONSOLE_SESSION_TTL_S``;
 - an auth proxy: with ``CONSOLE_AUTH_PROXY_HEADER`` set, a request coming from an
   address in ``CONSOLE_TRUSTED_PROXIES`` is the user that header names, who must be
   in ``CONSOLE_USERS`` (for the role). The header from anywhere else is ignored.
@@ -74,6 +76,22 @@ def check_password(users: dict[str, ConsoleUser], name: str, password: str) -> P
 
 def trusted_proxies(settings: Settings) -> frozenset[str]:
     return frozenset(a.strip() for a in settings.console_trusted_proxies.split(",") if a.strip())
+
+
+def client_address(settings: Settings, remote_addr: str | None, forwarded_for: str | None) -> str:
+    """The address a login attempt is counted against (login throttling).
+
+    Behind a proxy every request comes from the proxy: when the peer is in
+    ``CONSOLE_TRUSTED_PROXIES``, the client is the last address ``X-Forwarded-For``
+    names that is not a trusted proxy (each proxy appends the address it saw; what
+    comes before that, the client could have written itself).
+    """
+    peer = remote_addr or "unknown"
+    trusted = trusted_proxies(settings)
+    if peer not in trusted or not forwarded_for:
+        return peer
+    hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+    return next((hop for hop in reversed(hops) if hop not in trusted), peer)
 
 
 def principal_from_proxy(

@@ -1,7 +1,8 @@
 """The console's pages and rules, in-process (Flask's test client) on real Redis and the real simulators.
 
-Authentication (401 without a user, passwords, the auth proxy), roles, CSRF, the
-dry run before an action, bad input, masking. The browser test
+Authentication (401 without a user, passwords, the auth proxy), server-side
+sessions (logout, rotation, the TTL), login throttling, roles, CSRF, the dry run
+before an action, bad input, masking. The browser test
 (``test_browser.py``) drives the real server and workers end to end.
 """
 
@@ -17,10 +18,18 @@ from provisioning.core.errors import PermanentError, TransientError
 from provisioning.core.run_id import RunId
 from provisioning.ledger import RunState
 from provisioning.ops.console.app import create_app, mask_emails
+from provisioning.ops.console.stores import console_sessions
 from provisioning.runs.lifecycle import RunFailed, Wait, run_step
 from provisioning.sandbox.scenario import seed_orders
 from provisioning.step.results import PaymentChecked
-from tests.ops.console.conftest import PASSWORDS, console_settings, csrf_token
+from tests.ops.console.conftest import (
+    COOKIE,
+    PASSWORDS,
+    console_settings,
+    csrf_token,
+    login,
+    try_login,
+)
 from tests.steps import at
 
 PAGES = ["/runs", "/failed", "/emails", "/quarantine", "/esim", "/listener", "/orders/801Dn0000HeJ6rrIQC"]
@@ -38,14 +47,6 @@ def console_env(stack_settings, console_users):
 @pytest.fixture
 def app(console_env, services):
     return create_app(console_env, services=services)
-
-
-def login(client, name: str) -> None:
-    page = client.get("/login").get_data(as_text=True)
-    answer = client.post(
-        "/login", data={"username": name, "password": PASSWORDS[name], "csrf_token": csrf_token(page)}
-    )
-    assert answer.status_code == 302, answer.get_data(as_text=True)
 
 
 def text(response) -> str:
@@ -272,3 +273,158 @@ def test_the_auth_proxy_header_names_the_user_only_from_a_trusted_address(
 def test_the_console_refuses_to_start_without_users(stack_settings, services):
     with pytest.raises(ValueError, match="CONSOLE_USERS has no user"):
         create_app(stack_settings, services=services)
+
+
+# -- sessions on the server ------------------------------------------------------------------------
+
+
+def test_after_logout_the_old_session_cookie_gets_the_login_page_and_cannot_run_a_dry_run(
+    app, services, failed_run
+):
+    client = app.test_client()
+    login(client, "olivia")
+    token = csrf_token(text(client.get("/failed")))
+    stolen = client.get_cookie(COOKIE).value
+    assert client.post("/logout", data={"csrf_token": token}).status_code == 302
+    assert client.get_cookie(COOKIE) is None
+    replay = app.test_client()
+    replay.set_cookie(COOKIE, stolen)
+    page = replay.get("/runs")
+    assert page.status_code == 401
+    assert 'name="password"' in text(page)
+    dry = replay.post("/failed/dry-run", data={"run_id": str(failed_run), "csrf_token": token})
+    assert dry.status_code == 401
+    assert "would requeue" not in text(dry)
+    assert services.ledger.runs.get(failed_run).state is RunState.FAILED
+
+
+def test_a_login_gives_a_new_session_id_and_the_one_held_before_it_is_dead(app):
+    client = app.test_client()
+    client.get("/login")
+    before_login = client.get_cookie(COOKIE).value  # the login form's CSRF secret, signed
+    login(client, "olivia")
+    first = client.get_cookie(COOKIE).value
+    assert first != before_login
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", first)  # an opaque id: nothing about the user
+    login(client, "victor")  # logging in again, here as someone else
+    second = client.get_cookie(COOKIE).value
+    assert second != first
+    assert "victor (viewer)" in text(client.get("/runs"))
+    for dead in (first, before_login):
+        stale = app.test_client()
+        stale.set_cookie(COOKIE, dead)
+        assert stale.get("/runs").status_code == 401
+
+
+def test_a_session_ends_on_the_server_its_ttl_after_the_login_whatever_the_use(console_env, services, clock):
+    app = create_app(console_env, services=services, clock=clock)
+    client = app.test_client()
+    login(client, "olivia")
+    sessions = console_sessions(console_env, services.redis, clock)
+    assert sessions.running("olivia") == 1
+    clock.advance(console_env.console_session_ttl_s - 1)
+    assert client.get("/runs").status_code == 200
+    clock.advance(1)
+    assert client.get("/runs").status_code == 401
+    assert sessions.running("olivia") == 0
+
+
+def test_a_cookie_signed_by_the_old_console_naming_a_user_logs_nobody_in(app):
+    from flask.sessions import SecureCookieSessionInterface
+
+    forged = SecureCookieSessionInterface().get_signing_serializer(app).dumps({"user": "olivia"})
+    client = app.test_client()
+    client.set_cookie(COOKIE, forged)
+    assert client.get("/runs").status_code == 401
+
+
+# -- login throttling --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def throttled(stack_settings, console_users, services, clock):
+    """A console whose users are locked at the fifth wrong password, for a minute; its clock moved by hand."""
+
+    def build(**settings: object):
+        env = console_settings(
+            stack_settings,
+            console_users,
+            **{"console_login_max_failures": 5, "console_login_lock_s": 60, **settings},
+        )
+        return create_app(env, services=services, clock=clock)
+
+    return build
+
+
+def test_wrong_passwords_make_the_next_try_wait_then_lock_the_user_even_against_the_right_password(
+    throttled, clock
+):
+    client = throttled().test_client()
+    for _ in range(3):
+        assert alert(try_login(client, "olivia", "guess")) == "Unknown user or wrong password."
+    fourth = try_login(client, "olivia", "guess")
+    assert fourth.status_code == 401
+    assert alert(fourth) == (
+        "Unknown user or wrong password. Too many failed logins for this user: wait 1 s before trying again."
+    )
+    too_soon = try_login(client, "olivia", PASSWORDS["olivia"])
+    assert too_soon.status_code == 429
+    assert too_soon.headers["Retry-After"] == "1"
+    assert alert(too_soon) == "Too many failed logins for this user: wait 1 s before trying again."
+    clock.advance(1)
+    fifth = try_login(client, "olivia", "guess")
+    assert "Too many failed logins for this user: logins are locked for 1 min" in alert(fifth)
+    for wait in (0, 30, 29):
+        clock.advance(wait)
+        refused = try_login(client, "olivia", PASSWORDS["olivia"])
+        assert refused.status_code == 429
+        assert "Too many failed logins for this user: logins are locked for" in alert(refused)
+        assert client.get("/runs").status_code == 401
+    assert "locked for 1 s" in alert(refused)
+    clock.advance(1)
+    login(client, "olivia")
+    assert client.get("/runs").status_code == 200
+
+
+def test_a_successful_login_resets_the_users_failures(throttled):
+    client = throttled().test_client()
+    for _ in range(3):
+        try_login(client, "olivia", "guess")
+    login(client, "olivia")
+    for _ in range(3):
+        assert alert(try_login(client, "olivia", "guess")) == "Unknown user or wrong password."
+    assert "wait 1 s" in alert(try_login(client, "olivia", "guess"))
+
+
+def test_wrong_passwords_from_one_address_lock_it_for_every_user_and_only_that_address(throttled):
+    app = throttled(console_login_max_failures_per_address=4)
+    far = {"environ_base": {"REMOTE_ADDR": "203.0.113.9"}}
+    client = app.test_client()
+    for n in range(3):
+        assert alert(try_login(client, f"user{n}", "guess", **far)) == "Unknown user or wrong password."
+    locking = try_login(client, "user3", "guess", **far)
+    assert "Too many failed logins from your address: logins are locked for 1 min" in alert(locking)
+    refused = try_login(client, "olivia", PASSWORDS["olivia"], **far)
+    assert refused.status_code == 429
+    assert "from your address" in alert(refused)
+    login(client, "olivia")  # from another address
+
+
+def test_behind_a_trusted_proxy_the_address_counted_is_the_client_x_forwarded_for_names(throttled):
+    app = throttled(console_login_max_failures_per_address=2)
+    client = app.test_client()
+
+    def via_proxy(client_address: str) -> dict[str, object]:
+        return {"headers": {"X-Forwarded-For": f"{client_address}, 127.0.0.1"}}
+
+    for user in ("user0", "user1"):
+        try_login(client, user, "guess", **via_proxy("203.0.113.9"))
+    assert try_login(client, "olivia", PASSWORDS["olivia"], **via_proxy("203.0.113.9")).status_code == 429
+    assert try_login(client, "olivia", PASSWORDS["olivia"], **via_proxy("198.51.100.1")).status_code == 302
+    # From an address that is no trusted proxy, the header is the client's own word: not believed.
+    untrusted = {"environ_base": {"REMOTE_ADDR": "10.1.2.3"}}
+    for n in range(2):
+        try_login(
+            client, f"user{n}", "guess", headers={"X-Forwarded-For": f"198.51.100.{n + 2}"}, **untrusted
+        )
+    assert try_login(client, "victor", PASSWORDS["victor"], **untrusted).status_code == 429

@@ -2,15 +2,19 @@
 
 The sandbox, a real listener, real workers and ``provisioning console`` as a real
 process (waitress). A viewer logs in, filters the runs and opens an Order; an
-operator requeues a failed run after its dry run and watches it finish. With
+operator requeues a failed run after its dry run and watches it finish. A session
+cookie put back after logout gets the login page; wrong passwords get the wait. With
 ``SCREENSHOTS_DIR`` set, each page is saved there as PNG (docs/screenshots/ holds
 the committed ones: ``SCREENSHOTS_DIR=docs/screenshots make test PYTEST_ARGS=tests/ops/console``).
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,7 +24,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from provisioning.ledger import RunState
 from provisioning.sandbox.processes import ManagedProcess, free_port
 from provisioning.sandbox.scenario import event_payload, publish_events_admin, seed_orders, wait_until
-from tests.ops.console.conftest import PASSWORDS, console_settings
+from tests.ops.console.conftest import COOKIE, PASSWORDS, console_settings
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -46,30 +50,49 @@ def browser() -> Iterator[Browser]:
         chromium.close()
 
 
+@dataclass
+class Served:
+    base: str
+    proc: ManagedProcess
+
+
 @pytest.fixture
-def console(stack_settings, console_users, tmp_path) -> Iterator[str]:
-    port = free_port()
-    env = console_settings(stack_settings, console_users).to_env()
-    proc = ManagedProcess(
-        "console",
-        [str(Path(os.sys.executable).with_name("provisioning")), "console", "--port", str(port)],
-        env,
-        tmp_path / "logs" / "console.log",
-    ).start()
-    base = f"http://127.0.0.1:{port}"
+def serve_console(stack_settings, console_users, tmp_path) -> Iterator[Callable[..., Served]]:
+    """``provisioning console`` as a real process (waitress); keyword arguments are settings."""
+    started: list[ManagedProcess] = []
 
-    def up() -> bool:
-        try:
-            return requests.get(base + "/login", timeout=2).status_code == 200
-        except requests.RequestException:
-            assert proc.alive(), proc.log_text()[-3000:]
-            return False
+    def serve(**extra: object) -> Served:
+        port = free_port()
+        env = console_settings(stack_settings, console_users, **extra).to_env()
+        proc = ManagedProcess(
+            "console",
+            [str(Path(os.sys.executable).with_name("provisioning")), "console", "--port", str(port)],
+            env,
+            tmp_path / "logs" / f"console{len(started) + 1}.log",
+        ).start()
+        started.append(proc)
+        base = f"http://127.0.0.1:{port}"
 
-    wait_until(up, timeout_s=30)
-    yield base
-    proc.stop()
-    log = proc.log_text()
-    assert "Traceback" not in log, log[-3000:]
+        def up() -> bool:
+            try:
+                return requests.get(base + "/login", timeout=2).status_code == 200
+            except requests.RequestException:
+                assert proc.alive(), proc.log_text()[-3000:]
+                return False
+
+        wait_until(up, timeout_s=30)
+        return Served(base, proc)
+
+    yield serve
+    for proc in started:
+        proc.stop()
+        log = proc.log_text()
+        assert "Traceback" not in log, log[-3000:]
+
+
+@pytest.fixture
+def console(serve_console) -> str:
+    return serve_console().base
 
 
 def shot(page: Page, name: str) -> None:
@@ -216,3 +239,53 @@ def test_operators_find_a_failed_run_requeue_it_after_its_dry_run_and_see_it_fin
 def _state(services, run_id):
     run = services.ledger.runs.get(run_id)
     return run.state if run else None
+
+
+def test_a_session_cookie_put_back_after_logout_gets_the_login_page(browser, serve_console):
+    served = serve_console()
+    page = log_in(browser, served.base, "olivia")
+    (cookie,) = [c for c in page.context.cookies() if c["name"] == COOKIE]
+    page.click("text=Log out")
+    expect(page.locator("input[name=password]")).to_be_visible()
+    assert all(c["value"] != cookie["value"] for c in page.context.cookies())
+    page.context.add_cookies([cookie])  # a copy of the cookie taken before the logout
+    answer = page.goto(served.base + "/failed")
+    assert answer is not None
+    assert answer.status == 401
+    expect(page.locator("h1")).to_have_text("Log in")
+    expect(page.locator("#who")).to_have_count(0)
+    page.close()
+    assert cookie["value"] not in served.proc.log_text()
+
+
+def test_the_login_page_says_how_long_to_wait_after_repeated_wrong_passwords(browser, serve_console):
+    served = serve_console(console_login_max_failures=3)  # the defaults otherwise: a 15-minute lock
+    page = browser.new_page(viewport=VIEWPORT)
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    page.goto(served.base + "/login")
+    alert = page.locator("[role=alert]")
+    for n in range(3):
+        page.fill("input[name=username]", "olivia")
+        page.fill("input[name=password]", f"wrong guess {n}")
+        page.click("button[type=submit]")
+        expect(alert).to_contain_text("Unknown user or wrong password.")
+    expect(alert).to_contain_text("Too many failed logins for this user: logins are locked for")
+    page.fill("input[name=username]", "olivia")
+    page.fill("input[name=password]", PASSWORDS["olivia"])
+    page.click("button[type=submit]")
+    expect(alert).to_have_text(
+        re.compile(
+            r"Too many failed logins for this user: logins are locked for 1[45] min.* \(until .+ UTC\)"
+        )
+    )
+    expect(page.locator("#who")).to_have_count(0)
+    print("the lock message:", alert.inner_text())
+    shot(page, "login-locked")
+    page.close()
+    lines = [json.loads(line) for line in served.proc.log_text().splitlines() if line.startswith("{")]
+    locks = [line for line in lines if line.get("event") == "console_login_locked"]
+    assert len(locks) == 1
+    assert (locks[0]["user"], locks[0]["remote"], locks[0]["scope"]) == ("olivia", "127.0.0.1", "user")
+    log = served.proc.log_text()
+    assert "wrong guess" not in log
+    assert PASSWORDS["olivia"] not in log
