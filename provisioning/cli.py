@@ -43,6 +43,7 @@ def _add_commands() -> None:
     from provisioning.esim.cli import esim
     from provisioning.exporter import metrics
     from provisioning.listener import listen
+    from provisioning.salesforce_commands import salesforce
     from provisioning.sandbox import missing_sandbox_packages
     from provisioning.sandbox.cli import needs_sandbox_extra, sandbox
 
@@ -66,6 +67,7 @@ def _add_commands() -> None:
         metrics,
         console,
         esim,
+        salesforce,
         demo,
     ):
         main.add_command(command)
