@@ -13,7 +13,7 @@ LATEST_VENV  ?= .venv-latest
 LINT_PATHS   := provisioning tasks celeryconfig.py bench
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock test test-fast test-latest lint system-packages demo sandbox bench proto clean
+.PHONY: help install lock test test-fast test-latest lint system-packages salesforce-tools demo sandbox bench proto clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -38,7 +38,18 @@ lock: $(STAMP) ## Regenerate requirements/*.txt from setup.cfg's ranges: the new
 system-packages: ## Debian's prometheus and chromium, which the monitoring and console tests run (apt, when missing)
 	@.ci/system-packages
 
-test: $(STAMP) system-packages ## Run the tests (real Redis, RabbitMQ, workers and simulators)
+# The pinned sf CLI and Lightning Flow Scanner that check salesforce/ offline (tests/salesforce_metadata):
+# npm ci from salesforce/package-lock.json, again only when the lock changes. No install scripts run.
+SF_DIR   := salesforce
+SF_TOOLS := $(SF_DIR)/node_modules/.package-lock.json
+
+$(SF_TOOLS): $(SF_DIR)/package.json $(SF_DIR)/package-lock.json
+	cd $(SF_DIR) && npm ci --ignore-scripts --no-audit --no-fund
+	touch $(SF_TOOLS)
+
+salesforce-tools: $(SF_TOOLS) ## The pinned sf CLI and flow scanner in salesforce/node_modules (npm ci, when missing)
+
+test: $(STAMP) system-packages salesforce-tools ## Run the tests (real Redis, RabbitMQ, workers and simulators)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## Only the fast tier: the state machine in-process on real Redis (seconds)
@@ -77,5 +88,5 @@ PROTO_DIR := provisioning/salesforce/pubsub
 proto: $(STAMP) ## Regenerate the Pub/Sub API stubs from pubsub_api.proto (committed; needs grpcio-tools)
 	$(BIN)/python -m provisioning.salesforce.pubsub.generate $(PROTO_DIR)
 
-clean: ## Remove .venv and caches
-	rm -rf $(VENV) $(LATEST_VENV) .mypy_cache .ruff_cache .pytest_cache .sandbox
+clean: ## Remove .venv, salesforce/node_modules and caches
+	rm -rf $(VENV) $(LATEST_VENV) .mypy_cache .ruff_cache .pytest_cache .sandbox $(SF_DIR)/node_modules

@@ -54,6 +54,7 @@ def _add_commands() -> None:
     from provisioning.ops.console.cli import console
     from provisioning.ops.esim_commands import esim
     from provisioning.ops.exporter import metrics
+    from provisioning.ops.salesforce_commands import salesforce
     from provisioning.sandbox import missing_sandbox_packages
     from provisioning.sandbox.cli import needs_sandbox_extra, sandbox
 
@@ -77,6 +78,7 @@ def _add_commands() -> None:
         metrics,
         console,
         esim,
+        salesforce,
         demo,
     ):
         main.add_command(command)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from provisioning.core.settings import Settings
+from tests.salesforce_metadata.project import SF_CLI_ENV, replacement_variables
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -41,13 +42,21 @@ def test_every_provisioning_subcommand_the_docs_name_exists():
 
 
 def test_every_environment_variable_the_docs_name_exists():
-    known = {name.upper() for name in Settings.model_fields} | {
-        "PROVISIONING_ENV_FILE",
-        "REQUESTS_CA_BUNDLE",
-        "CURL_CA_BUNDLE",
-        "FLOWER_UNAUTHENTICATED_API",
-        "CI",
-    }
+    known = (
+        {name.upper() for name in Settings.model_fields}
+        | {
+            "PROVISIONING_ENV_FILE",
+            "REQUESTS_CA_BUNDLE",
+            "CURL_CA_BUNDLE",
+            "FLOWER_UNAUTHENTICATED_API",
+            "CI",
+            # The sf CLI's own: its switches the metadata tests set, and the conversion's replacements switch.
+            *SF_CLI_ENV,
+            "SF_APPLY_REPLACEMENTS_ON_CONVERT",
+        }
+        # The deploy reads these (salesforce/sfdx-project.json's replacements).
+        | replacement_variables()
+    )
     pattern = re.compile(
         r"`((?:SF|WHMCS|SMDP|SMTP|CELERY|REDIS|LEDGER|RUN|TASK|EMAIL|TLS|LOG|LISTENER|RECONCILE|ESIM|PROVISIONING|CONSOLE|METRICS)_[A-Z0-9_]+)`"
     )
