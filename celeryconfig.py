@@ -14,6 +14,7 @@ from kombu.entity import Exchange, Queue
 
 from provisioning.core.redis_client import SENTINEL_SOCKET_TIMEOUT_S
 from provisioning.core.settings import Settings
+from provisioning.runs.routing import step_queues
 
 # The result backend, when one is configured, keeps results this long.
 RESULT_EXPIRES_S = 24 * 3600
@@ -27,7 +28,9 @@ BROKER_SOCKET_TIMEOUT_S = 30.0
 
 def build(settings: Settings) -> dict[str, Any]:
     transport: dict[str, Any] = {}
-    queue = Queue(settings.celery_queue)
+    routes = step_queues(settings.celery_step_queues)
+    names = [settings.celery_queue, *sorted(set(routes.values()) - {settings.celery_queue})]
+    queues = [Queue(name) for name in names]
     extra: dict[str, Any] = {}
     if settings.broker_is_rabbitmq:
         # Publisher confirms: a publish returns only once RabbitMQ has the message (quorum queues
@@ -42,12 +45,15 @@ def build(settings: Settings) -> dict[str, Any]:
             # A quorum queue refuses the global QoS that countdown retries relied on; Celery 5.5+
             # then uses per-consumer QoS and RabbitMQ's native delayed delivery for countdowns,
             # which needs a topic exchange (a direct one would make a retry block its worker).
-            queue = Queue(
-                settings.celery_queue,
-                Exchange(settings.celery_queue, type="topic"),
-                routing_key=settings.celery_queue,
-                queue_arguments={"x-queue-type": "quorum"},
-            )
+            queues = [
+                Queue(
+                    name,
+                    Exchange(name, type="topic"),
+                    routing_key=name,
+                    queue_arguments={"x-queue-type": "quorum"},
+                )
+                for name in names
+            ]
             extra.update(task_default_queue_type="quorum", task_default_exchange_type="topic")
             # The delayed delivery set up on one node of a cluster, not on each (provisioning.core.worker_consumer).
             extra["worker_consumer"] = "provisioning.core.worker_consumer:Consumer"
@@ -96,7 +102,9 @@ def build(settings: Settings) -> dict[str, Any]:
         "accept_content": ["json"],
         "event_serializer": "json",
         "task_default_queue": settings.celery_queue,
-        "task_queues": (queue,),
+        "task_queues": tuple(queues),
+        # A step or a system with a queue of its own (CELERY_STEP_QUEUES): provisioning.runs.routing.
+        "task_routes": {task: {"queue": queue} for task, queue in routes.items()},
         "task_create_missing_queues": False,
         "worker_hijack_root_logger": False,
         "enable_utc": True,

@@ -30,10 +30,11 @@ from typing import Any
 from celery import Task, shared_task
 
 from provisioning.core.logs import get_logger
+from provisioning.core.retry import Wait
 from provisioning.core.run_id import RunId
 from provisioning.runs import lifecycle
 from provisioning.runs.chain import CHAIN
-from provisioning.runs.lifecycle import RunEnded, Wait
+from provisioning.runs.lifecycle import RunEnded
 from provisioning.runs.publishing import publish_step
 from provisioning.step.spec import StepSpec
 from tasks.app import ProvisioningTask

@@ -43,7 +43,15 @@ class ProvisioningError(PicklableError):
 
 
 class TransientError(ProvisioningError):
-    """A failure that may succeed when tried again later."""
+    """A failure that may succeed when tried again later.
+
+    A client sets ``throttled`` when the system said it is refusing us for our rate (HTTP 429,
+    Salesforce's REQUEST_LIMIT_EXCEEDED) and ``retry_after_s`` when it said when to come back
+    (HTTP ``Retry-After``): the circuit breaker of that system opens at once on either.
+    """
+
+    retry_after_s: float | None = None
+    throttled: bool = False
 
 
 class PermanentError(ProvisioningError):

@@ -22,15 +22,17 @@ nothing stacks under the retry policy of the Celery tasks.
 
 from __future__ import annotations
 
+import email.utils
 import enum
 import os
 import ssl
+import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final
+from typing import Final, TypeVar
 from urllib.parse import urlsplit
 
 import requests
@@ -42,6 +44,7 @@ from urllib3 import exceptions as u3
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from provisioning.core.backoff import tenacity_wait
+from provisioning.core.errors import TransientError
 from provisioning.core.logs import get_logger
 
 log = get_logger(__name__)
@@ -196,13 +199,42 @@ def _classify_urllib3(exc: u3.HTTPError) -> TransportFailure:
     return TransportFailure(Failure.UNEXPECTED, type(exc).__name__)
 
 
+THROTTLED_STATUS = 429
+E = TypeVar("E", bound=TransientError)
+
+
 def status_failure(status: int) -> Failure | None:
     """The kind of an HTTP status that means "not now": 429 and 5xx; None for any other."""
-    if status == 429:
+    if status == THROTTLED_STATUS:
         return Failure.THROTTLED
     if status >= 500:
         return Failure.SERVER_ERROR
     return None
+
+
+def mark_busy(exc: E, status: int, headers: Mapping[str, str]) -> E:
+    """``exc`` (a busy answer's error) with what the answer said: 429 is a throttle, and when
+    ``Retry-After`` says when to come back (seconds, or an HTTP date)."""
+    exc.throttled = status == THROTTLED_STATUS
+    exc.retry_after_s = retry_after_s(headers.get("Retry-After"))
+    return exc
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Seconds from an HTTP ``Retry-After`` value (delay-seconds or an HTTP-date); None when absent
+    or not understood."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def connection_retrying(

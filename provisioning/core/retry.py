@@ -111,3 +111,13 @@ class RetryPolicy:
         else:
             wait = known_s + rng.uniform(0, max(spread_s, KNOWN_WAIT_JITTER_S))
         return min(max(wait, self.min_wait_s), self.max_wait_s)
+
+
+class Wait(Exception):
+    """Try the same step again in ``countdown_s`` seconds (``cause``: why, as this policy names it)."""
+
+    def __init__(self, cause: Cause, countdown_s: float, reason: str) -> None:
+        super().__init__(cause, countdown_s, reason)
+        self.cause = cause
+        self.countdown_s = countdown_s
+        self.reason = reason

@@ -31,6 +31,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from provisioning.core.errors import PicklableError
+from provisioning.core.rate import Rate
 from provisioning.core.replay_id import (
     ReplayPreset,
     ReplayStart,
@@ -92,6 +93,16 @@ def _host_ports(value: str) -> str:
 
 
 HostPorts = Annotated[str, AfterValidator(_host_ports)]
+
+
+def _rate(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    return str(Rate.parse(value))
+
+
+# A rate as operators write it (10/s, 600/m); empty: no limit.
+RateText = Annotated[str | None, AfterValidator(_rate)]
 
 
 def unreadable_file(path: Path) -> str | None:
@@ -255,6 +266,39 @@ class Settings(BaseSettings):
         300.0, gt=0, description="Cap of one retry delay (kept below the visibility timeout)."
     )
 
+    # -- protecting the external systems ------------------------------------------------------
+    rate_limit_salesforce: RateText = Field(
+        None, description="Salesforce REST calls allowed, across every worker (e.g. 25/s); empty: no limit."
+    )
+    rate_limit_whmcs: RateText = Field(
+        None, description="WHMCS API calls allowed, across every worker (e.g. 10/s); empty: no limit."
+    )
+    rate_limit_smdp: RateText = Field(
+        None, description="SM-DP+ (ES2+) calls allowed, across every worker (e.g. 20/s); empty: no limit."
+    )
+    rate_limit_smtp: RateText = Field(
+        None, description="E-mails sent, across every worker (e.g. 5/s); empty: no limit."
+    )
+    breaker_failures: int = Field(
+        5,
+        ge=1,
+        description="Transient failures in a row of one external system that open its circuit: every worker "
+        "stops calling it for BREAKER_COOLDOWN_S (a 429 or Retry-After opens it at once).",
+    )
+    breaker_cooldown_s: float = Field(
+        30.0, gt=0, description="How long an open circuit keeps its system uncalled before one probe."
+    )
+    breaker_cooldown_max_s: float = Field(
+        300.0,
+        gt=0,
+        description="A probe that fails doubles the cool-down, up to this; a Retry-After is honoured up to it.",
+    )
+    celery_step_queues: dict[str, str] = Field(
+        default_factory=dict,
+        description='Queues of their own, JSON: {"activate_esim": "esim"} for a step, {"whmcs": "whmcs"} for '
+        "every step calling a system; the rest go to CELERY_QUEUE.",
+    )
+
     # -- Salesforce ------------------------------------------------------------------------
     sf_login_url: HttpUrl | None = Field(
         None, description="OAuth login host, e.g. https://login.salesforce.com."
@@ -403,6 +447,13 @@ class Settings(BaseSettings):
         300,
         ge=0,
         description="The backfill starts a run for an Order left in Activating this long with no run of ours.",
+    )
+    sf_api_backfill_max_share: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="The backfill skips its Salesforce query while the org has used more than this share of "
+        "its daily API allowance (Sforce-Limit-Info); the events' runs go on.",
     )
 
     # -- metrics and the operators' console --------------------------------------------------

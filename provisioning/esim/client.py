@@ -26,12 +26,14 @@ from urllib.parse import urlsplit
 
 import urllib3
 
+from provisioning.core.errors import TransientError
 from provisioning.core.http import (
     TRANSPORT_EXCEPTIONS,
     TransportFailure,
     classify,
     connection_retrying,
     make_pool,
+    mark_busy,
     status_failure,
 )
 from provisioning.core.iccid import normalize_iccid
@@ -164,7 +166,8 @@ class Es2PlusClient:
         busy = status_failure(status)
         if busy is not None:
             log.warning("es2plus_http_error", function=function, call_id=call_id, http_status=status)
-            raise from_transport(TransportFailure(busy, f"HTTP {status}"), function, status=status)
+            error = from_transport(TransportFailure(busy, f"HTTP {status}"), function, status=status)
+            raise mark_busy(error, status, response.headers) if isinstance(error, TransientError) else error
         try:
             answer = json.loads(response.data)
         except ValueError:

@@ -16,6 +16,8 @@ One face, :class:`Ledger`, split by what it keeps, each part with a few methods:
 - ``leases``: the Orders' leases (:mod:`.leases`);
 - ``listener``: the listener's leader lock, checkpoints and leader (:mod:`.listener`);
 - ``inventory``: the eSIM ICCID stock (:mod:`.inventory`);
+- ``limits``: each external system's rate limit and circuit breaker, and the Salesforce API usage
+  (:mod:`.limits`);
 - ``metrics``: the run metrics, counted in the same round trips (:mod:`.metrics`).
 
 The key names are private to this package, all in :mod:`.keys`; the scripts are
@@ -45,6 +47,7 @@ from provisioning.core.run_id import RunId
 from provisioning.ledger.inventory import EsimInventory
 from provisioning.ledger.keys import Keys
 from provisioning.ledger.leases import Leases
+from provisioning.ledger.limits import Limits
 from provisioning.ledger.listener import ListenerStore
 from provisioning.ledger.metrics import RunMetrics, Snapshot
 from provisioning.ledger.orders import Orders
@@ -129,6 +132,7 @@ class Ledger:
         self.registries = Registries(redis, keys, self.runs)
         self.listener = ListenerStore(redis, keys)
         self.inventory = EsimInventory(redis, keys, scripts, replicas)
+        self.limits = Limits(redis, keys, scripts)
 
     def footprint(self, run_id: RunId) -> Footprint:
         """The memory of a run's records and its Order's, and what should be gone once it is done."""

@@ -34,6 +34,12 @@ key                                  type    holds
 ``p:esim:claims``                    hash    the Order's effect key → its ICCID (kept once used)
 ``p:esim:used``                      set     ICCIDs whose run activated them
 ``p:esim:known``                     set     every ICCID ever loaded (a reload adds nothing twice)
+``p:limits:{system}:breaker``       hash    an external system's circuit: state, failures in a
+                                             row, openings in a row, open until (ms)
+``p:limits:{system}:probe``         string  who probes a half-open circuit, with expiry
+``p:limits:{system}:calls``         zset    the system's calls in its rate window, by when (ms)
+``p:limits:{system}:waiting``       string  steps turned away in the window (a counter)
+``p:limits:salesforce:api``         hash    Salesforce's API usage as its last answer said it
 ``p:console:session:{sha256(id)}``   string  JSON of a console session (user, created_at, expires_at,
                                              data); expires with the session
 ``p:console:user:{user}:sessions``   zset    the user's hashed session ids by expiry (what a
@@ -90,6 +96,9 @@ class Keys:
 
     def listener(self, channel: str, what: str) -> str:
         return f"{self.prefix}:listener:{channel}:{what}"
+
+    def limit(self, system: str, what: str) -> str:
+        return f"{self.prefix}:limits:{system}:{what}"
 
     def console_session(self, hashed_id: str) -> str:
         return f"{self.prefix}:console:session:{hashed_id}"

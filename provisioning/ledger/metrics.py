@@ -44,6 +44,8 @@ class ReconcilerAction(StrEnum):
     RESUME = "resume"
     WRITEBACK = "writeback"
     BACKFILL = "backfill"
+    # A backfill sweep that did not ask Salesforce: the org's API allowance is nearly spent.
+    BACKFILL_SKIPPED = "backfill_skipped"
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ RUNS_ENDED = "runs_ended"
 RUNS_FAILED = "runs_failed"
 RUNS_REQUEUED = "runs_requeued"
 RECONCILER_ACTIONS = "reconciler_actions"
+# Steps a system's protection turned away (labels: system, cause): counted by lua/admit.lua.
+STEP_WAITS = "step_waits"
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,8 @@ def observe_step(
     )
 
 
-def _field(name: str, labels: dict[str, str]) -> str:
+def counter_field(name: str, **labels: str) -> str:
+    """A counter's field in the counters hash: ``<name>|<label>=<value>,...`` (labels sorted)."""
     return name + "|" + ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
@@ -178,7 +183,7 @@ class RunMetrics:
 
     # -- writing -------------------------------------------------------------------------------
     def count(self, pipe: Writer, name: str, n: int = 1, **labels: str) -> None:
-        pipe.hincrby(self.counters_key, _field(name, labels), n)
+        pipe.hincrby(self.counters_key, counter_field(name, **labels), n)
 
     def observe(self, pipe: Writer, spec: HistogramSpec, label_value: str, value: float) -> None:
         key = self.histogram_key(spec)

@@ -33,6 +33,7 @@ from provisioning.core.cli_context import Context, pass_ctx
 from provisioning.core.logs import get_logger
 from provisioning.ledger import BEGIN, Origin, RunState
 from provisioning.ledger.inventory import InventoryUnavailable
+from provisioning.ledger.limits import BreakerState
 from provisioning.ledger.metrics import (
     ACTIVATION_LATENCY,
     HISTOGRAMS,
@@ -41,12 +42,14 @@ from provisioning.ledger.metrics import (
     RUNS_FAILED,
     RUNS_REQUEUED,
     RUNS_STARTED,
+    STEP_WAITS,
     FailureCause,
     ReconcilerAction,
     Snapshot,
 )
 from provisioning.runs.chain import CHAIN
 from provisioning.runs.services import Services
+from provisioning.step.spec import System
 
 log = get_logger(__name__)
 
@@ -55,6 +58,7 @@ STOP_POLL_S = 1.0
 
 _FAILED_STEPS = (BEGIN, *CHAIN.names)
 _ENDED = tuple(s.value for s in RunState if not s.unfinished)
+_BREAKER_VALUES = {BreakerState.CLOSED: 0.0, BreakerState.HALF_OPEN: 1.0, BreakerState.OPEN: 2.0}
 
 
 class LedgerCollector(Collector):
@@ -93,6 +97,8 @@ class LedgerCollector(Collector):
             "oldest_created": sizes.oldest_unfinished_created,
             "leader": scrape.leader,
             "stock": self.services.inventory.stock(),
+            "breakers": self.ledger.limits.breakers([s.value for s in System]),
+            "api_usage": self.ledger.limits.api_usage(),
         }
 
     def _families(self, data: dict[str, Any] | None) -> Iterator[Metric]:
@@ -232,6 +238,55 @@ class LedgerCollector(Collector):
             (1.0 if data["leader"] else 0.0) if data else None,
             {"channel": self.channel},
         )
+        yield from self._protection(data, counter)
+
+    def _protection(self, data: dict[str, Any] | None, counter: Any) -> Iterator[Metric]:
+        """Each external system's circuit breaker and rate limit, and the Salesforce API budget."""
+        systems = [s.value for s in System]
+        yield counter(
+            "provisioning_step_waits",
+            "Steps a system's protection made wait (no budget spent), by system and cause: breaker_open, rate_limited",
+            STEP_WAITS,
+            ["cause", "system"],
+            [(cause, system) for system in systems for cause in ("breaker_open", "rate_limited")],
+        )
+        state = GaugeMetricFamily(
+            "provisioning_breaker_state",
+            "A system's circuit breaker: 0 closed, 1 half-open (one probe), 2 open (nobody calls it)",
+            labels=["system"],
+        )
+        failures = GaugeMetricFamily(
+            "provisioning_breaker_failures",
+            "Transient failures in a row a system's breaker counts",
+            labels=["system"],
+        )
+        limit = GaugeMetricFamily(
+            "provisioning_rate_limit_calls_per_second",
+            "A system's global rate limit (RATE_LIMIT_<SYSTEM>), in calls per second; absent: no limit",
+            labels=["system"],
+        )
+        if data is not None:
+            for view in data["breakers"]:
+                state.add_metric([view.system], _BREAKER_VALUES[view.state])
+                failures.add_metric([view.system], view.failures)
+            for system in System:
+                rate = self.services.protection.rate(system)
+                if rate is not None:
+                    limit.add_metric([system.value], rate.per_s)
+        yield from (state, failures, limit)
+        usage = data["api_usage"] if data else None
+        used = GaugeMetricFamily(
+            "provisioning_salesforce_api_requests_used",
+            "Salesforce API requests used in the org's 24 h allowance, as its last REST answer said (Sforce-Limit-Info)",
+        )
+        allowed = GaugeMetricFamily(
+            "provisioning_salesforce_api_requests_limit",
+            "The org's 24 h allowance of API requests (Sforce-Limit-Info)",
+        )
+        if usage is not None:
+            used.add_metric([], usage.used)
+            allowed.add_metric([], usage.limit)
+        yield from (used, allowed)
 
 
 def exported_names(collector: LedgerCollector) -> set[str]:

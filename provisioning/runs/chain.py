@@ -119,6 +119,7 @@ CHAIN = Chain(
             whmcs.validate_payment,
             PaymentChecked,
             System.WHMCS,
+            calls=2,  # GetClientsDetails, GetPayMethods
             adopt=whmcs.adopt_payment,
         ),
         StepSpec(
@@ -126,6 +127,7 @@ CHAIN = Chain(
             esim.activate_esim,
             EsimActivated,
             System.SMDP,
+            calls=2,  # downloadOrder, confirmOrder
             effect=True,
             effect_markers=(esim.DOWNLOADED_MARKER,),
             nothing_to_do=esim.nothing_to_do,
@@ -136,6 +138,7 @@ CHAIN = Chain(
             whmcs.create_whmcs_order,
             WhmcsOrderCreated,
             System.WHMCS,
+            calls=2,  # AddOrder, AcceptOrder
             effect=True,
             effect_markers=(whmcs.WHMCS_INTENT_MARKER,),
             stamp=Stamp(whmcs.WHMCS_INTENT_MARKER, whmcs.intent_stamp),

@@ -49,7 +49,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from provisioning.core.backoff import retrying_transient
 from provisioning.core.errors import PermanentError, TransientError
 from provisioning.core.logs import get_logger
-from provisioning.core.retry import Cause
+from provisioning.core.retry import Cause, Wait
 from provisioning.core.run_id import RunId
 from provisioning.email.steps import OUTBOX_MARKER
 from provisioning.ledger import BEGIN, ClaimStatus, Provisioning, Recorded, RunRecord, RunState
@@ -60,7 +60,7 @@ from provisioning.salesforce.errors import OrderNotFound
 from provisioning.step.context import StepContext
 from provisioning.step.order import Order
 from provisioning.step.results import WelcomeEmail
-from provisioning.step.spec import StepSpec
+from provisioning.step.spec import StepSpec, System
 
 log = get_logger(__name__)
 
@@ -75,16 +75,6 @@ WRITEBACK_BACKOFF_MAX_S = 4.0
 # Celery's own bound on a message's retries still ends an outage that lasts, and the reconciler
 # resumes the run.
 LEDGER_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
-
-
-class Wait(Exception):
-    """Try the same step again in ``countdown_s`` seconds (``cause``: why; the retry policy's)."""
-
-    def __init__(self, cause: Cause, countdown_s: float, reason: str) -> None:
-        super().__init__(cause, countdown_s, reason)
-        self.cause = cause
-        self.countdown_s = countdown_s
-        self.reason = reason
 
 
 class RunEnded(Exception):
@@ -110,10 +100,31 @@ class StepDone:
     next_step: StepSpec | None
 
 
+@dataclass
+class _Call:
+    """Whether the step's action ran (it called its system), and what it raised."""
+
+    ran: bool = False
+    error: BaseException | None = None
+
+
 def run_step(services: Services, run_id: RunId, spec: StepSpec) -> StepDone:
-    """Run one step of one run; the first step of a run that has not begun begins it."""
+    """Run one step of one run; the first step of a run that has not begun begins it.
+
+    Its system admits it first (its rate limit, its circuit breaker: ``Wait``, spending no
+    budget, when it may not call now) and learns after how its call went.
+    """
     try:
-        return _run_step(services, run_id, spec)
+        admission = services.protection.admit(spec.system, spec.calls)
+        call = _Call()
+        try:
+            return _run_step(services, run_id, spec, call)
+        finally:
+            with suppress(*LEDGER_UNREACHABLE):
+                if call.ran:
+                    services.protection.called(spec.system, admission, call.error)
+                else:
+                    services.protection.not_called(spec.system, admission)
     except LEDGER_UNREACHABLE as exc:
         countdown = services.retry.wait_s(Cause.LEDGER_DOWN)
         log.warning(
@@ -122,7 +133,7 @@ def run_step(services: Services, run_id: RunId, spec: StepSpec) -> StepDone:
         raise Wait(Cause.LEDGER_DOWN, countdown, f"the ledger is unreachable: {exc}") from exc
 
 
-def _run_step(services: Services, run_id: RunId, spec: StepSpec) -> StepDone:
+def _run_step(services: Services, run_id: RunId, spec: StepSpec, call: _Call) -> StepDone:
     ledger = services.ledger
     chain = services.chain
     claimed_at = time.monotonic()
@@ -168,9 +179,11 @@ def _run_step(services: Services, run_id: RunId, spec: StepSpec) -> StepDone:
             services, run_id, provisioning, lease, snapshot, lease_set_at=claimed_at, stamp=stamp
         )
         started = time.monotonic()
+        call.ran = True
         try:
             result = spec.action(ctx).to_json()
         except TransientError as exc:
+            call.error = exc
             ledger.runs.record_error(
                 run_id, spec.name, str(exc), markers=ctx.pending_markers, writes=ctx.pending_writes
             )
@@ -198,7 +211,8 @@ def _run_step(services: Services, run_id: RunId, spec: StepSpec) -> StepDone:
             )
             observed = _observe(run, spec, attempts, started)
             return _terminal(services, run, provisioning, spec, str(exc), FailureCause.PERMANENT, observed)
-        except BaseException:
+        except BaseException as exc:
+            call.error = exc
             # Anything else (the ledger out of reach, a bug): what the step did is still worth keeping.
             if ctx.pending_markers or ctx.pending_writes:
                 with suppress(Exception):
@@ -285,13 +299,18 @@ def _begin(services: Services, run_id: RunId, provisioning: Provisioning, spec: 
             return _Begun({"joined": str(other_id)})
         if other is not None and other.state is RunState.FAILED:
             superseded = other_id
+    # The Order is read from Salesforce: its rate limit and its breaker have their say too.
+    admission = services.protection.admit(System.SALESFORCE, 1)
     try:
         order = services.salesforce.fetch_order(run_id.order_id)
+        services.protection.called(System.SALESFORCE, admission, None)
     except OrderNotFound as exc:
+        services.protection.called(System.SALESFORCE, admission, exc)
         ledger.runs.skip(run_id, f"skipped: {exc}")
         log.warning("order_not_found_run_skipped", error=str(exc))
         return _Begun({"skipped": "order not found"})
     except TransientError as exc:
+        services.protection.called(System.SALESFORCE, admission, exc)
         # The beginning has a retry budget of its own, counted in the ledger like a step's.
         attempts = ledger.runs.record_attempt(run_id, BEGIN)
         if attempts <= services.settings.task_max_retries:
@@ -307,6 +326,7 @@ def _begin(services: Services, run_id: RunId, provisioning: Provisioning, spec: 
         )
         raise RunFailed(f"{BEGIN}: {exc}") from None
     except PermanentError as exc:
+        services.protection.called(System.SALESFORCE, admission, exc)
         fail_run(services, run_id, BEGIN, str(exc))
         raise RunFailed(f"{BEGIN}: {exc}") from None
     if order.activation_status != ACTIVATING:

@@ -95,6 +95,19 @@ def repair_failure_writebacks(services: Services, idle_s: float) -> list[RunId]:
 def backfill_orders(services: Services, app: Celery, grace_s: float) -> list[RunId]:
     """Start a run for each Order waiting in Activating for longer than ``grace_s`` that no run handles."""
     ledger = services.ledger
+    usage = ledger.limits.api_usage()
+    ceiling = services.settings.sf_api_backfill_max_share
+    if usage is not None and usage.share > ceiling:
+        # The events' runs need the allowance more than this safety net does: try again next sweep.
+        log.warning(
+            "order_backfill_skipped",
+            api_used=usage.used,
+            api_limit=usage.limit,
+            max_share=ceiling,
+            reason="the org's daily API allowance is nearly spent (SF_API_BACKFILL_MAX_SHARE)",
+        )
+        ledger.metrics.count_sweep(ReconcilerAction.BACKFILL_SKIPPED, 1)
+        return []
     before = datetime.fromtimestamp(time.time() - grace_s, UTC)
     started = []
     found = services.salesforce.waiting_orders(before, limit=BACKFILL_MAX_ORDERS)

@@ -12,6 +12,7 @@ from provisioning.core.settings import Settings
 from provisioning.ledger import Ledger
 from provisioning.ledger.inventory import EsimInventory
 from provisioning.runs.chain import CHAIN, Chain
+from provisioning.runs.protection import Protection
 
 if TYPE_CHECKING:
     from provisioning.email.sender import SmtpSender
@@ -40,6 +41,8 @@ class Services:
             lease_ttl_s=settings.run_lease_ttl_s,
             replicas=self.replicas,
         )
+        # Each external system's rate limit and circuit breaker, shared by every worker.
+        self.protection = Protection(self.ledger.limits, settings, self.retry)
         self._built: dict[str, Any] = {}
         self._lock = threading.Lock()
 

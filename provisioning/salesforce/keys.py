@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from provisioning.core.errors import PicklableError
+
 KEY_FILE_NAME = "salesforce-jwt.key"
 CERT_FILE_NAME = "salesforce-jwt.crt"
 KEY_BITS = 2048
@@ -35,7 +37,7 @@ CERT_FILE_MODE = 0o644
 CLOCK_SKEW = dt.timedelta(minutes=5)
 
 
-class KeyFilesExist(FileExistsError):
+class KeyFilesExist(PicklableError, FileExistsError):
     """The key or the certificate is already there and replacing it was not asked for."""
 
     def __init__(self, existing: list[Path]) -> None:

@@ -20,6 +20,7 @@ import inspect
 import random
 import ssl
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -31,6 +32,8 @@ from aiohttp import web
 FaultKind = Literal["error", "reset", "ambiguous"]
 FAULT_KINDS: tuple[str, ...] = ("error", "reset", "ambiguous")
 ADMIN_PREFIX = "/__admin"
+# Seconds of per-second call counts kept (an hour).
+PER_SECOND_KEPT = 3600
 
 # How long a stopping server waits for open requests (long polls included) to end.
 SHUTDOWN_GRACE_S = 1.0
@@ -51,6 +54,8 @@ class Faults:
     ambiguous_rate: float = 0.0
     # Only these operations get random faults (latency included); empty: all of them.
     operations: list[str] = field(default_factory=list)
+    # An injected error's Retry-After header, in seconds (0: none).
+    retry_after_s: int = 0
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Faults:
@@ -81,6 +86,8 @@ class FaultInjector:
         self.faults = faults or Faults()
         self.forced: dict[str, collections.deque[str]] = collections.defaultdict(collections.deque)
         self.calls: collections.Counter[str] = collections.Counter()
+        # Calls by the second they arrived in (epoch seconds): what a rate limit must keep under.
+        self.per_second: collections.Counter[int] = collections.Counter()
         self.injected: collections.Counter[str] = collections.Counter()
         self._rng = random.Random(seed)
 
@@ -97,6 +104,14 @@ class FaultInjector:
 
     def force(self, operation: str, *kinds: FaultKind) -> None:
         self.forced[operation].extend(kinds)
+
+    def _count(self, operation: str) -> None:
+        self.calls[operation] += 1
+        second = int(time.time())
+        self.per_second[second] += 1
+        if len(self.per_second) > PER_SECOND_KEPT:
+            for old in sorted(self.per_second)[: len(self.per_second) - PER_SECOND_KEPT]:
+                del self.per_second[old]
 
     def _applies(self, operation: str) -> bool:
         ops = self.faults.operations
@@ -118,7 +133,7 @@ class FaultInjector:
 
     def next_fault(self, operation: str) -> str | None:
         """Count a call of ``operation`` and draw its fault; for simulators that are not HTTP (SMTP)."""
-        self.calls[operation] += 1
+        self._count(operation)
         kind = self._roll(operation)
         if kind:
             self.injected[f"{operation}:{kind}"] += 1
@@ -137,14 +152,17 @@ class FaultInjector:
         error_response: ErrorResponder,
     ) -> web.StreamResponse:
         """Count the call, then run ``action`` under this simulator's faults."""
-        self.calls[operation] += 1
+        self._count(operation)
         await self.delay(operation)
         kind = self._roll(operation)
         if kind:
             self.injected[f"{operation}:{kind}"] += 1
         if kind == "error":
             status = self.faults.error_status
-            return error_response(status)
+            response = error_response(status)
+            if self.faults.retry_after_s:
+                response.headers["Retry-After"] = str(self.faults.retry_after_s)
+            return response
         if kind == "reset":
             abort(request)
         response = await action()
@@ -170,12 +188,14 @@ class FaultInjector:
                 {
                     "calls": dict(self.calls),
                     "total": sum(self.calls.values()),
+                    "per_second": {str(k): v for k, v in sorted(self.per_second.items())},
                     "injected": dict(self.injected),
                 }
             )
 
         async def reset_calls(_: web.Request) -> web.Response:
             self.calls.clear()
+            self.per_second.clear()
             self.injected.clear()
             return web.json_response({"calls": {}, "total": 0, "injected": {}})
 

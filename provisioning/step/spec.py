@@ -77,6 +77,8 @@ class StepSpec:
     action: Action
     result: type[StepResult]
     system: System
+    # Calls to its system per try: each takes one of the system's rate limit (RATE_LIMIT_<SYSTEM>).
+    calls: int = 1
     owner: Owner = Owner.ORDER
     # It makes an effect the Order owns, to happen once (an eSIM profile, a WHMCS order, an e-mail).
     effect: bool = False

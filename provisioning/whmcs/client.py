@@ -23,6 +23,7 @@ from typing import Any
 import urllib3
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from provisioning.core.errors import TransientError
 from provisioning.core.http import (
     TRANSPORT_EXCEPTIONS,
     Failure,
@@ -30,6 +31,7 @@ from provisioning.core.http import (
     classify,
     connection_retrying,
     make_pool,
+    mark_busy,
     status_failure,
 )
 from provisioning.core.logs import get_logger
@@ -369,7 +371,8 @@ class WhmcsClient:
             )
         busy = status_failure(status)
         if busy is not None:
-            raise from_transport(TransportFailure(busy, f"HTTP {status}"), action, status=status)
+            error = from_transport(TransportFailure(busy, f"HTTP {status}"), action, status=status)
+            raise mark_busy(error, status, response.headers) if isinstance(error, TransientError) else error
         if status in (401, 403):
             raise WhmcsAuthError(
                 f"WHMCS {action}: HTTP {status} (access refused)", action=action, status=status

@@ -14,6 +14,7 @@ import inspect
 import pickle
 import pkgutil
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import ModuleType
 
 import grpc
@@ -23,7 +24,7 @@ from pydantic import SecretStr
 import provisioning
 import tasks
 from provisioning.core.errors import OrderRejected, PermanentError, ProvisioningError, TransientError
-from provisioning.core.retry import Cause
+from provisioning.core.retry import Cause, Wait
 from provisioning.core.settings import ConfigError
 from provisioning.email.errors import EmailError
 from provisioning.esim.errors import (
@@ -36,11 +37,12 @@ from provisioning.esim.errors import (
     _WithFunctionStatus,
 )
 from provisioning.ledger.inventory import InventoryEmpty
-from provisioning.ops.console.app import Refused
-from provisioning.runs.lifecycle import RunEnded, Wait
+from provisioning.ops.console.web import Refused
+from provisioning.runs.lifecycle import RunEnded
 from provisioning.salesforce.auth import AccessToken
 from provisioning.salesforce.client import _SessionExpired
 from provisioning.salesforce.errors import SalesforceError
+from provisioning.salesforce.keys import KeyFilesExist
 from provisioning.sandbox import smdp as smdp_simulator
 from provisioning.sandbox import whmcs as whmcs_simulator
 from provisioning.sandbox.salesforce import auth as sf_auth
@@ -90,6 +92,7 @@ SAMPLES: dict[type[BaseException], Build] = {
         grpc.StatusCode.UNAVAILABLE, "sfdc.platform.eventbus.grpc.service.unavailable", "down"
     ),
     Refused: lambda cls: cls("'nope' is not a run id", 404),
+    KeyFilesExist: lambda cls: cls([Path("salesforce-jwt.key")]),
 }
 
 

@@ -9,10 +9,11 @@ import redis
 
 from provisioning.core.errors import TransientError
 from provisioning.core.replication import REPLICAS_NEEDED, ReplicaUnconfirmed, ReplicaWait
+from provisioning.core.retry import Wait
 from provisioning.core.run_id import RunId
 from provisioning.core.settings import Settings
 from provisioning.runs.chain import CHAIN
-from provisioning.runs.lifecycle import Wait, run_step
+from provisioning.runs.lifecycle import run_step
 from provisioning.runs.services import Services
 from provisioning.sandbox.redis_server import RedisServer
 from provisioning.sandbox.scenario import effects_by_order, seed_orders, wait_until

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from provisioning.core.errors import PermanentError, TransientError
+from provisioning.core.retry import Wait
 from provisioning.core.run_id import RunId
 from provisioning.core.settings import Settings
 from provisioning.ledger import Origin
@@ -22,7 +23,7 @@ from provisioning.ledger.metrics import STEP_DURATION, FailureCause, RunMetrics
 from provisioning.ops.actions import requeue
 from provisioning.ops.exporter import LedgerCollector, exported_names
 from provisioning.runs.chain import CHAIN
-from provisioning.runs.lifecycle import RunEnded, RunFailed, Wait, run_step
+from provisioning.runs.lifecycle import RunEnded, RunFailed, run_step
 from provisioning.runs.publishing import make_publisher
 from provisioning.runs.reconciler import backfill_orders, resume_stale
 from provisioning.runs.services import Services
@@ -234,17 +235,43 @@ def test_every_exported_family_is_described_and_served_even_before_any_run(setti
     services = Services(settings)
     collector = LedgerCollector(services)
     served = set(scrape(services))
-    # What the backfill sweep reports has no value before its first sweep.
+    # What the backfill sweep reports has no value before its first sweep, the rate limits none when
+    # none is set, the API budget none before Salesforce's first answer.
     assert exported_names(collector) - served == {
         "provisioning_activating_orders",
         "provisioning_activating_oldest_order_age_seconds",
         "provisioning_activating_checked_timestamp_seconds",
+        "provisioning_rate_limit_calls_per_second",
+        "provisioning_salesforce_api_requests_used",
+        "provisioning_salesforce_api_requests_limit",
     }
     assert served <= exported_names(collector)
     assert "provisioning_runs_failed_total" in served
     # Zero-valued series exist from the start, so increase() counts a first failure.
     s = scrape(services)
     assert value(s, "provisioning_runs_failed_total", step="send_email", cause="permanent") == 0
+    assert value(s, "provisioning_breaker_state", system="whmcs") == 0
+    assert value(s, "provisioning_step_waits_total", system="smdp", cause="rate_limited") == 0
+
+
+def test_a_systems_breaker_its_waits_its_rate_limit_and_the_api_budget_are_read_at_scrape_time(
+    stack_settings,
+):
+    from provisioning.ledger.limits import BreakerPolicy, Outcome
+
+    services = Services(stack_settings.model_copy(update={"rate_limit_whmcs": "600/m"}))
+    limits = services.ledger.limits
+    for _ in range(2):
+        limits.record("whmcs", Outcome.FAILED, BreakerPolicy(failures=2, cooldown_s=60, cooldown_max_s=60))
+    assert not limits.admit("whmcs", rate=None, calls=1).ok
+    limits.record_api_usage(12000, 15000)
+    s = scrape(services)
+    assert value(s, "provisioning_breaker_state", system="whmcs") == 2
+    assert value(s, "provisioning_breaker_failures", system="whmcs") == 2
+    assert value(s, "provisioning_step_waits_total", system="whmcs", cause="breaker_open") == 1
+    assert value(s, "provisioning_rate_limit_calls_per_second", system="whmcs") == 10
+    assert value(s, "provisioning_salesforce_api_requests_used") == 12000
+    assert value(s, "provisioning_salesforce_api_requests_limit") == 15000
 
 
 def test_the_exporter_reports_the_ledger_down_instead_of_failing_the_scrape(settings):

@@ -22,6 +22,8 @@ PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 REQUIRED_ALERTS = {
     "NoLeaderListener",
     "ListenerStalled",
+    "BreakerOpen",
+    "SalesforceApiBudgetLow",
     "ListenerLagging",
     "OrdersWaitingInActivating",
     "StepFailureRateHigh",

@@ -219,3 +219,33 @@ def test_check_reports_sentinel_and_a_replicated_aof_ledger_ok_and_warns_when_a_
         sentinel = _line(out, "sentinel")
         assert sentinel.startswith("WARN")
         assert f"sentinel(s) 127.0.0.1:{group.sentinels[2].port} did not answer" in sentinel
+
+
+def test_check_says_which_circuit_is_open_for_how_long_and_which_rate_limits_are_set(tmp_path, settings):
+    from provisioning.ledger.limits import BreakerPolicy, Outcome
+    from provisioning.runs.services import Services
+
+    services = Services(settings)
+    services.ledger.limits.record(
+        "whmcs", Outcome.THROTTLED, BreakerPolicy(failures=5, cooldown_s=120, cooldown_max_s=300)
+    )
+    env = {
+        "REDIS_URL": "redis://127.0.0.1:6379/0",
+        "CELERY_BROKER_URL": "redis://127.0.0.1:6379/1",
+        "LEDGER_PREFIX": settings.ledger_prefix,
+        "RATE_LIMIT_SMDP": "20/s",
+    }
+    line = _line(_run(tmp_path, **env), "circuits")
+    assert line.startswith("WARN  circuits")
+    assert "whmcs open for 1" in line  # 120 s less the time the check took
+    assert (
+        "after 1 transient failures in a row: its steps wait (no budget spent) until a probe succeeds" in line
+    )
+    assert "rate limits: smdp 20/s" in line
+    services.ledger.limits.record(
+        "whmcs", Outcome.OK, BreakerPolicy(failures=5, cooldown_s=120, cooldown_max_s=300)
+    )
+    line = _line(_run(tmp_path, **env), "circuits")
+    assert line.startswith("OK    circuits")
+    assert "every circuit closed (salesforce, whmcs, smdp, smtp); rate limits: smdp 20/s" in line
+    services.redis.close()

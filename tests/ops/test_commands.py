@@ -182,8 +182,9 @@ def test_reprovision_makes_new_effects_only_on_an_operators_request_with_a_reaso
 
 def test_runs_lists_runs_by_state_step_age_and_order_as_the_console_does(sandbox, stack_settings, services):
     from provisioning.core.errors import PermanentError, TransientError
+    from provisioning.core.retry import Wait
     from provisioning.core.run_id import RunId
-    from provisioning.runs.lifecycle import RunFailed, Wait, run_step
+    from provisioning.runs.lifecycle import RunFailed, run_step
     from tests.steps import at
 
     class Refused(PermanentError):

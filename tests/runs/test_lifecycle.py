@@ -22,6 +22,7 @@ from provisioning.core.retry import (
     LEDGER_DOWN_BASE_S,
     LEDGER_DOWN_CAP_S,
     Cause,
+    Wait,
 )
 from provisioning.core.run_id import RunId
 from provisioning.email.errors import EmailPermanentError
@@ -29,7 +30,7 @@ from provisioning.esim.steps import activate_esim
 from provisioning.ledger import Origin, RunState
 from provisioning.ops.actions import requeue
 from provisioning.runs.chain import CHAIN
-from provisioning.runs.lifecycle import RunEnded, RunFailed, Wait, run_step
+from provisioning.runs.lifecycle import RunEnded, RunFailed, run_step
 from provisioning.runs.publishing import make_publisher
 from provisioning.runs.reconciler import resume_stale
 from provisioning.runs.services import Services

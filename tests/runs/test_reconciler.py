@@ -62,3 +62,26 @@ def test_orders_left_activating_without_an_event_are_provisioned_once_by_the_bac
     # Further sweeps find nothing to do: still one run per orphan.
     time.sleep(3)
     assert all(len(services.ledger.orders.runs(o.order_id)) == 1 for o in orphans)
+
+
+def test_the_backfill_skips_its_query_while_the_orgs_api_allowance_is_nearly_spent(sandbox, services):
+    from provisioning.runs.reconciler import backfill_orders
+
+    orphans = seed_orders(sandbox, services.inventory, count=2, esim_share=0.0, seed=53)
+    app = make_publisher(services.settings)
+    sandbox.admin("salesforce").post("/__admin/calls/reset")
+    services.ledger.limits.record_api_usage(14_000, 15_000)  # 93 %: past SF_API_BACKFILL_MAX_SHARE=0.9
+    assert backfill_orders(services, app, grace_s=0) == []
+    assert sandbox.admin("salesforce").get("/__admin/calls")["calls"].get("query", 0) == 0
+    counters = services.ledger.metrics.parse(_read_counters(services)).counter("reconciler_actions")
+    assert counters[(("action", "backfill_skipped"),)] == 1
+    # Below it again, the sweep asks Salesforce and starts their runs.
+    services.ledger.limits.record_api_usage(10_000, 15_000)
+    started = backfill_orders(services, app, grace_s=-60)  # any Order modified before a minute from now
+    assert {r.order_id for r in started} == {o.order_id for o in orphans}
+
+
+def _read_counters(services):
+    pipe = services.redis.pipeline()
+    services.ledger.metrics.read_commands(pipe)
+    return pipe.execute()

@@ -22,7 +22,10 @@ from kombu.connection import Connection
 import celeryconfig
 from provisioning.core.redis_client import describe, redis_from_settings, sentinel_from_settings
 from provisioning.core.settings import ConfigError, Settings, redact_url
+from provisioning.ledger import Ledger
+from provisioning.ledger.limits import BreakerState
 from provisioning.ops.checks.external import NotRunning, Probe, ProbeFn, external_probes
+from provisioning.step.spec import System
 
 # Each probe gives up after this long, so `check` answers quickly when something is down.
 PROBE_TIMEOUT_S = 3.0
@@ -172,6 +175,36 @@ def _ledger(settings: Settings) -> str:
     return detail
 
 
+def _circuits(settings: Settings) -> str:
+    """Each external system's circuit breaker as every worker sees it (the ledger keeps them), and the
+    rate limits set: an open circuit is a WARN (its steps wait; nothing fails because of it)."""
+    client = _probe_client(settings)
+    try:
+        ledger = Ledger(redis=client, prefix=settings.ledger_prefix, retention_s=0, lease_ttl_s=1)
+        views = ledger.limits.breakers([s.value for s in System])
+    finally:
+        client.close()
+    limits = {
+        "salesforce": settings.rate_limit_salesforce,
+        "whmcs": settings.rate_limit_whmcs,
+        "smdp": settings.rate_limit_smdp,
+        "smtp": settings.rate_limit_smtp,
+    }
+    rates = ", ".join(f"{name} {rate}" for name, rate in limits.items() if rate) or "none"
+    trouble = [v for v in views if v.state is not BreakerState.CLOSED]
+    if trouble:
+        said = "; ".join(
+            f"{v.system} {v.state.value}"
+            + (f" for {v.open_for_s:.0f} s more" if v.open_for_s is not None else ": one probe is trying it")
+            + f" after {v.failures} transient failures in a row"
+            for v in trouble
+        )
+        raise Degraded(
+            f"{said}: its steps wait (no budget spent) until a probe succeeds; rate limits: {rates}"
+        )
+    return f"every circuit closed ({', '.join(v.system for v in views)}); rate limits: {rates}"
+
+
 def sentinel_health(settings: Settings) -> tuple[bool, str]:
     """(healthy, what it is): every sentinel answers, they agree on the master, a failover can happen."""
     assert settings.redis_sentinel_master is not None
@@ -256,6 +289,7 @@ def probes(settings: Settings) -> list[Probe]:
         Probe("sentinel", sentinel, uses=REDIS_SETTINGS),
         Probe("redis", _redis, uses=REDIS_SETTINGS, needs=("sentinel",), where=describe),
         Probe("ledger durability", _ledger, uses=REDIS_SETTINGS, needs=("redis",)),
+        Probe("circuits", _circuits, uses=REDIS_SETTINGS, needs=("redis",)),
         Probe(
             "broker",
             _broker,

@@ -15,11 +15,12 @@ from typing import Any
 import pytest
 
 from provisioning.core.errors import PermanentError, TransientError
+from provisioning.core.retry import Wait
 from provisioning.core.run_id import RunId
 from provisioning.ledger import RunState
 from provisioning.ops.console.app import create_app, mask_emails
 from provisioning.ops.console.stores import console_sessions
-from provisioning.runs.lifecycle import RunFailed, Wait, run_step
+from provisioning.runs.lifecycle import RunFailed, run_step
 from provisioning.sandbox.scenario import seed_orders
 from provisioning.step.results import PaymentChecked
 from tests.ops.console.conftest import (
@@ -428,3 +429,23 @@ def test_behind_a_trusted_proxy_the_address_counted_is_the_client_x_forwarded_fo
             client, f"user{n}", "guess", headers={"X-Forwarded-For": f"198.51.100.{n + 2}"}, **untrusted
         )
     assert try_login(client, "victor", PASSWORDS["victor"], **untrusted).status_code == 429
+
+
+def test_the_listener_page_shows_each_systems_circuit_and_the_salesforce_api_allowance(app, services):
+    from provisioning.ledger.limits import BreakerPolicy, Outcome
+
+    services.ledger.limits.record(
+        "smdp", Outcome.THROTTLED, BreakerPolicy(failures=5, cooldown_s=60, cooldown_max_s=60)
+    )
+    services.ledger.limits.record_api_usage(3000, 15000)
+    client = app.test_client()
+    login(client, "victor")
+    page = client.get("/listener")
+    assert page.status_code == 200
+    body = text(page)
+    assert "A circuit is not closed: its steps wait (no retry budget spent) until a probe succeeds." in body
+    assert re.search(
+        r'<td class="mono">smdp</td><td>open \((59|60) s to the next probe\)</td><td>1</td>', body
+    )
+    assert '<td class="mono">whmcs</td><td>closed</td><td>0</td><td class="mono">none</td>' in body
+    assert "3000 of 15000 used (20 %)" in body

@@ -23,6 +23,7 @@ from provisioning.ops.status import (
 )
 from provisioning.runs.chain import CHAIN
 from provisioning.salesforce.ids import normalize_id
+from provisioning.step.spec import System
 
 bp = Blueprint("pages", __name__)
 
@@ -127,8 +128,18 @@ def esim() -> Response:
 def listener() -> Response:
     state = console()
     settings = state.settings
-    listener_state = state.services.ledger.listener.state(settings.sf_provision_event_channel)
-    return page("listener.html", state=listener_state, lock_ttl_s=settings.listener_lock_ttl_s)
+    ledger = state.services.ledger
+    listener_state = ledger.listener.state(settings.sf_provision_event_channel)
+    breakers = ledger.limits.breakers([s.value for s in System])
+    rates = {s.value: state.services.protection.rate(s) for s in System}
+    return page(
+        "listener.html",
+        state=listener_state,
+        lock_ttl_s=settings.listener_lock_ttl_s,
+        breakers=breakers,
+        rates=rates,
+        api_usage=ledger.limits.api_usage(),
+    )
 
 
 def run_filter(chosen: dict[str, str]) -> RunFilter:

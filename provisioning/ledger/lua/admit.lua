@@ -1,0 +1,72 @@
+-- May a step call its external system now? The system's circuit breaker, then its rate limit, in one
+-- round trip; nothing is taken when the answer is no.
+--
+-- The rate limit is a sliding window: at most LIMIT calls in any WINDOW, however the window is
+-- placed (a token whose call was made comes back exactly one window later). A plain token bucket
+-- would let a full bucket burst on top of its refill: twice the limit within one window.
+--
+-- KEYS[1]  the system's breaker           (hash: state closed|open|half_open, failures, opens,
+--                                          open_until_ms)
+-- KEYS[2]  the system's probe             (string, with expiry: who may probe a half-open circuit)
+-- KEYS[3]  the system's calls in the window (zset: one member per call, scored by when, in ms)
+-- KEYS[4]  the system's turned-away steps (string counter, expiring with the window)
+-- KEYS[5]  the run metrics' counters      (hash: a refusal counts one in ARGV[6] or ARGV[7])
+-- (The time is Redis's own: the same for every worker on every host.)
+-- ARGV[1]  the limit: calls per window (0: no rate limit)
+-- ARGV[2]  the window, in milliseconds
+-- ARGV[3]  the calls the step will make (tokens it takes)
+-- ARGV[4]  a unique id of this admission (members of KEYS[3] are ID:1, ID:2, ...)
+-- ARGV[5]  how long a probe may take before another step may probe, in milliseconds
+-- ARGV[6]  the counter of steps the breaker turned away
+-- ARGV[7]  the counter of steps the rate limit turned away
+--
+-- Returns one of:
+--   {1, clean, probe}                  go (clean 1: the circuit is closed with no failure counted,
+--                                      so a success needs no write; probe 1: this step is the
+--                                      half-open circuit's one probe)
+--   {0, wait_ms, 'breaker_open', 0}    the circuit is open, or another step is probing it
+--   {0, wait_ms, 'rate_limited', n}    the window is full; n: steps turned away in it, this one too
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
+local clean = 1
+if state ~= 'closed' or tonumber(redis.call('HGET', KEYS[1], 'failures') or '0') > 0 then clean = 0 end
+if state == 'open' then
+  local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until_ms') or '0')
+  if now < open_until then
+    redis.call('HINCRBY', KEYS[5], ARGV[6], 1)
+    return {0, open_until - now, 'breaker_open', 0}
+  end
+  redis.call('HSET', KEYS[1], 'state', 'half_open')
+  state = 'half_open'
+end
+if state == 'half_open' then
+  -- One probe at a time: the others wait for its outcome.
+  if not redis.call('SET', KEYS[2], ARGV[4], 'NX', 'PX', ARGV[5]) then
+    redis.call('HINCRBY', KEYS[5], ARGV[6], 1)
+    return {0, redis.call('PTTL', KEYS[2]), 'breaker_open', 0}
+  end
+end
+local limit = tonumber(ARGV[1])
+if limit > 0 then
+  local window = tonumber(ARGV[2])
+  local calls = tonumber(ARGV[3])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - window)
+  local taken = redis.call('ZCARD', KEYS[3])
+  if taken + calls > limit then
+    if state == 'half_open' then redis.call('DEL', KEYS[2]) end
+    -- Free once the oldest (taken + calls - limit) calls have left the window.
+    local oldest = redis.call('ZRANGE', KEYS[3], taken + calls - limit - 1, taken + calls - limit - 1, 'WITHSCORES')
+    local wait = window
+    if oldest[2] then wait = tonumber(oldest[2]) + window - now end
+    redis.call('HINCRBY', KEYS[5], ARGV[7], 1)
+    local waiting = redis.call('INCR', KEYS[4])
+    redis.call('PEXPIRE', KEYS[4], window)
+    return {0, math.max(wait, 1), 'rate_limited', waiting}
+  end
+  for i = 1, calls do redis.call('ZADD', KEYS[3], now, ARGV[4] .. ':' .. i) end
+  redis.call('PEXPIRE', KEYS[3], window)
+end
+local probe = 0
+if state == 'half_open' then probe = 1 end
+return {1, clean, probe}

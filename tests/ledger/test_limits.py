@@ -1,0 +1,137 @@
+"""The external systems' rate limits and circuit breakers on the real Redis (the fast tier)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from provisioning.core.rate import Rate
+from provisioning.ledger import Ledger
+from provisioning.ledger.limits import BreakerPolicy, BreakerState, Outcome
+from provisioning.runs.services import Services
+
+pytestmark = pytest.mark.fast
+
+POLICY = BreakerPolicy(failures=3, cooldown_s=0.5, cooldown_max_s=2.0)
+
+
+@pytest.fixture
+def ledger(settings):
+    services = Services(settings)
+    yield services.ledger
+    services.redis.close()
+
+
+def test_a_rate_limit_admits_its_calls_per_window_and_says_when_the_next_is_free(ledger: Ledger) -> None:
+    rate = Rate(4, 1.0)
+    assert ledger.limits.admit("smdp", rate=rate, calls=2).ok
+    assert ledger.limits.admit("smdp", rate=rate, calls=2).ok
+    refused = ledger.limits.admit("smdp", rate=rate, calls=2)
+    assert (refused.ok, refused.cause, refused.waiting) == (False, "rate_limited", 1)
+    assert 0 < refused.wait_s <= 1.0
+    # Nothing was taken by the refusal: once the first calls leave the window, two are free again.
+    time.sleep(refused.wait_s + 0.01)
+    assert ledger.limits.admit("smdp", rate=rate, calls=2).ok
+
+
+def test_forty_threads_asking_at_once_never_get_more_than_the_limit_in_any_window(ledger: Ledger) -> None:
+    rate = Rate(10, 0.5)
+    granted: list[float] = []
+    lock = threading.Lock()
+    stop = time.monotonic() + 1.6
+
+    def ask() -> None:
+        while time.monotonic() < stop:
+            if ledger.limits.admit("whmcs", rate=rate, calls=1).ok:
+                with lock:
+                    granted.append(time.monotonic())
+
+    threads = [threading.Thread(target=ask) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    granted.sort()
+    # A sliding window: in any 0.5 s, wherever it starts, at most 10 (a little slack for the clock
+    # difference between Redis's time, which the script keeps, and this process's).
+    most = max(sum(1 for g in granted if start <= g < start + 0.5 - 0.01) for start in granted)
+    assert most <= 10
+    assert len(granted) >= 30  # and the limit was used: about 10 per half second for 1.6 s
+
+
+def test_no_rate_limit_admits_everything_and_a_clean_breaker_needs_no_write(ledger: Ledger) -> None:
+    admission = ledger.limits.admit("smtp", rate=None, calls=1)
+    assert (admission.ok, admission.clean, admission.probe_id) == (True, True, None)
+
+
+def test_a_run_of_failures_opens_the_circuit_and_one_probe_closes_it(ledger: Ledger) -> None:
+    limits = ledger.limits
+    for n in range(POLICY.failures - 1):
+        assert limits.record("whmcs", Outcome.FAILED, POLICY) is BreakerState.CLOSED, n
+    assert not limits.admit("whmcs", rate=None, calls=1).clean  # failures are counted
+    assert limits.record("whmcs", Outcome.FAILED, POLICY) is BreakerState.OPEN
+    refused = limits.admit("whmcs", rate=None, calls=1)
+    assert (refused.ok, refused.cause) == (False, "breaker_open")
+    assert 0 < refused.wait_s <= POLICY.cooldown_s
+    (view,) = limits.breakers(["whmcs"])
+    assert view.state is BreakerState.OPEN
+    time.sleep(refused.wait_s + 0.01)
+    probe = limits.admit("whmcs", rate=None, calls=1)
+    assert probe.ok
+    assert probe.probe_id is not None
+    # Only one probe at a time.
+    other = limits.admit("whmcs", rate=None, calls=1)
+    assert (other.ok, other.cause) == (False, "breaker_open")
+    assert limits.record("whmcs", Outcome.OK, POLICY) is BreakerState.CLOSED
+    assert limits.admit("whmcs", rate=None, calls=1).clean
+
+
+def test_a_failed_probe_opens_the_circuit_again_for_twice_as_long(ledger: Ledger) -> None:
+    limits = ledger.limits
+    for _ in range(POLICY.failures):
+        limits.record("smdp", Outcome.FAILED, POLICY)
+    time.sleep(POLICY.cooldown_s + 0.01)
+    assert limits.admit("smdp", rate=None, calls=1).probe_id is not None
+    assert limits.record("smdp", Outcome.FAILED, POLICY) is BreakerState.OPEN
+    refused = limits.admit("smdp", rate=None, calls=1)
+    assert POLICY.cooldown_s < refused.wait_s <= 2 * POLICY.cooldown_s
+
+
+def test_failures_reported_while_open_do_not_lengthen_the_cool_down(ledger: Ledger) -> None:
+    limits = ledger.limits
+    for _ in range(POLICY.failures + 30):  # forty threads failing at once after the circuit opened
+        limits.record("whmcs", Outcome.FAILED, POLICY)
+    assert limits.admit("whmcs", rate=None, calls=1).wait_s <= POLICY.cooldown_s
+
+
+def test_a_throttle_or_a_retry_after_opens_the_circuit_at_once_for_what_the_system_asked(
+    ledger: Ledger,
+) -> None:
+    limits = ledger.limits
+    assert limits.record("salesforce", Outcome.THROTTLED, POLICY) is BreakerState.OPEN
+    assert limits.record("smtp", Outcome.FAILED, POLICY, retry_after_s=1.5) is BreakerState.OPEN
+    assert 1.0 < limits.admit("smtp", rate=None, calls=1).wait_s <= 1.5
+    # Capped at the longest cool-down.
+    assert limits.record("smdp", Outcome.FAILED, POLICY, retry_after_s=3600) is BreakerState.OPEN
+    assert limits.admit("smdp", rate=None, calls=1).wait_s <= POLICY.cooldown_max_s
+
+
+def test_a_probe_that_did_not_call_lets_the_next_step_probe_at_once(ledger: Ledger) -> None:
+    limits = ledger.limits
+    for _ in range(POLICY.failures):
+        limits.record("whmcs", Outcome.FAILED, POLICY)
+    time.sleep(POLICY.cooldown_s + 0.01)
+    probe = limits.admit("whmcs", rate=None, calls=1)
+    assert probe.probe_id is not None
+    limits.release_probe("whmcs", probe)
+    assert limits.admit("whmcs", rate=None, calls=1).probe_id is not None
+
+
+def test_the_salesforce_api_usage_is_kept_as_the_last_answer_said_it(ledger: Ledger) -> None:
+    assert ledger.limits.api_usage() is None
+    ledger.limits.record_api_usage(4200, 15000)
+    usage = ledger.limits.api_usage()
+    assert usage is not None
+    assert (usage.used, usage.limit, round(usage.share, 2)) == (4200, 15000, 0.28)
