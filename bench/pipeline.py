@@ -2,10 +2,13 @@
 
     python -m bench.pipeline [--orders 200] [--concurrency 8] [--floor-json PATH] [--profile] [--json PATH]
 
-Orders/s and worker CPU per order, and both as a ratio to the Celery floor
-(``bench.floor``: give its JSON with --floor-json). Runs are published with
-``publish_run`` (what the listener does for each event) all at once.
-``--profile`` samples the worker with py-spy during the measured batch.
+Orders/s and worker CPU per order, against what it cannot go below in one round:
+the Celery floor (``bench.floor``'s no-op tasks, as many per Order as a run sends)
+plus the steps' own CPU in-process (the same kind of Orders' steps run one after
+the other in this process's thread, no Celery at all). Their ratio is the overhead
+of our task layer (the goal: 1.15 at most). Runs are published with ``publish_run``
+(what the listener does for each event) all at once. ``--profile`` samples the
+worker with py-spy during the measured batch.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from bench.common import (
     spread,
     workdir_for,
 )
+from bench.floor import TASKS_PER_CHAIN as TASKS_PER_FLOOR_CHAIN
 from bench.floor import FloorRunner
 from bench.profile import Profiler, summarise
-from bench.stack import Batch, Stack
+from bench.stack import Batch, Stack, steps_in_process
 from provisioning.runs.chain import CHAIN
 
 TASKS = CHAIN.names
@@ -83,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = stack.settings("pipe")
         services = stack.services(settings)
         orders = stack.seed(services, args.warmup + args.rounds * args.orders)
+        # The same number of Orders of the same kinds, for the steps run in-process each round.
+        inprocess_orders = stack.seed(services, args.rounds * args.orders)
         (worker,) = stack.start_workers(settings, pool=args.pool, concurrency=args.concurrency)
         batch = Batch(stack, settings, services)
         batch.warm_up(orders[: args.warmup])
@@ -106,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             profiler.start()
         results = []
         floor_rounds: list[tuple[float, dict[str, float]]] = []
+        inprocess: list[tuple[float, float]] = []  # (CPU ms per Order, tasks per Order)
         for round_no in range(args.rounds):
             if floor_runner is not None:
                 # The floor right before each round: the machine is in the same state for both.
@@ -115,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             result = batch.run(orders[first : first + args.orders], meter=meter)
             log(f"pipeline round {round_no + 1}: {result.orders_per_s:.1f} orders/s, states {result.states}")
             results.append(result)
+            chunk = inprocess_orders[round_no * args.orders : (round_no + 1) * args.orders]
+            cpu_s, tasks = steps_in_process(services, chunk)
+            inprocess.append((cpu_s * 1000 / len(chunk), tasks / len(chunk)))
+            log(f"steps in-process round {round_no + 1}: {inprocess[-1][0]:.2f} ms CPU per Order")
         raw_profile = profiler.stop() if profiler is not None else None
         if floor_runner is not None:
             floor_runner.stop()
@@ -136,10 +147,22 @@ def main(argv: list[str] | None = None) -> int:
             }
             cpu_ratios = [c / f for c, f in zip(cpus, floor_cpus, strict=True)]
             rate_ratios = [r / f for r, f in zip(rates, floor_rates, strict=True)]
+            # The limit: a floor task's CPU times the tasks a run sends, plus the steps in-process.
+            limits = [
+                f / TASKS_PER_FLOOR_CHAIN * tasks + steps
+                for f, (steps, tasks) in zip(floor_cpus, inprocess, strict=True)
+            ]
+            overhead = [c / lim for c, lim in zip(cpus, limits, strict=True)]
         else:
             floor = floor_row(args.floor_json, args.pool, args.concurrency)
             cpu_ratios = [c / floor["worker_cpu_ms_per_chain"] for c in cpus] if floor else []
             rate_ratios = [r / floor["chains_per_s"] for r in rates] if floor else []
+            limits = (
+                [floor["worker_cpu_ms_per_chain"] / TASKS_PER_FLOOR_CHAIN * t + st for st, t in inprocess]
+                if floor
+                else []
+            )
+            overhead = [c / lim for c, lim in zip(cpus, limits, strict=True)]
         measured = orders[args.warmup :]
         steps_per_order = sum(len(TASKS) if o.esim else len(TASKS) - 1 for o in measured) / len(measured)
         states: Counter[str] = Counter()
@@ -161,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
                 "orders/s ÷ floor chains/s",
                 "CPU/order ÷ floor CPU/chain",
                 "CPU ratio range",
+                "tasks/order",
+                "steps in-process CPU ms/order",
+                "limit CPU ms/order",
+                "CPU/order ÷ limit",
+                "overhead range",
                 "Redis CPU ms/order",
                 "sandbox + driver CPU ms/order",
                 "external calls/order",
@@ -168,11 +196,11 @@ def main(argv: list[str] | None = None) -> int:
             notes=[
                 f"One worker process; {sum(o.esim for o in measured)} of {len(measured)} Orders are eSIM "
                 "(9 external calls), the rest physical (7). Medians over the rounds, with their range.",
-                "A run is one task that goes through its steps (5 for an eSIM Order, 4 for a physical one: no "
-                "eSIM step), a step that must wait becoming a task of its own; the floor's chain is 5 no-op "
-                "tasks, measured "
-                "on a floor worker with the same options right before each round; ratios are per round, "
-                "then the median.",
+                "A run is a chain of step tasks (5 for an eSIM Order, 4 for a physical one: no eSIM task); "
+                "the floor's chain is 5 no-op tasks, measured on a floor worker with the same options right "
+                "before each round. The limit is a floor task's CPU times the tasks a run sends, plus the "
+                "steps' own CPU in-process (the same kinds of Orders, one after the other in the benchmark's "
+                "thread, no Celery), measured right after each round; ratios are per round, then the median.",
                 "The sandbox (all four simulators) runs in the benchmark's own process, on the same machine.",
                 f"Final states: {dict(states)}.",
             ],
@@ -193,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
             median(rate_ratios),
             median(cpu_ratios),
             spread(cpu_ratios),
+            median([t for _, t in inprocess]),
+            median([st for st, _ in inprocess]),
+            median(limits) if limits else float("nan"),
+            median(overhead) if overhead else float("nan"),
+            spread(overhead) if overhead else "n/a",
             median([r.cpu_per_order_ms("redis") for r in results]),
             median([r.cpu_per_order_ms("driver") for r in results]),
             median([r.external_calls() / r.orders for r in results]),
@@ -214,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
             "calls_rounds": [r.calls for r in results],
             "floor": floor,
             "cpu_ratio_to_floor": median(cpu_ratios),
+            "tasks_per_order": median([t for _, t in inprocess]),
+            "steps_inprocess_cpu_ms_per_order": median([st for st, _ in inprocess]),
+            "steps_inprocess_rounds": inprocess,
+            "limit_cpu_ms_per_order": median(limits) if limits else None,
+            "overhead_ratio": median(overhead) if overhead else None,
+            "overhead_ratio_rounds": overhead,
             "cpu_ratio_to_floor_rounds": cpu_ratios,
             "rate_ratio_to_floor": median(rate_ratios),
             "profile": str(raw_profile) if raw_profile else None,
