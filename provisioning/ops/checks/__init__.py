@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Iterable
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import redis
@@ -23,19 +22,15 @@ import celeryconfig
 from provisioning.core.redis_client import describe, redis_from_settings, sentinel_from_settings
 from provisioning.core.settings import ConfigError, Settings, redact_url
 from provisioning.ops.checks.external import NotRunning, Probe, ProbeFn, external_probes
+from provisioning.ops.checks.results import CheckResult
+
+__all__ = ["CheckResult", "format_results", "probes", "run_checks"]
 
 # Each probe gives up after this long, so `check` answers quickly when something is down.
 PROBE_TIMEOUT_S = 3.0
 REDIS_PORT = 6379
 # Below this many columns for the details, the table is wrapped as if the terminal were wider.
 MIN_DETAIL_WIDTH = 30
-
-
-@dataclass
-class CheckResult:
-    name: str
-    status: str  # OK, FAIL, WARN or SKIP
-    detail: str
 
 
 def _probe_client(settings: Settings) -> redis.Redis:
@@ -315,7 +310,13 @@ def run_checks(settings: Settings, config_error: ConfigError | None = None) -> l
             prefix = f"{probe.where(settings)}: " if probe.where is not None else ""
             results.append(CheckResult(probe.name, "FAIL", f"{prefix}{type(exc).__name__}: {_text(exc)}"))
         else:
-            results.append(CheckResult(probe.name, "OK", detail))
+            if isinstance(detail, str):
+                results.append(CheckResult(probe.name, "OK", detail))
+            else:
+                # A probe of many items (the Salesforce org's): one line each, as it says them.
+                results.extend(detail)
+                if any(r.status == "FAIL" for r in detail):
+                    blocked[probe.name] = "failed"
     return results
 
 
