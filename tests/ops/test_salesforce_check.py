@@ -184,6 +184,24 @@ def test_a_refused_login_is_one_line_and_nothing_else_is_asked(sandbox: Sandbox,
     assert len(table) == 2
 
 
+def test_a_key_file_that_holds_no_key_is_the_login_s_failure_not_a_traceback(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    garbage = tmp_path / "not-a-key.pem"
+    garbage.write_text("not a key\n")
+    out = run(sandbox, tmp_path, "salesforce", "check", SF_PRIVATE_KEY_FILE=str(garbage))
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert lines(out)["login"].startswith("FAIL  SalesforceAuthError:")
+    assert "is not an unencrypted PEM private key" in lines(out)["login"]
+
+
+def test_a_missing_key_file_is_a_setting_problem_exit_2(sandbox: Sandbox, tmp_path: Path) -> None:
+    out = run(sandbox, tmp_path, "salesforce", "check", SF_PRIVATE_KEY_FILE=str(tmp_path / "missing.key"))
+    assert out.returncode == 2
+    assert "SF_PRIVATE_KEY_FILE" in out.stderr
+
+
 def test_provisioning_check_includes_the_org_s_lines(sandbox: Sandbox, tmp_path: Path) -> None:
     org(sandbox, removed_fields=["Order.EID__c"])
     out = run(

@@ -35,7 +35,7 @@ from provisioning.salesforce.errors import (
     event_not_found_remedy,
     event_permission_remedy,
 )
-from provisioning.salesforce.metadata import FieldDecl, Project, project
+from provisioning.salesforce.metadata import FieldDecl, MetadataError, Project, project
 
 # How long the CometD probe waits for its subscription to be answered.
 SUBSCRIBE_TIMEOUT_S = 30.0
@@ -326,7 +326,15 @@ def _type_problems(decl: FieldDecl, found: Mapping[str, Any], *, writes: bool) -
 
 def org_lines(settings: Settings, *, login: bool = True, subscribe: bool = True) -> list[CheckResult]:
     """Every item of the check, in order; a refused login is the one line (nothing else can be asked)."""
-    check = OrgCheck(settings)
+    try:
+        check = OrgCheck(settings)
+    except MetadataError as exc:
+        # What the org must have is not known without salesforce/ (a package built without it).
+        return [
+            _fail("salesforce/ project", f"{exc}; reinstall the package from a checkout that has salesforce/")
+        ]
+    except SalesforceError as exc:  # the key file holds no usable key, say: no login is possible
+        return [_fail("login", _text(exc)), CheckResult("org", "SKIP", "not checked: login failed (above)")]
     results: list[CheckResult] = []
     if login:
         try:
