@@ -1,12 +1,14 @@
 """``provisioning salesforce``: what setting up the customer's Salesforce org needs from this side.
 
-The org's side is the DX project under ``salesforce/`` (docs/salesforce-setup.md);
-these commands make what it needs from us. They read no settings, so they run before
-there is any configuration.
+The org's side is the DX project under ``salesforce/`` (docs/salesforce-setup.md). ``keys`` makes
+what it needs from us and reads no settings, so it runs before there is any configuration;
+``check`` asks the live org, with the service's settings, whether it has what the service needs
+(:mod:`provisioning.ops.checks.salesforce_org`).
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,7 +23,7 @@ CERTIFICATE_VARIABLE = "PROVISIONING_JWT_CERTIFICATE"
 
 @click.group()
 def salesforce() -> None:
-    """Set up the Salesforce side: the JWT bearer flow's keys (see docs/salesforce-setup.md)."""
+    """Set up the Salesforce side: the JWT bearer flow's keys, and a check of the live org (docs/salesforce-setup.md)."""
 
 
 @salesforce.command()
@@ -68,3 +70,36 @@ def keys(out_dir: Path, days: int, force: bool) -> None:
         "sf project deploy start --source-dir force-app --target-org ORG"
     )
     click.echo("  See docs/salesforce-setup.md for the other steps.")
+
+
+@salesforce.command()
+def check() -> None:
+    """Check the live org against what the service needs: one line per item, with the fix.
+
+    With the service's settings and credentials: the JWT login; every field the service reads or
+    writes (SF_FIELD_* and its query), with a type compatible with salesforce/ and the access it
+    needs; the Platform Event of SF_PROVISION_EVENT_CHANNEL and the right to subscribe to it; the
+    flows active; the daily API budget left. Exits 0 only when all hold, 1 when one does not, 2
+    when a setting it uses is invalid or missing.
+    """
+    import logging
+
+    from provisioning.core.cli_context import EXIT_CONFIG
+    from provisioning.core.logs import configure_logging
+    from provisioning.core.settings import ConfigError, load_settings
+    from provisioning.ops.checks import format_results
+    from provisioning.ops.checks.salesforce_org import org_lines
+
+    try:
+        settings = load_settings()
+        settings.require("sf_login_url", "sf_client_id", "sf_username", "sf_private_key_file")
+    except ConfigError as exc:
+        click.echo(exc.render(), err=True)
+        sys.exit(EXIT_CONFIG)
+    configure_logging(settings)
+    logging.getLogger().setLevel(logging.ERROR)
+    results = org_lines(settings)
+    for line in format_results(results, shutil.get_terminal_size().columns):
+        click.echo(line)
+    if any(r.status in ("FAIL", "SKIP") for r in results):
+        sys.exit(1)

@@ -125,6 +125,7 @@ def run_step(services: Services, run_id: RunId, spec: StepSpec) -> StepDone:
                     services.protection.called(spec.system, admission, call.error)
                 else:
                     services.protection.not_called(spec.system, admission)
+                services.note_salesforce_api_usage()
     except LEDGER_UNREACHABLE as exc:
         countdown = services.retry.wait_s(Cause.LEDGER_DOWN)
         log.warning(

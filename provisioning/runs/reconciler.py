@@ -111,6 +111,7 @@ def backfill_orders(services: Services, app: Celery, grace_s: float) -> list[Run
     before = datetime.fromtimestamp(time.time() - grace_s, UTC)
     started = []
     found = services.salesforce.waiting_orders(before, limit=BACKFILL_MAX_ORDERS)
+    services.note_salesforce_api_usage()
     for waiting in found:
         order_id = waiting.order_id
         if ledger.orders.in_flight(order_id):

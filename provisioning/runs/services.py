@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from provisioning.core.redis_client import redis_from_settings
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from provisioning.whmcs.client import WhmcsClient
 
 T = TypeVar("T")
+# How often a process keeps the Salesforce API usage its answers report (seconds).
+API_USAGE_NOTE_S = 10.0
 
 
 class Services:
@@ -44,6 +47,7 @@ class Services:
         # Each external system's rate limit and circuit breaker, shared by every worker.
         self.protection = Protection(self.ledger.limits, settings, self.retry)
         self._built: dict[str, Any] = {}
+        self._usage_noted_at = -API_USAGE_NOTE_S
         self._lock = threading.Lock()
 
     def _once(self, name: str, build: Any) -> Any:
@@ -79,6 +83,19 @@ class Services:
         return self._once(  # type: ignore[no-any-return]
             "es2plus", lambda: Es2PlusClient.from_settings(s)
         )
+
+    def note_salesforce_api_usage(self) -> None:
+        """Keep the org's API usage, as the last Salesforce answer said it, where the exporter and the
+        backfill read it: at most once per API_USAGE_NOTE_S per process (a round trip, not a need)."""
+        if "salesforce" not in self._built:
+            return
+        now = time.monotonic()
+        if now - self._usage_noted_at < API_USAGE_NOTE_S:
+            return
+        usage = self.salesforce.api_usage()
+        if usage is not None:
+            self._usage_noted_at = now
+            self.ledger.limits.record_api_usage(*usage)
 
     @property
     def inventory(self) -> EsimInventory:

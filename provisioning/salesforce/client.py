@@ -1,42 +1,44 @@
-"""The REST client the workers use: one SOQL query to read an Order, one PATCH to write it.
+"""The REST client the workers and the operators' tools use, on simple-salesforce.
 
-The REST calls go out on urllib3's pools (:func:`provisioning.core.http.make_pool`), as
-WHMCS and ES2+ do: on the hot path requests' per-call layers (settings merges,
-cookies, hooks, runtime Protocol checks) cost more CPU than the call itself.
-simple-salesforce builds our SOQL (``format_soql``: its quoting of values);
-the JWT login keeps its ``requests.Session``. Errors are translated in
-:func:`_status_error` (Salesforce's answers) and through
-:func:`provisioning.core.http.classify` (transport failures); a 401
-``INVALID_SESSION_ID`` renews the token once (through :class:`JWTBearerAuth`,
-shared by all threads) and repeats the call, and a request that was never sent
-is sent once more: nothing else is retried here.
+One SOQL query reads an Order, one PATCH writes it; ``provisioning salesforce check`` adds the
+describe, limits and Tooling API calls. Every call goes through simple-salesforce's ``Salesforce``
+object (``query``, ``query_more``, ``restful``, ``limits``, ``toolingexecute``), built on our JWT
+session (:class:`JWTBearerAuth`: simple-salesforce's own JWT login only builds
+``*.salesforce.com`` hosts) and our ``requests.Session`` (:func:`provisioning.core.http.make_session`:
+a configured CA bundle wins over ``REQUESTS_CA_BUNDLE``). A 401 ``INVALID_SESSION_ID`` renews the
+token once (shared by all threads) and repeats the call; a request that was never sent is sent
+once more; nothing else is retried here. Errors are translated in one place:
+:func:`provisioning.salesforce.errors.from_answer` (Salesforce's error answers, which
+simple-salesforce raises as its own exceptions) and
+:func:`provisioning.salesforce.errors.from_transport` (transport failures). Every answer's
+``Sforce-Limit-Info: api-usage=N/M`` is kept: :meth:`SalesforceClient.api_usage`.
+simple-salesforce parses that header into its ``api_usage`` only for a successful answer (it
+raises on an error answer first), so a response hook on our session reads it from every answer,
+errors included, with simple-salesforce's parser (``Salesforce.parse_api_usage``).
+
+requests costs a few tenths of a millisecond of CPU per call more than urllib3's pools
+(``bench/salesforce_client_cpu.py``, docs/benchmarks.md): about a millisecond per run, against the
+tens of milliseconds Celery and the broker spend on one.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, NamedTuple
-from urllib.parse import urlencode
+from typing import Any, NamedTuple, TypeVar
 
-import urllib3
+import requests
 from pydantic import ValidationError
+from simple_salesforce import exceptions as sf_exceptions
+from simple_salesforce.api import Salesforce
 from simple_salesforce.format import format_soql
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
 from provisioning.core.errors import PicklableError
-from provisioning.core.http import (
-    TRANSPORT_EXCEPTIONS,
-    classify,
-    connection_retrying,
-    make_pool,
-    make_session,
-    status_failure,
-)
+from provisioning.core.http import TRANSPORT_EXCEPTIONS, classify, connection_retrying, make_session
 from provisioning.core.logs import get_logger
 from provisioning.core.settings import (
     DEFAULT_ORDER_FIELD_NAMES,
@@ -50,7 +52,8 @@ from provisioning.salesforce.errors import (
     SalesforceAuthError,
     SalesforceError,
     SalesforceRequestError,
-    SalesforceUnavailable,
+    first_error,
+    from_answer,
     from_transport,
 )
 from provisioning.salesforce.ids import normalize_id
@@ -63,15 +66,11 @@ REST_READ_TIMEOUT_S = 30.0
 # Tries of one call when the session expired: the first, and one after a fresh login.
 SESSION_ATTEMPTS = 2
 
-# errorCodes worth retrying later whatever the HTTP status says.
-TRANSIENT_ERROR_CODES = frozenset(
-    {"REQUEST_LIMIT_EXCEEDED", "UNABLE_TO_LOCK_ROW", "SERVER_UNAVAILABLE", "QUERY_TIMEOUT"}
-)
 _API_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 # Activation_Error__c is a Text(255) by default.
 ACTIVATION_ERROR_MAX_CHARS = 255
-# Characters of a non-JSON error body kept in the error's message.
-ERROR_BODY_MAX_CHARS = 200
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,12 @@ class OrderFieldNames:
     esim_iccid: str = DEFAULT_ORDER_FIELD_NAMES["esim_iccid"]
     activation_error: str = DEFAULT_ORDER_FIELD_NAMES["activation_error"]
     activated_at: str = DEFAULT_ORDER_FIELD_NAMES["activated_at"]
+
+    # The Order fields the service writes (every PATCH's keys): :meth:`patch` refuses any other, so
+    # this is what the permission set must let it edit and what the check asks the org.
+    WRITTEN = frozenset(
+        {"activation_status", "whmcs_order_id", "esim_iccid", "activation_error", "activated_at"}
+    )
 
     def __post_init__(self) -> None:
         # They are pasted into SOQL, so they must be plain API names.
@@ -105,14 +110,55 @@ class OrderFieldNames:
         ``activation_error`` is cut to 255 characters; None clears a field.
         """
         body: dict[str, object] = {}
-        known = {f.name for f in fields(self)}
         for name, value in values.items():
-            if name not in known:
-                raise ValueError(f"unknown Order field {name!r}; known: {sorted(known)}")
+            if name not in self.WRITTEN:
+                raise ValueError(f"unknown Order field {name!r} to write; written: {sorted(self.WRITTEN)}")
             if name == "activation_error" and isinstance(value, str):
                 value = value[:ACTIVATION_ERROR_MAX_CHARS]
             body[getattr(self, name)] = value
         return body
+
+
+@dataclass(frozen=True)
+class FieldUse:
+    """One field the service reads or writes: on which object, under which API name, and how."""
+
+    sobject: str  # Order, Account, Contact, OrderItem, Product2
+    name: str  # the API name in this org
+    logical: str | None  # OrderFieldNames' name (the SF_FIELD_* setting), None for a standard field
+    reads: bool
+    writes: bool
+
+    @property
+    def setting(self) -> str | None:
+        return None if self.logical is None else f"SF_FIELD_{self.logical.upper()}"
+
+
+# The Order query's columns: (relationship path, object, logical name or a standard field's API name).
+# order_query writes them as SOQL and fields_used lists them: one list for both.
+_ORDER_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("", "Order", "Id"),
+    ("", "Order", "OrderNumber"),
+    ("", "Order", "activation_status"),
+    ("Account.", "Account", "whmcs_client_id"),
+    ("BillToContact.", "Contact", "Email"),
+    ("BillToContact.", "Contact", "FirstName"),
+    ("", "Order", "sim_type"),
+    ("", "Order", "eid"),
+    ("", "Order", "whmcs_order_id"),
+    ("", "Order", "esim_iccid"),
+    ("", "Order", "activated_at"),
+)
+_ITEM_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("", "OrderItem", "Quantity"),
+    ("Product2.", "Product2", "whmcs_product_id"),
+)
+# The lookups the query follows (read through their relationship names).
+_LOOKUPS: tuple[tuple[str, str], ...] = (
+    ("Order", "AccountId"),
+    ("Order", "BillToContactId"),
+    ("OrderItem", "Product2Id"),
+)
 
 
 class WaitingOrder(NamedTuple):
@@ -133,13 +179,13 @@ class _SessionExpired(PicklableError):
 
 
 class SalesforceClient:
-    """Reads and writes Orders and publishes the provisioning event over REST."""
+    """Reads and writes Orders, publishes the provisioning event and asks the org about itself, over REST."""
 
     def __init__(
         self,
         *,
         auth: JWTBearerAuth,
-        session: urllib3.PoolManager,
+        session: requests.Session,
         api_version: str = DEFAULT_SF_API_VERSION,
         field_names: OrderFieldNames | None = None,
         event_object: str = DEFAULT_PROVISION_EVENT,
@@ -149,25 +195,29 @@ class SalesforceClient:
         self.api_version = api_version
         self.field_names = field_names or OrderFieldNames()
         self.event_object = event_object
-        self._timeout = urllib3.Timeout(connect=REST_CONNECT_TIMEOUT_S, read=REST_READ_TIMEOUT_S)
+        self._timeout = (REST_CONNECT_TIMEOUT_S, REST_READ_TIMEOUT_S)
         self._lock = threading.Lock()
+        # simple-salesforce's Salesforce object for the current token (one per token: a renewal builds
+        # the next; a thread still holding the old one meets 401 and renews, at most once).
+        self._org: tuple[AccessToken, Salesforce] | None = None
+        self._api_usage: tuple[int, int] | None = None
+        if session is not None:
+            session.hooks["response"].append(self._read_usage)
         self.api_calls = 0
 
     @classmethod
     def from_settings(
         cls,
         settings: Settings,
-        session: urllib3.PoolManager | None = None,
+        session: requests.Session | None = None,
         *,
         auth: JWTBearerAuth | None = None,
     ) -> SalesforceClient:
-        # The proxy is chosen for the login host: an org's instance is under the same domain.
-        login_url = str(settings.sf_login_url)
         return cls(
             auth=auth
             if auth is not None
             else JWTBearerAuth.from_settings(settings, make_session(settings.tls_ca_bundle)),
-            session=session if session is not None else make_pool(settings.tls_ca_bundle, url=login_url),
+            session=session if session is not None else make_session(settings.tls_ca_bundle),
             api_version=settings.sf_api_version,
             field_names=OrderFieldNames.from_settings(settings),
             event_object=settings.sf_provision_event_channel.removeprefix("/event/"),
@@ -176,25 +226,56 @@ class SalesforceClient:
     def __repr__(self) -> str:
         return f"SalesforceClient(api_version={self.api_version!r}, api_calls={self.api_calls})"
 
-    # -- the operations ---------------------------------------------------------------------
+    def api_usage(self) -> tuple[int, int] | None:
+        """(used, limit) of the org's daily API requests, from the last answer's ``Sforce-Limit-Info``."""
+        return self._api_usage
+
+    # -- what the service reads and writes ----------------------------------------------------
+
+    def _api_name(self, name: str) -> tuple[str, str | None]:
+        """(API name, logical name) of a column: OrderFieldNames' names are mapped, others are standard."""
+        if name in OrderFieldNames.__dataclass_fields__:
+            return getattr(self.field_names, name), name
+        return name, None
+
+    def fields_used(self) -> tuple[FieldUse, ...]:
+        """Every field the Order query reads and the PATCHes write, on its object, in this org's names."""
+        used: dict[tuple[str, str], FieldUse] = {}
+        for _, sobject, column in (*_ORDER_COLUMNS, *_ITEM_COLUMNS):
+            name, logical = self._api_name(column)
+            used[(sobject, name)] = FieldUse(sobject, name, logical, reads=True, writes=False)
+        for sobject, lookup in _LOOKUPS:
+            used[(sobject, lookup)] = FieldUse(sobject, lookup, None, reads=True, writes=False)
+        for logical in sorted(OrderFieldNames.WRITTEN):
+            name = getattr(self.field_names, logical)
+            reads = ("Order", name) in used
+            used[("Order", name)] = FieldUse("Order", name, logical, reads=reads, writes=True)
+        return tuple(used.values())
 
     def order_query(self, order_id: str) -> str:
         """The one SOQL query :meth:`fetch_order` sends."""
-        n = self.field_names
+
+        def columns(spec: tuple[tuple[str, str, str], ...]) -> str:
+            return ", ".join(path + self._api_name(column)[0] for path, _, column in spec)
+
         # Field names are checked API names (OrderFieldNames), hence :literal; the Id is quoted.
-        items = format_soql("(SELECT Quantity, Product2.{:literal} FROM OrderItems)", n.whmcs_product_id)
-        columns = (
-            f"Id, OrderNumber, {n.activation_status}, Account.{n.whmcs_client_id}, "
-            f"BillToContact.Email, BillToContact.FirstName, {n.sim_type}, {n.eid}, "
-            f"{n.whmcs_order_id}, {n.esim_iccid}, {n.activated_at}, {items}"
+        items = format_soql("(SELECT {:literal} FROM OrderItems)", columns(_ITEM_COLUMNS))
+        return format_soql(
+            "SELECT {:literal}, {:literal} FROM Order WHERE Id = {}",
+            columns(_ORDER_COLUMNS),
+            items,
+            normalize_id(order_id),
         )
-        return format_soql("SELECT {:literal} FROM Order WHERE Id = {}", columns, normalize_id(order_id))
+
+    # -- the operations ---------------------------------------------------------------------
 
     def fetch_order(self, order_id: str) -> Order:
         """The Order and its items, from ONE SOQL query; OrderNotFound if there is none."""
         order_id = normalize_id(order_id)
         soql = self.order_query(order_id)
-        result = self._call("query Order", "GET", "query/", query={"q": soql}, order_id=order_id)
+        result = self._call(
+            "query Order", lambda org: org.query(soql, timeout=self._timeout), not_found=OrderNotFound
+        )
         records = (result.get("records") or []) if isinstance(result, dict) else []
         if not records:
             raise OrderNotFound(
@@ -208,7 +289,13 @@ class SalesforceClient:
         body = {name: _json_value(value) for name, value in fields.items()}
         if not body:
             return
-        self._call("update Order", "PATCH", f"sobjects/Order/{order_id}", body=body, order_id=order_id)
+        self._call(
+            f"update Order {order_id}",
+            lambda org: org.restful(
+                f"sobjects/Order/{order_id}", method="PATCH", json=body, timeout=self._timeout
+            ),
+            not_found=OrderNotFound,
+        )
 
     def waiting_orders_query(self, modified_before: dt.datetime, limit: int) -> str:
         """The backfill's SOQL: Orders in Activating not modified since ``modified_before``, oldest first."""
@@ -228,7 +315,7 @@ class SalesforceClient:
         Each page (2,000 records on a real org) is one API call.
         """
         soql = self.waiting_orders_query(modified_before, limit)
-        page = self._call("query waiting Orders", "GET", "query/", query={"q": soql})
+        page = self._call("query waiting Orders", lambda org: org.query(soql, timeout=self._timeout))
         found: list[WaitingOrder] = []
         while True:
             for record in page.get("records") or []:
@@ -242,7 +329,10 @@ class SalesforceClient:
             if page.get("done", True) or not next_url:
                 return found
             # nextRecordsUrl is a path on the instance, version included.
-            page = self._call("query waiting Orders (next page)", "GET", str(next_url))
+            page = self._call("query waiting Orders (next page)", self._next_page(str(next_url)))
+
+    def _next_page(self, url: str) -> Callable[[Salesforce], Any]:
+        return lambda org: org.query_more(url, identifier_is_url=True, timeout=self._timeout)
 
     def publish_event(self, order_id: str, idem_key: str | None = None) -> str:
         """Publish the provisioning Platform Event as an org does (REST POST); returns its id.
@@ -253,28 +343,58 @@ class SalesforceClient:
         if idem_key is not None:
             payload["IdemKey__c"] = idem_key
         result = self._call(
-            f"publish {self.event_object}", "POST", f"sobjects/{self.event_object}/", body=payload
+            f"publish {self.event_object}",
+            lambda org: org.restful(
+                f"sobjects/{self.event_object}/", method="POST", json=payload, timeout=self._timeout
+            ),
         )
         if not isinstance(result, dict) or not result.get("success", True) or not result.get("id"):
             raise SalesforceRequestError(f"publishing {self.event_object} failed: {result!r}")
         return str(result["id"])
+
+    # -- the org's own description (provisioning salesforce check) ------------------------------
+
+    def describe(self, sobject: str) -> dict[str, Any]:
+        """``GET sobjects/{sobject}/describe``: the object's fields as the integration user sees them.
+
+        A field the user may not read is not in the answer; an object it may not read is a 404
+        (SalesforceRequestError with ``error_code`` NOT_FOUND), as one that does not exist.
+        """
+        if not _API_NAME.fullmatch(sobject):
+            raise ValueError(f"{sobject!r} is not a Salesforce API name")
+        result = self._call(
+            f"describe {sobject}",
+            lambda org: org.restful(f"sobjects/{sobject}/describe", timeout=self._timeout),
+        )
+        return result if isinstance(result, dict) else {}
+
+    def limits(self) -> dict[str, Any]:
+        """``GET limits``: the org's limits (``DailyApiRequests``: ``Max``, ``Remaining``)."""
+        result = self._call("limits", lambda org: org.limits(timeout=self._timeout))
+        return result if isinstance(result, dict) else {}
+
+    def tooling_query(self, soql: str) -> list[dict[str, Any]]:
+        """The records of a Tooling API query (``tooling/query/?q=``), the first page."""
+        result = self._call(
+            "Tooling API query",
+            lambda org: org.toolingexecute("query/", params={"q": soql}, timeout=self._timeout),
+        )
+        if not isinstance(result, dict):
+            raise SalesforceRequestError(
+                f"Tooling API query: an answer that is not JSON ({str(result)[:80]!r})"
+            )
+        return list(result.get("records") or [])
 
     # -- plumbing ---------------------------------------------------------------------------
 
     def _call(
         self,
         operation: str,
-        method: str,
-        path: str,
+        request: Callable[[Salesforce], T],
         *,
-        query: Mapping[str, str] | None = None,
-        body: object = None,
-        order_id: str | None = None,
-    ) -> Any:
-        """One API call (``path`` under the versioned REST root, or from ``/``); its JSON answer.
-
-        After a 401 INVALID_SESSION_ID, one fresh login and one repeat.
-        """
+        not_found: type[SalesforceError] | None = None,
+    ) -> T:
+        """One API call through simple-salesforce; after a 401 INVALID_SESSION_ID, one fresh login and one repeat."""
         renewing = Retrying(
             stop=stop_after_attempt(SESSION_ATTEMPTS),
             retry=retry_if_exception_type(_SessionExpired),
@@ -282,7 +402,8 @@ class SalesforceClient:
             reraise=True,
         )
         try:
-            return renewing(self._call_once, operation, method, path, query, body, order_id)
+            result: T = renewing(self._call_once, operation, request, not_found)
+            return result
         except _SessionExpired as expired:
             raise SalesforceAuthError(
                 f"Salesforce {operation}: HTTP 401 {expired.code}: {expired.message}"
@@ -291,58 +412,58 @@ class SalesforceClient:
                 error_code=expired.code,
             ) from expired
 
+    def _salesforce(self) -> tuple[AccessToken, Salesforce]:
+        token = self._auth.token()
+        current = self._org
+        if current is not None and current[0] is token:
+            return current
+        with self._lock:
+            if self._org is None or self._org[0] is not token:
+                org = Salesforce(
+                    instance_url=token.instance_url,
+                    session_id=token.bearer(),
+                    version=self.api_version,
+                    session=self._session,
+                    object_pairs_hook=dict,
+                )
+                self._org = (token, org)
+            return self._org
+
     def _call_once(
         self,
         operation: str,
-        method: str,
-        path: str,
-        query: Mapping[str, str] | None,
-        body: object,
-        order_id: str | None,
-    ) -> Any:
-        token = self._auth.token()
-        root = token.instance_url.rstrip("/")
-        url = root + path if path.startswith("/") else f"{root}/services/data/v{self.api_version}/{path}"
-        if query:
-            url = f"{url}?{urlencode(query)}"
-        headers = {"Authorization": f"Bearer {token.bearer()}", "Accept": "application/json"}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
+        request: Callable[[Salesforce], T],
+        not_found: type[SalesforceError] | None,
+    ) -> T:
+        token, org = self._salesforce()
         with self._lock:
             self.api_calls += 1
         try:
-            response = connection_retrying()(
-                self._session.request,
-                method,
-                url,
-                body=data,
-                headers=headers,
-                timeout=self._timeout,
-                redirect=False,
-            )
+            result: T = connection_retrying()(request, org)
+        except sf_exceptions.SalesforceExpiredSession as exc:
+            code, message = first_error(exc.content)
+            if code == "INVALID_SESSION_ID":
+                raise _SessionExpired(token, code, message) from None
+            raise from_answer(exc, f"Salesforce {operation}") from None
+        except sf_exceptions.SalesforceError as exc:
+            raise from_answer(exc, f"Salesforce {operation}", not_found=not_found) from None
+        except ValueError:
+            # requests' JSONDecodeError: not Salesforce answering (a proxy's page, say).
+            raise _not_json(operation) from None
         except TRANSPORT_EXCEPTIONS as exc:
             raise from_transport(classify(exc), f"Salesforce {operation}") from exc
-        content = _content(response.data)
-        status = response.status
-        if status == 401:
-            code, message = _first_error(content)
-            if code == "INVALID_SESSION_ID":
-                raise _SessionExpired(token, code, message)
-            raise SalesforceAuthError(
-                f"Salesforce {operation}: HTTP 401 {code}: {message}", status=401, error_code=code
-            )
-        if status >= 300:
-            raise _status_error(operation, status, content, order_id=order_id)
-        if isinstance(content, str):
-            # Not Salesforce answering (a proxy's page, say): the same call meets it again.
-            raise SalesforceRequestError(
-                f"Salesforce {operation}: HTTP {status} with a body that is not JSON "
-                "(check SF_LOGIN_URL and any proxy in between)",
-                status=status,
-            )
-        return content
+        if isinstance(result, str | bytes):
+            # Text where Salesforce answers a JSON object or array (toolingexecute hands text back).
+            raise _not_json(operation)
+        return result
+
+    def _read_usage(self, response: requests.Response, *args: object, **kwargs: object) -> None:
+        """The session's response hook: ``Sforce-Limit-Info`` of every answer, an error's too."""
+        header = response.headers.get("Sforce-Limit-Info")
+        if header:
+            usage = Salesforce.parse_api_usage(header).get("api-usage")
+            if usage is not None:
+                self._api_usage = (int(usage.used), int(usage.total))
 
     def _renew(self, state: RetryCallState) -> None:
         expired = state.outcome.exception() if state.outcome is not None else None
@@ -381,39 +502,10 @@ class SalesforceClient:
             raise SalesforceRequestError(f"Order {order_id}: unexpected field values ({where})") from None
 
 
-def _content(data: bytes) -> Any:
-    """An answer's body: its JSON, the text of anything else, None when empty (a 204)."""
-    if not data:
-        return None
-    try:
-        return json.loads(data)
-    except ValueError:
-        return data.decode("utf-8", "replace")[:ERROR_BODY_MAX_CHARS]
-
-
-def _status_error(
-    operation: str, status: int, content: object, *, order_id: str | None = None
-) -> SalesforceError:
-    """THE place where an HTTP error answer of Salesforce becomes one of our errors."""
-    code, message = _first_error(content)
-    text = f"Salesforce {operation}: HTTP {status} {code or ''}: {message}".replace("  ", " ")
-    if code in TRANSIENT_ERROR_CODES or status_failure(status) is not None:
-        return SalesforceUnavailable(text, status=status, error_code=code)
-    if order_id is not None and status == 404:
-        return OrderNotFound(f"no Order {order_id} ({text})", status=status, error_code=code)
-    return SalesforceRequestError(text, status=status, error_code=code)
-
-
-def _first_error(content: object) -> tuple[str | None, str]:
-    """errorCode and message of a Salesforce error body (a JSON array of errors, usually)."""
-    first = content[0] if isinstance(content, list) and content else content
-    if isinstance(first, dict):
-        code = first.get("errorCode") or first.get("error")
-        message = first.get("message") or first.get("error_description") or ""
-        return (str(code) if code else None), str(message)
-    if isinstance(content, bytes):
-        content = content.decode("utf-8", "replace")
-    return None, str(content)[:200]
+def _not_json(operation: str) -> SalesforceRequestError:
+    return SalesforceRequestError(
+        f"Salesforce {operation}: an answer that is not JSON (check SF_LOGIN_URL and any proxy in between)"
+    )
 
 
 def _text(value: object) -> str | None:

@@ -16,7 +16,10 @@
             └── SalesforceEventNotFound     the org has no such Platform Event (NOT_FOUND)
 
 Transport failures (:mod:`provisioning.core.http` classifies them) become these errors
-through :data:`TRANSPORT_ERRORS` only. Messages never hold tokens, keys or
+through :data:`TRANSPORT_ERRORS` only, and Salesforce's error answers (which simple-salesforce
+raises as its own exceptions, one per HTTP status) through :func:`from_answer` only: the
+``errorCode`` first (:data:`TRANSIENT_ERROR_CODES`), then the status (429 and 5xx are busy),
+then :data:`ANSWER_ERRORS`, simple-salesforce's class to ours. Messages never hold tokens, keys or
 customer data; ``status`` and ``error_code`` carry the HTTP status and
 Salesforce ``errorCode`` when there was one; ``remedy``, when set, says in a few words what a
 person must fix (a refusal no retry cures: the listener logs it once and serves it on /healthz).
@@ -28,8 +31,10 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
 
+from simple_salesforce import exceptions as sf
+
 from provisioning.core.errors import PermanentError, ProvisioningError, TransientError
-from provisioning.core.http import Failure, TransportFailure
+from provisioning.core.http import Failure, TransportFailure, status_failure
 
 
 class SalesforceError(ProvisioningError):
@@ -132,3 +137,54 @@ TRANSPORT_ERRORS: Final[Mapping[Failure, type[SalesforceError]]] = MappingProxyT
 def from_transport(failure: TransportFailure, what: str, *, status: int | None = None) -> SalesforceError:
     """The Salesforce error for a classified transport failure; ``what`` says which call."""
     return TRANSPORT_ERRORS[failure.kind](f"{what}: {failure.describe()}", status=status)
+
+
+# errorCodes worth retrying later whatever the HTTP status says (REQUEST_LIMIT_EXCEEDED is a 403).
+TRANSIENT_ERROR_CODES: Final = frozenset(
+    {"REQUEST_LIMIT_EXCEEDED", "UNABLE_TO_LOCK_ROW", "SERVER_UNAVAILABLE", "QUERY_TIMEOUT"}
+)
+
+# simple-salesforce's exception for each status (its util.exception_handler) -> ours, once the
+# errorCode and the status have had their say. 401 arrives here only after the one renewal.
+ANSWER_ERRORS: Final[Mapping[type[sf.SalesforceError], type[SalesforceError]]] = MappingProxyType(
+    {
+        sf.SalesforceMoreThanOneRecord: SalesforceRequestError,  # 300
+        sf.SalesforceMalformedRequest: SalesforceRequestError,  # 400
+        sf.SalesforceExpiredSession: SalesforceAuthError,  # 401
+        sf.SalesforceRefusedRequest: SalesforceRequestError,  # 403
+        sf.SalesforceResourceNotFound: SalesforceRequestError,  # 404
+        sf.SalesforceGeneralError: SalesforceRequestError,  # any other status
+    }
+)
+# Characters of an error answer that is not Salesforce's JSON kept in the message.
+ERROR_BODY_MAX_CHARS = 200
+
+
+def first_error(content: object) -> tuple[str | None, str]:
+    """errorCode and message of a Salesforce error body (a JSON array of errors, usually)."""
+    first = content[0] if isinstance(content, list) and content else content
+    if isinstance(first, dict):
+        code = first.get("errorCode") or first.get("error")
+        message = first.get("message") or first.get("error_description") or ""
+        return (str(code) if code else None), str(message)
+    if isinstance(content, bytes):
+        content = content.decode("utf-8", "replace")
+    return None, str(content)[:ERROR_BODY_MAX_CHARS]
+
+
+def from_answer(
+    exc: sf.SalesforceError, what: str, *, not_found: type[SalesforceError] | None = None
+) -> SalesforceError:
+    """THE place where an error answer of Salesforce becomes one of our errors.
+
+    ``not_found`` is the class of a 404 (OrderNotFound for a call about one Order).
+    """
+    status = int(exc.status)
+    code, message = first_error(exc.content)
+    text = f"{what}: HTTP {status} {code or ''}: {message}".replace("  ", " ")
+    if code in TRANSIENT_ERROR_CODES or status_failure(status) is not None:
+        return SalesforceUnavailable(text, status=status, error_code=code)
+    if not_found is not None and status == 404:
+        return not_found(text, status=status, error_code=code)
+    kind = ANSWER_ERRORS.get(type(exc), SalesforceRequestError)
+    return kind(text, status=status, error_code=code)

@@ -35,8 +35,10 @@ margin (the CometD form of a silent stall: counted in ``stalls``, ``stalled``
 until the next answer, then handshake and resubscribe). Cookies (``BAYEUX_BROWSER``,
 load-balancer cookies) live in the session's cookie jar. A subscription refused for
 good is raised: ``400::The channel you requested to subscribe to does not exist``
-as :class:`~provisioning.salesforce.errors.SalesforceEventNotFound` with its remedy,
-any other 4xx as :class:`~provisioning.salesforce.errors.SalesforceStreamingError`.
+as :class:`~provisioning.salesforce.errors.SalesforceEventNotFound` with its remedy, a 403
+as :class:`~provisioning.salesforce.errors.SalesforceEventPermissionError` (the user may not read
+the event) with its remedy, any other 4xx as
+:class:`~provisioning.salesforce.errors.SalesforceStreamingError`.
 
 Stopping: each Bayeux request runs in a short-lived daemon thread while the
 iterating thread waits for it in steps of ``STOP_POLL_INTERVAL_S``, checking
@@ -71,9 +73,11 @@ from provisioning.salesforce.auth import AccessToken, JWTBearerAuth
 from provisioning.salesforce.errors import (
     SalesforceAuthError,
     SalesforceEventNotFound,
+    SalesforceEventPermissionError,
     SalesforceStreamingError,
     SalesforceTransientError,
     event_not_found_remedy,
+    event_permission_remedy,
 )
 from provisioning.salesforce.events import (
     EARLIEST,
@@ -523,6 +527,13 @@ class StreamingClient:
                 f"{message}. The org has no Platform Event {self.channel}",
                 error_code=reply.error.split("::", 1)[0] or None,
                 remedy=event_not_found_remedy(self.channel),
+            )
+        if reply.code == 403:
+            # 403 on a subscribe: the user may not read the event (403::Unknown client never gets here).
+            return SalesforceEventPermissionError(
+                f"{message}. The integration user may not subscribe to {self.channel}",
+                error_code="403",
+                remedy=event_permission_remedy(self.channel),
             )
         return SalesforceStreamingError(message, error_code=reply.error.split("::", 1)[0] or None)
 

@@ -472,7 +472,7 @@ def test_salesforce_rest_with_an_untrusted_certificate_is_permanent_and_reaches_
     values: dict[str, Any] = {k.lower(): v for k, v in sandbox.env().items()}
     settings = Settings(_env_file=None, **values)
     auth = JWTBearerAuth.from_settings(settings, make_session(settings.tls_ca_bundle))
-    client = SalesforceClient(auth=auth, session=make_pool(other_ca_bundle))
+    client = SalesforceClient(auth=auth, session=make_session(other_ca_bundle))
     with pytest.raises(SalesforceEndpointError, match="certificate") as caught:
         client.fetch_order("a0RE000000IJmcNMAT")
     assert isinstance(caught.value, PermanentError)

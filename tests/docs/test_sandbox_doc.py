@@ -35,6 +35,7 @@ from provisioning.sandbox.cli import sandbox as sandbox_command
 from provisioning.sandbox.common import FAULT_KINDS, FaultInjector, Faults, new_app
 from provisioning.sandbox.salesforce import SalesforceSimulator
 from provisioning.sandbox.salesforce.cometd import CometD
+from provisioning.sandbox.salesforce.org import KNOB_NAMES
 from provisioning.sandbox.salesforce.pubsub import PubSub
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -367,3 +368,10 @@ def test_every_streaming_knob_is_documented_and_nothing_else() -> None:
     rows = list(itertools.takewhile(lambda line: line.startswith("|"), faults[start:].splitlines()[2:]))
     knobs = {re.findall(r"`([a-z_]+)", row.split("|")[1])[0] for row in rows}
     assert knobs == set(CometD.KNOBS | PubSub.KNOBS)
+
+
+def test_every_org_knob_is_documented_and_nothing_else() -> None:
+    faults = section(doc_text(), "## Fault injection")
+    start = faults.index("| org knob | effect |")
+    rows = list(itertools.takewhile(lambda line: line.startswith("|"), faults[start:].splitlines()[2:]))
+    assert {re.findall(r"`([a-z_]+)`", row.split("|")[1])[0] for row in rows} == set(KNOB_NAMES)

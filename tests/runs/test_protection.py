@@ -119,3 +119,15 @@ def test_a_step_or_a_system_gets_a_queue_of_its_own_and_an_unknown_name_is_refus
     }
     with pytest.raises(ValueError, match="CELERY_STEP_QUEUES names 'activate_sim': neither a step"):
         step_queues({"activate_sim": "esim"})
+
+
+def test_the_orgs_api_usage_a_salesforce_answer_reports_is_kept_for_the_exporter_and_the_backfill(
+    sandbox, protected
+):
+    assert protected.ledger.limits.api_usage() is None
+    _begun(sandbox, protected)  # the run's beginning queried the Order
+    usage = protected.ledger.limits.api_usage()
+    assert usage is not None
+    used, limit = protected.salesforce.api_usage()
+    assert (usage.used, usage.limit) == (used, limit)
+    assert 0 < usage.used < usage.limit

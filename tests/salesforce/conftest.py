@@ -22,7 +22,7 @@ from provisioning.salesforce.events import EARLIEST, Batch, Event, EventSource, 
 from provisioning.salesforce.reconnect import ReconnectPolicy
 from provisioning.salesforce.streaming import StreamingClient
 
-from .fake import API_VERSION, CHANNEL, CLIENT_ID, LOGIN_URL, USERNAME, FakePool, FakeSalesforce
+from .fake import API_VERSION, CHANNEL, CLIENT_ID, LOGIN_URL, USERNAME, FakeSalesforce
 
 # The transports' waits, short enough for a test: a few ms between tries, 50 ms at most.
 FAST_RECONNECT = ReconnectPolicy(base_s=0.01, cap_s=0.05, delivery_limit_wait_s=0.05)
@@ -57,12 +57,6 @@ def session(fake: FakeSalesforce) -> requests.Session:
     s = requests.Session()
     s.mount("https://", fake)
     return s
-
-
-@pytest.fixture
-def pool(fake: FakeSalesforce) -> FakePool:
-    """The fake as the REST client's urllib3 transport."""
-    return FakePool(fake)
 
 
 @pytest.fixture

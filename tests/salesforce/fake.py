@@ -1,4 +1,4 @@
-"""Salesforce faked at the transport layer (a requests adapter, and :class:`FakePool` for urllib3), for the
+"""Salesforce faked at the transport layer (a requests adapter), for the
 clients' own unit tests.
 
 It answers the JWT token endpoint (verifying the RS256 assertion), the REST
@@ -462,20 +462,3 @@ def _reply(message: dict[str, Any], **fields: Any) -> dict[str, Any]:
     reply = {"channel": message.get("channel"), "id": message.get("id")}
     reply.update(fields)
     return reply
-
-
-class FakePool(urllib3.PoolManager):
-    """The same fake behind urllib3's interface: the transport of the REST client."""
-
-    def __init__(self, fake: FakeSalesforce) -> None:
-        super().__init__()
-        self.fake = fake
-
-    def urlopen(self, method: str, url: str, redirect: bool = True, **kw: Any) -> urllib3.BaseHTTPResponse:
-        request = requests.Request(
-            method, url, headers=kw.get("headers") or {}, data=kw.get("body")
-        ).prepare()
-        answer = self.fake.send(request, timeout=kw.get("timeout"))
-        return urllib3.HTTPResponse(
-            body=answer.content, status=answer.status_code, headers=dict(answer.headers), preload_content=True
-        )

@@ -21,6 +21,7 @@ from provisioning.salesforce.errors import (
     OrderNotFound,
     SalesforceAuthError,
     SalesforceConnectionError,
+    SalesforceEndpointError,
     SalesforceRequestError,
     SalesforceUnavailable,
 )
@@ -424,3 +425,37 @@ def test_stop_from_another_thread_ends_a_held_long_poll_within_a_second(tmp_path
         assert consumer.error is None
     finally:
         org.server.stop()
+
+
+def test_the_rest_calls_trust_tls_ca_bundle_whatever_requests_ca_bundle_and_curl_ca_bundle_say(
+    org: Org, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both point at the system's CAs, which do not know the sandbox's: TLS_CA_BUNDLE must win.
+    monkeypatch.setenv("CURL_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    client = SalesforceClient.from_settings(org.settings)
+    order_id = org.seed_order()
+    client.update_order(order_id, {"WHMCS_Order_ID__c": "5"})
+    assert client.fetch_order(order_id).whmcs_order_id == "5"
+
+
+def test_without_tls_ca_bundle_the_rest_calls_take_the_environment_s_bundle(
+    org: Org, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    order_id = org.seed_order()
+    settings = org.settings.model_copy(update={"tls_ca_bundle": None})
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(org.settings.tls_ca_bundle))
+    auth = JWTBearerAuth.from_settings(org.settings)
+    assert SalesforceClient.from_settings(settings, auth=auth).fetch_order(order_id).id == order_id
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    with pytest.raises(SalesforceEndpointError, match="certificate"):
+        SalesforceClient.from_settings(settings, auth=auth).fetch_order(order_id)
+
+
+def test_every_rest_answer_moves_the_api_usage_the_client_keeps(org: Org, client: SalesforceClient) -> None:
+    order_id = org.seed_order()
+    client.fetch_order(order_id)
+    used, limit = client.api_usage() or (0, 0)
+    assert (used, limit) == (org.sim.api_used, org.sim.api_limit)
+    with pytest.raises(OrderNotFound):
+        client.update_order("801000000000001", {"WHMCS_Order_ID__c": "1"})
+    assert client.api_usage() == (used + 1, limit)

@@ -4,6 +4,7 @@ import datetime as dt
 from urllib.parse import parse_qs
 
 import pytest
+import requests
 import urllib3
 
 from provisioning.core.errors import PermanentError, TransientError
@@ -20,7 +21,7 @@ from provisioning.salesforce.errors import (
     SalesforceUnavailable,
 )
 
-from .fake import API_VERSION, INSTANCE_URL, FakePool, FakeSalesforce
+from .fake import API_VERSION, INSTANCE_URL, FakeSalesforce
 
 ORDER_ID = "a0RE000000IJmcNMAT"
 
@@ -49,9 +50,9 @@ def order_record(**overrides: object) -> dict[str, object]:
 
 
 @pytest.fixture
-def client(auth: JWTBearerAuth, pool: FakePool, fake: FakeSalesforce) -> SalesforceClient:
+def client(auth: JWTBearerAuth, session: requests.Session, fake: FakeSalesforce) -> SalesforceClient:
     fake.records[ORDER_ID] = order_record()
-    return SalesforceClient(auth=auth, session=pool, api_version=API_VERSION)
+    return SalesforceClient(auth=auth, session=session, api_version=API_VERSION)
 
 
 def rest_calls(fake: FakeSalesforce) -> list[str]:
@@ -76,11 +77,11 @@ def test_fetch_order_reads_the_order_and_its_items_with_one_query(
 
 
 def test_the_query_uses_the_configured_field_names(
-    auth: JWTBearerAuth, pool: FakePool, fake: FakeSalesforce
+    auth: JWTBearerAuth, session: requests.Session, fake: FakeSalesforce
 ) -> None:
     names = OrderFieldNames(activation_status="Status2__c", whmcs_product_id="Plan__c")
     fake.records[ORDER_ID] = order_record(Status2__c="Activating", Activation_Status__c=None)
-    client = SalesforceClient(auth=auth, session=pool, api_version=API_VERSION, field_names=names)
+    client = SalesforceClient(auth=auth, session=session, api_version=API_VERSION, field_names=names)
     assert client.fetch_order(ORDER_ID).activation_status == "Activating"
     (query,) = [s for s in fake.seen if s.path.endswith("/query/")]
     soql = parse_qs(query.query)["q"][0]
@@ -100,10 +101,10 @@ def test_field_names_come_from_the_settings() -> None:
 
 
 def test_a_client_built_without_settings_has_the_defaults_of_the_settings(
-    auth: JWTBearerAuth, pool: FakePool
+    auth: JWTBearerAuth, session: requests.Session
 ) -> None:
     defaults = Settings(_env_file=None)
-    client = SalesforceClient(auth=auth, session=pool)
+    client = SalesforceClient(auth=auth, session=session)
     assert client.api_version == defaults.sf_api_version
     assert client.field_names == OrderFieldNames.from_settings(defaults)
     assert f"/event/{client.event_object}" == defaults.sf_provision_event_channel
@@ -317,3 +318,55 @@ def test_from_settings_builds_auth_and_client(key_file: object, tmp_path: object
     assert client.api_version == "61.0"
     assert "cid" not in repr(client)
     assert INSTANCE_URL not in repr(client)
+
+
+def test_the_api_usage_of_the_last_answer_is_kept_on_the_client(
+    client: SalesforceClient, fake: FakeSalesforce
+) -> None:
+    assert client.api_usage() is None
+    client.fetch_order(ORDER_ID)
+    first = client.api_usage()
+    client.update_order(ORDER_ID, {"Activation_Status__c": "Activated"})
+    second = client.api_usage()
+    # The fake counts every request it has seen (the login included) as used, of 15,000.
+    assert first is not None
+    assert second is not None
+    assert first[1] == second[1] == 15000
+    assert second[0] > first[0]
+
+
+def test_an_error_answer_s_api_usage_is_kept_too(client: SalesforceClient, fake: FakeSalesforce) -> None:
+    client.fetch_order(ORDER_ID)
+    fake.rest_script.append((400, [{"message": "invalid", "errorCode": "MALFORMED_ID"}]))
+    before = client.api_usage()
+    with pytest.raises(SalesforceRequestError):
+        client.update_order(ORDER_ID, {"Activation_Status__c": "Activated"})
+    assert client.api_usage() is not None
+    assert client.api_usage() != before
+
+
+def test_the_fields_the_client_writes_are_exactly_those_the_service_s_patches_name() -> None:
+    from tests.salesforce_metadata.project import logical_fields_written
+
+    assert logical_fields_written() == OrderFieldNames.WRITTEN
+    with pytest.raises(ValueError, match="to write"):
+        OrderFieldNames().patch(sim_type="eSIM")
+
+
+def test_the_fields_used_are_the_query_s_columns_and_the_patch_s_keys_in_the_org_s_names(
+    auth: JWTBearerAuth, session: requests.Session
+) -> None:
+    names = OrderFieldNames(activation_status="Status2__c", whmcs_client_id="Client__c")
+    client = SalesforceClient(auth=auth, session=session, field_names=names)
+    used = {(u.sobject, u.name): u for u in client.fields_used()}
+    soql = client.order_query(ORDER_ID)
+    for sobject, name in used:
+        if not name.endswith("Id") or name == "Id":
+            assert name in soql or not used[(sobject, name)].reads, name
+    status = used[("Order", "Status2__c")]
+    assert (status.reads, status.writes, status.setting) == (True, True, "SF_FIELD_ACTIVATION_STATUS")
+    assert used[("Account", "Client__c")].setting == "SF_FIELD_WHMCS_CLIENT_ID"
+    assert used[("Order", "Activation_Error__c")].reads is False
+    assert used[("Order", "Activation_Error__c")].writes is True
+    assert used[("Contact", "Email")].logical is None
+    assert ("Order", "BillToContactId") in used

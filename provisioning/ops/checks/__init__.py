@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Iterable
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import redis
@@ -25,20 +24,16 @@ from provisioning.core.settings import ConfigError, Settings, redact_url
 from provisioning.ledger import Ledger
 from provisioning.ledger.limits import BreakerState
 from provisioning.ops.checks.external import NotRunning, Probe, ProbeFn, external_probes
+from provisioning.ops.checks.results import CheckResult
 from provisioning.step.spec import System
+
+__all__ = ["CheckResult", "format_results", "probes", "run_checks"]
 
 # Each probe gives up after this long, so `check` answers quickly when something is down.
 PROBE_TIMEOUT_S = 3.0
 REDIS_PORT = 6379
 # Below this many columns for the details, the table is wrapped as if the terminal were wider.
 MIN_DETAIL_WIDTH = 30
-
-
-@dataclass
-class CheckResult:
-    name: str
-    status: str  # OK, FAIL, WARN or SKIP
-    detail: str
 
 
 def _probe_client(settings: Settings) -> redis.Redis:
@@ -349,7 +344,13 @@ def run_checks(settings: Settings, config_error: ConfigError | None = None) -> l
             prefix = f"{probe.where(settings)}: " if probe.where is not None else ""
             results.append(CheckResult(probe.name, "FAIL", f"{prefix}{type(exc).__name__}: {_text(exc)}"))
         else:
-            results.append(CheckResult(probe.name, "OK", detail))
+            if isinstance(detail, str):
+                results.append(CheckResult(probe.name, "OK", detail))
+            else:
+                # A probe of many items (the Salesforce org's): one line each, as it says them.
+                results.extend(detail)
+                if any(r.status == "FAIL" for r in detail):
+                    blocked[probe.name] = "failed"
     return results
 
 

@@ -9,12 +9,14 @@ from dataclasses import dataclass
 
 from provisioning.core.http import make_session
 from provisioning.core.settings import Settings
+from provisioning.ops.checks.results import CheckResult
 
 # Each probe gives up after this long.
 PROBE_TIMEOUT_S = 5.0
 
-# Reaches one dependency: what it found (OK), or raises what is wrong.
-ProbeFn = Callable[[Settings], str]
+# Reaches one dependency: what it found (OK), or raises what is wrong; or, for a dependency of many
+# items (the Salesforce org), one result per item.
+ProbeFn = Callable[[Settings], str | list[CheckResult]]
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,13 @@ def _events(settings: Settings) -> str:
     return f"transport pubsub ({settings.sf_pubsub_endpoint}): {info.topic_name} can be subscribed to"
 
 
+def _salesforce_org(settings: Settings) -> list[CheckResult]:
+    """The org's fields, event, flows and API budget (the login and the subscription are said above)."""
+    from provisioning.ops.checks.salesforce_org import org_lines
+
+    return org_lines(settings, login=False, subscribe=False)
+
+
 def _whmcs(settings: Settings) -> str:
     from provisioning.whmcs.client import WhmcsClient
     from provisioning.whmcs.errors import WhmcsClientNotFound
@@ -110,6 +119,18 @@ EVENTS_SETTINGS = (
     "sf_pubsub_endpoint",
     "sf_api_version",
 )
+ORG_SETTINGS = (
+    *EVENTS_SETTINGS,
+    "sf_field_activation_status",
+    "sf_field_whmcs_client_id",
+    "sf_field_sim_type",
+    "sf_field_eid",
+    "sf_field_whmcs_product_id",
+    "sf_field_whmcs_order_id",
+    "sf_field_esim_iccid",
+    "sf_field_activation_error",
+    "sf_field_activated_at",
+)
 
 
 def external_probes(settings: Settings, *, broker_settings: tuple[str, ...]) -> list[Probe]:
@@ -124,6 +145,8 @@ def external_probes(settings: Settings, *, broker_settings: tuple[str, ...]) -> 
             uses=EVENTS_SETTINGS,
             needs=("salesforce",),
         ),
+        # What the org must have for the service (provisioning salesforce check): its lines follow.
+        Probe("salesforce org", _salesforce_org if login else None, uses=ORG_SETTINGS, needs=("salesforce",)),
         Probe(
             "whmcs",
             _whmcs if s.whmcs_url and s.whmcs_identifier and s.whmcs_secret else None,

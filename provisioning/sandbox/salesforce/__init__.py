@@ -15,6 +15,10 @@ One :class:`SalesforceSimulator` serves both the login URL and the instance URL
 :class:`.driver.SalesforceDriver` drives a running simulator from outside (admin calls, signed
 assertions, raw REST and CometD requests) for tests, the demo and benchmarks.
 
+The org is set up as ``salesforce/`` deploys it (:mod:`.org`, from
+:mod:`provisioning.salesforce.metadata`): its custom fields, Platform Event, permission set and
+flows (run around a save by :mod:`.flows`); ``/__admin/org`` takes pieces away for a test.
+
 API (what real Salesforce does; field names are the project defaults)
 ----------------------------------------------------------------------
 - ``POST /services/oauth2/token`` form ``grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer&assertion=<RS256 JWT>``
@@ -43,6 +47,11 @@ API (what real Salesforce does; field names are the project defaults)
   - ``POST sobjects/OrderProvisionRequested__e`` ``{"OrderId__c" (Text 18, required), "IdemKey__c"? (Text 80)}``
     → 201 ``{"id": "e00xx…", "success": true, "errors": []}``; published on ``/event/OrderProvisionRequested__e``.
     OrderId__c is a text field: a malformed Id is accepted and published, as in a real org.
+  - ``GET sobjects/{Order,Account,Contact,OrderItem,Product2,OrderProvisionRequested__e}/describe``: the
+    fields the integration user may read, ``updateable`` where it may edit; 404 ``NOT_FOUND`` for an
+    object it may not read or the org does not have. ``GET limits``: ``DailyApiRequests`` Max and
+    Remaining. ``GET tooling/query?q=``: ``FlowDefinition`` / ``FlowDefinitionView`` of the project's
+    flows (``ActiveVersionId`` null when inactive).
 - Streaming ``POST /cometd/{version}``: see :mod:`.cometd`. JSON array body (else HTTP 400), bearer
   token (none → HTTP 401 ``401::Request requires authentication``; invalid → handshake ``403::Handshake
   denied`` with ``ext.sfdc.failureReason``, other messages ``401::Authentication invalid`` advice none).
@@ -57,7 +66,7 @@ API (what real Salesforce does; field names are the project defaults)
 - Pub/Sub: see :mod:`.pubsub`; a topic the org does not have is NOT_FOUND ``…topic.not.found``.
 
 Fault-injector operations (``/__admin/faults``, ``/__admin/calls``): ``token``, ``query``, ``order_get``,
-``order_patch``, ``event_publish``, ``other`` (unknown REST paths), ``cometd_handshake``,
+``order_patch``, ``event_publish``, ``describe``, ``limits``, ``tooling_query``, ``other`` (unknown REST paths), ``cometd_handshake``,
 ``cometd_subscribe``, ``cometd_unsubscribe``, ``cometd_connect``, ``cometd_disconnect``. Injected REST
 errors by ``error_status``: 200 → 400 ``UNABLE_TO_LOCK_ROW``; 429 → 403 ``REQUEST_LIMIT_EXCEEDED``;
 500 → 500 ``UNKNOWN_EXCEPTION``; 502/503/504 → that status, ``SERVER_UNAVAILABLE``. Token errors: 400
@@ -76,6 +85,11 @@ Admin routes (JSON, no auth, never faulted)
   ``[]`` for none); Order API names are accepted too.
   → 200 ``{"ids": ["801…"], "orders": [<order view>]}``; 400 ``{"error"}`` on an unknown key or bad value.
 - ``GET /__admin/orders`` → ``{"orders": [<order view>]}``.
+- ``POST /__admin/orders/{id}/approve`` → ``{"order", "flows", "events"}``: Status becomes Activated and
+  the active flows run around the save as their files say.
+- ``GET /__admin/org``, ``POST /__admin/org`` body (any subset) ``{"removed_fields", "unreadable_fields",
+  "read_only_fields", "unreadable_objects", "inactive_flows"}`` (lists of ``Object.Field``, objects,
+  flows) → the knobs, the permission set's name and each flow's state.
 - ``GET /__admin/orders/{id}`` (15 or 18 chars) → ``<order view>``: every Order field by API name,
   ``Account`` {Id, Name, WHMCS_Client_ID__c} or null, ``BillToContact`` {Id, Email, FirstName, LastName}
   or null, ``OrderItems`` [{Id, Quantity, UnitPrice, Product2 {Id, Name, ProductCode,

@@ -6,7 +6,10 @@ handshake, ``403::Unknown client`` (advice handshake), ``401::Authentication
 invalid`` (advice none), the replay extension keyed by exact channel, events
 sent in the connect response before the connect reply, and a subscription to an
 event the org does not have refused with ``400::The channel you requested to
-subscribe to does not exist {<channel>}`` (the Streaming API's error codes page).
+subscribe to does not exist {<channel>}`` (the Streaming API's error codes page). A subscription
+to an event the integration user may not read (``readable``: the org's permission set and knobs)
+is refused with ``403::Forbidden`` [the sandbox's wording: Salesforce's exact text for this case
+was not confirmed].
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import re
 import string
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +42,7 @@ MAX_EVENTS_PER_CONNECT = 500
 CLIENT_IDLE_EXPIRY_S = 40.0
 CHANNEL_PATTERN = re.compile(r"^/event/[A-Za-z][A-Za-z0-9_]*__e$")
 
+NOT_READABLE = "403::Forbidden"
 INVALID_REPLAY = (
     "400::The replayId {{{value}}} you provided was invalid.  Please provide a valid ID, "
     "-2 to replay all events, or -1 to replay only new events."
@@ -112,6 +117,8 @@ class CometD:
         self.closing = False
         self._rng = rng
         self._browsers: set[str] = set()
+        # Whether the integration user may subscribe to a channel (the org's permission set and knobs).
+        self.readable: Callable[[str], bool] = lambda channel: True
 
     # -- HTTP ---------------------------------------------------------------------------------
 
@@ -271,6 +278,11 @@ class CometD:
                 subscription=channel,
                 successful=False,
                 error=NO_SUCH_CHANNEL.format(channel=channel),
+            )
+        if not self.readable(channel):
+            self.stats["subscribe_failures"] += 1
+            return _reply(
+                message, client_id=client_id, subscription=channel, successful=False, error=NOT_READABLE
             )
         replay: Any = REPLAY_NEW
         ext = message.get("ext") or {}

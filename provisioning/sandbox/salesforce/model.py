@@ -1,8 +1,10 @@
 """The simulated org's data: Orders with their Account, bill-to Contact and OrderItems.
 
-Field names are the project's defaults (README, "Setting up Salesforce"). Values are stored
-as Salesforce returns them: datetimes as ``2024-05-01T10:00:00.000+0000``,
-``Quantity`` as a double.
+The objects' custom fields (names, types, lengths, picklist values) come from the ``salesforce/``
+DX project (:mod:`provisioning.salesforce.metadata`), as a deploy of it would make them; the
+standard fields are Salesforce's own, the few the service and the sandbox use. Values are stored
+as Salesforce returns them: datetimes as ``2024-05-01T10:00:00.000+0000``, ``Quantity`` as a
+double.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from provisioning.core.errors import PicklableError
+from provisioning.salesforce.metadata import FieldDecl, project
 from provisioning.sandbox.salesforce import ids
 
 
@@ -38,41 +41,123 @@ class ApiError(PicklableError):
 class FieldSpec:
     name: str
     label: str
-    kind: str  # id, string, picklist, datetime, date, boolean, reference, double
+    kind: str  # a describe type: id, string, picklist, datetime, date, boolean, reference, double, ...
     updateable: bool = False
     length: int = 255
     values: tuple[str, ...] = ()
+    custom: bool = False
+    nillable: bool = True
+    default_value: str | None = None
+    reference_to: tuple[str, ...] = ()
 
 
-ACTIVATION_STATUSES = ("Pending", "Activating", "Activated", "Failed")
-SIM_TYPES = ("eSIM", "Physical")
-
-ORDER_FIELDS: dict[str, FieldSpec] = {
-    f.name: f
-    for f in (
-        FieldSpec("Id", "Order ID", "id"),
-        FieldSpec("OrderNumber", "Order Number", "string"),
-        FieldSpec("Status", "Status", "picklist", True, values=("Draft", "Activated")),
-        FieldSpec("EffectiveDate", "Order Start Date", "date", True),
-        FieldSpec("AccountId", "Account ID", "reference"),
-        FieldSpec("BillToContactId", "Bill To Contact ID", "reference"),
-        FieldSpec("Activation_Status__c", "Activation Status", "picklist", True, values=ACTIVATION_STATUSES),
-        FieldSpec("SIM_Type__c", "SIM Type", "picklist", True, values=SIM_TYPES),
-        FieldSpec("EID__c", "EID", "string", True, 32),
-        FieldSpec("WHMCS_Order_ID__c", "WHMCS Order ID", "string", True, 40),
-        FieldSpec("ESIM_ICCID__c", "eSIM ICCID", "string", True, 22),
-        FieldSpec("Activation_Error__c", "Activation Error", "string", True, 255),
-        FieldSpec("Activated_At__c", "Activated At", "datetime", True),
-        FieldSpec("CreatedDate", "Created Date", "datetime"),
-        FieldSpec("LastModifiedDate", "Last Modified Date", "datetime"),
-        FieldSpec("SystemModstamp", "System Modstamp", "datetime"),
-        FieldSpec("IsDeleted", "Deleted", "boolean"),
+def custom_field(decl: FieldDecl) -> FieldSpec:
+    """A custom field of the salesforce/ project as the org has it once deployed."""
+    return FieldSpec(
+        decl.name,
+        decl.label,
+        decl.describe_type,
+        updateable=True,
+        # A picklist's values may be 255 characters long; a date/time has no length.
+        length=decl.length or (255 if decl.describe_type in ("picklist", "string", "textarea") else 0),
+        values=decl.picklist_values,
+        custom=True,
+        nillable=not decl.required,
+        default_value=decl.default_value,
     )
+
+
+def _with_custom(sobject: str, standard: tuple[FieldSpec, ...]) -> dict[str, FieldSpec]:
+    declared = project().objects.get(sobject)
+    custom = [custom_field(f) for f in declared.fields.values()] if declared is not None else []
+    return {f.name: f for f in (*standard, *custom)}
+
+
+def _system(*, reference: str = "User") -> tuple[FieldSpec, ...]:
+    return (
+        FieldSpec("CreatedDate", "Created Date", "datetime", nillable=False),
+        FieldSpec("CreatedById", "Created By ID", "reference", length=18, reference_to=(reference,)),
+    )
+
+
+ACTIVATION_STATUSES = project().objects["Order"].fields["Activation_Status__c"].picklist_values
+SIM_TYPES = project().objects["Order"].fields["SIM_Type__c"].picklist_values
+
+# Each object's fields: Salesforce's standard ones the sandbox keeps, then the project's custom ones.
+ORDER_FIELDS: dict[str, FieldSpec] = _with_custom(
+    "Order",
+    (
+        FieldSpec("Id", "Order ID", "id", length=18, nillable=False),
+        FieldSpec("OrderNumber", "Order Number", "string", length=30, nillable=False),
+        FieldSpec("Status", "Status", "picklist", True, 40, ("Draft", "Activated"), nillable=False),
+        FieldSpec("EffectiveDate", "Order Start Date", "date", True, 0, nillable=False),
+        FieldSpec("AccountId", "Account ID", "reference", length=18, reference_to=("Account",)),
+        FieldSpec("BillToContactId", "Bill To Contact ID", "reference", True, 18, reference_to=("Contact",)),
+        FieldSpec("CreatedDate", "Created Date", "datetime", length=0, nillable=False),
+        FieldSpec("LastModifiedDate", "Last Modified Date", "datetime", length=0, nillable=False),
+        FieldSpec("SystemModstamp", "System Modstamp", "datetime", length=0, nillable=False),
+        FieldSpec("IsDeleted", "Deleted", "boolean", length=0, nillable=False),
+    ),
+)
+ACCOUNT_SPECS = _with_custom(
+    "Account",
+    (
+        FieldSpec("Id", "Account ID", "id", length=18, nillable=False),
+        FieldSpec("Name", "Account Name", "string"),
+    ),
+)
+CONTACT_SPECS = _with_custom(
+    "Contact",
+    (
+        FieldSpec("Id", "Contact ID", "id", length=18, nillable=False),
+        FieldSpec("Email", "Email", "email", True, 80),
+        FieldSpec("FirstName", "First Name", "string", True, 40),
+        FieldSpec("LastName", "Last Name", "string", True, 80, nillable=False),
+    ),
+)
+ORDER_ITEM_SPECS = _with_custom(
+    "OrderItem",
+    (
+        FieldSpec("Id", "Order Product ID", "id", length=18, nillable=False),
+        FieldSpec("OrderId", "Order ID", "reference", length=18, nillable=False, reference_to=("Order",)),
+        FieldSpec("Quantity", "Quantity", "double", True, 0, nillable=False),
+        FieldSpec("UnitPrice", "Unit Price", "currency", True, 0),
+        FieldSpec("Product2Id", "Product ID", "reference", length=18, reference_to=("Product2",)),
+    ),
+)
+PRODUCT_SPECS = _with_custom(
+    "Product2",
+    (
+        FieldSpec("Id", "Product ID", "id", length=18, nillable=False),
+        FieldSpec("Name", "Product Name", "string", True, nillable=False),
+        FieldSpec("ProductCode", "Product Code", "string", True),
+    ),
+)
+ACCOUNT_FIELDS = tuple(ACCOUNT_SPECS)
+CONTACT_FIELDS = tuple(CONTACT_SPECS)
+ORDER_ITEM_FIELDS = tuple(ORDER_ITEM_SPECS)
+PRODUCT_FIELDS = tuple(PRODUCT_SPECS)
+
+
+def event_specs(sobject: str) -> dict[str, FieldSpec]:
+    """A Platform Event's fields: the standard ones every event has, then the project's."""
+    standard = (
+        FieldSpec("ReplayId", "Replay ID", "string", length=255),
+        *_system(),
+        FieldSpec("EventUuid", "Event UUID", "string", length=36),
+    )
+    return _with_custom(sobject, standard)
+
+
+# Every object the sandbox describes, and its fields.
+OBJECT_FIELDS: dict[str, dict[str, FieldSpec]] = {
+    "Order": ORDER_FIELDS,
+    "Account": ACCOUNT_SPECS,
+    "Contact": CONTACT_SPECS,
+    "OrderItem": ORDER_ITEM_SPECS,
+    "Product2": PRODUCT_SPECS,
+    **{event.name: event_specs(event.name) for event in project().events()},
 }
-ACCOUNT_FIELDS = ("Id", "Name", "WHMCS_Client_ID__c")
-CONTACT_FIELDS = ("Id", "Email", "FirstName", "LastName")
-ORDER_ITEM_FIELDS = ("Id", "OrderId", "Quantity", "UnitPrice", "Product2Id")
-PRODUCT_FIELDS = ("Id", "Name", "ProductCode", "WHMCS_Product_ID__c")
 
 # Friendly seed keys (admin API) -> Order API names.
 FRIENDLY_ORDER_KEYS = {

@@ -22,7 +22,8 @@ the same :class:`~.bus.EventBus` as CometD, so an event published once reaches b
   INVALID_ARGUMENT ``…fetch.replayid.validation.failed``.
 - Payloads are Avro binary without a container, per the schema ``GetSchema(schema_id)`` returns
   (a record with ``CreatedDate`` long epoch ms, ``CreatedById`` string and the event's fields as
-  ``["null", "string"]``). An admin-published payload that does not fit the schema (the admin
+  ``["null", "string"]``, those the ``salesforce/`` project declares for the event, with their
+  type and length in ``doc``: ``Data:Text:18``). An admin-published payload that does not fit the schema (the admin
   route does not validate) is sent as bytes that do not decode: how a test gets a decode error.
 - ``GetTopic`` answers the topic name, the org as ``tenant_guid``, ``can_subscribe``,
   ``can_publish`` and the current ``schema_id``. ``Publish`` publishes Avro-encoded events.
@@ -34,7 +35,9 @@ Faults (``POST /__admin/streaming`` of the simulator; see :meth:`PubSub.configur
 stream (UNAVAILABLE ``…service.unavailable``), a silent stall (nothing sent, keepalives included,
 streams left open), a schema change (a new schema id with an added optional field for events
 published from then on), permission denied (PERMISSION_DENIED
-``…subscription.topic.cannot.subscribe``; GetTopic says ``can_subscribe: false``).
+``…subscription.topic.cannot.subscribe``; GetTopic says ``can_subscribe: false``). The same
+refusal follows from the org's setup when the integration user may not read the event
+(``readable``: the simulator's ``/__admin/org`` knob ``unreadable_objects``).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ import grpc
 from grpc import aio
 
 from provisioning.core.errors import PicklableError
+from provisioning.salesforce.metadata import project
 from provisioning.salesforce.pubsub import pubsub_api_pb2 as pb
 from provisioning.salesforce.pubsub import pubsub_api_pb2_grpc as pb_grpc
 from provisioning.sandbox.common import FaultInjector
@@ -153,6 +157,8 @@ class PubSub:
         # (topic, version) -> (schema_id, parsed schema, schema json)
         self._schemas: dict[tuple[str, int], tuple[str, Any, str]] = {}
         self._by_id: dict[str, tuple[str, int]] = {}
+        # Whether the integration user may subscribe to a topic (the org's permission set and knobs).
+        self.readable: Callable[[str], bool] = lambda topic: True
 
     # -- schemas ------------------------------------------------------------------------------
 
@@ -161,11 +167,19 @@ class PubSub:
         key = (topic, version)
         if key not in self._schemas:
             name = topic.removeprefix(TOPIC_PREFIX)
+            declared = project().objects.get(name)
             fields: list[dict[str, Any]] = [
                 {"name": "CreatedDate", "type": "long", "doc": "CreatedDate:DateTime"},
                 {"name": "CreatedById", "type": "string", "doc": "CreatedBy:EntityId"},
-                {"name": "OrderId__c", "type": ["null", "string"], "doc": "Data:Text:18", "default": None},
-                {"name": "IdemKey__c", "type": ["null", "string"], "doc": "Data:Text:80", "default": None},
+                *(
+                    {
+                        "name": f.name,
+                        "type": ["null", "string"],
+                        "doc": f"Data:{f.type}" + (f":{f.length}" if f.length else ""),
+                        "default": None,
+                    }
+                    for f in (declared.fields.values() if declared is not None else ())
+                ),
             ]
             if version >= 1:
                 fields.append(
@@ -269,7 +283,7 @@ class PubSub:
             topic_name=topic,
             tenant_guid=self.org_id,
             can_publish=True,
-            can_subscribe=not self.faults.permission_denied,
+            can_subscribe=not self.faults.permission_denied and self.readable(topic),
             schema_id=schema_id,
             rpc_id=rpc_id,
         )
@@ -326,7 +340,7 @@ class PubSub:
 
     def _open(self, first: pb.FetchRequest) -> _Stream:
         topic = self._topic(first.topic_name)
-        if self.faults.permission_denied:
+        if self.faults.permission_denied or not self.readable(topic):
             self.stats["permission_denied"] += 1
             raise _Abort(
                 grpc.StatusCode.PERMISSION_DENIED,

@@ -12,8 +12,9 @@ from typing import Any
 
 from aiohttp import web
 
+from provisioning.salesforce.metadata import project
 from provisioning.sandbox.common import ADMIN_PREFIX, FaultInjector, Faults, new_app
-from provisioning.sandbox.salesforce import ids, soql
+from provisioning.sandbox.salesforce import flows, ids, soql
 from provisioning.sandbox.salesforce.auth import (
     GRANT_TYPE_JWT,
     ConnectedApp,
@@ -21,28 +22,29 @@ from provisioning.sandbox.salesforce.auth import (
     TokenStore,
     bearer_token,
 )
-from provisioning.sandbox.salesforce.bus import EventBus
+from provisioning.sandbox.salesforce.bus import BusEvent, EventBus
 from provisioning.sandbox.salesforce.cometd import CometD, StreamingFaults
 from provisioning.sandbox.salesforce.model import (
     FRIENDLY_ORDER_KEYS,
     ORDER_FIELDS,
     ApiError,
-    FieldSpec,
     Order,
     OrderStore,
     admin_view,
     coerce,
+    event_specs,
     order_record,
+    parse_datetime,
 )
+from provisioning.sandbox.salesforce.org import OrgKnobs, OrgSetup
 from provisioning.sandbox.salesforce.pubsub import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_KEEPALIVE_S, PubSub
 
 DEFAULT_USERNAME = "integration@sandbox.example"
-EVENT_SOBJECT = "OrderProvisionRequested__e"
+# The org's Platform Event: the one salesforce/ defines (its fields too).
+(_EVENT,) = project().events()
+EVENT_SOBJECT = _EVENT.name
 EVENT_CHANNEL = f"/event/{EVENT_SOBJECT}"
-EVENT_FIELDS = {
-    "OrderId__c": FieldSpec("OrderId__c", "Order Id", "string", True, 18),
-    "IdemKey__c": FieldSpec("IdemKey__c", "Idem Key", "string", True, 80),
-}
+EVENT_FIELDS = {name: spec for name, spec in event_specs(EVENT_SOBJECT).items() if spec.custom}
 # Daily API request allocation shown in Sforce-Limit-Info (an Enterprise org of a few users).
 DEFAULT_API_LIMIT = 100_000
 # Admin bodies may carry thousands of events.
@@ -78,8 +80,13 @@ class SalesforceSimulator:
         api_version: str = "64.0",
         pubsub_keepalive_s: float = DEFAULT_KEEPALIVE_S,
         pubsub_idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        org: OrgKnobs | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        # The org as deployed from salesforce/, less what ``org`` takes away (also /__admin/org).
+        self.org = OrgSetup(knobs=org or OrgKnobs())
+        for flow in self.org.metadata.flows.values():
+            flows.check(flow)
         self.api_version = api_version
         self._rng = random.Random(seed)
         self.injector = FaultInjector(seed=seed)
@@ -95,8 +102,9 @@ class SalesforceSimulator:
         self.tokens = TokenStore(self._rng, self.org_id, token_lifetime_s)
         self.orders = OrderStore(self._rng, self.ids)
         # Event payloads name their creator with a 15-character Id, as in the documentation's example.
-        # The org's one Platform Event is the only topic it has.
-        self.bus = EventBus(self._rng, retention_s, created_by=self.user_id[:15], topics=(EVENT_CHANNEL,))
+        # The org's Platform Events (salesforce/'s) are the only topics it has.
+        topics = tuple(f"/event/{event.name}" for event in self.org.metadata.events())
+        self.bus = EventBus(self._rng, retention_s, created_by=self.user_id[:15], topics=topics)
         self.cometd = CometD(
             bus=self.bus, tokens=self.tokens, injector=self.injector, rng=self._rng, long_poll_s=long_poll_s
         )
@@ -108,6 +116,7 @@ class SalesforceSimulator:
             keepalive_s=pubsub_keepalive_s,
             idle_timeout_s=pubsub_idle_timeout_s,
         )
+        self.pubsub.readable = self.cometd.readable = self._event_readable
         self.api_limit = DEFAULT_API_LIMIT
         self.api_used = 0
         self._event_ids = 0
@@ -153,6 +162,12 @@ class SalesforceSimulator:
                 web.post("/services/oauth2/token", self._token),
                 web.get(data + "/query{slash:/?}", self._rest("query", self._query)),
                 web.get(data + "/query/{cursor}", self._rest("query_more", self._query_more)),
+                web.get(
+                    data + r"/sobjects/{sobject:\w+}/describe{slash:/?}",
+                    self._rest("describe", self._describe),
+                ),
+                web.get(data + "/limits{slash:/?}", self._rest("limits", self._limits)),
+                web.get(data + "/tooling/query{slash:/?}", self._rest("tooling_query", self._tooling_query)),
                 web.get(data + "/sobjects/Order/{id}", self._rest("order_get", self._order_get)),
                 web.patch(data + "/sobjects/Order/{id}", self._rest("order_patch", self._order_patch)),
                 web.post(
@@ -265,8 +280,27 @@ class SalesforceSimulator:
     async def _not_found(self, _: web.Request) -> web.StreamResponse:
         return api_error(404, *NOT_FOUND)
 
+    async def _describe(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(
+            self.org.describe(request.match_info["sobject"], request.match_info["version"])
+        )
+
+    async def _limits(self, _: web.Request) -> web.StreamResponse:
+        # Of the org's many limits, the one the service spends; Remaining after this call.
+        daily = {"Max": self.api_limit, "Remaining": max(0, self.api_limit - self.api_used)}
+        return web.json_response({"DailyApiRequests": daily})
+
+    async def _tooling_query(self, request: web.Request) -> web.StreamResponse:
+        records = self.org.tooling_query(request.query.get("q", ""), request.match_info["version"])
+        return web.json_response(
+            {"size": len(records), "totalSize": len(records), "done": True, "records": records}
+        )
+
+    def _event_readable(self, channel: str) -> bool:
+        return self.org.object_readable(channel.removeprefix("/event/"))
+
     async def _query(self, request: web.Request) -> web.StreamResponse:
-        query = soql.parse(request.query.get("q", ""))
+        query = soql.parse(request.query.get("q", ""), self.org.hidden(), self.org.unreadable())
         records = soql.execute(query, self.orders, request.match_info["version"])
         return web.json_response(self._page(records, len(records), request.match_info["version"]))
 
@@ -312,19 +346,46 @@ class SalesforceSimulator:
             names = []
             for raw in request.query["fields"].split(","):
                 name = lowered.get(raw.strip().lower())
-                if name is None:
+                if name is None or not self.org.readable("Order", name):
                     raise ApiError(
                         400, "INVALID_FIELD", f"No such column '{raw.strip()}' on sobject of type Order"
                     )
                 names.append(name)
+        if names is None:
+            names = [name for name in ORDER_FIELDS if self.org.readable("Order", name)]
         return web.json_response(order_record(order, request.match_info["version"], names))
 
     async def _order_patch(self, request: web.Request) -> web.StreamResponse:
         order = self._find_order(request.match_info["id"])
         body = await _json_body(request)
         changes = self.orders.validate_patch(body)
-        self.orders.update(order, changes, source="api")
+        self.org.check_patch("Order", changes)
+        self.save(order, changes, source="api")
         return web.Response(status=204)
+
+    def save(self, order: Order, changes: dict[str, Any], *, source: str) -> tuple[list[str], list[BusEvent]]:
+        """Save ``changes`` as Salesforce does: the active flows that start run around the save.
+
+        Returns the flows that ran and the events they published.
+        """
+        before = dict(order.fields)
+        after = {**before, **changes}
+        started = [f for f in self.org.active_flows() if flows.starts(f, "Order", before, after)]
+        for flow in started:
+            if flow.trigger_type == flows.BEFORE_SAVE:
+                changes.update(flows.assign(flow, after, _resolver(after)))
+        self.orders.update(order, changes, source=source)
+        published: list[BusEvent] = []
+        for flow in started:
+            if flow.trigger_type != flows.AFTER_SAVE:
+                continue
+            for create in flows.creates(flow, _resolver(order.fields)):
+                channel = f"/event/{create.object}"
+                if self.bus.has_topic(channel):
+                    specs = event_specs(create.object)
+                    values = {k: coerce(specs[k], v) for k, v in create.values.items()}
+                    published.append(self.bus.publish(channel, values))
+        return [f.name for f in started], published
 
     async def _publish(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
@@ -371,6 +432,9 @@ class SalesforceSimulator:
             web.post(f"{p}/orders", self._admin_seed_orders),
             web.get(f"{p}/orders/{{id}}", self._admin_get_order),
             web.patch(f"{p}/orders/{{id}}", self._admin_set_order),
+            web.post(f"{p}/orders/{{id}}/approve", self._admin_approve),
+            web.get(f"{p}/org", self._admin_get_org),
+            web.post(f"{p}/org", self._admin_set_org),
             web.get(f"{p}/events", self._admin_list_events),
             web.post(f"{p}/events", self._admin_publish),
             web.get(f"{p}/streaming", self._admin_get_streaming),
@@ -432,6 +496,40 @@ class SalesforceSimulator:
         if changes:
             self.orders.update(order, changes, source="admin")
         return web.json_response(admin_view(order))
+
+    async def _admin_approve(self, request: web.Request) -> web.Response:
+        """An approval as the org makes one: Status becomes Activated, and the flows run around the save."""
+        order = self.orders.get(request.match_info["id"])
+        if order is None:
+            return _admin_error(404, "no such order")
+        ran, published = self.save(order, {"Status": "Activated"}, source="approval")
+        return web.json_response(
+            {
+                "order": admin_view(order),
+                "flows": ran,
+                "events": [
+                    {"channel": e.channel, "replayId": e.replay_id, "payload": e.message["data"]["payload"]}
+                    for e in published
+                ],
+            }
+        )
+
+    async def _admin_get_org(self, _: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                **self.org.knobs.as_json(),
+                "permission_set": self.org.permission_set.name,
+                "flows": {name: self.org.flow_active(name) for name in sorted(self.org.metadata.flows)},
+            }
+        )
+
+    async def _admin_set_org(self, request: web.Request) -> web.Response:
+        try:
+            self.org.configure(await _admin_json(request))
+        except ValueError as exc:
+            return _admin_error(400, str(exc))
+        self.bus.notify()
+        return await self._admin_get_org(request)
 
     async def _admin_list_events(self, request: web.Request) -> web.Response:
         channel = request.query.get("channel")
@@ -570,11 +668,26 @@ class SalesforceSimulator:
         self.bus.schema_version = 0
         self.api_used = 0
         self.app = self._own_app
+        self.org.knobs = OrgKnobs()
         self.injector.faults = Faults()
         self.injector.calls.clear()
         self.injector.injected.clear()
         self.injector.forced.clear()
         return web.json_response({"reset": True, "at": time.time()})
+
+
+def _resolver(record: dict[str, Any]) -> flows.Resolve:
+    """A flow's ``$Record.X`` merge fields on ``record`` (date/times as datetimes, as formulas see them)."""
+
+    def resolve(reference: str) -> flows.Value:
+        name = reference.removeprefix("$Record.")
+        value = record.get(name)
+        spec = ORDER_FIELDS.get(name)
+        if spec is not None and spec.kind == "datetime" and isinstance(value, str):
+            return parse_datetime(value)
+        return None if value is None else str(value)
+
+    return resolve
 
 
 def _origin(request: web.Request) -> str:

@@ -6,7 +6,10 @@ where a literal is a quoted string, a number, a datetime (``2024-05-01T10:00:00Z
 unquoted, as in SOQL) or ``null``. Keywords and field names are
 case-insensitive, as in SOQL; results use the API names' own case. Anything
 else is refused with the error code Salesforce uses (``MALFORMED_QUERY``,
-``INVALID_FIELD``, ``INVALID_TYPE``, ``INVALID_QUERY_FILTER_OPERATOR``).
+``INVALID_FIELD``, ``INVALID_TYPE``, ``INVALID_QUERY_FILTER_OPERATOR``). A field the org does
+not have, or the integration user may not read (``hidden``: the org's knobs and its permission
+set), is an ``INVALID_FIELD`` "No such column" as on Salesforce; an object it may not read is an
+``INVALID_TYPE``.
 """
 
 from __future__ import annotations
@@ -54,6 +57,31 @@ _ORDER_RELATIONSHIPS: _Relationships = {
     "BillToContact": ("Contact", CONTACT_FIELDS),
 }
 _ITEM_RELATIONSHIPS: _Relationships = {"Product2": ("Product2", PRODUCT_FIELDS)}
+
+
+@dataclass(frozen=True)
+class _Schema:
+    """The fields a query may name: the model's, less the ``hidden`` ones (object, field)."""
+
+    order: tuple[str, ...]
+    order_relationships: _Relationships
+    item: tuple[str, ...]
+    item_relationships: _Relationships
+
+    @classmethod
+    def without(cls, hidden: frozenset[tuple[str, str]]) -> _Schema:
+        def visible(sobject: str, names: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(n for n in names if (sobject, n) not in hidden)
+
+        def related(relationships: _Relationships) -> _Relationships:
+            return {name: (obj, visible(obj, names)) for name, (obj, names) in relationships.items()}
+
+        return cls(
+            order=visible("Order", tuple(ORDER_FIELDS)),
+            order_relationships=related(_ORDER_RELATIONSHIPS),
+            item=visible("OrderItem", ORDER_ITEM_FIELDS),
+            item_relationships=related(_ITEM_RELATIONSHIPS),
+        )
 
 
 @dataclass(frozen=True)
@@ -155,8 +183,13 @@ class _Parser:
             self.next()
 
 
-def parse(text: str) -> Query:
-    """Parse and check one query against the Order schema; raises ApiError."""
+def parse(
+    text: str,
+    hidden: frozenset[tuple[str, str]] = frozenset(),
+    unreadable: frozenset[str] = frozenset(),
+) -> Query:
+    """Parse and check one query against the Order schema less ``hidden`` fields; raises ApiError."""
+    schema = _Schema.without(hidden)
     if not text or not text.strip():
         raise ApiError(400, "MALFORMED_QUERY", "A query string has to be specified")
     p = _Parser(text)
@@ -168,6 +201,8 @@ def parse(text: str) -> Query:
         raise _error(
             "MALFORMED_QUERY", f"the sandbox only serves FROM Order, not '{sobject.text}'", text, sobject.pos
         )
+    if "Order" in unreadable:
+        raise _error("INVALID_TYPE", "sObject type 'Order' is not supported.", text, sobject.pos)
     where_id: str | None = None
     limit: int | None = None
     conditions: list[Condition] = []
@@ -175,7 +210,7 @@ def parse(text: str) -> Query:
     if p.at("WHERE"):
         p.next()
         while True:
-            conditions.append(_condition(p, text))
+            conditions.append(_condition(p, text, schema.order))
             if not p.at("AND"):
                 break
             p.next()
@@ -186,7 +221,7 @@ def parse(text: str) -> Query:
         p.next()
         p.next("BY")
         column = p.next()
-        name = _match(column.text, tuple(ORDER_FIELDS))
+        name = _match(column.text, schema.order)
         if name is None:
             raise _error(
                 "INVALID_FIELD", _NO_COLUMN.format(field=column.text, entity="Order"), text, column.pos
@@ -213,10 +248,10 @@ def parse(text: str) -> Query:
                 raise _error("INVALID_TYPE", detail, text, relationship.pos)
             sub = SubQuery("OrderItems")
             for token in inner:
-                sub.fields.append(_resolve(token, "OrderItem", ORDER_ITEM_FIELDS, _ITEM_RELATIONSHIPS, text))
+                sub.fields.append(_resolve(token, "OrderItem", schema.item, schema.item_relationships, text))
             fields.append(sub)
         else:
-            fields.append(_resolve(item, "Order", tuple(ORDER_FIELDS), _ORDER_RELATIONSHIPS, text))
+            fields.append(_resolve(item, "Order", schema.order, schema.order_relationships, text))
     return Query(
         text=text, fields=fields, where_id=where_id, limit=limit, conditions=conditions, order_by=order_by
     )
@@ -225,9 +260,9 @@ def parse(text: str) -> Query:
 _OPERATORS = {"=", "!=", "<", "<=", ">", ">="}
 
 
-def _condition(p: _Parser, text: str) -> Condition:
+def _condition(p: _Parser, text: str, order_fields: tuple[str, ...]) -> Condition:
     column = p.next()
-    name = _match(column.text, tuple(ORDER_FIELDS))
+    name = _match(column.text, order_fields)
     if column.kind != "name" or name is None:
         raise _error("INVALID_FIELD", _NO_COLUMN.format(field=column.text, entity="Order"), text, column.pos)
     operator = p.next()
