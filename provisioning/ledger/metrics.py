@@ -87,6 +87,11 @@ RUNS_ENDED = "runs_ended"
 RUNS_FAILED = "runs_failed"
 RUNS_REQUEUED = "runs_requeued"
 RECONCILER_ACTIONS = "reconciler_actions"
+# ES2+ notifications received, by outcome (unknown, duplicate, recorded, changed; malformed and refused
+# are counted by the notification server): counted in esim_notify.lua.
+ESIM_NOTIFICATIONS = "esim_notifications"
+# The Orders' cancellations' compensations, by step and outcome (undone, nothing, manual).
+COMPENSATIONS = "compensations"
 
 
 @dataclass(frozen=True)
