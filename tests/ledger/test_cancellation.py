@@ -46,7 +46,8 @@ def test_a_forward_claim_after_the_cancellation_ends_the_run_cancelled_before_th
     assert (stopped.status, stopped.state) == (ClaimStatus.ENDED, RunState.CANCELLED)
     assert not ledger.leases.is_held(ORDER)
     recorded = ledger.runs.get(run)
-    assert recorded is not None and recorded.state is RunState.CANCELLED
+    assert recorded is not None
+    assert recorded.state is RunState.CANCELLED
     assert ledger.orders.in_flight(ORDER) == []
     # Even a step the Order has done does not answer done any more: nothing is sent after it.
     assert ledger.runs.claim(run, "validate_payment", owned_by_order=True).status is ClaimStatus.ENDED
@@ -69,12 +70,14 @@ def test_a_run_not_begun_and_a_failed_run_are_cancelled_too_and_a_done_run_stays
     ledger.runs.cancel(failed)
     assert ledger.registries.failed() == []
     got = ledger.runs.get(failed)
-    assert got is not None and got.state is RunState.CANCELLED
+    assert got is not None
+    assert got.state is RunState.CANCELLED
     assert not ledger.registries.awaiting_writeback(failed)
     claim = ledger.runs.claim(finished, "send_email", owned_by_order=True)
     assert claim.status is not ClaimStatus.ENDED
     done = ledger.runs.get(finished)
-    assert done is not None and done.state is RunState.DONE
+    assert done is not None
+    assert done.state is RunState.DONE
 
 
 def test_a_step_of_the_cancellation_claims_the_lease_of_a_cancelled_order(services: Services) -> None:

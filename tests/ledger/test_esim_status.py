@@ -85,13 +85,15 @@ def test_a_download_error_then_a_newer_success_and_the_reason_kept_only_while_in
     release(services)
     store.note(ICCID, DOWNLOAD, T0, "Failed", EsimState.ERROR, "download failed on the device")
     failed = store.get(ICCID)
-    assert failed is not None and (failed.state, failed.reason) == (
+    assert failed is not None
+    assert (failed.state, failed.reason) == (
         EsimState.ERROR,
         "download failed on the device",
     )
     store.note(ICCID, DOWNLOAD, T0 + 60_000, "Executed-Success", EsimState.DOWNLOADED, "")
     retried = store.get(ICCID)
-    assert retried is not None and (retried.state, retried.reason) == (EsimState.DOWNLOADED, None)
+    assert retried is not None
+    assert (retried.state, retried.reason) == (EsimState.DOWNLOADED, None)
 
 
 def test_a_cancelled_profile_stays_cancelled_and_leaves_the_pending_list(services: Services) -> None:
