@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
-from provisioning.core.run_id import RunId
 
+from provisioning.core.run_id import RunId
 from provisioning.core.settings import DEFAULT_PROVISION_EVENT
 from provisioning.listener.validation import IDEM_KEY_MAX_CHARS
 from tests.salesforce_metadata.project import (

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from provisioning.core.run_id import ORDER_ID_CHARS
 
+from provisioning.core.run_id import ORDER_ID_CHARS
 from provisioning.core.settings import DEFAULT_PROVISION_EVENT, Settings
 from provisioning.listener.validation import IDEM_KEY_MAX_CHARS
 from tests.salesforce_metadata.project import SOURCE, FieldDefinition, child, children, parse
