@@ -87,6 +87,8 @@ class OrderFieldNames:
     esim_iccid: str = DEFAULT_ORDER_FIELD_NAMES["esim_iccid"]
     activation_error: str = DEFAULT_ORDER_FIELD_NAMES["activation_error"]
     activated_at: str = DEFAULT_ORDER_FIELD_NAMES["activated_at"]
+    esim_status: str = DEFAULT_ORDER_FIELD_NAMES["esim_status"]
+    esim_status_at: str = DEFAULT_ORDER_FIELD_NAMES["esim_status_at"]
 
     def __post_init__(self) -> None:
         # They are pasted into SOQL, so they must be plain API names.

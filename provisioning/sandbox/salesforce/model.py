@@ -44,7 +44,8 @@ class FieldSpec:
     values: tuple[str, ...] = ()
 
 
-ACTIVATION_STATUSES = ("Pending", "Activating", "Activated", "Failed")
+ACTIVATION_STATUSES = ("Pending", "Activating", "Activated", "Failed", "Cancelling", "Cancelled")
+ESIM_STATUSES = ("Released", "Downloaded", "Installed", "Error", "Cancelled")
 SIM_TYPES = ("eSIM", "Physical")
 
 ORDER_FIELDS: dict[str, FieldSpec] = {
@@ -63,6 +64,8 @@ ORDER_FIELDS: dict[str, FieldSpec] = {
         FieldSpec("ESIM_ICCID__c", "eSIM ICCID", "string", True, 22),
         FieldSpec("Activation_Error__c", "Activation Error", "string", True, 255),
         FieldSpec("Activated_At__c", "Activated At", "datetime", True),
+        FieldSpec("ESIM_Status__c", "eSIM Status", "picklist", True, values=ESIM_STATUSES),
+        FieldSpec("ESIM_Status_At__c", "eSIM Status At", "datetime", True),
         FieldSpec("CreatedDate", "Created Date", "datetime"),
         FieldSpec("LastModifiedDate", "Last Modified Date", "datetime"),
         FieldSpec("SystemModstamp", "System Modstamp", "datetime"),
@@ -87,6 +90,8 @@ FRIENDLY_ORDER_KEYS = {
     "esim_iccid": "ESIM_ICCID__c",
     "activation_error": "Activation_Error__c",
     "activated_at": "Activated_At__c",
+    "esim_status": "ESIM_Status__c",
+    "esim_status_at": "ESIM_Status_At__c",
 }
 SEED_EXTRA_KEYS = (
     "whmcs_client_id",
