@@ -15,7 +15,7 @@ from provisioning.ledger import Origin, RunState
 from provisioning.ledger.esim_status import EsimState
 from provisioning.runs.cancellation import CANCELLATION, plan, request_cancel, run_compensation
 from provisioning.runs.chain import CHAIN
-from provisioning.runs.lifecycle import RunEnded, run_step
+from provisioning.runs.lifecycle import RunEnded, Wait, run_step
 from provisioning.runs.publishing import make_publisher
 from provisioning.runs.reconciler import resume_stale
 from provisioning.runs.services import Services
@@ -66,21 +66,26 @@ def test_a_run_cancelled_mid_run_stops_before_its_next_effect_and_each_effect_is
     sandbox, services, order, app
 ):
     run_id = RunId.parse(order.run_id)
-    _steps(services, run_id, "validate_payment", "activate_esim", "create_whmcs_order")
-    provisioning = services.ledger.orders.provisioning(order.order_id)
-    iccid = provisioning.step("activate_esim").result["iccid"]
-    whmcs_order_id = provisioning.step("create_whmcs_order").result["whmcs_order_id"]
-    assert _profile(sandbox, iccid)["state"] == "linked" or _profile(sandbox, iccid)["state"] == "released"
+    _steps(services, run_id, "validate_payment", "activate_esim")
+    # The order is added, and AcceptOrder's connection reset: the step waits to try again, the order Pending.
+    sandbox.admin("whmcs").post("/__admin/faults", {"force": {"AcceptOrder": ["reset"]}})
+    with pytest.raises(Wait):
+        _steps(services, run_id, "create_whmcs_order")
+    [pending] = _whmcs_orders(sandbox, order.whmcs_client_id)
+    assert pending["status"] == "Pending"
+    whmcs_order_id = pending["id"]
+    iccid = services.ledger.orders.provisioning(order.order_id).step("activate_esim").result["iccid"]
+    assert _profile(sandbox, iccid)["state"] == "released"
     free_before = services.inventory.stock().free
 
     requested = request_cancel(services, app, order.order_id, "customer withdrew", by="ops-ann")
     assert (requested.new, requested.published) == (True, True)
+    # The step's retry: its claim stops the run before AcceptOrder (the next effect).
     with pytest.raises(RunEnded) as ended:
-        _steps(services, run_id, "update_salesforce")
+        _steps(services, run_id, "create_whmcs_order")
     assert ended.value.result == {"ended": "cancelled"}
     assert services.ledger.runs.get(run_id).state is RunState.CANCELLED
 
-    sandbox.admin("smtp").post("/__admin/messages/reset") if False else None
     results = _compensate(services, requested.run_id)
     assert results["cancel_esim"] == {"outcome": "undone", "iccid": iccid, "returned_to_stock": True}
     assert results["cancel_whmcs_order"] == {
@@ -105,9 +110,9 @@ def test_a_run_cancelled_mid_run_stops_before_its_next_effect_and_each_effect_is
     run = services.ledger.runs.get(requested.run_id)
     assert run.state is RunState.DONE
     assert run.origin is Origin.OPERATOR
-    # The welcome e-mail is a forward step: the run ended before it, so no e-mail went out.
     assert _calls(sandbox, "smdp").get("cancelOrder") == 1
     assert _calls(sandbox, "whmcs").get("CancelOrder") == 1
+    assert _calls(sandbox, "whmcs").get("AcceptOrder") == 1  # the reset one: none after the cancellation
 
 
 def test_a_cancel_repeated_and_raced_with_a_re_approval_makes_each_compensation_once(
@@ -116,9 +121,13 @@ def test_a_cancel_repeated_and_raced_with_a_re_approval_makes_each_compensation_
     run_id = RunId.parse(order.run_id)
     _steps(services, run_id, *CHAIN.names)
     assert services.ledger.runs.get(run_id).state is RunState.DONE
-    first = request_cancel(services, app, order.order_id, "payment reversed", by="salesforce", origin=Origin.EVENT)
+    first = request_cancel(
+        services, app, order.order_id, "payment reversed", by="salesforce", origin=Origin.EVENT
+    )
     # A re-approval arrives meanwhile: its run is cancelled at its first claim, before reading the Order.
-    sandbox.admin("salesforce").patch(f"/__admin/orders/{order.order_id}", {"activation_status": "Activating"})
+    sandbox.admin("salesforce").patch(
+        f"/__admin/orders/{order.order_id}", {"activation_status": "Activating"}
+    )
     again = RunId(order.order_id, "approval-2")
     services.ledger.runs.enqueue(again)
     with pytest.raises(RunEnded):
@@ -144,7 +153,9 @@ def test_a_cancel_repeated_and_raced_with_a_re_approval_makes_each_compensation_
     assert _calls(sandbox, "whmcs").get("CancelOrder") is None
 
 
-def test_a_downloaded_profile_is_reported_for_a_person_and_its_iccid_stays_used(sandbox, services, order, app):
+def test_a_downloaded_profile_is_reported_for_a_person_and_its_iccid_stays_used(
+    sandbox, services, order, app
+):
     run_id = RunId.parse(order.run_id)
     _steps(services, run_id, *CHAIN.names)
     iccid = services.ledger.orders.provisioning(order.order_id).step("activate_esim").result["iccid"]
@@ -185,5 +196,12 @@ def test_the_reconciler_resumes_a_cancellation_nobody_works_on_from_its_first_un
     run_compensation(services, requested.run_id, CANCELLATION["cancel_esim"])
     # Its worker died here: the run is unfinished, nobody touches it.
     resumed = resume_stale(services, app, idle_s=0)
-    assert requested.run_id in resumed
-    assert run_id in resumed or services.ledger.runs.get(run_id).state is RunState.CANCELLED
+    # Both are sent on: the cancellation from cancel_whmcs_order, the forward run to its next claim
+    # (which ends it as cancelled).
+    assert set(resumed) == {requested.run_id, run_id}
+    assert (
+        run_compensation(services, requested.run_id, CANCELLATION["cancel_esim"]).next_step
+        is (CANCELLATION["cancel_whmcs_order"])
+    )
+    with pytest.raises(RunEnded):
+        _steps(services, run_id, "create_whmcs_order")
