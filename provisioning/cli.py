@@ -50,6 +50,7 @@ def check() -> None:
 
 def _add_commands() -> None:
     from provisioning.listener import listen
+    from provisioning.notify import esim_notify
     from provisioning.ops import commands as operators
     from provisioning.ops.console.cli import console
     from provisioning.ops.esim_commands import esim
@@ -75,6 +76,7 @@ def _add_commands() -> None:
         operators.quarantine,
         sandbox,
         listen,
+        esim_notify,
         metrics,
         console,
         esim,
