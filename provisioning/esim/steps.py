@@ -54,8 +54,11 @@ def activate_esim(ctx: StepContext) -> EsimActivated:
     if free < threshold:
         log.warning("esim_stock_low", free=free, threshold=threshold)
     es2 = ctx.services.es2plus
+    statuses = ctx.services.ledger.esim_status
 
     if ctx.marker(DOWNLOADED_MARKER) is None:
+        # The ICCID's Order, before the SM-DP+ knows the profile is ours: its notifications find it.
+        statuses.register(iccid, ctx.order_id, ctx.effect_key)
         ctx.renew()
         try:
             es2.download_order(iccid=iccid, eid=order.eid or None)
@@ -87,7 +90,6 @@ def activate_esim(ctx: StepContext) -> EsimActivated:
     # With the step's end, before its result: until then the ICCID stays claimed by this Order.
     ctx.write_with_end(lambda pipe: inventory.queue_mark_used(pipe, iccid))
     # The profile's state begins (released); the SM-DP+'s notifications move it on (once: a repeat keeps it).
-    statuses = ctx.services.ledger.esim_status
     ctx.write_with_end(lambda pipe: statuses.queue_released(pipe, iccid, ctx.order_id, ctx.effect_key))
     return EsimActivated(iccid=iccid)
 

@@ -87,12 +87,20 @@ class EsimStatuses:
         k = self._keys
         return [k.esim_status(iccid), k.esim_pending, k.esim_writeback, k.esim_states]
 
-    # -- released: the eSIM step's end ------------------------------------------------------------
+    # -- the eSIM step: its owner before downloadOrder, released at its end ---------------------------
+    def register(self, iccid: str, order_id: str, key: str) -> None:
+        """Before downloadOrder: the ICCID's Order, so that a notification that comes before the step's
+        end (an eligibility or confirmation failure) finds it."""
+        self._released(self._redis, iccid, order_id, key, "register")
+
     def queue_released(self, pipe: Any, iccid: str, order_id: str, key: str) -> None:
         """Queued on the eSIM step's end (``ctx.write_with_end``): the profile's state begins, once."""
+        self._released(pipe, iccid, order_id, key, "release")
+
+    def _released(self, writer: Any, iccid: str, order_id: str, key: str, what: str) -> None:
         k = self._keys
         keys = [k.esim_status(iccid), k.esim_pending, k.esim_states]
-        pipe.eval(source("esim_released"), len(keys), *keys, iccid, order_id, key, repr(time.time()))
+        writer.eval(source("esim_released"), len(keys), *keys, iccid, order_id, key, repr(time.time()), what)
 
     # -- notifications ----------------------------------------------------------------------------
     def note(
@@ -190,7 +198,7 @@ def _decode(iccid: str, data: dict[str, str]) -> ProfileStatus:
         order_id=data.get("order_id", ""),
         key=data["key"],
         state=EsimState(data.get("state", EsimState.RELEASED.value)),
-        changed_at=float(data.get("changed_at", "0")),
+        changed_at=float(data.get("changed_at") or data.get("released_at") or "0"),
         released_at=float(data.get("released_at", "0")),
         reason=data.get("reason"),
         notifications=tuple(notes),

@@ -31,7 +31,9 @@
 -- {'recorded', changed (0|1), state, order_id}.
 local function counted(outcome) redis.call('HINCRBY', KEYS[5], ARGV[7] .. outcome, 1) end
 if redis.call('HEXISTS', KEYS[1], 'key') == 0 then counted('unknown'); return {'unknown'} end
-local state = redis.call('HGET', KEYS[1], 'state') or 'released'
+local recorded_state = redis.call('HGET', KEYS[1], 'state')
+-- Registered (downloadOrder) but not released yet: it counts as released.
+local state = recorded_state or 'released'
 if redis.call('HSETNX', KEYS[1], 'n:' .. ARGV[1] .. ':' .. ARGV[2], ARGV[3]) == 0 then
   counted('duplicate')
   return {'duplicate', state}
@@ -60,8 +62,8 @@ else
 end
 if wanted == 'installed' then redis.call('ZREM', KEYS[2], redis.call('HGET', KEYS[1], 'iccid')) end
 redis.call('ZADD', KEYS[3], ARGV[6], redis.call('HGET', KEYS[1], 'iccid'))
-if state ~= wanted then
-  redis.call('HINCRBY', KEYS[4], state, -1)
+if state ~= wanted or not recorded_state then
+  if recorded_state then redis.call('HINCRBY', KEYS[4], recorded_state, -1) end
   redis.call('HINCRBY', KEYS[4], wanted, 1)
 end
 return {'recorded', 1, wanted, order_id}
