@@ -74,6 +74,7 @@ def _add_commands() -> None:
         operators.emails,
         operators.resend_email,
         operators.quarantine,
+        operators.cancel,
         sandbox,
         listen,
         esim_notify,
