@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 from provisioning.core.errors import PermanentError
 from provisioning.core.logs import get_logger
+from provisioning.salesforce.client import OrderFieldNames
 from provisioning.step.context import StepContext
 from provisioning.step.order import Order
 from provisioning.step.results import (
@@ -57,19 +58,19 @@ def update_salesforce(ctx: StepContext) -> OrderWrittenBack:
     esim = ctx.result(EsimActivated)
     if whmcs is None:
         raise RuntimeError("update_salesforce ran before create_whmcs_order recorded its order")
-    values: dict[str, object] = {}
+    # The profile's state as the ledger has it now (Released on a first activation).
     status = ctx.services.ledger.esim_status.get(esim.iccid) if esim and esim.iccid else None
-    if status is not None:
-        # The profile's state as the ledger has it now (Released on a first activation).
-        values = {"esim_status": status.state.label, "esim_status_at": salesforce_time(status.changed_at)}
     fields = salesforce.field_names.patch(
         activation_status="Activated",
         whmcs_order_id=str(whmcs.whmcs_order_id),
         esim_iccid=esim.iccid if esim else None,
         activation_error=None,
         activated_at=activated_at,
-        **values,
+        esim_status=status.state.label if status else None,
+        esim_status_at=salesforce_time(status.changed_at) if status else None,
     )
+    if status is None:  # no eSIM state known here: leave the Order's as it is
+        _leave_esim_fields(salesforce.field_names, fields)
     ctx.renew()
     salesforce.update_order(ctx.order_id, fields)
     return OrderWrittenBack(activated_at=activated_at)
@@ -87,11 +88,15 @@ def write_cancelled(ctx: StepContext) -> OrderCancelled:
     cancelled_at = salesforce_time(cancel.at)
     summary = cancellation_summary(cancel.reason, ctx.result(EsimCancelled), ctx.result(WhmcsCancelled))
     esim = ctx.result(EsimCancelled)
-    values: dict[str, object] = {}
-    if esim is not None and esim.outcome == "undone":
-        values = {"esim_status": "Cancelled", "esim_status_at": cancelled_at}
     salesforce = ctx.services.salesforce
-    fields = salesforce.field_names.patch(activation_status="Cancelled", activation_error=summary, **values)
+    fields = salesforce.field_names.patch(
+        activation_status="Cancelled",
+        activation_error=summary,
+        esim_status="Cancelled",
+        esim_status_at=cancelled_at,
+    )
+    if esim is None or esim.outcome != "undone":  # the profile was not cancelled: its state stays
+        _leave_esim_fields(salesforce.field_names, fields)
     ctx.renew()
     try:
         salesforce.update_order(ctx.order_id, fields)
@@ -99,6 +104,11 @@ def write_cancelled(ctx: StepContext) -> OrderCancelled:
         log.error("order_cancelled_not_written", error=str(exc))
         return OrderCancelled(outcome="manual", cancelled_at=cancelled_at, summary=summary, reason=str(exc))
     return OrderCancelled(outcome="undone", cancelled_at=cancelled_at, summary=summary)
+
+
+def _leave_esim_fields(names: OrderFieldNames, fields: dict[str, object]) -> None:
+    fields.pop(names.esim_status, None)
+    fields.pop(names.esim_status_at, None)
 
 
 def cancellation_summary(reason: str, esim: EsimCancelled | None, whmcs: WhmcsCancelled | None) -> str:

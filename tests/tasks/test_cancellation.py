@@ -17,7 +17,7 @@ from provisioning.core.run_id import RunId
 from provisioning.ledger import RunState
 from provisioning.runs.cancellation import cancellation_run
 from provisioning.runs.publishing import make_publisher, publish_run
-from provisioning.sandbox.scenario import seed_orders
+from provisioning.sandbox.scenario import publish_events_admin, seed_orders
 from provisioning.sandbox.scenario import wait_until as wait_for
 
 CLI = str(Path(sys.executable).with_name("provisioning"))
@@ -148,4 +148,30 @@ def test_a_worker_killed_mid_compensation_leaves_a_cancellation_another_worker_f
     assert services.inventory.stock().free == free_before + 1
     whmcs_order = sandbox.admin("whmcs").get("/__admin/orders")["orders"][0]
     assert {s["status"] for s in whmcs_order["services"]} == {"Terminated"}
+    assert _sf(sandbox, order.order_id)["Activation_Status__c"] == "Cancelled"
+
+
+def test_an_order_set_cancelling_in_salesforce_is_cancelled_through_the_listener(
+    sandbox, stack_settings, services, workers, listeners
+):
+    """The cancel flow's event (Action__c = cancel) on the bus: the listener records the cancellation."""
+    (order,) = seed_orders(sandbox, services.inventory, count=1, esim_share=1.0, seed=24)
+    workers(concurrency=4)
+    listeners(stack_settings.model_copy(update={"listener_health_port": 0}))
+    publish_events_admin(sandbox, [{"OrderId__c": order.order_id, "IdemKey__c": order.idem_key}])
+    wait_for(lambda: _state(services, RunId.parse(order.run_id)) is RunState.DONE, timeout_s=120)
+    cancel_event = {
+        "OrderId__c": order.order_id,
+        "IdemKey__c": "cancel-20261205T120000Z",
+        "Action__c": "cancel",
+        "Reason__c": "Cancelling set in Salesforce by sales@example.test",
+    }
+    publish_events_admin(sandbox, [cancel_event, cancel_event])  # a duplicate delivery too
+    cancel_run = cancellation_run(order.order_id, 1)
+    wait_for(lambda: _state(services, cancel_run) is RunState.DONE, timeout_s=120)
+    provisioning = services.ledger.orders.provisioning(order.order_id)
+    assert provisioning.cancel.by == "salesforce"
+    assert provisioning.cancel.reason == "Cancelling set in Salesforce by sales@example.test"
+    assert services.ledger.runs.get(cancel_run).origin.value == "event"
+    assert _calls(sandbox, "smdp")["cancelOrder"] == 1
     assert _sf(sandbox, order.order_id)["Activation_Status__c"] == "Cancelled"

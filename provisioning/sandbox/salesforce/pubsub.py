@@ -166,6 +166,8 @@ class PubSub:
                 {"name": "CreatedById", "type": "string", "doc": "CreatedBy:EntityId"},
                 {"name": "OrderId__c", "type": ["null", "string"], "doc": "Data:Text:18", "default": None},
                 {"name": "IdemKey__c", "type": ["null", "string"], "doc": "Data:Text:80", "default": None},
+                {"name": "Action__c", "type": ["null", "string"], "doc": "Data:Text:20", "default": None},
+                {"name": "Reason__c", "type": ["null", "string"], "doc": "Data:Text:255", "default": None},
             ]
             if version >= 1:
                 fields.append(

@@ -42,6 +42,8 @@ EVENT_CHANNEL = f"/event/{EVENT_SOBJECT}"
 EVENT_FIELDS = {
     "OrderId__c": FieldSpec("OrderId__c", "Order Id", "string", True, 18),
     "IdemKey__c": FieldSpec("IdemKey__c", "Idem Key", "string", True, 80),
+    "Action__c": FieldSpec("Action__c", "Action", "string", True, 20),
+    "Reason__c": FieldSpec("Reason__c", "Reason", "string", True, 255),
 }
 # Daily API request allocation shown in Sforce-Limit-Info (an Enterprise org of a few users).
 DEFAULT_API_LIMIT = 100_000
