@@ -36,7 +36,7 @@ from provisioning.esim.errors import (
     _WithFunctionStatus,
 )
 from provisioning.ledger.inventory import InventoryEmpty
-from provisioning.ops.console.app import Refused
+from provisioning.ops.console.web import Refused
 from provisioning.runs.lifecycle import RunEnded, Wait
 from provisioning.salesforce.auth import AccessToken
 from provisioning.salesforce.client import _SessionExpired
