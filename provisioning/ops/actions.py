@@ -202,10 +202,10 @@ def cancel(
     return Outcome(order_id, "cancelled", None, detail)
 
 
-def stale_esims(services: Services) -> list[ProfileStatus]:
-    """Profiles released more than ESIM_RECLAIM_AFTER_DAYS ago and never downloaded (released, or a
-    download that failed), oldest first."""
-    before = time.time() - services.settings.esim_reclaim_after_days * 86400
+def stale_esims(services: Services, *, now: float | None = None) -> list[ProfileStatus]:
+    """Profiles released more than ESIM_RECLAIM_AFTER_DAYS before ``now`` and never downloaded (released,
+    or a download that failed), oldest first."""
+    before = (time.time() if now is None else now) - services.settings.esim_reclaim_after_days * 86400
     pending = services.ledger.esim_status.pending(released_before=before)
     return [p for p in pending if p.state in (EsimState.RELEASED, EsimState.ERROR)]
 
