@@ -50,6 +50,7 @@ def check() -> None:
 
 def _add_commands() -> None:
     from provisioning.listener import listen
+    from provisioning.notify import esim_notify
     from provisioning.ops import commands as operators
     from provisioning.ops.console.cli import console
     from provisioning.ops.esim_commands import esim
@@ -73,8 +74,10 @@ def _add_commands() -> None:
         operators.emails,
         operators.resend_email,
         operators.quarantine,
+        operators.cancel,
         sandbox,
         listen,
+        esim_notify,
         metrics,
         console,
         esim,

@@ -6,6 +6,9 @@ happens: Orders are seeded (eSIM and physical SIM, two whose WHMCS client has no
 pay method), 10% of the external calls fail transiently, events are published
 through the Salesforce REST API (a few twice), every Order is provisioned, the
 two that fail are fixed in WHMCS and requeued with ``provisioning requeue``.
+The SM-DP+ simulator tells ``provisioning esim-notify`` (a real process) that each
+eSIM was downloaded and installed, and the Orders show it; then one Order is
+cancelled with ``provisioning cancel`` and what it got is undone.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ FAULTY_OPERATIONS = {
     "smtp": [],
 }
 FAULT_STATUS = {"salesforce": 503, "whmcs": 200, "smdp": 503, "smtp": 503}
+# The device's download and installation, this long after the release.
+NOTIFY_DELAY_MS = 300
 
 
 @dataclass
@@ -78,9 +83,12 @@ class DemoResult:
     elapsed_s: float
     latency_p50_s: float
     latency_p95_s: float
+    # eSIM Orders whose ESIM_Status__c says Installed (the SM-DP+'s notifications), and the one cancelled.
+    esim_installed: int = 0
+    cancelled: int = 0
 
     def ok(self) -> bool:
-        return self.activated == self.orders
+        return self.activated == self.orders and self.cancelled == (1 if self.orders > 1 else 0)
 
 
 def _sf_time(text: str) -> float:
@@ -170,12 +178,31 @@ def run_demo(
             f"{int(TRANSIENT_ERROR_RATE * 100)}% of WHMCS, SM-DP+, SMTP and Salesforce REST calls fail transiently"
         )
 
-        procs.append(processes.listener(env, logs).start())
+        notify_port = processes.free_port()
+        procs.append(processes.esim_notify(env, logs, port=notify_port).start())
+        procs[-1].wait_for_log("esim_notify_listening", 60)
+        box.admin("smdp").post(
+            "/__admin/notify",
+            {
+                "url": f"https://127.0.0.1:{notify_port}/gsma/rsp2/es2plus/handleDownloadProgressInfo",
+                "outcome": "installed",
+                "delay_ms": NOTIFY_DELAY_MS,
+                "ca_file": str(box.tls.ca_bundle),
+                "cert_file": str(box.tls.client_cert_file),
+                "key_file": str(box.tls.client_key_file),
+            },
+        )
+        say(
+            f"ES2+ notification endpoint (provisioning esim-notify, mutual TLS) on port {notify_port}: "
+            "the SM-DP+ says when each eSIM is downloaded and installed"
+        )
+        listener = processes.listener(env, logs).start()
+        procs.append(listener)
         for n in range(WORKERS):
             procs.append(
                 processes.start_worker(env, logs, name=f"demo-worker{n + 1}", concurrency=WORKER_CONCURRENCY)
             )
-        procs[0].wait_for_log("listener_subscribing", 60)
+        listener.wait_for_log("listener_subscribing", 60)
         say(
             f"Listener ({transport}) and {WORKERS} workers running "
             f"(celery -A tasks worker, {WORKER_CONCURRENCY} threads each)"
@@ -209,6 +236,16 @@ def run_demo(
         # Every run has ended (an Order approved twice has a joined or skipped run beside its done one).
         wait_until(settled(box, services.ledger, [o.order_id for o in seeded]), timeout_s=SETTLE_TIMEOUT_S)
         effects = count_effects(box)
+        esim_orders = [o for o in seeded if o.esim]
+        wait_until(
+            lambda: all(v.get("ESIM_Status__c") == "Installed" for v in _views(box, esim_orders).values()),
+            timeout_s=SETTLE_TIMEOUT_S,
+        )
+        esim_installed = sum(
+            1 for v in _views(box, esim_orders).values() if v.get("ESIM_Status__c") == "Installed"
+        )
+        say(f"\n[bold]{esim_installed} eSIMs installed[/bold]: the Orders' ESIM_Status__c says Installed")
+        cancelled = _cancel_one(box, env, seeded, console, quiet) if len(seeded) > 1 else 0
         latencies = sorted(
             at - published_at[o.order_id]
             for o in seeded
@@ -235,6 +272,8 @@ def run_demo(
             elapsed_s=round(time.monotonic() - started, 2),
             latency_p50_s=round(_percentile(latencies, 0.50), 3),
             latency_p95_s=round(_percentile(latencies, 0.95), 3),
+            esim_installed=esim_installed,
+            cancelled=cancelled,
         )
         if not quiet and failed_ids:
             _summary(console, failed_ids, final, services, title="After the requeue")
@@ -352,6 +391,36 @@ def _requeue_all(env: dict[str, str], console: Console, quiet: bool) -> int:
     return sum(1 for o in outcomes if o["action"] == "requeued")
 
 
+def _cancel_one(
+    box: Sandbox, env: dict[str, str], seeded: list[SeededOrder], console: Console, quiet: bool
+) -> int:
+    """The customer withdraws: the last physical-SIM Order (else the last one) is cancelled; 1 once the
+    Order says Cancelled."""
+    target = next((o for o in reversed(seeded) if not o.esim), seeded[-1])
+    cli = str(Path(sys.executable).with_name("provisioning"))
+    argv = [cli, "cancel", target.order_id, "--reason", "the customer withdrew"]
+    if not quiet:
+        console.print(f"\n  $ provisioning cancel {target.order_id} --reason 'the customer withdrew'")
+    out = subprocess.run(
+        argv, env={**os.environ, **env}, capture_output=True, text=True, timeout=120, check=False
+    )
+    if out.returncode != 0:
+        raise click.ClickException(f"provisioning cancel failed: {out.stderr.strip()[-500:]}")
+    if not quiet:
+        for line in out.stdout.splitlines():
+            console.print(f"    {line}")
+    wait_until(
+        lambda: _views(box, [target])[target.order_id]["Activation_Status__c"] == "Cancelled",
+        timeout_s=SETTLE_TIMEOUT_S,
+    )
+    view = _views(box, [target])[target.order_id]
+    if not quiet:
+        console.print(
+            f"  Order {target.order_id}: {view['Activation_Status__c']}: {view['Activation_Error__c']}"
+        )
+    return 1
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -398,8 +467,9 @@ def demo(ctx: Context, orders: int, as_json: bool, workdir: Path, transport: str
 
     Starts the sandbox, the listener and two workers; seeds Orders (two of them
     fail for want of a pay method, 10% of calls fail transiently, a few events
-    arrive twice); then fixes and requeues the failed ones. Exit 0 when every
-    Order ends Activated.
+    arrive twice); then fixes and requeues the failed ones; the SM-DP+ notifies each eSIM's
+    installation; one Order is cancelled. Exit 0 when every Order was Activated and the
+    cancelled one ends Cancelled.
     """
     console = Console(stderr=as_json)
     if not console.is_terminal:

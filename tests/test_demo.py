@@ -33,5 +33,8 @@ def test_the_demo_activates_every_order_and_reports_matching_counts_in_json(tmp_
     assert result["duplicates_published"] == 3
     assert result["second_approvals_published"] == 3
     assert 0 < result["latency_p50_s"] <= result["latency_p95_s"]
+    # Every eSIM Order reached Installed (the SM-DP+'s notifications), and one Order was cancelled.
+    assert result["esim_installed"] == result["esim_profiles_confirmed"] > 0
+    assert result["cancelled"] == 1
     for key in ("esim_profiles_confirmed", "sf_api_calls", "elapsed_s"):
         assert key in result

@@ -58,6 +58,8 @@ DEFAULT_ORDER_FIELD_NAMES: Final[Mapping[str, str]] = MappingProxyType(
         "esim_iccid": "ESIM_ICCID__c",
         "activation_error": "Activation_Error__c",
         "activated_at": "Activated_At__c",
+        "esim_status": "ESIM_Status__c",
+        "esim_status_at": "ESIM_Status_At__c",
     }
 )
 
@@ -385,12 +387,25 @@ class Settings(BaseSettings):
     sf_field_activated_at: str = Field(
         DEFAULT_ORDER_FIELD_NAMES["activated_at"], description="Order field written: when it was activated."
     )
+    sf_field_esim_status: str = Field(
+        DEFAULT_ORDER_FIELD_NAMES["esim_status"],
+        description="Order field written: the eSIM's state (Released, Downloaded, Installed, Error, Cancelled).",
+    )
+    sf_field_esim_status_at: str = Field(
+        DEFAULT_ORDER_FIELD_NAMES["esim_status_at"],
+        description="Order field written: when the eSIM's state last changed.",
+    )
 
     # -- WHMCS -----------------------------------------------------------------------------
     whmcs_url: HttpUrl | None = Field(None, description="WHMCS base URL (…/includes/api.php is appended).")
     whmcs_identifier: SecretStr | None = Field(None, description="WHMCS API credential identifier.")
     whmcs_secret: SecretStr | None = Field(None, description="WHMCS API credential secret.")
     whmcs_payment_method: str = Field("stripe", description="Gateway system name for AddOrder.")
+    whmcs_cancel_accepted: Literal["terminate", "manual"] = Field(
+        "terminate",
+        description="A cancelled Order's WHMCS order that was accepted already: terminate its services "
+        "(ModuleTerminate) or leave it to a person (manual); a Pending one is always cancelled (CancelOrder).",
+    )
 
     # -- SM-DP+ (ES2+) ----------------------------------------------------------------------
     smdp_url: HttpUrl | None = Field(None, description="SM-DP+ ES2+ base URL.")
@@ -400,6 +415,36 @@ class Settings(BaseSettings):
     )
     esim_stock_warn_threshold: int = Field(
         20, ge=0, description="`provisioning esim stock` warns below this many free ICCIDs."
+    )
+    esim_reclaim_after_days: float = Field(
+        30.0,
+        gt=0,
+        description="`provisioning esim stale` lists profiles released this many days ago and never downloaded.",
+    )
+    esim_not_installed_after_s: int = Field(
+        86400,
+        ge=60,
+        description="Profiles released this long ago and not installed are counted for the alert "
+        "(provisioning_esim_not_installed).",
+    )
+    esim_notify_host: str = Field(
+        "0.0.0.0",
+        description="Address of `provisioning esim-notify` (the SM-DP+ calls it: ES2+ notifications).",
+    )
+    esim_notify_port: int = Field(8443, ge=0, le=65535, description="Port of `provisioning esim-notify`.")
+    esim_notify_cert_file: Path | None = Field(
+        None, description="PEM certificate (chain) `provisioning esim-notify` serves over TLS."
+    )
+    esim_notify_key_file: Path | None = Field(None, description="PEM private key of ESIM_NOTIFY_CERT_FILE.")
+    esim_notify_client_ca: Path | None = Field(
+        None,
+        description="CA bundle the SM-DP+'s client certificate must verify against (mutual TLS); "
+        "empty: no client certificate asked.",
+    )
+    esim_notify_requester_ids: str = Field(
+        "",
+        description="The SM-DP+'s functionRequesterIdentifier(s) accepted, comma-separated; "
+        "empty: only mutual TLS authenticates (ESIM_NOTIFY_CLIENT_CA is then required).",
     )
 
     # -- e-mail ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""ES2+ client (GSMA SGP.22): the operator side of downloadOrder and confirmOrder.
+"""ES2+ client (GSMA SGP.22): the operator side of downloadOrder, confirmOrder, cancelOrder, releaseProfile.
 
 Every function is an HTTPS POST of JSON to ``{url}/gsma/rsp2/es2plus/<function>``
 with ``X-Admin-Protocol``; the SM-DP+ answers HTTP 200 even when the function
@@ -58,6 +58,8 @@ READ_TIMEOUT_S = 30.0
 ADMIN_PROTOCOL = "gsma/rsp/v2.5.0"
 ADMIN_PROTOCOL_PREFIX = "gsma/rsp/v2."
 API_PATH = "/gsma/rsp2/es2plus/"
+# cancelOrder's finalProfileStatusIndicator: back to the SM-DP+'s stock, or retired.
+FINAL_PROFILE_STATUSES = ("Available", "Unavailable")
 SUCCESS_STATUSES = frozenset({"Executed-Success", "Executed-WithWarning"})
 _HEADERS = {
     "X-Admin-Protocol": ADMIN_PROTOCOL,
@@ -149,6 +151,30 @@ class Es2PlusClient:
             raise Es2PlusProtocolError("confirmOrder: the answer has no matchingId")
         address = answer.get("smdpAddress")
         return ConfirmResult(matching_id=returned, smdp_address=address if isinstance(address, str) else None)
+
+    def cancel_order(
+        self,
+        *,
+        iccid: str,
+        final_status: str = "Available",
+        eid: str | None = None,
+        matching_id: str | None = None,
+    ) -> None:
+        """Undo an order of ``iccid`` not yet downloaded; ``final_status`` ``Available`` puts the profile
+        back in the SM-DP+'s stock, ``Unavailable`` retires it.
+
+        After a download the SM-DP+ answers Failed 8.2.1/3.3 (``is_iccid_in_use``); a profile not
+        ordered (a repeat after an ``Available`` reset) answers 8.2.1/3.5 (``is_invalid_transition``).
+        """
+        if final_status not in FINAL_PROFILE_STATUSES:
+            raise ValueError(f"final_status must be one of {FINAL_PROFILE_STATUSES}, not {final_status!r}")
+        body = _drop_none({"iccid": iccid, "eid": eid, "matchingId": matching_id})
+        body["finalProfileStatusIndicator"] = final_status
+        self._call("cancelOrder", body)
+
+    def release_profile(self, *, iccid: str) -> None:
+        """Release a profile confirmed with ``releaseFlag`` false (a repeat may answer 8.2.1/3.5)."""
+        self._call("releaseProfile", {"iccid": iccid})
 
     # -- transport ----------------------------------------------------------------------------
 

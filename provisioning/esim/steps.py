@@ -14,9 +14,10 @@ from __future__ import annotations
 from provisioning.core.logs import get_logger
 from provisioning.esim.client import activation_code, matching_id_for, smdp_address_from_settings
 from provisioning.esim.errors import Es2PlusFunctionFailed
+from provisioning.ledger.esim_status import EsimState
 from provisioning.step.context import StepContext
 from provisioning.step.order import Order
-from provisioning.step.results import EsimActivated
+from provisioning.step.results import EsimActivated, EsimCancelled
 from provisioning.step.spec import Adoption
 
 log = get_logger(__name__)
@@ -53,8 +54,11 @@ def activate_esim(ctx: StepContext) -> EsimActivated:
     if free < threshold:
         log.warning("esim_stock_low", free=free, threshold=threshold)
     es2 = ctx.services.es2plus
+    statuses = ctx.services.ledger.esim_status
 
     if ctx.marker(DOWNLOADED_MARKER) is None:
+        # The ICCID's Order, before the SM-DP+ knows the profile is ours: its notifications find it.
+        statuses.register(iccid, ctx.order_id, ctx.effect_key)
         ctx.renew()
         try:
             es2.download_order(iccid=iccid, eid=order.eid or None)
@@ -85,4 +89,54 @@ def activate_esim(ctx: StepContext) -> EsimActivated:
         ctx.record_marker(ACTIVATION_CODE_MARKER, activation_code(address, matching_id))
     # With the step's end, before its result: until then the ICCID stays claimed by this Order.
     ctx.write_with_end(lambda pipe: inventory.queue_mark_used(pipe, iccid))
+    # The profile's state begins (released); the SM-DP+'s notifications move it on (once: a repeat keeps it).
+    ctx.write_with_end(lambda pipe: statuses.queue_released(pipe, iccid, ctx.order_id, ctx.effect_key))
     return EsimActivated(iccid=iccid)
+
+
+# -- the Order's cancellation ----------------------------------------------------------------------
+
+# The SM-DP+ made the Order's profile Available again (cancelOrder): set before the ICCID goes back to
+# our stock, so a retry never cancels that ICCID again (another Order may have claimed it by then).
+CANCELLED_MARKER = "esim_cancelled"
+
+
+def cancel_esim(ctx: StepContext) -> EsimCancelled:
+    """Undo the Order's eSIM: cancelOrder (Available) while it is not downloaded, then its ICCID back to
+    our free stock; a downloaded or installed profile is left as it is and reported for a person."""
+    inventory = ctx.services.inventory
+    iccid = inventory.claimed_by(ctx.effect_key)
+    done_before = ctx.marker(CANCELLED_MARKER)
+    if iccid is None:
+        # No claim: a physical SIM or no eSIM step yet, or an earlier try returned it already.
+        if done_before is not None:
+            return EsimCancelled(outcome="undone", iccid=done_before, returned_to_stock=True)
+        return EsimCancelled(outcome="nothing")
+    if done_before is None:
+        status = ctx.services.ledger.esim_status.get(iccid)
+        if status is not None and status.state in (EsimState.DOWNLOADED, EsimState.INSTALLED):
+            return _downloaded(iccid, f"the SM-DP+ reported it {status.state.value}")
+        ctx.renew()
+        try:
+            ctx.services.es2plus.cancel_order(iccid=iccid, final_status="Available")
+        except Es2PlusFunctionFailed as exc:
+            if exc.is_iccid_in_use:
+                return _downloaded(iccid, f"cancelOrder answered {exc.subject_code}/{exc.reason_code}")
+            if not exc.is_invalid_transition:
+                raise
+            # 8.2.1/3.5: not ordered (never ordered by the eSIM step, or cancelled by an earlier try).
+            log.info("esim_cancel_not_ordered", iccid=iccid)
+        ctx.guard_marker(CANCELLED_MARKER, iccid)
+    inventory.return_to_stock(ctx.effect_key)
+    ctx.services.ledger.esim_status.cancelled(iccid)
+    log.info("esim_cancelled", iccid=iccid)
+    return EsimCancelled(outcome="undone", iccid=iccid, returned_to_stock=True)
+
+
+def _downloaded(iccid: str, why: str) -> EsimCancelled:
+    reason = (
+        f"eSIM {iccid} was downloaded ({why}): cancelOrder cannot undo it; ask the SM-DP+ vendor to "
+        "delete the profile (or the customer to remove it), then `provisioning esim` to retire the ICCID"
+    )
+    log.warning("esim_cancel_manual", iccid=iccid, reason=reason)
+    return EsimCancelled(outcome="manual", iccid=iccid, returned_to_stock=False, reason=reason)

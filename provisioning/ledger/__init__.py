@@ -18,6 +18,7 @@ One face, :class:`Ledger`, split by what it keeps, each part with a few methods:
 - ``inventory``: the eSIM ICCID stock (:mod:`.inventory`);
 - ``limits``: each external system's rate limit and circuit breaker, and the Salesforce API usage
   (:mod:`.limits`);
+- ``esim_status``: the released profiles' states, from the SM-DP+'s notifications (:mod:`.esim_status`);
 - ``metrics``: the run metrics, counted in the same round trips (:mod:`.metrics`).
 
 The key names are private to this package, all in :mod:`.keys`; the scripts are
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING
 import redis
 
 from provisioning.core.run_id import RunId
+from provisioning.ledger.esim_status import EsimStatuses
 from provisioning.ledger.inventory import EsimInventory
 from provisioning.ledger.keys import Keys
 from provisioning.ledger.leases import Leases
@@ -53,6 +55,7 @@ from provisioning.ledger.metrics import RunMetrics, Snapshot
 from provisioning.ledger.orders import Orders
 from provisioning.ledger.records import (
     BEGIN,
+    Cancel,
     ClaimStatus,
     NotRequeueable,
     Origin,
@@ -72,6 +75,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BEGIN",
+    "Cancel",
     "ClaimStatus",
     "Footprint",
     "Ledger",
@@ -133,6 +137,7 @@ class Ledger:
         self.listener = ListenerStore(redis, keys)
         self.inventory = EsimInventory(redis, keys, scripts, replicas)
         self.limits = Limits(redis, keys, scripts)
+        self.esim_status = EsimStatuses(redis, keys, scripts)
 
     def footprint(self, run_id: RunId) -> Footprint:
         """The memory of a run's records and its Order's, and what should be gone once it is done."""

@@ -97,6 +97,7 @@ class EsimInventory:
         self._load = scripts["inventory_load"]
         self._claim = scripts["inventory_claim"]
         self._release = scripts["inventory_release"]
+        self._return = scripts["inventory_return"]
         self._stock = scripts["inventory_stock"]
 
     @classmethod
@@ -169,6 +170,16 @@ class EsimInventory:
         if int(status) == 0:
             return None
         log.info("esim_inventory_released", key=key)
+        return _text(value)
+
+    def return_to_stock(self, key: str) -> str | None:
+        """``key``'s ICCID, used or not, back to the free stock: only after the SM-DP+ cancelled its
+        profile with ``Available`` (the Order's cancellation, the stale-stock reclaim). Returns the
+        ICCID, None when ``key`` has no claim (returned before: a repeat changes nothing)."""
+        status, value = _guard(self._return, keys=[self.free_key, self.claims_key, self.used_key], args=[key])
+        if int(status) == 0:
+            return None
+        log.info("esim_inventory_returned", key=key)
         return _text(value)
 
     def footprint(self) -> dict[str, tuple[int, int]]:

@@ -10,7 +10,9 @@ key                                  type    holds
                                              own step results (``s:``), markers (``x:``)
 ``p:order:{order_id}``               hash    the Order's provisioning: generation, the run
                                              acting on it, step results, effect markers
-                                             (intents, ICCID, outbox), the e-mail error
+                                             (intents, ICCID, outbox), the e-mail error, its
+                                             cancellation (``cancel_at``, ``cancel_reason``,
+                                             ``cancel_by``: request_cancel.lua)
 ``p:order:{order_id}:runs``          zset    every run of the Order, scored by creation time
 ``p:order:{order_id}:snapshot``      string  JSON of the Order fields the steps need
                                              (personal data: deleted when the run is done)
@@ -40,6 +42,12 @@ key                                  type    holds
 ``p:limits:{system}:calls``         zset    the system's calls in its rate window, by when (ms)
 ``p:limits:{system}:waiting``       string  steps turned away in the window (a counter)
 ``p:limits:salesforce:api``         hash    Salesforce's API usage as its last answer said it
+``p:esim:status:{iccid}``            hash    a released profile's state (esim_status.py): the Order,
+                                             its claim key, state, reason, when; ``n:{point}:{ms}``
+                                             per ES2+ notification recorded (the dedupe)
+``p:esim:pending``                   zset    profiles released and not installed, by release time
+``p:esim:writeback``                 zset    ICCIDs whose Order does not show their state yet
+``p:esim:states``                    hash    profiles per state → count
 ``p:console:session:{sha256(id)}``   string  JSON of a console session (user, created_at, expires_at,
                                              data); expires with the session
 ``p:console:user:{user}:sessions``   zset    the user's hashed session ids by expiry (what a
@@ -72,6 +80,9 @@ class Keys:
         self.esim_claims = f"{p}:esim:claims"
         self.esim_used = f"{p}:esim:used"
         self.esim_known = f"{p}:esim:known"
+        self.esim_pending = f"{p}:esim:pending"
+        self.esim_writeback = f"{p}:esim:writeback"
+        self.esim_states = f"{p}:esim:states"
 
     def run(self, run_id: RunId | str) -> str:
         return f"{self.prefix}:run:{run_id}"
@@ -87,6 +98,9 @@ class Keys:
 
     def archive(self, order_id: str, gen: int) -> str:
         return f"{self.prefix}:order:{order_id}:g{gen}"
+
+    def esim_status(self, iccid: str) -> str:
+        return f"{self.prefix}:esim:status:{iccid}"
 
     def lease(self, order_id: str) -> str:
         return f"{self.prefix}:lease:{order_id}"

@@ -91,6 +91,11 @@ RUNS_REQUEUED = "runs_requeued"
 RECONCILER_ACTIONS = "reconciler_actions"
 # Steps a system's protection turned away (labels: system, cause): counted by lua/admit.lua.
 STEP_WAITS = "step_waits"
+# ES2+ notifications received, by outcome (unknown, duplicate, recorded, changed; malformed and refused
+# are counted by the notification server): counted in esim_notify.lua.
+ESIM_NOTIFICATIONS = "esim_notifications"
+# The Orders' cancellations' compensations, by step and outcome (undone, nothing, manual).
+COMPENSATIONS = "compensations"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ import redis
 
 from provisioning.core.run_id import RunId
 from provisioning.ledger.keys import Keys
-from provisioning.ledger.records import Provisioning, decode_provisioning, hash_text, text
+from provisioning.ledger.records import Cancel, Provisioning, decode_provisioning, hash_text, text
+from provisioning.ledger.scripts import Scripts
 
 if TYPE_CHECKING:  # high availability: what confirms a guarded write (guard_marker)
     from provisioning.core.replication import ReplicaWait
@@ -33,6 +34,7 @@ class Orders:
     def __init__(self, client: redis.Redis, keys: Keys, retention_s: int) -> None:
         self._redis = client
         self._keys = keys
+        self._scripts = Scripts(client)
         self.retention_s = retention_s
 
     # -- reading -------------------------------------------------------------------------------
@@ -132,3 +134,13 @@ class Orders:
         pipe.hdel(self._keys.order(order_id), "email_error")
         pipe.zrem(self._keys.undelivered, order_id)
         pipe.execute()
+
+    # -- the Order's cancellation --------------------------------------------------------------------
+    def request_cancel(self, order_id: str, reason: str, by: str) -> tuple[bool, Cancel, int]:
+        """Record the Order's cancellation once (``request_cancel.lua``): from now on every forward
+        step's claim ends its run. Returns (recorded now, the cancellation as recorded, generation)."""
+        reply = self._scripts["request_cancel"](
+            keys=[self._keys.order(order_id)], args=[repr(time.time()), reason[:ERROR_MAX_CHARS], by]
+        )
+        new, at, recorded_reason, recorded_by, gen = (text(v) for v in reply)
+        return new == "1", Cancel(float(at), recorded_reason, recorded_by), int(gen)

@@ -28,6 +28,9 @@ class RunState(StrEnum):
     SKIPPED = "skipped"
     JOINED = "joined"
     SUPERSEDED = "superseded"
+    # The Order was cancelled (runs/cancellation.py): the run's next claim ended it, before any further
+    # effect; the cancellation's compensations undo what the Order got.
+    CANCELLED = "cancelled"
 
     @property
     def unfinished(self) -> bool:
@@ -45,7 +48,7 @@ class Origin(StrEnum):
 class ClaimStatus(StrEnum):
     """What a step's claim found."""
 
-    ENDED = "ended"  # the run ended (failed, joined, superseded, skipped): stop
+    ENDED = "ended"  # the run ended (failed, joined, superseded, skipped, cancelled): stop
     DONE = "done"  # the step is done: go on
     BUSY = "busy"  # another worker holds the Order's lease: wait
     GO = "go"  # the lease is ours: act
@@ -63,6 +66,15 @@ class StepRecord:
         return self.at is not None
 
 
+@dataclass(frozen=True)
+class Cancel:
+    """A cancellation of the Order, as recorded once (the first request wins; a repeat changes nothing)."""
+
+    at: float
+    reason: str
+    by: str
+
+
 @dataclass
 class Provisioning:
     """What the Order got: recorded once per Order, whichever run made it."""
@@ -73,6 +85,9 @@ class Provisioning:
     steps: dict[str, StepRecord] = field(default_factory=dict)
     markers: dict[str, str] = field(default_factory=dict)
     email_error: str | None = None
+    # The Order's cancellation, once requested (``Orders.request_cancel``): every later forward claim
+    # ends its run; the cancellation's own steps undo the effects.
+    cancel: Cancel | None = None
 
     @property
     def effect_key(self) -> str:
@@ -204,6 +219,9 @@ def decode_provisioning(order_id: str, data: dict[str, str]) -> Provisioning:
         steps=steps,
         markers=markers,
         email_error=data.get("email_error"),
+        cancel=Cancel(float(data["cancel_at"]), data.get("cancel_reason", ""), data.get("cancel_by", ""))
+        if "cancel_at" in data
+        else None,
     )
 
 

@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 # The longest error text kept per step (the Order's field is short anyway).
 ERROR_MAX_CHARS = 500
 
+# What claim_step.lua answers when the Order was cancelled (the claim ends the run: ClaimStatus.ENDED).
+CANCELLED_REPLY = "cancelled"
+
 # A write a step queues for its end's round trip (``StepContext.write_with_end``): it gets the pipeline.
 Write = Any
 
@@ -109,12 +112,22 @@ class Runs:
 
     # -- a step ------------------------------------------------------------------------------------
     def claim(
-        self, run_id: RunId, step: str, *, owned_by_order: bool, stamp: tuple[str, str] | None = None
+        self,
+        run_id: RunId,
+        step: str,
+        *,
+        owned_by_order: bool,
+        stamp: tuple[str, str] | None = None,
+        cancellable: bool = True,
     ) -> StepClaim:
         """In one round trip: is the step to run, and if so the Order's lease and everything it reads.
 
         ``stamp`` (marker, value): set on the Order with the lease unless the Order has that marker
         already, so the step reads a value fixed at its Order's first try without a write of its own.
+
+        ``cancellable`` (a forward step): an Order cancelled since (``Orders.request_cancel``) ends the
+        run here, as ``cancelled``, before any further effect; the claim answers ENDED. A step of the
+        cancellation itself claims with ``cancellable=False``.
         """
         order_id = run_id.order_id
         token = uuid.uuid4().hex
@@ -135,8 +148,14 @@ class Runs:
             str(run_id),
             marker,
             value,
+            "1" if cancellable else "0",
         ]
         reply = self._scripts["claim_step"](keys=keys, args=args)
+        if text(reply[0]) == CANCELLED_REPLY:
+            # A second round trip, idempotent: a worker dying before it leaves the run unfinished, and
+            # its next claim (a redelivery, the reconciler) answers the same.
+            self.cancel(run_id)
+            return StepClaim(ClaimStatus.ENDED, state=RunState.CANCELLED)
         status = ClaimStatus(text(reply[0]))
         if status is ClaimStatus.ENDED:
             return StepClaim(status, state=RunState(text(reply[1])))
@@ -286,6 +305,29 @@ class Runs:
         """Another run of the Order is in flight: this one is absorbed by it and does nothing."""
         note = f"joined run {other}, which was already provisioning the Order"
         self._end(run_id, RunState.JOINED, note=note, joined=str(other))
+
+    def cancel(self, run_id: RunId) -> None:
+        """The Order was cancelled: the run stops where it is (from unfinished, or from failed)."""
+        self._end(run_id, RunState.CANCELLED, note="cancelled: the Order was cancelled; no further effect")
+
+    def start(self, run_id: RunId, *, attempt: str) -> tuple[RunRecord, int]:
+        """A run that acts without beginning as a provisioning does (the cancellation's own run):
+        running, in the unfinished runs and the operators' list; the Order's active run, snapshot and
+        generation are left alone. Returns the run and ``attempt``'s attempts so far (this one counted)."""
+        now = repr(time.time())
+        key = self._keys.run(run_id)
+        order_id = run_id.order_id
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hsetnx(key, "created_at", now)
+        pipe.hset(key, mapping={"state": RunState.RUNNING.value, "updated_at": now})
+        pipe.zadd(self._keys.order_runs(order_id), {str(run_id): float(now)}, nx=True)
+        pipe.persist(self._keys.order_runs(order_id))
+        pipe.zadd(self._keys.active, {str(run_id): float(now)})
+        pipe.zadd(self._keys.runs, {str(run_id): float(now)}, nx=True)
+        pipe.hincrby(key, f"a:{attempt}", 1)
+        pipe.hgetall(key)
+        replies = pipe.execute()
+        return decode_run(run_id, hash_text(replies[-1])), int(replies[-2])
 
     def supersede(self, failed: RunId, by: RunId) -> None:
         """A failed run whose work a newer run of the same Order continues: no longer to requeue."""

@@ -8,7 +8,9 @@ For each batch (one Pub/Sub fetch response, one CometD connect reply), in this o
    ended is a duplicate (counted, not republished); a new run, or one still queued,
    is published, so the reconciler republishes it should its message be lost,
 3. publish the runs' chains through one producer, and wait until the broker accepted
-   every one (RabbitMQ publisher confirms; Redis commands that succeeded),
+   every one (RabbitMQ publisher confirms; Redis commands that succeeded); an event with
+   ``Action__c = cancel`` records the Order's cancellation and starts its run (both once:
+   :mod:`provisioning.runs.cancellation`),
 4. only then write ONE checkpoint for the batch, and acknowledge it to the source.
    With replicas, the checkpoint counts once a replica confirmed it (and with it the
    batch's run records); unconfirmed, or Redis lost in between, the batch goes again
@@ -43,12 +45,13 @@ from provisioning.core.replay_id import ReplayId, ReplayStart, Transport, descri
 from provisioning.core.replication import ReplicaUnconfirmed
 from provisioning.core.run_id import RunId
 from provisioning.core.settings import Settings
-from provisioning.ledger import Ledger
+from provisioning.ledger import Ledger, Origin
 from provisioning.listener.leadership import Leadership
 from provisioning.listener.metrics import ListenerMetrics
 from provisioning.listener.reconciling import Reconciler
 from provisioning.listener.refusals import SourceRefusals
-from provisioning.listener.validation import Rejected, validate_event
+from provisioning.listener.validation import CancelRequest, Rejected, validate_event
+from provisioning.runs.cancellation import request_cancel
 from provisioning.runs.publishing import publish_runs
 from provisioning.runs.services import Services
 from provisioning.salesforce.events import Batch, EventSource
@@ -247,6 +250,7 @@ class Listener:
         """Validate, record and publish the batch's events, then checkpoint the batch once."""
         now = time.time()
         runs: list[RunId] = []
+        cancels: list[CancelRequest] = []
         rejected = []
         if batch.events:
             self.metrics.received.inc(len(batch.events))
@@ -264,6 +268,8 @@ class Listener:
                         "received_at": now,
                     }
                 )
+            elif isinstance(checked, CancelRequest):
+                cancels.append(checked)
             else:
                 runs.append(checked)
         if rejected:
@@ -285,6 +291,20 @@ class Listener:
                 duplicates = [r for r, new in zip(runs, decisions, strict=True) if not new]
                 if published:
                     self._with_retry("publish", functools.partial(publish_runs, self.publisher, published))
+            # After the batch's runs (its order): each cancellation recorded once, its run started once.
+            for cancel in cancels:
+                self._with_retry(
+                    "cancel",
+                    functools.partial(
+                        request_cancel,
+                        self.services,
+                        self.publisher,
+                        cancel.order_id,
+                        cancel.reason,
+                        by="salesforce",
+                        origin=Origin.EVENT,
+                    ),
+                )
             # Only now: every run is with the broker (or its event quarantined or known).
             if position is None or self._checkpoint_confirmed(position, redo):
                 break
@@ -298,6 +318,7 @@ class Listener:
                 "batch_handled",
                 events=len(batch.events),
                 published=[str(r) for r in published],
+                cancels=[c.order_id for c in cancels],
                 duplicates=[str(r) for r in duplicates],
                 quarantined=len(rejected),
                 checkpoint=str(position) if position is not None else None,

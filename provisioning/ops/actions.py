@@ -1,12 +1,14 @@
-"""The operators' actions: requeue failed runs, reprovision an Order on purpose, resend a refused e-mail.
+"""The operators' actions: requeue failed runs, reprovision an Order on purpose, resend a refused e-mail,
+cancel an Order.
 
-The CLI (``provisioning requeue | reprovision | resend-email``) and any other
+The CLI (``provisioning requeue | reprovision | resend-email | cancel``) and any other
 front end call these, never a copy of them. Each returns one :class:`Outcome`
 per item, supports a dry run, and logs what it did with the user who asked.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,7 +18,9 @@ from provisioning.core.logs import get_logger
 from provisioning.core.run_id import RunId
 from provisioning.email.errors import EmailError
 from provisioning.email.steps import OUTBOX_MARKER, deliver
+from provisioning.esim.errors import Es2PlusFunctionFailed
 from provisioning.ledger import NotRequeueable, Origin, RunState
+from provisioning.ledger.esim_status import EsimState, ProfileStatus
 from provisioning.runs.lifecycle import write_order
 from provisioning.runs.publishing import publish_run, resume
 from provisioning.runs.services import Services
@@ -173,4 +177,65 @@ def resend_email(services: Services, order_ids: list[str], *, dry_run: bool, use
         )
         outcomes.append(Outcome(order_id, "sent", None, f"delivered, Message-ID {result.message_id}"))
         log.warning("email_resent", order_id=order_id, message_id=result.message_id, user=user)
+    return outcomes
+
+
+def cancel(
+    services: Services, app: Celery, order_id: str, *, reason: str, dry_run: bool, user: str
+) -> Outcome:
+    """Cancel the Order (:mod:`provisioning.runs.cancellation`): the dry run says what would be stopped
+    and undone; the real one records the cancellation once and starts its compensations once."""
+    from provisioning.runs.cancellation import plan, request_cancel
+
+    reason = reason.strip()
+    if not reason:
+        return Outcome(order_id, "skipped", None, "a cancellation needs a reason (--reason)")
+    seen = plan(services, order_id)
+    if dry_run:
+        action = "already cancelled" if seen.cancel is not None else "would cancel"
+        return Outcome(order_id, action, None, "\n".join(seen.lines()))
+    requested = request_cancel(services, app, order_id, reason, by=user, origin=Origin.OPERATOR)
+    if not requested.new:
+        return Outcome(order_id, "already cancelled", None, "\n".join(seen.lines()))
+    detail = "\n".join([*seen.lines(), f"cancellation run {requested.run_id} started"])
+    log.warning("order_cancelled_by_operator", order_id=order_id, user=user, reason=reason)
+    return Outcome(order_id, "cancelled", None, detail)
+
+
+def stale_esims(services: Services, *, now: float | None = None) -> list[ProfileStatus]:
+    """Profiles released more than ESIM_RECLAIM_AFTER_DAYS before ``now`` and never downloaded (released,
+    or a download that failed), oldest first."""
+    before = (time.time() if now is None else now) - services.settings.esim_reclaim_after_days * 86400
+    pending = services.ledger.esim_status.pending(released_before=before)
+    return [p for p in pending if p.state in (EsimState.RELEASED, EsimState.ERROR)]
+
+
+def reclaim_esims(services: Services, iccids: list[str], *, user: str) -> list[Outcome]:
+    """Cancel stale profiles on the SM-DP+ (Available) and return their ICCIDs to our stock, each under
+    its Order's lease; a profile downloaded meanwhile (8.2.1/3.3) is left alone."""
+    ledger = services.ledger
+    outcomes = []
+    for iccid in iccids:
+        status = ledger.esim_status.get(iccid)
+        if status is None or status.state not in (EsimState.RELEASED, EsimState.ERROR):
+            state = status.state.value if status else "not released by an Order of ours"
+            outcomes.append(Outcome(iccid, "skipped", None, f"not stale: {state}"))
+            continue
+        with ledger.leases.holding(status.order_id) as lease:
+            if lease is None:
+                outcomes.append(Outcome(iccid, "skipped", None, "a step acts on its Order now; try again"))
+                continue
+            try:
+                services.es2plus.cancel_order(iccid=iccid, final_status="Available")
+            except Es2PlusFunctionFailed as exc:
+                if exc.is_iccid_in_use:
+                    outcomes.append(Outcome(iccid, "skipped", None, "downloaded meanwhile: left as it is"))
+                    continue
+                if not exc.is_invalid_transition:
+                    outcomes.append(Outcome(iccid, "skipped", None, str(exc)))
+                    continue
+            ledger.inventory.return_to_stock(status.key)
+            ledger.esim_status.cancelled(iccid)
+        log.warning("esim_reclaimed", iccid=iccid, order_id=status.order_id, user=user)
+        outcomes.append(Outcome(iccid, "reclaimed", None, f"Order {status.order_id}: back in stock"))
     return outcomes

@@ -23,11 +23,13 @@ from provisioning.ledger import BEGIN, RunRecord, RunState
 from provisioning.ops.status import (
     RunFilter,
     describe_effects,
+    describe_esim,
     describe_run,
     list_runs,
     order_status,
     parse_duration_s,
     started_by,
+    table_of,
 )
 from provisioning.runs.chain import CHAIN
 from provisioning.runs.services import Services
@@ -97,6 +99,9 @@ def status(ctx: Context, run_or_order_id: str, as_json: bool) -> None:
         f"[bold]Order {order_id}[/bold]  provisioning {effects['provisioning']}:"
         f"  WHMCS order {effects['whmcs_order_id']}, ICCID {effects['iccid']}, e-mail {effects['email']}"
     )
+    console.print(f"  eSIM: {describe_esim(state.esim)}")
+    if "cancelled" in effects:
+        console.print(f"  [bold]cancelled[/bold] {effects['cancelled']}")
     for run in runs:
         console.print(
             f"\n[bold]{run.run_id}[/bold]  {run.state.value}  started by {started_by(run)}"
@@ -106,8 +111,9 @@ def status(ctx: Context, run_or_order_id: str, as_json: bool) -> None:
         if run.state in (RunState.JOINED, RunState.SKIPPED):
             continue
         table = Table("step", "done at", "attempts", "result", "last error")
-        for spec in CHAIN:
-            rec = CHAIN.record(run, state.provisioning, spec)
+        steps = table_of(run)
+        for spec in steps:
+            rec = steps.record(run, state.provisioning, spec)
             result = ", ".join(f"{k}={v}" for k, v in (rec.result or {}).items())
             table.add_row(spec.name, _when(rec.at), str(rec.attempts or ""), result, rec.last_error or "")
         console.print(table)
@@ -364,3 +370,36 @@ def quarantine(ctx: Context, limit: int, as_json: bool) -> None:
             json.dumps(e.get("payload"))[:60],
         )
     _console().print(table)
+
+
+@click.command()
+@click.argument("order_id")
+@click.option(
+    "--reason", required=True, help="Why (kept on the Order and written to it), e.g. 'payment reversed'."
+)
+@click.option("--dry-run", is_flag=True, help="Say what would be stopped and undone; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+@pass_ctx
+def cancel(ctx: Context, order_id: str, reason: str, dry_run: bool, as_json: bool) -> None:
+    """Cancel an Order: stop its runs before their next effect and undo what it got, each once.
+
+    The eSIM profile is cancelled on the SM-DP+ while not downloaded (and its ICCID returns to
+    stock), the WHMCS order cancelled (or its services terminated once accepted), the Order
+    written Cancelled with what was undone. Repeating it changes nothing. `--dry-run` first.
+    """
+    from provisioning.ops.actions import cancel as do_cancel
+    from provisioning.runs.publishing import make_publisher
+
+    services = _services(ctx)
+    oid, _ = _resolve_order_ids(order_id)
+    outcome = do_cancel(
+        services, make_publisher(ctx.settings), oid, reason=reason, dry_run=dry_run, user=_user()
+    )
+    if as_json:
+        _emit_json(outcome.to_json())
+    else:
+        click.echo(f"Order {oid}: {outcome.action}")
+        for line in outcome.detail.split("\n"):
+            click.echo(f"  {line}")
+    if outcome.action == "skipped":
+        sys.exit(1)

@@ -32,10 +32,13 @@ from prometheus_client.registry import Collector
 from provisioning.core.cli_context import Context, pass_ctx
 from provisioning.core.logs import get_logger
 from provisioning.ledger import BEGIN, Origin, RunState
+from provisioning.ledger.esim_status import EsimState
 from provisioning.ledger.inventory import InventoryUnavailable
 from provisioning.ledger.limits import BreakerState
 from provisioning.ledger.metrics import (
     ACTIVATION_LATENCY,
+    COMPENSATIONS,
+    ESIM_NOTIFICATIONS,
     HISTOGRAMS,
     RECONCILER_ACTIONS,
     RUNS_ENDED,
@@ -47,6 +50,7 @@ from provisioning.ledger.metrics import (
     ReconcilerAction,
     Snapshot,
 )
+from provisioning.runs.cancellation import CANCELLATION
 from provisioning.runs.chain import CHAIN
 from provisioning.runs.services import Services
 from provisioning.step.spec import System
@@ -99,6 +103,10 @@ class LedgerCollector(Collector):
             "stock": self.services.inventory.stock(),
             "breakers": self.ledger.limits.breakers([s.value for s in System]),
             "api_usage": self.ledger.limits.api_usage(),
+            "esim_states": self.ledger.esim_status.counts(),
+            "esim_not_installed": self.ledger.esim_status.count_pending(
+                released_before=time.time() - self.services.settings.esim_not_installed_after_s
+            ),
         }
 
     def _families(self, data: dict[str, Any] | None) -> Iterator[Metric]:
@@ -137,7 +145,7 @@ class LedgerCollector(Collector):
         )
         yield counter(
             "provisioning_runs_ended",
-            "Runs that ended, by outcome: done, failed, skipped, joined, superseded",
+            "Runs that ended, by outcome: done, failed, skipped, joined, superseded, cancelled",
             RUNS_ENDED,
             ["outcome"],
             [(o,) for o in _ENDED],
@@ -213,6 +221,42 @@ class LedgerCollector(Collector):
             "provisioning_esim_stock_warn_threshold",
             "ESIM_STOCK_WARN_THRESHOLD: fewer free ICCIDs than this is low",
             float(self.services.settings.esim_stock_warn_threshold),
+        )
+        states = GaugeMetricFamily(
+            "provisioning_esim_profiles",
+            "Released eSIM profiles by state, from the SM-DP+'s notifications: released, downloaded, installed, "
+            "error (the download failed), cancelled",
+            labels=["state"],
+        )
+        if data is not None:
+            for state in EsimState:
+                states.add_metric([state.value], float(data["esim_states"].get(state.value, 0)))
+        yield states
+        yield gauge(
+            "provisioning_esim_not_installed",
+            "Profiles released more than ESIM_NOT_INSTALLED_AFTER_S ago and not installed (nor cancelled)",
+            data["esim_not_installed"] if data else None,
+        )
+        yield gauge(
+            "provisioning_esim_not_installed_after_seconds",
+            "ESIM_NOT_INSTALLED_AFTER_S: how long a released profile may wait for its installation",
+            float(self.services.settings.esim_not_installed_after_s),
+        )
+        yield counter(
+            "provisioning_esim_notifications",
+            "ES2+ handleDownloadProgressInfo notifications received, by outcome: changed (the state moved), "
+            "recorded, duplicate, unknown (no Order of ours released the ICCID), malformed, refused",
+            ESIM_NOTIFICATIONS,
+            ["outcome"],
+            [(o,) for o in ("changed", "recorded", "duplicate", "unknown", "malformed", "refused")],
+        )
+        yield counter(
+            "provisioning_compensations",
+            "The cancellations' compensations by step and outcome: undone, nothing (nothing to undo), "
+            "manual (left to a person)",
+            COMPENSATIONS,
+            ["outcome", "step"],
+            [(o, s) for s in CANCELLATION.names for o in ("undone", "nothing", "manual")],
         )
         activating = snap.activating if snap else {}
         checked = activating.get("checked_at")

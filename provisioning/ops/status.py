@@ -12,7 +12,9 @@ from typing import Any
 
 from provisioning.email.steps import OUTBOX_MARKER
 from provisioning.ledger import BEGIN, Ledger, Provisioning, RunRecord, RunState
-from provisioning.runs.chain import CHAIN
+from provisioning.ledger.esim_status import ProfileStatus
+from provisioning.runs.cancellation import CANCELLATION, is_cancellation
+from provisioning.runs.chain import CHAIN, Chain
 from provisioning.step.results import EsimActivated, WhmcsOrderCreated
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
@@ -30,15 +32,22 @@ def parse_duration_s(text: str) -> float:
 _ORIGIN_WORDS = {"event": "an event", "reconciler": "the reconciler", "operator": "an operator"}
 
 
+def table_of(run: RunRecord) -> Chain:
+    """The steps a run goes through: the step table's, or the cancellation's (runs/cancellation.py)."""
+    return CANCELLATION if is_cancellation(run.run_id) else CHAIN
+
+
 def describe_run(run: RunRecord, provisioning: Provisioning) -> str:
-    """One sentence: the run's outcome (done, joined, superseded, skipped, failed) or where it is."""
+    """One sentence: the run's outcome (done, joined, superseded, skipped, cancelled, failed) or where it is."""
     if run.state is RunState.FAILED:
         return f"failed at {run.failed_step}: {run.error}"
     if run.state is RunState.QUEUED:
         return "queued: waiting for a worker"
     if run.state is RunState.RUNNING:
-        step = CHAIN.first_unfinished(run, provisioning)
+        step = table_of(run).first_unfinished(run, provisioning)
         return f"running: at {step.name}" if step else "running: ending"
+    if run.state is RunState.DONE and is_cancellation(run.run_id):
+        return "done: the Order's effects are undone (or left to a person) and it is written Cancelled"
     if run.note:
         return run.note
     if run.state is RunState.DONE:
@@ -59,12 +68,26 @@ def describe_effects(provisioning: Provisioning) -> dict[str, str]:
     email = {"sent": "sent", "refused": f"refused: {provisioning.email_error}", "sending": "being sent"}.get(
         outbox or "", outbox or "not sent"
     )
-    return {
+    effects = {
         "provisioning": str(provisioning.gen),
         "whmcs_order_id": str(whmcs.get("whmcs_order_id", "-")),
         "iccid": str(esim.get("iccid") or ("physical SIM" if esim.get("sim") == "physical" else "-")),
         "email": email,
     }
+    if provisioning.cancel is not None:
+        cancel = provisioning.cancel
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(cancel.at))
+        effects["cancelled"] = f"{when} UTC by {cancel.by}: {cancel.reason}"
+    return effects
+
+
+def describe_esim(status: ProfileStatus | None) -> str:
+    """The eSIM's state after its release, in words (the SM-DP+'s notifications)."""
+    if status is None:
+        return "-"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(status.changed_at))
+    text = f"{status.state.value} since {when} UTC"
+    return f"{text}: {status.reason}" if status.reason else text
 
 
 @dataclass
@@ -72,11 +95,21 @@ class OrderStatus:
     order_id: str
     provisioning: Provisioning
     runs: list[RunRecord]
+    esim: ProfileStatus | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "order_id": self.order_id,
             "effects": describe_effects(self.provisioning),
+            "esim": {
+                "iccid": self.esim.iccid,
+                "state": self.esim.state.value,
+                "changed_at": self.esim.changed_at,
+                "reason": self.esim.reason,
+                "notifications": [list(n) for n in self.esim.notifications],
+            }
+            if self.esim
+            else None,
             "runs": [
                 {
                     **run_json(r, self.provisioning),
@@ -112,14 +145,17 @@ def run_json(run: RunRecord, provisioning: Provisioning) -> dict[str, Any]:
                 "attempts": rec.attempts,
                 "last_error": rec.last_error,
             }
-            for spec, rec in ((spec, CHAIN.record(run, provisioning, spec)) for spec in CHAIN)
+            for spec, rec in ((spec, table_of(run).record(run, provisioning, spec)) for spec in table_of(run))
         },
     }
 
 
 def order_status(ledger: Ledger, order_id: str) -> OrderStatus:
     runs = ledger.runs.get_many(ledger.orders.runs(order_id))
-    return OrderStatus(order_id, ledger.orders.provisioning(order_id), runs)
+    provisioning = ledger.orders.provisioning(order_id)
+    iccid = (provisioning.step(CHAIN.recording(EsimActivated).name).result or {}).get("iccid")
+    esim = ledger.esim_status.get(iccid) if iccid else None
+    return OrderStatus(order_id, provisioning, runs, esim)
 
 
 # -- lists of runs ---------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from provisioning.core.logs import get_logger
 from provisioning.core.run_id import RunId
 from provisioning.ledger import BEGIN, Origin, RunState
 from provisioning.ledger.metrics import ReconcilerAction
+from provisioning.runs import cancellation
 from provisioning.runs.lifecycle import failure_fields
 from provisioning.runs.publishing import publish_run, resume
 from provisioning.runs.services import Services
@@ -47,6 +48,10 @@ def resume_stale(services: Services, app: Celery, idle_s: float) -> list[RunId]:
     for run_id in ledger.registries.stale(idle_s):
         run = ledger.runs.get(run_id)
         if run is None or not run.state.unfinished:
+            continue
+        if cancellation.is_cancellation(run_id):  # its own table: runs/cancellation.py
+            if cancellation.resume(services, app, run) is not None:
+                resumed.append(run_id)
             continue
         provisioning = ledger.orders.provisioning(run_id.order_id)
         if run.state is RunState.RUNNING and chain.first_unfinished(run, provisioning) is None:

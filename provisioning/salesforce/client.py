@@ -86,11 +86,21 @@ class OrderFieldNames:
     esim_iccid: str = DEFAULT_ORDER_FIELD_NAMES["esim_iccid"]
     activation_error: str = DEFAULT_ORDER_FIELD_NAMES["activation_error"]
     activated_at: str = DEFAULT_ORDER_FIELD_NAMES["activated_at"]
+    esim_status: str = DEFAULT_ORDER_FIELD_NAMES["esim_status"]
+    esim_status_at: str = DEFAULT_ORDER_FIELD_NAMES["esim_status_at"]
 
     # The Order fields the service writes (every PATCH's keys): :meth:`patch` refuses any other, so
     # this is what the permission set must let it edit and what the check asks the org.
     WRITTEN = frozenset(
-        {"activation_status", "whmcs_order_id", "esim_iccid", "activation_error", "activated_at"}
+        {
+            "activation_status",
+            "whmcs_order_id",
+            "esim_iccid",
+            "activation_error",
+            "activated_at",
+            "esim_status",
+            "esim_status_at",
+        }
     )
 
     def __post_init__(self) -> None:

@@ -246,6 +246,12 @@ class SandboxTLS:
     # The same certificate chain and key as PEM, for servers that do not take an SSLContext (gRPC).
     server_cert_chain_pem: bytes = field(default=b"", repr=False)
     server_key_pem: bytes = field(default=b"", repr=False)
+    # Files for servers of ours the simulators call (the ES2+ notification endpoint): the same server
+    # certificate, and a client certificate of the same CA the SM-DP+ simulator presents (mutual TLS).
+    server_cert_file: Path | None = None
+    server_key_file: Path | None = None
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
 
     @classmethod
     def create(cls, workdir: Path, *, extra_hosts: tuple[str, ...] = ()) -> SandboxTLS:
@@ -257,11 +263,26 @@ class SandboxTLS:
         ca.cert_pem.write_to_path(str(ca_bundle))
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         cert.configure_cert(ctx)
+        chain = b"".join(pem.bytes() for pem in cert.cert_chain_pems)
+        client = ca.issue_cert("smdp.sandbox.local")
+        files = {
+            "server-cert.pem": chain,
+            "server-key.pem": cert.private_key_pem.bytes(),
+            "smdp-client-cert.pem": b"".join(pem.bytes() for pem in client.cert_chain_pems),
+            "smdp-client-key.pem": client.private_key_pem.bytes(),
+        }
+        for name, data in files.items():
+            (workdir / name).write_bytes(data)
+            (workdir / name).chmod(0o600)
         return cls(
             ca_bundle=ca_bundle,
             server_context=ctx,
-            server_cert_chain_pem=b"".join(pem.bytes() for pem in cert.cert_chain_pems),
+            server_cert_chain_pem=chain,
             server_key_pem=cert.private_key_pem.bytes(),
+            server_cert_file=workdir / "server-cert.pem",
+            server_key_file=workdir / "server-key.pem",
+            client_cert_file=workdir / "smdp-client-cert.pem",
+            client_key_file=workdir / "smdp-client-key.pem",
         )
 
 

@@ -132,6 +132,14 @@ def start_worker(env: dict[str, str], log_dir: Path, **kwargs: object) -> Manage
     return proc
 
 
+def esim_notify(
+    env: dict[str, str], log_dir: Path, *, port: int, name: str = "esim-notify"
+) -> ManagedProcess:
+    """A real ``provisioning esim-notify`` process (not yet started) on ``port``."""
+    argv = [_bin("provisioning"), "esim-notify", "--port", str(port)]
+    return ManagedProcess(name, argv, env, log_dir / f"{name}.log")
+
+
 def listener(
     env: dict[str, str], log_dir: Path, *, name: str = "listener", extra: list[str] | None = None
 ) -> ManagedProcess:

@@ -145,6 +145,13 @@ class Sandbox:
             **self.smdp.env(self.url("smdp")),
             **self.smtp.env(self.host, self.server.ports["smtp"]),
             "TLS_CA_BUNDLE": str(self.tls.ca_bundle),
+            # The ES2+ notification endpoint (`provisioning esim-notify`): the sandbox CA's server
+            # certificate; the SM-DP+ simulator authenticates with a client certificate of that CA and
+            # its requester id (configure it with /__admin/notify to call the endpoint).
+            "ESIM_NOTIFY_CERT_FILE": str(self.tls.server_cert_file),
+            "ESIM_NOTIFY_KEY_FILE": str(self.tls.server_key_file),
+            "ESIM_NOTIFY_CLIENT_CA": str(self.tls.ca_bundle),
+            "ESIM_NOTIFY_REQUESTER_IDS": self.smdp.requester_id,
         }
 
     def write_env_file(self, path: Path) -> Path:

@@ -61,16 +61,37 @@ Admin routes (JSON, never faulted):
   "iccid", "status", "subject_code", "reason_code"}]}``: the last function calls that reached
   the pool (not those failed by an injected fault), oldest first.
 - ``/__admin/faults`` and ``/__admin/calls`` from :class:`FaultInjector`.
+
+Notifications (ES2+ handleDownloadProgressInfo, SM-DP+ → operator): once configured, every
+profile released (confirmOrder with releaseFlag true, or releaseProfile) is followed, after
+``delay_ms``, by what the device does: ``installed`` (point 3 BPP download, then point 4 BPP
+installation, both Executed-Success; the profile becomes downloaded, then installed),
+``download_failed`` (point 3 Failed 8.2.6/3.8 "download failed on the device"; the profile stays
+released) or ``never`` (nothing: the profile is never downloaded). Each is POSTed over HTTPS with
+``X-Admin-Protocol``, the header's functionRequesterIdentifier (``requester``) and, when given,
+a client certificate (mutual TLS); anything but 204 is sent again (at least once: up to
+``attempts`` tries, backing off from 0.2 s).
+
+- ``POST /__admin/notify`` ``{"url", "outcome"?: "installed"|"download_failed"|"never",
+  "delay_ms"?, "requester"?, "ca_file"?, "cert_file"?, "key_file"?, "attempts"?}`` → the setting;
+  ``{"url": null}`` turns notifications off. ``GET /__admin/notify`` → the setting and
+  ``"sent": [{"iccid", "point", "status", "timestamp", "http_status", "attempts"}]``.
+- ``POST /__admin/notify/send`` ``{"iccid", "point", "status"? ("Executed-Success"),
+  "timestamp"? (now), "reason"?}`` → ``{"http_status", "attempts"}``: one notification now (the
+  tests' duplicates, out-of-order arrivals and bursts).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import random
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -102,6 +123,26 @@ GENERATED_PREFIX = "8988299"
 RETRY_AFTER_S = 1
 # Function calls kept for GET /__admin/requests.
 REQUEST_LOG_SIZE = 1000
+# Notifications: what the device does after a release, the requester id the simulator sends, the log.
+NOTIFY_OUTCOMES = ("installed", "download_failed", "never")
+DEFAULT_NOTIFY_REQUESTER = "smdp-sandbox"
+NOTIFY_LOG_SIZE = 10_000
+NOTIFY_ATTEMPTS = 5
+NOTIFY_BACKOFF_S = 0.2
+NOTIFY_TIMEOUT_S = 10.0
+POINT_DOWNLOAD, POINT_INSTALLATION = 3, 4
+
+
+@dataclass
+class NotifySettings:
+    url: str | None = None
+    outcome: str = "installed"
+    delay_ms: int = 0
+    requester: str = DEFAULT_NOTIFY_REQUESTER
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    attempts: int = NOTIFY_ATTEMPTS
 
 
 class FunctionFailed(PicklableError):
@@ -149,6 +190,12 @@ class SmdpSimulator:
         self._matching_ids: dict[str, str] = {}
         self.requests: collections.deque[dict[str, Any]] = collections.deque(maxlen=REQUEST_LOG_SIZE)
         self._rng = random.Random(seed)
+        self.requester_id = DEFAULT_NOTIFY_REQUESTER
+        self.notify = NotifySettings()
+        self.notified: collections.deque[dict[str, Any]] = collections.deque(maxlen=NOTIFY_LOG_SIZE)
+        self._notify_session: Any = None
+        self._calls = 0
+        self._pending: set[asyncio.Task[None]] = set()
 
     def env(self, base_url: str) -> dict[str, str]:
         """Settings that point our client at this simulator."""
@@ -164,6 +211,9 @@ class SmdpSimulator:
             web.get(f"{ADMIN_PREFIX}/profiles/{{iccid}}", self._admin_get),
             web.post(f"{ADMIN_PREFIX}/profiles/{{iccid}}", self._admin_set_state),
             web.get(f"{ADMIN_PREFIX}/requests", self._admin_requests),
+            web.post(f"{ADMIN_PREFIX}/notify", self._admin_set_notify),
+            web.get(f"{ADMIN_PREFIX}/notify", self._admin_get_notify),
+            web.post(f"{ADMIN_PREFIX}/notify/send", self._admin_send_notification),
         ]
         return new_app(api, admin, self.injector.admin_routes())
 
@@ -271,6 +321,8 @@ class SmdpSimulator:
         profile.matching_id = matching_id
         self._matching_ids[matching_id] = profile.iccid
         self._touch(profile, "released" if release else "confirmed")
+        if release:
+            self._after_release(profile)
         answer: dict[str, Any] = {"matchingId": matching_id, "smdpAddress": self.address}
         if profile.eid:
             answer["eid"] = profile.eid
@@ -310,7 +362,155 @@ class SmdpSimulator:
                 "8.2.1", "3.5", f"Invalid state transition from {profile.state}", profile.iccid
             )
         self._touch(profile, "released")
+        self._after_release(profile)
         return {}
+
+    # -- notifications (handleDownloadProgressInfo, SM-DP+ -> operator) ---------------------------
+
+    def _after_release(self, profile: Profile) -> None:
+        """What the device does with a released profile, told to the operator after the delay."""
+        settings = self.notify
+        if settings.url is None or settings.outcome == "never":
+            return
+        iccid, outcome = profile.iccid, settings.outcome
+        task = asyncio.get_running_loop().create_task(self._device(iccid, outcome, settings.delay_ms / 1000))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _device(self, iccid: str, outcome: str, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        profile = self.profiles.get(iccid)
+        if profile is None or profile.state != "released":
+            return  # cancelled meanwhile: no device will download it
+        if outcome == "download_failed":
+            await self.send_notification(
+                iccid, POINT_DOWNLOAD, "Failed", reason=("8.2.6", "3.8", "download failed on the device")
+            )
+            return
+        self._touch(profile, "downloaded")
+        await self.send_notification(iccid, POINT_DOWNLOAD, "Executed-Success")
+        self._touch(profile, "installed")
+        await self.send_notification(iccid, POINT_INSTALLATION, "Executed-Success", offset_ms=1)
+
+    def _session(self) -> Any:
+        from aiohttp import ClientSession, ClientTimeout, TCPConnector
+
+        if self._notify_session is None or self._notify_session.closed:
+            settings = self.notify
+            context = ssl.create_default_context(cafile=settings.ca_file)
+            if settings.cert_file:
+                context.load_cert_chain(settings.cert_file, settings.key_file)
+            self._notify_session = ClientSession(
+                connector=TCPConnector(ssl=context, limit=20), timeout=ClientTimeout(total=NOTIFY_TIMEOUT_S)
+            )
+        return self._notify_session
+
+    async def send_notification(
+        self,
+        iccid: str,
+        point: int,
+        status: str,
+        *,
+        timestamp: str | None = None,
+        reason: tuple[str, str, str] | None = None,
+        offset_ms: int = 0,
+    ) -> dict[str, Any]:
+        """POST one handleDownloadProgressInfo to the operator, again until it answers 204."""
+        settings = self.notify
+        if settings.url is None:
+            raise ValueError("notifications are not configured: POST /__admin/notify first")
+        moment = time.time() + offset_ms / 1000
+        stamp = timestamp or datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        point_status: dict[str, Any] = {"status": status}
+        if reason is not None:
+            point_status["statusCodeData"] = {
+                "subjectCode": reason[0],
+                "reasonCode": reason[1],
+                "message": reason[2],
+            }
+        self._calls += 1
+        body = {
+            "header": {
+                "functionRequesterIdentifier": settings.requester,
+                "functionCallIdentifier": f"FCI-{int(moment)}-{self._calls}",
+            },
+            "iccid": iccid,
+            "profileType": self.profiles[iccid].profile_type if iccid in self.profiles else "default",
+            "timestamp": stamp,
+            "notificationPointId": point,
+            "notificationPointStatus": point_status,
+        }
+        record: dict[str, Any] = {
+            "iccid": iccid,
+            "point": point,
+            "status": status,
+            "timestamp": stamp,
+            "http_status": None,
+            "attempts": 0,
+        }
+        self.notified.append(record)
+        for attempt in range(settings.attempts):
+            record["attempts"] = attempt + 1
+            try:
+                async with self._session().post(
+                    settings.url, json=body, headers={"X-Admin-Protocol": DEFAULT_PROTOCOL}
+                ) as response:
+                    await response.read()
+                    record["http_status"] = response.status
+                    if response.status == 204:
+                        break
+            except Exception as exc:
+                record["http_status"] = None
+                record["error"] = f"{type(exc).__name__}: {exc}"
+            await asyncio.sleep(NOTIFY_BACKOFF_S * 2**attempt)
+        return record
+
+    async def _admin_set_notify(self, request: web.Request) -> web.Response:
+        try:
+            data = await request.json()
+        except ValueError:
+            return _admin_error("the body must be JSON")
+        if not isinstance(data, dict):
+            return _admin_error("the body must be a JSON object")
+        outcome = data.get("outcome", "installed")
+        if outcome not in NOTIFY_OUTCOMES:
+            return _admin_error(f"outcome must be one of {list(NOTIFY_OUTCOMES)}")
+        known = {f for f in NotifySettings.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            return _admin_error(f"unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        if self._notify_session is not None:
+            await self._notify_session.close()
+            self._notify_session = None
+        self.notify = NotifySettings(**{**asdict(NotifySettings()), **data})
+        return web.json_response(asdict(self.notify))
+
+    async def _admin_get_notify(self, _: web.Request) -> web.Response:
+        return web.json_response({**asdict(self.notify), "sent": list(self.notified)})
+
+    async def _admin_send_notification(self, request: web.Request) -> web.Response:
+        try:
+            data = await request.json()
+        except ValueError:
+            return _admin_error("the body must be JSON")
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("iccid"), str)
+            or not isinstance(data.get("point"), int)
+        ):
+            return _admin_error('give {"iccid": "...", "point": N}')
+        reason = data.get("reason")
+        try:
+            record = await self.send_notification(
+                data["iccid"],
+                data["point"],
+                str(data.get("status", "Executed-Success")),
+                timestamp=data.get("timestamp"),
+                reason=tuple(reason) if isinstance(reason, list) and len(reason) == 3 else None,
+            )
+        except ValueError as exc:
+            return _admin_error(str(exc))
+        return web.json_response(record)
 
     def _holder_of(self, matching_id: str) -> Profile | None:
         """The profile carrying ``matching_id`` now (a dict lookup: a scan of the pool made confirmOrder O(n))."""

@@ -14,6 +14,11 @@ Follows the real server (WHMCS 8.x source; see the WHMCS fact sheet):
   valid API action``. Each wrong secret is a failed login of the caller's IP; after
   ``ban_after_failures`` of them (failures are forgotten 30 minutes after the last one) the IP is
   banned for ``ban_s`` seconds and every call answers ``IP Banned``, good credentials included.
+- CancelOrder (``orderid``, ``noemail``): a Pending order only, else ``Order ID not found or Status
+  not Pending`` (as AcceptOrder); the order, its services and its unpaid invoice become Cancelled.
+  ModuleTerminate (``serviceid`` or ``accountid``): ``Service ID is required``, ``Service ID not
+  found``; an Active or Suspended service becomes Terminated, any other status answers a module
+  error (our wording: real modules word theirs).
 - AddOrder with an unknown ``pid``: the real cart drops the product, then answers
   ``No items remain in the cart. Order cannot proceed.``; with no ``pid`` at all,
   ``No items added to cart so order cannot proceed``. An order's services (one per unit of
@@ -42,8 +47,11 @@ Admin routes (JSON, never subject to faults):
   ``GET /__admin/products`` → ``{"products": [...]}``.
 - ``GET  /__admin/orders``  ``{"count", "orders": [{"id", "ordernum", "userid", "date", "status",
   "paymentmethod", "notes", "invoiceid", "amount", "flags": {"noemail", "noinvoiceemail"},
-  "accepted": null | {"autosetup", "sendemail"}, "services": [{"id", "pid", "status"}]}]}``
-  oldest first; ``?userid=`` and ``?notes_contains=`` filter.
+  "accepted": null | {"autosetup", "sendemail"}, "cancelled": null | {"noemail"},
+  "services": [{"id", "pid", "status"}]}]}`` oldest first; ``?userid=`` and ``?notes_contains=``
+  filter.
+- ``GET  /__admin/terminations``  ``{"count", "service_ids": [...]}``: every service ModuleTerminate
+  terminated, in order (a service terminated twice would show twice).
 - ``GET  /__admin/invoices``  ``{"count", "invoices": [{"id", "userid", "status", "total",
   "orderid"}]}``; ``POST /__admin/invoices/{id}/pay`` marks it Paid → the invoice.
 - ``GET/POST /__admin/gateways``  ``{"gateways": [...]}`` (the valid AddOrder payment methods;
@@ -90,7 +98,16 @@ DEFAULT_GATEWAYS = ("banktransfer", "mailin", "paypal", "stripe")
 # Canonical names by normalised action; only these are valid.
 ACTIONS = {
     name.lower(): name
-    for name in ("GetClientsDetails", "GetPayMethods", "AddOrder", "AcceptOrder", "GetOrders", "GetInvoice")
+    for name in (
+        "GetClientsDetails",
+        "GetPayMethods",
+        "AddOrder",
+        "AcceptOrder",
+        "CancelOrder",
+        "ModuleTerminate",
+        "GetOrders",
+        "GetInvoice",
+    )
 }
 # Legacy aliases the real ActionFilter resolves.
 ACTION_ALIASES = {"getclientsdata": "getclientsdetails", "getclientsdatabyemail": "getclientsdetails"}
@@ -191,6 +208,8 @@ class Order:
     # noemail / noinvoiceemail as AddOrder received them; AcceptOrder's autosetup / sendemail.
     flags: dict[str, bool] = field(default_factory=dict)
     accepted: dict[str, bool] | None = None
+    # CancelOrder's noemail, once cancelled.
+    cancelled: dict[str, bool] | None = None
 
 
 def php_truthy(value: object) -> bool:
@@ -314,6 +333,8 @@ class WhmcsSimulator:
             "getpaymethods": self._get_pay_methods,
             "addorder": self._add_order,
             "acceptorder": self._accept_order,
+            "cancelorder": self._cancel_order,
+            "moduleterminate": self._module_terminate,
             "getorders": self._get_orders,
             "getinvoice": self._get_invoice,
         }
@@ -323,6 +344,8 @@ class WhmcsSimulator:
         self.products: dict[int, Product] = {}
         self.orders: dict[int, Order] = {}
         self.invoices: dict[int, Invoice] = {}
+        # Service ids ModuleTerminate terminated, in order (a repeat would show twice).
+        self.terminations: list[int] = []
         self.failures: dict[str, tuple[int, float]] = {}  # ip -> (count, forget at)
         self.bans: dict[str, float] = {}  # ip -> banned until (monotonic)
         self._next = {"client": 1, "paymethod": 1, "order": 1, "invoice": 1, "service": 1}
@@ -606,6 +629,37 @@ class WhmcsSimulator:
             service.status = "Active"
         return {}
 
+    def _cancel_order(self, params: dict[str, Any], _: Caller) -> dict[str, Any]:
+        """CancelOrder: a Pending order only (the same message as AcceptOrder's otherwise); its
+        services and its unpaid invoice are cancelled with it."""
+        order = self.orders.get(php_int(params.get("orderid")))
+        if order is None or order.status != "Pending":
+            raise ApiError("Order ID not found or Status not Pending")
+        order.status = "Cancelled"
+        order.cancelled = {"noemail": php_truthy(params.get("noemail"))}
+        for service in order.services:
+            service.status = "Cancelled"
+        invoice = self.invoices.get(order.invoiceid)
+        if invoice is not None and invoice.status == "Unpaid":
+            invoice.status = "Cancelled"
+        return {}
+
+    def _module_terminate(self, params: dict[str, Any], _: Caller) -> dict[str, Any]:
+        """ModuleTerminate (``serviceid``, or ``accountid`` as older callers send it): an Active or
+        Suspended service becomes Terminated; any other status is the module's refusal (our choice
+        of message: real modules word it their own way)."""
+        raw = params.get("serviceid") or params.get("accountid")
+        if not php_truthy(raw):
+            raise ApiError("Service ID is required")
+        service = next((s for o in self.orders.values() for s in o.services if s.id == php_int(raw)), None)
+        if service is None:
+            raise ApiError("Service ID not found")
+        if service.status not in ("Active", "Suspended"):
+            raise ApiError(f"Module command failed: the service is {service.status}, not Active or Suspended")
+        service.status = "Terminated"
+        self.terminations.append(service.id)
+        return {}
+
     def _get_orders(self, params: dict[str, Any], _: Caller) -> dict[str, Any]:
         limitstart = max(0, php_int(params.get("limitstart")))
         limitnum = php_int(params.get("limitnum")) or 25
@@ -880,6 +934,7 @@ class WhmcsSimulator:
                     "amount": _money(o.amount),
                     "flags": o.flags,
                     "accepted": o.accepted,
+                    "cancelled": o.cancelled,
                     "services": [{"id": s.id, "pid": s.pid, "status": s.status} for s in o.services],
                 }
                 for o in sorted(self.orders.values(), key=lambda o: o.id)
@@ -899,6 +954,9 @@ class WhmcsSimulator:
         async def list_invoices(_: web.Request) -> web.Response:
             invoices = [invoice_view(i) for i in sorted(self.invoices.values(), key=lambda i: i.id)]
             return web.json_response({"count": len(invoices), "invoices": invoices})
+
+        async def list_terminations(_: web.Request) -> web.Response:
+            return web.json_response({"count": len(self.terminations), "service_ids": self.terminations})
 
         async def pay_invoice(request: web.Request) -> web.Response:
             invoice = self.invoices.get(php_int(request.match_info["id"]))
@@ -954,6 +1012,7 @@ class WhmcsSimulator:
             web.get(f"{p}/products", list_products),
             web.get(f"{p}/orders", list_orders),
             web.get(f"{p}/invoices", list_invoices),
+            web.get(f"{p}/terminations", list_terminations),
             web.post(f"{p}/invoices/{{id}}/pay", pay_invoice),
             web.get(f"{p}/gateways", get_gateways),
             web.post(f"{p}/gateways", set_gateways),

@@ -48,6 +48,8 @@ class StepContext:
     pending_writes: list[Write] = field(default_factory=list)
     # The marker this step's claim set on the Order unless it had one: (name, the value it sent).
     stamp: tuple[str, str] | None = None
+    # Step tables besides the runs' (services.chain) whose results ``result`` finds: the cancellation's.
+    tables: tuple[Any, ...] = ()
 
     @property
     def order_id(self) -> str:
@@ -72,8 +74,14 @@ class StepContext:
 
     def result(self, kind: type[R]) -> R | None:
         """An earlier step's recorded result, typed (None when that step has none)."""
-        raw = self.provisioning.step(self.services.chain.recording(kind).name).result
-        return kind.model_validate(raw) if raw is not None else None
+        for table in (self.services.chain, *self.tables):
+            try:
+                name = table.recording(kind).name
+            except KeyError:
+                continue
+            raw = self.provisioning.step(name).result
+            return kind.model_validate(raw) if raw is not None else None
+        raise KeyError(f"no step records {kind.__name__}")
 
     def marker(self, name: str) -> str | None:
         return self.provisioning.markers.get(name)

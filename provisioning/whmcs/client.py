@@ -143,14 +143,18 @@ class WhmcsOrder(_Model):
     payment_status: str | None = Field(None, alias="paymentstatus")
     notes: str = ""
     service_ids: list[int] = Field(default_factory=list)
+    # Each service's status (Pending, Active, Suspended, Terminated, Cancelled), by service id.
+    service_statuses: dict[int, str] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
     def _from_api(cls, data: Any) -> Any:
         if isinstance(data, dict) and "lineitems" in data:
             items = data["lineitems"].get("lineitem", []) if isinstance(data["lineitems"], dict) else []
-            ids = [int(i["relid"]) for i in items if isinstance(i, dict) and i.get("type") == "product"]
-            data = {**data, "service_ids": ids}
+            products = [i for i in items if isinstance(i, dict) and i.get("type") == "product"]
+            ids = [int(i["relid"]) for i in products]
+            statuses = {int(i["relid"]): str(i.get("status", "")) for i in products}
+            data = {**data, "service_ids": ids, "service_statuses": statuses}
         return data
 
     @field_validator("invoice_id", mode="before")
@@ -254,6 +258,22 @@ class WhmcsClient:
             "sendemail": str(int(send_email)),
         }
         self._call("AcceptOrder", params)
+
+    def cancel_order(self, order_id: int, *, send_email: bool = False) -> None:
+        """CancelOrder of a Pending order (its services and invoice are cancelled with it).
+
+        Anything but Pending (a repeat after a lost answer, an accepted order) answers
+        WhmcsOrderNotPending: look the order up with :meth:`get_orders`.
+        """
+        self._call("CancelOrder", {"orderid": str(order_id), "noemail": "0" if send_email else "1"})
+
+    def terminate_service(self, service_id: int) -> None:
+        """ModuleTerminate of one service of an accepted order (its module deprovisions it).
+
+        Not idempotent in general (what a repeat answers is the module's): check the service's status
+        (:meth:`get_orders`' line items) before calling it again.
+        """
+        self._call("ModuleTerminate", {"serviceid": str(service_id)})
 
     def get_orders(
         self,

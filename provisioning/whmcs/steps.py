@@ -9,7 +9,7 @@ from provisioning.core.errors import OrderRejected
 from provisioning.core.logs import get_logger
 from provisioning.step.context import StepContext
 from provisioning.step.order import Order
-from provisioning.step.results import PaymentChecked, WhmcsOrderCreated
+from provisioning.step.results import PaymentChecked, WhmcsCancelled, WhmcsOrderCreated
 from provisioning.step.spec import Adoption
 from provisioning.whmcs.errors import WhmcsOrderNotPending, WhmcsPermanentError
 
@@ -141,3 +141,80 @@ def create_whmcs_order(ctx: StepContext) -> WhmcsOrderCreated:
         # With the step's end: a repeat AcceptOrder answers "not Pending", checked above.
         ctx.record_marker(WHMCS_ACCEPTED_MARKER, "1")
     return WhmcsOrderCreated(whmcs_order_id=whmcs_order_id)
+
+
+# -- the Order's cancellation ----------------------------------------------------------------------
+
+# Service statuses a termination leaves alone: there is nothing left to undo.
+ENDED_SERVICE_STATUSES = frozenset({"Terminated", "Cancelled", "Fraud"})
+
+
+def cancel_whmcs_order(ctx: StepContext) -> WhmcsCancelled:
+    """Undo the Order's WHMCS order: CancelOrder while it is Pending; once accepted, ModuleTerminate of
+    its services (WHMCS_CANCEL_ACCEPTED=terminate) or a report for a person (manual).
+
+    Safe to repeat: the order (and each service) is read with GetOrders before anything is called, and
+    what is Cancelled or Terminated already is not called again. An AddOrder whose answer was lost (the
+    intent without an order id) is found by its note, as the forward step would find it.
+    """
+    whmcs = ctx.services.whmcs
+    whmcs_order_id = _whmcs_order_of(ctx)
+    if whmcs_order_id is None:
+        return WhmcsCancelled(outcome="nothing")
+    orders = whmcs.get_orders(order_id=whmcs_order_id)
+    if not orders:
+        return WhmcsCancelled(
+            outcome="manual",
+            whmcs_order_id=whmcs_order_id,
+            reason=f"WHMCS order {whmcs_order_id} was not found: check WHMCS by hand",
+        )
+    found = orders[0]
+    if found.status == "Cancelled":
+        return WhmcsCancelled(outcome="undone", whmcs_order_id=whmcs_order_id, action="cancelled")
+    if found.status == "Pending":
+        ctx.renew()
+        try:
+            whmcs.cancel_order(whmcs_order_id)
+        except WhmcsOrderNotPending:
+            again = whmcs.get_orders(order_id=whmcs_order_id)
+            if not again or again[0].status != "Cancelled":
+                raise
+        log.info("whmcs_order_cancelled", whmcs_order_id=whmcs_order_id)
+        return WhmcsCancelled(outcome="undone", whmcs_order_id=whmcs_order_id, action="cancelled")
+    if ctx.settings.whmcs_cancel_accepted == "manual":
+        return WhmcsCancelled(
+            outcome="manual",
+            whmcs_order_id=whmcs_order_id,
+            reason=f"WHMCS order {whmcs_order_id} is {found.status} (accepted); WHMCS_CANCEL_ACCEPTED=manual: "
+            "terminate its services and cancel it in WHMCS",
+        )
+    for service_id in found.service_ids:
+        if found.service_statuses.get(service_id) in ENDED_SERVICE_STATUSES:
+            continue
+        ctx.renew()
+        whmcs.terminate_service(service_id)
+        log.info("whmcs_service_terminated", whmcs_order_id=whmcs_order_id, service_id=service_id)
+    return WhmcsCancelled(
+        outcome="undone",
+        whmcs_order_id=whmcs_order_id,
+        action="terminated",
+        terminated_service_ids=sorted(found.service_ids),
+    )
+
+
+def _whmcs_order_of(ctx: StepContext) -> int | None:
+    """The Order's WHMCS order: recorded, or found by its note after an AddOrder whose answer was lost."""
+    created = ctx.result(WhmcsOrderCreated)
+    if created is not None:
+        return created.whmcs_order_id
+    recorded = ctx.marker(WHMCS_ORDER_MARKER)
+    if recorded is not None:
+        return int(recorded)
+    if ctx.marker(WHMCS_INTENT_MARKER) is None:
+        return None
+    payment = ctx.result(PaymentChecked)
+    client_id = payment.whmcs_client_id if payment is not None else None
+    if client_id is None:
+        client_id = _client_id(ctx.order())
+    found = ctx.services.whmcs.find_order_by_note(client_id, order_note(ctx.effect_key))
+    return found.id if found is not None else None

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from provisioning.core.run_id import RunId
-from provisioning.listener.validation import Rejected, validate_event
+from provisioning.listener.validation import CancelRequest, Rejected, validate_event
 from provisioning.salesforce.events import Event, ReplayId
 from provisioning.sandbox.salesforce import ids
 
@@ -33,6 +33,10 @@ def _event(payload: object, decode_error: str | None = None) -> Event:
         ({"OrderId__c": ORDER_ID, "IdemKey__c": 7}, "IdemKey__c is a int, not text"),
         ({"OrderId__c": ORDER_ID, "IdemKey__c": "x" * 81}, "IdemKey__c is longer than 80 characters"),
         (["not", "an", "object"], "payload is not an object"),
+        ({"OrderId__c": ORDER_ID, "Action__c": "delete"}, "Action__c 'delete' is neither"),
+        ({"OrderId__c": ORDER_ID, "Action__c": 1}, "Action__c is a int, not text"),
+        ({"OrderId__c": ORDER_ID, "Action__c": "cancel", "Reason__c": 3}, "Reason__c is a int, not text"),
+        ({"OrderId__c": ORDER_ID, "IdemKey__c": "cancel:g1"}, "kept for cancellations"),
     ],
 )
 def test_a_malformed_event_is_rejected_with_a_reason_that_names_the_field(
@@ -55,3 +59,14 @@ def test_a_payload_that_did_not_decode_is_rejected_with_the_decoder_s_reason() -
 def test_a_good_event_asks_for_the_run_of_its_order_and_key(key: str | None, run: str) -> None:
     payload = {"OrderId__c": ORDER_ID[:15], **({"IdemKey__c": key} if key is not None else {})}
     assert validate_event(_event(payload)) == RunId(ORDER_ID, run)
+
+
+def test_an_event_with_action_cancel_asks_for_the_orders_cancellation_with_its_reason() -> None:
+    asked = validate_event(
+        _event({"OrderId__c": ORDER_ID, "Action__c": "Cancel", "Reason__c": " payment reversed "})
+    )
+    assert asked == CancelRequest(ORDER_ID, "payment reversed")
+    plain = validate_event(_event({"OrderId__c": ORDER_ID, "Action__c": "cancel"}))
+    assert plain == CancelRequest(ORDER_ID, "cancelled in Salesforce")
+    provision = validate_event(_event({"OrderId__c": ORDER_ID, "IdemKey__c": "k", "Action__c": "provision"}))
+    assert provision == RunId(ORDER_ID, "k")

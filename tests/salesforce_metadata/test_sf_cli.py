@@ -91,7 +91,11 @@ def test_the_cli_converts_the_project_and_its_package_lists_every_component(tmp_
     ]
     assert {f"{row.sobject}.{row.field}" for row in doc_field_rows()} <= members["CustomField"]
     assert f"Order.{DEFAULT_ORDER_FIELD_NAMES['activation_status']}" in members["CustomField"]
-    assert members["Flow"] == {"Order_SetActivatingOnApproval", "Order_PublishProvisionRequest"}
+    assert members["Flow"] == {
+        "Order_SetActivatingOnApproval",
+        "Order_PublishProvisionRequest",
+        "Order_PublishCancelRequest",
+    }
     assert members["PermissionSet"] == {"Provisioning_Integration"}
     assert members["ExternalClientApplication"] == {"Provisioning_Service"}
     version = ET.parse(tmp_path / "mdapi" / "package.xml").getroot().findtext(PACKAGE_NS + "version")  # noqa: S314

@@ -164,6 +164,8 @@ def test_get_schema_answers_an_avro_record_shaped_like_salesforces(stub: Any, md
         "CreatedById": "string",
         "OrderId__c": ["null", "string"],
         "IdemKey__c": ["null", "string"],
+        "Action__c": ["null", "string"],
+        "Reason__c": ["null", "string"],
     }
     assert info.schema_id == schema_id
 

@@ -412,3 +412,36 @@ def test_credentials_are_random_unless_given_and_env_names_them() -> None:
         "WHMCS_IDENTIFIER": "id",
         "WHMCS_SECRET": "s3",
     }
+
+
+# -- cancelling: CancelOrder of a Pending order, ModuleTerminate of an accepted one's services ----------
+
+
+def test_cancel_order_cancels_a_pending_order_its_services_and_invoice_and_only_once(whmcs: Whmcs) -> None:
+    order_id = whmcs.add_order()["orderid"]
+    assert whmcs.api("CancelOrder", orderid=order_id, noemail="1") == {"result": "success"}
+    again = whmcs.api("CancelOrder", orderid=order_id)
+    assert again == {"result": "error", "message": "Order ID not found or Status not Pending"}
+    (order,) = whmcs.ok("GET", "orders")["orders"]
+    assert (order["status"], order["cancelled"]) == ("Cancelled", {"noemail": True})
+    assert {s["status"] for s in order["services"]} == {"Cancelled"}
+    assert {i["status"] for i in whmcs.ok("GET", "invoices")["invoices"]} == {"Cancelled"}
+
+
+def test_an_accepted_order_cannot_be_cancelled_and_its_services_are_terminated_once_each(
+    whmcs: Whmcs,
+) -> None:
+    added = whmcs.add_order(**{"pid[1]": "11", "qty[1]": "1"})
+    whmcs.api("AcceptOrder", orderid=added["orderid"])
+    refused = whmcs.api("CancelOrder", orderid=added["orderid"])
+    assert refused["message"] == "Order ID not found or Status not Pending"
+    service_ids = [int(s) for s in added["serviceids"].split(",")]
+    for service_id in service_ids:
+        assert whmcs.api("ModuleTerminate", serviceid=str(service_id)) == {"result": "success"}
+    repeat = whmcs.api("ModuleTerminate", serviceid=str(service_ids[0]))
+    assert repeat["message"] == "Module command failed: the service is Terminated, not Active or Suspended"
+    assert whmcs.api("ModuleTerminate", serviceid="999")["message"] == "Service ID not found"
+    assert whmcs.api("ModuleTerminate")["message"] == "Service ID is required"
+    assert whmcs.ok("GET", "terminations") == {"count": 2, "service_ids": service_ids}
+    (order,) = whmcs.ok("GET", "orders")["orders"]
+    assert {s["status"] for s in order["services"]} == {"Terminated"}

@@ -13,15 +13,27 @@
 -- ARGV[6]  the run id
 -- ARGV[7]  a marker to set on the Order unless it has it ('' for none): the step's stamp
 -- ARGV[8]  that marker's value
+-- ARGV[9]  '1' for a forward step (the step table's): the Order's cancellation ends its run here;
+--          '0' for a step of the cancellation itself (runs/cancellation.py)
+--
+-- The cancellation: once the Order's provisioning has 'cancel_at' (Orders.request_cancel, atomic), a
+-- forward step's claim of a run that has not ended answers 'cancelled' before anything else (before
+-- 'done', before the lease): no further effect of that run. The caller ends the run (end_run.lua,
+-- state 'cancelled'); should it die first, the run is still unfinished and its next claim says it again.
 --
 -- Returns one of:
---   {'ended', state}                   the run failed, joined, was superseded or skipped: stop
+--   {'ended', state}                   the run failed, joined, was superseded, skipped or cancelled: stop
+--   {'cancelled', state}               the Order was cancelled: end the run as cancelled, stop
 --   {'done', result JSON, state}       the step is done (for a run that has begun)
 --   {'busy'}                           another worker holds the Order's lease
 --   {'go', state, attempts, run fields, provisioning fields, snapshot or false}
 local state = redis.call('HGET', KEYS[1], 'state') or ''
-if state == 'failed' or state == 'joined' or state == 'superseded' or state == 'skipped' then
+if state == 'failed' or state == 'joined' or state == 'superseded' or state == 'skipped'
+   or state == 'cancelled' then
   return {'ended', state}
+end
+if ARGV[9] == '1' and state ~= 'done' and redis.call('HEXISTS', KEYS[2], 'cancel_at') == 1 then
+  return {'cancelled', state}
 end
 local holder = KEYS[1]
 if ARGV[2] == '1' then holder = KEYS[2] end

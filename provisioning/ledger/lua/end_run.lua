@@ -5,6 +5,8 @@
 --   skipped     it never acted (the Order was not Activating, or not found)
 --   joined      another run of the Order was in flight: that one provisions it
 --   superseded  it had failed, and a newer run of the Order continued its work
+--   cancelled   the Order was cancelled: a forward step's claim found it (claim_step.lua) and ended the
+--               run before any further effect; the cancellation's own run (done) cleans up after it
 --   failed      it stopped at a step: it joins the failed registry and the write-backs (the Order
 --               may not show Failed yet), and nothing of it expires until it is requeued or superseded
 -- Every ending leaves the unfinished runs and enters the operators' list of runs (trimmed to the

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from provisioning.ledger import Provisioning, RunRecord, RunState
-from provisioning.ops.status import describe_run, started_by
-from provisioning.runs.chain import CHAIN
+from provisioning.ops.status import describe_run, started_by, table_of
 
 
 @dataclass
@@ -23,8 +22,9 @@ def timeline(run: RunRecord, provisioning: Provisioning) -> list[TimelineEntry]:
     """A run's life in the chain's order: created (by whom), each step (its last error, then when it was
     done, with the result ids and this run's attempts), a requeue (by whom, from which failure), the end."""
     entries = [TimelineEntry(run.created_at, f"created by {started_by(run)}")]
-    for spec in CHAIN:
-        rec = CHAIN.record(run, provisioning, spec)
+    steps = table_of(run)  # the step table's, or the cancellation's
+    for spec in steps:
+        rec = steps.record(run, provisioning, spec)
         if rec.last_error:
             entries.append(TimelineEntry(None, f"{spec.name}: error", rec.last_error, "error"))
         if rec.done:

@@ -172,6 +172,8 @@ FRIENDLY_ORDER_KEYS = {
     "esim_iccid": "ESIM_ICCID__c",
     "activation_error": "Activation_Error__c",
     "activated_at": "Activated_At__c",
+    "esim_status": "ESIM_Status__c",
+    "esim_status_at": "ESIM_Status_At__c",
 }
 SEED_EXTRA_KEYS = (
     "whmcs_client_id",

@@ -1,4 +1,4 @@
-"""The operators' actions, requeue and resend, each on one path: a dry run, then the confirmation of
+"""The operators' actions, requeue, resend and cancel, each on one path: a dry run, then the confirmation of
 exactly what it showed.
 
 An :class:`Action` says what differs between the two (the form field, how an item is
@@ -18,7 +18,7 @@ from flask import Blueprint, Response, request, url_for
 from itsdangerous import BadSignature
 
 from provisioning.core.logs import get_logger
-from provisioning.ops.actions import Outcome, requeue, resend_email
+from provisioning.ops.actions import Outcome, cancel, requeue, resend_email
 from provisioning.ops.console.state import ConsoleState, console
 from provisioning.ops.console.web import Refused, actor, page, require_operator, user
 from provisioning.salesforce.ids import normalize_id
@@ -113,6 +113,69 @@ def resend_dry_run() -> Response:
 @bp.post("/emails/resend")
 def resend_emails() -> Response:
     return confirm(RESEND)
+
+
+# -- cancelling an Order: one Order, a reason, the same dry run and signed confirmation ---------------
+
+# The longest reason the form takes (the Order's field is 255 characters with what was undone).
+CANCEL_REASON_MAX_CHARS = 200
+
+
+def _cancel_input(order_id: str) -> tuple[str, str]:
+    oid = _order_id(order_id)
+    reason = request.form.get("reason", "").strip()
+    if not reason:
+        raise Refused("A cancellation needs a reason. Nothing was changed.")
+    if len(reason) > CANCEL_REASON_MAX_CHARS:
+        raise Refused(f"The reason is longer than {CANCEL_REASON_MAX_CHARS} characters. Nothing was changed.")
+    return oid, reason
+
+
+def _cancel_confirmed(oid: str, reason: str) -> dict[str, object]:
+    return {"action": "cancel", "items": [oid], "reason": reason, "user": user().name}
+
+
+@bp.post("/orders/<order_id>/cancel/dry-run")
+def cancel_dry_run(order_id: str) -> Response:
+    """What cancelling the Order would stop and undo, changing nothing, and the signed confirmation."""
+    require_operator("cancel Orders")
+    oid, reason = _cancel_input(order_id)
+    state = console()
+    outcome = cancel(state.services, state.publisher(), oid, reason=reason, dry_run=True, user=actor())
+    _log("cancel dry run", [oid], [outcome])
+    ready = [oid] if outcome.action == "would cancel" else []
+    return page(
+        "dry_run.html",
+        title=f"Cancel Order {oid}: dry run",
+        outcomes=[outcome],
+        ready=ready,
+        field="order_id",
+        extra={"reason": reason},
+        confirm_url=url_for("actions.cancel_order", order_id=oid),
+        cancel_url=url_for("pages.order", order_id=oid),
+        confirm_label="Cancel the Order and undo what it got",
+        confirmation=state.confirmations.dumps(_cancel_confirmed(oid, reason)) if ready else None,
+    )
+
+
+@bp.post("/orders/<order_id>/cancel")
+def cancel_order(order_id: str) -> Response:
+    """The cancellation for real, as exactly the dry run by this user showed it (the Order, the reason)."""
+    require_operator("cancel Orders")
+    oid, reason = _cancel_input(order_id)
+    try:
+        data = console().confirmations.loads(request.form.get("confirmation", ""), max_age=DRY_RUN_VALID_S)
+    except BadSignature:
+        data = None
+    if data != _cancel_confirmed(oid, reason):
+        raise Refused(
+            "This confirmation does not match a dry run of this cancellation by you in the last "
+            f"{DRY_RUN_VALID_S // 60} minutes: run the dry run again. Nothing was changed."
+        )
+    state = console()
+    outcome = cancel(state.services, state.publisher(), oid, reason=reason, dry_run=False, user=actor())
+    _log("cancel", [oid], [outcome])
+    return page("done.html", title=f"Cancel Order {oid}", outcomes=[outcome])
 
 
 def dry_run(action: Action) -> Response:

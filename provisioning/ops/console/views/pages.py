@@ -15,6 +15,7 @@ from provisioning.ops.console.web import Refused, page
 from provisioning.ops.status import (
     RunFilter,
     describe_effects,
+    describe_esim,
     describe_run,
     list_runs,
     order_status,
@@ -70,6 +71,7 @@ def order(order_id: str) -> Response:
         "order.html",
         order_id=oid,
         effects=describe_effects(state.provisioning),
+        esim=describe_esim(state.esim),
         email=mask_emails(email) if email else None,
         runs=[
             {
