@@ -464,10 +464,36 @@ class SentinelGroup:
         _poll(promoted, time.monotonic() + timeout_s, f"a failover away from {old[0]}:{old[1]}")
         return self.master()
 
-    def wait_for_replicas(self, count: int, timeout_s: float = GROUP_READY_TIMEOUT_S) -> None:
-        """Until the current master has ``count`` replicas online (an old primary back as a replica)."""
+    def wait_for_replicas(self, count: int, timeout_s: float = FAILOVER_TIMEOUT_S) -> None:
+        """Until the current master has ``count`` replicas online (an old primary back as a replica).
+
+        As long as a failover may take: the sentinels reconfigure a returning primary only once they
+        have seen it up again, and it then loads its AOF and resyncs in full, on a loaded machine too.
+        A timeout names each server's role and the master's view of its replicas.
+        """
         master = self.master()
-        _poll(lambda: _online_replicas(master) >= count, time.monotonic() + timeout_s, f"{count} replicas")
+        try:
+            _poll(
+                lambda: _online_replicas(master) >= count, time.monotonic() + timeout_s, f"{count} replicas"
+            )
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; {self._replication_view()}") from None
+
+    def _replication_view(self) -> str:
+        views = []
+        for server in self.servers:
+            client = server.client()
+            try:
+                info = client.info("replication")
+                slaves = {k: v for k, v in info.items() if k.startswith("slave") and k[5:].isdigit()}
+                views.append(
+                    f"{server.port}: {info.get('role')} {info.get('master_link_status', '')} {slaves}"
+                )
+            except redis.exceptions.RedisError as exc:
+                views.append(f"{server.port}: {type(exc).__name__}")
+            finally:
+                client.close()
+        return "; ".join(views)
 
     def _replicas_online(self) -> int:
         return _online_replicas(self.primary)

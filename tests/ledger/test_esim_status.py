@@ -96,6 +96,22 @@ def test_a_download_error_then_a_newer_success_and_the_reason_kept_only_while_in
     assert (retried.state, retried.reason) == (EsimState.DOWNLOADED, None)
 
 
+def test_a_download_error_stamped_before_our_release_still_puts_the_profile_in_error(
+    services: Services,
+) -> None:
+    # The SM-DP+'s clock stamps the notification, ours the release: a device that fails at once is
+    # notified before the eSIM step has recorded the release, so its timestamp is the older one.
+    store = services.ledger.esim_status
+    release(services)
+    released = store.get(ICCID)
+    assert released is not None
+    before_release_ms = int(released.released_at * 1000) - 5
+    store.note(ICCID, DOWNLOAD, before_release_ms, "Failed", EsimState.ERROR, "download failed")
+    failed = store.get(ICCID)
+    assert failed is not None
+    assert (failed.state, failed.reason) == (EsimState.ERROR, "download failed")
+
+
 def test_a_cancelled_profile_stays_cancelled_and_leaves_the_pending_list(services: Services) -> None:
     store = services.ledger.esim_status
     release(services)

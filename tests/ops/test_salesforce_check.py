@@ -67,8 +67,8 @@ def test_the_check_passes_against_the_sandbox_with_one_line_per_item(
     assert set(table) == expected_items()
     assert all(line.startswith("OK") for line in table.values()), out.stdout
     assert (
-        "Picklist (Pending, Activating, Activated, Failed) (SF_FIELD_ACTIVATION_STATUS), read and written"
-        in (table["field Order.Activation_Status__c"])
+        "Picklist (Pending, Activating, Activated, Failed, Cancelling, Cancelled) (SF_FIELD_ACTIVATION_STATUS),"
+        " read and written" in (table["field Order.Activation_Status__c"])
     )
     assert "daily API requests left (Sforce-Limit-Info: api-usage=" in table["api budget"]
     assert ("Pub/Sub GetTopic" if transport == "pubsub" else "CometD") in table[f"event {CHANNEL}"]

@@ -7,9 +7,11 @@
 -- The state machine (released -> downloaded -> installed, or error with the reason):
 --   a success moves the state forward only (rank released 0 < downloaded 1 < installed 2): a late
 --   'downloaded' after 'installed' changes nothing;
---   an error (any point whose status is Failed) applies when it is not older than the state it
---   replaces; a success after an error applies when it is not older than the error (a retried
---   download that worked);
+--   an error (any point whose status is Failed) applies over 'released' always, and over a notified
+--   state when it is not older than it; a success after an error applies when it is not older than
+--   the error (a retried download that worked). 'released' is stamped by our clock when the eSIM step
+--   records it, the notifications by the SM-DP+'s: a device may fail within milliseconds of the
+--   release, before the step has recorded it, so the two clocks are never compared;
 --   'cancelled' (the Order's cancellation cancelled the profile) is final.
 -- A change sets 'changed_at', queues the Order's write-back (the ICCID in the write-back zset, scored
 -- by the change) and moves the per-state counts; 'installed' and 'cancelled' leave the pending zset.
@@ -45,7 +47,7 @@ local rank = {released = 0, downloaded = 1, installed = 2}
 local apply = false
 if wanted ~= '' and state ~= 'cancelled' then
   if wanted == 'error' then
-    apply = ts >= state_ts and not (state == 'error' and redis.call('HGET', KEYS[1], 'reason') == ARGV[5])
+    apply = (state == 'released' or ts >= state_ts) and not (state == 'error' and redis.call('HGET', KEYS[1], 'reason') == ARGV[5])
   elseif state == 'error' then
     apply = ts >= state_ts
   else
