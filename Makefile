@@ -13,7 +13,7 @@ LATEST_VENV  ?= .venv-latest
 LINT_PATHS   := provisioning tasks celeryconfig.py bench
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock test test-fast test-latest lint system-packages salesforce-tools demo sandbox bench proto clean
+.PHONY: help install lock audit test test-fast test-latest lint system-packages salesforce-tools demo sandbox bench proto clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -34,6 +34,13 @@ lock: $(STAMP) ## Regenerate requirements/*.txt from setup.cfg's ranges: the new
 	$(BIN)/uv pip compile setup.cfg requirements/build.in --extra flower --extra console \
 	  --constraint $(LOCK_DEV) --universal --python-version 3.11 --generate-hashes --quiet -o $(LOCK_RUNTIME)
 	@echo "Locked. Review 'git diff requirements/', then make install test lint test-latest."
+
+# pip-audit (pinned in the lock) on the locked set, hashes required; exits 2 naming the vulnerability
+# service when this machine cannot reach it (docs/operations.md, "Dependency audit").
+AUDIT_SERVICE ?= pypi
+
+audit: $(STAMP) ## pip-audit on requirements/*.txt: fails on a known vulnerability with a fix (AUDIT_SERVICE=pypi|osv)
+	$(BIN)/python .ci/audit.py --service $(AUDIT_SERVICE)
 
 system-packages: ## Debian's prometheus and chromium, which the monitoring and console tests run (apt, when missing)
 	@.ci/system-packages

@@ -131,6 +131,8 @@ WORKER_EVENTS = (
     "step_lease_busy",
     "step_stopped_run_ended",
     "run_failed",
+    "failure_writeback_retry",
+    "failure_writeback_written",
     "order_writeback_failed",
     "salesforce_session_expired",
 )

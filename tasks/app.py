@@ -18,8 +18,8 @@ from provisioning.core.settings import Settings, load_settings
 from provisioning.runs.chain import CHAIN, Chain
 from provisioning.runs.lifecycle import RunFailed
 
-# The step tasks (tasks/steps.py registers one per row of the step table).
-TASK_MODULES: tuple[str, ...] = ("tasks.steps",)
+# The step tasks (tasks/steps.py registers one per row of the step table) and the failure write-back's.
+TASK_MODULES: tuple[str, ...] = ("tasks.steps", "tasks.writeback")
 
 
 class ProvisioningCelery(Celery):

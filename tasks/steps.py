@@ -16,7 +16,9 @@ How each outcome of a step becomes Celery's:
   reach, the system's rate limit or circuit breaker): a retry of this task, with the
   countdown the retry policy chose;
 - the run ended before (:class:`RunEnded`): a result that says so, and no next step;
-- failed (:class:`RunFailed`): a failed task, the step and the reason in its error.
+- failed (:class:`RunFailed`): a failed task, the step and the reason in its error; if Salesforce
+  refused to record the failure on the Order for now, the write-back's task
+  (``provisioning.write_failure_on_order``, ``tasks/writeback.py``) is sent first, with its countdown.
 
 Every step task is idempotent: a step is claimed and ended in the ledger, so a
 redelivered message, a retry or a requeue finds it done and only sends the next.
@@ -34,8 +36,8 @@ from provisioning.core.retry import Wait
 from provisioning.core.run_id import RunId
 from provisioning.runs import lifecycle
 from provisioning.runs.chain import CHAIN
-from provisioning.runs.lifecycle import RunEnded
-from provisioning.runs.publishing import publish_step
+from provisioning.runs.lifecycle import RunEnded, RunFailed
+from provisioning.runs.publishing import publish_failure_writeback, publish_step
 from provisioning.step.spec import StepSpec
 from tasks.app import ProvisioningTask
 
@@ -66,6 +68,11 @@ def run(task: ProvisioningTask, run_id: str, spec: StepSpec) -> dict[str, Any]:
         ) from None
     except RunEnded as exc:
         return exc.result
+    except RunFailed as exc:
+        if exc.writeback_in_s is not None:
+            # Should this send fail, the run is still in the ledger's write-backs: the reconciler has it.
+            publish_failure_writeback(app, rid, exc.writeback_in_s)
+        raise
     if done.next_step is None:
         return done.result
     publish_step(app, rid, done.next_step)

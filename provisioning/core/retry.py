@@ -17,11 +17,18 @@ cause                     wait                                         spends bu
 ``RATE_LIMITED``          until the system's next free call, spread    no
                           over the others waiting for one
 ``BREAKER_OPEN``          until the system's circuit lets a probe in   no
+``WRITEBACK_REFUSED``     a failed run's write of Failed on the Order  yes (its own:
+                          refused: exponential from                    FAILURE_WRITE-
+                          FAILURE_WRITEBACK_BACKOFF_S, capped at       BACK_TRIES)
+                          FAILURE_WRITEBACK_BACKOFF_MAX_S
 ========================  ===========================================  ==============
 
 "Spends budget": the wait follows a try that counted against the step's retries
 (TASK_MAX_RETRIES, in the ledger); the others wait for something that is not the
-step's fault, and a step may wait for them as often as it must.
+step's fault, and a step may wait for them as often as it must. A refused failure
+write has a short schedule of its own (``provisioning.runs.writeback``): its waits
+are short (the Order should show the failure within a minute) and its tries few,
+after which the reconciler's sweep takes it over.
 """
 
 from __future__ import annotations
@@ -59,10 +66,11 @@ class Cause(StrEnum):
     LEDGER_DOWN = "ledger_down"
     RATE_LIMITED = "rate_limited"
     BREAKER_OPEN = "breaker_open"
+    WRITEBACK_REFUSED = "writeback_refused"
 
     @property
     def spends_budget(self) -> bool:
-        return self is Cause.TRANSIENT
+        return self in (Cause.TRANSIENT, Cause.WRITEBACK_REFUSED)
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,9 @@ class RetryPolicy:
     # No wait is shorter (what the broker can take).
     min_wait_s: float = 0.0
     rng: random.Random | None = None
+    # A refused failure write (WRITEBACK_REFUSED): the first wait's ceiling and the cap of every one.
+    writeback_base_s: float = 2.0
+    writeback_cap_s: float = 16.0
 
     @classmethod
     def from_settings(cls, settings: Settings, rng: random.Random | None = None) -> RetryPolicy:
@@ -84,6 +95,8 @@ class RetryPolicy:
             max_wait_s=max_wait,
             min_wait_s=RABBITMQ_MIN_WAIT_S if settings.broker_is_rabbitmq else 0.0,
             rng=rng,
+            writeback_base_s=settings.failure_writeback_backoff_s,
+            writeback_cap_s=min(settings.failure_writeback_backoff_max_s, max_wait),
         )
 
     def wait_s(
@@ -91,7 +104,8 @@ class RetryPolicy:
     ) -> float:
         """Seconds to wait before the next try.
 
-        ``attempts``: the step's tries so far that spent budget (TRANSIENT); ``known_s``: how long
+        ``attempts``: the tries so far that spent budget (TRANSIENT: the step's; WRITEBACK_REFUSED: the
+        failure write's, the first one included); ``known_s``: how long
         the cause is known to last (RATE_LIMITED, BREAKER_OPEN); ``spread_s``: over how long the
         others waiting for the same thing should be spread (RATE_LIMITED).
         """
@@ -99,6 +113,10 @@ class RetryPolicy:
         if cause is Cause.TRANSIENT:
             wait = backoff_s(
                 max(attempts - 1, 0), base_s=self.transient_base_s, cap_s=self.transient_cap_s, rng=rng
+            )
+        elif cause is Cause.WRITEBACK_REFUSED:
+            wait = backoff_s(
+                max(attempts - 1, 0), base_s=self.writeback_base_s, cap_s=self.writeback_cap_s, rng=rng
             )
         elif cause is Cause.LEASE_BUSY:
             wait = LEASE_BUSY_BASE_S + backoff_s(

@@ -267,6 +267,20 @@ class Settings(BaseSettings):
     task_retry_backoff_max_s: float = Field(
         300.0, gt=0, description="Cap of one retry delay (kept below the visibility timeout)."
     )
+    failure_writeback_tries: int = Field(
+        6,
+        ge=1,
+        description="Tries of a failed run's write of Failed on the Order before it is left to the reconciler "
+        "(the first right away, the others by the write_failure_on_order task).",
+    )
+    failure_writeback_backoff_s: float = Field(
+        2.0,
+        gt=0,
+        description="First wait before a refused failure write is tried again; doubles, full jitter.",
+    )
+    failure_writeback_backoff_max_s: float = Field(
+        16.0, gt=0, description="Cap of one wait between failure write tries (6 tries: at most 46 s in all)."
+    )
 
     # -- protecting the external systems ------------------------------------------------------
     rate_limit_salesforce: RateText = Field(

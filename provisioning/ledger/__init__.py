@@ -133,7 +133,7 @@ class Ledger:
         self.leases = Leases(redis, keys, lease_ttl_s)
         self.orders = Orders(redis, keys, retention_s)
         self.runs = Runs(redis, keys, scripts, self.metrics, self.leases, self.orders, retention_s)
-        self.registries = Registries(redis, keys, self.runs)
+        self.registries = Registries(redis, keys, self.runs, self.metrics)
         self.listener = ListenerStore(redis, keys)
         self.inventory = EsimInventory(redis, keys, scripts, replicas)
         self.limits = Limits(redis, keys, scripts)

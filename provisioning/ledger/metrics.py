@@ -48,6 +48,18 @@ class ReconcilerAction(StrEnum):
     BACKFILL_SKIPPED = "backfill_skipped"
 
 
+class FailureWriteback(StrEnum):
+    """What became of one try of a failed run's write of Failed on the Order (the worker's, not the
+    reconciler's)."""
+
+    # The Order shows the failure (first try or a retry).
+    WRITTEN = "written"
+    # Refused for now (Salesforce down, 503, rate-limited): tried again in a few seconds.
+    RETRIED = "retried"
+    # The short schedule is over (its tries spent, or a permanent refusal): the reconciler's sweep has it.
+    GIVEN_UP = "given_up"
+
+
 @dataclass(frozen=True)
 class HistogramSpec:
     name: str
@@ -96,6 +108,9 @@ STEP_WAITS = "step_waits"
 ESIM_NOTIFICATIONS = "esim_notifications"
 # The Orders' cancellations' compensations, by step and outcome (undone, nothing, manual).
 COMPENSATIONS = "compensations"
+# A failed run's write of Failed on the Order by the worker (the first try and the short schedule of
+# provisioning.runs.writeback), by outcome (FailureWriteback); the reconciler's: RECONCILER_ACTIONS.
+FAILURE_WRITEBACKS = "failure_writebacks"
 
 
 @dataclass(frozen=True)
@@ -220,6 +235,10 @@ class RunMetrics:
         self.observe(pipe, STEP_RETRIES, observed.step, observed.attempts - 1)
         if observed.activated_after_s is not None:
             self.observe(pipe, ACTIVATION_LATENCY, observed.origin, observed.activated_after_s)
+
+    def failure_writeback(self, pipe: Writer | None, outcome: FailureWriteback) -> None:
+        """One try of a failure's write on the Order (``pipe`` None: sent alone, one round trip)."""
+        self.count(pipe if pipe is not None else self._client, FAILURE_WRITEBACKS, outcome=outcome.value)
 
     def reconciler_action(self, pipe: Writer, action: ReconcilerAction, n: int) -> None:
         if n:

@@ -17,6 +17,7 @@ import redis
 
 from provisioning.core.run_id import RunId
 from provisioning.ledger.keys import Keys
+from provisioning.ledger.metrics import FailureWriteback, RunMetrics
 from provisioning.ledger.records import RunRecord, text
 from provisioning.ledger.runs import Runs
 
@@ -39,10 +40,11 @@ class Sizes:
 
 
 class Registries:
-    def __init__(self, client: redis.Redis, keys: Keys, runs: Runs) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, runs: Runs, metrics: RunMetrics) -> None:
         self._redis = client
         self._keys = keys
         self._runs = runs
+        self._metrics = metrics
 
     # -- failed runs and their write-backs --------------------------------------------------------
     def failed(self, since: float | None = None) -> list[RunRecord]:
@@ -58,9 +60,17 @@ class Registries:
     def awaiting_writeback(self, run_id: RunId) -> bool:
         return self._redis.zscore(self._keys.writeback, str(run_id)) is not None
 
-    def writeback_done(self, run_id: RunId) -> None:
-        """The Order shows the run's failure (or no longer needs to)."""
-        self._redis.zrem(self._keys.writeback, str(run_id))
+    def writeback_done(self, run_id: RunId, *, written: bool = False) -> None:
+        """The Order shows the run's failure (or no longer needs to).
+
+        ``written``: a worker just wrote it (counted as ``failure_writebacks{outcome="written"}``, in the
+        same round trip); the reconciler counts its own.
+        """
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zrem(self._keys.writeback, str(run_id))
+        if written:
+            self._metrics.failure_writeback(pipe, FailureWriteback.WRITTEN)
+        pipe.execute()
 
     # -- unfinished runs ---------------------------------------------------------------------------
     def stale(self, idle_s: float, limit: int = 500) -> list[RunId]:

@@ -39,6 +39,7 @@ from provisioning.ledger.metrics import (
     ACTIVATION_LATENCY,
     COMPENSATIONS,
     ESIM_NOTIFICATIONS,
+    FAILURE_WRITEBACKS,
     HISTOGRAMS,
     RECONCILER_ACTIONS,
     RUNS_ENDED,
@@ -47,6 +48,7 @@ from provisioning.ledger.metrics import (
     RUNS_STARTED,
     STEP_WAITS,
     FailureCause,
+    FailureWriteback,
     ReconcilerAction,
     Snapshot,
 )
@@ -197,8 +199,17 @@ class LedgerCollector(Collector):
         )
         yield gauge(
             "provisioning_failure_writebacks_pending",
-            "Failed runs whose Order may not show Failed yet (the reconciler writes it)",
+            "Failed runs whose Order may not show Failed yet (the write-back's short schedule, then the "
+            "reconciler, write it)",
             data["writebacks"] if data else None,
+        )
+        yield counter(
+            "provisioning_failure_writebacks",
+            "Tries of a failed run's write of Failed on the Order by the workers, by outcome: written, retried "
+            "(refused for now, tried again in seconds), given_up (left to the reconciler)",
+            FAILURE_WRITEBACKS,
+            ["outcome"],
+            [(o.value,) for o in FailureWriteback],
         )
         yield gauge(
             "provisioning_quarantined_events",

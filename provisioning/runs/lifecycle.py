@@ -47,13 +47,14 @@ from redis.exceptions import LockError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from provisioning.core.backoff import retrying_transient
-from provisioning.core.errors import PermanentError, TransientError
+from provisioning.core.errors import PermanentError, PicklableError, TransientError
 from provisioning.core.logs import get_logger
 from provisioning.core.retry import Cause, Wait
 from provisioning.core.run_id import RunId
 from provisioning.email.steps import OUTBOX_MARKER
 from provisioning.ledger import BEGIN, ClaimStatus, Provisioning, Recorded, RunRecord, RunState
 from provisioning.ledger.metrics import FailureCause, StepObservation, observe_step
+from provisioning.runs import writeback
 from provisioning.runs.chain import Chain
 from provisioning.runs.services import Services
 from provisioning.salesforce.errors import OrderNotFound
@@ -88,8 +89,16 @@ class RunEnded(Exception):
         self.result = result
 
 
-class RunFailed(Exception):
-    """The run ended at this step; the reason is on the Order and in the ledger (an expected failure)."""
+class RunFailed(PicklableError):
+    """The run ended at this step; the reason is on the Order and in the ledger (an expected failure).
+
+    ``writeback_in_s``: Salesforce refused to record the failure on the Order for now; the caller
+    sends the write-back's next try (``provisioning.write_failure_on_order``) after that many seconds.
+    """
+
+    def __init__(self, reason: str, *, writeback_in_s: float | None = None) -> None:
+        super().__init__(reason)
+        self.writeback_in_s = writeback_in_s
 
 
 @dataclass(frozen=True)
@@ -318,18 +327,18 @@ def _begin(services: Services, run_id: RunId, provisioning: Provisioning, spec: 
             raise Wait(
                 Cause.TRANSIENT, services.retry.wait_s(Cause.TRANSIENT, attempts=attempts), str(exc)
             ) from exc
-        fail_run(
+        again = fail_run(
             services,
             run_id,
             BEGIN,
             f"gave up reading the Order after {attempts} attempts: {exc}",
             cause=FailureCause.TRANSIENT_EXHAUSTED,
         )
-        raise RunFailed(f"{BEGIN}: {exc}") from None
+        raise RunFailed(f"{BEGIN}: {exc}", writeback_in_s=again) from None
     except PermanentError as exc:
         services.protection.called(System.SALESFORCE, admission, exc)
-        fail_run(services, run_id, BEGIN, str(exc))
-        raise RunFailed(f"{BEGIN}: {exc}") from None
+        again = fail_run(services, run_id, BEGIN, str(exc))
+        raise RunFailed(f"{BEGIN}: {exc}", writeback_in_s=again) from None
     if order.activation_status != ACTIVATING:
         reason = f"skipped: the Order is {order.activation_status!r}, not {ACTIVATING!r}: nothing to do"
         ledger.runs.skip(run_id, reason)
@@ -397,8 +406,8 @@ def _terminal(
         email_undelivered(services, run.run_id, reason)
         services.ledger.runs.finish(run.run_id, note=f"done; the welcome e-mail was not delivered: {reason}")
         return StepDone(WelcomeEmail(delivery="refused").to_json(), None)
-    fail_run(services, run.run_id, spec.name, reason, cause=cause, observed=observed)
-    raise RunFailed(f"{spec.name}: {reason}")
+    again = fail_run(services, run.run_id, spec.name, reason, cause=cause, observed=observed)
+    raise RunFailed(f"{spec.name}: {reason}", writeback_in_s=again)
 
 
 # -- ending badly --------------------------------------------------------------------------------
@@ -412,22 +421,18 @@ def fail_run(
     *,
     cause: FailureCause = FailureCause.PERMANENT,
     observed: StepObservation | None = None,
-) -> None:
-    """Terminal failure: ledger first (the operators' record), then the Order shows Failed.
+) -> float | None:
+    """Terminal failure: ledger first (the operators' record, and the write-back set), then the Order
+    shows Failed: one PATCH now (:func:`provisioning.runs.writeback.first_try`).
 
-    Should the write-back not happen (Salesforce keeps refusing, or the worker dies first),
-    the run stays in the ledger's write-backs and the reconciler writes it later.
+    Returns None when that is done with, or the countdown to the write's next try when Salesforce
+    refused it for now (the caller sends ``provisioning.write_failure_on_order``). Should the write
+    never happen (the tries spent, or the worker dead first), the run stays in the ledger's
+    write-backs and the reconciler writes it later.
     """
     services.ledger.runs.fail(run_id, step, reason, cause=cause, observed=observed)
     log.warning("run_failed", run_id=str(run_id), order_id=run_id.order_id, step=step, reason=reason)
-    if write_order(services, run_id.order_id, failure_fields(services, step, reason), what="failure"):
-        services.ledger.registries.writeback_done(run_id)
-
-
-def failure_fields(services: Services, step: str, reason: str) -> dict[str, object]:
-    return services.salesforce.field_names.patch(
-        activation_status="Failed", activation_error=f"{step}: {reason}"
-    )
+    return writeback.first_try(services, run_id, step, reason)
 
 
 def email_undelivered(services: Services, run_id: RunId, reason: str) -> None:

@@ -17,6 +17,7 @@ from provisioning.core.run_id import RunId
 from provisioning.core.settings import Settings
 from provisioning.ledger import BEGIN
 from provisioning.runs.chain import CHAIN
+from provisioning.runs.writeback import WRITE_FAILURE_TASK
 from provisioning.step.spec import StepSpec
 
 # Messages buffered (Redis) or awaiting their confirms (RabbitMQ) before a batch is flushed early.
@@ -67,3 +68,13 @@ def publish_runs(app: Celery, run_ids: list[RunId]) -> None:
 def resume(app: Celery, run_id: RunId | str, step: str) -> None:
     """Send the run on from ``step``: from the start (BEGIN: a run not begun), or that step."""
     publish_step(app, run_id, CHAIN.first if step == BEGIN else CHAIN[step])
+
+
+def publish_failure_writeback(app: Celery, run_id: RunId | str, countdown: float) -> str:
+    """Send the next try of writing a failed run's failure on its Order, ``countdown`` seconds from now
+    (``provisioning.runs.writeback``). Sent from the step's task, it is that task's child in Flower."""
+    text = str(run_id)
+    result = app.send_task(
+        WRITE_FAILURE_TASK, args=(text,), argsrepr=repr((text,)), kwargsrepr="{}", countdown=countdown
+    )
+    return str(result.id)

@@ -29,9 +29,9 @@ from provisioning.core.run_id import RunId
 from provisioning.ledger import BEGIN, Origin, RunState
 from provisioning.ledger.metrics import ReconcilerAction
 from provisioning.runs import cancellation
-from provisioning.runs.lifecycle import failure_fields
 from provisioning.runs.publishing import publish_run, resume
 from provisioning.runs.services import Services
+from provisioning.runs.writeback import failure_fields
 
 log = get_logger(__name__)
 
@@ -75,6 +75,9 @@ def repair_failure_writebacks(services: Services, idle_s: float) -> list[RunId]:
         # with this run's failure after it has started.
         with ledger.leases.holding(run_id.order_id) as lease:
             if lease is None:
+                continue
+            # Checked again under the lease: the worker's short schedule may have written it meanwhile.
+            if not ledger.registries.awaiting_writeback(run_id):
                 continue
             run = ledger.runs.get(run_id)
             if run is None or run.state is not RunState.FAILED:

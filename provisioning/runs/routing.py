@@ -4,7 +4,8 @@
 ``{"activate_esim": "esim"}`` sends that step's tasks there; ``{"whmcs": "whmcs"}``
 every step that calls WHMCS (a step named on its own wins over its system). A
 worker for that queue alone runs with ``-Q esim``; the others leave it out with
-``-X esim`` (a worker without either consumes every queue). Unknown names are
+``-X esim`` (a worker without either consumes every queue). The failure write-back's task
+(``provisioning.write_failure_on_order``) follows the ``salesforce`` system's queue. Unknown names are
 refused at start, naming what the table has.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from provisioning.runs.chain import CHAIN, Chain
+from provisioning.runs.writeback import WRITE_FAILURE_TASK
 from provisioning.step.spec import System
 
 
@@ -30,4 +32,8 @@ def step_queues(queues: Mapping[str, str], chain: Chain = CHAIN) -> dict[str, st
         queue = queues.get(spec.name) or queues.get(spec.system.value)
         if queue:
             routes[spec.task_name] = queue
+    # The failure write-back's task (a Salesforce PATCH) goes where Salesforce's steps go.
+    salesforce = queues.get(System.SALESFORCE.value)
+    if salesforce:
+        routes[WRITE_FAILURE_TASK] = salesforce
     return routes

@@ -14,11 +14,18 @@ def _status(sandbox, order_id):
 def test_a_failure_salesforce_refused_to_record_is_written_on_the_order_by_the_reconciler(
     sandbox, stack_settings, services, workers, listeners
 ):
+    # The worker's short schedule (two tries here) gives up first; then the reconciler has the run.
     settings = stack_settings.model_copy(
-        update={"listener_lock_ttl_s": 3, "reconcile_interval_s": 1, "reconcile_idle_s": 2}
+        update={
+            "listener_lock_ttl_s": 3,
+            "reconcile_interval_s": 1,
+            "reconcile_idle_s": 2,
+            "failure_writeback_tries": 2,
+            "failure_writeback_backoff_s": 0.2,
+        }
     )
     (order,) = seed_orders(sandbox, services.inventory, count=1, esim_share=0.0, without_pay_method=1)
-    # Every PATCH of the Order fails while the run fails: its write-back gives up.
+    # Every PATCH of the Order fails while the run fails: its write-back's schedule gives up.
     sandbox.admin("salesforce").post("/__admin/faults", {"error_rate": 1.0, "operations": ["order_patch"]})
     worker = workers(settings, concurrency=2)
     listeners(settings)

@@ -38,7 +38,7 @@ from provisioning.esim.errors import (
 )
 from provisioning.ledger.inventory import InventoryEmpty
 from provisioning.ops.console.web import Refused
-from provisioning.runs.lifecycle import RunEnded
+from provisioning.runs.lifecycle import RunEnded, RunFailed
 from provisioning.salesforce.auth import AccessToken
 from provisioning.salesforce.client import _SessionExpired
 from provisioning.salesforce.errors import SalesforceError
@@ -86,6 +86,7 @@ SAMPLES: dict[type[BaseException], Build] = {
     whmcs_simulator.ApiError: lambda cls: cls("Invoice ID Not Found", key="status"),
     Wait: lambda cls: cls(Cause.LEASE_BUSY, 2.0, "another worker holds the Order's lease"),
     RunEnded: lambda cls: cls({"joined": "801Dn0000HeJ6rrIQC:approval-1"}),
+    RunFailed: lambda cls: cls("validate_payment: no valid payment method", writeback_in_s=1.5),
     sf_model.ApiError: lambda cls: cls(400, "MALFORMED_ID", "bad id", ["Id"]),
     sf_auth.OAuthError: lambda cls: cls("invalid_grant", "audience is invalid"),
     sf_pubsub._Abort: lambda cls: cls(
