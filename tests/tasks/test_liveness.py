@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from provisioning.ledger import RunState
 from provisioning.runs.publishing import make_publisher, publish_run
 from provisioning.sandbox.processes import start_worker
@@ -60,12 +62,9 @@ def _calls(sandbox, sim, operation):
     return sandbox.admin(sim).get("/__admin/calls")["calls"].get(operation, 0)
 
 
-def test_a_frozen_worker_fails_its_probe_within_the_window_and_a_replacement_finishes_its_runs_once(
-    sandbox, stack_settings, services, workers
-):
-    settings = _liveness(stack_settings)
+def _start_slow_runs(sandbox, settings, services, workers):
+    """Six runs whose eSIM and WHMCS calls are slow, with some inside those calls; and their worker."""
     orders = seed_orders(sandbox, services.inventory, count=6, esim_share=0.5, seed=28)
-    # Slow effects, so that the freeze lands inside them.
     for sim, operation in (("smdp", "downloadOrder"), ("whmcs", "AddOrder")):
         sandbox.admin(sim).post("/__admin/faults", {"latency_ms": SLOW_CALL_MS, "operations": [operation]})
     victim = workers(settings, name="victim", concurrency=4)
@@ -76,38 +75,29 @@ def test_a_frozen_worker_fails_its_probe_within_the_window_and_a_replacement_fin
     alive = _probe(settings, _node("victim"))
     assert alive.returncode == 0, alive.stderr
     assert "tasks running" in alive.stdout
+    return orders, victim
 
+
+def _freeze_until_the_probe_fails(settings, services, victim, orders) -> tuple[float, int]:
+    """SIGSTOP the worker; the seconds until its probe failed, and how many runs were unfinished."""
     os.kill(victim.pid, signal.SIGSTOP)
     frozen_at = time.monotonic()
-    try:
-        in_flight = [o for o in orders if _state(services, o.run_id) is not RunState.DONE]
-        assert in_flight, "every run ended before the freeze"
-        while (answer := _probe(settings, _node("victim"))).returncode == 0:
-            assert time.monotonic() - frozen_at < WINDOW_S + PROBE_SLACK_S, answer.stdout
-            time.sleep(0.2)
-        detected_s = time.monotonic() - frozen_at
-        assert answer.returncode == 1
-        assert f"window {WINDOW_S:g} s" in answer.stderr
-        assert "frozen, blocked, or without its broker" in answer.stderr
-        # Not before its window: the last heartbeat was at most one interval before the freeze.
-        assert detected_s >= WINDOW_S - INTERVAL_S
-        assert detected_s <= WINDOW_S + PROBE_SLACK_S
+    unfinished = sum(1 for o in orders if _state(services, o.run_id) is not RunState.DONE)
+    assert unfinished, "every run ended before the freeze"
+    while (answer := _probe(settings, _node("victim"))).returncode == 0:
+        assert time.monotonic() - frozen_at < WINDOW_S + PROBE_SLACK_S, answer.stdout
+        time.sleep(0.2)
+    detected_s = time.monotonic() - frozen_at
+    assert answer.returncode == 1
+    assert f"window {WINDOW_S:g} s" in answer.stderr
+    assert "frozen, blocked, or without its broker" in answer.stderr
+    # Not before its window: the last heartbeat was at most one interval before the freeze.
+    assert detected_s >= WINDOW_S - INTERVAL_S
+    assert detected_s <= WINDOW_S + PROBE_SLACK_S
+    return detected_s, unfinished
 
-        # The supervisor's answer: a replacement, while the frozen one still holds its messages.
-        for sim in ("smdp", "whmcs"):
-            sandbox.admin(sim).post("/__admin/faults", {})
-        replaced_at = time.monotonic()
-        workers(settings, name="replacement", concurrency=4)
-        wait_for(lambda: all(_state(services, o.run_id) is RunState.DONE for o in orders), timeout_s=180)
-        recovered_s = time.monotonic() - replaced_at
-        assert victim.alive(), "the frozen worker went away on its own"
-    finally:
-        # systemd's stop of a unit: SIGTERM, then SIGCONT so that a stopped process receives it.
-        os.kill(victim.pid, signal.SIGTERM)
-        os.kill(victim.pid, signal.SIGCONT)
-        victim.stop()
-    # What the woken worker's threads did after their calls came back is part of "once".
-    time.sleep(2)
+
+def _assert_each_effect_once(sandbox, services, orders) -> None:
     effects = effects_by_order(sandbox)
     problems = {o.order_id: effects[o.order_id].problems() for o in orders}
     assert all(not p for p in problems.values()), problems
@@ -120,11 +110,71 @@ def test_a_frozen_worker_fails_its_probe_within_the_window_and_a_replacement_fin
     assert totals.duplicate_whmcs_orders == 0
     assert totals.esim_reserved_unconfirmed == 0
     assert services.inventory.stock().claimed == 0
+
+
+def _report(broker: str, detected_s: float, recovered_s: float, unfinished: int) -> None:
     print(
-        f"\nliveness: detected {detected_s:.1f} s after SIGSTOP (window {WINDOW_S:g} s, interval {INTERVAL_S:g} s);"
-        f" runs done {recovered_s:.1f} s after the replacement was started; {len(in_flight)} runs in flight;"
-        f" load {os.getloadavg()[0]:.2f}"
+        f"\nliveness ({broker}): probe failed {detected_s:.1f} s after SIGSTOP (window {WINDOW_S:g} s, "
+        f"interval {INTERVAL_S:g} s); every run done {recovered_s:.1f} s after the replacement started; "
+        f"{unfinished} of 6 runs unfinished at the freeze; load {os.getloadavg()[0]:.2f}"
     )
+
+
+def _clear_faults(sandbox) -> None:
+    for sim in ("smdp", "whmcs"):
+        sandbox.admin(sim).post("/__admin/faults", {})
+
+
+def test_a_frozen_worker_fails_its_probe_within_the_window_and_a_replacement_finishes_its_runs_once(
+    sandbox, stack_settings, services, workers
+):
+    settings = _liveness(stack_settings)
+    orders, victim = _start_slow_runs(sandbox, settings, services, workers)
+    try:
+        detected_s, unfinished = _freeze_until_the_probe_fails(settings, services, victim, orders)
+        # The supervisor's answer: a replacement, while the frozen one still holds its messages (on
+        # Redis they come back after CELERY_VISIBILITY_TIMEOUT_S, its leases after RUN_LEASE_TTL_S).
+        _clear_faults(sandbox)
+        replaced_at = time.monotonic()
+        workers(settings, name="replacement", concurrency=4)
+        wait_for(lambda: all(_state(services, o.run_id) is RunState.DONE for o in orders), timeout_s=180)
+        recovered_s = time.monotonic() - replaced_at
+        assert victim.alive(), "the frozen worker went away on its own"
+    finally:
+        # systemd's stop of a unit: SIGTERM, then SIGCONT so that a stopped process receives it. The
+        # frozen worker wakes up with its calls answered long ago and shuts down warm.
+        os.kill(victim.pid, signal.SIGTERM)
+        os.kill(victim.pid, signal.SIGCONT)
+        victim.stop()
+    # What the woken worker's threads did after their calls came back is part of "once".
+    time.sleep(2)
+    _assert_each_effect_once(sandbox, services, orders)
+    _report("redis", detected_s, recovered_s, unfinished)
+
+
+@pytest.mark.rabbitmq
+def test_on_rabbitmq_a_frozen_worker_fails_its_probe_and_once_killed_a_replacement_finishes_its_runs_once(
+    sandbox, rabbit_settings, services, workers
+):
+    settings = _liveness(rabbit_settings)
+    orders, victim = _start_slow_runs(sandbox, settings, services, workers)
+    try:
+        detected_s, unfinished = _freeze_until_the_probe_fails(settings, services, victim, orders)
+        # A frozen consumer keeps its connection, and RabbitMQ its unacknowledged messages, until the
+        # connection closes: the supervisor's kill (Kubernetes: SIGTERM stays pending in a stopped
+        # process, SIGKILL after the grace period) is what hands them back, at once.
+        _clear_faults(sandbox)
+        victim.kill()
+        replaced_at = time.monotonic()
+        workers(settings, name="replacement", concurrency=4)
+        wait_for(lambda: all(_state(services, o.run_id) is RunState.DONE for o in orders), timeout_s=180)
+        recovered_s = time.monotonic() - replaced_at
+    finally:
+        victim.kill()
+        if victim.proc is not None and victim.proc.returncode is None:
+            os.kill(victim.pid, signal.SIGCONT)
+    _assert_each_effect_once(sandbox, services, orders)
+    _report("rabbitmq", detected_s, recovered_s, unfinished)
 
 
 def test_a_worker_whose_task_outlives_its_time_limit_fails_its_probe_naming_the_task(settings, tmp_path):
