@@ -56,6 +56,7 @@ def _add_commands() -> None:
     from provisioning.ops.esim_commands import esim
     from provisioning.ops.exporter import metrics
     from provisioning.ops.salesforce_commands import salesforce
+    from provisioning.ops.worker_commands import worker
     from provisioning.sandbox import missing_sandbox_packages
     from provisioning.sandbox.cli import needs_sandbox_extra, sandbox
 
@@ -82,6 +83,7 @@ def _add_commands() -> None:
         console,
         esim,
         salesforce,
+        worker,
         demo,
     ):
         main.add_command(command)

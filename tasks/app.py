@@ -17,6 +17,7 @@ from provisioning.core.logs import bind_run, configure_logging, unbind_run
 from provisioning.core.settings import Settings, load_settings
 from provisioning.runs.chain import CHAIN, Chain
 from provisioning.runs.lifecycle import RunFailed
+from tasks.liveness import Liveness
 
 # The step tasks (tasks/steps.py registers one per row of the step table) and the failure write-back's.
 TASK_MODULES: tuple[str, ...] = ("tasks.steps", "tasks.writeback")
@@ -89,6 +90,8 @@ def create_app(settings: Settings | None = None, chain: Chain = CHAIN) -> Provis
         # Connections must not be shared across a fork.
         app.reset_services()
 
+    # The liveness heartbeat `provisioning worker probe` reads (tasks/liveness.py).
+    app.steps["consumer"].add(Liveness)
     register_diagnostics(app)
     return app
 

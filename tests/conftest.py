@@ -53,6 +53,8 @@ def settings(namespace: str, tmp_path: Path) -> Settings:
         ledger_prefix=namespace,
         celery_queue=f"q-{namespace}",
         log_format="json",
+        # Each test's workers write their liveness heartbeats here, never in the machine's shared default.
+        worker_liveness_dir=tmp_path / "liveness",
     )
 
 

@@ -225,6 +225,23 @@ class Settings(BaseSettings):
         False,
         description="Send a task-sent event per publish (Flower's 'sent' state); it doubles a publish's cost.",
     )
+    worker_liveness_interval_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds between a worker's liveness heartbeats (written by its consumer's event loop).",
+    )
+    worker_liveness_stale_s: float = Field(
+        30.0,
+        gt=0,
+        description="`provisioning worker probe` fails when the worker's heartbeat is older than this "
+        "(a frozen or blocked worker); more than WORKER_LIVENESS_INTERVAL_S.",
+    )
+    worker_liveness_dir: Path = Field(
+        # A directory in the shared /tmp that someone else made or may write to is refused (liveness.write).
+        Path("/tmp/provisioning-liveness"),  # noqa: S108
+        description="Directory of the workers' heartbeat files (<worker name>.json); the probe reads it, so "
+        "it must be the same for the worker and its probe (same host or container).",
+    )
     redis_sentinels: HostPorts | None = Field(
         None,
         description="Redis Sentinel addresses (host:port,host:port,...): the ledger asks them for the master "
@@ -614,6 +631,16 @@ class Settings(BaseSettings):
             problem = unreadable_file(value)
             if problem:
                 raise ValueError(problem)
+        return value
+
+    @field_validator("worker_liveness_stale_s")
+    @classmethod
+    def _stale_after_interval(cls, value: float, info: ValidationInfo) -> float:
+        interval = info.data.get("worker_liveness_interval_s")
+        if interval is not None and value <= interval:
+            raise ValueError(
+                f"must be more than WORKER_LIVENESS_INTERVAL_S ({interval:g}): a fresh worker would fail"
+            )
         return value
 
     @field_validator("redis_sentinel_master")

@@ -58,7 +58,7 @@ def test_every_environment_variable_the_docs_name_exists():
         | replacement_variables()
     )
     pattern = re.compile(
-        r"`((?:SF|WHMCS|SMDP|SMTP|CELERY|REDIS|LEDGER|RUN|TASK|EMAIL|TLS|LOG|LISTENER|RECONCILE|ESIM|PROVISIONING|CONSOLE|METRICS)_[A-Z0-9_]+)`"
+        r"`((?:SF|WHMCS|SMDP|SMTP|CELERY|REDIS|LEDGER|RUN|TASK|EMAIL|TLS|LOG|LISTENER|RECONCILE|ESIM|PROVISIONING|CONSOLE|METRICS|WORKER)_[A-Z0-9_]+)`"
     )
     named = {v for doc in DOCS for v in pattern.findall(doc.read_text())}
     wildcard = {v for v in named if v.endswith("_")}
