@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # installs (every extra); runtime.txt is a production host's (docs/deployment.md).
 LOCK_DEV     := requirements/dev.txt
 LOCK_RUNTIME := requirements/runtime.txt
-EXTRAS       := dev,flower,sandbox,console
+EXTRAS       := dev,flower,sandbox,console,otel
 # `make test-latest`: a throw-away venv with the newest versions setup.cfg's ranges allow.
 LATEST_VENV  ?= .venv-latest
 LINT_PATHS   := provisioning tasks celeryconfig.py bench
@@ -30,8 +30,8 @@ install: $(STAMP) ## Create .venv from the lock (requirements/dev.txt) and insta
 
 lock: $(STAMP) ## Regenerate requirements/*.txt from setup.cfg's ranges: the newest versions they allow
 	$(BIN)/uv pip compile setup.cfg requirements/build.in --extra dev --extra flower --extra sandbox \
-	  --extra console --universal --python-version 3.11 --generate-hashes --upgrade --quiet -o $(LOCK_DEV)
-	$(BIN)/uv pip compile setup.cfg requirements/build.in --extra flower --extra console \
+	  --extra console --extra otel --universal --python-version 3.11 --generate-hashes --upgrade --quiet -o $(LOCK_DEV)
+	$(BIN)/uv pip compile setup.cfg requirements/build.in --extra flower --extra console --extra otel \
 	  --constraint $(LOCK_DEV) --universal --python-version 3.11 --generate-hashes --quiet -o $(LOCK_RUNTIME)
 	@echo "Locked. Review 'git diff requirements/', then make install test lint test-latest."
 

@@ -8,16 +8,21 @@ once for the process, and with it ``celeryconfig.build``.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery, Task, signals
+from celery.exceptions import Retry
 
 import celeryconfig
+from provisioning.core import tracing
 from provisioning.core.logs import bind_run, configure_logging, unbind_run
 from provisioning.core.settings import Settings, load_settings
 from provisioning.runs.chain import CHAIN, Chain
 from provisioning.runs.lifecycle import RunFailed
 from tasks.liveness import Liveness
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 # The step tasks (tasks/steps.py registers one per row of the step table) and the failure write-back's.
 TASK_MODULES: tuple[str, ...] = ("tasks.steps", "tasks.writeback")
@@ -26,12 +31,21 @@ TASK_MODULES: tuple[str, ...] = ("tasks.steps", "tasks.writeback")
 class ProvisioningCelery(Celery):
     """A Celery app that carries the process's Settings and its lazily built services."""
 
-    def __init__(self, settings: Settings | None = None, chain: Chain = CHAIN, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        chain: Chain = CHAIN,
+        *,
+        span_exporter: SpanExporter | None = None,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("include", list(TASK_MODULES))
         kwargs.setdefault("task_cls", "tasks.app:ProvisioningTask")
         super().__init__("provisioning", **kwargs)
         self._settings = settings
         self.chain = chain
+        # Where a worker's spans go instead of TRACING_EXPORTER's (a test's in-memory exporter).
+        self.span_exporter = span_exporter
         self._services: Any = None
         self._lock = threading.Lock()
         self.add_defaults(lambda: celeryconfig.build(self.settings))
@@ -69,17 +83,44 @@ class ProvisioningTask(Task):
     throws = (RunFailed,)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if args and isinstance(args[0], str):
-            bind_run(args[0])
-        try:
+        if not (args and isinstance(args[0], str)):
             return super().__call__(*args, **kwargs)
+        bind_run(args[0])
+        try:
+            if not tracing.enabled():
+                return super().__call__(*args, **kwargs)
+            # The run's trace goes on here: a child of the span that sent this message (its headers).
+            with tracing.run_span(
+                f"run/{self.name}",
+                args[0],
+                parent=tracing.carrier(lambda name: getattr(self.request, name, None)),
+                kind="consumer",
+                attributes={
+                    "celery.task_name": str(self.name),
+                    "celery.retries": int(self.request.retries or 0),
+                },
+                expected=(Retry,),
+            ):
+                return super().__call__(*args, **kwargs)
         finally:
             unbind_run()
 
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's retry, its message carrying the run's trace on (a child of this attempt)."""
+        carried = tracing.headers()
+        if carried is not None:
+            kwargs["headers"] = {**(kwargs.get("headers") or {}), **carried}
+        return super().retry(*args, **kwargs)
 
-def create_app(settings: Settings | None = None, chain: Chain = CHAIN) -> ProvisioningCelery:
-    """The Celery app; without ``settings`` they are loaded from the environment on first use."""
-    app = ProvisioningCelery(settings, chain)
+
+def create_app(
+    settings: Settings | None = None, chain: Chain = CHAIN, *, span_exporter: SpanExporter | None = None
+) -> ProvisioningCelery:
+    """The Celery app; without ``settings`` they are loaded from the environment on first use.
+
+    A worker of it traces its runs when TRACING_EXPORTER asks (or ``span_exporter`` is given).
+    """
+    app = ProvisioningCelery(settings, chain, span_exporter=span_exporter)
 
     @signals.setup_logging.connect(weak=False)
     def _logging(**_: Any) -> None:
@@ -92,6 +133,25 @@ def create_app(settings: Settings | None = None, chain: Chain = CHAIN) -> Provis
 
     # The liveness heartbeat `provisioning worker probe` reads (tasks/liveness.py).
     app.steps["consumer"].add(Liveness)
+
+    @signals.worker_init.connect(weak=False)
+    def _tracing(sender: Any = None, **_: Any) -> None:
+        # In the main process, before any pool forks (the span exporter's thread restarts in a child).
+        if sender is not None and getattr(sender, "app", None) is not app:
+            return
+        tracing.start(app.settings, "provisioning-worker", exporter=app.span_exporter)
+
+    @signals.worker_process_shutdown.connect(weak=False)
+    def _flush_spans(**_: Any) -> None:
+        # A pool's child exits without atexit handlers: its last spans go now.
+        tracing.flush()
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _stop_tracing(sender: Any = None, **_: Any) -> None:
+        if sender is not None and getattr(sender, "app", None) is not app:
+            return
+        tracing.stop()
+
     register_diagnostics(app)
     return app
 

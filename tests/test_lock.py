@@ -42,7 +42,7 @@ def every_extra() -> tuple[str, ...]:
 
 
 @pytest.mark.parametrize(
-    ("lock", "extras"), [("dev.txt", every_extra()), ("runtime.txt", ("console", "flower"))]
+    ("lock", "extras"), [("dev.txt", every_extra()), ("runtime.txt", ("console", "flower", "otel"))]
 )
 def test_the_lock_pins_every_declared_dependency_inside_its_range(lock, extras):
     locked = pins(lock)

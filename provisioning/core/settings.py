@@ -498,6 +498,11 @@ class Settings(BaseSettings):
         None, description="CA bundle for every HTTPS client; wins over REQUESTS_CA_BUNDLE."
     )
     log_format: Literal["text", "json"] = Field("text", description="text or json lines.")
+    tracing_exporter: Literal["none", "console", "otlp"] = Field(
+        "none",
+        description="Where the OpenTelemetry traces go (one per run): none (off), console (stdout) or otlp "
+        "(OTEL_EXPORTER_OTLP_ENDPOINT, OTLP over HTTP); console and otlp need the otel extra.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="DEBUG, INFO, WARNING or ERROR."
     )

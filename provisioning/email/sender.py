@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from provisioning.core import tracing
 from provisioning.core.logs import get_logger
 from provisioning.core.settings import Settings
 from provisioning.email.errors import (
@@ -110,7 +111,10 @@ class SmtpSender:
         if message_id is None:
             raise ValueError("message has no Message-ID")
         message_id = str(message_id).strip()
-        with _translate() as state:
+        with (
+            tracing.client_span("smtp send", {"server.address": self.host, "server.port": self.port}),
+            _translate() as state,
+        ):
             smtp = self._kept()
             if smtp is not None:
                 state["smtp"] = smtp

@@ -8,6 +8,7 @@ from types import FrameType
 
 import click
 
+from provisioning.core import tracing
 from provisioning.core.cli_context import Context, pass_ctx
 from provisioning.core.logs import get_logger
 
@@ -57,6 +58,8 @@ def listen(ctx: Context, replay_from: str | None, health_port: int | None) -> No
             start = parse_start(replay_from, settings.sf_events_transport)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--replay-from") from None
+    # The runs' traces begin at their events (TRACING_EXPORTER; off by default).
+    tracing.start(settings, "provisioning-listener")
     listener = Listener(
         settings,
         services=Services(settings),
@@ -84,4 +87,5 @@ def listen(ctx: Context, replay_from: str | None, health_port: int | None) -> No
     listener.run()
     if server is not None:
         server.shutdown()
+    tracing.stop()
     log.info("listener_stopped", channel=settings.sf_provision_event_channel)

@@ -13,6 +13,7 @@ from typing import Any
 from celery import Celery
 
 import celeryconfig
+from provisioning.core import tracing
 from provisioning.core.run_id import RunId
 from provisioning.core.settings import Settings
 from provisioning.ledger import BEGIN
@@ -22,6 +23,8 @@ from provisioning.step.spec import StepSpec
 
 # Messages buffered (Redis) or awaiting their confirms (RabbitMQ) before a batch is flushed early.
 PUBLISH_BATCH_MAX = 1000
+# The root span of a run's trace: the listener's event, published.
+EVENT_SPAN = "provisioning.event"
 
 
 def make_publisher(settings: Settings) -> Celery:
@@ -36,7 +39,7 @@ def publish_step(
 ) -> str:
     """Send one step task of the run (to run ``countdown`` seconds from now); returns once the broker
     accepted it. Flower shows the run id only. Sent from a task, it is that task's child in Flower
-    (Celery sets the parent and root ids)."""
+    (Celery sets the parent and root ids) and in the run's trace (its headers carry the context)."""
     text = str(run_id)
     result = app.send_task(
         step.task_name,
@@ -45,6 +48,7 @@ def publish_step(
         kwargsrepr="{}",
         producer=producer,
         countdown=countdown,
+        headers=tracing.headers(),
     )
     return str(result.id)
 
@@ -59,10 +63,12 @@ def publish_runs(app: Celery, run_ids: list[RunId]) -> None:
 
     In one kombu batch: one pipeline on Redis, the publisher confirms awaited once on RabbitMQ
     (``provisioning.core.broker``). A failure raises, and the whole batch is sent again by the caller.
+    With tracing on, each run's trace begins here, at its event (``provisioning.event``).
     """
     with app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH_MAX):
         for run_id in run_ids:
-            publish_run(app, run_id, producer=producer)
+            with tracing.run_span(EVENT_SPAN, str(run_id), kind="producer"):
+                publish_run(app, run_id, producer=producer)
 
 
 def resume(app: Celery, run_id: RunId | str, step: str) -> None:
