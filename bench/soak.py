@@ -81,6 +81,7 @@ MIN_WIDTH = 7
 
 FIXED_COLUMNS = [
     "window",
+    "at UTC",
     "end min",
     "published",
     "finished",
@@ -93,10 +94,11 @@ FIXED_COLUMNS = [
     "stack CPU %",
     "sim CPU %",
     "machine CPU %",
+    "sim RSS MB",
 ]
 TAIL_COLUMNS = ["kills", "notes"]
 # Columns the drift line leaves out: counters of events, not levels.
-NO_DRIFT = {"window", "end min", "kills", "notes"}
+NO_DRIFT = {"window", "at UTC", "end min", "kills", "notes"}
 
 
 # -- /proc and Redis --------------------------------------------------------------------------
@@ -169,7 +171,9 @@ def table_for(
         table.add(*row)
     if len(rows) >= 2:
         ratios = drift(columns, rows[0], rows[-1])
-        table.add("drift", "last ÷ first", *(f"x{r:.2f}" if r != "" else "" for r in ratios[2:]))
+        cells = [f"x{r:.2f}" if r != "" else "" for r in ratios]
+        cells[0] = "drift (last ÷ first)"
+        table.add(*cells)
     return table
 
 
@@ -330,6 +334,7 @@ class Soak:
         self._busy = (busy, total)
         row: list[Any] = [
             index,
+            time.strftime("%H:%M:%S", time.gmtime()),
             round((time.monotonic() - started) / 60, 1),
             window.published,
             window.finished,
@@ -342,6 +347,7 @@ class Soak:
             100 * stack_cpu / span_s,
             100 * self._driver_cpu_delta() / span_s,
             machine_pct,
+            rss_mb(os.getpid()),
         ]
         for name in self.names:
             pid = pids.get(name)
