@@ -13,7 +13,7 @@ LATEST_VENV  ?= .venv-latest
 LINT_PATHS   := provisioning tasks celeryconfig.py bench
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock audit test test-fast test-latest lint system-packages salesforce-tools demo sandbox bench proto clean
+.PHONY: help install lock audit test test-fast test-latest lint system-packages salesforce-tools demo sandbox bench soak proto clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -89,6 +89,17 @@ sandbox: $(STAMP) ## Start the simulators and write sandbox.env
 
 bench: $(STAMP) ## Run the benchmarks with small defaults
 	$(BIN)/python -m bench.run_all
+
+# The soak (docs/reliability.md): the issue's configuration by default, RabbitMQ and 50-thread workers.
+SOAK_MINUTES     ?= 60
+SOAK_BROKER      ?= rabbitmq
+SOAK_CONCURRENCY ?= 50
+SOAK_RATE        ?= 5
+SOAK_OUT         ?= bench/results/soak-$(SOAK_BROKER)-$(SOAK_MINUTES)min.md
+
+soak: $(STAMP) ## The stack at SOAK_RATE Orders/s with faults and worker kills for SOAK_MINUTES (60): drift per window
+	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES) --broker $(SOAK_BROKER) \
+	  --concurrency $(SOAK_CONCURRENCY) --rate $(SOAK_RATE) --out $(SOAK_OUT)
 
 PROTO_DIR := provisioning/salesforce/pubsub
 

@@ -316,13 +316,16 @@ class Disruptions:
 class Fleet:
     """The workers and the listener, restarted when they die (as a supervisor would)."""
 
-    def __init__(self, env: dict[str, str], log_dir: Path, cfg: Config, rng: random.Random) -> None:
+    def __init__(
+        self, env: dict[str, str], log_dir: Path, cfg: Config, rng: random.Random, *, suffix: str = ""
+    ) -> None:
         self.env = env
         self.log_dir = log_dir
         self.cfg = cfg
         self.rng = rng
+        # ``suffix`` makes the workers' node names unique on a broker other runs share (Celery's mailbox).
         self.workers = [
-            worker(env, log_dir, name=f"w{i + 1}", pool="threads", concurrency=cfg.concurrency)
+            worker(env, log_dir, name=f"w{i + 1}{suffix}", pool="threads", concurrency=cfg.concurrency)
             for i in range(cfg.workers)
         ]
         self.listener: ManagedProcess | None = None
@@ -356,7 +359,10 @@ class Fleet:
             return False
 
     def kill_random_worker(self) -> str:
-        victim = self.rng.choice(self.workers)
+        return self.kill_worker(self.rng.choice(self.workers))
+
+    def kill_worker(self, victim: ManagedProcess) -> str:
+        """SIGKILL one worker and start it again at once (a supervisor's restart)."""
         victim.kill()
         self.stats.worker_kills += 1
         victim.start()

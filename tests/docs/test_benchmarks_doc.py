@@ -53,6 +53,7 @@ def test_the_docs_name_every_benchmark_and_the_chaos_run() -> None:
         "bench.sandbox_throughput",
         "bench.chaos",
         "bench.queues",
+        "bench.soak",
     } <= modules
 
 
