@@ -130,6 +130,10 @@ class RetryPolicy:
             wait = known_s + rng.uniform(0, max(spread_s, KNOWN_WAIT_JITTER_S))
         return min(max(wait, self.min_wait_s), self.max_wait_s)
 
+    def lease_busy(self) -> Wait:
+        """The wait of a step (or a write) that found another worker holding the Order's lease."""
+        return Wait(Cause.LEASE_BUSY, self.wait_s(Cause.LEASE_BUSY), "another worker holds the Order's lease")
+
 
 class Wait(Exception):
     """Try the same step again in ``countdown_s`` seconds (``cause``: why, as this policy names it)."""

@@ -265,11 +265,7 @@ def _run_compensation(
         return StepDone(claim.result or {}, following)
     if claim.status is ClaimStatus.BUSY:
         # A forward step in the middle of its effect (it ends, then its run's next claim stops it).
-        raise Wait(
-            Cause.LEASE_BUSY,
-            services.retry.wait_s(Cause.LEASE_BUSY),
-            "another worker holds the Order's lease",
-        )
+        raise services.retry.lease_busy()
     assert claim.lease is not None
     assert claim.provisioning is not None
     lease = claim.lease

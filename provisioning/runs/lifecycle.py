@@ -162,11 +162,7 @@ def _run_step(services: Services, run_id: RunId, spec: StepSpec, call: _Call) ->
         return StepDone(claim.result or {}, following)
     if claim.status is ClaimStatus.BUSY:
         log.info("step_lease_busy", step=spec.name)
-        raise Wait(
-            Cause.LEASE_BUSY,
-            services.retry.wait_s(Cause.LEASE_BUSY),
-            "another worker holds the Order's lease",
-        )
+        raise services.retry.lease_busy()
     assert claim.lease is not None
     assert claim.provisioning is not None
     lease = claim.lease

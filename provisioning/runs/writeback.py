@@ -95,8 +95,7 @@ def retry(services: Services, run_id: RunId, tries: int) -> Outcome:
                 _give_up(services, run_id, tries, "the Order's lease stayed held")
                 return Outcome.GIVEN_UP
             log.info("failure_writeback_lease_busy", run_id=str(run_id), attempt=tries)
-            countdown = services.retry.wait_s(Cause.LEASE_BUSY)
-            raise Wait(Cause.LEASE_BUSY, countdown, "another worker holds the Order's lease")
+            raise services.retry.lease_busy()
         # Checked again under the lease: another try or the reconciler may have written it meanwhile.
         if not ledger.registries.awaiting_writeback(run_id):
             return Outcome.NOT_NEEDED
