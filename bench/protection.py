@@ -84,6 +84,7 @@ def rate_limit(stack: Stack, limit: int, orders: int) -> dict[str, Any]:
         "busiest_second": max(per_second.values()),
         "seconds_over_limit": sum(1 for v in per_second.values() if v > limit),
         "steps_turned_away": sum(waits.values()),
+        "calls_per_second": [per_second[s] for s in seconds],
     }
 
 

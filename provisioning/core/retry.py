@@ -2,10 +2,12 @@
 
 A step that cannot go on now is sent again with a countdown; this module alone
 decides the countdown (the task layer only applies it). Every wait is jittered
-(:func:`provisioning.core.backoff.backoff_s`, full jitter, or a spread added to a
+(:func:`provisioning.core.backoff.backoff_s`, full jitter, or a little added to a
 known wait), at least the broker's shortest safe countdown (a second on RabbitMQ,
 none on Redis) and at most the policy's cap, which stays below the Redis broker's
-visibility timeout (a countdown past it would run the task twice).
+visibility timeout (a countdown past it would run the task twice). On RabbitMQ a
+wait is rounded up to whole seconds: the broker's delayed delivery would cut it
+down to them, and a step back before its time only waits again.
 
 ========================  ===========================================  ==============
 cause                     wait                                         spends budget
@@ -14,8 +16,8 @@ cause                     wait                                         spends bu
                           capped at TASK_RETRY_BACKOFF_MAX_S
 ``LEASE_BUSY``            1 to 4 s: another worker holds the Order     no
 ``LEDGER_DOWN``           1 to 5 s: Redis out of reach (a failover)    no
-``RATE_LIMITED``          until the system's next free call, spread    no
-                          over the others waiting for one
+``RATE_LIMITED``          until the step's slot in the system's queue  no
+                          (the limiter spaces the slots at its pace)
 ``BREAKER_OPEN``          until the system's circuit lets a probe in   no
 ``WRITEBACK_REFUSED``     a failed run's write of Failed on the Order  yes (its own:
                           refused: exponential from                    FAILURE_WRITE-
@@ -33,6 +35,7 @@ after which the reconciler's sweep takes it over.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from enum import StrEnum
@@ -52,9 +55,12 @@ LEASE_BUSY_BASE_S = 1.0
 LEASE_BUSY_CAP_S = 4.0
 LEDGER_DOWN_BASE_S = 1.0
 LEDGER_DOWN_CAP_S = 5.0
-# A wait for a known time (the next token, a breaker's probe) gets up to this much on top, so the
-# steps told the same time do not all come back at once.
+# A wait for a breaker's probe gets up to this much on top, so the steps told the same time do not
+# all come back at once.
 KNOWN_WAIT_JITTER_S = 1.0
+# A rate-limited step's wait is its slot, already spaced from the others' by the limiter: only up to
+# this much on top, so that it is not back a moment before it.
+RATE_SLOT_JITTER_S = 0.02
 
 
 _RANDOM = random.Random()
@@ -81,6 +87,8 @@ class RetryPolicy:
     max_wait_s: float
     # No wait is shorter (what the broker can take).
     min_wait_s: float = 0.0
+    # Waits in whole seconds, rounded up (RabbitMQ's delayed delivery truncates a countdown to them).
+    whole_seconds: bool = False
     rng: random.Random | None = None
     # A refused failure write (WRITEBACK_REFUSED): the first wait's ceiling and the cap of every one.
     writeback_base_s: float = 2.0
@@ -94,20 +102,19 @@ class RetryPolicy:
             transient_cap_s=min(settings.task_retry_backoff_max_s, max_wait),
             max_wait_s=max_wait,
             min_wait_s=RABBITMQ_MIN_WAIT_S if settings.broker_is_rabbitmq else 0.0,
+            whole_seconds=settings.broker_is_rabbitmq,
             rng=rng,
             writeback_base_s=settings.failure_writeback_backoff_s,
             writeback_cap_s=min(settings.failure_writeback_backoff_max_s, max_wait),
         )
 
-    def wait_s(
-        self, cause: Cause, *, attempts: int = 1, known_s: float = 0.0, spread_s: float = 0.0
-    ) -> float:
+    def wait_s(self, cause: Cause, *, attempts: int = 1, known_s: float = 0.0) -> float:
         """Seconds to wait before the next try.
 
         ``attempts``: the tries so far that spent budget (TRANSIENT: the step's; WRITEBACK_REFUSED: the
         failure write's, the first one included); ``known_s``: how long
-        the cause is known to last (RATE_LIMITED, BREAKER_OPEN); ``spread_s``: over how long the
-        others waiting for the same thing should be spread (RATE_LIMITED).
+        the cause is known to last (RATE_LIMITED: until the step's slot; BREAKER_OPEN: until the
+        circuit lets a probe in).
         """
         rng = self.rng or _RANDOM
         if cause is Cause.TRANSIENT:
@@ -126,9 +133,12 @@ class RetryPolicy:
             wait = LEDGER_DOWN_BASE_S + backoff_s(
                 2, base_s=LEDGER_DOWN_BASE_S, cap_s=LEDGER_DOWN_CAP_S - LEDGER_DOWN_BASE_S, rng=rng
             )
+        elif cause is Cause.RATE_LIMITED:
+            wait = known_s + rng.uniform(0, RATE_SLOT_JITTER_S)
         else:
-            wait = known_s + rng.uniform(0, max(spread_s, KNOWN_WAIT_JITTER_S))
-        return min(max(wait, self.min_wait_s), self.max_wait_s)
+            wait = known_s + rng.uniform(0, KNOWN_WAIT_JITTER_S)
+        wait = min(max(wait, self.min_wait_s), self.max_wait_s)
+        return float(math.ceil(wait)) if self.whole_seconds else wait
 
     def lease_busy(self) -> Wait:
         """The wait of a step (or a write) that found another worker holding the Order's lease."""

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from provisioning.core import tracing
+from provisioning.core import calls, tracing
 from provisioning.core.logs import get_logger
 from provisioning.core.settings import Settings
 from provisioning.email.errors import (
@@ -32,6 +32,7 @@ from provisioning.email.errors import (
     EmailPermanentError,
     EmailTransientError,
 )
+from provisioning.step.spec import System
 
 log = get_logger(__name__)
 
@@ -115,6 +116,7 @@ class SmtpSender:
             tracing.client_span("smtp send", {"server.address": self.host, "server.port": self.port}),
             _translate() as state,
         ):
+            calls.going_out(System.SMTP)
             smtp = self._kept()
             if smtp is not None:
                 state["smtp"] = smtp

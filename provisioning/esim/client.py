@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import urllib3
 
+from provisioning.core import calls
 from provisioning.core.errors import TransientError
 from provisioning.core.http import (
     TRANSPORT_EXCEPTIONS,
@@ -48,6 +49,7 @@ from provisioning.esim.errors import (
     FunctionStatus,
     from_transport,
 )
+from provisioning.step.spec import System
 
 log = get_logger(__name__)
 
@@ -186,6 +188,7 @@ class Es2PlusClient:
             **body,
         }
         started = time.monotonic()
+        calls.going_out(System.SMDP)
         response = self._post(function, payload)
         elapsed_ms = round((time.monotonic() - started) * 1000, 1)
         status = response.status

@@ -40,7 +40,8 @@ key                                  type    holds
                                              row, openings in a row, open until (ms)
 ``p:limits:{system}:probe``         string  who probes a half-open circuit, with expiry
 ``p:limits:{system}:calls``         zset    the system's calls in its rate window, by when (ms)
-``p:limits:{system}:waiting``       string  steps turned away in the window (a counter)
+``p:limits:{system}:slots``         zset    steps the rate limit turned away → when to come back
+                                             (ms); member '' is the last slot given out
 ``p:limits:salesforce:api``         hash    Salesforce's API usage as its last answer said it
 ``p:esim:status:{iccid}``            hash    a released profile's state (esim_status.py): the Order,
                                              its claim key, state, reason, when; ``n:{point}:{ms}``

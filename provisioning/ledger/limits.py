@@ -3,7 +3,8 @@
 Celery's own ``rate_limit`` is per worker (celery #5732): twenty threads on four
 hosts would each get the whole limit. Here the calls of every worker to one
 system share one window in Redis (``lua/admit.lua``: a sliding window, so the
-limit holds in any window, however it is placed), and one breaker
+limit holds in any window, however it is placed; each call is counted again as
+it goes out, ``lua/call_made.lua``), and one breaker
 (``lua/breaker.lua``): after a run of transient failures, or a 429 or a
 Retry-After, every worker stops calling the system for a cool-down, then lets
 one probe through; its outcome closes the circuit or opens it again for longer.
@@ -12,7 +13,7 @@ A step asks first (:meth:`Limits.admit`: one round trip, nothing taken when the
 answer is no) and reports how its call went (:meth:`Limits.record`: a round trip
 only when there is something to change). Keys (in :mod:`provisioning.ledger.keys`):
 ``p:limits:{system}:breaker`` (hash), ``:probe`` (string), ``:calls`` (zset),
-``:waiting`` (counter), and ``p:limits:salesforce:api`` (the Salesforce API usage
+``:slots`` (zset: the steps turned away by the rate limit, queued by when to come back), and ``p:limits:salesforce:api`` (the Salesforce API usage
 the last answers reported).
 """
 
@@ -35,6 +36,9 @@ from provisioning.ledger.scripts import Scripts
 # How long a half-open circuit's probe may take before another step may probe instead (ms): longer
 # than any call (a connect timeout plus a read timeout) with room to spare.
 PROBE_TTL_MS = 60_000
+# How long a rate-limited step's slot is kept for it after its time (ms): a step late by more than
+# this (its worker died, a long backlog) queues again at the end.
+SLOT_KEEP_MS = 60_000
 
 
 class BreakerState(StrEnum):
@@ -54,10 +58,10 @@ class Admission:
     """May the step call now; if not, how long until it may, and why."""
 
     ok: bool
+    # OK: the admission's id (the window's members of its calls are ID:1, ID:2, ...).
+    id: str = ""
     wait_s: float = 0.0
     cause: str | None = None  # "breaker_open" or "rate_limited"
-    # RATE_LIMITED: steps turned away in this window (this one included), to spread their returns.
-    waiting: int = 0
     # OK: the circuit is closed with no failure counted, so a success needs no write.
     clean: bool = True
     # OK: this step is a half-open circuit's one probe (its id holds the probe).
@@ -109,14 +113,20 @@ class Limits:
         self._admit = scripts["admit"]
         self._breaker = scripts["breaker"]
         self._release_probe = scripts["release_probe"]
+        self._call_made = scripts["call_made"]
 
-    def admit(self, system: str, *, rate: Rate | None, calls: int) -> Admission:
-        """One round trip: the system's breaker, then (with a rate) ``calls`` of its window."""
+    def admit(self, system: str, *, rate: Rate | None, calls: int, holder: str | None = None) -> Admission:
+        """One round trip: the system's breaker, then (with a rate) ``calls`` of its window.
+
+        ``holder``: who asks (a run's step). Turned away by the rate limit, it is given a slot in the
+        system's queue (``wait_s``: until then) and keeps it until it comes back; without a holder
+        the answer is only the window's (its next free call).
+        """
         keys = [
             self._keys.limit(system, "breaker"),
             self._keys.limit(system, "probe"),
             self._keys.limit(system, "calls"),
-            self._keys.limit(system, "waiting"),
+            self._keys.limit(system, "slots"),
             self._keys.metrics_counters,
         ]
         admission_id = uuid.uuid4().hex
@@ -128,12 +138,21 @@ class Limits:
             PROBE_TTL_MS,
             counter_field(STEP_WAITS, system=system, cause="breaker_open"),
             counter_field(STEP_WAITS, system=system, cause="rate_limited"),
+            holder or "",
+            SLOT_KEEP_MS,
         ]
         reply = self._admit(keys=keys, args=args)
         if int(reply[0]) == 1:
             probe = admission_id if int(reply[2]) else None
-            return Admission(True, clean=bool(int(reply[1])), probe_id=probe)
-        return Admission(False, wait_s=int(reply[1]) / 1000, cause=text(reply[2]), waiting=int(reply[3]))
+            return Admission(True, id=admission_id, clean=bool(int(reply[1])), probe_id=probe)
+        return Admission(False, wait_s=int(reply[1]) / 1000, cause=text(reply[2]))
+
+    def call_made(self, system: str, admission: Admission, number: int, *, rate: Rate) -> None:
+        """The admitted step's call ``number`` (from 1) goes out now: the window counts it from now."""
+        self._call_made(
+            keys=[self._keys.limit(system, "calls")],
+            args=[f"{admission.id}:{number}", int(rate.window_s * 1000)],
+        )
 
     def release_probe(self, system: str, admission: Admission) -> None:
         """The step admitted as the probe did not call after all: the next one may probe at once."""

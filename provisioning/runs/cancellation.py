@@ -233,10 +233,11 @@ def run_compensation(services: Services, run_id: RunId, spec: StepSpec) -> StepD
     """Claim, act and end one compensation under the Order's lease (Celery-free, like ``run_step``);
     its system's rate limit and circuit breaker have their say as for any step."""
     try:
-        admission = services.protection.admit(spec.system, spec.calls)
+        admission = services.protection.admit(spec.system, spec.calls, f"{run_id}:{spec.name}")
         called: list[BaseException | None] = []
         try:
-            return _run_compensation(services, run_id, spec, called)
+            with services.protection.counting(spec.system, admission):
+                return _run_compensation(services, run_id, spec, called)
         finally:
             with suppress(*LEDGER_UNREACHABLE):
                 if called:

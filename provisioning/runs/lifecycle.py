@@ -124,10 +124,11 @@ def run_step(services: Services, run_id: RunId, spec: StepSpec) -> StepDone:
     budget, when it may not call now) and learns after how its call went.
     """
     try:
-        admission = services.protection.admit(spec.system, spec.calls)
+        admission = services.protection.admit(spec.system, spec.calls, f"{run_id}:{spec.name}")
         call = _Call()
         try:
-            return _run_step(services, run_id, spec, call)
+            with services.protection.counting(spec.system, admission):
+                return _run_step(services, run_id, spec, call)
         finally:
             with suppress(*LEDGER_UNREACHABLE):
                 if call.ran:
@@ -306,9 +307,10 @@ def _begin(services: Services, run_id: RunId, provisioning: Provisioning, spec: 
         if other is not None and other.state is RunState.FAILED:
             superseded = other_id
     # The Order is read from Salesforce: its rate limit and its breaker have their say too.
-    admission = services.protection.admit(System.SALESFORCE, 1)
+    admission = services.protection.admit(System.SALESFORCE, 1, f"{run_id}:{BEGIN}")
     try:
-        order = services.salesforce.fetch_order(run_id.order_id)
+        with services.protection.counting(System.SALESFORCE, admission):
+            order = services.salesforce.fetch_order(run_id.order_id)
         services.protection.called(System.SALESFORCE, admission, None)
     except OrderNotFound as exc:
         services.protection.called(System.SALESFORCE, admission, exc)

@@ -4,8 +4,10 @@ Each system (Salesforce, WHMCS, the SM-DP+, SMTP) has a global rate limit
 (``RATE_LIMIT_<SYSTEM>``, empty: none) and a circuit breaker (``BREAKER_*``),
 shared by every worker through the ledger (:mod:`provisioning.ledger.limits`). A
 step that may not call now does not sleep in its worker's thread: it is retried
-with a countdown until the next free call or the breaker's next probe, and that
-wait spends none of its retry budget (``core/retry.py``).
+with a countdown until its slot in the system's queue or the breaker's next
+probe, and that wait spends none of its retry budget (``core/retry.py``). Once
+admitted, each of its calls is counted again as it goes out (:meth:`counting`),
+so that the limit holds for the calls as the system receives them.
 
 Only the system's own failures count against its breaker: a transient error of
 its client (``SYSTEM_ERRORS``, one table), not the ledger's or the inventory's. A
@@ -14,9 +16,12 @@ permanent error is an answer: the system is up.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from types import MappingProxyType
 
+from provisioning.core import calls
 from provisioning.core.errors import ProvisioningError, TransientError
 from provisioning.core.logs import get_logger
 from provisioning.core.rate import Rate
@@ -61,19 +66,38 @@ class Protection:
     def rate(self, system: System) -> Rate | None:
         return self._rates[system]
 
-    def admit(self, system: System, calls: int) -> Admission:
-        """May ``calls`` go to ``system`` now; ``Wait`` (spending no budget), with the retry policy's countdown, if not."""
+    def admit(self, system: System, calls: int, holder: str) -> Admission:
+        """May ``calls`` go to ``system`` now; ``Wait`` (spending no budget), with the retry policy's countdown, if not.
+
+        ``holder`` names the step asking (its run and step): turned away by the rate limit, it keeps
+        its place in the system's queue until it comes back.
+        """
         rate = self._rates[system]
-        admission = self._limits.admit(system.value, rate=rate, calls=calls)
+        admission = self._limits.admit(system.value, rate=rate, calls=calls, holder=holder)
         if admission.ok:
             return admission
         if admission.cause == "rate_limited":
-            # Spread the steps turned away over the time it takes the limit to serve them.
-            spread = admission.waiting * calls / rate.per_s if rate else 0.0
-            countdown = self._retry.wait_s(Cause.RATE_LIMITED, known_s=admission.wait_s, spread_s=spread)
+            # The limiter spaces the queued steps' slots at the limit's pace: the wait is the slot.
+            countdown = self._retry.wait_s(Cause.RATE_LIMITED, known_s=admission.wait_s)
             raise Wait(Cause.RATE_LIMITED, countdown, f"{system.value}'s rate limit ({rate}) is reached")
         countdown = self._retry.wait_s(Cause.BREAKER_OPEN, known_s=admission.wait_s)
         raise Wait(Cause.BREAKER_OPEN, countdown, f"{system.value}'s circuit is open after repeated failures")
+
+    @contextmanager
+    def counting(self, system: System, admission: Admission) -> Iterator[None]:
+        """Within the block (the admitted step's action), each call to ``system`` is counted by its
+        rate limit as it goes out, not when the step was admitted (``core/calls.py``)."""
+        rate = self._rates[system]
+        if rate is None or not admission.ok:
+            yield
+            return
+        numbers = itertools.count(1)
+
+        def going_out() -> None:
+            self._limits.call_made(system.value, admission, next(numbers), rate=rate)
+
+        with calls.counting(system.value, going_out):
+            yield
 
     def called(self, system: System, admission: Admission, error: BaseException | None) -> None:
         """How the step's calls to ``system`` went (``error``: what it raised, None when it did not)."""

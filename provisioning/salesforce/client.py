@@ -37,6 +37,7 @@ from simple_salesforce.api import Salesforce
 from simple_salesforce.format import format_soql
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
+from provisioning.core import calls
 from provisioning.core.errors import PicklableError
 from provisioning.core.http import TRANSPORT_EXCEPTIONS, classify, connection_retrying, make_session
 from provisioning.core.logs import get_logger
@@ -58,6 +59,7 @@ from provisioning.salesforce.errors import (
 )
 from provisioning.salesforce.ids import normalize_id
 from provisioning.step.order import Order, OrderItem
+from provisioning.step.spec import System
 
 log = get_logger(__name__)
 
@@ -448,6 +450,7 @@ class SalesforceClient:
         token, org = self._salesforce()
         with self._lock:
             self.api_calls += 1
+        calls.going_out(System.SALESFORCE)
         try:
             result: T = connection_retrying()(request, org)
         except sf_exceptions.SalesforceExpiredSession as exc:

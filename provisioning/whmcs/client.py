@@ -23,6 +23,7 @@ from typing import Any
 import urllib3
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from provisioning.core import calls
 from provisioning.core.errors import TransientError
 from provisioning.core.http import (
     TRANSPORT_EXCEPTIONS,
@@ -36,6 +37,7 @@ from provisioning.core.http import (
 )
 from provisioning.core.logs import get_logger
 from provisioning.core.settings import Settings
+from provisioning.step.spec import System
 from provisioning.whmcs.errors import (
     WhmcsAuthError,
     WhmcsClientNotFound,
@@ -347,6 +349,7 @@ class WhmcsClient:
             also_resend=lambda failure: action in READ_ACTIONS and failure.kind is Failure.CONNECTION_LOST
         )
         started = time.monotonic()
+        calls.going_out(System.WHMCS)
         try:
             response = retrying(
                 self._session.request,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
@@ -30,11 +31,54 @@ def test_a_rate_limit_admits_its_calls_per_window_and_says_when_the_next_is_free
     assert ledger.limits.admit("smdp", rate=rate, calls=2).ok
     assert ledger.limits.admit("smdp", rate=rate, calls=2).ok
     refused = ledger.limits.admit("smdp", rate=rate, calls=2)
-    assert (refused.ok, refused.cause, refused.waiting) == (False, "rate_limited", 1)
+    assert (refused.ok, refused.cause) == (False, "rate_limited")
     assert 0 < refused.wait_s <= 1.0
     # Nothing was taken by the refusal: once the first calls leave the window, two are free again.
     time.sleep(refused.wait_s + 0.01)
     assert ledger.limits.admit("smdp", rate=rate, calls=2).ok
+
+
+def test_steps_turned_away_are_given_slots_in_turn_at_the_limit_s_pace(ledger: Ledger) -> None:
+    rate = Rate(10, 1.0)  # one call every 100 ms
+    for _ in range(10):
+        assert ledger.limits.admit("whmcs", rate=rate, calls=1).ok
+    waits = [ledger.limits.admit("whmcs", rate=rate, calls=1, holder=f"run{i}:step").wait_s for i in range(4)]
+    # The first when the window's oldest call leaves it (about a second), each next one 100 ms later.
+    assert 0.8 < waits[0] <= 1.0
+    gaps = [later - earlier for earlier, later in itertools.pairwise(waits)]
+    assert all(0.09 <= gap <= 0.11 for gap in gaps), gaps
+    # A step of two calls after them takes two intervals.
+    two = ledger.limits.admit("whmcs", rate=rate, calls=2, holder="run9:step")
+    assert 0.19 <= two.wait_s - waits[-1] <= 0.21
+
+
+def test_a_step_back_before_its_slot_keeps_it_and_a_newcomer_queues_behind_it(ledger: Ledger) -> None:
+    rate = Rate(2, 0.5)
+    assert ledger.limits.admit("smdp", rate=rate, calls=2).ok
+    first = ledger.limits.admit("smdp", rate=rate, calls=2, holder="a:activate_esim")
+    second = ledger.limits.admit("smdp", rate=rate, calls=2, holder="b:activate_esim")
+    assert 0 < first.wait_s < second.wait_s
+    # Back early (a countdown cut short): the same slot, not one behind the others.
+    again = ledger.limits.admit("smdp", rate=rate, calls=2, holder="a:activate_esim")
+    assert again.cause == "rate_limited"
+    assert again.wait_s <= first.wait_s < second.wait_s
+    # The window has room before b's slot, but b is queued: a newcomer does not go before it.
+    time.sleep(first.wait_s + 0.01)
+    newcomer = ledger.limits.admit("smdp", rate=rate, calls=2, holder="c:activate_esim")
+    assert newcomer.cause == "rate_limited"
+    assert newcomer.wait_s > second.wait_s - first.wait_s
+    # At its slot, a gets its calls; a second ask afterwards is a new one (its slot is spent).
+    assert ledger.limits.admit("smdp", rate=rate, calls=2, holder="a:activate_esim").ok
+
+
+def test_a_slot_nobody_comes_back_for_is_forgotten_and_the_window_alone_answers(ledger: Ledger) -> None:
+    rate = Rate(1, 0.2)
+    assert ledger.limits.admit("smtp", rate=rate, calls=1).ok
+    gone = ledger.limits.admit("smtp", rate=rate, calls=1, holder="dead:send_email")
+    assert gone.cause == "rate_limited"
+    time.sleep(gone.wait_s + 0.25)
+    # The queue's tail has passed: a newcomer is admitted at once, without waiting for the dead step.
+    assert ledger.limits.admit("smtp", rate=rate, calls=1, holder="alive:send_email").ok
 
 
 def test_forty_threads_asking_at_once_get_the_limit_per_window_and_never_more(ledger: Ledger) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from provisioning.core.retry import Cause, Wait
+from provisioning.core.retry import RATE_SLOT_JITTER_S, Cause, Wait
 from provisioning.core.run_id import RunId
 from provisioning.esim.errors import Es2PlusServerError
 from provisioning.ledger.inventory import InventoryEmpty
+from provisioning.ledger.keys import Keys
 from provisioning.ledger.limits import BreakerState
+from provisioning.runs.chain import CHAIN
 from provisioning.runs.lifecycle import run_step
 from provisioning.runs.routing import step_queues
 from provisioning.runs.services import Services
@@ -91,7 +93,7 @@ def test_a_429_opens_the_circuit_at_once_for_the_retry_after_the_system_gave(san
     assert 6 <= waiting.value.countdown_s <= 8 + 1
 
 
-def test_a_step_beyond_its_system_s_rate_limit_waits_for_the_next_free_call_without_spending_budget(
+def test_a_step_beyond_its_system_s_rate_limit_waits_for_its_slot_without_spending_budget(
     sandbox, stack_settings
 ):
     settings = stack_settings.model_copy(
@@ -104,10 +106,38 @@ def test_a_step_beyond_its_system_s_rate_limit_waits_for_the_next_free_call_with
     with pytest.raises(Wait) as waiting:
         run_step(protected, run_id, at("activate_esim", ok(EsimActivated(iccid="8988211000000000001"))))
     assert waiting.value.cause is Cause.RATE_LIMITED
-    # Until the next two calls are free (a minute), spread over the time the limit takes to serve the
-    # steps waiting (one step of two calls: another minute at most).
-    assert 55 <= waiting.value.countdown_s <= 120 + 1
+    # Its slot: when the next two calls are free (a minute), and at most RATE_SLOT_JITTER_S more.
+    assert 55 <= waiting.value.countdown_s <= 60 + RATE_SLOT_JITTER_S
+    # Another run's step is queued behind it: a step's two calls later.
+    other = _begun(sandbox, protected)
+    with pytest.raises(Wait) as behind:
+        run_step(protected, other, at("activate_esim", ok(EsimActivated(iccid="8988211000000000002"))))
+    assert 55 + 60 <= behind.value.countdown_s <= 60 + 60 + RATE_SLOT_JITTER_S
     assert _attempts(protected, run_id, "activate_esim") == 0
+    protected.redis.close()
+
+
+def test_each_call_of_an_admitted_step_is_counted_when_it_goes_out_not_when_it_was_admitted(
+    sandbox, stack_settings
+):
+    settings = stack_settings.model_copy(update={"rate_limit_smdp": "100/s"})
+    protected = Services(settings)
+    run_id = _begun(sandbox, protected)
+    sandbox.admin("smdp").post("/__admin/faults", {"latency_ms": 150})
+    try:
+        admitted_at_ms = protected.redis.time()[0] * 1000
+        run_step(protected, run_id, CHAIN["activate_esim"])
+    finally:
+        sandbox.admin("smdp").post("/__admin/faults", {})
+    calls = protected.redis.zrange(
+        Keys(settings.ledger_prefix).limit("smdp", "calls"), 0, -1, withscores=True
+    )
+    # downloadOrder, then confirmOrder once the first answered (150 ms later): two calls, the second
+    # counted from when it went out.
+    scores = sorted(score for _, score in calls)
+    assert len(scores) == 2
+    assert scores[0] >= admitted_at_ms
+    assert scores[1] - scores[0] >= 140
     protected.redis.close()
 
 

@@ -1,15 +1,25 @@
 -- May a step call its external system now? The system's circuit breaker, then its rate limit, in one
--- round trip; nothing is taken when the answer is no.
+-- round trip; no call is taken when the answer is no.
 --
 -- The rate limit is a sliding window: at most LIMIT calls in any WINDOW, however the window is
 -- placed (a token whose call was made comes back exactly one window later). A plain token bucket
 -- would let a full bucket burst on top of its refill: twice the limit within one window.
 --
+-- A step turned away by the limit is given a slot: a time to come back, after the slots already
+-- given out, spaced by INTERVAL (its calls at the limit's pace). The slots queue the steps in the
+-- order they were turned away and spread their returns evenly, so the limit is used as fully as it
+-- allows and nobody comes back to a full window at once. The slot is the step's (its HOLDER) until
+-- it comes back: a step back too early is told to wait for its slot again (a countdown cut short by
+-- the broker), and a step back on time does not queue behind the steps turned away since. While
+-- slots are given out ahead, a step new to the queue does not take a free call before them: it
+-- gets the next slot. Whoever is back, the window decides: a slot is when to ask, not a call.
+--
 -- KEYS[1]  the system's breaker           (hash: state closed|open|half_open, failures, opens,
 --                                          open_until_ms)
 -- KEYS[2]  the system's probe             (string, with expiry: who may probe a half-open circuit)
 -- KEYS[3]  the system's calls in the window (zset: one member per call, scored by when, in ms)
--- KEYS[4]  the system's turned-away steps (string counter, expiring with the window)
+-- KEYS[4]  the system's slots              (zset: HOLDER -> its slot, in ms; member '' holds the
+--                                          last slot given out, the queue's tail)
 -- KEYS[5]  the run metrics' counters      (hash: a refusal counts one in ARGV[6] or ARGV[7])
 -- (The time is Redis's own: the same for every worker on every host.)
 -- ARGV[1]  the limit: calls per window (0: no rate limit)
@@ -19,13 +29,16 @@
 -- ARGV[5]  how long a probe may take before another step may probe, in milliseconds
 -- ARGV[6]  the counter of steps the breaker turned away
 -- ARGV[7]  the counter of steps the rate limit turned away
+-- ARGV[8]  who asks (a run's step), to hold a slot; '' for nobody: no slot, only the window's answer
+-- ARGV[9]  how long a slot is kept for a step that does not come back, in milliseconds
 --
 -- Returns one of:
 --   {1, clean, probe}                  go (clean 1: the circuit is closed with no failure counted,
 --                                      so a success needs no write; probe 1: this step is the
 --                                      half-open circuit's one probe)
 --   {0, wait_ms, 'breaker_open', 0}    the circuit is open, or another step is probing it
---   {0, wait_ms, 'rate_limited', n}    the window is full; n: steps turned away in it, this one too
+--   {0, wait_ms, 'rate_limited', 0}    come back in wait_ms: the step's slot, or the window's next
+--                                      free call
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
@@ -51,19 +64,48 @@ local limit = tonumber(ARGV[1])
 if limit > 0 then
   local window = tonumber(ARGV[2])
   local calls = tonumber(ARGV[3])
+  local holder = ARGV[8]
+  local keep = tonumber(ARGV[9])
+  local interval = calls * window / limit
+
+  local function refuse(wait)
+    if state == 'half_open' then redis.call('DEL', KEYS[2]) end
+    redis.call('HINCRBY', KEYS[5], ARGV[7], 1)
+    return {0, math.max(math.ceil(wait), 1), 'rate_limited', 0}
+  end
+
+  -- Slots of steps that never came back (a worker died) are forgotten; the tail is kept.
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. (now - keep))
+  local tail = tonumber(redis.call('ZSCORE', KEYS[4], '') or '0')
+  local slot = nil
+  if holder ~= '' then slot = tonumber(redis.call('ZSCORE', KEYS[4], holder)) end
+  if slot and now < slot then return refuse(slot - now) end
+  if not slot and holder ~= '' and tail > now then
+    -- Others are queued ahead: the next slot after theirs.
+    slot = tail + interval
+    redis.call('ZADD', KEYS[4], slot, '', slot, holder)
+    redis.call('PEXPIRE', KEYS[4], math.ceil(slot - now + keep))
+    return refuse(slot - now)
+  end
+
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - window)
   local taken = redis.call('ZCARD', KEYS[3])
   if taken + calls > limit then
-    if state == 'half_open' then redis.call('DEL', KEYS[2]) end
     -- Free once the oldest (taken + calls - limit) calls have left the window.
     local oldest = redis.call('ZRANGE', KEYS[3], taken + calls - limit - 1, taken + calls - limit - 1, 'WITHSCORES')
-    local wait = window
-    if oldest[2] then wait = tonumber(oldest[2]) + window - now end
-    redis.call('HINCRBY', KEYS[5], ARGV[7], 1)
-    local waiting = redis.call('INCR', KEYS[4])
-    redis.call('PEXPIRE', KEYS[4], window)
-    return {0, math.max(wait, 1), 'rate_limited', waiting}
+    local free = now + window
+    if oldest[2] then free = tonumber(oldest[2]) + window end
+    if holder ~= '' and not slot then
+      -- The queue begins (or goes on) here: the first slot is the next free call.
+      slot = math.max(free, tail + interval)
+      redis.call('ZADD', KEYS[4], slot, '', slot, holder)
+      redis.call('PEXPIRE', KEYS[4], math.ceil(slot - now + keep))
+      return refuse(slot - now)
+    end
+    -- Back on time (or nobody's): the window's next free call, keeping the slot it has.
+    return refuse(free - now)
   end
+  if slot then redis.call('ZREM', KEYS[4], holder) end
   for i = 1, calls do redis.call('ZADD', KEYS[3], now, ARGV[4] .. ':' .. i) end
   redis.call('PEXPIRE', KEYS[3], window)
 end
