@@ -5,8 +5,9 @@
 Orders/s and worker CPU per order, against what it cannot go below in one round:
 the Celery floor (``bench.floor``'s no-op tasks, as many per Order as a run sends)
 plus the steps' own CPU in-process (the same kind of Orders' steps run one after
-the other in this process's thread, no Celery at all). Their ratio is the overhead
-of our task layer (the goal: 1.15 at most). Runs are published with ``publish_run``
+the other by ``bench.inprocess``, a process of its own with no Celery at all, in one
+thread; and again in as many threads as the worker has). Their ratio is the overhead
+of our task layer (the goal: 1.15 at most, against the one-thread term). Runs are published with ``publish_run``
 (what the listener does for each event) all at once. ``--profile`` samples the
 worker with py-spy during the measured batch.
 """
@@ -35,8 +36,9 @@ from bench.common import (
 )
 from bench.floor import TASKS_PER_CHAIN as TASKS_PER_FLOOR_CHAIN
 from bench.floor import FloorRunner
+from bench.inprocess import measure as inprocess_steps
 from bench.profile import Profiler, summarise
-from bench.stack import Batch, Stack, steps_in_process
+from bench.stack import Batch, Stack
 from provisioning.runs.chain import CHAIN
 
 TASKS = CHAIN.names
@@ -87,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = stack.settings("pipe")
         services = stack.services(settings)
         orders = stack.seed(services, args.warmup + args.rounds * args.orders)
-        # The same number of Orders of the same kinds, for the steps run in-process each round.
+        # The same number of Orders of the same kinds, for the steps run in-process each round: in one
+        # thread, and (a threads pool) in as many threads as the worker has.
         inprocess_orders = stack.seed(services, args.rounds * args.orders)
+        threaded = args.pool == "threads" and args.concurrency > 1
+        threaded_orders = stack.seed(services, args.rounds * args.orders) if threaded else []
         (worker,) = stack.start_workers(settings, pool=args.pool, concurrency=args.concurrency)
         batch = Batch(stack, settings, services)
         batch.warm_up(orders[: args.warmup])
@@ -113,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         floor_rounds: list[tuple[float, dict[str, float]]] = []
         inprocess: list[tuple[float, float]] = []  # (CPU ms per Order, tasks per Order)
+        inprocess_threaded: list[float] = []  # CPU ms per Order, in the worker's number of threads
         for round_no in range(args.rounds):
             if floor_runner is not None:
                 # The floor right before each round: the machine is in the same state for both.
@@ -123,9 +129,16 @@ def main(argv: list[str] | None = None) -> int:
             log(f"pipeline round {round_no + 1}: {result.orders_per_s:.1f} orders/s, states {result.states}")
             results.append(result)
             chunk = inprocess_orders[round_no * args.orders : (round_no + 1) * args.orders]
-            cpu_s, tasks = steps_in_process(services, chunk)
-            inprocess.append((cpu_s * 1000 / len(chunk), tasks / len(chunk)))
+            inprocess.append(inprocess_steps(settings, [o.run_id for o in chunk]))
             log(f"steps in-process round {round_no + 1}: {inprocess[-1][0]:.2f} ms CPU per Order")
+            if threaded:
+                chunk = threaded_orders[round_no * args.orders : (round_no + 1) * args.orders]
+                cpu_ms, _ = inprocess_steps(settings, [o.run_id for o in chunk], threads=args.concurrency)
+                inprocess_threaded.append(cpu_ms)
+                log(
+                    f"steps in-process in {args.concurrency} threads, round {round_no + 1}: "
+                    f"{inprocess_threaded[-1]:.2f} ms CPU per Order"
+                )
         raw_profile = profiler.stop() if profiler is not None else None
         if floor_runner is not None:
             floor_runner.stop()
@@ -153,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
                 for f, (steps, tasks) in zip(floor_cpus, inprocess, strict=True)
             ]
             overhead = [c / lim for c, lim in zip(cpus, limits, strict=True)]
+            limits_threaded = [
+                f / TASKS_PER_FLOOR_CHAIN * tasks + steps
+                for f, (_, tasks), steps in zip(floor_cpus, inprocess, inprocess_threaded, strict=True)
+            ]
+            overhead_threaded = [c / lim for c, lim in zip(cpus, limits_threaded, strict=True)]
         else:
             floor = floor_row(args.floor_json, args.pool, args.concurrency)
             cpu_ratios = [c / floor["worker_cpu_ms_per_chain"] for c in cpus] if floor else []
@@ -163,6 +181,15 @@ def main(argv: list[str] | None = None) -> int:
                 else []
             )
             overhead = [c / lim for c, lim in zip(cpus, limits, strict=True)]
+            limits_threaded = (
+                [
+                    floor["worker_cpu_ms_per_chain"] / TASKS_PER_FLOOR_CHAIN * t + st
+                    for (_, t), st in zip(inprocess, inprocess_threaded, strict=True)
+                ]
+                if floor
+                else []
+            )
+            overhead_threaded = [c / lim for c, lim in zip(cpus, limits_threaded, strict=True)]
         measured = orders[args.warmup :]
         steps_per_order = sum(len(TASKS) if o.esim else len(TASKS) - 1 for o in measured) / len(measured)
         states: Counter[str] = Counter()
@@ -189,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                 "limit CPU ms/order",
                 "CPU/order ÷ limit",
                 "overhead range",
+                "steps in-process, worker's threads, CPU ms/order",
+                "CPU/order ÷ limit at the worker's threads",
                 "Redis CPU ms/order",
                 "sandbox + driver CPU ms/order",
                 "external calls/order",
@@ -199,9 +228,14 @@ def main(argv: list[str] | None = None) -> int:
                 "A run is a chain of step tasks (5 for an eSIM Order, 4 for a physical one: no eSIM task); "
                 "the floor's chain is 5 no-op tasks, measured on a floor worker with the same options right "
                 "before each round. The limit is a floor task's CPU times the tasks a run sends, plus the "
-                "steps' own CPU in-process (the same kinds of Orders, one after the other in the benchmark's "
-                "thread, no Celery), measured right after each round; ratios are per round, then the median.",
+                "steps' own CPU in-process (the same kinds of Orders, one after the other in one thread of a "
+                "process of their own, bench.inprocess, no Celery), measured right after each round; ratios "
+                "are per round, then the median.",
                 "The sandbox (all four simulators) runs in the benchmark's own process, on the same machine.",
+                "At the worker's threads: the same limit with the steps in-process run by as many threads as "
+                "the worker has (each its share of the Orders, its own CPU), so that both sides pay the "
+                "threads' contention for the interpreter lock; the goal is stated against the one-thread "
+                "limit (the column before).",
                 f"Final states: {dict(states)}.",
             ],
         )
@@ -226,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             median(limits) if limits else float("nan"),
             median(overhead) if overhead else float("nan"),
             spread(overhead) if overhead else "n/a",
+            median(inprocess_threaded) if inprocess_threaded else float("nan"),
+            median(overhead_threaded) if overhead_threaded else float("nan"),
             median([r.cpu_per_order_ms("redis") for r in results]),
             median([r.cpu_per_order_ms("driver") for r in results]),
             median([r.external_calls() / r.orders for r in results]),
@@ -253,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
             "limit_cpu_ms_per_order": median(limits) if limits else None,
             "overhead_ratio": median(overhead) if overhead else None,
             "overhead_ratio_rounds": overhead,
+            "steps_inprocess_threaded_cpu_ms_per_order": median(inprocess_threaded)
+            if inprocess_threaded
+            else None,
+            "steps_inprocess_threaded_rounds": inprocess_threaded,
+            "overhead_ratio_threaded": median(overhead_threaded) if overhead_threaded else None,
+            "overhead_ratio_threaded_rounds": overhead_threaded,
             "cpu_ratio_to_floor_rounds": cpu_ratios,
             "rate_ratio_to_floor": median(rate_ratios),
             "profile": str(raw_profile) if raw_profile else None,

@@ -163,32 +163,6 @@ class BatchResult:
         return sum(n for sim in self.calls.values() for op, n in sim.items() if op != "token")
 
 
-def steps_in_process(services: Services, orders: list[SeededOrder]) -> tuple[float, float]:
-    """Run each Order's steps one after the other in this thread, with no Celery at all (the lifecycle,
-    the ledger, the clients): (CPU seconds of this thread, step tasks the runs would have sent).
-
-    The floor of what our own code costs, as the overhead goal counts it; the simulators' threads
-    in this process are not this thread's CPU.
-    """
-    from provisioning.core.retry import Wait
-    from provisioning.core.run_id import RunId
-    from provisioning.runs.lifecycle import run_step
-
-    tasks = 0
-    start = time.thread_time()
-    for order in orders:
-        run_id = RunId.parse(order.run_id)
-        spec: Any = services.chain.first
-        while spec is not None:
-            try:
-                done = run_step(services, run_id, spec)
-            except Wait:
-                continue  # the sandbox here injects no fault: a lease or a limit, just go again
-            tasks += 1
-            spec = done.next_step
-    return time.thread_time() - start, float(tasks)
-
-
 class Batch:
     """Publish runs of seeded Orders and wait until the ledger says each finished."""
 
