@@ -88,7 +88,7 @@ class Protection:
         """Within the block (the admitted step's action), each call to ``system`` is counted by its
         rate limit as it goes out, not when the step was admitted (``core/calls.py``)."""
         rate = self._rates[system]
-        if rate is None or not admission.ok:
+        if rate is None:
             yield
             return
         numbers = itertools.count(1)
