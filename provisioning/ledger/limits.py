@@ -13,8 +13,9 @@ A step asks first (:meth:`Limits.admit`: one round trip, nothing taken when the
 answer is no) and reports how its call went (:meth:`Limits.record`: a round trip
 only when there is something to change). Keys (in :mod:`provisioning.ledger.keys`):
 ``p:limits:{system}:breaker`` (hash), ``:probe`` (string), ``:calls`` (zset),
-``:slots`` (zset: the steps turned away by the rate limit, queued by when to come back), and ``p:limits:salesforce:api`` (the Salesforce API usage
-the last answers reported).
+``:slots`` (zset: the steps the rate limit turned away, by when to come back),
+and ``p:limits:salesforce:api`` (the Salesforce API usage the last answers
+reported).
 """
 
 from __future__ import annotations
