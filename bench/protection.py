@@ -83,7 +83,7 @@ def rate_limit(stack: Stack, limit: int, orders: int) -> dict[str, Any]:
         "share_of_limit": achieved / limit,
         "busiest_second": max(per_second.values()),
         "seconds_over_limit": sum(1 for v in per_second.values() if v > limit),
-        "steps_turned_away": sum(waits.values()),
+        "steps_turned_away": int(sum(waits.values())),
         "calls_per_second": [per_second[s] for s in seconds],
     }
 

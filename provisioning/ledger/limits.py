@@ -3,8 +3,9 @@
 Celery's own ``rate_limit`` is per worker (celery #5732): twenty threads on four
 hosts would each get the whole limit. Here the calls of every worker to one
 system share one window in Redis (``lua/admit.lua``: a sliding window, so the
-limit holds in any window, however it is placed; each call is counted again as
-it goes out, ``lua/call_made.lua``), and one breaker
+limit holds in any window, however it is placed; a step's later calls are
+reserved for when they are expected to go out, and each call is counted again as
+it does, ``lua/call_made.lua``), and one breaker
 (``lua/breaker.lua``): after a run of transient failures, or a 429 or a
 Retry-After, every worker stops calling the system for a cool-down, then lets
 one probe through; its outcome closes the circuit or opens it again for longer.
@@ -14,7 +15,7 @@ answer is no) and reports how its call went (:meth:`Limits.record`: a round trip
 only when there is something to change). Keys (in :mod:`provisioning.ledger.keys`):
 ``p:limits:{system}:breaker`` (hash), ``:probe`` (string), ``:calls`` (zset),
 ``:slots`` (zset: the steps the rate limit turned away, by when to come back),
-and ``p:limits:salesforce:api`` (the Salesforce API usage the last answers
+``:leads`` (hash: how long after its admission a step's call of each number goes out), and ``p:limits:salesforce:api`` (the Salesforce API usage the last answers
 reported).
 """
 
@@ -40,6 +41,12 @@ PROBE_TTL_MS = 60_000
 # How long a rate-limited step's slot is kept for it after its time (ms): a step late by more than
 # this (its worker died, a long backlog) queues again at the end.
 SLOT_KEEP_MS = 60_000
+# How much of a longer lead than the one learned is believed at each call (a shorter one is believed
+# at once): a later call reserved too early only holds its token a little longer, one reserved too
+# late would be missing from a window it falls in.
+LEAD_RISE = 0.05
+# How long a system's learned leads are kept when none of its calls goes out (ms).
+LEADS_KEEP_MS = 86_400_000
 
 
 class BreakerState(StrEnum):
@@ -59,8 +66,11 @@ class Admission:
     """May the step call now; if not, how long until it may, and why."""
 
     ok: bool
-    # OK: the admission's id (the window's members of its calls are ID:1, ID:2, ...).
+    # OK: the admission's id (the window's members of its calls are ID:1, ID:2, ...), its time on
+    # Redis's clock (ms) and the calls it was for.
     id: str = ""
+    at_ms: int = 0
+    calls: int = 0
     wait_s: float = 0.0
     cause: str | None = None  # "breaker_open" or "rate_limited"
     # OK: the circuit is closed with no failure counted, so a success needs no write.
@@ -129,6 +139,7 @@ class Limits:
             self._keys.limit(system, "calls"),
             self._keys.limit(system, "slots"),
             self._keys.metrics_counters,
+            self._keys.limit(system, "leads"),
         ]
         admission_id = uuid.uuid4().hex
         args: list[str | int] = [
@@ -145,14 +156,30 @@ class Limits:
         reply = self._admit(keys=keys, args=args)
         if int(reply[0]) == 1:
             probe = admission_id if int(reply[2]) else None
-            return Admission(True, id=admission_id, clean=bool(int(reply[1])), probe_id=probe)
+            return Admission(
+                True,
+                id=admission_id,
+                at_ms=int(reply[3]),
+                calls=max(calls, 1),
+                clean=bool(int(reply[1])),
+                probe_id=probe,
+            )
         return Admission(False, wait_s=int(reply[1]) / 1000, cause=text(reply[2]))
 
     def call_made(self, system: str, admission: Admission, number: int, *, rate: Rate) -> None:
-        """The admitted step's call ``number`` (from 1) goes out now: the window counts it from now."""
+        """The admitted step's call ``number`` (from 1) goes out now: the window counts it from now,
+        and learns how long after their admission the calls of that number go out."""
         self._call_made(
-            keys=[self._keys.limit(system, "calls")],
-            args=[f"{admission.id}:{number}", int(rate.window_s * 1000)],
+            keys=[self._keys.limit(system, "calls"), self._keys.limit(system, "leads")],
+            args=[
+                f"{admission.id}:{number}",
+                int(rate.window_s * 1000),
+                number,
+                admission.calls,
+                admission.at_ms,
+                LEAD_RISE,
+                LEADS_KEEP_MS,
+            ],
         )
 
     def release_probe(self, system: str, admission: Admission) -> None:

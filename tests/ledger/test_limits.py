@@ -13,7 +13,7 @@ import redis
 from provisioning.core.rate import Rate
 from provisioning.ledger import Ledger
 from provisioning.ledger.keys import Keys
-from provisioning.ledger.limits import BreakerPolicy, BreakerState, Outcome
+from provisioning.ledger.limits import LEAD_RISE, BreakerPolicy, BreakerState, Outcome
 from provisioning.runs.services import Services
 
 pytestmark = pytest.mark.fast
@@ -38,6 +38,65 @@ def test_a_rate_limit_admits_its_calls_per_window_and_says_when_the_next_is_free
     # Nothing was taken by the refusal: once the first calls leave the window, two are free again.
     time.sleep(refused.wait_s + 0.01)
     assert ledger.limits.admit("smdp", rate=rate, calls=2).ok
+
+
+def test_a_step_s_second_call_is_reserved_for_when_second_calls_go_out_not_for_its_admission(
+    settings, ledger: Ledger
+) -> None:
+    rate = Rate(2, 1.0)
+    keys = Keys(settings.ledger_prefix)
+    client = redis.Redis.from_url(str(settings.redis_url))
+    first = ledger.limits.admit("smdp", rate=rate, calls=2)
+    assert first.ok
+    ledger.limits.call_made("smdp", first, 1, rate=rate)
+    time.sleep(0.5)
+    ledger.limits.call_made("smdp", first, 2, rate=rate)
+    # Each call is scored when it went out, and the second's lead after the admission is learned.
+    calls = dict(client.zrange(keys.limit("smdp", "calls"), 0, -1, withscores=True))
+    lead = calls[f"{first.id}:2".encode()] - first.at_ms
+    assert lead >= 500
+    assert float(client.hget(keys.limit("smdp", "leads"), "2")) == lead
+    # Asked while both calls are in the window: free when the first call leaves it, since the new
+    # step's second call goes out a lead later, after the first step's second call has left. (Both
+    # of its calls counted from its admission, it would wait for that one too: half a window more.)
+    seconds, micros = client.time()
+    asked_ms = seconds * 1000 + micros // 1000
+    refused = ledger.limits.admit("smdp", rate=rate, calls=2)
+    assert refused.cause == "rate_limited"
+    assert 0 < refused.wait_s * 1000 <= calls[f"{first.id}:1".encode()] + 1000 - asked_ms + 1
+    time.sleep(refused.wait_s + 0.01)
+    second = ledger.limits.admit("smdp", rate=rate, calls=2)
+    assert second.ok
+    # Its calls are reserved at its admission and a lead later; no window holds more than the limit.
+    calls = dict(client.zrange(keys.limit("smdp", "calls"), 0, -1, withscores=True))
+    assert calls[f"{second.id}:1".encode()] == second.at_ms
+    assert calls[f"{second.id}:2".encode()] == second.at_ms + math.floor(lead)
+    times = sorted(calls.values())
+    assert all(sum(1 for t in times if end - 1000 < t <= end) <= 2 for end in times)
+    client.close()
+
+
+def test_a_shorter_lead_is_learned_at_once_and_a_longer_one_slowly(settings, ledger: Ledger) -> None:
+    rate = Rate(100, 1.0)
+    keys = Keys(settings.ledger_prefix)
+    client = redis.Redis.from_url(str(settings.redis_url))
+
+    def step(gap_s: float) -> float:
+        admission = ledger.limits.admit("whmcs", rate=rate, calls=2)
+        ledger.limits.call_made("whmcs", admission, 1, rate=rate)
+        time.sleep(gap_s)
+        ledger.limits.call_made("whmcs", admission, 2, rate=rate)
+        seen = client.zscore(keys.limit("whmcs", "calls"), f"{admission.id}:2") - admission.at_ms
+        return float(seen)
+
+    long_seen = step(0.3)
+    short_seen = step(0.05)
+    assert float(client.hget(keys.limit("whmcs", "leads"), "2")) == short_seen
+    third_seen = step(0.3)
+    learned = float(client.hget(keys.limit("whmcs", "leads"), "2"))
+    assert learned == pytest.approx(short_seen + (third_seen - short_seen) * LEAD_RISE, abs=0.1)
+    assert short_seen < learned < long_seen
+    client.close()
 
 
 def test_steps_turned_away_are_given_slots_in_turn_at_the_limit_s_pace(settings, ledger: Ledger) -> None:

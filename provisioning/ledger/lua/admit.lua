@@ -5,6 +5,14 @@
 -- placed (a token whose call was made comes back exactly one window later). A plain token bucket
 -- would let a full bucket burst on top of its refill: twice the limit within one window.
 --
+-- A step's calls go out one after the other, each a latency after the one before. Each is reserved
+-- in the window for when it will go out: the first now, a later one its LEAD later (how long after
+-- their admission the system's steps' calls of that number have gone out, learned by
+-- call_made.lua, which also scores each call again when it really leaves). A step is admitted when
+-- every window that would hold one of its calls keeps within the limit. Reserving a second call now
+-- would hold its token for a latency in which nobody calls, on every step: a tenth of a limit
+-- whose steps make two calls 100 ms apart.
+--
 -- A step turned away by the limit is given a slot: a time to come back, after the slots already
 -- given out, spaced by INTERVAL (its calls at the limit's pace). The slots queue the steps in the
 -- order they were turned away and spread their returns evenly, so the limit is used as fully as it
@@ -21,6 +29,8 @@
 -- KEYS[4]  the system's slots              (zset: HOLDER -> its slot, in ms; member '' holds the
 --                                          last slot given out, the queue's tail)
 -- KEYS[5]  the run metrics' counters      (hash: a refusal counts one in ARGV[6] or ARGV[7])
+-- KEYS[6]  the system's leads             (hash: call number -> ms after its admission a call of
+--                                          that number goes out; written by call_made.lua)
 -- (The time is Redis's own: the same for every worker on every host.)
 -- ARGV[1]  the limit: calls per window (0: no rate limit)
 -- ARGV[2]  the window, in milliseconds
@@ -33,9 +43,9 @@
 -- ARGV[9]  how long a slot is kept for a step that does not come back, in milliseconds
 --
 -- Returns one of:
---   {1, clean, probe}                  go (clean 1: the circuit is closed with no failure counted,
+--   {1, clean, probe, at}              go (clean 1: the circuit is closed with no failure counted,
 --                                      so a success needs no write; probe 1: this step is the
---                                      half-open circuit's one probe)
+--                                      half-open circuit's one probe; at: the admission's time, ms)
 --   {0, wait_ms, 'breaker_open', 0}    the circuit is open, or another step is probing it
 --   {0, wait_ms, 'rate_limited', 0}    come back in wait_ms: the step's slot, or the window's next
 --                                      free call
@@ -89,12 +99,37 @@ if limit > 0 then
   end
 
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - window)
-  local taken = redis.call('ZCARD', KEYS[3])
-  if taken + calls > limit then
-    -- Free once the oldest (taken + calls - limit) calls have left the window.
-    local oldest = redis.call('ZRANGE', KEYS[3], taken + calls - limit - 1, taken + calls - limit - 1, 'WITHSCORES')
-    local free = now + window
-    if oldest[2] then free = tonumber(oldest[2]) + window end
+  -- When each of the step's calls will go out: the first now, each next one its lead later.
+  local at = {now}
+  for i = 2, calls do
+    at[i] = math.max(at[i - 1], now + math.floor(tonumber(redis.call('HGET', KEYS[6], i) or '0')))
+  end
+  -- The windows one of them would fall in end at one of them or at a call reserved ahead of now
+  -- (another step's later call); the fullest of those windows ends at one of these times.
+  local ends = {}
+  for i = 1, calls do ends[i] = at[i] end
+  local ahead = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. now, '+inf', 'WITHSCORES')
+  for i = 2, #ahead, 2 do ends[#ends + 1] = tonumber(ahead[i]) end
+  local fits = true
+  for _, t_end in ipairs(ends) do
+    local n = redis.call('ZCOUNT', KEYS[3], '(' .. (t_end - window), t_end)
+    for i = 1, calls do
+      if at[i] > t_end - window and at[i] <= t_end then n = n + 1 end
+    end
+    if n > limit then fits = false break end
+  end
+  if not fits then
+    -- Free (enough, if not always first) once, for each call i, at most LIMIT - i of the calls
+    -- counted now would still be in the window ending at that call.
+    local counted = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
+    local taken = #counted / 2
+    local free = now + 1
+    for i = 1, calls do
+      local k = taken - (limit - i)  -- from 1, the oldest
+      if k >= 1 then
+        free = math.max(free, tonumber(counted[2 * k]) + window - (at[i] - now))
+      end
+    end
     if holder ~= '' and not slot then
       -- The queue begins (or goes on) here: the first slot is the next free call.
       slot = math.max(free, tail + interval)
@@ -106,9 +141,11 @@ if limit > 0 then
     return refuse(free - now)
   end
   if slot then redis.call('ZREM', KEYS[4], holder) end
-  for i = 1, calls do redis.call('ZADD', KEYS[3], now, ARGV[4] .. ':' .. i) end
-  redis.call('PEXPIRE', KEYS[3], window)
+  for i = 1, calls do redis.call('ZADD', KEYS[3], at[i], ARGV[4] .. ':' .. i) end
+  -- Kept until the last call reserved (this step's or another's) has left its window.
+  local last = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
+  redis.call('PEXPIRE', KEYS[3], window + math.max(tonumber(last[2]) - now, 0))
 end
 local probe = 0
 if state == 'half_open' then probe = 1 end
-return {1, clean, probe}
+return {1, clean, probe, now}
