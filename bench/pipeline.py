@@ -166,11 +166,15 @@ def main(argv: list[str] | None = None) -> int:
                 for f, (steps, tasks) in zip(floor_cpus, inprocess, strict=True)
             ]
             overhead = [c / lim for c, lim in zip(cpus, limits, strict=True)]
-            limits_threaded = [
-                f / TASKS_PER_FLOOR_CHAIN * tasks + steps
-                for f, (_, tasks), steps in zip(floor_cpus, inprocess, inprocess_threaded, strict=True)
-            ]
-            overhead_threaded = [c / lim for c, lim in zip(cpus, limits_threaded, strict=True)]
+            limits_threaded = (
+                [
+                    f / TASKS_PER_FLOOR_CHAIN * tasks + steps
+                    for f, (_, tasks), steps in zip(floor_cpus, inprocess, inprocess_threaded, strict=True)
+                ]
+                if inprocess_threaded
+                else []
+            )
+            overhead_threaded = [c / lim for c, lim in zip(cpus, limits_threaded, strict=True)] if limits_threaded else []
         else:
             floor = floor_row(args.floor_json, args.pool, args.concurrency)
             cpu_ratios = [c / floor["worker_cpu_ms_per_chain"] for c in cpus] if floor else []
@@ -186,10 +190,10 @@ def main(argv: list[str] | None = None) -> int:
                     floor["worker_cpu_ms_per_chain"] / TASKS_PER_FLOOR_CHAIN * t + st
                     for (_, t), st in zip(inprocess, inprocess_threaded, strict=True)
                 ]
-                if floor
+                if floor and inprocess_threaded
                 else []
             )
-            overhead_threaded = [c / lim for c, lim in zip(cpus, limits_threaded, strict=True)]
+            overhead_threaded = [c / lim for c, lim in zip(cpus, limits_threaded, strict=True)] if limits_threaded else []
         measured = orders[args.warmup :]
         steps_per_order = sum(len(TASKS) if o.esim else len(TASKS) - 1 for o in measured) / len(measured)
         states: Counter[str] = Counter()
