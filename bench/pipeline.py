@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                 if inprocess_threaded
                 else []
             )
-            overhead_threaded = [c / lim for c, lim in zip(cpus, limits_threaded, strict=True)] if limits_threaded else []
+            overhead_threaded = (
+                [c / lim for c, lim in zip(cpus, limits_threaded, strict=True)] if limits_threaded else []
+            )
         else:
             floor = floor_row(args.floor_json, args.pool, args.concurrency)
             cpu_ratios = [c / floor["worker_cpu_ms_per_chain"] for c in cpus] if floor else []
@@ -193,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                 if floor and inprocess_threaded
                 else []
             )
-            overhead_threaded = [c / lim for c, lim in zip(cpus, limits_threaded, strict=True)] if limits_threaded else []
+            overhead_threaded = (
+                [c / lim for c, lim in zip(cpus, limits_threaded, strict=True)] if limits_threaded else []
+            )
         measured = orders[args.warmup :]
         steps_per_order = sum(len(TASKS) if o.esim else len(TASKS) - 1 for o in measured) / len(measured)
         states: Counter[str] = Counter()

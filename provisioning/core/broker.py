@@ -21,6 +21,16 @@ thread would wait for ever, holding the event dispatcher's lock every other thre
 then waits for (all of a worker's threads stuck, its prefetched tasks unacked). Such a
 publish is sent without waiting; events are Flower's view, the ledger is the record.
 
+For the same reason a connection is read by one thread at a time (``AmqpConnection``).
+py-amqp reads its connection on every publish (``drain_events(timeout=0)``, to see
+RabbitMQ's ``connection.blocked`` notice), so a pool thread publishing a task event
+read the event connection while the loop read it too: each took part of one frame.
+The loop then read a header made of the middle of a frame (a size of 1.3 GB) and
+spun at full CPU waiting for it, never reading the consumer's connection again; its
+prefetched messages sat unacknowledged and the worker made no progress (a 100-thread
+worker on RabbitMQ, 2 of 8 benchmark runs on 2026-12-06; py-spy showed both threads
+in the same transport's read).
+
 Redis and Sentinel (``Transport``, ``SentinelTransport``): a worker must outlive the
 loss of its broker. When the connection fails, Celery ``collect()``s it (every channel
 closed, then the transport detached from its kombu connection) and ``close()``s it.
@@ -215,6 +225,16 @@ class AmqpConnection(pyamqp.Connection):
     Channel = AmqpChannel
     # The thread of the event loop that reads this connection, once it is registered with one.
     event_loop_thread: int | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Taken around every frame read; reentrant, as a frame's handler may read again (a wait).
+        self._reading = threading.RLock()
+        super().__init__(*args, **kwargs)
+
+    def blocking_read(self, timeout: float | None = None) -> Any:
+        """One frame, read by one thread at a time (module docstring)."""
+        with self._reading:
+            return super().blocking_read(timeout)
 
 
 class _NotesItsReader:

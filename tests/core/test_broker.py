@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,87 @@ def test_publishes_from_other_threads_on_a_connection_an_event_loop_reads_never_
         assert published.is_set(), "a publish waited for a confirm the event loop had read"
         reader.join(10)
         assert _queued(queue.name) == 300
+    finally:
+        published.set()
+        hub.close()
+        with Connection(RABBITMQ_URL) as admin:
+            channel = admin.channel()
+            channel.queue_delete(queue.name)
+            channel.exchange_delete(queue.exchange.name)
+        conn.release()
+
+
+def test_one_thread_at_a_time_reads_a_connection_an_event_loop_reads_while_others_publish(
+    namespace: str,
+) -> None:
+    """py-amqp reads a connection on every publish (for RabbitMQ's connection.blocked notice). On the
+    worker's event connection, which its loop also reads, two threads reading at once split a frame
+    between them: each then waited for bytes that never came, the loop spun at full CPU and the
+    consumer's prefetched messages sat unread (a 100-thread worker on RabbitMQ, 2026-12-06)."""
+    from kombu.asynchronous import Hub
+
+    queue = Queue(f"q-{namespace}", Exchange(f"x-{namespace}", type="direct"), routing_key="events")
+    conn = Connection(RABBITMQ_URL, transport=AmqpTransport, transport_options={"confirm_publish": True})
+    hub = Hub()
+    loop_ready = threading.Event()
+    published = threading.Event()
+    readers = 0
+    most_readers = 0
+    count_lock = threading.Lock()
+
+    def event_loop() -> None:
+        conn.transport.register_with_event_loop(conn.connection, hub)
+        loop_ready.set()
+        loop = hub.create_loop()
+        while not published.is_set():
+            next(loop)
+
+    try:
+        producer = Producer(conn.channel(), exchange=queue.exchange, routing_key="events", auto_declare=False)
+        queue(producer.channel).declare()
+        # The worker's first event goes out before its loop reads: the channel is in confirm mode, and
+        # RabbitMQ's confirms of the later publishes come in for somebody to read.
+        producer.publish({"n": "online"})
+        transport = conn.connection.transport
+        read_frame = transport.read_frame
+        loop_thread = threading.Thread(target=event_loop, daemon=True)
+
+        def watched_read_frame(*args: Any, **kwargs: Any) -> Any:
+            # Who is reading, and (in the loop's thread) a slow read: a publish comes in meanwhile.
+            nonlocal readers, most_readers
+            with count_lock:
+                readers += 1
+                most_readers = max(most_readers, readers)
+            try:
+                if threading.current_thread() is loop_thread:
+                    time.sleep(0.005)
+                return read_frame(*args, **kwargs)
+            finally:
+                with count_lock:
+                    readers -= 1
+
+        transport.read_frame = watched_read_frame
+        loop_thread.start()
+        assert loop_ready.wait(10)
+        mutex = threading.Lock()  # Celery's event dispatcher publishes under its mutex
+
+        def publish_many() -> None:
+            for n in range(100):
+                with mutex:
+                    producer.publish({"n": n})
+                time.sleep(0.002)  # its confirm arrives meanwhile: the loop reads it
+
+        publishers = [threading.Thread(target=publish_many, daemon=True) for _ in range(4)]
+        for thread in publishers:
+            thread.start()
+        deadline = time.monotonic() + 60
+        for thread in publishers:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        published.set()
+        assert not any(thread.is_alive() for thread in publishers), "a publish never returned"
+        loop_thread.join(10)
+        assert most_readers == 1
+        assert _queued(queue.name) == 401
     finally:
         published.set()
         hub.close()
