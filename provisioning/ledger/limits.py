@@ -15,7 +15,8 @@ answer is no) and reports how its call went (:meth:`Limits.record`: a round trip
 only when there is something to change). Keys (in :mod:`provisioning.ledger.keys`):
 ``p:limits:{system}:breaker`` (hash), ``:probe`` (string), ``:calls`` (zset),
 ``:slots`` (zset: the steps the rate limit turned away, by when to come back),
-``:leads`` (hash: how long after its admission a step's call of each number goes out), and ``p:limits:salesforce:api`` (the Salesforce API usage the last answers
+``:leads`` (hash: how long after its step's admission a call of each number goes
+out), and ``p:limits:salesforce:api`` (the Salesforce API usage the last answers
 reported).
 """
 

@@ -121,13 +121,13 @@ if limit > 0 then
   if not fits then
     -- Free (enough, if not always first) once, for each call i, at most LIMIT - i of the calls
     -- counted now would still be in the window ending at that call.
-    local counted = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
-    local taken = #counted / 2
+    local taken = redis.call('ZCARD', KEYS[3])
     local free = now + 1
     for i = 1, calls do
       local k = taken - (limit - i)  -- from 1, the oldest
       if k >= 1 then
-        free = math.max(free, tonumber(counted[2 * k]) + window - (at[i] - now))
+        local kth = redis.call('ZRANGE', KEYS[3], k - 1, k - 1, 'WITHSCORES')
+        free = math.max(free, tonumber(kth[2]) + window - (at[i] - now))
       end
     end
     if holder ~= '' and not slot then
