@@ -37,6 +37,23 @@ def _queued(queue: str) -> int:
         return int(count)
 
 
+def _read_in_a_loop(conn: Connection, hub: Any, ready: threading.Event, stop: threading.Event) -> None:
+    """A worker's event loop reading ``conn``: registered on the loop's own thread, as Celery's
+    consumer does, until ``stop``."""
+    conn.transport.register_with_event_loop(conn.connection, hub)
+    ready.set()
+    loop = hub.create_loop()
+    while not stop.is_set():
+        next(loop)
+
+
+def _delete(queue: Queue) -> None:
+    with Connection(RABBITMQ_URL) as admin:
+        channel = admin.channel()
+        channel.queue_delete(queue.name)
+        channel.exchange_delete(queue.exchange.name)
+
+
 def test_a_batch_of_runs_on_rabbitmq_is_confirmed_at_once_and_every_message_is_queued(
     rabbit_settings: Settings,
 ) -> None:
@@ -111,12 +128,7 @@ def test_publishes_from_other_threads_on_a_connection_an_event_loop_reads_never_
     published = threading.Event()
 
     def event_loop() -> None:
-        # Registered on the loop's own thread, as the worker's consumer does.
-        conn.transport.register_with_event_loop(conn.connection, hub)
-        loop_ready.set()
-        loop = hub.create_loop()
-        while not published.is_set():
-            next(loop)
+        _read_in_a_loop(conn, hub, loop_ready, published)
 
     try:
         # Declared before the loop reads: only the publishes' confirms are at stake here.
@@ -141,10 +153,7 @@ def test_publishes_from_other_threads_on_a_connection_an_event_loop_reads_never_
     finally:
         published.set()
         hub.close()
-        with Connection(RABBITMQ_URL) as admin:
-            channel = admin.channel()
-            channel.queue_delete(queue.name)
-            channel.exchange_delete(queue.exchange.name)
+        _delete(queue)
         conn.release()
 
 
@@ -167,11 +176,7 @@ def test_one_thread_at_a_time_reads_a_connection_an_event_loop_reads_while_other
     count_lock = threading.Lock()
 
     def event_loop() -> None:
-        conn.transport.register_with_event_loop(conn.connection, hub)
-        loop_ready.set()
-        loop = hub.create_loop()
-        while not published.is_set():
-            next(loop)
+        _read_in_a_loop(conn, hub, loop_ready, published)
 
     try:
         producer = Producer(conn.channel(), exchange=queue.exchange, routing_key="events", auto_declare=False)
@@ -222,10 +227,7 @@ def test_one_thread_at_a_time_reads_a_connection_an_event_loop_reads_while_other
     finally:
         published.set()
         hub.close()
-        with Connection(RABBITMQ_URL) as admin:
-            channel = admin.channel()
-            channel.queue_delete(queue.name)
-            channel.exchange_delete(queue.exchange.name)
+        _delete(queue)
         conn.release()
 
 
