@@ -28,7 +28,7 @@ read the event connection while the loop read it too: each took part of one fram
 The loop then read a header made of the middle of a frame (a size of 1.3 GB) and
 spun at full CPU waiting for it, never reading the consumer's connection again; its
 prefetched messages sat unacknowledged and the worker made no progress (a 100-thread
-worker on RabbitMQ, 2 of 8 benchmark runs on 2026-12-06; py-spy showed both threads
+worker on RabbitMQ, 4 of 12 benchmark runs on 2026-12-06; py-spy showed both threads
 in the same transport's read).
 
 Redis and Sentinel (``Transport``, ``SentinelTransport``): a worker must outlive the
