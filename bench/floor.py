@@ -75,7 +75,10 @@ def wait_done(server: BenchRedis, settings: Settings, target: int) -> float:
 
 
 class FloorRunner:
-    """A floor worker on its own queue: warm it up, then measure rounds of chains."""
+    """A floor worker on its own queue: warm it up, then measure rounds of chains.
+
+    ``env`` is added to the worker's environment (``bench.floor_io`` sets the tasks' wait).
+    """
 
     def __init__(
         self,
@@ -86,6 +89,7 @@ class FloorRunner:
         pool: str,
         concurrency: int,
         broker: Broker | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         ns = unique("floor")
         self.server = server
@@ -101,9 +105,11 @@ class FloorRunner:
         if not server.private:
             cleanup.add(f"keys of {ns}", functools.partial(server.forget, f"*{ns}*"))
         broker.own_queue(self.settings.celery_queue)
-        env = {**self.settings.to_env(), **pythonpath_env()}
+        worker_env = {**self.settings.to_env(), **pythonpath_env(), **(env or {})}
         self.proc = cleanup.process(
-            floor_worker(env, log_dir, name=f"floor-{pool}-{ns}", pool=pool, concurrency=concurrency).start()
+            floor_worker(
+                worker_env, log_dir, name=f"floor-{pool}-{ns}", pool=pool, concurrency=concurrency
+            ).start()
         )
         self.proc.wait_for_log(" ready.", WORKER_READY_TIMEOUT_S)
         self.app = make_publisher(self.settings)

@@ -6,10 +6,15 @@ differs from a real worker only in that its tasks do nothing. The last task of
 a chain counts the chain as done and notes the time in the ledger's Redis (one
 pipelined round trip), which is how the benchmark knows that a chain finished
 (no result backend is used).
+
+``BENCH_FLOOR_WAIT`` makes every task wait, for ``bench.floor_io``: ``ping:K`` is
+K Redis round trips (PING, on the ledger's server), ``sleep:S`` a sleep of S
+seconds; empty (the default) is no wait.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -23,6 +28,9 @@ from provisioning.core.settings import Settings, load_settings
 
 NOOP = "bench.noop"
 NOOP_LAST = "bench.noop_last"
+
+# What every task waits on, read once at import (the worker's environment).
+WAIT_ENV = "BENCH_FLOOR_WAIT"
 
 _settings: Settings | None = None
 _redis: redis.Redis | None = None
@@ -57,6 +65,33 @@ app = Celery("bench-floor", set_as_current=False)
 app.add_defaults(lambda: celeryconfig.build(settings()))
 
 
+def parse_wait(value: str) -> tuple[str, float]:
+    """``""`` -> ("", 0); ``ping:K`` -> ("ping", K); ``sleep:S`` -> ("sleep", S)."""
+    if not value:
+        return "", 0.0
+    kind, _, amount = value.partition(":")
+    try:
+        number = float(amount)
+    except ValueError:
+        number = -1.0
+    if kind not in ("ping", "sleep") or number < 0:
+        raise ValueError(f"{WAIT_ENV}={value!r}: expected ping:<round trips> or sleep:<seconds>")
+    return kind, number
+
+
+_WAIT = parse_wait(os.environ.get(WAIT_ENV, ""))
+
+
+def _wait() -> None:
+    kind, amount = _WAIT
+    if kind == "ping":
+        client = _client()
+        for _ in range(int(amount)):
+            client.ping()
+    elif kind == "sleep":
+        time.sleep(amount)
+
+
 def _logging(**_: Any) -> None:
     configure_logging(settings())
 
@@ -67,11 +102,13 @@ def _after_fork(**_: Any) -> None:
 
 
 def noop(run_id: str) -> None:
-    """Does nothing: what is left is Celery's own cost of a task."""
+    """Does nothing (but the configured wait): what is left is Celery's own cost of a task."""
+    _wait()
 
 
 def noop_last(run_id: str) -> None:
     """The end of a chain: count it and note when (one pipelined round trip)."""
+    _wait()
     s = settings()
     pipe = _client().pipeline(transaction=False)
     pipe.incr(done_key(s))
