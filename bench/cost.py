@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         summary.add(
             "broker task messages",
             broker_cmds.get("lpush", 0.0),
-            "LPUSH: a run is one task; a step that must wait sends one more (none expected here)",
+            "LPUSH: one per step task (5 for an eSIM run, 4 for a physical one); a retry sends one more (none expected here)",
         )
         summary.add(
             "broker event messages",
@@ -308,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
             "Bytes per task message (as stored in the Redis broker list)",
             ["task", "message bytes", "body bytes (base64)"],
             notes=[
-                "Each message carries the run id only. The listener sends the first step's; the others are "
-                "sent only for a step that must wait (a retry) or by an operator's requeue."
+                "Each message carries the run id only. The listener sends the first step's; each step sends "
+                "the next one's when it ends, a step that must wait sends its own again (a retry with a "
+                "countdown), and an operator's requeue sends the failed step's."
             ],
         )
         for task, raw, body in sizes:
