@@ -10,6 +10,7 @@ pipeline benchmarks.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import time
 from pathlib import Path
@@ -135,6 +136,24 @@ class FloorRunner:
         self.proc.stop()
 
 
+# The worker pools a floor can run on (Celery's --pool names that take a --concurrency).
+POOLS = ("threads", "prefork", "solo")
+
+
+def parse_pools(value: str) -> list[tuple[str, int]]:
+    """``--pools``: ``threads:8,prefork:2`` -> [("threads", 8), ("prefork", 2)]."""
+    configs = []
+    for item in value.split(","):
+        pool, _, concurrency = item.strip().partition(":")
+        if pool not in POOLS or not concurrency.isdigit() or int(concurrency) < 1:
+            raise argparse.ArgumentTypeError(
+                f"{item.strip()!r}: expected pool:concurrency, comma-separated, with pool one of "
+                f"{', '.join(POOLS)} and concurrency a whole number of at least 1 (e.g. threads:8,prefork:2)"
+            )
+        configs.append((pool, int(concurrency)))
+    return configs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.split("\n\n")[0] if __doc__ else "")
     parser.add_argument("--chains", type=int, default=200, help="Chains measured per configuration.")
@@ -142,11 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="Measured rounds per configuration (median).")
     parser.add_argument(
         "--pools",
+        type=parse_pools,
         default="threads:8,prefork:2",
         help="Worker configurations, pool:concurrency, comma-separated (the first is the pipeline's).",
     )
     args = parser.parse_args(argv)
-    configs = [(p.split(":")[0], int(p.split(":")[1])) for p in args.pools.split(",")]
+    configs: list[tuple[str, int]] = args.pools
 
     with Cleanup() as cleanup:
         workdir = workdir_for(args, "floor", cleanup)

@@ -35,7 +35,7 @@ from bench.common import (
     spread,
     workdir_for,
 )
-from bench.floor import TASKS_PER_CHAIN, FloorRunner
+from bench.floor import TASKS_PER_CHAIN, FloorRunner, parse_pools
 from bench.floor_tasks import WAIT_ENV
 
 # Round trips measured in-process for the PINGs' own CPU, after a warm-up.
@@ -69,11 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sleep-ms", type=float, default=10.0, help="Sleep per sleeping task (ms).")
     parser.add_argument(
         "--pools",
+        type=parse_pools,
         default="threads:8,threads:1,prefork:2",
         help="Worker configurations, pool:concurrency, comma-separated.",
     )
     args = parser.parse_args(argv)
-    configs = [(p.split(":")[0], int(p.split(":")[1])) for p in args.pools.split(",")]
+    configs: list[tuple[str, int]] = args.pools
     waits = [("none", ""), (f"{args.round_trips} round trips", f"ping:{args.round_trips}")]
     if args.sleep_ms > 0:
         waits.append((f"sleep {args.sleep_ms:g} ms", f"sleep:{args.sleep_ms / 1000}"))

@@ -74,8 +74,10 @@ def parse_wait(value: str) -> tuple[str, float]:
         number = float(amount)
     except ValueError:
         number = -1.0
-    if kind not in ("ping", "sleep") or number < 0:
-        raise ValueError(f"{WAIT_ENV}={value!r}: expected ping:<round trips> or sleep:<seconds>")
+    if kind not in ("ping", "sleep") or number < 0 or (kind == "ping" and not number.is_integer()):
+        raise ValueError(
+            f"{WAIT_ENV}={value!r}: expected ping:<round trips> (a whole number) or sleep:<seconds>"
+        )
     return kind, number
 
 
