@@ -42,7 +42,7 @@ AUDIT_SERVICE ?= pypi
 audit: $(STAMP) ## pip-audit on requirements/*.txt: fails on a known vulnerability with a fix (AUDIT_SERVICE=pypi|osv)
 	$(BIN)/python .ci/audit.py --service $(AUDIT_SERVICE)
 
-system-packages: ## Debian's prometheus and chromium, which the monitoring and console tests run (apt, when missing)
+system-packages: ## Debian's prometheus, chromium and linux-perf, which the monitoring, console and bench.perf tests run (apt, when missing)
 	@.ci/system-packages
 
 # The pinned sf CLI and Lightning Flow Scanner that check salesforce/ offline (tests/salesforce_metadata):

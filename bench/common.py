@@ -130,6 +130,14 @@ def cpu_seconds(pid: int, *, tree: bool = True) -> float:
     return total / CLOCK_TICKS_PER_S
 
 
+def cpu_split_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of one process, every thread, from /proc/<pid>/stat."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        raise ProcessLookupError(pid)
+    return int(fields[11]) / CLOCK_TICKS_PER_S, int(fields[12]) / CLOCK_TICKS_PER_S
+
+
 def redis_cpu_seconds(client: redis.Redis) -> float:
     info = client.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from bench.common import pythonpath_env
@@ -29,11 +30,16 @@ from provisioning.runs.lifecycle import run_step
 from provisioning.runs.services import Services
 
 
-def measure(settings: Settings, run_ids: list[str], threads: int = 1) -> tuple[float, float]:
+def measure(
+    settings: Settings, run_ids: list[str], threads: int = 1, wrap: Sequence[str] = ()
+) -> tuple[float, float]:
     """Run ``run_ids``' steps in a child process with ``threads`` threads: per run measured (the
-    first warms the connections up), its CPU milliseconds and the step tasks it would have sent."""
+    first warms the connections up), its CPU milliseconds and the step tasks it would have sent.
+
+    ``wrap`` is a command the child runs under (``bench.perf.wrapped``: counted by perf).
+    """
     done = subprocess.run(
-        [sys.executable, "-m", "bench.inprocess", "--threads", str(threads)],
+        [*wrap, sys.executable, "-m", "bench.inprocess", "--threads", str(threads)],
         input="\n".join(run_ids),
         capture_output=True,
         text=True,

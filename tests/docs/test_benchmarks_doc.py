@@ -46,6 +46,8 @@ def test_the_docs_name_every_benchmark_and_the_chaos_run() -> None:
     assert {
         "bench.run_all",
         "bench.floor",
+        "bench.floor_io",
+        "bench.contention",
         "bench.pipeline",
         "bench.io_bound",
         "bench.listener_catchup",
