@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     if why is not None:
         parser.exit(2, f"bench.contention: {why}\n")
     n, threads = args.orders, args.concurrency
+    # The steps in-process in one thread, and in the worker's (once, if that is one too).
+    thread_counts = sorted({1, threads})
 
     with Cleanup() as cleanup:
         workdir = workdir_for(args, "contention", cleanup)
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         services = stack.services(settings)
         orders = stack.seed(services, WARMUP_ORDERS + args.rounds * n)
         # Per round and thread count: a warm-up run and n measured ones; then a warm-up run and one.
-        inprocess_orders = {t: stack.seed(services, args.rounds * (n + 3)) for t in (1, threads)}
+        inprocess_orders = {t: stack.seed(services, args.rounds * (n + 3)) for t in thread_counts}
         (worker,) = stack.start_workers(settings, pool="threads", concurrency=threads)
         batch = Batch(stack, settings, services)
         batch.warm_up(orders[:WARMUP_ORDERS])
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         floor_rounds: list[dict[str, float]] = []
         worker_rounds: list[dict[str, float]] = []
         proc_cpu_rounds: list[float] = []
-        inprocess_rounds: dict[int, list[dict[str, float]]] = {1: [], threads: []}
+        inprocess_rounds: dict[int, list[dict[str, float]]] = {t: [] for t in thread_counts}
         tasks_per_order: list[float] = []
         for round_no in range(args.rounds):
             floor_counts, _ = counted(floor.proc.pid, functools.partial(floor.round, n), cleanup, "floor")
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"round {round_no + 1}: worker {worker_rounds[-1][TASK_CLOCK]:.2f} ms CPU per Order, {result.states}"
             )
 
-            for t in (1, threads):
+            for t in thread_counts:
                 ids = [o.run_id for o in inprocess_orders[t][round_no * (n + 3) : (round_no + 1) * (n + 3)]]
                 inprocess_rounds[t].append(inprocess_counts(settings, ids, t))
                 log(
