@@ -454,12 +454,23 @@ class SentinelGroup:
         return self.server_at(self.master_address())
 
     def wait_for_failover(self, timeout_s: float = FAILOVER_TIMEOUT_S) -> RedisServer:
-        """After the master died: the server the sentinels promoted, once it says it is master."""
+        """After the master died: the server the sentinels promoted, once it says it is master and
+        every live sentinel has heard it answer since.
+
+        Until a sentinel has, a pause of the new master (a loaded machine) past down-after-milliseconds
+        makes it down for that sentinel, which then promotes whatever it counts as a replica: the
+        old primary, if a test has brought it back meanwhile, with only its AOF (seen in CI on
+        2026-12-06). A test that restarts the old primary after this returns restarts a replica.
+        """
         old = self.master_address()
 
         def promoted() -> bool:
             address = self.master_address()
-            return address != old and self.server_at(address).role() == "master"
+            return (
+                address != old
+                and self.server_at(address).role() == "master"
+                and all(_heard(sentinel, address) for sentinel in self.sentinels if sentinel.alive())
+            )
 
         _poll(promoted, time.monotonic() + timeout_s, f"a failover away from {old[0]}:{old[1]}")
         return self.master()
@@ -469,12 +480,16 @@ class SentinelGroup:
 
         As long as a failover may take: the sentinels reconfigure a returning primary only once they
         have seen it up again, and it then loads its AOF and resyncs in full, on a loaded machine too.
-        A timeout names each server's role and the master's view of its replicas.
+        The master is asked of the sentinels at every look, not once: on a loaded machine a sentinel
+        can find the master it has just promoted silent past down-after-milliseconds and promote
+        the returning primary instead (seen in CI on 2026-12-06), and the replicas are then the new
+        master's. A timeout names each server's role and the master's view of its replicas.
         """
-        master = self.master()
         try:
             _poll(
-                lambda: _online_replicas(master) >= count, time.monotonic() + timeout_s, f"{count} replicas"
+                lambda: _online_replicas(self.master()) >= count,
+                time.monotonic() + timeout_s,
+                f"{count} replicas",
             )
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}; {self._replication_view()}") from None
@@ -506,6 +521,16 @@ class SentinelGroup:
             if int(view.get("num-other-sentinels", 0)) < len(self.sentinels) - 1:
                 return False
         return True
+
+
+def _heard(sentinel: RedisSentinel, address: tuple[str, int]) -> bool:
+    """The sentinel takes ``address`` for the master, up, with no ping to it unanswered."""
+    view = sentinel.view()
+    return (
+        (view["ip"], int(view["port"])) == address
+        and view["flags"] == "master"
+        and view.get("last-ping-sent") == "0"
+    )
 
 
 def _online_replicas(server: RedisServer) -> int:
