@@ -119,23 +119,27 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def _cpu_ticks(pid: int) -> tuple[int, int] | None:
+    """(user, system) clock ticks of a process, every thread; None if it is gone."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    # After the command name: utime is field 14, stime 15 of the full line (11 and 12 here).
+    return int(fields[11]), int(fields[12])
+
+
 def cpu_seconds(pid: int, *, tree: bool = True) -> float:
     """User + system CPU seconds of a process (and its live descendants), from /proc/<pid>/stat."""
-    total = 0
-    for p in descendants(pid) if tree else [pid]:
-        fields = _stat_fields(p)
-        if fields is not None:
-            # After the command name: utime is field 14, stime 15 of the full line (11 and 12 here).
-            total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS_PER_S
+    ticks = [_cpu_ticks(p) for p in (descendants(pid) if tree else [pid])]
+    return sum(user + system for user, system in filter(None, ticks)) / CLOCK_TICKS_PER_S
 
 
 def cpu_split_seconds(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of one process, every thread, from /proc/<pid>/stat."""
-    fields = _stat_fields(pid)
-    if fields is None:
+    ticks = _cpu_ticks(pid)
+    if ticks is None:
         raise ProcessLookupError(pid)
-    return int(fields[11]) / CLOCK_TICKS_PER_S, int(fields[12]) / CLOCK_TICKS_PER_S
+    return ticks[0] / CLOCK_TICKS_PER_S, ticks[1] / CLOCK_TICKS_PER_S
 
 
 def redis_cpu_seconds(client: redis.Redis) -> float:
