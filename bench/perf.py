@@ -86,6 +86,10 @@ def parse(text: str, expected: tuple[str, ...] = EVENT_NAMES) -> dict[str, float
         value, event = fields[0], fields[2]
         if event not in expected:
             continue
+        if value == "<not counted>" and event in TIME_NAMES:
+            # perf prints a time of zero so (a short command, or one that never entered the kernel).
+            counts[event] = 0.0
+            continue
         if value.startswith("<"):  # <not counted>, <not supported>
             raise PerfError(
                 f"perf did not count {event} ({value}): run as root, or lower kernel.perf_event_paranoid "

@@ -61,6 +61,16 @@ def test_user_and_system_time_are_read_in_milliseconds() -> None:
     assert counts["system_time"] == pytest.approx(40.777)
 
 
+def test_a_time_perf_shows_as_not_counted_is_zero() -> None:
+    # What `perf stat -x, -e user_time,system_time -- true` prints (perf 6.1): a zero time so.
+    text = (
+        ATTACHED_OUTPUT + "1825000,ns,user_time,1825000,100.00,,\n<not counted>,ns,system_time,0,100.00,,\n"
+    )
+    counts = perf.parse(text, perf.EVENT_NAMES + perf.TIME_NAMES)
+    assert counts["user_time"] == pytest.approx(1.825)
+    assert counts["system_time"] == 0.0
+
+
 def test_an_event_perf_did_not_count_is_named_with_what_to_do() -> None:
     text = ATTACHED_OUTPUT.replace("777,,syscalls:sys_enter_futex", "<not counted>,,syscalls:sys_enter_futex")
     with pytest.raises(perf.PerfError, match=r"syscalls:sys_enter_futex.*not counted.*run as root"):
