@@ -100,7 +100,14 @@ def test_thirty_percent_transient_errors_on_every_service_still_complete_every_r
         sandbox.admin(sim).post("/__admin/faults", {"error_rate": 0.3, "error_status": status})
     # A step of two calls fails half its attempts here: with 16 retries, giving up (0.5^17 per
     # step) is not what this test is about; the default budget is the runbook's business.
-    workers(stack_settings.model_copy(update={"task_max_retries": 16}), concurrency=8)
+    # So are the breakers' default cool-downs: five failures in a row open WHMCS's circuit for 30 s,
+    # and a probe step of two calls fails half the time, doubling it (30 + 60 + 120 s after three
+    # failed probes, seen in CI on 2026-12-06). Short cool-downs keep the breakers in the loop
+    # without making the test about them (tests/runs/test_protection.py is).
+    settings = stack_settings.model_copy(
+        update={"task_max_retries": 16, "breaker_cooldown_s": 0.5, "breaker_cooldown_max_s": 2.0}
+    )
+    workers(settings, concurrency=8)
     app = make_publisher(stack_settings)
     for o in orders:
         publish_run(app, o.run_id)
