@@ -36,6 +36,10 @@ def build(settings: Settings) -> dict[str, Any]:
         # Publisher confirms: a publish returns only once RabbitMQ has the message (quorum queues
         # need them).
         transport["confirm_publish"] = True
+        # A remote-control queue still held by a dead node's connection waited for, and the
+        # delayed delivery (quorum queues) set up on one node of a cluster, not on each
+        # (provisioning.core.worker_consumer).
+        extra["worker_consumer"] = "provisioning.core.worker_consumer:Consumer"
         # py-amqp with the acks of a batch awaited once (see provisioning.core.broker).
         if settings.celery_broker_url.startswith("amqps://"):
             extra["broker_transport"] = "provisioning.core.broker:AmqpSSLTransport"
@@ -55,8 +59,6 @@ def build(settings: Settings) -> dict[str, Any]:
                 for name in names
             ]
             extra.update(task_default_queue_type="quorum", task_default_exchange_type="topic")
-            # The delayed delivery set up on one node of a cluster, not on each (provisioning.core.worker_consumer).
-            extra["worker_consumer"] = "provisioning.core.worker_consumer:Consumer"
     else:
         # kombu's Redis transport with one redis-py client per channel, and a lost connection closed
         # without stopping the worker (see provisioning.core.broker).

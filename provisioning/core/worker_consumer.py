@@ -1,4 +1,8 @@
-"""The worker's consumer, with Celery's native delayed delivery set up once per RabbitMQ cluster.
+"""The worker's consumer on RabbitMQ: two of Celery's bootsteps made for a cluster.
+
+The remote-control queue is declared again while the cluster still holds the one of a
+dead node's connection (``provisioning.core.remote_control``), and the delayed delivery
+is set up once per cluster, as follows.
 
 On quorum queues a countdown (a step's retry) goes through RabbitMQ's native delayed
 delivery: exchanges and queues Celery's ``DelayedDelivery`` bootstep declares each time
@@ -27,8 +31,13 @@ log = get_logger(__name__)
 # wait between two rounds (no node took the setup: the cluster is down or has no quorum).
 SETUP_ROUNDS = 3
 ROUND_INTERVAL_S = 2.0
-CELERY_STEP = "celery.worker.consumer.delayed_delivery:DelayedDelivery"
-OUR_STEP = "provisioning.core.worker_consumer:ClusterDelayedDelivery"
+# Celery's steps and ours in their place.
+OUR_STEPS = {
+    "celery.worker.consumer.delayed_delivery:DelayedDelivery": (
+        "provisioning.core.worker_consumer:ClusterDelayedDelivery"
+    ),
+    "celery.worker.consumer.control:Control": "provisioning.core.remote_control:PatientControl",
+}
 
 
 class ClusterDelayedDelivery(DelayedDelivery):  # type: ignore[misc]
@@ -72,9 +81,7 @@ def _where(url: str) -> str:
 
 
 class Consumer(CeleryConsumer):  # type: ignore[misc]
-    """Celery's consumer with ``ClusterDelayedDelivery`` in place of Celery's own step."""
+    """Celery's consumer with ``ClusterDelayedDelivery`` and ``PatientControl`` in place of Celery's steps."""
 
     class Blueprint(CeleryConsumer.Blueprint):  # type: ignore[misc]
-        default_steps = [
-            OUR_STEP if step == CELERY_STEP else step for step in CeleryConsumer.Blueprint.default_steps
-        ]
+        default_steps = [OUR_STEPS.get(step, step) for step in CeleryConsumer.Blueprint.default_steps]

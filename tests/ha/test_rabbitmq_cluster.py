@@ -143,6 +143,8 @@ def _processes(stack: Stack) -> dict[str, Any]:
         "worker_connections_lost": workers["celery: Connection to broker lost"],
         "step_retries": workers["step_retry"],
         "duplicates_ignored": workers["duplicate_event_ignored"],
+        # A worker back on another node before the cluster forgot its old remote-control queue.
+        "remote_control_waits": workers["remote_control_queue_locked"],
         "listener_outages": listener["listener_outage"],
         "process_restarts": sum(stack.restarts.values()),
     }
