@@ -31,6 +31,7 @@ from typing import Any
 from amqp.exceptions import ResourceLocked
 from celery.worker.consumer.control import Control
 from celery.worker.pidbox import Pidbox
+from celery.worker.state import maybe_shutdown
 
 from provisioning.core.backoff import backoff_s
 from provisioning.core.logs import get_logger
@@ -43,6 +44,8 @@ LOCKED_WAIT_MAX_S = 120.0
 # The backoff between two declares: from half a second, doubling, never above five.
 LOCKED_BASE_S = 0.5
 LOCKED_CAP_S = 5.0
+# How often a wait looks whether the worker was told to stop (SIGTERM, SIGQUIT).
+STOP_CHECK_S = 0.25
 # What the operator is told when the queue stays held.
 DUPLICATE_HOSTNAME = (
     "another live connection holds this worker's remote-control queue: a second worker started "
@@ -98,6 +101,19 @@ def declare_when_free(
         return attempt + 1
 
 
+def sleep_unless_stopping(seconds: float) -> None:
+    """``time.sleep`` that ends the worker as soon as it is told to stop.
+
+    Celery's signal handlers only set a flag its loops look at; a worker told to stop while
+    it waits here stops now (``maybe_shutdown`` raises Celery's shutdown), not after the wait.
+    """
+    deadline = time.monotonic() + seconds
+    while (left_s := deadline - time.monotonic()) > 0:
+        maybe_shutdown()
+        time.sleep(min(left_s, STOP_CHECK_S))
+    maybe_shutdown()
+
+
 class PatientPidbox(Pidbox):  # type: ignore[misc]
     """Celery's mailbox, its queue declared with :func:`declare_when_free`."""
 
@@ -110,7 +126,9 @@ class PatientPidbox(Pidbox):  # type: ignore[misc]
                 self._close_channel(c)
                 raise
 
-        declare_when_free(declare, queue=self.node.mailbox.get_queue(self.node.hostname).name)
+        declare_when_free(
+            declare, queue=self.node.mailbox.get_queue(self.node.hostname).name, sleep=sleep_unless_stopping
+        )
 
 
 class PatientControl(Control):  # type: ignore[misc]

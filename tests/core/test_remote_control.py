@@ -27,15 +27,18 @@ pytestmark = pytest.mark.rabbitmq
 
 # Arguments as kombu declares a remote-control queue (Celery's defaults: 10 s expiry, 300 s TTL).
 PIDBOX_ARGUMENTS = {"x-expires": 10_000, "x-message-ttl": 300_000}
+# A worker told to stop while it waits for its queue is gone within this (the wait may take 120 s).
+STOP_WITHIN_S = 5.0
 
 
 @contextmanager
 def held(url: str, queue: str) -> Iterator[Connection]:
     """``queue`` declared exclusive on a connection of its own, until the block ends."""
     with Connection(url) as conn:
-        conn.default_channel.queue_declare(
-            queue, exclusive=True, auto_delete=True, arguments=PIDBOX_ARGUMENTS
-        )
+        channel = conn.default_channel
+        channel.queue_declare(queue, exclusive=True, auto_delete=True, arguments=PIDBOX_ARGUMENTS)
+        # Consumed, as the worker consumes it: an unused queue expires after x-expires (10 s).
+        channel.basic_consume(queue, callback=lambda message: None)
         yield conn
 
 
@@ -76,6 +79,27 @@ def test_a_worker_started_while_its_remote_control_queue_is_held_waits_then_answ
         assert replies == [{hostname: {"ok": "pong"}}]
     finally:
         proc.stop()
+
+
+def test_a_worker_told_to_stop_while_it_waits_for_its_queue_stops_at_once_not_after_the_wait(
+    rabbit_settings: Settings, tmp_path: Path
+) -> None:
+    name = f"locked-{uuid.uuid4().hex[:8]}"
+    hostname = f"{name}@{socket.gethostname()}"
+    proc = worker(rabbit_settings.to_env(), tmp_path / "logs", name=name, concurrency=2)
+    with held(rabbit_settings.celery_broker_url, f"{hostname}.celery.pidbox"):
+        proc.start()
+        try:
+            proc.wait_for_log("remote_control_queue_locked", WORKER_READY_TIMEOUT_S)
+            stopping_at = time.monotonic()
+            # SIGTERM, then SIGKILL after the grace: well within the 120 s the wait may take.
+            code = proc.stop(grace_s=STOP_WITHIN_S)
+            took_s = time.monotonic() - stopping_at
+        finally:
+            proc.stop()
+    assert code == 0, proc.log_text()[-3000:]
+    assert took_s < STOP_WITHIN_S
+    assert "remote_control_queue_declared" not in proc.log_text()
 
 
 def test_a_free_queue_is_declared_at_the_first_call(rabbit_settings: Settings) -> None:
