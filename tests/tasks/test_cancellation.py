@@ -22,6 +22,12 @@ from provisioning.sandbox.scenario import wait_until as wait_for
 
 CLI = str(Path(sys.executable).with_name("provisioning"))
 SLOW_CALL_MS = 3000
+# The eSIM confirmation held this long while two CLI processes (the dry run, then the cancel) start
+# and record the cancel: 3 s was not enough in CI on the slower host (the run was done first). A call
+# must end within the Order's lease (the tests' RUN_LEASE_TTL_S is 10 s), so that test's workers
+# have the default lease of 60 s, which outlasts the slowest call (provisioning/step/context.py).
+CANCEL_WINDOW_MS = 12_000
+DEFAULT_LEASE_TTL_S = 60
 
 
 def _cli(settings, *args):
@@ -49,9 +55,9 @@ def test_an_order_cancelled_mid_run_stops_before_its_next_effect_and_what_it_mad
     free_before = services.inventory.stock().free
     # The run is inside the eSIM step (confirmOrder is slow) when the operator cancels.
     sandbox.admin("smdp").post(
-        "/__admin/faults", {"latency_ms": SLOW_CALL_MS, "operations": ["confirmOrder"]}
+        "/__admin/faults", {"latency_ms": CANCEL_WINDOW_MS, "operations": ["confirmOrder"]}
     )
-    workers(concurrency=4)
+    workers(stack_settings.model_copy(update={"run_lease_ttl_s": DEFAULT_LEASE_TTL_S}), concurrency=4)
     publish_run(make_publisher(stack_settings), order.run_id)
     wait_for(lambda: _calls(sandbox, "smdp").get("confirmOrder", 0) >= 1, timeout_s=60)
 
