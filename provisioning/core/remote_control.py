@@ -49,7 +49,8 @@ STOP_CHECK_S = 0.25
 # What the operator is told when the queue stays held.
 DUPLICATE_HOSTNAME = (
     "another live connection holds this worker's remote-control queue: a second worker started "
-    "with the same --hostname; give each worker a name of its own (worker%i@%h, $POD_NAME@%h)"
+    "with the same --hostname; give each worker a name of its own (worker1@%h, worker2@%h; "
+    "$POD_NAME@%h on Kubernetes)"
 )
 
 
