@@ -109,7 +109,7 @@ def test_a_free_queue_is_declared_at_the_first_call(rabbit_settings: Settings) -
     assert slept == []
 
 
-def test_a_queue_held_past_the_longest_wait_is_refused_after_several_tries_with_growing_waits(
+def test_a_queue_held_past_the_longest_wait_is_refused_after_several_tries_none_past_the_deadline(
     rabbit_settings: Settings,
 ) -> None:
     url = rabbit_settings.celery_broker_url
