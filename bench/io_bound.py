@@ -1,7 +1,7 @@
 """The pipeline when every external call is slow: 100 ms injected on each simulator.
 
     python -m bench.io_bound [--orders 200] [--concurrency 20,50,100] [--processes 1,2,4]
-                             [--rate 10] [--gevent auto|yes|no] [--json PATH]
+                             [--rate 10] [--json PATH]
 
 For each worker configuration: orders/s against the limit
 ``processes x concurrency / (injected latency per order)``, and the latency
@@ -31,7 +31,7 @@ from bench.common import (
     run_main,
     workdir_for,
 )
-from bench.stack import CALLS_BEFORE_ACTIVATED, Batch, Stack, gevent_available
+from bench.stack import CALLS_BEFORE_ACTIVATED, Batch, Stack
 
 
 def run_config(
@@ -115,24 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         "--rate", type=float, default=10.0, help="Open-loop arrival rate (orders/s); 0 skips it."
     )
     parser.add_argument("--rate-orders", type=int, default=200, help="Orders published at --rate.")
-    parser.add_argument(
-        "--gevent",
-        choices=("auto", "yes", "no"),
-        default="auto",
-        help="Also run the gevent pool at the highest concurrency (auto: when gevent is installed).",
-    )
-    parser.add_argument(
-        "--gevent-concurrency",
-        default="",
-        help="Concurrencies of the gevent rows (default: the last --concurrency).",
-    )
     args = parser.parse_args(argv)
+    if args.rate > 0 and args.rate_orders < 1:
+        parser.error(
+            f"--rate-orders {args.rate_orders}: give at least 1 Order, or --rate 0 to skip the open loop"
+        )
     concurrencies = [int(c) for c in args.concurrency.split(",") if c]
     process_counts = [int(c) for c in args.processes.split(",") if c]
-    gevent_concurrencies = [int(c) for c in args.gevent_concurrency.split(",") if c] or concurrencies[-1:]
-    use_gevent = bool(gevent_concurrencies) and (
-        args.gevent == "yes" or (args.gevent == "auto" and gevent_available())
-    )
     common = {"orders": args.orders, "warmup": args.warmup, "latency_ms": args.latency_ms}
 
     with Cleanup() as cleanup:
@@ -146,11 +135,6 @@ def main(argv: list[str] | None = None) -> int:
         done: dict[tuple[int, str, int], dict[str, Any]] = {}
         for c in concurrencies:
             done[(1, "threads", c)] = run_config(stack, processes=1, pool="threads", concurrency=c, **common)
-        if use_gevent:
-            for c in gevent_concurrencies:
-                done[(1, "gevent", c)] = run_config(
-                    stack, processes=1, pool="gevent", concurrency=c, **common
-                )
         for n in process_counts:
             key = (n, "threads", args.process_concurrency)
             if key not in done:
@@ -220,11 +204,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         for c in concurrencies:
             add(sweep, done[(1, "threads", c)])
-        if use_gevent:
-            for c in gevent_concurrencies:
-                add(sweep, done[(1, "gevent", c)])
-        elif args.gevent == "auto" and not gevent_available():
-            sweep.notes.append("gevent is not installed: its row is skipped (pip install gevent to add it).")
         scaling = Table(
             f"Pipeline, I/O bound: horizontal scaling ({args.process_concurrency} threads per process)",
             columns,
@@ -265,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                 lat["p50_ms"] / (open_loop["injected_s_per_order"] * 1000),
             )
             tables.append(ol)
-        emit("io_bound", args, info, tables, {"configs": rows, "open_loop": open_loop, "gevent": use_gevent})
+        emit("io_bound", args, info, tables, {"configs": rows, "open_loop": open_loop})
     return 0
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,10 +32,6 @@ STALL_TIMEOUT_S = 120.0
 ESIM_SHARE = 0.6
 SF_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%f%z"
 FINAL_STATES = (RunState.DONE.value, RunState.FAILED.value, RunState.SKIPPED.value)
-
-
-def gevent_available() -> bool:
-    return importlib.util.find_spec("gevent") is not None
 
 
 class Stack:

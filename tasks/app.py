@@ -27,6 +27,36 @@ if TYPE_CHECKING:
 # The step tasks (tasks/steps.py registers one per row of the step table) and the failure write-back's.
 TASK_MODULES: tuple[str, ...] = ("tasks.steps", "tasks.writeback")
 
+# Pools a worker of ours refuses to start with, and why (docs/operations.md, "Scaling workers").
+UNSUPPORTED_POOLS: dict[str, str] = {
+    "gevent": (
+        "Celery patches the standard library too late for our clients (every HTTPS call fails with "
+        "RecursionError), and patched earlier a gevent worker of 20 ran at 9% of a threads worker's "
+        "rate on Redis and on RabbitMQ (2026-12-07)"
+    ),
+    "eventlet": "it patches the standard library as gevent does, and is not tested with our clients",
+}
+
+
+class UnsupportedPool(SystemExit):
+    """A worker started with a pool from UNSUPPORTED_POOLS: it exits before taking any task."""
+
+
+def refuse_unsupported_pool(pool: Any) -> None:
+    """Raise UnsupportedPool when ``pool`` (``--pool``'s value, its alias or class) is unsupported."""
+    name = (
+        pool
+        if isinstance(pool, str)
+        else f"{getattr(pool, '__module__', '')}.{getattr(pool, '__name__', '')}"
+    )
+    for unsupported, why in UNSUPPORTED_POOLS.items():
+        if unsupported in name.lower():
+            raise UnsupportedPool(
+                f"--pool {unsupported} is not supported: {why}. "
+                "Start the worker with --pool threads (the Procfile's: --pool threads --concurrency 20), "
+                "or prefork; see docs/operations.md, 'Scaling workers'."
+            )
+
 
 class ProvisioningCelery(Celery):
     """A Celery app that carries the process's Settings and its lazily built services."""
@@ -133,6 +163,12 @@ def create_app(
 
     # The liveness heartbeat `provisioning worker probe` reads (tasks/liveness.py).
     app.steps["consumer"].add(Liveness)
+
+    @signals.worker_init.connect(weak=False)
+    def _pool(sender: Any = None, **_: Any) -> None:
+        # Before the pool is built: an unsupported one ends the worker here, with why and what to use.
+        if sender is not None and getattr(sender, "app", None) is app:
+            refuse_unsupported_pool(getattr(sender, "pool_cls", None) or "")
 
     @signals.worker_init.connect(weak=False)
     def _tracing(sender: Any = None, **_: Any) -> None:
