@@ -66,6 +66,7 @@ STATUS = FunctionStatus(
 # One sample per constructor: keyed by the class whose __init__ a class uses.
 SAMPLES: dict[type[BaseException], Build] = {
     BaseException: lambda cls: cls("something went wrong"),
+    SystemExit: lambda cls: cls("--pool gevent is not supported: use --pool threads"),
     SalesforceError: lambda cls: cls(
         "Salesforce query Order: HTTP 503", status=503, error_code="SERVER_UNAVAILABLE"
     ),
