@@ -32,7 +32,7 @@ UNSUPPORTED_POOLS: dict[str, str] = {
     "gevent": (
         "Celery patches the standard library too late for our clients (every HTTPS call fails with "
         "RecursionError), and patched earlier a gevent worker of 20 ran at 9% of a threads worker's "
-        "rate on Redis and on RabbitMQ (2026-12-07)"
+        "rate on Redis and on RabbitMQ (docs/benchmarks.md, 'Wave 3, sixth run')"
     ),
     "eventlet": "it patches the standard library as gevent does, and is not tested with our clients",
 }
