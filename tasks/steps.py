@@ -23,10 +23,14 @@ How each outcome of a step becomes Celery's:
 Every step task is idempotent: a step is claimed and ended in the ledger, so a
 redelivered message, a retry or a requeue finds it done and only sends the next.
 What makes each step's action safe to repeat is said beside its task below.
+
+The cancellation's compensations are tasks of the same shape (:func:`compensation_task`): the
+same body runs :func:`provisioning.runs.cancellation.run_compensation` instead of the step's life.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task, shared_task
@@ -34,10 +38,11 @@ from celery import Task, shared_task
 from provisioning.core.logs import get_logger
 from provisioning.core.retry import Wait
 from provisioning.core.run_id import RunId
-from provisioning.runs import lifecycle
+from provisioning.runs import cancellation, lifecycle
 from provisioning.runs.chain import CHAIN
-from provisioning.runs.lifecycle import RunEnded, RunFailed
+from provisioning.runs.lifecycle import RunEnded, RunFailed, StepDone
 from provisioning.runs.publishing import publish_failure_writeback, publish_step
+from provisioning.runs.services import Services
 from provisioning.step.spec import StepSpec
 from tasks.app import ProvisioningTask
 
@@ -48,9 +53,14 @@ log = get_logger(__name__)
 # Waits that spend no budget (the lease, the ledger, a rate limit, a breaker) are not bounded here.
 TRANSIENT_RETRIES_HEADROOM = 20
 
+# What a task runs under its step's name: a step's life (claim, act, end) without Celery.
+Perform = Callable[[Services, RunId, StepSpec], StepDone]
 
-def run(task: ProvisioningTask, run_id: str, spec: StepSpec) -> dict[str, Any]:
-    """The body of every step task."""
+
+def run(
+    task: ProvisioningTask, run_id: str, spec: StepSpec, perform: Perform = lifecycle.run_step
+) -> dict[str, Any]:
+    """The body of every step task (and, with ``perform`` the cancellation's, of every compensation's)."""
     try:
         rid = RunId.parse(run_id)
     except ValueError as exc:
@@ -58,7 +68,7 @@ def run(task: ProvisioningTask, run_id: str, spec: StepSpec) -> dict[str, Any]:
         return {"ignored": "not a run id"}
     app = task.app
     try:
-        done = lifecycle.run_step(app.services, rid, spec)
+        done = perform(app.services, rid, spec)
     except Wait as wait:
         cause = wait.__cause__ if isinstance(wait.__cause__, Exception) else wait
         budget = 2 * int(app.services.settings.task_max_retries) + TRANSIENT_RETRIES_HEADROOM
@@ -90,9 +100,24 @@ def step_task(spec: StepSpec) -> Task:
     def body(self: ProvisioningTask, run_id: str) -> dict[str, Any]:
         return run(self, run_id, self.app.chain[name])
 
+    return _register(spec, body, f"The {spec.name} step of a run (the step table's row).")
+
+
+def compensation_task(spec: StepSpec) -> Task:
+    """The task of ``spec``'s compensation (a row of the cancellation's table), registered likewise."""
+
+    def body(self: ProvisioningTask, run_id: str) -> dict[str, Any]:
+        return run(self, run_id, spec, cancellation.run_compensation)
+
+    return _register(
+        spec, body, f"The {spec.name} compensation of an Order's cancellation (the cancellation table's row)."
+    )
+
+
+def _register(spec: StepSpec, body: Callable[..., dict[str, Any]], doc: str) -> Task:
     body.__name__ = spec.name
     body.__qualname__ = spec.name
-    body.__doc__ = f"The {spec.name} step of a run (the step table's row)."
+    body.__doc__ = doc
     # max_retries=None: a wait that spends no budget is not bounded by Celery (a transient error's
     # retry passes its own bound, see run()).
     task: Task = shared_task(
@@ -119,8 +144,7 @@ send_email = step_task(CHAIN["send_email"])
 
 # The cancellation's compensations (provisioning/runs/cancellation.py's table): one task each, like the
 # steps; each claimed and ended under the Order's lease and recorded once for the Order.
-from provisioning.runs.cancellation import CANCELLATION  # noqa: E402
-from tasks.compensations import compensation_task  # noqa: E402
+CANCELLATION = cancellation.CANCELLATION
 
 # cancelOrder only while the profile is not downloaded (8.2.1/3.5 on a repeat means done); a marker is
 # confirmed before the ICCID goes back to stock, so a retry never cancels an ICCID another Order holds.
