@@ -360,6 +360,13 @@ class ServerThread:
                 self._loop.run_until_complete(closing)
         for runner in self._runners:
             self._loop.run_until_complete(runner.cleanup())
+        # What is left is sessions of clients still connected (an SMTP client keeps its connection
+        # between messages): cancelled and awaited, as asyncio.run does, so that none is left pending.
+        leftover = asyncio.all_tasks(self._loop)
+        for task in leftover:
+            task.cancel()
+        if leftover:
+            self._loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
         self._loop.run_until_complete(self._loop.shutdown_asyncgens())
         self._loop.close()
 

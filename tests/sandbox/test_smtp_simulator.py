@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
 import ssl
 from collections.abc import Callable, Iterator
@@ -268,3 +269,19 @@ def test_env_points_our_settings_at_the_server(start: Callable[..., Running], tl
         "SMTP_USERNAME": "robot",
         "SMTP_PASSWORD": "s3cret",
     }
+
+
+def test_stopping_the_server_ends_the_sessions_of_clients_still_connected(
+    start: Callable[..., Running],
+) -> None:
+    # Our sender keeps its connection open between messages: at stop, its session's handler must end
+    # with the loop, not be left pending (asyncio then logs "Task was destroyed but it is pending!").
+    running = start()
+    client = running.smtp()
+    client.ehlo()
+    running.thread.stop()
+
+    assert [t for t in asyncio.all_tasks(running.thread.loop) if not t.done()] == []
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        client.noop()
+    client.close()
