@@ -193,7 +193,9 @@ def create_app(
 
 
 def register_diagnostics(app: ProvisioningCelery) -> None:
-    @app.task(name="provisioning.ping", bind=True)
+    # shared=False: registered on this app only (a shared task would be added to every app made after
+    # it, and a second app of the process would find the name taken by another callable).
+    @app.task(name="provisioning.ping", bind=True, shared=False)
     def ping(self: Task) -> dict[str, str]:
         """Answers with the worker's name: proves a worker consumes our queue (``provisioning check``)."""
         return {"worker": str(self.request.hostname)}
