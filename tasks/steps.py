@@ -144,12 +144,11 @@ send_email = step_task(CHAIN["send_email"])
 
 # The cancellation's compensations (provisioning/runs/cancellation.py's table): one task each, like the
 # steps; each claimed and ended under the Order's lease and recorded once for the Order.
-CANCELLATION = cancellation.CANCELLATION
 
 # cancelOrder only while the profile is not downloaded (8.2.1/3.5 on a repeat means done); a marker is
 # confirmed before the ICCID goes back to stock, so a retry never cancels an ICCID another Order holds.
-cancel_esim = compensation_task(CANCELLATION["cancel_esim"])
+cancel_esim = compensation_task(cancellation.CANCELLATION["cancel_esim"])
 # GetOrders before every call: a Cancelled order or a Terminated service is not called again.
-cancel_whmcs_order = compensation_task(CANCELLATION["cancel_whmcs_order"])
+cancel_whmcs_order = compensation_task(cancellation.CANCELLATION["cancel_whmcs_order"])
 # One PATCH of absolute values (Cancelled, what was undone).
-write_cancelled = compensation_task(CANCELLATION["write_cancelled"])
+write_cancelled = compensation_task(cancellation.CANCELLATION["write_cancelled"])
