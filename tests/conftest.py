@@ -6,13 +6,18 @@ there (CI starts Redis in .ci/run; RabbitMQ runs on every machine of this kind).
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
+from provisioning.core.logs import configure_logging
 from provisioning.core.settings import Settings
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -220,3 +225,35 @@ def replicated_redis(tmp_path: Path) -> Iterator[tuple[object, object]]:
     finally:
         replica.stop()
         primary.stop()
+
+
+class LogLines:
+    """JSON log lines written while the fixture is active."""
+
+    def __init__(self, buffer: io.StringIO) -> None:
+        self.buffer = buffer
+
+    def all(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.buffer.getvalue().splitlines() if line.strip()]
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [line for line in self.all() if line.get("event") == event]
+
+    def at(self, level: str, logger_prefix: str = "provisioning.") -> list[dict[str, Any]]:
+        """Our lines at ``level`` (other libraries' lines, e.g. asyncio's, are left out)."""
+        return [
+            line
+            for line in self.all()
+            if line.get("level") == level and str(line.get("logger", "")).startswith(logger_prefix)
+        ]
+
+
+@pytest.fixture
+def log_lines() -> Iterator[LogLines]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    buffer = io.StringIO()
+    configure_logging(Settings(_env_file=None, log_format="json"), stream=buffer)  # type: ignore[call-arg]
+    yield LogLines(buffer)
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -12,6 +12,7 @@ the Order gets the same profile, and a repeated ``confirmOrder`` answering
 from __future__ import annotations
 
 from provisioning.core.logs import get_logger
+from provisioning.core.repeating import RepeatingFailure
 from provisioning.esim.client import activation_code, matching_id_for, smdp_address_from_settings
 from provisioning.esim.errors import Es2PlusFunctionFailed
 from provisioning.ledger.esim_status import EsimState
@@ -21,6 +22,13 @@ from provisioning.step.results import EsimActivated, EsimCancelled
 from provisioning.step.spec import Adoption
 
 log = get_logger(__name__)
+
+# Below ESIM_STOCK_WARN_THRESHOLD every claim would say so, thousands of lines a day: the first claim
+# below it logs ``esim_stock_low``, then at most one ``esim_stock_low_repeated`` per this many seconds
+# per worker process (with the claims since), and the first claim above it again (stock loaded)
+# ``esim_stock_low_recovered``. The alert on provisioning_esim_stock is the page; these are the trail.
+STOCK_LOW_SUMMARY_S = 300.0
+_stock_low = RepeatingFailure(log, "esim_stock_low", interval_s=STOCK_LOW_SUMMARY_S)
 
 # The ICCID downloadOrder ordered (a repeat then means done), and the activation code the e-mail quotes.
 DOWNLOADED_MARKER = "esim_downloaded"
@@ -52,7 +60,9 @@ def activate_esim(ctx: StepContext) -> EsimActivated:
     iccid, free = inventory.claim_counting(ctx.effect_key)
     threshold = ctx.settings.esim_stock_warn_threshold
     if free < threshold:
-        log.warning("esim_stock_low", free=free, threshold=threshold)
+        _stock_low.failed("below_threshold", level="warning", free=free, threshold=threshold)
+    else:
+        _stock_low.recovered(free=free, threshold=threshold)
     es2 = ctx.services.es2plus
     statuses = ctx.services.ledger.esim_status
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import json
-import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +12,6 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from provisioning.core.logs import configure_logging
-from provisioning.core.settings import Settings
 from provisioning.salesforce.auth import JWTBearerAuth
 from provisioning.salesforce.events import EARLIEST, Batch, Event, EventSource, ReplayId, ReplayStart
 from provisioning.salesforce.reconnect import ReconnectPolicy
@@ -157,35 +152,3 @@ def consume() -> Iterator[Any]:
     for consumer in started:
         consumer.stream.stop()
         consumer.thread.join(5)
-
-
-class LogLines:
-    """JSON log lines written while the fixture is active."""
-
-    def __init__(self, buffer: io.StringIO) -> None:
-        self.buffer = buffer
-
-    def all(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.buffer.getvalue().splitlines() if line.strip()]
-
-    def named(self, event: str) -> list[dict[str, Any]]:
-        return [line for line in self.all() if line.get("event") == event]
-
-    def at(self, level: str, logger_prefix: str = "provisioning.") -> list[dict[str, Any]]:
-        """Our lines at ``level`` (other libraries' lines, e.g. asyncio's, are left out)."""
-        return [
-            line
-            for line in self.all()
-            if line.get("level") == level and str(line.get("logger", "")).startswith(logger_prefix)
-        ]
-
-
-@pytest.fixture
-def log_lines() -> Iterator[LogLines]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    buffer = io.StringIO()
-    configure_logging(Settings(_env_file=None, log_format="json"), stream=buffer)
-    yield LogLines(buffer)
-    root.handlers[:] = handlers
-    root.setLevel(level)
