@@ -23,6 +23,7 @@ import redis
 from celery import Celery, signals
 
 import celeryconfig
+from provisioning.core.cpus import parse_cpu_list, pin_process
 from provisioning.core.logs import configure_logging
 from provisioning.core.settings import Settings, load_settings
 
@@ -98,6 +99,12 @@ def _logging(**_: Any) -> None:
     configure_logging(settings())
 
 
+def _pin(sender: Any = None, **_: Any) -> None:
+    # WORKER_CPUS, as our worker applies it (tasks/app.py): the floor is measured with the same options.
+    if sender is not None and getattr(sender, "app", None) is app and settings().worker_cpus:
+        pin_process(parse_cpu_list(str(settings().worker_cpus)))
+
+
 def _after_fork(**_: Any) -> None:
     global _redis
     _redis = None
@@ -121,5 +128,6 @@ def noop_last(run_id: str) -> None:
 # Registered without decorators: Celery is untyped, and these stay plain typed functions.
 signals.setup_logging.connect(_logging, weak=False)
 signals.worker_process_init.connect(_after_fork, weak=False)
+signals.worker_init.connect(_pin, weak=False)
 app.task(name=NOOP)(noop)
 app.task(name=NOOP_LAST)(noop_last)

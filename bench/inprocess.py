@@ -6,7 +6,7 @@ Each run's steps one after the other (the lifecycle, the ledger, the clients: wh
 worker's task does, minus Celery), in ``--threads`` threads sharing the runs as a
 threads pool's would. It runs apart from the benchmark, whose process also serves
 the simulators: their threads would contend for the interpreter lock with these and
-count in neither term. Prints one JSON object: the steps' threads' own CPU seconds
+count in neither term. With ``WORKER_CPUS`` it runs on those CPUs, as the worker does. Prints one JSON object: the steps' threads' own CPU seconds
 (``cpu_s``), the step tasks the runs would have sent (``tasks``), the runs (``runs``).
 """
 
@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bench.common import pythonpath_env
+from provisioning.core.cpus import parse_cpu_list, pin_process
 from provisioning.core.logs import configure_logging
 from provisioning.core.retry import Wait
 from provisioning.core.run_id import RunId
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     run_ids = [line.strip() for line in sys.stdin if line.strip()]
     settings = load_settings()
     configure_logging(settings)  # as a worker logs (its level, its format)
+    if settings.worker_cpus:  # on the worker's CPUs, as it is (WORKER_CPUS)
+        pin_process(parse_cpu_list(settings.worker_cpus))
     services = Services(settings)
     # Connections and clients warm, as a worker's are after its first runs: one run first, not counted.
     warm, measured = run_ids[:1], run_ids[1:]

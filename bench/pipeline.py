@@ -1,19 +1,22 @@
 """The pipeline with no injected latency: our full chain on real workers against the sandbox.
 
-    python -m bench.pipeline [--orders 200] [--concurrency 8] [--floor-json PATH] [--profile] [--json PATH]
+    python -m bench.pipeline [--orders 200] [--concurrency 8] [--worker-cpus 1] [--floor-json PATH] [--profile] [--json PATH]
 
 Orders/s and worker CPU per order, against what it cannot go below in one round:
 the Celery floor (``bench.floor``'s no-op tasks, as many per Order as a run sends)
 plus the steps' own CPU in-process (the same kind of Orders' steps run one after
 the other by ``bench.inprocess``, a process of its own with no Celery at all, in one
 thread; and again in as many threads as the worker has). Their ratio is the overhead
-of our task layer (the goal: 1.15 at most, against the one-thread term). Runs are published with ``publish_run``
+of our task layer (the goal: 1.15 at most, against the one-thread term). ``--worker-cpus``
+keeps the worker, the floor's worker and the steps in-process on those CPUs
+(``WORKER_CPUS``, as docs/operations.md advises for a threads worker). Runs are published with ``publish_run``
 (what the listener does for each event) all at once. ``--profile`` samples the
 worker with py-spy during the measured batch.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections import Counter
 from pathlib import Path
@@ -39,10 +42,19 @@ from bench.floor import FloorRunner
 from bench.inprocess import measure as inprocess_steps
 from bench.profile import Profiler, summarise
 from bench.stack import Batch, Stack
+from provisioning.core.cpus import format_cpu_list, parse_cpu_list
 from provisioning.runs.chain import CHAIN
 
 TASKS = CHAIN.names
 FLOOR_WARMUP = 20
+
+
+def cpu_list(text: str) -> str:
+    """--worker-cpus' value, checked and written as the kernel writes it."""
+    try:
+        return format_cpu_list(parse_cpu_list(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def floor_row(path: str | None, pool: str, concurrency: int) -> dict[str, Any] | None:
@@ -63,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10, help="Orders run before the clock starts.")
     parser.add_argument("--pool", default="threads")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--worker-cpus",
+        type=cpu_list,
+        default=None,
+        help="CPUs the worker, the floor's worker and the steps in-process run on (WORKER_CPUS: 0, 0,2, "
+        "0-3); default: wherever the scheduler puts them.",
+    )
     parser.add_argument(
         "--floor-chains",
         type=int,
@@ -86,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         server = BenchRedis(args.redis_url, workdir, cleanup)
         info = machine_info(server.client)
         stack = Stack(workdir, server, cleanup, broker=Broker(args.broker, server, cleanup))
-        settings = stack.settings("pipe")
+        settings = stack.settings("pipe", worker_cpus=args.worker_cpus)
         services = stack.services(settings)
         orders = stack.seed(services, args.warmup + args.rounds * args.orders)
         # The same number of Orders of the same kinds, for the steps run in-process each round: in one
@@ -106,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 pool=args.pool,
                 concurrency=args.concurrency,
                 broker=stack.broker,
+                env={"WORKER_CPUS": args.worker_cpus} if args.worker_cpus else None,
             )
             floor_runner.warm_up(FLOOR_WARMUP)
         profiler = (
@@ -208,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 "pool",
                 "concurrency",
+                "worker CPUs",
                 "orders",
                 "orders/s",
                 "orders/s range",
@@ -244,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                 "the worker has (each its share of the Orders, its own CPU), so that both sides pay the "
                 "threads' contention for the interpreter lock; the goal is stated against the one-thread "
                 "limit (the column before).",
+                "Worker CPUs: 'any' is wherever the scheduler puts the worker's threads; a CPU list is "
+                "WORKER_CPUS, for the worker, the floor's worker and the steps in-process alike.",
                 f"Final states: {dict(states)}.",
             ],
         )
@@ -252,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add(
             args.pool,
             args.concurrency,
+            args.worker_cpus or "any",
             f"{args.rounds} x {args.orders}",
             rate,
             spread(rates),
@@ -280,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         data = {
             "pool": args.pool,
             "concurrency": args.concurrency,
+            "worker_cpus": args.worker_cpus,
             "orders": args.orders,
             "rounds": args.rounds,
             "orders_per_s": rate,

@@ -15,11 +15,14 @@ from celery.exceptions import Retry
 
 import celeryconfig
 from provisioning.core import tracing
-from provisioning.core.logs import bind_run, configure_logging, unbind_run
+from provisioning.core.cpus import parse_cpu_list, pin_process
+from provisioning.core.logs import bind_run, configure_logging, get_logger, unbind_run
 from provisioning.core.settings import Settings, load_settings
 from provisioning.runs.chain import CHAIN, Chain
 from provisioning.runs.lifecycle import RunFailed
 from tasks.liveness import Liveness
+
+log = get_logger(__name__)
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -171,6 +174,12 @@ def create_app(
             refuse_unsupported_pool(getattr(sender, "pool_cls", None) or "")
 
     @signals.worker_init.connect(weak=False)
+    def _cpus(sender: Any = None, **_: Any) -> None:
+        # Before the pool starts its threads (or forks its children): they inherit the CPUs.
+        if sender is not None and getattr(sender, "app", None) is app:
+            pin_worker(app.settings)
+
+    @signals.worker_init.connect(weak=False)
     def _tracing(sender: Any = None, **_: Any) -> None:
         # In the main process, before any pool forks (the span exporter's thread restarts in a child).
         if sender is not None and getattr(sender, "app", None) is not app:
@@ -190,6 +199,14 @@ def create_app(
 
     register_diagnostics(app)
     return app
+
+
+def pin_worker(settings: Settings) -> None:
+    """Keep the worker on WORKER_CPUS, if set (provisioning/core/cpus.py says why)."""
+    if settings.worker_cpus is None:
+        return
+    threads = pin_process(parse_cpu_list(settings.worker_cpus))
+    log.info("worker_cpus_pinned", cpus=settings.worker_cpus, threads=threads)
 
 
 def register_diagnostics(app: ProvisioningCelery) -> None:

@@ -30,6 +30,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from provisioning.core.cpus import format_cpu_list, parse_cpu_list
 from provisioning.core.errors import PicklableError
 from provisioning.core.rate import Rate
 from provisioning.core.replay_id import (
@@ -105,6 +106,16 @@ def _rate(value: str | None) -> str | None:
 
 # A rate as operators write it (10/s, 600/m); empty: no limit.
 RateText = Annotated[str | None, AfterValidator(_rate)]
+
+
+def _cpus(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    return format_cpu_list(parse_cpu_list(value))
+
+
+# CPUs as the kernel writes them (0, 0,2, 0-3); empty: wherever the scheduler puts the process.
+CpuListText = Annotated[str | None, AfterValidator(_cpus)]
 
 
 def unreadable_file(path: Path) -> str | None:
@@ -241,6 +252,12 @@ class Settings(BaseSettings):
         Path("/tmp/provisioning-liveness"),  # noqa: S108
         description="Directory of the workers' heartbeat files (<worker name>.json); the probe reads it, so "
         "it must be the same for the worker and its probe (same host or container).",
+    )
+    worker_cpus: CpuListText = Field(
+        None,
+        description="CPUs a worker process and its threads run on (taskset -c syntax: 0, 0,2, 0-3); give each "
+        "threads worker of a host a CPU of its own: its threads then hand the interpreter lock over on one core "
+        "(docs/operations.md, 'Scaling workers'). Empty: wherever the scheduler puts them.",
     )
     redis_sentinels: HostPorts | None = Field(
         None,

@@ -46,6 +46,8 @@ def test_defaults_are_valid_without_any_environment(monkeypatch, tmp_path):
         ("REDIS_SENTINELS", "sentinel-a", "host:port,host:port"),
         ("REDIS_SENTINELS", "sentinel-a:26379,sentinel-b:port", "'sentinel-b:port' is not host:port"),
         ("REDIS_WAIT_TIMEOUT_MS", "0", "greater than or equal to 1"),
+        ("WORKER_CPUS", "first", "'first' is not a CPU number or a range of them"),
+        ("WORKER_CPUS", "3-1", "ends before it starts"),
     ],
 )
 def test_each_bad_value_is_named_with_what_is_expected(monkeypatch, tmp_path, variable, value, expected):
@@ -54,6 +56,13 @@ def test_each_bad_value_is_named_with_what_is_expected(monkeypatch, tmp_path, va
     text = info.value.render()
     assert variable in text
     assert expected in text
+
+
+@pytest.mark.parametrize(("value", "kept"), [("1", "1"), ("0,1,2", "0-2"), ("3, 1", "1,3"), ("", None)])
+def test_worker_cpus_are_kept_as_the_kernel_writes_them_and_empty_is_unpinned(
+    monkeypatch, tmp_path, value, kept
+):
+    assert _load(monkeypatch, tmp_path, WORKER_CPUS=value).worker_cpus == kept
 
 
 @pytest.mark.parametrize("variable", ["SF_PRIVATE_KEY_FILE", "TLS_CA_BUNDLE"])
