@@ -6,7 +6,7 @@ core, and each time one gives the lock up for a system call (a socket's send, po
 and receive, TLS, SMTP: about 170 per eSIM Order) the thread it wakes runs on
 another core; the lock and the data it guards move between the cores' caches, and
 the first thread, back from its call, sleeps until it gets the lock back. Kept on
-one core, a worker of 8 threads spent about a third less CPU per Order and ran
+one core, a worker of 8 threads spent a tenth to a third less CPU per Order and ran
 more Orders per second on a 2-core host (docs/benchmarks.md, "Wave 3, eighth run").
 
 So: give each threads worker of a host a CPU of its own (``WORKER_CPUS=0`` for
