@@ -6,8 +6,9 @@ Each run's steps one after the other (the lifecycle, the ledger, the clients: wh
 worker's task does, minus Celery), in ``--threads`` threads sharing the runs as a
 threads pool's would. It runs apart from the benchmark, whose process also serves
 the simulators: their threads would contend for the interpreter lock with these and
-count in neither term. With ``WORKER_CPUS`` it runs on those CPUs, as the worker does. Prints one JSON object: the steps' threads' own CPU seconds
-(``cpu_s``), the step tasks the runs would have sent (``tasks``), the runs (``runs``).
+count in neither term. With ``WORKER_CPUS`` it runs on those CPUs, as the worker
+does. Prints one JSON object: the steps' threads' own CPU seconds (``cpu_s``), the
+step tasks the runs would have sent (``tasks``), the runs (``runs``).
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@ the Celery floor (``bench.floor``'s no-op tasks, as many per Order as a run send
 plus the steps' own CPU in-process (the same kind of Orders' steps run one after
 the other by ``bench.inprocess``, a process of its own with no Celery at all, in one
 thread; and again in as many threads as the worker has). Their ratio is the overhead
-of our task layer (the goal: 1.15 at most, against the one-thread term). ``--worker-cpus``
-keeps the worker, the floor's worker and the steps in-process on those CPUs
-(``WORKER_CPUS``, as docs/operations.md advises for a threads worker). Runs are published with ``publish_run``
-(what the listener does for each event) all at once. ``--profile`` samples the
+of our task layer (the goal: 1.15 at most, against the one-thread term).
+``--worker-cpus`` keeps the worker, the floor's worker and the steps in-process on
+those CPUs (``WORKER_CPUS``, as docs/operations.md advises for a threads worker).
+Runs are published with ``publish_run`` (what the listener does for each event) all
+at once. ``--profile`` samples the
 worker with py-spy during the measured batch.
 """
 

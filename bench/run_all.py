@@ -6,9 +6,10 @@ Each benchmark runs in its own process (``python -m bench.<name>``), prints
 its tables and writes its JSON under --out (default bench/results/); this
 script then prints the goals against the measured numbers, once per broker (the
 pipeline, I/O-bound and listener benchmarks run on Redis, then on RabbitMQ with a
-quorum queue), and writes every table to ``summary.md`` there. ``pipeline_pinned`` is the
-pipeline again with the worker kept on one CPU, the machine's last (``WORKER_CPUS``). Bigger runs: ``--orders``, ``--events``,
-``--chains``, or run one benchmark with its own flags (``--help``).
+quorum queue), and writes every table to ``summary.md`` there. ``pipeline_pinned`` is
+the pipeline again with the worker kept on one CPU, the machine's last (``WORKER_CPUS``).
+Bigger runs: ``--orders``, ``--events``, ``--chains``, or run one benchmark with its
+own flags (``--help``).
 """
 
 from __future__ import annotations
